@@ -1,0 +1,262 @@
+//! An async client for the Custos HTTP API, used by the `custos` CLI, the tests and the bench.
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cloudevent::{CloudEvent, CLOUDEVENTS_CONTENT_TYPE};
+use crate::problem::Problem;
+use crate::types::*;
+use crate::webhook::{self, Secret};
+
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node answered with a problem document.
+    #[error("{0}")]
+    Problem(Problem),
+    /// The request did not complete.
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The node answered something this client does not understand.
+    #[error("unexpected answer {status}: {body}")]
+    Unexpected {
+        /// HTTP status.
+        status: u16,
+        /// Body text.
+        body: String,
+    },
+}
+
+impl ClientError {
+    /// The stable problem code, when the node sent one.
+    pub fn code(&self) -> Option<crate::ErrorCode> {
+        match self {
+            ClientError::Problem(p) => Some(p.code),
+            _ => None,
+        }
+    }
+}
+
+/// A client bound to one node and one bearer token (admin or customer).
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for the node at `base` (e.g. `http://127.0.0.1:7700`).
+    pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        Client {
+            base: base.into().trim_end_matches('/').to_owned(),
+            http,
+            token,
+        }
+    }
+
+    /// The same node with another token.
+    pub fn with_token(&self, token: impl Into<String>) -> Self {
+        Client {
+            token: Some(token.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The node's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(rb: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let resp = rb.send().await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if status.is_success() {
+            let body = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+                &b"null"[..]
+            } else {
+                &bytes[..]
+            };
+            return serde_json::from_slice(body).map_err(|_| ClientError::Unexpected {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        match serde_json::from_slice::<Problem>(&bytes) {
+            Ok(p) => Err(ClientError::Problem(p)),
+            Err(_) => Err(ClientError::Unexpected {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            }),
+        }
+    }
+
+    async fn json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        Self::call(self.request(method, path).json(body)).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::call(self.request(Method::GET, path)).await
+    }
+
+    /// Registers an entity; the answer carries its signing secret.
+    pub async fn register_entity(&self, req: &RegisterEntity) -> Result<Entity, ClientError> {
+        self.json(Method::POST, "/v1/entities", req).await
+    }
+
+    /// Changes an entity's name or endpoint, or re-enables it.
+    pub async fn update_entity(&self, id: &str, req: &UpdateEntity) -> Result<Entity, ClientError> {
+        self.json(Method::PATCH, &format!("/v1/entities/{id}"), req)
+            .await
+    }
+
+    /// Rotates an entity's secret; the old one stays valid for the grace period.
+    pub async fn rotate_secret(&self, id: &str) -> Result<Entity, ClientError> {
+        self.json(Method::POST, &format!("/v1/entities/{id}/secret"), &())
+            .await
+    }
+
+    /// Lists entities.
+    pub async fn entities(&self) -> Result<Vec<Entity>, ClientError> {
+        self.get("/v1/entities").await
+    }
+
+    /// One entity.
+    pub async fn entity(&self, id: &str) -> Result<Entity, ClientError> {
+        self.get(&format!("/v1/entities/{id}")).await
+    }
+
+    /// Creates a customer profile.
+    pub async fn create_customer(&self) -> Result<CustomerCreated, ClientError> {
+        self.json(Method::POST, "/v1/customers", &serde_json::json!({}))
+            .await
+    }
+
+    /// A customer's profile summary.
+    pub async fn customer(&self, id: &str) -> Result<Customer, ClientError> {
+        self.get(&format!("/v1/customers/{id}")).await
+    }
+
+    /// Links an entity to a customer (operator call).
+    pub async fn link(&self, customer: &str, req: &LinkRequest) -> Result<Link, ClientError> {
+        self.json(Method::POST, &format!("/v1/customers/{customer}/links"), req)
+            .await
+    }
+
+    /// Unlinks an entity.
+    pub async fn unlink(&self, customer: &str, entity: &str) -> Result<(), ClientError> {
+        Self::call(self.request(
+            Method::DELETE,
+            &format!("/v1/customers/{customer}/links/{entity}"),
+        ))
+        .await
+    }
+
+    /// Saves a rule.
+    pub async fn create_rule(&self, customer: &str, rule: &RuleSpec) -> Result<Rule, ClientError> {
+        self.json(Method::POST, &format!("/v1/customers/{customer}/rules"), rule)
+            .await
+    }
+
+    /// Lists a customer's rules.
+    pub async fn rules(&self, customer: &str) -> Result<Vec<Rule>, ClientError> {
+        self.get(&format!("/v1/customers/{customer}/rules")).await
+    }
+
+    /// Deletes a rule.
+    pub async fn delete_rule(&self, customer: &str, rule: &str) -> Result<(), ClientError> {
+        Self::call(self.request(
+            Method::DELETE,
+            &format!("/v1/customers/{customer}/rules/{rule}"),
+        ))
+        .await
+    }
+
+    /// A page of a customer's activity, newest first.
+    pub async fn activity(
+        &self,
+        customer: &str,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<ActivityPage, ClientError> {
+        let mut path = format!("/v1/customers/{customer}/activity?limit={limit}");
+        if let Some(b) = before {
+            path.push_str(&format!("&before={b}"));
+        }
+        self.get(&path).await
+    }
+
+    /// Deliveries with a status (admin).
+    pub async fn deliveries(&self, status: DeliveryStatus) -> Result<DeliveryPage, ClientError> {
+        let s = serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.get(&format!("/v1/deliveries?status={s}")).await
+    }
+
+    /// One delivery (admin).
+    pub async fn delivery(&self, command_id: &str) -> Result<Delivery, ClientError> {
+        self.get(&format!("/v1/deliveries/{command_id}")).await
+    }
+
+    /// Replays a failed delivery (admin).
+    pub async fn replay(&self, command_id: &str) -> Result<Delivery, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/deliveries/{command_id}/replay"),
+            &(),
+        )
+        .await
+    }
+
+    /// Sends an event as its entity would: structured CloudEvent, signed with `secret`.
+    pub async fn send_event(
+        &self,
+        secret: &Secret,
+        event: &CloudEvent,
+    ) -> Result<EventReceipt, ClientError> {
+        let body = serde_json::to_vec(event).map_err(|e| ClientError::Unexpected {
+            status: 0,
+            body: e.to_string(),
+        })?;
+        Self::call(signed_event_request(&self.http, &self.base, secret, &event.id, body)).await
+    }
+}
+
+/// Builds a signed `POST /v1/events` request (shared with the bench's load generator).
+pub fn signed_event_request(
+    http: &reqwest::Client,
+    base: &str,
+    secret: &Secret,
+    msg_id: &str,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let ts = webhook::unix_now();
+    let sig = secret.sign(msg_id, ts, &body);
+    http.post(format!("{base}/v1/events"))
+        .header("content-type", CLOUDEVENTS_CONTENT_TYPE)
+        .header(webhook::HEADER_ID, msg_id)
+        .header(webhook::HEADER_TIMESTAMP, ts.to_string())
+        .header(webhook::HEADER_SIGNATURE, sig)
+        .body(body)
+}

@@ -1,0 +1,162 @@
+//! CloudEvents 1.0 in structured JSON mode (`application/cloudevents+json`).
+//!
+//! Events from entities and commands to entities both travel in this envelope.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::limits::{is_valid_id, is_valid_subject, MAX_ID_LEN};
+
+/// Content type of a structured-mode CloudEvent.
+pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// Extension attribute on a command naming the event that triggered it.
+pub const EXT_CAUSING_EVENT: &str = "custoseventid";
+/// Extension attribute on a command naming the entity that sent the triggering event.
+pub const EXT_CAUSING_SOURCE: &str = "custoseventsource";
+/// Extension attribute on a command naming the rule that produced it.
+pub const EXT_RULE: &str = "custosrule";
+/// Most extension attributes accepted on an incoming event.
+const MAX_EXTENSIONS: usize = 32;
+
+/// A CloudEvents 1.0 event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CloudEvent {
+    /// Always `"1.0"`.
+    pub specversion: String,
+    /// Unique per source; the vault deduplicates on (source, id).
+    pub id: String,
+    /// For events: the sending entity's id. For commands: `custos`.
+    pub source: String,
+    /// The event or command type, e.g. `flight.delayed`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The customer's subject id at the sending (or, for commands, receiving) entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// RFC 3339 time of the occurrence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// Media type of `data`; JSON when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    /// The payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Extension attributes.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extensions: Map<String, Value>,
+}
+
+/// Why an incoming event was refused; the field is named for the error response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct EventFieldError {
+    /// The offending attribute.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn field_err(field: &'static str, reason: impl Into<String>) -> EventFieldError {
+    EventFieldError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl CloudEvent {
+    /// A new event with no subject, time or extensions.
+    pub fn new(id: impl Into<String>, source: impl Into<String>, ty: impl Into<String>) -> Self {
+        CloudEvent {
+            specversion: "1.0".into(),
+            id: id.into(),
+            source: source.into(),
+            event_type: ty.into(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            data: None,
+            extensions: Map::new(),
+        }
+    }
+
+    /// Checks what the vault needs of an incoming event: spec version, bounded ids, a
+    /// subject, an RFC 3339 time when present, JSON data, few extensions.
+    pub fn validate_incoming(&self) -> Result<(), EventFieldError> {
+        if self.specversion != "1.0" {
+            return Err(field_err("specversion", "must be \"1.0\""));
+        }
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.contains('\0') {
+            return Err(field_err("id", format!("must be 1..={MAX_ID_LEN} bytes")));
+        }
+        if !is_valid_id(&self.source) {
+            return Err(field_err("source", "must be a registered entity id"));
+        }
+        if !is_valid_id(&self.event_type) {
+            return Err(field_err("type", "must be 1..=128 of [A-Za-z0-9._:-]"));
+        }
+        match &self.subject {
+            Some(s) if is_valid_subject(s) => {}
+            Some(_) => return Err(field_err("subject", "must be 1..=128 printable bytes")),
+            None => return Err(field_err("subject", "is required: the customer's id at the source")),
+        }
+        if let Some(t) = &self.time {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| field_err("time", "must be RFC 3339"))?;
+        }
+        if let Some(ct) = &self.datacontenttype {
+            if !ct.starts_with("application/json") && !ct.ends_with("+json") {
+                return Err(field_err("datacontenttype", "only JSON data is accepted"));
+            }
+        }
+        if self.extensions.len() > MAX_EXTENSIONS {
+            return Err(field_err("extensions", format!("at most {MAX_EXTENSIONS}")));
+        }
+        if self.extensions.contains_key("data_base64") {
+            return Err(field_err("data_base64", "only JSON data is accepted"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_event() -> CloudEvent {
+        let mut e = CloudEvent::new("e1", "airline", "flight.delayed");
+        e.subject = Some("cust-42".into());
+        e.time = Some("2026-11-28T10:00:00Z".into());
+        e.data = Some(serde_json::json!({"delay_minutes": 90}));
+        e
+    }
+
+    #[test]
+    fn round_trips_with_extensions() {
+        let mut e = ok_event();
+        e.extensions.insert("traceparent".into(), "00-abc".into());
+        let j = serde_json::to_value(&e).expect("ser");
+        assert_eq!(j["type"], "flight.delayed");
+        assert_eq!(j["traceparent"], "00-abc");
+        let back: CloudEvent = serde_json::from_value(j).expect("de");
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(ok_event().validate_incoming().is_ok());
+        let mut e = ok_event();
+        e.specversion = "0.3".into();
+        assert_eq!(e.validate_incoming().map_err(|e| e.field), Err("specversion"));
+        let mut e = ok_event();
+        e.subject = None;
+        assert_eq!(e.validate_incoming().map_err(|e| e.field), Err("subject"));
+        let mut e = ok_event();
+        e.time = Some("yesterday".into());
+        assert_eq!(e.validate_incoming().map_err(|e| e.field), Err("time"));
+        let mut e = ok_event();
+        e.source = "no spaces".into();
+        assert_eq!(e.validate_incoming().map_err(|e| e.field), Err("source"));
+    }
+}

@@ -1,0 +1,57 @@
+//! Bounds on input from outside, shared by the gateway and its clients.
+
+/// Largest event or API request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Longest identifier (entity id, rule id, event id, subject).
+pub const MAX_ID_LEN: usize = 128;
+/// Longest human name (entity name, rule name).
+pub const MAX_NAME_LEN: usize = 200;
+/// Longest URL (command endpoint).
+pub const MAX_URL_LEN: usize = 2048;
+/// Longest CEL expression in a condition or mapping.
+pub const MAX_EXPR_LEN: usize = 4096;
+/// Most fields in a rule's data mapping (nested objects count each leaf).
+pub const MAX_MAPPING_FIELDS: usize = 64;
+/// Deepest nesting of a rule's data mapping.
+pub const MAX_MAPPING_DEPTH: usize = 8;
+/// Most event or command types one entity declares.
+pub const MAX_TYPES_PER_ENTITY: usize = 256;
+/// Most rules one customer keeps.
+pub const MAX_RULES_PER_CUSTOMER: usize = 1000;
+/// Largest JSON Schema accepted for an event or command type, in bytes of JSON.
+pub const MAX_SCHEMA_BYTES: usize = 32 * 1024;
+/// How far a signature timestamp may be from the node's clock, in seconds.
+pub const SIGNATURE_TOLERANCE_SECS: i64 = 5 * 60;
+/// Largest page of activity or deliveries returned at once.
+pub const MAX_PAGE: usize = 500;
+
+/// True when `s` is a usable identifier: 1..=MAX_ID_LEN characters from
+/// `[A-Za-z0-9._:-]`, so it can be embedded in storage keys and URLs unescaped.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// True when `s` is a usable subject (a customer's id at an entity): printable, no
+/// control characters and no NUL (used as a key separator), at most MAX_ID_LEN bytes.
+pub fn is_valid_subject(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_LEN && !s.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(is_valid_id("airline-1.example_x:y"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a b"));
+        assert!(!is_valid_id("a/b"));
+        assert!(!is_valid_id(&"a".repeat(MAX_ID_LEN + 1)));
+        assert!(is_valid_subject("Jane Doe <jane@x>"));
+        assert!(!is_valid_subject("a\0b"));
+    }
+}

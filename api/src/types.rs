@@ -1,0 +1,420 @@
+//! Request and response bodies of the public HTTP API.
+//!
+//! Times are RFC 3339 strings in UTC. Ids are opaque strings.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// One event or command type an entity declares, with an optional JSON Schema for its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TypeSpec {
+    /// The type name, e.g. `flight.delayed`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// JSON Schema (draft 2020-12 or earlier) the type's data must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
+}
+
+/// `POST /v1/entities`: register a company's system.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterEntity {
+    /// Stable id, `[A-Za-z0-9._:-]{1,128}`; events carry it as `source`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Where commands for this entity are POSTed.
+    pub command_url: String,
+    /// Event types the entity sends.
+    #[serde(default)]
+    pub event_types: Vec<TypeSpec>,
+    /// Command types the entity accepts.
+    #[serde(default)]
+    pub command_types: Vec<TypeSpec>,
+}
+
+/// `PATCH /v1/entities/{id}`: change an entity's name or endpoint, or re-enable it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateEntity {
+    /// New display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// New command endpoint (re-enables delivery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_url: Option<String>,
+    /// Enable or disable delivery to the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_enabled: Option<bool>,
+}
+
+/// An entity as the admin sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Entity {
+    /// Entity id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Command endpoint.
+    pub command_url: String,
+    /// False once the endpoint answered 410 Gone or an admin disabled it.
+    pub endpoint_enabled: bool,
+    /// Declared event types.
+    pub event_types: Vec<TypeSpec>,
+    /// Declared command types.
+    pub command_types: Vec<TypeSpec>,
+    /// When it was registered.
+    pub created_at: String,
+    /// The signing secret: only in the answer to registration or rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Until when the previous secret is still accepted, after a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_valid_until: Option<String>,
+}
+
+/// `POST /v1/customers` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CustomerCreated {
+    /// The customer's id in the vault.
+    pub id: String,
+    /// Bearer token for the customer's own calls; shown once.
+    pub token: String,
+}
+
+/// `POST /v1/customers/{id}/links`: the customer's consent to an entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    /// The entity to link.
+    pub entity_id: String,
+    /// The customer's subject id at that entity.
+    pub subject: String,
+}
+
+/// A link as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Link {
+    /// The linked entity.
+    pub entity_id: String,
+    /// The customer's subject id there.
+    pub subject: String,
+    /// When it was linked.
+    pub linked_at: String,
+}
+
+/// A customer profile summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Customer {
+    /// Customer id.
+    pub id: String,
+    /// When the profile was created.
+    pub created_at: String,
+    /// Linked entities.
+    pub links: Vec<Link>,
+}
+
+/// A rule's trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// The entity whose event triggers the rule.
+    pub entity: String,
+    /// The event type.
+    pub event_type: String,
+    /// Optional CEL condition over `id`, `source`, `type`, `subject`, `time`, `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+}
+
+/// A rule's action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// The entity that receives the command.
+    pub entity: String,
+    /// The command type.
+    pub command_type: String,
+    /// The command's data: a JSON object whose string leaves are CEL expressions; numbers,
+    /// booleans and null are constants (write a string constant as a CEL literal: `"'text'"`).
+    pub data: Value,
+}
+
+/// `POST /v1/customers/{id}/rules` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Display name.
+    pub name: String,
+    /// The trigger.
+    pub when: Trigger,
+    /// The action.
+    pub then: Action,
+}
+
+/// A saved rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Rule {
+    /// Rule id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// The trigger.
+    pub when: Trigger,
+    /// The action.
+    pub then: Action,
+    /// When it was saved.
+    pub created_at: String,
+}
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    /// At least one rule matched; commands were produced.
+    Accepted,
+    /// Nothing was triggered (no link, no rule, condition false); recorded.
+    Ignored,
+    /// The (source, id) was seen before; the first outcome is repeated.
+    Duplicate,
+}
+
+/// `POST /v1/events` answer, sent once the event and its commands are durably committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventReceipt {
+    /// The event's id.
+    pub event_id: String,
+    /// Accepted, ignored or duplicate.
+    pub status: EventStatus,
+    /// Ids of the commands produced (for a duplicate: those of the first time).
+    pub commands: Vec<String>,
+    /// Why an event was ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt.
+    Pending,
+    /// The target answered 2xx.
+    Delivered,
+    /// Retries exhausted, or the endpoint is gone; can be replayed.
+    Failed,
+    /// The customer unlinked the target; will not be sent.
+    Cancelled,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Attempt {
+    /// When the attempt started.
+    pub at: String,
+    /// HTTP status answered, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// Transport or policy error, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Round-trip time.
+    pub duration_ms: u64,
+}
+
+/// A command's delivery, with every attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Delivery {
+    /// Command id (also the `webhook-id` and the CloudEvent `id`).
+    pub command_id: String,
+    /// The customer it is about.
+    pub customer_id: String,
+    /// The target entity.
+    pub target: String,
+    /// The command type.
+    pub command_type: String,
+    /// The triggering event's id.
+    pub event_id: String,
+    /// The rule that produced it.
+    pub rule_id: String,
+    /// Pending, delivered, failed or cancelled.
+    pub status: DeliveryStatus,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was created.
+    pub created_at: String,
+    /// When the next attempt is due (pending only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// The command's data as sent.
+    pub data: Value,
+}
+
+/// A page of deliveries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryPage {
+    /// The deliveries.
+    pub items: Vec<Delivery>,
+    /// Cursor for the next page, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// What happened, in a customer's activity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ActivityKind {
+    /// An entity sent an event about the customer.
+    EventReceived {
+        /// Event id.
+        event_id: String,
+        /// Sending entity.
+        source: String,
+        /// Event type.
+        event_type: String,
+        /// Accepted or ignored.
+        status: EventStatus,
+        /// Why it was ignored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A rule matched an event and produced a command.
+    RuleMatched {
+        /// The rule.
+        rule_id: String,
+        /// The event.
+        event_id: String,
+        /// The command produced.
+        command_id: String,
+        /// Target entity.
+        target: String,
+        /// Command type.
+        command_type: String,
+    },
+    /// An attempt to deliver a command.
+    DeliveryAttempt {
+        /// The command.
+        command_id: String,
+        /// 1 for the first attempt.
+        attempt: u32,
+        /// HTTP status answered, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status_code: Option<u16>,
+        /// Transport or policy error.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// Where the delivery stands after this attempt.
+        status: DeliveryStatus,
+    },
+    /// A delivery was cancelled or replayed without an attempt.
+    DeliveryChanged {
+        /// The command.
+        command_id: String,
+        /// The new status.
+        status: DeliveryStatus,
+        /// Why.
+        reason: String,
+    },
+    /// The customer linked an entity.
+    Linked {
+        /// The entity.
+        entity_id: String,
+    },
+    /// The customer unlinked an entity.
+    Unlinked {
+        /// The entity.
+        entity_id: String,
+    },
+    /// A rule was saved.
+    RuleSaved {
+        /// The rule.
+        rule_id: String,
+    },
+    /// A rule was deleted.
+    RuleDeleted {
+        /// The rule.
+        rule_id: String,
+    },
+}
+
+/// One line of a customer's activity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActivityItem {
+    /// When it happened.
+    pub at: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: ActivityKind,
+}
+
+/// A page of activity, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActivityPage {
+    /// The items.
+    pub items: Vec<ActivityItem>,
+    /// Cursor for the next (older) page, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// `GET /readyz` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// True when the node accepts events.
+    pub ready: bool,
+    /// This node's id.
+    pub node_id: u64,
+    /// The current Raft leader, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    /// Last log index applied to the state machine.
+    pub applied_index: u64,
+    /// Commands waiting for delivery.
+    pub pending_deliveries: u64,
+    /// Why the node is not ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// Formats Unix milliseconds as RFC 3339 (UTC, millisecond precision).
+pub fn rfc3339_ms(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+/// Current Unix time in milliseconds.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_is_flat_json_with_a_kind() {
+        let item = ActivityItem {
+            at: rfc3339_ms(0),
+            kind: ActivityKind::Linked {
+                entity_id: "hotel".into(),
+            },
+        };
+        let j = serde_json::to_value(&item).expect("ser");
+        assert_eq!(j["kind"], "linked");
+        assert_eq!(j["at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(j["entity_id"], "hotel");
+    }
+}

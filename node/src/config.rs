@@ -1,0 +1,350 @@
+//! Node configuration: defaults, then a commented TOML file, then `CUSTOS_*` environment
+//! variables (nested keys joined with `__`), then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The default configuration file, with every key explained. `custos config` prints it.
+pub const DEFAULT_TOML: &str = r#"# Custos node configuration.
+#
+# Every key can also be set with an environment variable CUSTOS_<KEY> (nested keys joined
+# with a double underscore, e.g. CUSTOS_DELIVERY__TIMEOUT_SECS=5) and most with a flag of
+# `custos serve` (see `custos serve --help`). Flags win over variables, variables over this file.
+
+# This node's id in the cluster. Unique per node; never reuse the id of a removed node.
+node_id = 1
+
+# Where the node keeps its RocksDB, admin token and snapshots.
+data_dir = "./custos-data"
+
+# Client API (entities, customers, operators): HTTP, or HTTPS when [tls] is set.
+listen = "127.0.0.1:7700"
+
+# Peer port for Raft traffic between nodes. Keep it on a private network.
+peer_listen = "127.0.0.1:7701"
+
+# The peer address other nodes use to reach this one (default: peer_listen).
+# peer_advertise = "10.0.0.5:7701"
+
+# Bearer token for operator calls. When unset, one is generated at first start and kept in
+# <data_dir>/admin-token. Prefer the CUSTOS_ADMIN_TOKEN variable to writing it here.
+# admin_token = "..."
+
+# Allow command delivery to loopback and private addresses (tests, single-host setups).
+# Off by default, so a registered endpoint cannot reach into the operator's own network.
+allow_private_targets = false
+
+# Log format: "human" or "json". Log level filter, as in RUST_LOG.
+log_format = "human"
+log_level = "info"
+
+# How long activity, delivered commands and event dedup keys are kept.
+retention_days = 30
+
+# How often expired records are pruned.
+prune_interval_secs = 3600
+
+# A customer's profile actor is stopped after this long without messages; its state stays
+# in RocksDB and is loaded again on the next message.
+profile_idle_secs = 120
+
+# Arbiters (event-loop threads) hosting profile actors; 0 = one per CPU.
+profile_arbiters = 0
+
+# After a secret rotation, the previous secret keeps verifying events for this long.
+secret_grace_hours = 24
+
+[delivery]
+# Seconds to wait before each attempt: the first is the initial delivery, the last the final
+# retry. A 429 or 503 with Retry-After waits at least as long as the target asked.
+retry_schedule_secs = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+# Random spread added to each wait, as a fraction of it (0.1 = up to +10%).
+jitter = 0.1
+# Per-attempt timeout, in seconds (connect, send and read the answer).
+timeout_secs = 15
+# Deliveries in flight at once.
+concurrency = 256
+
+[raft]
+# Heartbeat interval and election timeout range, in milliseconds.
+heartbeat_ms = 150
+election_timeout_min_ms = 600
+election_timeout_max_ms = 1200
+# Build a snapshot (and compact the log) after this many entries.
+snapshot_every = 20000
+
+[tls]
+# PEM files for HTTPS on the client API. Both or neither.
+# cert = "/etc/custos/cert.pem"
+# key = "/etc/custos/key.pem"
+"#;
+
+/// Delivery settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Waits before each attempt, in seconds.
+    pub retry_schedule_secs: Vec<f64>,
+    /// Jitter fraction.
+    pub jitter: f64,
+    /// Per-attempt timeout.
+    pub timeout_secs: f64,
+    /// Attempts in flight.
+    pub concurrency: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_schedule_secs: vec![0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+            jitter: 0.1,
+            timeout_secs: 15.0,
+            concurrency: 256,
+        }
+    }
+}
+
+/// Raft timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Election timeout, low end.
+    pub election_timeout_min_ms: u64,
+    /// Election timeout, high end.
+    pub election_timeout_max_ms: u64,
+    /// Entries between snapshots.
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
+            snapshot_every: 20000,
+        }
+    }
+}
+
+/// HTTPS settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain PEM.
+    pub cert: Option<PathBuf>,
+    /// Private key PEM.
+    pub key: Option<PathBuf>,
+}
+
+/// The node's configuration (see [`DEFAULT_TOML`] for what each key means).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Node id.
+    pub node_id: u64,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Client API address.
+    pub listen: SocketAddr,
+    /// Peer address.
+    pub peer_listen: SocketAddr,
+    /// Advertised peer address.
+    pub peer_advertise: Option<String>,
+    /// Admin token.
+    pub admin_token: Option<String>,
+    /// Deliver to private addresses.
+    pub allow_private_targets: bool,
+    /// `human` or `json`.
+    pub log_format: String,
+    /// Log filter.
+    pub log_level: String,
+    /// Retention in days.
+    pub retention_days: f64,
+    /// Prune interval.
+    pub prune_interval_secs: f64,
+    /// Actor idle time.
+    pub profile_idle_secs: f64,
+    /// Actor arbiters.
+    pub profile_arbiters: usize,
+    /// Rotation grace.
+    pub secret_grace_hours: f64,
+    /// Delivery.
+    pub delivery: DeliveryConfig,
+    /// Raft.
+    pub raft: RaftConfig,
+    /// TLS.
+    pub tls: TlsConfig,
+    /// Where `custos serve` reads this from (not a config key itself).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("./custos-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            peer_advertise: None,
+            admin_token: None,
+            allow_private_targets: false,
+            log_format: "human".into(),
+            log_level: "info".into(),
+            retention_days: 30.0,
+            prune_interval_secs: 3600.0,
+            profile_idle_secs: 120.0,
+            profile_arbiters: 0,
+            secret_grace_hours: 24.0,
+            delivery: DeliveryConfig::default(),
+            raft: RaftConfig::default(),
+            tls: TlsConfig::default(),
+            source: None,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, a variable or a flag has a bad value.
+    #[error("configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    /// The values do not make sense together.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Flag values that override the file and environment (only the ones given).
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    /// `--node-id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--peer-listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<SocketAddr>,
+    /// `--allow-private-targets`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_private_targets: Option<bool>,
+    /// `--log-format`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+}
+
+impl Config {
+    /// Loads defaults < `file` < `CUSTOS_*` variables < `flags`, then checks the result.
+    pub fn load(file: Option<PathBuf>, flags: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        let fig = fig
+            .merge(
+                Env::prefixed("CUSTOS_")
+                    .ignore(&["config", "url", "token", "entity_secret"])
+                    .split("__"),
+            )
+            .merge(Serialized::defaults(flags));
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        config.source = file;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rejects values that cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.node_id == 0 {
+            return bad("node_id must be at least 1");
+        }
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return bad("log_format must be \"human\" or \"json\"");
+        }
+        let d = &self.delivery;
+        if d.retry_schedule_secs.is_empty()
+            || d.retry_schedule_secs.iter().any(|s| !s.is_finite() || *s < 0.0)
+        {
+            return bad("delivery.retry_schedule_secs must be a non-empty list of seconds >= 0");
+        }
+        if !(0.0..=1.0).contains(&d.jitter) {
+            return bad("delivery.jitter must be between 0 and 1");
+        }
+        if !(d.timeout_secs > 0.0 && d.timeout_secs <= 300.0) {
+            return bad("delivery.timeout_secs must be in (0, 300]");
+        }
+        if d.concurrency == 0 || d.concurrency > 10_000 {
+            return bad("delivery.concurrency must be in 1..=10000");
+        }
+        for (name, v) in [
+            ("retention_days", self.retention_days),
+            ("prune_interval_secs", self.prune_interval_secs),
+            ("profile_idle_secs", self.profile_idle_secs),
+            ("secret_grace_hours", self.secret_grace_hours),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::Invalid(format!("{name} must be > 0")));
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms
+            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+        {
+            return bad("raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls: set both cert and key, or neither");
+        }
+        Ok(())
+    }
+
+    /// The peer address other nodes dial.
+    pub fn peer_address(&self) -> String {
+        self.peer_advertise
+            .clone()
+            .unwrap_or_else(|| self.peer_listen.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commented_default_file_is_the_default() {
+        let from_file: Config = Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("default TOML parses");
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut c = Config::default();
+        c.delivery.retry_schedule_secs = vec![];
+        assert!(c.check().is_err());
+        let mut c = Config::default();
+        c.tls.cert = Some("x".into());
+        assert!(c.check().is_err());
+        assert!(Config::default().check().is_ok());
+    }
+}

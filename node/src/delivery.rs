@@ -1,0 +1,471 @@
+//! The delivery worker: sends due commands from the outbox to their entities as signed
+//! CloudEvents, and records every attempt through Raft in batches.
+//!
+//! At least once, with a stable `webhook-id`: a command is re-sent only if its attempt was
+//! not recorded (e.g. the node stopped mid-flight), and targets deduplicate on the id.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use custos_api::cloudevent::{
+    CLOUDEVENTS_CONTENT_TYPE, EXT_CAUSING_EVENT, EXT_CAUSING_SOURCE, EXT_RULE,
+};
+use custos_api::types::unix_now_ms;
+use custos_api::webhook::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use custos_api::CloudEvent;
+use custos_raft::records::{AttemptNext, AttemptRecord, DeliveryState, DeliveryUpdate, OutboxRecord};
+use custos_raft::StateChange;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::DeliveryConfig;
+use crate::core::{CachedEntity, Core};
+
+/// Why one attempt did not deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The endpoint resolves to an address the operator did not allow.
+    #[error("target address {0} is not allowed (loopback, private or link-local)")]
+    ForbiddenAddress(String),
+    /// The endpoint URL cannot be used.
+    #[error("bad endpoint URL: {0}")]
+    BadUrl(String),
+    /// Connect, TLS, timeout or other transport failure.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The target answered a non-2xx status.
+    #[error("target answered {0}")]
+    Status(u16),
+}
+
+/// True for addresses a delivery must not reach unless the operator allows private targets.
+pub fn is_forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_broadcast()
+                || a.is_documentation()
+                || a.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
+                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+                || o[0] >= 240
+        }
+        IpAddr::V6(a) => {
+            if let Some(v4) = a.to_ipv4_mapped() {
+                return is_forbidden(IpAddr::V4(v4));
+            }
+            let s = a.segments();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+        }
+    }
+}
+
+/// A DNS resolver that drops forbidden addresses, so a hostname cannot smuggle a delivery
+/// into the operator's network (checked at connect time, not only at registration).
+#[derive(Debug, Clone)]
+struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !is_forbidden(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(Box::new(DeliveryError::ForbiddenAddress(host))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Builds the HTTP client for deliveries: pooled connections, no redirects, the guard.
+pub fn http_client(cfg: &DeliveryConfig, allow_private: bool) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(cfg.timeout_secs))
+        .connect_timeout(Duration::from_secs_f64(cfg.timeout_secs.min(5.0)))
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(64)
+        .user_agent(concat!("custos/", env!("CARGO_PKG_VERSION")));
+    if !allow_private {
+        b = b.dns_resolver(Arc::new(GuardedResolver));
+    }
+    b.build().unwrap_or_default()
+}
+
+/// The wait before the attempt after attempt `attempts_made`, or `None` when exhausted.
+pub fn next_delay(
+    cfg: &DeliveryConfig,
+    attempts_made: usize,
+    retry_after: Option<Duration>,
+    jitter_unit: f64,
+) -> Option<Duration> {
+    let base = *cfg.retry_schedule_secs.get(attempts_made)?;
+    let jittered = base * (1.0 + cfg.jitter * jitter_unit.clamp(0.0, 1.0));
+    let mut d = Duration::from_secs_f64(jittered);
+    if let Some(ra) = retry_after {
+        // Honour the target's Retry-After, within a day.
+        d = d.max(ra.min(Duration::from_secs(86_400)));
+    }
+    Some(d)
+}
+
+/// Parses Retry-After as delay-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let fmt = time::format_description::well_known::Rfc2822;
+    let at = time::OffsetDateTime::parse(v, &fmt).ok()?;
+    let now = time::OffsetDateTime::from(now);
+    let d = at - now;
+    Some(Duration::from_secs(d.whole_seconds().max(0) as u64))
+}
+
+/// The CloudEvent body of a command (stable across retries: its time is the creation time).
+pub fn command_body(rec: &OutboxRecord) -> Vec<u8> {
+    let c = &rec.command;
+    let mut ev = CloudEvent::new(c.id.clone(), "custos", c.command_type.clone());
+    ev.subject = Some(c.subject.clone());
+    ev.time = Some(custos_api::types::rfc3339_ms(c.created_ms));
+    ev.datacontenttype = Some("application/json".into());
+    ev.data = serde_json::from_str(&c.data_json).ok();
+    ev.extensions
+        .insert(EXT_CAUSING_EVENT.into(), c.event_id.clone().into());
+    ev.extensions
+        .insert(EXT_CAUSING_SOURCE.into(), c.event_source.clone().into());
+    ev.extensions.insert(EXT_RULE.into(), c.rule_id.clone().into());
+    serde_json::to_vec(&ev).unwrap_or_default()
+}
+
+/// The worker's shared parts.
+struct Worker {
+    core: Arc<Core>,
+    http: reqwest::Client,
+    in_flight: Mutex<HashSet<String>>,
+    results: mpsc::UnboundedSender<DeliveryUpdate>,
+}
+
+/// Runs the worker until `shutdown` turns true. Spawn it on the Raft runtime.
+pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    let cfg = core.config.delivery.clone();
+    let http = http_client(&cfg, core.config.allow_private_targets);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = Arc::new(Worker {
+        core: core.clone(),
+        http,
+        in_flight: Mutex::new(HashSet::new()),
+        results: tx,
+    });
+    let recorder = tokio::spawn(record_results(worker.clone(), rx));
+    let wake = core.deliveries_due.clone();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let mut wait = Duration::from_secs(1);
+        if core.raft.metrics().borrow().current_leader == Some(core.config.node_id) {
+            match dispatch_due(&worker, cfg.concurrency).await {
+                Ok(Some(next_due_in)) => wait = wait.min(next_due_in),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "delivery scan failed"),
+            }
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    recorder.abort();
+}
+
+/// Starts attempts for due deliveries; returns how soon the next one is due, if known.
+async fn dispatch_due(worker: &Arc<Worker>, concurrency: usize) -> Result<Option<Duration>, crate::error::ServiceError> {
+    let now = unix_now_ms();
+    let scan = concurrency * 2;
+    let due = worker.core.read(move |r| r.due(now, scan)).await?;
+    let mut started = 0;
+    {
+        let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, id) in &due {
+            if in_flight.len() >= concurrency {
+                break;
+            }
+            if in_flight.insert(id.clone()) {
+                started += 1;
+                let w = worker.clone();
+                let id = id.clone();
+                tokio::spawn(async move { attempt(w, id).await });
+            }
+        }
+    }
+    if started > 0 || due.len() >= scan {
+        return Ok(None);
+    }
+    let next = worker.core.read(|r| r.next_due()).await?;
+    Ok(next.and_then(|d| {
+        let ms = d - unix_now_ms();
+        // Due entries still in flight wake us when recorded; don't spin on them.
+        (ms > 0).then(|| Duration::from_millis(ms as u64))
+    }))
+}
+
+fn finish(worker: &Worker, id: &str) {
+    worker
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(id);
+}
+
+async fn attempt(worker: Arc<Worker>, id: String) {
+    let update = match prepare_and_send(&worker, &id).await {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            finish(&worker, &id);
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(command = %id, error = %e, "delivery could not be prepared");
+            finish(&worker, &id);
+            return;
+        }
+    };
+    if worker.results.send(update).is_err() {
+        finish(&worker, &id);
+    }
+}
+
+async fn prepare_and_send(
+    worker: &Worker,
+    id: &str,
+) -> Result<Option<DeliveryUpdate>, crate::error::ServiceError> {
+    let core = &worker.core;
+    let owned = id.to_owned();
+    let rec = core.read(move |r| r.outbox(&owned)).await?;
+    let Some(rec) = rec.filter(|r| r.state == DeliveryState::Pending) else {
+        return Ok(None);
+    };
+    let now = unix_now_ms();
+    let (customer, target) = (rec.command.customer_id.clone(), rec.command.target.clone());
+    let linked = core.read(move |r| r.link(&customer, &target)).await?.is_some();
+    if !linked {
+        return Ok(Some(DeliveryUpdate::Cancelled {
+            command_id: id.to_owned(),
+            reason: format!("the customer unlinked {}", rec.command.target),
+            at_ms: now,
+            as_failed: false,
+        }));
+    }
+    let Some(entity) = core.entity(&rec.command.target).await? else {
+        return Ok(Some(DeliveryUpdate::Cancelled {
+            command_id: id.to_owned(),
+            reason: format!("entity {} no longer exists", rec.command.target),
+            at_ms: now,
+            as_failed: true,
+        }));
+    };
+    if !entity.record.endpoint_enabled {
+        return Ok(Some(DeliveryUpdate::Cancelled {
+            command_id: id.to_owned(),
+            reason: "the entity's endpoint is disabled".into(),
+            at_ms: now,
+            as_failed: true,
+        }));
+    }
+    let started = Instant::now();
+    let result = send(worker, &entity, &rec).await;
+    let duration = started.elapsed();
+    metrics::histogram!("custos_delivery_attempt_seconds").record(duration.as_secs_f64());
+    let attempts_made = rec.attempts.len() + 1;
+    let cfg = &core.config.delivery;
+    let (status_code, error, next) = match result {
+        Ok(code) => {
+            let latency = (unix_now_ms() - rec.command.created_ms).max(0) as f64 / 1000.0;
+            metrics::histogram!("custos_command_delivery_latency_seconds").record(latency);
+            (Some(code), None, AttemptNext::Delivered)
+        }
+        Err((err, retry_after)) => {
+            let code = match &err {
+                DeliveryError::Status(s) => Some(*s),
+                _ => None,
+            };
+            let next = if code == Some(410) {
+                AttemptNext::Gone
+            } else {
+                let unit = rand::thread_rng().gen::<f64>();
+                match next_delay(cfg, attempts_made, retry_after, unit) {
+                    Some(d) => AttemptNext::RetryAt(unix_now_ms() + d.as_millis() as i64),
+                    None => AttemptNext::Exhausted,
+                }
+            };
+            (code, Some(err.to_string()), next)
+        }
+    };
+    let outcome = match &next {
+        AttemptNext::Delivered => "delivered",
+        AttemptNext::RetryAt(_) => "retry",
+        AttemptNext::Exhausted => "exhausted",
+        AttemptNext::Gone => "gone",
+    };
+    metrics::counter!("custos_delivery_attempts_total", "outcome" => outcome).increment(1);
+    Ok(Some(DeliveryUpdate::Attempted {
+        command_id: id.to_owned(),
+        attempt: AttemptRecord {
+            at_ms: now,
+            status_code,
+            error,
+            duration_ms: duration.as_millis() as u64,
+        },
+        next,
+    }))
+}
+
+async fn send(
+    worker: &Worker,
+    entity: &CachedEntity,
+    rec: &OutboxRecord,
+) -> Result<u16, (DeliveryError, Option<Duration>)> {
+    let url = url::Url::parse(&entity.record.command_url)
+        .map_err(|e| (DeliveryError::BadUrl(e.to_string()), None))?;
+    if !worker.core.config.allow_private_targets {
+        // IP literals skip the resolver, so check them here.
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
+            Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
+            _ => None,
+        };
+        if let Some(ip) = literal.filter(|ip| is_forbidden(*ip)) {
+            return Err((DeliveryError::ForbiddenAddress(ip.to_string()), None));
+        }
+    }
+    let body = command_body(rec);
+    let ts = webhook::unix_now();
+    let now_ms = unix_now_ms();
+    // Sign with every valid secret, so a target mid-rotation verifies with either.
+    let signature = entity
+        .valid_secrets(now_ms)
+        .iter()
+        .map(|s| s.sign(&rec.command.id, ts, &body))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let resp = worker
+        .http
+        .post(url)
+        .header("content-type", CLOUDEVENTS_CONTENT_TYPE)
+        .header(HEADER_ID, &rec.command.id)
+        .header(HEADER_TIMESTAMP, ts.to_string())
+        .header(HEADER_SIGNATURE, signature)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            if msg.contains("is not allowed") {
+                (DeliveryError::ForbiddenAddress(entity.record.command_url.clone()), None)
+            } else {
+                (DeliveryError::Transport(msg), None)
+            }
+        })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(status.as_u16());
+    }
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+    Err((DeliveryError::Status(status.as_u16()), retry_after))
+}
+
+/// Commits attempt results in batches: one Raft entry for everything that finished meanwhile.
+async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<DeliveryUpdate>) {
+    const MAX_BATCH: usize = 512;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let ids: Vec<String> = batch
+            .iter()
+            .map(|u| match u {
+                DeliveryUpdate::Attempted { command_id, .. }
+                | DeliveryUpdate::Cancelled { command_id, .. } => command_id.clone(),
+            })
+            .collect();
+        let change = StateChange::RecordDeliveries(std::mem::take(&mut batch));
+        if let Err(e) = worker.core.propose(change).await {
+            // Not recorded: the deliveries stay due and are attempted again (same webhook-id).
+            tracing::warn!(error = %e, n = ids.len(), "could not record delivery attempts");
+        }
+        for id in &ids {
+            finish(&worker, id);
+        }
+        worker.core.deliveries_due.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forbidden_addresses() {
+        for a in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+                  "0.0.0.0", "100.64.0.1", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1"] {
+            assert!(is_forbidden(a.parse().expect("ip")), "{a}");
+        }
+        for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(!is_forbidden(a.parse().expect("ip")), "{a}");
+        }
+    }
+
+    #[test]
+    fn schedule_with_jitter_and_retry_after() {
+        let cfg = DeliveryConfig {
+            retry_schedule_secs: vec![0.0, 5.0, 300.0],
+            jitter: 0.1,
+            ..DeliveryConfig::default()
+        };
+        assert_eq!(next_delay(&cfg, 1, None, 0.0), Some(Duration::from_secs(5)));
+        assert_eq!(next_delay(&cfg, 1, None, 1.0), Some(Duration::from_secs_f64(5.5)));
+        assert_eq!(next_delay(&cfg, 2, None, 0.0), Some(Duration::from_secs(300)));
+        assert_eq!(next_delay(&cfg, 3, None, 0.0), None, "three attempts in all");
+        assert_eq!(
+            next_delay(&cfg, 1, Some(Duration::from_secs(60)), 0.0),
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        // 784111777 is Sun, 06 Nov 1994 08:49:37 GMT.
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

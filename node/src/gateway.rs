@@ -1,0 +1,366 @@
+//! The client API: actix-web handlers that decode, call one [`Vault`] method, and encode.
+//! Every error leaves as problem+json; the OpenAPI document is generated from these routes.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use custos_api::cloudevent::CLOUDEVENTS_CONTENT_TYPE;
+use custos_api::limits::MAX_BODY_BYTES;
+use custos_api::types::*;
+use custos_api::webhook::{SignedHeaders, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use custos_api::{CloudEvent, ErrorCode, Problem};
+use futures::StreamExt;
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::error::{json_error, payload_error, ServiceError};
+use crate::service::Vault;
+use crate::telemetry::Telemetry;
+
+type Result<T> = std::result::Result<T, ServiceError>;
+
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Reads a body up to `limit` bytes, refusing more with 413 problem+json.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut> {
+    if let Some(len) = header_str(req, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if len > limit {
+            return Err(payload_error(actix_web::error::PayloadError::Overflow));
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(payload_error)?;
+        if body.len() + chunk.len() > limit {
+            return Err(payload_error(actix_web::error::PayloadError::Overflow));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Paging of activity.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityQuery {
+    /// Items per page (1..=500, default 50).
+    pub limit: Option<usize>,
+    /// The `next` cursor of the previous page.
+    pub before: Option<String>,
+}
+
+/// Filter and paging of deliveries.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryQuery {
+    /// pending, delivered, failed or cancelled (default failed).
+    pub status: Option<DeliveryStatus>,
+    /// Items per page (1..=500, default 50).
+    pub limit: Option<usize>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+}
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "alive")))]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: a leader exists here and storage answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+async fn readyz(vault: web::Data<Vault>) -> HttpResponse {
+    let r = vault.readiness().await;
+    if r.ready {
+        HttpResponse::Ok().json(r)
+    } else {
+        HttpResponse::ServiceUnavailable().json(r)
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+async fn metrics(vault: web::Data<Vault>, telemetry: web::Data<Telemetry>) -> HttpResponse {
+    let text = telemetry.render(vault.core()).await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text)
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3.1 description of every route")))]
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+/// An entity sends an event about a customer (signed per Standard Webhooks).
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    request_body(content = CloudEvent, content_type = "application/cloudevents+json"),
+    params(
+        ("webhook-id" = String, Header, description = "message id"),
+        ("webhook-timestamp" = i64, Header, description = "Unix seconds"),
+        ("webhook-signature" = String, Header, description = "v1,<base64 HMAC-SHA256>"),
+    ),
+    responses(
+        (status = 202, body = EventReceipt, description = "committed: accepted, ignored or duplicate"),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 413, body = Problem),
+        (status = 415, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
+async fn post_event(vault: web::Data<Vault>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse> {
+    let ct = header_str(&req, "content-type").unwrap_or("");
+    let media = ct.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE) && !media.eq_ignore_ascii_case("application/json") {
+        return Err(ServiceError::refused(
+            ErrorCode::UnsupportedMediaType,
+            format!("send {CLOUDEVENTS_CONTENT_TYPE} (structured mode)"),
+        ));
+    }
+    let body = read_body(&req, payload, MAX_BODY_BYTES).await?;
+    let headers = SignedHeaders {
+        id: header_str(&req, HEADER_ID),
+        timestamp: header_str(&req, HEADER_TIMESTAMP),
+        signature: header_str(&req, HEADER_SIGNATURE),
+    };
+    let receipt = vault.ingest_event(headers, &body).await?;
+    Ok(HttpResponse::Accepted().json(receipt))
+}
+
+/// Registers an entity; the answer carries its signing secret (shown once).
+#[utoipa::path(post, path = "/v1/entities", tag = "entities", request_body = RegisterEntity,
+    security(("bearer" = [])),
+    responses((status = 201, body = Entity), (status = 400, body = Problem), (status = 409, body = Problem)))]
+async fn register_entity(vault: web::Data<Vault>, req: HttpRequest, body: web::Json<RegisterEntity>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    let e = vault.register_entity(body.into_inner()).await?;
+    Ok(HttpResponse::Created().json(e))
+}
+
+/// Lists entities.
+#[utoipa::path(get, path = "/v1/entities", tag = "entities", security(("bearer" = [])),
+    responses((status = 200, body = Vec<Entity>)))]
+async fn list_entities(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.entities().await?))
+}
+
+/// One entity.
+#[utoipa::path(get, path = "/v1/entities/{id}", tag = "entities", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = Entity), (status = 404, body = Problem)))]
+async fn get_entity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.entity(&id).await?))
+}
+
+/// Changes an entity's name or endpoint, or re-enables its endpoint.
+#[utoipa::path(patch, path = "/v1/entities/{id}", tag = "entities", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = UpdateEntity,
+    responses((status = 200, body = Entity), (status = 404, body = Problem)))]
+async fn update_entity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, body: web::Json<UpdateEntity>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.update_entity(&id, body.into_inner()).await?))
+}
+
+/// Rotates an entity's secret; the previous one stays valid for the grace period.
+#[utoipa::path(post, path = "/v1/entities/{id}/secret", tag = "entities", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = Entity), (status = 404, body = Problem)))]
+async fn rotate_secret(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.rotate_secret(&id).await?))
+}
+
+/// Creates a customer profile and its bearer token.
+#[utoipa::path(post, path = "/v1/customers", tag = "customers", security(("bearer" = [])),
+    responses((status = 201, body = CustomerCreated)))]
+async fn create_customer(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Created().json(vault.create_customer().await?))
+}
+
+/// A customer's profile summary (the customer or an operator).
+#[utoipa::path(get, path = "/v1/customers/{id}", tag = "customers", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = Customer), (status = 404, body = Problem)))]
+async fn get_customer(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.customer(&id).await?))
+}
+
+/// Links an entity to a customer (operators only; customers link through the portal).
+#[utoipa::path(post, path = "/v1/customers/{id}/links", tag = "customers", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = LinkRequest,
+    responses((status = 201, body = Link), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn link(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, body: web::Json<LinkRequest>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Created().json(vault.link(&id, body.into_inner()).await?))
+}
+
+/// Unlinks an entity at once.
+#[utoipa::path(delete, path = "/v1/customers/{id}/links/{entity_id}", tag = "customers",
+    security(("bearer" = [])), params(("id" = String, Path), ("entity_id" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)))]
+async fn unlink(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (id, entity) = path.into_inner();
+    vault.require_customer(bearer(&req), &id).await?;
+    vault.unlink(&id, &entity).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Saves a rule (validated: entities linked, types known, CEL compiles, schema fits).
+#[utoipa::path(post, path = "/v1/customers/{id}/rules", tag = "rules", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = RuleSpec,
+    responses((status = 201, body = Rule), (status = 400, body = Problem), (status = 422, body = Problem)))]
+async fn create_rule(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, body: web::Json<RuleSpec>) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Created().json(vault.create_rule(&id, body.into_inner()).await?))
+}
+
+/// A customer's rules.
+#[utoipa::path(get, path = "/v1/customers/{id}/rules", tag = "rules", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = Vec<Rule>)))]
+async fn list_rules(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.rules(&id).await?))
+}
+
+/// One rule.
+#[utoipa::path(get, path = "/v1/customers/{id}/rules/{rule_id}", tag = "rules", security(("bearer" = [])),
+    params(("id" = String, Path), ("rule_id" = String, Path)),
+    responses((status = 200, body = Rule), (status = 404, body = Problem)))]
+async fn get_rule(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (id, rule) = path.into_inner();
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.rule(&id, &rule).await?))
+}
+
+/// Deletes a rule.
+#[utoipa::path(delete, path = "/v1/customers/{id}/rules/{rule_id}", tag = "rules", security(("bearer" = [])),
+    params(("id" = String, Path), ("rule_id" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)))]
+async fn delete_rule(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (id, rule) = path.into_inner();
+    vault.require_customer(bearer(&req), &id).await?;
+    vault.delete_rule(&id, &rule).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// A customer's activity, newest first: events, matches, commands, delivery attempts.
+#[utoipa::path(get, path = "/v1/customers/{id}/activity", tag = "customers", security(("bearer" = [])),
+    params(("id" = String, Path), ActivityQuery), responses((status = 200, body = ActivityPage)))]
+async fn activity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, q: web::Query<ActivityQuery>) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    let q = q.into_inner();
+    Ok(HttpResponse::Ok().json(vault.activity(&id, q.before, q.limit.unwrap_or(50)).await?))
+}
+
+/// Deliveries by status (operators).
+#[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries", security(("bearer" = [])),
+    params(DeliveryQuery), responses((status = 200, body = DeliveryPage)))]
+async fn list_deliveries(vault: web::Data<Vault>, req: HttpRequest, q: web::Query<DeliveryQuery>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    let q = q.into_inner();
+    let page = vault
+        .deliveries(q.status.unwrap_or(DeliveryStatus::Failed), q.after, q.limit.unwrap_or(50))
+        .await?;
+    Ok(HttpResponse::Ok().json(page))
+}
+
+/// One delivery with every attempt (operators).
+#[utoipa::path(get, path = "/v1/deliveries/{command_id}", tag = "deliveries", security(("bearer" = [])),
+    params(("command_id" = String, Path)), responses((status = 200, body = Delivery), (status = 404, body = Problem)))]
+async fn get_delivery(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.delivery(&id).await?))
+}
+
+/// Replays a failed delivery (operators).
+#[utoipa::path(post, path = "/v1/deliveries/{command_id}/replay", tag = "deliveries", security(("bearer" = [])),
+    params(("command_id" = String, Path)),
+    responses((status = 200, body = Delivery), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn replay(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.replay(&id).await?))
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(ServiceError::refused(
+        ErrorCode::NotFound,
+        format!("no route {} {}", req.method(), req.path()),
+    ))
+}
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 description of the client API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Custos", description = "The customer's data vault: events in, signed commands out."),
+    paths(healthz, readyz, metrics, openapi, post_event, register_entity, list_entities, get_entity,
+          update_entity, rotate_secret, create_customer, get_customer, link, unlink, create_rule,
+          list_rules, get_rule, delete_rule, activity, list_deliveries, get_delivery, replay),
+    components(schemas(Problem, ErrorCode, CloudEvent, EventReceipt, EventStatus, RegisterEntity,
+        UpdateEntity, Entity, TypeSpec, CustomerCreated, Customer, Link, LinkRequest, RuleSpec,
+        Rule, Trigger, Action, ActivityPage, ActivityItem, ActivityKind, DeliveryPage, Delivery,
+        DeliveryStatus, Attempt, Readiness)),
+    modifiers(&BearerScheme)
+)]
+pub struct ApiDoc;
+
+/// Registers every route and the extractors' error mapping.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(MAX_BODY_BYTES)
+            .error_handler(|e, _| json_error(e).into()),
+    )
+    .app_data(web::QueryConfig::default().error_handler(|e, _| {
+        ServiceError::refused(ErrorCode::InvalidField, format!("query: {e}")).into()
+    }))
+    .app_data(web::PathConfig::default().error_handler(|e, _| {
+        ServiceError::refused(ErrorCode::InvalidField, format!("path: {e}")).into()
+    }))
+    .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(readyz))
+    .route("/metrics", web::get().to(metrics))
+    .route("/openapi.json", web::get().to(openapi))
+    .route("/v1/events", web::post().to(post_event))
+    .route("/v1/entities", web::post().to(register_entity))
+    .route("/v1/entities", web::get().to(list_entities))
+    .route("/v1/entities/{id}", web::get().to(get_entity))
+    .route("/v1/entities/{id}", web::patch().to(update_entity))
+    .route("/v1/entities/{id}/secret", web::post().to(rotate_secret))
+    .route("/v1/customers", web::post().to(create_customer))
+    .route("/v1/customers/{id}", web::get().to(get_customer))
+    .route("/v1/customers/{id}/links", web::post().to(link))
+    .route("/v1/customers/{id}/links/{entity_id}", web::delete().to(unlink))
+    .route("/v1/customers/{id}/rules", web::post().to(create_rule))
+    .route("/v1/customers/{id}/rules", web::get().to(list_rules))
+    .route("/v1/customers/{id}/rules/{rule_id}", web::get().to(get_rule))
+    .route("/v1/customers/{id}/rules/{rule_id}", web::delete().to(delete_rule))
+    .route("/v1/customers/{id}/activity", web::get().to(activity))
+    .route("/v1/deliveries", web::get().to(list_deliveries))
+    .route("/v1/deliveries/{command_id}", web::get().to(get_delivery))
+    .route("/v1/deliveries/{command_id}/replay", web::post().to(replay))
+    .default_service(web::to(not_found));
+}

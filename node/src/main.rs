@@ -1,0 +1,321 @@
+//! The `custos` binary: `custos serve` runs a node; the other subcommands call a node's API.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use custos_api::client::Client;
+use custos_api::types::{DeliveryStatus, LinkRequest, RegisterEntity, RuleSpec, TypeSpec};
+use custos_api::webhook::Secret;
+use custos_api::CloudEvent;
+use custos_node::config::{Config, Overrides, DEFAULT_TOML};
+use custos_node::server::{self, Listeners};
+
+/// Custos: the customer's data vault.
+#[derive(Debug, Parser)]
+#[command(name = "custos", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node (default: one node, ./custos-data, API on 127.0.0.1:7700).
+    Serve(ServeArgs),
+    /// Print the commented default configuration file.
+    Config,
+    /// Operator and customer calls against a running node.
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); see `custos config`.
+    #[arg(long, env = "CUSTOS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Client API address.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Peer (Raft) address.
+    #[arg(long)]
+    peer_listen: Option<std::net::SocketAddr>,
+    /// Allow delivering commands to loopback and private addresses.
+    #[arg(long)]
+    allow_private_targets: bool,
+    /// This node's id.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Log format: human or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// The node's client API.
+    #[arg(long, env = "CUSTOS_URL", default_value = "http://127.0.0.1:7700", global = true)]
+    url: String,
+    /// Bearer token (default: ./custos-data/admin-token).
+    #[arg(long, env = "CUSTOS_TOKEN", global = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
+    /// Register an entity from a JSON file (the body of POST /v1/entities), or from flags.
+    RegisterEntity {
+        #[command(flatten)]
+        target: Target,
+        /// JSON file with the registration.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Entity id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Command endpoint.
+        #[arg(long)]
+        command_url: Option<String>,
+        /// Event types it sends (repeat).
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+        /// Command types it accepts (repeat).
+        #[arg(long = "command-type")]
+        command_types: Vec<String>,
+    },
+    /// List entities.
+    Entities {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Create a customer; prints its id and token.
+    CreateCustomer {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Link an entity to a customer.
+    Link {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+        /// Entity id.
+        entity: String,
+        /// The customer's subject id at the entity.
+        subject: String,
+    },
+    /// Save a rule from a JSON file (the body of POST /v1/customers/{id}/rules).
+    AddRule {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+        /// JSON file with the rule.
+        file: PathBuf,
+    },
+    /// List a customer's rules.
+    Rules {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+    },
+    /// Show a customer's activity, newest first.
+    Activity {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+        /// How many items.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// List deliveries (default: failed).
+    Deliveries {
+        #[command(flatten)]
+        target: Target,
+        /// pending, delivered, failed or cancelled.
+        #[arg(long, default_value = "failed")]
+        status: String,
+    },
+    /// Replay a failed delivery.
+    Replay {
+        #[command(flatten)]
+        target: Target,
+        /// Command id.
+        command_id: String,
+    },
+    /// Send a signed event as an entity would, from a CloudEvent JSON file.
+    SendEvent {
+        #[command(flatten)]
+        target: Target,
+        /// The entity's `whsec_` secret.
+        #[arg(long, env = "CUSTOS_ENTITY_SECRET")]
+        secret: String,
+        /// CloudEvent JSON file.
+        file: PathBuf,
+    },
+}
+
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        node_id: args.node_id,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        peer_listen: args.peer_listen,
+        allow_private_targets: args.allow_private_targets.then_some(true),
+        log_format: args.log_format,
+    };
+    let config = Config::load(args.config, &overrides)?;
+    custos_node::telemetry::init_logging(&config.log_format, &config.log_level);
+    let listeners = Listeners::bind(&config).with_context(|| {
+        format!("binding {} and {}", config.listen, config.peer_listen)
+    })?;
+    actix_rt::System::new().block_on(server::run(config, listeners, shutdown_signal()))?;
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn client(target: &Target) -> anyhow::Result<Client> {
+    let token = match &target.token {
+        Some(t) => t.clone(),
+        None => std::fs::read_to_string("custos-data/admin-token")
+            .map(|t| t.trim().to_owned())
+            .context("no --token / CUSTOS_TOKEN, and no ./custos-data/admin-token")?,
+    };
+    Ok(Client::new(target.url.clone(), Some(token)))
+}
+
+fn print<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::RegisterEntity {
+            target,
+            file,
+            id,
+            name,
+            command_url,
+            event_types,
+            command_types,
+        } => {
+            let req: RegisterEntity = match file {
+                Some(f) => read_json(&f)?,
+                None => {
+                    let types = |ts: Vec<String>| {
+                        ts.into_iter()
+                            .map(|t| TypeSpec { type_name: t, schema: None })
+                            .collect()
+                    };
+                    RegisterEntity {
+                        id: id.context("--id or --file")?,
+                        name: name.context("--name")?,
+                        command_url: command_url.context("--command-url")?,
+                        event_types: types(event_types),
+                        command_types: types(command_types),
+                    }
+                }
+            };
+            print(&client(&target)?.register_entity(&req).await?)
+        }
+        ClientCommand::Entities { target } => print(&client(&target)?.entities().await?),
+        ClientCommand::CreateCustomer { target } => print(&client(&target)?.create_customer().await?),
+        ClientCommand::Link {
+            target,
+            customer,
+            entity,
+            subject,
+        } => print(
+            &client(&target)?
+                .link(&customer, &LinkRequest { entity_id: entity, subject })
+                .await?,
+        ),
+        ClientCommand::AddRule {
+            target,
+            customer,
+            file,
+        } => {
+            let spec: RuleSpec = read_json(&file)?;
+            print(&client(&target)?.create_rule(&customer, &spec).await?)
+        }
+        ClientCommand::Rules { target, customer } => print(&client(&target)?.rules(&customer).await?),
+        ClientCommand::Activity {
+            target,
+            customer,
+            limit,
+        } => print(&client(&target)?.activity(&customer, limit, None).await?),
+        ClientCommand::Deliveries { target, status } => {
+            let status: DeliveryStatus = serde_json::from_value(serde_json::Value::String(status))
+                .context("status: pending, delivered, failed or cancelled")?;
+            print(&client(&target)?.deliveries(status).await?)
+        }
+        ClientCommand::Replay { target, command_id } => {
+            print(&client(&target)?.replay(&command_id).await?)
+        }
+        ClientCommand::SendEvent {
+            target,
+            secret,
+            file,
+        } => {
+            let event: CloudEvent = read_json(&file)?;
+            let secret = Secret::parse(&secret).map_err(|e| anyhow::anyhow!("secret: {e}"))?;
+            let c = Client::new(target.url.clone(), None);
+            print(&c.send_event(&secret, &event).await?)
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Config => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Command::Client(cmd) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run_client(cmd))
+        }
+    }
+}

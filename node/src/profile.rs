@@ -1,0 +1,701 @@
+//! Customer profile actors: one actix actor per active customer, owning its links and
+//! compiled rules, activated on its first message and passivated when idle.
+//!
+//! A [`ProfileHost`] per arbiter keeps the actors of the customers that hash to it. A profile
+//! handles one message at a time (its Raft proposal included), so its cached links and rules
+//! always equal what it last committed; different customers run in parallel and their
+//! proposals share Raft batches and WAL syncs.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use custos_api::limits::{is_valid_id, is_valid_subject, MAX_NAME_LEN};
+use custos_api::types::{EventReceipt, EventStatus, Link, LinkRequest, Rule, RuleSpec};
+use custos_api::{CloudEvent, ErrorCode};
+use custos_raft::records::{CommandRecord, EventRecord, Ingest, LinkRecord, RuleRecord};
+use custos_raft::{ChangeOutcome, StateChange};
+use sha2::{Digest, Sha256};
+
+use crate::core::{check_schema, CachedEntity, Core};
+use crate::error::ServiceError;
+use crate::rules::{self, CompiledRule, EventScope, RuleSet};
+
+/// Longest `reason` kept for an ignored event.
+const MAX_REASON: usize = 1000;
+
+/// What a profile is asked to do.
+#[derive(Debug)]
+pub enum ProfileRequest {
+    /// Match an event against the rules and commit it with its commands.
+    Ingest {
+        /// The decoded event.
+        event: Box<CloudEvent>,
+        /// Its JSON text as received, kept in the activity.
+        raw: String,
+        /// When the gateway received it.
+        received_ms: i64,
+    },
+    /// Link an entity.
+    Link(LinkRequest),
+    /// Unlink an entity.
+    Unlink(String),
+    /// Validate, compile and save a rule.
+    SaveRule(RuleSpec),
+    /// Delete a rule.
+    DeleteRule(String),
+}
+
+/// A profile's answer.
+#[derive(Debug)]
+pub enum ProfileReply {
+    /// The event's receipt.
+    Receipt(EventReceipt),
+    /// The link made.
+    Linked(Link),
+    /// The rule saved.
+    Saved(Rule),
+    /// Done.
+    Done,
+}
+
+impl Message for ProfileRequest {
+    type Result = Result<ProfileReply, ServiceError>;
+}
+
+/// What a profile keeps in memory.
+struct Profile {
+    links: HashMap<String, LinkRecord>,
+    rules: RuleSet,
+    rule_count: usize,
+    functions: cel::Context<'static>,
+}
+
+/// One customer's actor.
+pub struct ProfileActor {
+    customer: Rc<str>,
+    core: Arc<Core>,
+    state: Rc<RefCell<Option<Profile>>>,
+}
+
+impl Actor for ProfileActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<ProfileRequest> for ProfileActor {
+    type Result = AtomicResponse<Self, Result<ProfileReply, ServiceError>>;
+
+    fn handle(&mut self, req: ProfileRequest, _ctx: &mut Context<Self>) -> Self::Result {
+        let core = self.core.clone();
+        let customer = self.customer.clone();
+        let state = self.state.clone();
+        AtomicResponse::new(Box::pin(
+            async move { handle(&core, &customer, &state, req).await }.into_actor(self),
+        ))
+    }
+}
+
+async fn handle(
+    core: &Core,
+    customer: &str,
+    state: &RefCell<Option<Profile>>,
+    req: ProfileRequest,
+) -> Result<ProfileReply, ServiceError> {
+    if state.borrow().is_none() {
+        let loaded = load(core, customer).await?;
+        *state.borrow_mut() = Some(loaded);
+    }
+    match req {
+        ProfileRequest::Ingest {
+            event,
+            raw,
+            received_ms,
+        } => ingest(core, customer, state, *event, raw, received_ms)
+            .await
+            .map(ProfileReply::Receipt),
+        ProfileRequest::Link(req) => link(core, customer, state, req).await.map(ProfileReply::Linked),
+        ProfileRequest::Unlink(entity_id) => {
+            core.propose(StateChange::Unlink {
+                customer_id: customer.to_owned(),
+                entity_id: entity_id.clone(),
+                at_ms: custos_api::types::unix_now_ms(),
+            })
+            .await?;
+            with_profile(state, |p| {
+                p.links.remove(&entity_id);
+            });
+            Ok(ProfileReply::Done)
+        }
+        ProfileRequest::SaveRule(spec) => save_rule(core, customer, state, spec)
+            .await
+            .map(ProfileReply::Saved),
+        ProfileRequest::DeleteRule(rule_id) => {
+            core.propose(StateChange::DeleteRule {
+                customer_id: customer.to_owned(),
+                rule_id: rule_id.clone(),
+                at_ms: custos_api::types::unix_now_ms(),
+            })
+            .await?;
+            with_profile(state, |p| {
+                p.rules.remove(&rule_id);
+                p.rule_count = p.rule_count.saturating_sub(1);
+            });
+            Ok(ProfileReply::Done)
+        }
+    }
+}
+
+fn with_profile<T>(state: &RefCell<Option<Profile>>, f: impl FnOnce(&mut Profile) -> T) -> Option<T> {
+    state.borrow_mut().as_mut().map(f)
+}
+
+/// Rebuilds a profile from the state machine.
+async fn load(core: &Core, customer: &str) -> Result<Profile, ServiceError> {
+    let id = customer.to_owned();
+    let (exists, links, rules) = core
+        .read(move |r| Ok((r.customer(&id)?.is_some(), r.links(&id)?, r.rules(&id)?)))
+        .await?;
+    if !exists {
+        return Err(ServiceError::not_found("customer", customer));
+    }
+    let rule_count = rules.len();
+    let compiled = rules.into_iter().filter_map(|r| {
+        let id = r.id.clone();
+        rules::compile(r)
+            .map_err(|e| tracing::warn!(rule = %id, error = %e, "stored rule does not compile; skipped"))
+            .ok()
+    });
+    Ok(Profile {
+        links: links.into_iter().map(|l| (l.entity_id.clone(), l)).collect(),
+        rules: RuleSet::new(compiled),
+        rule_count,
+        functions: cel::Context::default(),
+    })
+}
+
+/// The stable id of the command `rule` makes from event (source, id): the same on every
+/// retry or duplicate of the event, so targets can deduplicate on it.
+pub fn command_id(source: &str, event_id: &str, rule_id: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [source, event_id, rule_id] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("cmd_{hex}")
+}
+
+/// What one event produces for a profile: commands, or why none.
+struct Plan {
+    commands: Vec<CommandRecord>,
+    reasons: Vec<String>,
+}
+
+fn plan(
+    profile: &Profile,
+    customer: &str,
+    event: &CloudEvent,
+    targets: &HashMap<String, Arc<CachedEntity>>,
+    now_ms: i64,
+) -> Plan {
+    let mut out = Plan {
+        commands: Vec::new(),
+        reasons: Vec::new(),
+    };
+    if !profile.links.contains_key(&event.source) {
+        out.reasons.push(format!("the customer has not linked {}", event.source));
+        return out;
+    }
+    let matching = profile.rules.matching(&event.source, &event.event_type);
+    if matching.is_empty() {
+        out.reasons.push(format!(
+            "no rule is triggered by {} {}",
+            event.source, event.event_type
+        ));
+        return out;
+    }
+    let scope = EventScope::new(event);
+    for rule in matching {
+        let r = &rule.record;
+        let Some(target_link) = profile.links.get(&r.then_entity) else {
+            out.reasons
+                .push(format!("rule {}: target {} is not linked", r.id, r.then_entity));
+            continue;
+        };
+        let data = match rule.evaluate(&scope, &profile.functions) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                out.reasons.push(format!("rule {}: condition is false", r.id));
+                continue;
+            }
+            Err(e) => {
+                out.reasons.push(format!("rule {}: {e}", r.id));
+                continue;
+            }
+        };
+        if let Some(target) = targets.get(&r.then_entity) {
+            if let Some(v) = target.command_schema(&r.then_command_type) {
+                if let Err(e) = check_schema(v, &data) {
+                    out.reasons.push(format!(
+                        "rule {}: mapped data violates the {} schema: {e}",
+                        r.id, r.then_command_type
+                    ));
+                    continue;
+                }
+            }
+        }
+        out.commands.push(CommandRecord {
+            id: command_id(&event.source, &event.id, &r.id),
+            customer_id: customer.to_owned(),
+            target: r.then_entity.clone(),
+            command_type: r.then_command_type.clone(),
+            subject: target_link.subject.clone(),
+            data_json: data.to_string(),
+            event_id: event.id.clone(),
+            event_source: event.source.clone(),
+            rule_id: r.id.clone(),
+            created_ms: now_ms,
+        });
+    }
+    out
+}
+
+async fn ingest(
+    core: &Core,
+    customer: &str,
+    state: &RefCell<Option<Profile>>,
+    event: CloudEvent,
+    raw: String,
+    received_ms: i64,
+) -> Result<EventReceipt, ServiceError> {
+    // Target entities (for command schemas) come from the cache; gather them before planning
+    // so no RefCell borrow is held across an await.
+    let target_ids: Vec<String> = with_profile(state, |p| {
+        p.rules
+            .matching(&event.source, &event.event_type)
+            .iter()
+            .map(|r| r.record.then_entity.clone())
+            .collect()
+    })
+    .unwrap_or_default();
+    let mut targets = HashMap::new();
+    for id in target_ids {
+        if let Some(e) = core.entity(&id).await? {
+            targets.insert(id, e);
+        }
+    }
+    let plan = {
+        let guard = state.borrow();
+        let Some(profile) = guard.as_ref() else {
+            return Err(ServiceError::Internal("profile not loaded".into()));
+        };
+        plan(profile, customer, &event, &targets, received_ms)
+    };
+    let mut reason = None;
+    if plan.commands.is_empty() {
+        let mut text = plan.reasons.join("; ");
+        if text.len() > MAX_REASON {
+            let mut cut = MAX_REASON;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        reason = Some(text);
+    }
+    let ingest = Ingest {
+        event: EventRecord {
+            id: event.id.clone(),
+            source: event.source.clone(),
+            event_type: event.event_type.clone(),
+            subject: event.subject.clone().unwrap_or_default(),
+            cloudevent_json: raw,
+        },
+        customer_id: Some(customer.to_owned()),
+        commands: plan.commands,
+        ignored_reason: reason,
+        at_ms: received_ms,
+    };
+    let outcome = core.propose(StateChange::Ingest(ingest)).await?;
+    receipt(event.id, outcome)
+}
+
+/// The receipt for an ingest outcome.
+pub fn receipt(event_id: String, outcome: ChangeOutcome) -> Result<EventReceipt, ServiceError> {
+    match outcome {
+        ChangeOutcome::Ingested {
+            duplicate,
+            fate,
+            commands,
+            reason,
+        } => Ok(EventReceipt {
+            event_id,
+            status: if duplicate {
+                EventStatus::Duplicate
+            } else {
+                custos_raft::records::fate_to_wire(fate)
+            },
+            commands,
+            reason,
+        }),
+        other => Err(ServiceError::Internal(format!(
+            "unexpected ingest outcome {other:?}"
+        ))),
+    }
+}
+
+async fn link(
+    core: &Core,
+    customer: &str,
+    state: &RefCell<Option<Profile>>,
+    req: LinkRequest,
+) -> Result<Link, ServiceError> {
+    if !is_valid_id(&req.entity_id) {
+        return Err(ServiceError::invalid("entity_id", "must be 1..=128 of [A-Za-z0-9._:-]"));
+    }
+    if !is_valid_subject(&req.subject) {
+        return Err(ServiceError::invalid("subject", "must be 1..=128 printable bytes"));
+    }
+    core.entity_required(&req.entity_id).await?;
+    let record = LinkRecord {
+        entity_id: req.entity_id,
+        subject: req.subject,
+        linked_ms: custos_api::types::unix_now_ms(),
+    };
+    core.propose(StateChange::Link {
+        customer_id: customer.to_owned(),
+        link: record.clone(),
+    })
+    .await?;
+    let wire = record.to_wire();
+    with_profile(state, |p| {
+        p.links.insert(record.entity_id.clone(), record);
+    });
+    Ok(wire)
+}
+
+/// Validates a rule against the customer's links and the entities' declared types and
+/// schemas, and compiles it. Pure, apart from the entities passed in.
+pub fn validate_rule(
+    spec: &RuleSpec,
+    id: String,
+    linked: impl Fn(&str) -> bool,
+    source: &CachedEntity,
+    target: &CachedEntity,
+    now_ms: i64,
+) -> Result<CompiledRule, ServiceError> {
+    if spec.name.trim().is_empty() || spec.name.len() > MAX_NAME_LEN {
+        return Err(ServiceError::invalid("name", format!("must be 1..={MAX_NAME_LEN} bytes")));
+    }
+    for (field, entity) in [("when.entity", &spec.when.entity), ("then.entity", &spec.then.entity)] {
+        if !linked(entity) {
+            return Err(ServiceError::refused(
+                ErrorCode::EntityNotLinked,
+                format!("{field}: the customer has not linked {entity}"),
+            ));
+        }
+    }
+    if source.record.event_type(&spec.when.event_type).is_none() {
+        return Err(ServiceError::refused(
+            ErrorCode::UnknownType,
+            format!(
+                "when.event_type: {} does not send {}",
+                spec.when.entity, spec.when.event_type
+            ),
+        ));
+    }
+    if target.record.command_type(&spec.then.command_type).is_none() {
+        return Err(ServiceError::refused(
+            ErrorCode::UnknownType,
+            format!(
+                "then.command_type: {} does not accept {}",
+                spec.then.entity, spec.then.command_type
+            ),
+        ));
+    }
+    let data_json = spec.then.data.to_string();
+    if data_json.len() > custos_api::limits::MAX_BODY_BYTES / 4 {
+        return Err(ServiceError::invalid("then.data", "too large"));
+    }
+    let record = RuleRecord {
+        id,
+        name: spec.name.clone(),
+        when_entity: spec.when.entity.clone(),
+        when_event_type: spec.when.event_type.clone(),
+        condition: spec.when.condition.clone().filter(|c| !c.trim().is_empty()),
+        then_entity: spec.then.entity.clone(),
+        then_command_type: spec.then.command_type.clone(),
+        data_json,
+        created_ms: now_ms,
+    };
+    let compiled = rules::compile(record).map_err(|e| {
+        ServiceError::refused(ErrorCode::InvalidRule, format!("{}: {}", e.field, e.message))
+    })?;
+    if let Some(schema) = target
+        .record
+        .command_type(&spec.then.command_type)
+        .and_then(|t| t.schema_json.as_deref())
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+    {
+        check_mapping_against_schema(&spec.then.data, &schema)?;
+    }
+    Ok(compiled)
+}
+
+/// A static check of a mapping against the command schema's top-level object shape: every
+/// required property mapped, and no unknown property when the schema forbids extras. Values
+/// are checked against the full schema when each command is produced.
+fn check_mapping_against_schema(
+    data: &serde_json::Value,
+    schema: &serde_json::Value,
+) -> Result<(), ServiceError> {
+    let Some(mapped) = data.as_object() else {
+        return Ok(());
+    };
+    if let Some(required) = schema.get("required").and_then(|r| r.as_array()) {
+        for name in required.iter().filter_map(|n| n.as_str()) {
+            if !mapped.contains_key(name) {
+                return Err(ServiceError::refused(
+                    ErrorCode::SchemaViolation,
+                    format!("then.data: the command schema requires '{name}'"),
+                ));
+            }
+        }
+    }
+    let closed = schema.get("additionalProperties") == Some(&serde_json::Value::Bool(false));
+    if let (true, Some(props)) = (closed, schema.get("properties").and_then(|p| p.as_object())) {
+        if let Some(extra) = mapped.keys().find(|k| !props.contains_key(*k)) {
+            return Err(ServiceError::refused(
+                ErrorCode::SchemaViolation,
+                format!("then.data.{extra}: the command schema has no such property"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn save_rule(
+    core: &Core,
+    customer: &str,
+    state: &RefCell<Option<Profile>>,
+    spec: RuleSpec,
+) -> Result<Rule, ServiceError> {
+    let count = with_profile(state, |p| p.rule_count).unwrap_or(0);
+    if count >= custos_api::limits::MAX_RULES_PER_CUSTOMER {
+        return Err(ServiceError::refused(
+            ErrorCode::LimitReached,
+            format!(
+                "at most {} rules per customer",
+                custos_api::limits::MAX_RULES_PER_CUSTOMER
+            ),
+        ));
+    }
+    for (field, id) in [("when.entity", &spec.when.entity), ("then.entity", &spec.then.entity)] {
+        if !is_valid_id(id) {
+            return Err(ServiceError::invalid(field, "must be an entity id"));
+        }
+    }
+    let source = core.entity_required(&spec.when.entity).await?;
+    let target = core.entity_required(&spec.then.entity).await?;
+    let now = custos_api::types::unix_now_ms();
+    let id = format!("rul_{}", uuid::Uuid::now_v7().simple());
+    let compiled = {
+        let guard = state.borrow();
+        let links = guard.as_ref().map(|p| &p.links);
+        validate_rule(
+            &spec,
+            id,
+            |e| links.is_some_and(|l| l.contains_key(e)),
+            &source,
+            &target,
+            now,
+        )?
+    };
+    core.propose(StateChange::PutRule {
+        customer_id: customer.to_owned(),
+        rule: compiled.record.clone(),
+    })
+    .await?;
+    let wire = compiled.record.to_wire();
+    with_profile(state, |p| {
+        p.rules.insert(compiled);
+        p.rule_count += 1;
+    });
+    Ok(wire)
+}
+
+/// A message for the host: which customer, and what.
+struct Envelope {
+    customer: String,
+    request: ProfileRequest,
+}
+
+impl Message for Envelope {
+    type Result = Result<ProfileReply, ServiceError>;
+}
+
+struct Slot {
+    addr: Addr<ProfileActor>,
+    in_flight: usize,
+    last_used: Instant,
+}
+
+/// Hosts the profile actors of the customers that hash to its arbiter.
+pub struct ProfileHost {
+    core: Arc<Core>,
+    idle: Duration,
+    profiles: HashMap<String, Slot>,
+}
+
+impl Actor for ProfileHost {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = (self.idle / 4).max(Duration::from_millis(50));
+        ctx.run_interval(every, |host, _| host.passivate_idle());
+    }
+}
+
+impl ProfileHost {
+    fn passivate_idle(&mut self) {
+        let idle = self.idle;
+        let before = self.profiles.len();
+        // Only a profile with nothing in flight is stopped, so no message is ever lost;
+        // dropping its only address stops it.
+        self.profiles
+            .retain(|_, s| s.in_flight > 0 || s.last_used.elapsed() < idle);
+        let stopped = before - self.profiles.len();
+        if stopped > 0 {
+            metrics::gauge!("custos_active_profiles").decrement(stopped as f64);
+        }
+    }
+}
+
+impl Handler<Envelope> for ProfileHost {
+    type Result = ResponseActFuture<Self, Result<ProfileReply, ServiceError>>;
+
+    fn handle(&mut self, env: Envelope, _ctx: &mut Context<Self>) -> Self::Result {
+        let core = self.core.clone();
+        let slot = self.profiles.entry(env.customer.clone()).or_insert_with(|| {
+            metrics::gauge!("custos_active_profiles").increment(1.0);
+            let customer: Rc<str> = Rc::from(env.customer.as_str());
+            Slot {
+                addr: ProfileActor {
+                    customer,
+                    core,
+                    state: Rc::new(RefCell::new(None)),
+                }
+                .start(),
+                in_flight: 0,
+                last_used: Instant::now(),
+            }
+        });
+        slot.in_flight += 1;
+        slot.last_used = Instant::now();
+        let customer = env.customer;
+        let send = slot.addr.send(env.request);
+        Box::pin(send.into_actor(self).map(move |res, host, _| {
+            if let Some(slot) = host.profiles.get_mut(&customer) {
+                slot.in_flight -= 1;
+                slot.last_used = Instant::now();
+            }
+            let reply = res.map_err(|e| ServiceError::Internal(format!("profile actor: {e}")))?;
+            if let Err(ServiceError::Refused { code: ErrorCode::NotFound, .. }) = &reply {
+                // Do not keep an actor for a customer that does not exist.
+                if host.profiles.get(&customer).is_some_and(|s| s.in_flight == 0) {
+                    host.profiles.remove(&customer);
+                    metrics::gauge!("custos_active_profiles").decrement(1.0);
+                }
+            }
+            reply
+        }))
+    }
+}
+
+/// Routes requests to the host of each customer's arbiter.
+#[derive(Clone)]
+pub struct ProfileRouter {
+    hosts: Arc<Vec<Addr<ProfileHost>>>,
+}
+
+impl std::fmt::Debug for ProfileRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProfileRouter")
+            .field("hosts", &self.hosts.len())
+            .finish()
+    }
+}
+
+impl ProfileRouter {
+    /// Starts `arbiters` arbiters with a host each. Must run inside an actix system.
+    pub fn start(core: Arc<Core>, arbiters: usize, idle: Duration) -> (Self, Vec<Arbiter>) {
+        let n = arbiters.max(1);
+        let mut hosts = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for _ in 0..n {
+            let arbiter = Arbiter::new();
+            let c = core.clone();
+            let host = ProfileHost::start_in_arbiter(&arbiter.handle(), move |_| ProfileHost {
+                core: c,
+                idle,
+                profiles: HashMap::new(),
+            });
+            hosts.push(host);
+            threads.push(arbiter);
+        }
+        (
+            ProfileRouter {
+                hosts: Arc::new(hosts),
+            },
+            threads,
+        )
+    }
+
+    /// Sends a request to a customer's profile and waits for its answer.
+    pub async fn send(&self, customer: &str, request: ProfileRequest) -> Result<ProfileReply, ServiceError> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        customer.hash(&mut h);
+        let idx = (h.finish() % self.hosts.len() as u64) as usize;
+        self.hosts[idx]
+            .send(Envelope {
+                customer: customer.to_owned(),
+                request,
+            })
+            .await
+            .map_err(|e| ServiceError::refused(ErrorCode::Unavailable, format!("profile host: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_ids_are_stable_and_distinct() {
+        let a = command_id("airline", "e1", "r1");
+        assert_eq!(a, command_id("airline", "e1", "r1"));
+        assert_ne!(a, command_id("airline", "e1", "r2"));
+        // The separator keeps ("ab","c") and ("a","bc") apart.
+        assert_ne!(command_id("ab", "c", "r"), command_id("a", "bc", "r"));
+        assert!(a.starts_with("cmd_") && a.len() == 36);
+    }
+
+    #[test]
+    fn mapping_is_checked_against_required_and_closed_schemas() {
+        let schema = serde_json::json!({"type": "object", "required": ["arrival"],
+            "properties": {"arrival": {"type": "string"}, "flight": {"type": "string"}},
+            "additionalProperties": false});
+        assert!(check_mapping_against_schema(&serde_json::json!({"arrival": "x"}), &schema).is_ok());
+        assert!(check_mapping_against_schema(&serde_json::json!({"flight": "x"}), &schema).is_err());
+        assert!(check_mapping_against_schema(
+            &serde_json::json!({"arrival": "x", "other": "y"}),
+            &schema
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! Logs (`tracing`, human or JSON) and metrics (`metrics` with the Prometheus exporter).
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::core::Core;
+
+/// Starts logging once per process; later calls (tests) are ignored.
+pub fn init_logging(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The Prometheus exporter's handle, and the gauges computed at scrape time.
+#[derive(Clone)]
+pub struct Telemetry {
+    handle: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 3600.0,
+];
+
+impl Telemetry {
+    /// Installs the global recorder (one per process).
+    pub fn install() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .map(|b| b.install_recorder());
+        let handle = match recorder {
+            Ok(Ok(h)) => Some(h),
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        };
+        Telemetry { handle }
+    }
+
+    /// The exposition text, with Raft and outbox gauges refreshed first.
+    pub async fn render(&self, core: &Core) -> String {
+        let m = core.raft.metrics().borrow().clone();
+        metrics::gauge!("custos_raft_term").set(m.current_term as f64);
+        metrics::gauge!("custos_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("custos_raft_applied_index")
+            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+        metrics::gauge!("custos_raft_is_leader")
+            .set(if m.current_leader == Some(core.config.node_id) { 1.0 } else { 0.0 });
+        if let Ok((committed, pending)) = core
+            .read(|r| Ok((r.committed()?, r.pending_count(10_000_000)?)))
+            .await
+        {
+            metrics::gauge!("custos_raft_commit_index").set(committed.unwrap_or(0) as f64);
+            metrics::gauge!("custos_pending_deliveries").set(pending as f64);
+        }
+        match &self.handle {
+            Some(h) => h.render(),
+            None => String::new(),
+        }
+    }
+}

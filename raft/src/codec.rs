@@ -1,0 +1,68 @@
+//! The one place bytes are encoded and decoded: bincode 2 (serde) behind a format byte, so
+//! the stored and peer format can change later without guessing.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The current format version, the first byte of every encoded value.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Why bytes could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Empty input.
+    #[error("empty value")]
+    Empty,
+    /// Written by a format this build does not know.
+    #[error("unknown format version {0}")]
+    UnknownVersion(u8),
+    /// bincode refused to encode.
+    #[error("encode: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    /// bincode refused to decode.
+    #[error("decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a value with the format byte in front.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(FORMAT_VERSION);
+    bincode::serde::encode_into_std_write(value, &mut out, config())?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    let (value, _) = bincode::serde::decode_from_slice(rest, config())?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_version_check() {
+        let v = (1u64, "x".to_string(), Some(vec![1u8, 2]));
+        let bytes = encode(&v).expect("encode");
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        let back: (u64, String, Option<Vec<u8>>) = decode(&bytes).expect("decode");
+        assert_eq!(back, v);
+        let mut wrong = bytes.clone();
+        wrong[0] = 9;
+        assert!(matches!(
+            decode::<(u64, String, Option<Vec<u8>>)>(&wrong),
+            Err(CodecError::UnknownVersion(9))
+        ));
+        assert!(matches!(decode::<u64>(&[]), Err(CodecError::Empty)));
+    }
+}

@@ -1,0 +1,29 @@
+//! Errors of the replication layer.
+
+use crate::codec::CodecError;
+
+/// What the stores and readers can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed.
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// Stored bytes could not be decoded (or a value encoded).
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// A blocking task was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    /// As openraft's storage error, for the read path.
+    pub fn into_raft_read(self) -> openraft::StorageError<u64> {
+        openraft::StorageIOError::read(&self).into()
+    }
+
+    /// As openraft's storage error, for the write path.
+    pub fn into_raft_write(self) -> openraft::StorageError<u64> {
+        openraft::StorageIOError::write(&self).into()
+    }
+}

@@ -1,0 +1,145 @@
+//! The RocksDB key layout. Every key is `group (u32 BE) | tag (u8) | rest`, so a group is one
+//! contiguous range, and its state machine data (tags `SM_FIRST..SM_END`) another.
+//!
+//! Variable parts are joined with a NUL byte, which ids and subjects cannot contain
+//! (see `custos_api::limits`); numbers are big-endian so byte order is numeric order.
+
+use crate::types::GroupId;
+
+/// Raft log entries: `| index u64`.
+pub const LOG: u8 = 0x01;
+/// Raft metadata: vote, committed, last purged.
+pub const RAFT_META: u8 = 0x02;
+/// The latest built or installed snapshot.
+pub const SNAPSHOT: u8 = 0x03;
+/// State machine metadata: last applied, membership.
+pub const SM_META: u8 = 0x04;
+
+/// First state machine data tag (inclusive).
+pub const SM_FIRST: u8 = 0x10;
+/// Entities: `| entity`.
+pub const ENTITY: u8 = 0x10;
+/// Customers: `| customer`.
+pub const CUSTOMER: u8 = 0x11;
+/// Customer token hashes: `| sha256` -> customer id.
+pub const TOKEN: u8 = 0x12;
+/// Link index: `| entity \0 subject` -> customer id.
+pub const SUBJECT: u8 = 0x13;
+/// Links: `| customer \0 entity`.
+pub const LINK: u8 = 0x14;
+/// Rules: `| customer \0 rule`.
+pub const RULE: u8 = 0x15;
+/// Event dedup keys: `| source \0 event id`.
+pub const DEDUP: u8 = 0x16;
+/// Activity: `| customer \0 at_ms u64 \0 seq u64`.
+pub const ACTIVITY: u8 = 0x17;
+/// Outbox (every command and its delivery): `| command id`.
+pub const OUTBOX: u8 = 0x18;
+/// Due index of pending deliveries: `| due_ms u64 | command id`.
+pub const DUE: u8 = 0x19;
+/// Failed deliveries, for listing and replay: `| command id`.
+pub const FAILED: u8 = 0x1a;
+/// Retention index: `| expires_ms u64 | seq u64` -> the key to delete then.
+pub const EXPIRY: u8 = 0x1b;
+/// End of state machine data tags (exclusive).
+pub const SM_END: u8 = 0x20;
+
+/// `group | tag`.
+pub fn prefix(group: GroupId, tag: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(48);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(tag);
+    k
+}
+
+/// `group | tag | part`.
+pub fn key(group: GroupId, tag: u8, part: &[u8]) -> Vec<u8> {
+    let mut k = prefix(group, tag);
+    k.extend_from_slice(part);
+    k
+}
+
+/// `group | tag | a \0 b`.
+pub fn key2(group: GroupId, tag: u8, a: &str, b: &str) -> Vec<u8> {
+    let mut k = prefix(group, tag);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+/// `group | tag | a \0` : the prefix of every `key2(group, tag, a, _)`.
+pub fn prefix2(group: GroupId, tag: u8, a: &str) -> Vec<u8> {
+    let mut k = prefix(group, tag);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The Raft log key of `index`.
+pub fn log(group: GroupId, index: u64) -> Vec<u8> {
+    key(group, LOG, &index.to_be_bytes())
+}
+
+/// An activity key: `customer \0 at_ms \0 seq`.
+pub fn activity(group: GroupId, customer: &str, at_ms: i64, seq: u64) -> Vec<u8> {
+    let mut k = prefix2(group, ACTIVITY, customer);
+    k.extend_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// A due-index key: `due_ms | command id`.
+pub fn due(group: GroupId, due_ms: i64, command_id: &str) -> Vec<u8> {
+    let mut k = prefix(group, DUE);
+    k.extend_from_slice(&(due_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(command_id.as_bytes());
+    k
+}
+
+/// A retention key: `expires_ms | seq`.
+pub fn expiry(group: GroupId, expires_ms: i64, seq: u64) -> Vec<u8> {
+    let mut k = prefix(group, EXPIRY);
+    k.extend_from_slice(&(expires_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The first key after every key starting with `prefix` (for exclusive range ends).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+/// Reads a big-endian u64 at `at` in `bytes`.
+pub fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let slice = bytes.get(at..at + 8)?;
+    let arr: [u8; 8] = slice.try_into().ok()?;
+    Some(u64::from_be_bytes(arr))
+}
+
+/// The length of `group | tag`.
+pub const HEADER: usize = 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_and_ranges() {
+        assert!(log(1, 2) < log(1, 10));
+        assert!(log(1, u64::MAX) < log(2, 0));
+        assert!(activity(0, "c", 5, 0) < activity(0, "c", 6, 0));
+        assert!(activity(0, "c", 6, 0) < prefix_end(&prefix2(0, ACTIVITY, "c")));
+        // Customer "c" must not see customer "cd"'s activity.
+        assert!(activity(0, "cd", 0, 0) > prefix_end(&prefix2(0, ACTIVITY, "c")));
+        assert_eq!(prefix_end(&[1, 0xff]), vec![2]);
+        assert_eq!(read_u64(&due(0, 42, "x"), HEADER), Some(42));
+    }
+}

@@ -1,0 +1,50 @@
+//! Custos replication: openraft types, the RocksDB log and state machine, and the peer network.
+//!
+//! # Layout
+//!
+//! - [`types`]: the openraft type configuration and group ids.
+//! - [`codec`]: every encode and decode of stored or peer-sent bytes, behind a format byte.
+//! - [`keys`]: the RocksDB key layout; every key starts with the group id.
+//! - [`records`]: what the state machine stores, and the [`StateChange`]s proposed to it.
+//! - [`log_store`]: the Raft log on RocksDB, with group commit (one WAL sync per batch of appends).
+//! - [`state_machine`]: applies committed changes to RocksDB in one write batch per apply call,
+//!   builds and installs snapshots.
+//! - [`reader`]: read-only queries on the applied state, for the node's services.
+//! - [`network`]: the peer RPC client (HTTP, bincode bodies) that openraft drives.
+//! - [`error`]: this layer's error enum.
+//!
+//! Many groups share one RocksDB: a group's state is one key range, so a snapshot is a range
+//! scan and dropping a group is a `delete_range`.
+
+pub mod codec;
+pub mod error;
+pub mod keys;
+pub mod log_store;
+pub mod network;
+pub mod reader;
+pub mod records;
+pub mod state_machine;
+pub mod types;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use error::StoreError;
+pub use log_store::LogStore;
+pub use reader::StateReader;
+pub use records::{ChangeOutcome, StateChange};
+pub use state_machine::{ApplyObserver, Effect, StateMachineStore};
+pub use rocksdb::DB;
+pub use types::{GroupId, NodeId, Raft, TypeConfig};
+
+/// Opens (or creates) the node's one RocksDB.
+pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Log entries and state share one WAL; the log store syncs it once per batch of appends.
+    opts.set_max_total_wal_size(256 << 20);
+    opts.increase_parallelism(2);
+    let db = rocksdb::DB::open(&opts, path).map_err(StoreError::Db)?;
+    Ok(Arc::new(db))
+}

@@ -1,0 +1,148 @@
+//! The peer RPC client openraft drives: HTTP POSTs of codec-encoded requests to the peer
+//! port (`/raft/{group}/{append|vote|snapshot}`), apart from the client API.
+//!
+//! The serving side lives in the node (it owns the HTTP server); both use [`encode_reply`] /
+//! [`decode_reply`] so the bytes are defined in one place.
+
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{self, CodecError};
+use crate::types::{GroupId, NodeId, TypeConfig};
+
+/// Peer RPC path for a group and verb.
+pub fn rpc_path(group: GroupId, verb: &str) -> String {
+    format!("/raft/{group}/{verb}")
+}
+
+/// Encodes a handler's reply (`Ok` response or openraft error).
+pub fn encode_reply<T: Serialize, E: Serialize>(reply: &Result<T, E>) -> Result<Vec<u8>, CodecError> {
+    codec::encode(reply)
+}
+
+/// Decodes a reply written by [`encode_reply`].
+pub fn decode_reply<T: DeserializeOwned, E: DeserializeOwned>(bytes: &[u8]) -> Result<Result<T, E>, CodecError> {
+    codec::decode(bytes)
+}
+
+/// Makes a [`PeerClient`] per target node.
+#[derive(Debug, Clone)]
+pub struct PeerNetwork {
+    group: GroupId,
+    http: reqwest::Client,
+}
+
+impl PeerNetwork {
+    /// A network for `group`.
+    pub fn new(group: GroupId) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        PeerNetwork { group, http }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// Sends one group's RPCs to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    group: GroupId,
+    target: NodeId,
+    addr: String,
+    http: reqwest::Client,
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        verb: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
+        let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let url = format!("http://{}{}", self.addr, rpc_path(self.group, verb));
+        let resp = self
+            .http
+            .post(url)
+            .timeout(option.hard_ttl())
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        if !resp.status().is_success() {
+            let err = std::io::Error::other(format!("peer answered {}", resp.status()));
+            return Err(RPCError::Network(NetworkError::new(&err)));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply: Result<Resp, E> =
+            decode_reply(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("vote", &rpc, &option).await
+    }
+}

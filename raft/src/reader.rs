@@ -1,0 +1,289 @@
+//! Read-only queries on a group's applied state, for the node's services.
+//!
+//! Reads see what has been applied on this node. On the leader, everything it acknowledged
+//! has been applied before the acknowledgement, so a client reads its own writes.
+
+use std::sync::Arc;
+
+use rocksdb::DB;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+use crate::types::{GroupId, LogId};
+
+/// Queries on one group's state.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<DB>,
+    group: GroupId,
+}
+
+impl std::fmt::Debug for StateReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateReader").field("group", &self.group).finish()
+    }
+}
+
+impl StateReader {
+    /// A reader of `group` in `db`.
+    pub fn new(db: Arc<DB>, group: GroupId) -> Self {
+        StateReader { db, group }
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.db.get_pinned(key)? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Values of the keys in `[from, end)`, in key order (or reverse), at most `limit`;
+    /// returns them with their keys.
+    fn scan<T: DeserializeOwned>(
+        &self,
+        from: &[u8],
+        end: &[u8],
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator();
+        if reverse {
+            it.seek_for_prev(end);
+            // `end` is exclusive.
+            if it.key() == Some(end) {
+                it.prev();
+            }
+        } else {
+            it.seek(from);
+        }
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if out.len() >= limit || k < from || k >= end {
+                break;
+            }
+            out.push((k.to_vec(), codec::decode(v)?));
+            if reverse {
+                it.prev();
+            } else {
+                it.next();
+            }
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// The last applied log id.
+    pub fn applied(&self) -> Result<Option<LogId>, StoreError> {
+        Ok(self
+            .get::<Option<LogId>>(&keys::key(self.group, keys::SM_META, b"applied"))?
+            .flatten())
+    }
+
+    /// The last committed log index, as the log store last saved it.
+    pub fn committed(&self) -> Result<Option<u64>, StoreError> {
+        let v: Option<Option<LogId>> =
+            self.get(&keys::key(self.group, keys::RAFT_META, b"committed"))?;
+        Ok(v.flatten().map(|l| l.index))
+    }
+
+    /// One entity.
+    pub fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
+        self.get(&keys::key(self.group, keys::ENTITY, id.as_bytes()))
+    }
+
+    /// Every entity, by id.
+    pub fn entities(&self) -> Result<Vec<EntityRecord>, StoreError> {
+        let p = keys::prefix(self.group, keys::ENTITY);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// One customer.
+    pub fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
+        self.get(&keys::key(self.group, keys::CUSTOMER, id.as_bytes()))
+    }
+
+    /// The customer whose token hashes to `hash`.
+    pub fn customer_by_token(&self, hash: &[u8]) -> Result<Option<String>, StoreError> {
+        self.get(&keys::key(self.group, keys::TOKEN, hash))
+    }
+
+    /// The customer known as `subject` at `entity`.
+    pub fn customer_for_subject(&self, entity: &str, subject: &str) -> Result<Option<String>, StoreError> {
+        self.get(&keys::key2(self.group, keys::SUBJECT, entity, subject))
+    }
+
+    /// A customer's links, by entity id.
+    pub fn links(&self, customer: &str) -> Result<Vec<LinkRecord>, StoreError> {
+        let p = keys::prefix2(self.group, keys::LINK, customer);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// One link.
+    pub fn link(&self, customer: &str, entity: &str) -> Result<Option<LinkRecord>, StoreError> {
+        self.get(&keys::key2(self.group, keys::LINK, customer, entity))
+    }
+
+    /// A customer's rules, by id.
+    pub fn rules(&self, customer: &str) -> Result<Vec<RuleRecord>, StoreError> {
+        let p = keys::prefix2(self.group, keys::RULE, customer);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// A customer's activity, newest first, older than the cursor `before` (an opaque
+    /// hex cursor returned as `next`).
+    pub fn activity(
+        &self,
+        customer: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(i64, ActivityRecord)>, Option<String>), StoreError> {
+        let p = keys::prefix2(self.group, keys::ACTIVITY, customer);
+        let end = match before.and_then(decode_cursor) {
+            Some(suffix) => [p.as_slice(), &suffix].concat(),
+            None => keys::prefix_end(&p),
+        };
+        let rows: Vec<(Vec<u8>, ActivityRecord)> = self.scan(&p, &end, true, limit + 1)?;
+        let more = rows.len() > limit;
+        let mut items = Vec::with_capacity(limit);
+        let mut next = None;
+        for (k, v) in rows.into_iter().take(limit) {
+            let at = keys::read_u64(&k, p.len()).unwrap_or(0) as i64;
+            if more {
+                next = Some(encode_cursor(&k[p.len()..]));
+            }
+            items.push((at, v));
+        }
+        Ok((items, next))
+    }
+
+    /// One delivery.
+    pub fn outbox(&self, command_id: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        self.get(&keys::key(self.group, keys::OUTBOX, command_id.as_bytes()))
+    }
+
+    /// Pending deliveries due at or before `now_ms`, earliest first: `(due_ms, command id)`.
+    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        let p = keys::prefix(self.group, keys::DUE);
+        let end = keys::due(self.group, now_ms.saturating_add(1), "");
+        let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &end, false, limit)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, ())| {
+                let due = keys::read_u64(&k, keys::HEADER)? as i64;
+                let id = String::from_utf8(k.get(keys::HEADER + 8..)?.to_vec()).ok()?;
+                Some((due, id))
+            })
+            .collect())
+    }
+
+    /// The earliest due time of any pending delivery.
+    pub fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        let p = keys::prefix(self.group, keys::DUE);
+        let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, 1)?;
+        Ok(rows
+            .first()
+            .and_then(|(k, ())| keys::read_u64(k, keys::HEADER))
+            .map(|d| d as i64))
+    }
+
+    /// How many deliveries are pending (counted, up to `cap`).
+    pub fn pending_count(&self, cap: usize) -> Result<usize, StoreError> {
+        let p = keys::prefix(self.group, keys::DUE);
+        let end = keys::prefix_end(&p);
+        let mut it = self.db.raw_iterator();
+        it.seek(&p);
+        let mut n = 0;
+        while let Some(k) = it.key() {
+            if k >= end.as_slice() || n >= cap {
+                break;
+            }
+            n += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(n)
+    }
+
+    /// Deliveries in a state, by command id, after the cursor `after`.
+    pub fn deliveries(
+        &self,
+        state: DeliveryState,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<OutboxRecord>, Option<String>), StoreError> {
+        let (tag, keyed_by_due) = match state {
+            DeliveryState::Failed => (keys::FAILED, false),
+            DeliveryState::Pending => (keys::DUE, true),
+            DeliveryState::Delivered | DeliveryState::Cancelled => (keys::OUTBOX, false),
+        };
+        let p = keys::prefix(self.group, tag);
+        let from = match after.and_then(decode_cursor) {
+            Some(suffix) => {
+                let mut k = [p.as_slice(), &suffix].concat();
+                k.push(0);
+                k
+            }
+            None => p.clone(),
+        };
+        let mut it = self.db.raw_iterator();
+        it.seek(&from);
+        let end = keys::prefix_end(&p);
+        let id_at = if keyed_by_due { p.len() + 8 } else { p.len() };
+        let mut out = Vec::new();
+        let mut last_suffix = None;
+        let mut more = false;
+        while let Some(k) = it.key() {
+            if k >= end.as_slice() {
+                break;
+            }
+            if out.len() >= limit {
+                more = true;
+                break;
+            }
+            let id = String::from_utf8_lossy(k.get(id_at..).unwrap_or_default()).into_owned();
+            if let Some(rec) = self.outbox(&id)? {
+                if rec.state == state {
+                    out.push(rec);
+                    last_suffix = Some(k[p.len()..].to_vec());
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        let next = if more {
+            last_suffix.as_deref().map(encode_cursor)
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+}
+
+fn encode_cursor(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 1024 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}

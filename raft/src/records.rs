@@ -1,0 +1,644 @@
+//! What the state machine stores, and the changes proposed to it through Raft.
+//!
+//! These types are encoded with bincode (see [`crate::codec`]), which is not self-describing:
+//! no `skip_serializing_if`, no internally tagged enums, and JSON payloads kept as text.
+
+use custos_api::types as wire;
+use custos_api::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+/// An event or command type with its optional JSON Schema (as JSON text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypeRecord {
+    /// Type name.
+    pub name: String,
+    /// JSON Schema, as JSON text.
+    pub schema_json: Option<String>,
+}
+
+/// A registered entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityRecord {
+    /// Entity id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Command endpoint.
+    pub command_url: String,
+    /// False after a 410 or an admin's disable.
+    pub endpoint_enabled: bool,
+    /// Event types it sends.
+    pub event_types: Vec<TypeRecord>,
+    /// Command types it accepts.
+    pub command_types: Vec<TypeRecord>,
+    /// Current signing secret (`whsec_...`).
+    pub secret: String,
+    /// The secret before the last rotation, still accepted until `previous_valid_until_ms`.
+    pub previous_secret: Option<String>,
+    /// End of the rotation grace period.
+    pub previous_valid_until_ms: i64,
+    /// Registration time.
+    pub created_ms: i64,
+}
+
+impl EntityRecord {
+    /// The admin's view; the secret only when `with_secret`.
+    pub fn to_wire(&self, with_secret: bool) -> wire::Entity {
+        let types = |ts: &[TypeRecord]| {
+            ts.iter()
+                .map(|t| wire::TypeSpec {
+                    type_name: t.name.clone(),
+                    schema: t
+                        .schema_json
+                        .as_deref()
+                        .and_then(|s| serde_json::from_str(s).ok()),
+                })
+                .collect()
+        };
+        wire::Entity {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            command_url: self.command_url.clone(),
+            endpoint_enabled: self.endpoint_enabled,
+            event_types: types(&self.event_types),
+            command_types: types(&self.command_types),
+            created_at: wire::rfc3339_ms(self.created_ms),
+            secret: with_secret.then(|| self.secret.clone()),
+            previous_secret_valid_until: self
+                .previous_secret
+                .as_ref()
+                .map(|_| wire::rfc3339_ms(self.previous_valid_until_ms)),
+        }
+    }
+
+    /// The declared event type `name`, if any.
+    pub fn event_type(&self, name: &str) -> Option<&TypeRecord> {
+        self.event_types.iter().find(|t| t.name == name)
+    }
+
+    /// The declared command type `name`, if any.
+    pub fn command_type(&self, name: &str) -> Option<&TypeRecord> {
+        self.command_types.iter().find(|t| t.name == name)
+    }
+}
+
+/// A customer profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    /// Customer id.
+    pub id: String,
+    /// Creation time.
+    pub created_ms: i64,
+}
+
+/// A customer's link to an entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// The entity.
+    pub entity_id: String,
+    /// The customer's subject id there.
+    pub subject: String,
+    /// When linked.
+    pub linked_ms: i64,
+}
+
+impl LinkRecord {
+    /// The wire view.
+    pub fn to_wire(&self) -> wire::Link {
+        wire::Link {
+            entity_id: self.entity_id.clone(),
+            subject: self.subject.clone(),
+            linked_at: wire::rfc3339_ms(self.linked_ms),
+        }
+    }
+}
+
+/// A rule as stored: the source text; the node compiles it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    /// Rule id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Trigger entity.
+    pub when_entity: String,
+    /// Trigger event type.
+    pub when_event_type: String,
+    /// CEL condition.
+    pub condition: Option<String>,
+    /// Target entity.
+    pub then_entity: String,
+    /// Command type.
+    pub then_command_type: String,
+    /// The mapping object, as JSON text.
+    pub data_json: String,
+    /// When saved.
+    pub created_ms: i64,
+}
+
+impl RuleRecord {
+    /// The wire view.
+    pub fn to_wire(&self) -> wire::Rule {
+        wire::Rule {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            when: wire::Trigger {
+                entity: self.when_entity.clone(),
+                event_type: self.when_event_type.clone(),
+                condition: self.condition.clone(),
+            },
+            then: wire::Action {
+                entity: self.then_entity.clone(),
+                command_type: self.then_command_type.clone(),
+                data: serde_json::from_str(&self.data_json).unwrap_or_default(),
+            },
+            created_at: wire::rfc3339_ms(self.created_ms),
+        }
+    }
+}
+
+/// An event as received, kept in the customer's activity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Event id.
+    pub id: String,
+    /// Sending entity.
+    pub source: String,
+    /// Event type.
+    pub event_type: String,
+    /// Subject at the source.
+    pub subject: String,
+    /// The whole CloudEvent as JSON text.
+    pub cloudevent_json: String,
+}
+
+/// A command the vault will deliver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// Stable id: the CloudEvent id and the `webhook-id` on every attempt.
+    pub id: String,
+    /// The customer it is about.
+    pub customer_id: String,
+    /// Target entity.
+    pub target: String,
+    /// Command type.
+    pub command_type: String,
+    /// The customer's subject at the target.
+    pub subject: String,
+    /// The mapped data, as JSON text.
+    pub data_json: String,
+    /// The triggering event.
+    pub event_id: String,
+    /// The triggering event's source.
+    pub event_source: String,
+    /// The rule that produced it.
+    pub rule_id: String,
+    /// Creation time.
+    pub created_ms: i64,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryState {
+    /// Waiting for its next attempt.
+    Pending,
+    /// Delivered (2xx).
+    Delivered,
+    /// Retries exhausted or endpoint gone.
+    Failed,
+    /// Target unlinked.
+    Cancelled,
+}
+
+impl DeliveryState {
+    /// The wire status.
+    pub fn to_wire(self) -> wire::DeliveryStatus {
+        match self {
+            DeliveryState::Pending => wire::DeliveryStatus::Pending,
+            DeliveryState::Delivered => wire::DeliveryStatus::Delivered,
+            DeliveryState::Failed => wire::DeliveryStatus::Failed,
+            DeliveryState::Cancelled => wire::DeliveryStatus::Cancelled,
+        }
+    }
+}
+
+/// One delivery attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Start time.
+    pub at_ms: i64,
+    /// HTTP status, if the target answered.
+    pub status_code: Option<u16>,
+    /// Transport or policy error.
+    pub error: Option<String>,
+    /// Round-trip time.
+    pub duration_ms: u64,
+}
+
+/// A command and its delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    /// The command.
+    pub command: CommandRecord,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+    /// When the next attempt is due (pending only).
+    pub next_due_ms: Option<i64>,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+}
+
+impl OutboxRecord {
+    /// The wire view.
+    pub fn to_wire(&self) -> wire::Delivery {
+        let c = &self.command;
+        wire::Delivery {
+            command_id: c.id.clone(),
+            customer_id: c.customer_id.clone(),
+            target: c.target.clone(),
+            command_type: c.command_type.clone(),
+            event_id: c.event_id.clone(),
+            rule_id: c.rule_id.clone(),
+            status: self.state.to_wire(),
+            reason: self.reason.clone(),
+            created_at: wire::rfc3339_ms(c.created_ms),
+            next_attempt_at: self.next_due_ms.map(wire::rfc3339_ms),
+            attempts: self
+                .attempts
+                .iter()
+                .map(|a| wire::Attempt {
+                    at: wire::rfc3339_ms(a.at_ms),
+                    status_code: a.status_code,
+                    error: a.error.clone(),
+                    duration_ms: a.duration_ms,
+                })
+                .collect(),
+            data: serde_json::from_str(&c.data_json).unwrap_or_default(),
+        }
+    }
+}
+
+/// An event's fate, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventFate {
+    /// Commands produced.
+    Accepted,
+    /// Nothing triggered.
+    Ignored,
+}
+
+/// The dedup record of (source, event id): enough to answer a duplicate like the first time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    /// The customer the event was about, if found.
+    pub customer_id: Option<String>,
+    /// Accepted or ignored.
+    pub fate: EventFate,
+    /// Commands produced.
+    pub commands: Vec<String>,
+    /// Why ignored.
+    pub reason: Option<String>,
+    /// When first received.
+    pub at_ms: i64,
+}
+
+/// One line of a customer's activity, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ActivityRecord {
+    /// An event arrived.
+    EventReceived {
+        /// The event.
+        event: EventRecord,
+        /// Accepted or ignored.
+        fate: EventFate,
+        /// Why ignored.
+        reason: Option<String>,
+    },
+    /// A rule matched and produced a command.
+    RuleMatched {
+        /// Rule id.
+        rule_id: String,
+        /// Event id.
+        event_id: String,
+        /// Command id.
+        command_id: String,
+        /// Target.
+        target: String,
+        /// Command type.
+        command_type: String,
+    },
+    /// A delivery attempt.
+    DeliveryAttempt {
+        /// Command id.
+        command_id: String,
+        /// 1-based attempt number.
+        attempt: u32,
+        /// HTTP status.
+        status_code: Option<u16>,
+        /// Error.
+        error: Option<String>,
+        /// State after the attempt.
+        state: DeliveryState,
+    },
+    /// A delivery changed state without an attempt (cancelled, replayed).
+    DeliveryChanged {
+        /// Command id.
+        command_id: String,
+        /// New state.
+        state: DeliveryState,
+        /// Why.
+        reason: String,
+    },
+    /// Linked an entity.
+    Linked {
+        /// Entity.
+        entity_id: String,
+    },
+    /// Unlinked an entity.
+    Unlinked {
+        /// Entity.
+        entity_id: String,
+    },
+    /// Saved a rule.
+    RuleSaved {
+        /// Rule.
+        rule_id: String,
+    },
+    /// Deleted a rule.
+    RuleDeleted {
+        /// Rule.
+        rule_id: String,
+    },
+}
+
+impl ActivityRecord {
+    /// The wire view.
+    pub fn to_wire(&self) -> wire::ActivityKind {
+        use wire::ActivityKind as K;
+        match self.clone() {
+            ActivityRecord::EventReceived {
+                event,
+                fate,
+                reason,
+            } => K::EventReceived {
+                event_id: event.id,
+                source: event.source,
+                event_type: event.event_type,
+                status: fate_to_wire(fate),
+                reason,
+            },
+            ActivityRecord::RuleMatched {
+                rule_id,
+                event_id,
+                command_id,
+                target,
+                command_type,
+            } => K::RuleMatched {
+                rule_id,
+                event_id,
+                command_id,
+                target,
+                command_type,
+            },
+            ActivityRecord::DeliveryAttempt {
+                command_id,
+                attempt,
+                status_code,
+                error,
+                state,
+            } => K::DeliveryAttempt {
+                command_id,
+                attempt,
+                status_code,
+                error,
+                status: state.to_wire(),
+            },
+            ActivityRecord::DeliveryChanged {
+                command_id,
+                state,
+                reason,
+            } => K::DeliveryChanged {
+                command_id,
+                status: state.to_wire(),
+                reason,
+            },
+            ActivityRecord::Linked { entity_id } => K::Linked { entity_id },
+            ActivityRecord::Unlinked { entity_id } => K::Unlinked { entity_id },
+            ActivityRecord::RuleSaved { rule_id } => K::RuleSaved { rule_id },
+            ActivityRecord::RuleDeleted { rule_id } => K::RuleDeleted { rule_id },
+        }
+    }
+}
+
+/// The wire status of a stored fate.
+pub fn fate_to_wire(fate: EventFate) -> wire::EventStatus {
+    match fate {
+        EventFate::Accepted => wire::EventStatus::Accepted,
+        EventFate::Ignored => wire::EventStatus::Ignored,
+    }
+}
+
+/// An event and everything it produced, proposed as one log entry so they commit together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ingest {
+    /// The event.
+    pub event: EventRecord,
+    /// The customer it is about, when the (source, subject) link was found.
+    pub customer_id: Option<String>,
+    /// Commands produced (empty when ignored).
+    pub commands: Vec<CommandRecord>,
+    /// Why nothing was triggered.
+    pub ignored_reason: Option<String>,
+    /// Receive time.
+    pub at_ms: i64,
+}
+
+/// What an attempt leads to; decided by the delivery worker, applied by the state machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AttemptNext {
+    /// 2xx: done.
+    Delivered,
+    /// Try again at this time.
+    RetryAt(i64),
+    /// Retries exhausted.
+    Exhausted,
+    /// 410 Gone: disable the endpoint, fail the delivery.
+    Gone,
+}
+
+/// The result of one attempt (or of a decision not to attempt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeliveryUpdate {
+    /// An attempt was made.
+    Attempted {
+        /// Command id.
+        command_id: String,
+        /// The attempt.
+        attempt: AttemptRecord,
+        /// What follows.
+        next: AttemptNext,
+    },
+    /// Not attempted: the target was unlinked or its endpoint disabled.
+    Cancelled {
+        /// Command id.
+        command_id: String,
+        /// Why.
+        reason: String,
+        /// When decided.
+        at_ms: i64,
+        /// Failed (replayable) rather than cancelled.
+        as_failed: bool,
+    },
+}
+
+/// A change to the vault's state; every write goes through Raft as one of these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StateChange {
+    /// Register an entity (refused if the id exists).
+    RegisterEntity(EntityRecord),
+    /// Change an entity's name, endpoint or enabled flag.
+    UpdateEntity {
+        /// Entity id.
+        id: String,
+        /// New name.
+        name: Option<String>,
+        /// New endpoint.
+        command_url: Option<String>,
+        /// New enabled flag.
+        endpoint_enabled: Option<bool>,
+    },
+    /// Replace an entity's secret, keeping the old one valid until a time.
+    RotateSecret {
+        /// Entity id.
+        id: String,
+        /// The new `whsec_` secret.
+        secret: String,
+        /// End of the grace period for the old one.
+        previous_valid_until_ms: i64,
+    },
+    /// Create a customer with the hash of its token.
+    CreateCustomer {
+        /// The customer.
+        customer: CustomerRecord,
+        /// SHA-256 of its bearer token.
+        token_hash: Vec<u8>,
+    },
+    /// Link an entity to a customer.
+    Link {
+        /// Customer id.
+        customer_id: String,
+        /// The link.
+        link: LinkRecord,
+    },
+    /// Remove a link.
+    Unlink {
+        /// Customer id.
+        customer_id: String,
+        /// Entity id.
+        entity_id: String,
+        /// When.
+        at_ms: i64,
+    },
+    /// Save a rule.
+    PutRule {
+        /// Customer id.
+        customer_id: String,
+        /// The rule.
+        rule: RuleRecord,
+    },
+    /// Delete a rule.
+    DeleteRule {
+        /// Customer id.
+        customer_id: String,
+        /// Rule id.
+        rule_id: String,
+        /// When.
+        at_ms: i64,
+    },
+    /// An event and what it produced.
+    Ingest(Ingest),
+    /// Delivery results, batched.
+    RecordDeliveries(Vec<DeliveryUpdate>),
+    /// Make a failed delivery pending again.
+    Replay {
+        /// Command id.
+        command_id: String,
+        /// When.
+        at_ms: i64,
+    },
+    /// Delete what expired before a time (bounded per entry; repeated until done).
+    Prune {
+        /// Expiry cut-off.
+        before_ms: i64,
+        /// Most keys to delete in this entry.
+        limit: u32,
+    },
+}
+
+/// What applying a change answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ChangeOutcome {
+    /// Applied.
+    Done,
+    /// An event was ingested (or found to be a duplicate).
+    Ingested {
+        /// True when (source, id) was seen before.
+        duplicate: bool,
+        /// Accepted or ignored (of the first time, for a duplicate).
+        fate: EventFate,
+        /// Commands (of the first time, for a duplicate).
+        commands: Vec<String>,
+        /// Why ignored.
+        reason: Option<String>,
+    },
+    /// A prune deleted this many keys (fewer than the limit: done).
+    Pruned(u32),
+    /// The change was refused by the state machine's own checks.
+    Rejected {
+        /// Stable code.
+        code: ErrorCode,
+        /// Human detail.
+        detail: String,
+    },
+}
+
+impl ChangeOutcome {
+    /// A refusal.
+    pub fn rejected(code: ErrorCode, detail: impl Into<String>) -> Self {
+        ChangeOutcome::Rejected {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    #[test]
+    fn changes_round_trip_through_the_codec() {
+        let change = StateChange::Ingest(Ingest {
+            event: EventRecord {
+                id: "e".into(),
+                source: "s".into(),
+                event_type: "t".into(),
+                subject: "x".into(),
+                cloudevent_json: r#"{"a":1}"#.into(),
+            },
+            customer_id: Some("c".into()),
+            commands: vec![],
+            ignored_reason: Some("no rule".into()),
+            at_ms: 5,
+        });
+        let bytes = codec::encode(&change).expect("encode");
+        let back: StateChange = codec::decode(&bytes).expect("decode");
+        assert_eq!(back, change);
+        let outcome = ChangeOutcome::rejected(ErrorCode::Conflict, "x");
+        let back: ChangeOutcome = codec::decode(&codec::encode(&outcome).expect("e")).expect("d");
+        assert_eq!(back, outcome);
+    }
+}

@@ -1,0 +1,13 @@
+//! Test harness: real `custos` processes on port 0 with their own data directories, and real
+//! HTTP receivers playing entities' command endpoints. Everything polls until ready; nothing
+//! sleeps blindly.
+//!
+//! # Layout
+//!
+//! - [`node`]: start, kill (-9), stop (SIGTERM) and restart a node process.
+//! - [`receiver`]: an entity's command endpoint that records what it got and answers a script.
+//! - [`poll`]: wait for a condition with a deadline.
+
+pub mod node;
+pub mod poll;
+pub mod receiver;

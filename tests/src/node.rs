@@ -1,0 +1,224 @@
+//! A `custos serve` process for tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use custos_api::client::Client;
+
+use crate::poll;
+
+/// The admin token every test node uses.
+pub const ADMIN_TOKEN: &str = "adm_test_token_0123456789";
+
+/// The `custos` binary: `$CUSTOS_BIN`, else next to the test binary's target directory.
+pub fn custos_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CUSTOS_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/custos
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target directory")?;
+    let bin = dir.join("custos");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release --bin custos)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Settings for a test node, written to its config file.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Allow delivery to loopback (the receivers are on loopback).
+    pub allow_private_targets: bool,
+    /// Waits before each delivery attempt, in seconds.
+    pub retry_schedule_secs: Vec<f64>,
+    /// Extra TOML appended to the config file.
+    pub extra_toml: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            allow_private_targets: true,
+            retry_schedule_secs: vec![0.0, 0.2, 0.2, 0.2],
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    child: Option<Child>,
+    /// Its data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    /// Its client API base URL.
+    pub url: String,
+    options: NodeOptions,
+}
+
+#[derive(serde::Deserialize)]
+struct Ready {
+    api: String,
+    pid: u32,
+}
+
+impl Node {
+    /// Starts a node in a fresh temporary data directory.
+    pub async fn start(options: NodeOptions) -> anyhow::Result<Node> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let mut node = Node {
+            child: None,
+            data_dir: dir,
+            _tmp: Some(tmp),
+            url: String::new(),
+            options,
+        };
+        node.spawn().await?;
+        Ok(node)
+    }
+
+    fn write_config(&self) -> anyhow::Result<PathBuf> {
+        let o = &self.options;
+        let schedule: Vec<String> = o.retry_schedule_secs.iter().map(|s| format!("{s:?}")).collect();
+        let text = format!(
+            "node_id = 1\n\
+             listen = \"127.0.0.1:0\"\n\
+             peer_listen = \"127.0.0.1:0\"\n\
+             allow_private_targets = {}\n\
+             log_level = \"info,custos::http=warn\"\n\
+             {}\n\
+             [delivery]\n\
+             retry_schedule_secs = [{}]\n\
+             jitter = 0.0\n\
+             timeout_secs = 5\n\
+             [raft]\n\
+             heartbeat_ms = 50\n\
+             election_timeout_min_ms = 150\n\
+             election_timeout_max_ms = 300\n",
+            o.allow_private_targets,
+            o.extra_toml,
+            schedule.join(", ")
+        );
+        let path = self.data_dir.join("custos.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let config = self.write_config()?;
+        let ready_file = self.data_dir.join("node.json");
+        let _ = std::fs::remove_file(&ready_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("node.log"))?;
+        let mut cmd = Command::new(custos_bin()?);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("CUSTOS_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Only the variables we mean: a stray CUSTOS_* would be read as configuration.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CUSTOS_") && k != "CUSTOS_ADMIN_TOKEN" {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd.spawn().context("starting custos")?;
+        self.child = Some(child);
+        let ready: Ready = poll::until("node.json", Duration::from_secs(60), || {
+            let f = ready_file.clone();
+            async move {
+                let text = std::fs::read_to_string(f).ok()?;
+                serde_json::from_str(&text).ok()
+            }
+        })
+        .await
+        .with_context(|| format!("node log:\n{}", self.log()))?;
+        anyhow::ensure!(
+            Some(ready.pid) == self.child.as_ref().map(Child::id),
+            "node.json is from another process"
+        );
+        self.url = format!("http://{}", ready.api);
+        let http = reqwest::Client::new();
+        let url = format!("{}/readyz", self.url);
+        poll::until("readyz 200", Duration::from_secs(30), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A client with the admin token.
+    pub fn admin(&self) -> Client {
+        Client::new(self.url.clone(), Some(ADMIN_TOKEN.to_owned()))
+    }
+
+    /// A client with no token.
+    pub fn anonymous(&self) -> Client {
+        Client::new(self.url.clone(), None)
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL: no graceful anything.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()?;
+            anyhow::ensure!(status.success(), "kill -TERM failed");
+            poll::until("node exit", Duration::from_secs(30), || {
+                let done = c.try_wait().ok().flatten().is_some();
+                async move { done.then_some(()) }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the process again on the same data directory (new ports).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "stop or kill the node first");
+        self.spawn().await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! A real HTTP endpoint playing an entity's command receiver.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+
+use crate::poll;
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `webhook-id`.
+    pub webhook_id: String,
+    /// `webhook-timestamp`.
+    pub timestamp: String,
+    /// `webhook-signature`.
+    pub signature: String,
+    /// `content-type`.
+    pub content_type: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// What the receiver answered.
+    pub answered: u16,
+}
+
+impl Received {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    script: VecDeque<u16>,
+    default_status: u16,
+    received: Vec<Received>,
+}
+
+/// A running receiver; stops when dropped.
+pub struct Receiver {
+    /// Its URL (POST anything under it).
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+async fn receive(req: HttpRequest, body: web::Bytes, state: web::Data<Mutex<State>>) -> HttpResponse {
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let status = s.script.pop_front().unwrap_or(s.default_status);
+    s.received.push(Received {
+        webhook_id: h("webhook-id"),
+        timestamp: h("webhook-timestamp"),
+        signature: h("webhook-signature"),
+        content_type: h("content-type"),
+        body: body.to_vec(),
+        answered: status,
+    });
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default()).finish()
+}
+
+impl Receiver {
+    /// Starts a receiver that answers `script` in order, then `default_status`.
+    pub fn start(script: Vec<u16>, default_status: u16) -> anyhow::Result<Receiver> {
+        let state = Arc::new(Mutex::new(State {
+            script: script.into(),
+            default_status,
+            received: Vec::new(),
+        }));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}/commands", listener.local_addr()?);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let data = web::Data::from(state.clone());
+        std::thread::spawn(move || {
+            let sys = actix_rt::System::new();
+            sys.block_on(async move {
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(data.clone())
+                        .default_service(web::to(receive))
+                })
+                .workers(1)
+                .disable_signals()
+                .listen(listener);
+                match server {
+                    Ok(s) => {
+                        let s = s.run();
+                        let _ = tx.send(Ok(s.handle()));
+                        let _ = s.await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        });
+        let handle = rx.recv()??;
+        Ok(Receiver { url, state, handle })
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received
+            .clone()
+    }
+
+    /// Changes what is answered from now on (after any script).
+    pub fn set_status(&self, status: u16) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .default_status = status;
+    }
+
+    /// Waits until at least `n` requests were answered with 2xx.
+    pub async fn wait_delivered(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
+        poll::until(&format!("{n} delivered commands"), timeout, || {
+            let got: Vec<Received> = self
+                .received()
+                .into_iter()
+                .filter(|r| (200..300).contains(&r.answered))
+                .collect();
+            async move { (got.len() >= n).then_some(got) }
+        })
+        .await
+    }
+
+    /// Waits until at least `n` requests arrived, whatever was answered.
+    pub async fn wait_received(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
+        poll::until(&format!("{n} requests"), timeout, || {
+            let got = self.received();
+            async move { (got.len() >= n).then_some(got) }
+        })
+        .await
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // Stop without waiting; the thread ends with its system.
+        let h = self.handle.clone();
+        std::thread::spawn(move || {
+            let rt = actix_rt::System::new();
+            rt.block_on(h.stop(false));
+        });
+    }
+}

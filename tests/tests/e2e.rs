@@ -1,0 +1,532 @@
+//! End-to-end: real `custos` processes and real HTTP receivers.
+
+use std::time::Duration;
+
+use custos_api::client::Client;
+use custos_api::types::*;
+use custos_api::webhook::{self, Secret, SignedHeaders};
+use custos_api::{CloudEvent, ErrorCode};
+use custos_tests::node::{Node, NodeOptions};
+use custos_tests::poll;
+use custos_tests::receiver::Receiver;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A node with an airline, a hotel (with a receiver) and a car-rental company registered, one
+/// customer linked to the airline and hotel, and the delay -> room-hold rule.
+struct World {
+    node: Node,
+    hotel_rx: Receiver,
+    airline: Secret,
+    hotel: Secret,
+    car: Secret,
+    customer: CustomerCreated,
+    rule: Rule,
+}
+
+fn type_spec(name: &str, schema: Option<Value>) -> TypeSpec {
+    TypeSpec {
+        type_name: name.into(),
+        schema,
+    }
+}
+
+async fn register(admin: &Client, id: &str, url: &str, events: Vec<TypeSpec>, commands: Vec<TypeSpec>) -> anyhow::Result<Secret> {
+    let e = admin
+        .register_entity(&RegisterEntity {
+            id: id.into(),
+            name: format!("{id} Inc."),
+            command_url: url.into(),
+            event_types: events,
+            command_types: commands,
+        })
+        .await?;
+    let secret = e.secret.ok_or_else(|| anyhow::anyhow!("no secret"))?;
+    anyhow::ensure!(secret.starts_with("whsec_"));
+    Ok(Secret::parse(&secret).map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+fn delay_rule() -> RuleSpec {
+    RuleSpec {
+        name: "Hold my room when my flight is late".into(),
+        when: Trigger {
+            entity: "airline".into(),
+            event_type: "flight.delayed".into(),
+            condition: Some("data.delay_minutes > 60".into()),
+        },
+        then: Action {
+            entity: "hotel".into(),
+            command_type: "room.hold".into(),
+            data: json!({"arrival": "data.new_arrival", "flight": "data.flight"}),
+        },
+    }
+}
+
+async fn world_with(options: NodeOptions, hotel_rx: Receiver) -> anyhow::Result<World> {
+    let node = Node::start(options).await?;
+    let admin = node.admin();
+    let airline = register(
+        &admin,
+        "airline",
+        "http://127.0.0.1:9/unused",
+        vec![
+            type_spec(
+                "flight.delayed",
+                Some(json!({"type": "object", "required": ["delay_minutes", "flight"],
+                    "properties": {"delay_minutes": {"type": "integer"}, "flight": {"type": "string"}}})),
+            ),
+            type_spec("flight.boarded", None),
+        ],
+        vec![],
+    )
+    .await?;
+    let hotel = register(
+        &admin,
+        "hotel",
+        &hotel_rx.url,
+        vec![],
+        vec![type_spec(
+            "room.hold",
+            Some(json!({"type": "object", "required": ["arrival", "flight"],
+                "properties": {"arrival": {"type": "string"}, "flight": {"type": "string"}},
+                "additionalProperties": false})),
+        )],
+    )
+    .await?;
+    let car = register(&admin, "car-rental", "http://127.0.0.1:9/unused", vec![type_spec("car.returned", None)], vec![]).await?;
+    let customer = admin.create_customer().await?;
+    admin
+        .link(&customer.id, &LinkRequest { entity_id: "airline".into(), subject: "FF-1234".into() })
+        .await?;
+    admin
+        .link(&customer.id, &LinkRequest { entity_id: "hotel".into(), subject: "guest-77".into() })
+        .await?;
+    let me = admin.with_token(&customer.token);
+    let rule = me.create_rule(&customer.id, &delay_rule()).await?;
+    Ok(World {
+        node,
+        hotel_rx,
+        airline,
+        hotel,
+        car,
+        customer,
+        rule,
+    })
+}
+
+async fn world() -> anyhow::Result<World> {
+    world_with(NodeOptions::default(), Receiver::start(vec![], 200)?).await
+}
+
+fn delayed(id: &str, subject: &str, minutes: i64) -> CloudEvent {
+    let mut e = CloudEvent::new(id, "airline", "flight.delayed");
+    e.subject = Some(subject.into());
+    e.time = Some("2026-11-28T18:00:00Z".into());
+    e.data = Some(json!({"delay_minutes": minutes, "flight": "XY123",
+        "new_arrival": "2026-11-28T23:40:00Z"}));
+    e
+}
+
+async fn delivery_status(admin: &Client, id: &str, want: DeliveryStatus) -> anyhow::Result<Delivery> {
+    poll::until(&format!("delivery {id} {want:?}"), WAIT, || async {
+        admin.delivery(id).await.ok().filter(|d| d.status == want)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn airline_delay_becomes_a_signed_room_hold_at_the_hotel() -> anyhow::Result<()> {
+    let w = world().await?;
+    let receipt = w.node.anonymous().send_event(&w.airline, &delayed("evt-1", "FF-1234", 95)).await?;
+    assert_eq!(receipt.status, EventStatus::Accepted, "{receipt:?}");
+    assert_eq!(receipt.commands.len(), 1);
+    let cmd_id = &receipt.commands[0];
+
+    let got = w.hotel_rx.wait_delivered(1, WAIT).await?;
+    let r = &got[0];
+    assert_eq!(&r.webhook_id, cmd_id);
+    assert_eq!(r.content_type, "application/cloudevents+json");
+    // The signature verifies with the hotel's secret, and only with it.
+    let headers = SignedHeaders {
+        id: Some(&r.webhook_id),
+        timestamp: Some(&r.timestamp),
+        signature: Some(&r.signature),
+    };
+    webhook::verify(&[&w.hotel], headers, &r.body, webhook::unix_now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(webhook::verify(&[&w.airline], headers, &r.body, webhook::unix_now()).is_err());
+    let body = r.json();
+    assert_eq!(body["specversion"], "1.0");
+    assert_eq!(body["id"], json!(cmd_id));
+    assert_eq!(body["type"], "room.hold");
+    assert_eq!(body["subject"], "guest-77", "addressed with the subject at the hotel");
+    assert_eq!(body["data"], json!({"arrival": "2026-11-28T23:40:00Z", "flight": "XY123"}), "exactly the mapped data");
+    assert_eq!(body["custoseventid"], "evt-1");
+    assert_eq!(body["custoseventsource"], "airline");
+    assert_eq!(body["custosrule"], json!(w.rule.id));
+
+    // A delay under the threshold triggers nothing and says why.
+    let small = w.node.anonymous().send_event(&w.airline, &delayed("evt-2", "FF-1234", 20)).await?;
+    assert_eq!(small.status, EventStatus::Ignored);
+    assert!(small.reason.unwrap_or_default().contains("condition is false"));
+
+    // The activity shows event, match and each attempt, newest first.
+    let me = w.node.admin().with_token(&w.customer.token);
+    let d = delivery_status(&w.node.admin(), cmd_id, DeliveryStatus::Delivered).await?;
+    assert_eq!(d.attempts.len(), 1);
+    let page = me.activity(&w.customer.id, 50, None).await?;
+    let kinds: Vec<String> = page
+        .items
+        .iter()
+        .map(|i| serde_json::to_value(i).map(|v| v["kind"].as_str().unwrap_or_default().to_owned()).unwrap_or_default())
+        .collect();
+    for k in ["event_received", "rule_matched", "delivery_attempt", "rule_saved", "linked"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+    assert!(page.items.iter().any(|i| matches!(&i.kind,
+        ActivityKind::DeliveryAttempt { command_id, status: DeliveryStatus::Delivered, .. } if command_id == cmd_id)));
+    // Paging: one item at a time walks the same list.
+    let first = me.activity(&w.customer.id, 1, None).await?;
+    let second = me.activity(&w.customer.id, 1, first.next.as_deref()).await?;
+    assert_eq!(first.items[0], page.items[0]);
+    assert_eq!(second.items[0], page.items[1]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_deduplicated() -> anyhow::Result<()> {
+    let w = world().await?;
+    let anon = w.node.anonymous();
+    // The car-rental company is registered but this customer never linked it.
+    let mut car = CloudEvent::new("car-1", "car-rental", "car.returned");
+    car.subject = Some("FF-1234".into());
+    let r = anon.send_event(&w.car, &car).await?;
+    assert_eq!(r.status, EventStatus::Ignored);
+    assert!(r.commands.is_empty());
+    // A linked entity's event that no rule names.
+    let mut boarded = CloudEvent::new("b-1", "airline", "flight.boarded");
+    boarded.subject = Some("FF-1234".into());
+    let r = anon.send_event(&w.airline, &boarded).await?;
+    assert_eq!(r.status, EventStatus::Ignored);
+    assert!(r.reason.unwrap_or_default().contains("no rule"));
+
+    // The same (source, id) twice: one command, delivered once, the same ids answered.
+    let first = anon.send_event(&w.airline, &delayed("dup-1", "FF-1234", 120)).await?;
+    let second = anon.send_event(&w.airline, &delayed("dup-1", "FF-1234", 120)).await?;
+    assert_eq!(first.status, EventStatus::Accepted);
+    assert_eq!(second.status, EventStatus::Duplicate);
+    assert_eq!(first.commands, second.commands);
+    w.hotel_rx.wait_delivered(1, WAIT).await?;
+    delivery_status(&w.node.admin(), &first.commands[0], DeliveryStatus::Delivered).await?;
+    assert_eq!(w.hotel_rx.received().len(), 1, "delivered exactly once");
+
+    // The ignored events are in the customer's activity with their reason.
+    let page = w.node.admin().activity(&w.customer.id, 50, None).await?;
+    assert!(page.items.iter().any(|i| matches!(&i.kind,
+        ActivityKind::EventReceived { event_id, status: EventStatus::Ignored, .. } if event_id == "b-1")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn failing_receiver_is_retried_until_it_succeeds() -> anyhow::Result<()> {
+    let w = world_with(NodeOptions::default(), Receiver::start(vec![500, 503], 200)?).await?;
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("retry-1", "FF-1234", 90)).await?;
+    let id = &r.commands[0];
+    let d = delivery_status(&w.node.admin(), id, DeliveryStatus::Delivered).await?;
+    assert_eq!(d.attempts.len(), 3);
+    assert_eq!(d.attempts[0].status_code, Some(500));
+    assert_eq!(d.attempts[1].status_code, Some(503));
+    let got = w.hotel_rx.received();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|g| &g.webhook_id == id), "the same webhook-id on every retry");
+    Ok(())
+}
+
+#[tokio::test]
+async fn gone_endpoint_is_disabled_and_can_be_replayed_after_reenabling() -> anyhow::Result<()> {
+    let w = world_with(NodeOptions::default(), Receiver::start(vec![410], 200)?).await?;
+    let admin = w.node.admin();
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("gone-1", "FF-1234", 90)).await?;
+    let id = &r.commands[0];
+    let d = delivery_status(&admin, id, DeliveryStatus::Failed).await?;
+    assert_eq!(d.attempts.len(), 1);
+    assert!(!admin.entity("hotel").await?.endpoint_enabled);
+    let failed = admin.deliveries(DeliveryStatus::Failed).await?;
+    assert!(failed.items.iter().any(|x| &x.command_id == id), "listed for the operator");
+
+    // Further commands to a disabled endpoint fail without an attempt.
+    let r2 = w.node.anonymous().send_event(&w.airline, &delayed("gone-2", "FF-1234", 90)).await?;
+    let d2 = delivery_status(&admin, &r2.commands[0], DeliveryStatus::Failed).await?;
+    assert!(d2.attempts.is_empty());
+
+    admin
+        .update_entity("hotel", &UpdateEntity { endpoint_enabled: Some(true), ..Default::default() })
+        .await?;
+    admin.replay(id).await?;
+    let d = delivery_status(&admin, id, DeliveryStatus::Delivered).await?;
+    assert_eq!(d.attempts.len(), 2);
+    let again = admin.replay(id).await.expect_err("delivered cannot be replayed");
+    assert_eq!(again.code(), Some(ErrorCode::Conflict));
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_are_exhausted_then_listed_as_failed() -> anyhow::Result<()> {
+    let opts = NodeOptions {
+        retry_schedule_secs: vec![0.0, 0.1],
+        ..NodeOptions::default()
+    };
+    let w = world_with(opts, Receiver::start(vec![], 500)?).await?;
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("ex-1", "FF-1234", 90)).await?;
+    let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Failed).await?;
+    assert_eq!(d.attempts.len(), 2);
+    assert_eq!(d.reason.as_deref(), Some("retries exhausted"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
+    let w = world_with(NodeOptions::default(), Receiver::start(vec![], 503)?).await?;
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("un-1", "FF-1234", 90)).await?;
+    w.hotel_rx.wait_received(1, WAIT).await?;
+    let me = w.node.admin().with_token(&w.customer.token);
+    me.unlink(&w.customer.id, "hotel").await?;
+    let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Cancelled).await?;
+    assert!(d.reason.unwrap_or_default().contains("unlinked"));
+    // The airline's events about this customer no longer produce commands for the hotel.
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("un-2", "FF-1234", 90)).await?;
+    assert_eq!(r.status, EventStatus::Ignored);
+    Ok(())
+}
+
+#[tokio::test]
+async fn nothing_acknowledged_is_lost_across_a_kill_and_pending_deliveries_resume() -> anyhow::Result<()> {
+    let opts = NodeOptions {
+        retry_schedule_secs: vec![0.0, 1.0, 1.0, 1.0, 1.0],
+        ..NodeOptions::default()
+    };
+    let mut w = world_with(opts, Receiver::start(vec![], 503)?).await?;
+    let anon = w.node.anonymous();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = anon.send_event(&w.airline, &delayed(&format!("k-{i}"), "FF-1234", 90)).await?;
+        assert_eq!(r.status, EventStatus::Accepted);
+        ids.push(r.commands[0].clone());
+    }
+    w.hotel_rx.wait_received(1, WAIT).await?;
+    w.node.kill()?;
+    w.hotel_rx.set_status(200);
+    w.node.restart().await?;
+    let admin = w.node.admin();
+    for id in &ids {
+        delivery_status(&admin, id, DeliveryStatus::Delivered).await?;
+    }
+    let delivered: std::collections::HashSet<String> = w
+        .hotel_rx
+        .received()
+        .into_iter()
+        .filter(|r| r.answered == 200)
+        .map(|r| r.webhook_id)
+        .collect();
+    assert_eq!(delivered.len(), ids.len());
+    // Rules, links and the customer survived; a graceful stop and start also works.
+    w.node.stop().await?;
+    w.node.restart().await?;
+    let me = w.node.admin().with_token(&w.customer.token);
+    assert_eq!(me.rules(&w.customer.id).await?.len(), 1);
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("k-after", "FF-1234", 90)).await?;
+    assert_eq!(r.status, EventStatus::Accepted);
+    Ok(())
+}
+
+#[tokio::test]
+async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
+    let opts = NodeOptions {
+        allow_private_targets: false,
+        retry_schedule_secs: vec![0.0],
+        ..NodeOptions::default()
+    };
+    let w = world_with(opts, Receiver::start(vec![], 200)?).await?;
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("ssrf-1", "FF-1234", 90)).await?;
+    let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Failed).await?;
+    assert!(d.attempts[0].error.as_deref().unwrap_or_default().contains("not allowed"), "{d:?}");
+    assert!(w.hotel_rx.received().is_empty(), "nothing reached the loopback receiver");
+    Ok(())
+}
+
+#[tokio::test]
+async fn secret_rotation_keeps_the_old_secret_valid_for_the_grace_period() -> anyhow::Result<()> {
+    let w = world().await?;
+    let rotated = w.node.admin().rotate_secret("airline").await?;
+    let new = Secret::parse(&rotated.secret.unwrap_or_default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(rotated.previous_secret_valid_until.is_some());
+    let anon = w.node.anonymous();
+    assert_eq!(anon.send_event(&w.airline, &delayed("rot-1", "FF-1234", 90)).await?.status, EventStatus::Accepted);
+    assert_eq!(anon.send_event(&new, &delayed("rot-2", "FF-1234", 90)).await?.status, EventStatus::Accepted);
+    Ok(())
+}
+
+/// A raw request for the bad-input table.
+struct Bad {
+    what: &'static str,
+    method: reqwest::Method,
+    path: String,
+    token: Option<String>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    status: u16,
+    code: ErrorCode,
+}
+
+fn signed_headers(secret: &Secret, id: &str, ts: i64, body: &[u8]) -> Vec<(String, String)> {
+    vec![
+        ("content-type".into(), "application/cloudevents+json".into()),
+        ("webhook-id".into(), id.into()),
+        ("webhook-timestamp".into(), ts.to_string()),
+        ("webhook-signature".into(), secret.sign(id, ts, body)),
+    ]
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
+    let w = world().await?;
+    let admin_token = Some(custos_tests::node::ADMIN_TOKEN.to_owned());
+    let cust_token = Some(w.customer.token.clone());
+    let other = w.node.admin().create_customer().await?;
+    let now = webhook::unix_now();
+    let event = |e: &CloudEvent| serde_json::to_vec(e).unwrap_or_default();
+    let good = event(&delayed("bad-x", "FF-1234", 90));
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+    let mut cases = vec![
+        Bad { what: "wrong signature", method: post.clone(), path: "/v1/events".into(), token: None,
+              headers: signed_headers(&w.hotel, "m1", now, &good), body: good.clone(), status: 401, code: ErrorCode::BadSignature },
+        Bad { what: "no signature headers", method: post.clone(), path: "/v1/events".into(), token: None,
+              headers: vec![("content-type".into(), "application/cloudevents+json".into())], body: good.clone(), status: 400, code: ErrorCode::MissingSignature },
+        Bad { what: "timestamp 10 minutes old", method: post.clone(), path: "/v1/events".into(), token: None,
+              headers: signed_headers(&w.airline, "m1", now - 600, &good), body: good.clone(), status: 401, code: ErrorCode::StaleTimestamp },
+        Bad { what: "malformed JSON", method: post.clone(), path: "/v1/events".into(), token: None,
+              headers: signed_headers(&w.airline, "m1", now, b"{nope"), body: b"{nope".to_vec(), status: 400, code: ErrorCode::MalformedBody },
+        Bad { what: "oversize body", method: post.clone(), path: "/v1/events".into(), token: None,
+              headers: vec![("content-type".into(), "application/cloudevents+json".into())], body: vec![b' '; 300 * 1024], status: 413, code: ErrorCode::BodyTooLarge },
+        Bad { what: "wrong content type", method: post.clone(), path: "/v1/events".into(), token: None,
+              headers: vec![("content-type".into(), "text/plain".into())], body: good.clone(), status: 415, code: ErrorCode::UnsupportedMediaType },
+        Bad { what: "admin call without a token", method: get.clone(), path: "/v1/entities".into(), token: None,
+              headers: vec![], body: vec![], status: 401, code: ErrorCode::Unauthorized },
+        Bad { what: "admin call with a customer token", method: get.clone(), path: "/v1/entities".into(), token: cust_token.clone(),
+              headers: vec![], body: vec![], status: 403, code: ErrorCode::Forbidden },
+        Bad { what: "another customer's activity", method: get.clone(), path: format!("/v1/customers/{}/activity", other.id), token: cust_token.clone(),
+              headers: vec![], body: vec![], status: 403, code: ErrorCode::Forbidden },
+        Bad { what: "another customer's rules", method: get.clone(), path: format!("/v1/customers/{}/rules", other.id), token: cust_token.clone(),
+              headers: vec![], body: vec![], status: 403, code: ErrorCode::Forbidden },
+        Bad { what: "unknown route", method: get.clone(), path: "/v1/nothing".into(), token: None,
+              headers: vec![], body: vec![], status: 404, code: ErrorCode::NotFound },
+        Bad { what: "unknown customer", method: get.clone(), path: "/v1/customers/cus_nobody".into(), token: admin_token.clone(),
+              headers: vec![], body: vec![], status: 404, code: ErrorCode::NotFound },
+        Bad { what: "entity registered twice", method: post.clone(), path: "/v1/entities".into(), token: admin_token.clone(),
+              headers: vec![("content-type".into(), "application/json".into())],
+              body: serde_json::to_vec(&json!({"id": "hotel", "name": "Again", "command_url": "https://h.example/c"}))?, status: 409, code: ErrorCode::Conflict },
+        Bad { what: "entity with a bad id", method: post.clone(), path: "/v1/entities".into(), token: admin_token.clone(),
+              headers: vec![("content-type".into(), "application/json".into())],
+              body: serde_json::to_vec(&json!({"id": "no spaces please", "name": "X", "command_url": "https://h.example/c"}))?, status: 400, code: ErrorCode::InvalidField },
+        Bad { what: "entity with an unknown field", method: post.clone(), path: "/v1/entities".into(), token: admin_token.clone(),
+              headers: vec![("content-type".into(), "application/json".into())],
+              body: serde_json::to_vec(&json!({"id": "x", "name": "X", "command_url": "https://h.example/c", "colour": 1}))?, status: 400, code: ErrorCode::MalformedBody },
+    ];
+    let mut with_event = |what: &'static str, e: CloudEvent, status: u16, code: ErrorCode, secret: &Secret| {
+        let body = event(&e);
+        cases.push(Bad { what, method: post.clone(), path: "/v1/events".into(), token: None,
+            headers: signed_headers(secret, "m2", now, &body), body, status, code });
+    };
+    let mut unknown = delayed("u-1", "FF-1234", 90);
+    unknown.source = "nobody".into();
+    with_event("unknown entity", unknown, 422, ErrorCode::UnknownEntity, &w.airline);
+    let mut undeclared = delayed("u-2", "FF-1234", 90);
+    undeclared.event_type = "flight.teleported".into();
+    with_event("undeclared event type", undeclared, 400, ErrorCode::UnknownType, &w.airline);
+    let mut violating = delayed("u-3", "FF-1234", 90);
+    violating.data = Some(json!({"delay_minutes": "lots", "flight": "XY1"}));
+    with_event("data violating the event schema", violating, 400, ErrorCode::SchemaViolation, &w.airline);
+    let mut no_subject = delayed("u-4", "FF-1234", 90);
+    no_subject.subject = None;
+    with_event("event without subject", no_subject, 400, ErrorCode::InvalidField, &w.airline);
+    let mut bad_time = delayed("u-5", "FF-1234", 90);
+    bad_time.time = Some("tomorrow".into());
+    with_event("event with a bad time", bad_time, 400, ErrorCode::InvalidField, &w.airline);
+
+    let rule_cases: Vec<(&str, RuleSpec, u16, ErrorCode)> = {
+        let mut syntax = delay_rule();
+        syntax.when.condition = Some("data.delay_minutes >".into());
+        let mut unknown_var = delay_rule();
+        unknown_var.then.data = json!({"arrival": "dta.new_arrival", "flight": "data.flight"});
+        let mut unlinked = delay_rule();
+        unlinked.then.entity = "car-rental".into();
+        let mut bad_type = delay_rule();
+        bad_type.then.command_type = "room.demolish".into();
+        let mut schema = delay_rule();
+        schema.then.data = json!({"flight": "data.flight"});
+        vec![
+            ("rule with a CEL syntax error", syntax, 400, ErrorCode::InvalidRule),
+            ("rule with an unknown variable", unknown_var, 400, ErrorCode::InvalidRule),
+            ("rule naming an unlinked entity", unlinked, 422, ErrorCode::EntityNotLinked),
+            ("rule with an undeclared command type", bad_type, 400, ErrorCode::UnknownType),
+            ("rule mapping short of the command schema", schema, 400, ErrorCode::SchemaViolation),
+        ]
+    };
+    for (what, spec, status, code) in rule_cases {
+        cases.push(Bad { what, method: post.clone(), path: format!("/v1/customers/{}/rules", w.customer.id),
+            token: cust_token.clone(), headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&spec)?, status, code });
+    }
+
+    let http = reqwest::Client::new();
+    let mut failures = Vec::new();
+    for c in &cases {
+        let mut rb = http.request(c.method.clone(), format!("{}{}", w.node.url, c.path)).body(c.body.clone());
+        for (k, v) in &c.headers {
+            rb = rb.header(k, v);
+        }
+        if let Some(t) = &c.token {
+            rb = rb.bearer_auth(t);
+        }
+        let resp = rb.send().await?;
+        let status = resp.status().as_u16();
+        let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let problem: Option<custos_api::Problem> = resp.json().await.ok();
+        let ok = status == c.status && ct == "application/problem+json" && problem.as_ref().map(|p| p.code) == Some(c.code);
+        if !ok {
+            failures.push(format!("{}: got {status} {ct} {problem:?}, want {} {:?}", c.what, c.status, c.code));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // And after all that, the node still works.
+    let r = w.node.anonymous().send_event(&w.airline, &delayed("after-bad", "FF-1234", 90)).await?;
+    assert_eq!(r.status, EventStatus::Accepted);
+    assert!(!w.node.log().contains("panicked"), "no panic in the node log");
+    Ok(())
+}
+
+#[tokio::test]
+async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<()> {
+    let w = world().await?;
+    w.node.anonymous().send_event(&w.airline, &delayed("ops-1", "FF-1234", 90)).await?;
+    w.hotel_rx.wait_delivered(1, WAIT).await?;
+    let http = reqwest::Client::new();
+    let doc: Value = http.get(format!("{}/openapi.json", w.node.url)).send().await?.json().await?;
+    assert_eq!(doc["openapi"], "3.1.0");
+    for p in ["/v1/events", "/v1/entities", "/v1/customers/{id}/rules", "/v1/customers/{id}/activity",
+              "/v1/deliveries/{command_id}/replay", "/healthz", "/readyz", "/metrics"] {
+        assert!(doc["paths"].get(p).is_some(), "{p} missing from OpenAPI");
+    }
+    let metrics = http.get(format!("{}/metrics", w.node.url)).send().await?.text().await?;
+    for m in ["custos_events_total", "custos_delivery_attempts_total", "custos_raft_term",
+              "custos_raft_commit_index", "custos_raft_applied_index", "custos_command_delivery_latency_seconds"] {
+        assert!(metrics.contains(m), "{m} missing from /metrics");
+    }
+    let ready: Readiness = http.get(format!("{}/readyz", w.node.url)).send().await?.json().await?;
+    assert!(ready.ready);
+    assert_eq!(ready.leader, Some(1));
+    let health = http.get(format!("{}/healthz", w.node.url)).send().await?;
+    assert_eq!(health.status(), 200);
+    Ok(())
+}
