@@ -158,8 +158,12 @@ impl Client {
 
     /// Links an entity to a customer (operator call).
     pub async fn link(&self, customer: &str, req: &LinkRequest) -> Result<Link, ClientError> {
-        self.json(Method::POST, &format!("/v1/customers/{customer}/links"), req)
-            .await
+        self.json(
+            Method::POST,
+            &format!("/v1/customers/{customer}/links"),
+            req,
+        )
+        .await
     }
 
     /// Unlinks an entity.
@@ -173,8 +177,12 @@ impl Client {
 
     /// Saves a rule.
     pub async fn create_rule(&self, customer: &str, rule: &RuleSpec) -> Result<Rule, ClientError> {
-        self.json(Method::POST, &format!("/v1/customers/{customer}/rules"), rule)
-            .await
+        self.json(
+            Method::POST,
+            &format!("/v1/customers/{customer}/rules"),
+            rule,
+        )
+        .await
     }
 
     /// Lists a customer's rules.
@@ -239,7 +247,10 @@ impl Client {
             status: 0,
             body: e.to_string(),
         })?;
-        Self::call(signed_event_request(&self.http, &self.base, secret, &event.id, body)).await
+        Self::call(signed_event_request(
+            &self.http, &self.base, secret, &event.id, body,
+        ))
+        .await
     }
 }
 

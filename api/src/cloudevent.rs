@@ -99,7 +99,12 @@ impl CloudEvent {
         match &self.subject {
             Some(s) if is_valid_subject(s) => {}
             Some(_) => return Err(field_err("subject", "must be 1..=128 printable bytes")),
-            None => return Err(field_err("subject", "is required: the customer's id at the source")),
+            None => {
+                return Err(field_err(
+                    "subject",
+                    "is required: the customer's id at the source",
+                ))
+            }
         }
         if let Some(t) = &self.time {
             time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
@@ -148,7 +153,10 @@ mod tests {
         assert!(ok_event().validate_incoming().is_ok());
         let mut e = ok_event();
         e.specversion = "0.3".into();
-        assert_eq!(e.validate_incoming().map_err(|e| e.field), Err("specversion"));
+        assert_eq!(
+            e.validate_incoming().map_err(|e| e.field),
+            Err("specversion")
+        );
         let mut e = ok_event();
         e.subject = None;
         assert_eq!(e.validate_incoming().map_err(|e| e.field), Err("subject"));

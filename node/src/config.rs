@@ -40,7 +40,7 @@ allow_private_targets = false
 
 # Log format: "human" or "json". Log level filter, as in RUST_LOG.
 log_format = "human"
-log_level = "info"
+log_level = "info,openraft=warn"
 
 # How long activity, delivered commands and event dedup keys are kept.
 retention_days = 30
@@ -197,7 +197,7 @@ impl Default for Config {
             admin_token: None,
             allow_private_targets: false,
             log_format: "human".into(),
-            log_level: "info".into(),
+            log_level: "info,openraft=warn".into(),
             retention_days: 30.0,
             prune_interval_secs: 3600.0,
             profile_idle_secs: 120.0,
@@ -282,7 +282,9 @@ impl Config {
         }
         let d = &self.delivery;
         if d.retry_schedule_secs.is_empty()
-            || d.retry_schedule_secs.iter().any(|s| !s.is_finite() || *s < 0.0)
+            || d.retry_schedule_secs
+                .iter()
+                .any(|s| !s.is_finite() || *s < 0.0)
         {
             return bad("delivery.retry_schedule_secs must be a non-empty list of seconds >= 0");
         }
@@ -306,10 +308,13 @@ impl Config {
             }
         }
         let r = &self.raft;
-        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms
+        if r.heartbeat_ms == 0
+            || r.election_timeout_min_ms <= r.heartbeat_ms
             || r.election_timeout_max_ms <= r.election_timeout_min_ms
         {
-            return bad("raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms");
+            return bad(
+                "raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms",
+            );
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls: set both cert and key, or neither");

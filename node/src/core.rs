@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock};
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
 use custos_raft::records::EntityRecord;
-use custos_raft::{ApplyObserver, ChangeOutcome, Effect, Raft, StateChange, StateReader, StoreError};
+use custos_raft::{
+    ApplyObserver, ChangeOutcome, Effect, Raft, StateChange, StateReader, StoreError,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -185,7 +187,9 @@ impl Core {
     pub async fn propose(&self, change: StateChange) -> Result<ChangeOutcome, ServiceError> {
         match self.raft.client_write(change).await {
             Ok(resp) => match resp.data {
-                ChangeOutcome::Rejected { code, detail } => Err(ServiceError::refused(code, detail)),
+                ChangeOutcome::Rejected { code, detail } => {
+                    Err(ServiceError::refused(code, detail))
+                }
                 outcome => Ok(outcome),
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

@@ -15,7 +15,9 @@ use custos_api::cloudevent::{
 use custos_api::types::unix_now_ms;
 use custos_api::webhook::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use custos_api::CloudEvent;
-use custos_raft::records::{AttemptNext, AttemptRecord, DeliveryState, DeliveryUpdate, OutboxRecord};
+use custos_raft::records::{
+    AttemptNext, AttemptRecord, DeliveryState, DeliveryUpdate, OutboxRecord,
+};
 use custos_raft::StateChange;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
@@ -150,7 +152,8 @@ pub fn command_body(rec: &OutboxRecord) -> Vec<u8> {
         .insert(EXT_CAUSING_EVENT.into(), c.event_id.clone().into());
     ev.extensions
         .insert(EXT_CAUSING_SOURCE.into(), c.event_source.clone().into());
-    ev.extensions.insert(EXT_RULE.into(), c.rule_id.clone().into());
+    ev.extensions
+        .insert(EXT_RULE.into(), c.rule_id.clone().into());
     serde_json::to_vec(&ev).unwrap_or_default()
 }
 
@@ -197,7 +200,10 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Starts attempts for due deliveries; returns how soon the next one is due, if known.
-async fn dispatch_due(worker: &Arc<Worker>, concurrency: usize) -> Result<Option<Duration>, crate::error::ServiceError> {
+async fn dispatch_due(
+    worker: &Arc<Worker>,
+    concurrency: usize,
+) -> Result<Option<Duration>, crate::error::ServiceError> {
     let now = unix_now_ms();
     let scan = concurrency * 2;
     let due = worker.core.read(move |r| r.due(now, scan)).await?;
@@ -265,7 +271,10 @@ async fn prepare_and_send(
     };
     let now = unix_now_ms();
     let (customer, target) = (rec.command.customer_id.clone(), rec.command.target.clone());
-    let linked = core.read(move |r| r.link(&customer, &target)).await?.is_some();
+    let linked = core
+        .read(move |r| r.link(&customer, &target))
+        .await?
+        .is_some();
     if !linked {
         return Ok(Some(DeliveryUpdate::Cancelled {
             command_id: id.to_owned(),
@@ -384,7 +393,10 @@ async fn send(
                 src = s.source();
             }
             if msg.contains("is not allowed") {
-                (DeliveryError::ForbiddenAddress(entity.record.command_url.clone()), None)
+                (
+                    DeliveryError::ForbiddenAddress(entity.record.command_url.clone()),
+                    None,
+                )
             } else {
                 (DeliveryError::Transport(msg), None)
             }
@@ -431,8 +443,19 @@ mod tests {
 
     #[test]
     fn forbidden_addresses() {
-        for a in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
-                  "0.0.0.0", "100.64.0.1", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1"] {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(is_forbidden(a.parse().expect("ip")), "{a}");
         }
         for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
@@ -448,9 +471,19 @@ mod tests {
             ..DeliveryConfig::default()
         };
         assert_eq!(next_delay(&cfg, 1, None, 0.0), Some(Duration::from_secs(5)));
-        assert_eq!(next_delay(&cfg, 1, None, 1.0), Some(Duration::from_secs_f64(5.5)));
-        assert_eq!(next_delay(&cfg, 2, None, 0.0), Some(Duration::from_secs(300)));
-        assert_eq!(next_delay(&cfg, 3, None, 0.0), None, "three attempts in all");
+        assert_eq!(
+            next_delay(&cfg, 1, None, 1.0),
+            Some(Duration::from_secs_f64(5.5))
+        );
+        assert_eq!(
+            next_delay(&cfg, 2, None, 0.0),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            next_delay(&cfg, 3, None, 0.0),
+            None,
+            "three attempts in all"
+        );
         assert_eq!(
             next_delay(&cfg, 1, Some(Duration::from_secs(60)), 0.0),
             Some(Duration::from_secs(60))
@@ -460,7 +493,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         // 784111777 is Sun, 06 Nov 1994 08:49:37 GMT.
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),

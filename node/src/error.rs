@@ -52,7 +52,10 @@ impl ServiceError {
         match self {
             ServiceError::Refused { code, detail } => Problem::new(*code, detail.clone()),
             ServiceError::Store(_) | ServiceError::Raft(_) | ServiceError::Internal(_) => {
-                Problem::new(ErrorCode::Internal, "the node failed; the request may be retried")
+                Problem::new(
+                    ErrorCode::Internal,
+                    "the node failed; the request may be retried",
+                )
             }
         }
     }

@@ -32,7 +32,11 @@ fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
 }
 
 /// Reads a body up to `limit` bytes, refusing more with 413 problem+json.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut> {
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut> {
     if let Some(len) = header_str(req, "content-length").and_then(|v| v.parse::<usize>().ok()) {
         if len > limit {
             return Err(payload_error(actix_web::error::PayloadError::Overflow));
@@ -118,10 +122,16 @@ async fn openapi() -> HttpResponse {
         (status = 202, body = EventReceipt, description = "committed: accepted, ignored or duplicate"),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 413, body = Problem),
         (status = 415, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
-async fn post_event(vault: web::Data<Vault>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse> {
+async fn post_event(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
     let ct = header_str(&req, "content-type").unwrap_or("");
     let media = ct.split(';').next().unwrap_or("").trim();
-    if !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE) && !media.eq_ignore_ascii_case("application/json") {
+    if !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE)
+        && !media.eq_ignore_ascii_case("application/json")
+    {
         return Err(ServiceError::refused(
             ErrorCode::UnsupportedMediaType,
             format!("send {CLOUDEVENTS_CONTENT_TYPE} (structured mode)"),
@@ -141,7 +151,11 @@ async fn post_event(vault: web::Data<Vault>, req: HttpRequest, payload: web::Pay
 #[utoipa::path(post, path = "/v1/entities", tag = "entities", request_body = RegisterEntity,
     security(("bearer" = [])),
     responses((status = 201, body = Entity), (status = 400, body = Problem), (status = 409, body = Problem)))]
-async fn register_entity(vault: web::Data<Vault>, req: HttpRequest, body: web::Json<RegisterEntity>) -> Result<HttpResponse> {
+async fn register_entity(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    body: web::Json<RegisterEntity>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     let e = vault.register_entity(body.into_inner()).await?;
     Ok(HttpResponse::Created().json(e))
@@ -158,7 +172,11 @@ async fn list_entities(vault: web::Data<Vault>, req: HttpRequest) -> Result<Http
 /// One entity.
 #[utoipa::path(get, path = "/v1/entities/{id}", tag = "entities", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 200, body = Entity), (status = 404, body = Problem)))]
-async fn get_entity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+async fn get_entity(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.entity(&id).await?))
 }
@@ -167,7 +185,12 @@ async fn get_entity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<Str
 #[utoipa::path(patch, path = "/v1/entities/{id}", tag = "entities", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = UpdateEntity,
     responses((status = 200, body = Entity), (status = 404, body = Problem)))]
-async fn update_entity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, body: web::Json<UpdateEntity>) -> Result<HttpResponse> {
+async fn update_entity(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Json<UpdateEntity>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.update_entity(&id, body.into_inner()).await?))
 }
@@ -175,7 +198,11 @@ async fn update_entity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<
 /// Rotates an entity's secret; the previous one stays valid for the grace period.
 #[utoipa::path(post, path = "/v1/entities/{id}/secret", tag = "entities", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 200, body = Entity), (status = 404, body = Problem)))]
-async fn rotate_secret(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+async fn rotate_secret(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.rotate_secret(&id).await?))
 }
@@ -191,7 +218,11 @@ async fn create_customer(vault: web::Data<Vault>, req: HttpRequest) -> Result<Ht
 /// A customer's profile summary (the customer or an operator).
 #[utoipa::path(get, path = "/v1/customers/{id}", tag = "customers", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 200, body = Customer), (status = 404, body = Problem)))]
-async fn get_customer(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+async fn get_customer(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     vault.require_customer(bearer(&req), &id).await?;
     Ok(HttpResponse::Ok().json(vault.customer(&id).await?))
 }
@@ -200,7 +231,12 @@ async fn get_customer(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<S
 #[utoipa::path(post, path = "/v1/customers/{id}/links", tag = "customers", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = LinkRequest,
     responses((status = 201, body = Link), (status = 404, body = Problem), (status = 409, body = Problem)))]
-async fn link(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, body: web::Json<LinkRequest>) -> Result<HttpResponse> {
+async fn link(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Json<LinkRequest>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Created().json(vault.link(&id, body.into_inner()).await?))
 }
@@ -209,7 +245,11 @@ async fn link(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, 
 #[utoipa::path(delete, path = "/v1/customers/{id}/links/{entity_id}", tag = "customers",
     security(("bearer" = [])), params(("id" = String, Path), ("entity_id" = String, Path)),
     responses((status = 204), (status = 404, body = Problem)))]
-async fn unlink(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+async fn unlink(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
     let (id, entity) = path.into_inner();
     vault.require_customer(bearer(&req), &id).await?;
     vault.unlink(&id, &entity).await?;
@@ -220,7 +260,12 @@ async fn unlink(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(Stri
 #[utoipa::path(post, path = "/v1/customers/{id}/rules", tag = "rules", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = RuleSpec,
     responses((status = 201, body = Rule), (status = 400, body = Problem), (status = 422, body = Problem)))]
-async fn create_rule(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, body: web::Json<RuleSpec>) -> Result<HttpResponse> {
+async fn create_rule(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Json<RuleSpec>,
+) -> Result<HttpResponse> {
     vault.require_customer(bearer(&req), &id).await?;
     Ok(HttpResponse::Created().json(vault.create_rule(&id, body.into_inner()).await?))
 }
@@ -228,7 +273,11 @@ async fn create_rule(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<St
 /// A customer's rules.
 #[utoipa::path(get, path = "/v1/customers/{id}/rules", tag = "rules", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 200, body = Vec<Rule>)))]
-async fn list_rules(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+async fn list_rules(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     vault.require_customer(bearer(&req), &id).await?;
     Ok(HttpResponse::Ok().json(vault.rules(&id).await?))
 }
@@ -237,7 +286,11 @@ async fn list_rules(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<Str
 #[utoipa::path(get, path = "/v1/customers/{id}/rules/{rule_id}", tag = "rules", security(("bearer" = [])),
     params(("id" = String, Path), ("rule_id" = String, Path)),
     responses((status = 200, body = Rule), (status = 404, body = Problem)))]
-async fn get_rule(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+async fn get_rule(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
     let (id, rule) = path.into_inner();
     vault.require_customer(bearer(&req), &id).await?;
     Ok(HttpResponse::Ok().json(vault.rule(&id, &rule).await?))
@@ -247,7 +300,11 @@ async fn get_rule(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(St
 #[utoipa::path(delete, path = "/v1/customers/{id}/rules/{rule_id}", tag = "rules", security(("bearer" = [])),
     params(("id" = String, Path), ("rule_id" = String, Path)),
     responses((status = 204), (status = 404, body = Problem)))]
-async fn delete_rule(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+async fn delete_rule(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
     let (id, rule) = path.into_inner();
     vault.require_customer(bearer(&req), &id).await?;
     vault.delete_rule(&id, &rule).await?;
@@ -257,7 +314,12 @@ async fn delete_rule(vault: web::Data<Vault>, req: HttpRequest, path: web::Path<
 /// A customer's activity, newest first: events, matches, commands, delivery attempts.
 #[utoipa::path(get, path = "/v1/customers/{id}/activity", tag = "customers", security(("bearer" = [])),
     params(("id" = String, Path), ActivityQuery), responses((status = 200, body = ActivityPage)))]
-async fn activity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>, q: web::Query<ActivityQuery>) -> Result<HttpResponse> {
+async fn activity(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    q: web::Query<ActivityQuery>,
+) -> Result<HttpResponse> {
     vault.require_customer(bearer(&req), &id).await?;
     let q = q.into_inner();
     Ok(HttpResponse::Ok().json(vault.activity(&id, q.before, q.limit.unwrap_or(50)).await?))
@@ -266,11 +328,19 @@ async fn activity(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<Strin
 /// Deliveries by status (operators).
 #[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries", security(("bearer" = [])),
     params(DeliveryQuery), responses((status = 200, body = DeliveryPage)))]
-async fn list_deliveries(vault: web::Data<Vault>, req: HttpRequest, q: web::Query<DeliveryQuery>) -> Result<HttpResponse> {
+async fn list_deliveries(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    q: web::Query<DeliveryQuery>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     let q = q.into_inner();
     let page = vault
-        .deliveries(q.status.unwrap_or(DeliveryStatus::Failed), q.after, q.limit.unwrap_or(50))
+        .deliveries(
+            q.status.unwrap_or(DeliveryStatus::Failed),
+            q.after,
+            q.limit.unwrap_or(50),
+        )
         .await?;
     Ok(HttpResponse::Ok().json(page))
 }
@@ -278,7 +348,11 @@ async fn list_deliveries(vault: web::Data<Vault>, req: HttpRequest, q: web::Quer
 /// One delivery with every attempt (operators).
 #[utoipa::path(get, path = "/v1/deliveries/{command_id}", tag = "deliveries", security(("bearer" = [])),
     params(("command_id" = String, Path)), responses((status = 200, body = Delivery), (status = 404, body = Problem)))]
-async fn get_delivery(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+async fn get_delivery(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.delivery(&id).await?))
 }
@@ -287,7 +361,11 @@ async fn get_delivery(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<S
 #[utoipa::path(post, path = "/v1/deliveries/{command_id}/replay", tag = "deliveries", security(("bearer" = [])),
     params(("command_id" = String, Path)),
     responses((status = 200, body = Delivery), (status = 404, body = Problem), (status = 409, body = Problem)))]
-async fn replay(vault: web::Data<Vault>, req: HttpRequest, id: web::Path<String>) -> Result<HttpResponse> {
+async fn replay(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.replay(&id).await?))
 }
@@ -353,11 +431,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/v1/customers", web::post().to(create_customer))
     .route("/v1/customers/{id}", web::get().to(get_customer))
     .route("/v1/customers/{id}/links", web::post().to(link))
-    .route("/v1/customers/{id}/links/{entity_id}", web::delete().to(unlink))
+    .route(
+        "/v1/customers/{id}/links/{entity_id}",
+        web::delete().to(unlink),
+    )
     .route("/v1/customers/{id}/rules", web::post().to(create_rule))
     .route("/v1/customers/{id}/rules", web::get().to(list_rules))
-    .route("/v1/customers/{id}/rules/{rule_id}", web::get().to(get_rule))
-    .route("/v1/customers/{id}/rules/{rule_id}", web::delete().to(delete_rule))
+    .route(
+        "/v1/customers/{id}/rules/{rule_id}",
+        web::get().to(get_rule),
+    )
+    .route(
+        "/v1/customers/{id}/rules/{rule_id}",
+        web::delete().to(delete_rule),
+    )
     .route("/v1/customers/{id}/activity", web::get().to(activity))
     .route("/v1/deliveries", web::get().to(list_deliveries))
     .route("/v1/deliveries/{command_id}", web::get().to(get_delivery))

@@ -58,7 +58,12 @@ struct ServeArgs {
 #[derive(Debug, Args)]
 struct Target {
     /// The node's client API.
-    #[arg(long, env = "CUSTOS_URL", default_value = "http://127.0.0.1:7700", global = true)]
+    #[arg(
+        long,
+        env = "CUSTOS_URL",
+        default_value = "http://127.0.0.1:7700",
+        global = true
+    )]
     url: String,
     /// Bearer token (default: ./custos-data/admin-token).
     #[arg(long, env = "CUSTOS_TOKEN", global = true)]
@@ -164,27 +169,25 @@ enum ClientCommand {
     },
 }
 
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    async {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
             }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -199,15 +202,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = Config::load(args.config, &overrides)?;
     custos_node::telemetry::init_logging(&config.log_format, &config.log_level);
-    let listeners = Listeners::bind(&config).with_context(|| {
-        format!("binding {} and {}", config.listen, config.peer_listen)
-    })?;
+    let listeners = Listeners::bind(&config)
+        .with_context(|| format!("binding {} and {}", config.listen, config.peer_listen))?;
     actix_rt::System::new().block_on(server::run(config, listeners, shutdown_signal()))?;
     Ok(())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -242,7 +245,10 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
                 None => {
                     let types = |ts: Vec<String>| {
                         ts.into_iter()
-                            .map(|t| TypeSpec { type_name: t, schema: None })
+                            .map(|t| TypeSpec {
+                                type_name: t,
+                                schema: None,
+                            })
                             .collect()
                     };
                     RegisterEntity {
@@ -257,7 +263,9 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
             print(&client(&target)?.register_entity(&req).await?)
         }
         ClientCommand::Entities { target } => print(&client(&target)?.entities().await?),
-        ClientCommand::CreateCustomer { target } => print(&client(&target)?.create_customer().await?),
+        ClientCommand::CreateCustomer { target } => {
+            print(&client(&target)?.create_customer().await?)
+        }
         ClientCommand::Link {
             target,
             customer,
@@ -265,7 +273,13 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
             subject,
         } => print(
             &client(&target)?
-                .link(&customer, &LinkRequest { entity_id: entity, subject })
+                .link(
+                    &customer,
+                    &LinkRequest {
+                        entity_id: entity,
+                        subject,
+                    },
+                )
                 .await?,
         ),
         ClientCommand::AddRule {
@@ -276,7 +290,9 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
             let spec: RuleSpec = read_json(&file)?;
             print(&client(&target)?.create_rule(&customer, &spec).await?)
         }
-        ClientCommand::Rules { target, customer } => print(&client(&target)?.rules(&customer).await?),
+        ClientCommand::Rules { target, customer } => {
+            print(&client(&target)?.rules(&customer).await?)
+        }
         ClientCommand::Activity {
             target,
             customer,

@@ -117,7 +117,9 @@ async fn handle(
         } => ingest(core, customer, state, *event, raw, received_ms)
             .await
             .map(ProfileReply::Receipt),
-        ProfileRequest::Link(req) => link(core, customer, state, req).await.map(ProfileReply::Linked),
+        ProfileRequest::Link(req) => link(core, customer, state, req)
+            .await
+            .map(ProfileReply::Linked),
         ProfileRequest::Unlink(entity_id) => {
             core.propose(StateChange::Unlink {
                 customer_id: customer.to_owned(),
@@ -149,7 +151,10 @@ async fn handle(
     }
 }
 
-fn with_profile<T>(state: &RefCell<Option<Profile>>, f: impl FnOnce(&mut Profile) -> T) -> Option<T> {
+fn with_profile<T>(
+    state: &RefCell<Option<Profile>>,
+    f: impl FnOnce(&mut Profile) -> T,
+) -> Option<T> {
     state.borrow_mut().as_mut().map(f)
 }
 
@@ -166,11 +171,16 @@ async fn load(core: &Core, customer: &str) -> Result<Profile, ServiceError> {
     let compiled = rules.into_iter().filter_map(|r| {
         let id = r.id.clone();
         rules::compile(r)
-            .map_err(|e| tracing::warn!(rule = %id, error = %e, "stored rule does not compile; skipped"))
+            .map_err(
+                |e| tracing::warn!(rule = %id, error = %e, "stored rule does not compile; skipped"),
+            )
             .ok()
     });
     Ok(Profile {
-        links: links.into_iter().map(|l| (l.entity_id.clone(), l)).collect(),
+        links: links
+            .into_iter()
+            .map(|l| (l.entity_id.clone(), l))
+            .collect(),
         rules: RuleSet::new(compiled),
         rule_count,
         functions: cel::Context::default(),
@@ -208,7 +218,8 @@ fn plan(
         reasons: Vec::new(),
     };
     if !profile.links.contains_key(&event.source) {
-        out.reasons.push(format!("the customer has not linked {}", event.source));
+        out.reasons
+            .push(format!("the customer has not linked {}", event.source));
         return out;
     }
     let matching = profile.rules.matching(&event.source, &event.event_type);
@@ -223,14 +234,17 @@ fn plan(
     for rule in matching {
         let r = &rule.record;
         let Some(target_link) = profile.links.get(&r.then_entity) else {
-            out.reasons
-                .push(format!("rule {}: target {} is not linked", r.id, r.then_entity));
+            out.reasons.push(format!(
+                "rule {}: target {} is not linked",
+                r.id, r.then_entity
+            ));
             continue;
         };
         let data = match rule.evaluate(&scope, &profile.functions) {
             Ok(Some(d)) => d,
             Ok(None) => {
-                out.reasons.push(format!("rule {}: condition is false", r.id));
+                out.reasons
+                    .push(format!("rule {}: condition is false", r.id));
                 continue;
             }
             Err(e) => {
@@ -356,10 +370,16 @@ async fn link(
     req: LinkRequest,
 ) -> Result<Link, ServiceError> {
     if !is_valid_id(&req.entity_id) {
-        return Err(ServiceError::invalid("entity_id", "must be 1..=128 of [A-Za-z0-9._:-]"));
+        return Err(ServiceError::invalid(
+            "entity_id",
+            "must be 1..=128 of [A-Za-z0-9._:-]",
+        ));
     }
     if !is_valid_subject(&req.subject) {
-        return Err(ServiceError::invalid("subject", "must be 1..=128 printable bytes"));
+        return Err(ServiceError::invalid(
+            "subject",
+            "must be 1..=128 printable bytes",
+        ));
     }
     core.entity_required(&req.entity_id).await?;
     let record = LinkRecord {
@@ -390,9 +410,15 @@ pub fn validate_rule(
     now_ms: i64,
 ) -> Result<CompiledRule, ServiceError> {
     if spec.name.trim().is_empty() || spec.name.len() > MAX_NAME_LEN {
-        return Err(ServiceError::invalid("name", format!("must be 1..={MAX_NAME_LEN} bytes")));
+        return Err(ServiceError::invalid(
+            "name",
+            format!("must be 1..={MAX_NAME_LEN} bytes"),
+        ));
     }
-    for (field, entity) in [("when.entity", &spec.when.entity), ("then.entity", &spec.then.entity)] {
+    for (field, entity) in [
+        ("when.entity", &spec.when.entity),
+        ("then.entity", &spec.then.entity),
+    ] {
         if !linked(entity) {
             return Err(ServiceError::refused(
                 ErrorCode::EntityNotLinked,
@@ -409,7 +435,11 @@ pub fn validate_rule(
             ),
         ));
     }
-    if target.record.command_type(&spec.then.command_type).is_none() {
+    if target
+        .record
+        .command_type(&spec.then.command_type)
+        .is_none()
+    {
         return Err(ServiceError::refused(
             ErrorCode::UnknownType,
             format!(
@@ -434,7 +464,10 @@ pub fn validate_rule(
         created_ms: now_ms,
     };
     let compiled = rules::compile(record).map_err(|e| {
-        ServiceError::refused(ErrorCode::InvalidRule, format!("{}: {}", e.field, e.message))
+        ServiceError::refused(
+            ErrorCode::InvalidRule,
+            format!("{}: {}", e.field, e.message),
+        )
     })?;
     if let Some(schema) = target
         .record
@@ -495,7 +528,10 @@ async fn save_rule(
             ),
         ));
     }
-    for (field, id) in [("when.entity", &spec.when.entity), ("then.entity", &spec.then.entity)] {
+    for (field, id) in [
+        ("when.entity", &spec.when.entity),
+        ("then.entity", &spec.then.entity),
+    ] {
         if !is_valid_id(id) {
             return Err(ServiceError::invalid(field, "must be an entity id"));
         }
@@ -581,20 +617,23 @@ impl Handler<Envelope> for ProfileHost {
 
     fn handle(&mut self, env: Envelope, _ctx: &mut Context<Self>) -> Self::Result {
         let core = self.core.clone();
-        let slot = self.profiles.entry(env.customer.clone()).or_insert_with(|| {
-            metrics::gauge!("custos_active_profiles").increment(1.0);
-            let customer: Rc<str> = Rc::from(env.customer.as_str());
-            Slot {
-                addr: ProfileActor {
-                    customer,
-                    core,
-                    state: Rc::new(RefCell::new(None)),
+        let slot = self
+            .profiles
+            .entry(env.customer.clone())
+            .or_insert_with(|| {
+                metrics::gauge!("custos_active_profiles").increment(1.0);
+                let customer: Rc<str> = Rc::from(env.customer.as_str());
+                Slot {
+                    addr: ProfileActor {
+                        customer,
+                        core,
+                        state: Rc::new(RefCell::new(None)),
+                    }
+                    .start(),
+                    in_flight: 0,
+                    last_used: Instant::now(),
                 }
-                .start(),
-                in_flight: 0,
-                last_used: Instant::now(),
-            }
-        });
+            });
         slot.in_flight += 1;
         slot.last_used = Instant::now();
         let customer = env.customer;
@@ -605,9 +644,17 @@ impl Handler<Envelope> for ProfileHost {
                 slot.last_used = Instant::now();
             }
             let reply = res.map_err(|e| ServiceError::Internal(format!("profile actor: {e}")))?;
-            if let Err(ServiceError::Refused { code: ErrorCode::NotFound, .. }) = &reply {
+            if let Err(ServiceError::Refused {
+                code: ErrorCode::NotFound,
+                ..
+            }) = &reply
+            {
                 // Do not keep an actor for a customer that does not exist.
-                if host.profiles.get(&customer).is_some_and(|s| s.in_flight == 0) {
+                if host
+                    .profiles
+                    .get(&customer)
+                    .is_some_and(|s| s.in_flight == 0)
+                {
                     host.profiles.remove(&customer);
                     metrics::gauge!("custos_active_profiles").decrement(1.0);
                 }
@@ -657,7 +704,11 @@ impl ProfileRouter {
     }
 
     /// Sends a request to a customer's profile and waits for its answer.
-    pub async fn send(&self, customer: &str, request: ProfileRequest) -> Result<ProfileReply, ServiceError> {
+    pub async fn send(
+        &self,
+        customer: &str,
+        request: ProfileRequest,
+    ) -> Result<ProfileReply, ServiceError> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         customer.hash(&mut h);
         let idx = (h.finish() % self.hosts.len() as u64) as usize;
@@ -667,7 +718,9 @@ impl ProfileRouter {
                 request,
             })
             .await
-            .map_err(|e| ServiceError::refused(ErrorCode::Unavailable, format!("profile host: {e}")))?
+            .map_err(|e| {
+                ServiceError::refused(ErrorCode::Unavailable, format!("profile host: {e}"))
+            })?
     }
 }
 
@@ -690,8 +743,12 @@ mod tests {
         let schema = serde_json::json!({"type": "object", "required": ["arrival"],
             "properties": {"arrival": {"type": "string"}, "flight": {"type": "string"}},
             "additionalProperties": false});
-        assert!(check_mapping_against_schema(&serde_json::json!({"arrival": "x"}), &schema).is_ok());
-        assert!(check_mapping_against_schema(&serde_json::json!({"flight": "x"}), &schema).is_err());
+        assert!(
+            check_mapping_against_schema(&serde_json::json!({"arrival": "x"}), &schema).is_ok()
+        );
+        assert!(
+            check_mapping_against_schema(&serde_json::json!({"flight": "x"}), &schema).is_err()
+        );
         assert!(check_mapping_against_schema(
             &serde_json::json!({"arrival": "x", "other": "y"}),
             &schema

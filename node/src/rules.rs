@@ -97,7 +97,12 @@ fn compile_expr(field: &str, src: &str) -> Result<Program, RuleError> {
     Ok(program)
 }
 
-fn compile_mapping(path: &str, value: &Value, depth: usize, fields: &mut usize) -> Result<Mapping, RuleError> {
+fn compile_mapping(
+    path: &str,
+    value: &Value,
+    depth: usize,
+    fields: &mut usize,
+) -> Result<Mapping, RuleError> {
     let field = if path.is_empty() {
         "then.data".to_owned()
     } else {
@@ -133,7 +138,12 @@ fn compile_mapping(path: &str, value: &Value, depth: usize, fields: &mut usize) 
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for (i, v) in items.iter().enumerate() {
-                out.push(compile_mapping(&format!("{path}[{i}]"), v, depth + 1, fields)?);
+                out.push(compile_mapping(
+                    &format!("{path}[{i}]"),
+                    v,
+                    depth + 1,
+                    fields,
+                )?);
             }
             Mapping::Array(out)
         }
@@ -179,8 +189,10 @@ pub fn json_to_cel(v: &Value) -> CelValue {
         Value::String(s) => CelValue::String(Arc::new(s.clone())),
         Value::Array(items) => CelValue::List(Arc::new(items.iter().map(json_to_cel).collect())),
         Value::Object(map) => {
-            let m: HashMap<String, CelValue> =
-                map.iter().map(|(k, v)| (k.clone(), json_to_cel(v))).collect();
+            let m: HashMap<String, CelValue> = map
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_cel(v)))
+                .collect();
             CelValue::from(m)
         }
     }
@@ -207,7 +219,11 @@ impl EventScope {
                 ),
                 (
                     "data",
-                    event.data.as_ref().map(json_to_cel).unwrap_or(CelValue::Null),
+                    event
+                        .data
+                        .as_ref()
+                        .map(json_to_cel)
+                        .unwrap_or(CelValue::Null),
                 ),
             ],
         }
@@ -269,7 +285,11 @@ fn eval_mapping(path: &str, m: &Mapping, ctx: &Context<'_>) -> Result<Value, Eva
 impl CompiledRule {
     /// Runs the rule on an event: `Ok(None)` when the condition is false, else the
     /// command's data.
-    pub fn evaluate(&self, scope: &EventScope, functions: &Context<'_>) -> Result<Option<Value>, EvalError> {
+    pub fn evaluate(
+        &self,
+        scope: &EventScope,
+        functions: &Context<'_>,
+    ) -> Result<Option<Value>, EvalError> {
         let ctx = scope.context(functions);
         if let Some(cond) = &self.condition {
             match run(cond, &ctx).map_err(EvalError::Condition)? {
@@ -362,7 +382,9 @@ mod tests {
     fn event(delay: i64) -> CloudEvent {
         let mut e = CloudEvent::new("e1", "airline", "flight.delayed");
         e.subject = Some("alice-at-airline".into());
-        e.data = Some(json!({"delay_minutes": delay, "new_arrival": "2026-11-28T22:10:00Z", "flight": "XY123"}));
+        e.data = Some(
+            json!({"delay_minutes": delay, "new_arrival": "2026-11-28T22:10:00Z", "flight": "XY123"}),
+        );
         e
     }
 
@@ -377,7 +399,9 @@ mod tests {
         ))
         .expect("compiles");
         let f = Context::default();
-        let out = rule.evaluate(&EventScope::new(&event(90)), &f).expect("evaluates");
+        let out = rule
+            .evaluate(&EventScope::new(&event(90)), &f)
+            .expect("evaluates");
         assert_eq!(
             out,
             Some(json!({"arrival": "2026-11-28T22:10:00Z", "flight": "XY123",

@@ -181,7 +181,13 @@ async fn prune_loop(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         }
         let before_ms = unix_now_ms() - retention_ms;
         loop {
-            match core.propose(StateChange::Prune { before_ms, limit: LIMIT }).await {
+            match core
+                .propose(StateChange::Prune {
+                    before_ms,
+                    limit: LIMIT,
+                })
+                .await
+            {
                 Ok(ChangeOutcome::Pruned(n)) if n == LIMIT => continue,
                 Ok(ChangeOutcome::Pruned(n)) => {
                     if n > 0 {
@@ -244,7 +250,9 @@ pub async fn run(
     });
 
     let arbiters = match config.profile_arbiters {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
         n => n,
     };
     let (profiles, arbiter_threads) = ProfileRouter::start(

@@ -68,10 +68,16 @@ impl Vault {
     /// Identifies the caller from a bearer token.
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, ServiceError> {
         let token = bearer.ok_or_else(|| {
-            ServiceError::refused(ErrorCode::Unauthorized, "send Authorization: Bearer <token>")
+            ServiceError::refused(
+                ErrorCode::Unauthorized,
+                "send Authorization: Bearer <token>",
+            )
         })?;
         if token.is_empty() || token.len() > 256 {
-            return Err(ServiceError::refused(ErrorCode::Unauthorized, "invalid token"));
+            return Err(ServiceError::refused(
+                ErrorCode::Unauthorized,
+                "invalid token",
+            ));
         }
         let hash = sha256(token.as_bytes());
         // Comparing hashes keeps the comparison's timing independent of the token.
@@ -80,7 +86,10 @@ impl Vault {
         }
         match self.core.read(move |r| r.customer_by_token(&hash)).await? {
             Some(id) => Ok(Caller::Customer(id)),
-            None => Err(ServiceError::refused(ErrorCode::Unauthorized, "invalid token")),
+            None => Err(ServiceError::refused(
+                ErrorCode::Unauthorized,
+                "invalid token",
+            )),
         }
     }
 
@@ -96,7 +105,11 @@ impl Vault {
     }
 
     /// Requires the operator or the customer `id` itself.
-    pub async fn require_customer(&self, bearer: Option<&str>, id: &str) -> Result<(), ServiceError> {
+    pub async fn require_customer(
+        &self,
+        bearer: Option<&str>,
+        id: &str,
+    ) -> Result<(), ServiceError> {
         match self.authenticate(bearer).await? {
             Caller::Admin => Ok(()),
             Caller::Customer(c) if c == id => Ok(()),
@@ -195,8 +208,11 @@ impl Vault {
     /// Creates a customer profile with a fresh bearer token.
     pub async fn create_customer(&self) -> Result<CustomerCreated, ServiceError> {
         let id = format!("cus_{}", uuid::Uuid::now_v7().simple());
-        let token = format!("ctok_{}", Secret::generate().encode().trim_start_matches("whsec_"))
-            .replace(['+', '/', '='], "");
+        let token = format!(
+            "ctok_{}",
+            Secret::generate().encode().trim_start_matches("whsec_")
+        )
+        .replace(['+', '/', '='], "");
         self.core
             .propose(StateChange::CreateCustomer {
                 customer: CustomerRecord {
@@ -227,7 +243,11 @@ impl Vault {
     /// Links an entity (operator path; the portal's OAuth flow ends in the same request).
     pub async fn link(&self, customer: &str, req: LinkRequest) -> Result<Link, ServiceError> {
         check_id("customer id", customer)?;
-        match self.profiles.send(customer, ProfileRequest::Link(req)).await? {
+        match self
+            .profiles
+            .send(customer, ProfileRequest::Link(req))
+            .await?
+        {
             ProfileReply::Linked(l) => Ok(l),
             other => Err(unexpected(other)),
         }
@@ -252,7 +272,11 @@ impl Vault {
     /// Validates and saves a rule.
     pub async fn create_rule(&self, customer: &str, spec: RuleSpec) -> Result<Rule, ServiceError> {
         check_id("customer id", customer)?;
-        match self.profiles.send(customer, ProfileRequest::SaveRule(spec)).await? {
+        match self
+            .profiles
+            .send(customer, ProfileRequest::SaveRule(spec))
+            .await?
+        {
             ProfileReply::Saved(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -341,7 +365,10 @@ impl Vault {
         })?;
         // The source names the key; check it is a plausible id before using it.
         if !is_valid_id(&event.source) {
-            return Err(ServiceError::invalid("source", "must be a registered entity id"));
+            return Err(ServiceError::invalid(
+                "source",
+                "must be a registered entity id",
+            ));
         }
         let Some(entity) = self.core.entity(&event.source).await? else {
             return Err(ServiceError::refused(
@@ -372,13 +399,17 @@ impl Vault {
         if entity.record.event_type(&event.event_type).is_none() {
             return Err(ServiceError::refused(
                 ErrorCode::UnknownType,
-                format!("{} does not declare event type {}", event.source, event.event_type),
+                format!(
+                    "{} does not declare event type {}",
+                    event.source, event.event_type
+                ),
             ));
         }
         if let Some(v) = entity.event_schema(&event.event_type) {
             let data = event.data.clone().unwrap_or(serde_json::Value::Null);
-            check_schema(v, &data)
-                .map_err(|e| ServiceError::refused(ErrorCode::SchemaViolation, format!("data: {e}")))?;
+            check_schema(v, &data).map_err(|e| {
+                ServiceError::refused(ErrorCode::SchemaViolation, format!("data: {e}"))
+            })?;
         }
         let subject = event.subject.clone().unwrap_or_default();
         let (source, subj) = (event.source.clone(), subject.clone());
@@ -429,8 +460,13 @@ impl Vault {
                 EventStatus::Duplicate => "duplicate",
             };
             metrics::counter!("custos_events_total", "status" => status).increment(1);
-            metrics::counter!("custos_commands_created_total")
-                .increment(if r.status == EventStatus::Accepted { r.commands.len() as u64 } else { 0 });
+            metrics::counter!("custos_commands_created_total").increment(
+                if r.status == EventStatus::Accepted {
+                    r.commands.len() as u64
+                } else {
+                    0
+                },
+            );
         }
         result
     }
@@ -525,7 +561,10 @@ fn check_id(field: &str, id: &str) -> Result<(), ServiceError> {
     if is_valid_id(id) {
         Ok(())
     } else {
-        Err(ServiceError::invalid(field, "must be 1..=128 of [A-Za-z0-9._:-]"))
+        Err(ServiceError::invalid(
+            field,
+            "must be 1..=128 of [A-Za-z0-9._:-]",
+        ))
     }
 }
 
@@ -541,14 +580,23 @@ fn check_name(field: &str, name: &str) -> Result<(), ServiceError> {
 
 fn check_url(u: &str) -> Result<(), ServiceError> {
     if u.len() > MAX_URL_LEN {
-        return Err(ServiceError::invalid("command_url", format!("longer than {MAX_URL_LEN}")));
+        return Err(ServiceError::invalid(
+            "command_url",
+            format!("longer than {MAX_URL_LEN}"),
+        ));
     }
     let parsed = url::Url::parse(u).map_err(|e| ServiceError::invalid("command_url", e))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-        return Err(ServiceError::invalid("command_url", "must be an http(s) URL with a host"));
+        return Err(ServiceError::invalid(
+            "command_url",
+            "must be an http(s) URL with a host",
+        ));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(ServiceError::invalid("command_url", "must not carry credentials"));
+        return Err(ServiceError::invalid(
+            "command_url",
+            "must not carry credentials",
+        ));
     }
     Ok(())
 }
@@ -557,24 +605,42 @@ fn validate_entity(req: &RegisterEntity) -> Result<(), ServiceError> {
     check_id("id", &req.id)?;
     check_name("name", &req.name)?;
     check_url(&req.command_url)?;
-    for (field, types) in [("event_types", &req.event_types), ("command_types", &req.command_types)] {
+    for (field, types) in [
+        ("event_types", &req.event_types),
+        ("command_types", &req.command_types),
+    ] {
         if types.len() > MAX_TYPES_PER_ENTITY {
-            return Err(ServiceError::invalid(field, format!("at most {MAX_TYPES_PER_ENTITY}")));
+            return Err(ServiceError::invalid(
+                field,
+                format!("at most {MAX_TYPES_PER_ENTITY}"),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for t in types {
             if !is_valid_id(&t.type_name) {
-                return Err(ServiceError::invalid(field, format!("bad type name {:?}", t.type_name)));
+                return Err(ServiceError::invalid(
+                    field,
+                    format!("bad type name {:?}", t.type_name),
+                ));
             }
             if !seen.insert(&t.type_name) {
-                return Err(ServiceError::invalid(field, format!("{} declared twice", t.type_name)));
+                return Err(ServiceError::invalid(
+                    field,
+                    format!("{} declared twice", t.type_name),
+                ));
             }
             if let Some(schema) = &t.schema {
                 if schema.to_string().len() > MAX_SCHEMA_BYTES {
-                    return Err(ServiceError::invalid(field, format!("{}: schema too large", t.type_name)));
+                    return Err(ServiceError::invalid(
+                        field,
+                        format!("{}: schema too large", t.type_name),
+                    ));
                 }
                 compile_schema(schema).map_err(|e| {
-                    ServiceError::invalid(field, format!("{}: invalid JSON Schema: {e}", t.type_name))
+                    ServiceError::invalid(
+                        field,
+                        format!("{}: invalid JSON Schema: {e}", t.type_name),
+                    )
                 })?;
             }
         }

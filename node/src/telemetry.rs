@@ -8,7 +8,9 @@ use crate::core::Core;
 pub fn init_logging(format: &str, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().try_init()
     } else {
@@ -56,8 +58,13 @@ impl Telemetry {
         metrics::gauge!("custos_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
         metrics::gauge!("custos_raft_applied_index")
             .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
-        metrics::gauge!("custos_raft_is_leader")
-            .set(if m.current_leader == Some(core.config.node_id) { 1.0 } else { 0.0 });
+        metrics::gauge!("custos_raft_is_leader").set(
+            if m.current_leader == Some(core.config.node_id) {
+                1.0
+            } else {
+                0.0
+            },
+        );
         if let Ok((committed, pending)) = core
             .read(|r| Ok((r.committed()?, r.pending_count(10_000_000)?)))
             .await

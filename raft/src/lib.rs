@@ -33,8 +33,8 @@ pub use error::StoreError;
 pub use log_store::LogStore;
 pub use reader::StateReader;
 pub use records::{ChangeOutcome, StateChange};
-pub use state_machine::{ApplyObserver, Effect, StateMachineStore};
 pub use rocksdb::DB;
+pub use state_machine::{ApplyObserver, Effect, StateMachineStore};
 pub use types::{GroupId, NodeId, Raft, TypeConfig};
 
 /// Opens (or creates) the node's one RocksDB.

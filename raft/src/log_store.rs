@@ -35,7 +35,9 @@ pub struct LogStore {
 
 impl std::fmt::Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore").field("group", &self.group).finish()
+        f.debug_struct("LogStore")
+            .field("group", &self.group)
+            .finish()
     }
 }
 
@@ -60,14 +62,21 @@ impl LogStore {
         keys::key(self.group, keys::RAFT_META, name)
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, name: &[u8]) -> Result<Option<T>, StoreError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &[u8],
+    ) -> Result<Option<T>, StoreError> {
         match self.db.get_pinned(self.meta_key(name))? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
         }
     }
 
-    fn put_meta_synced<T: serde::Serialize>(&self, name: &[u8], value: &T) -> Result<(), StoreError> {
+    fn put_meta_synced<T: serde::Serialize>(
+        &self,
+        name: &[u8],
+        value: &T,
+    ) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db
@@ -193,7 +202,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,

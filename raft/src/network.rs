@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -25,12 +27,16 @@ pub fn rpc_path(group: GroupId, verb: &str) -> String {
 }
 
 /// Encodes a handler's reply (`Ok` response or openraft error).
-pub fn encode_reply<T: Serialize, E: Serialize>(reply: &Result<T, E>) -> Result<Vec<u8>, CodecError> {
+pub fn encode_reply<T: Serialize, E: Serialize>(
+    reply: &Result<T, E>,
+) -> Result<Vec<u8>, CodecError> {
     codec::encode(reply)
 }
 
 /// Decodes a reply written by [`encode_reply`].
-pub fn decode_reply<T: DeserializeOwned, E: DeserializeOwned>(bytes: &[u8]) -> Result<Result<T, E>, CodecError> {
+pub fn decode_reply<T: DeserializeOwned, E: DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<Result<T, E>, CodecError> {
     codec::decode(bytes)
 }
 

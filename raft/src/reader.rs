@@ -14,6 +14,9 @@ use crate::keys;
 use crate::records::*;
 use crate::types::{GroupId, LogId};
 
+/// A page of activity: `(at_ms, record)` newest first, and the cursor of the next page.
+pub type ActivitySlice = (Vec<(i64, ActivityRecord)>, Option<String>);
+
 /// Queries on one group's state.
 #[derive(Clone)]
 pub struct StateReader {
@@ -23,7 +26,9 @@ pub struct StateReader {
 
 impl std::fmt::Debug for StateReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateReader").field("group", &self.group).finish()
+        f.debug_struct("StateReader")
+            .field("group", &self.group)
+            .finish()
     }
 }
 
@@ -115,7 +120,11 @@ impl StateReader {
     }
 
     /// The customer known as `subject` at `entity`.
-    pub fn customer_for_subject(&self, entity: &str, subject: &str) -> Result<Option<String>, StoreError> {
+    pub fn customer_for_subject(
+        &self,
+        entity: &str,
+        subject: &str,
+    ) -> Result<Option<String>, StoreError> {
         self.get(&keys::key2(self.group, keys::SUBJECT, entity, subject))
     }
 
@@ -151,7 +160,7 @@ impl StateReader {
         customer: &str,
         before: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<(i64, ActivityRecord)>, Option<String>), StoreError> {
+    ) -> Result<ActivitySlice, StoreError> {
         let p = keys::prefix2(self.group, keys::ACTIVITY, customer);
         let end = match before.and_then(decode_cursor) {
             Some(suffix) => [p.as_slice(), &suffix].concat(),
@@ -279,7 +288,7 @@ fn encode_cursor(bytes: &[u8]) -> String {
 }
 
 fn decode_cursor(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 1024 {
+    if !s.len().is_multiple_of(2) || s.len() > 1024 {
         return None;
     }
     (0..s.len())

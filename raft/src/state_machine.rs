@@ -282,7 +282,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let stored = self.current_snapshot().map_err(StoreError::into_raft_read)?;
+        let stored = self
+            .current_snapshot()
+            .map_err(StoreError::into_raft_read)?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
@@ -356,7 +358,12 @@ impl<'a> Tx<'a> {
         self.overlay.insert(k, Some(key.to_vec()));
     }
 
-    fn activity(&mut self, customer: &str, at_ms: i64, record: &ActivityRecord) -> Result<(), StoreError> {
+    fn activity(
+        &mut self,
+        customer: &str,
+        at_ms: i64,
+        record: &ActivityRecord,
+    ) -> Result<(), StoreError> {
         let seq = self.next_seq();
         let key = keys::activity(self.group, customer, at_ms, seq);
         self.put(key.clone(), record)?;
@@ -468,7 +475,10 @@ impl<'a> Tx<'a> {
                     }
                 }
                 let key = keys::key2(g, keys::RULE, &customer_id, &rule.id);
-                if !self.exists(&key)? && self.count_prefix(&keys::prefix2(g, keys::RULE, &customer_id))? >= MAX_RULES_PER_CUSTOMER {
+                if !self.exists(&key)?
+                    && self.count_prefix(&keys::prefix2(g, keys::RULE, &customer_id))?
+                        >= MAX_RULES_PER_CUSTOMER
+                {
                     return Ok(ChangeOutcome::rejected(
                         ErrorCode::LimitReached,
                         format!("at most {MAX_RULES_PER_CUSTOMER} rules per customer"),
@@ -490,7 +500,11 @@ impl<'a> Tx<'a> {
                     return Ok(not_found("rule", &rule_id));
                 }
                 self.delete(key);
-                self.activity(&customer_id, at_ms, &ActivityRecord::RuleDeleted { rule_id })?;
+                self.activity(
+                    &customer_id,
+                    at_ms,
+                    &ActivityRecord::RuleDeleted { rule_id },
+                )?;
                 ChangeOutcome::Done
             }
             StateChange::Ingest(ingest) => self.ingest(ingest)?,
@@ -660,9 +674,8 @@ impl<'a> Tx<'a> {
     fn record_delivery(&mut self, update: DeliveryUpdate) -> Result<(), StoreError> {
         let g = self.group;
         let command_id = match &update {
-            DeliveryUpdate::Attempted { command_id, .. } | DeliveryUpdate::Cancelled { command_id, .. } => {
-                command_id.clone()
-            }
+            DeliveryUpdate::Attempted { command_id, .. }
+            | DeliveryUpdate::Cancelled { command_id, .. } => command_id.clone(),
         };
         let key = keys::key(g, keys::OUTBOX, command_id.as_bytes());
         let Some(mut rec) = self.get::<OutboxRecord>(&key)? else {

@@ -1,6 +1,6 @@
 //! A `custos serve` process for tests.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,18 +18,20 @@ pub fn custos_bin() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/custos
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target directory")?;
-    let bin = dir.join("custos");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release --bin custos)",
-        bin.display()
-    );
-    Ok(bin)
+    // target/<profile>/deps/<test> or target/<profile>/<tool> -> target/<profile>/custos
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("custos"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!("custos binary not found in {candidates:?}: cargo build --release --bin custos")
+        })
 }
 
 /// Settings for a test node, written to its config file.
@@ -88,7 +90,11 @@ impl Node {
 
     fn write_config(&self) -> anyhow::Result<PathBuf> {
         let o = &self.options;
-        let schedule: Vec<String> = o.retry_schedule_secs.iter().map(|s| format!("{s:?}")).collect();
+        let schedule: Vec<String> = o
+            .retry_schedule_secs
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect();
         let text = format!(
             "node_id = 1\n\
              listen = \"127.0.0.1:0\"\n\

@@ -23,6 +23,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// What the receiver answered.
     pub answered: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -47,7 +49,11 @@ pub struct Receiver {
     handle: actix_web::dev::ServerHandle,
 }
 
-async fn receive(req: HttpRequest, body: web::Bytes, state: web::Data<Mutex<State>>) -> HttpResponse {
+async fn receive(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<Mutex<State>>,
+) -> HttpResponse {
     let h = |n: &str| {
         req.headers()
             .get(n)
@@ -64,6 +70,7 @@ async fn receive(req: HttpRequest, body: web::Bytes, state: web::Data<Mutex<Stat
         content_type: h("content-type"),
         body: body.to_vec(),
         answered: status,
+        at: std::time::Instant::now(),
     });
     HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default()).finish()
 }
@@ -125,7 +132,11 @@ impl Receiver {
     }
 
     /// Waits until at least `n` requests were answered with 2xx.
-    pub async fn wait_delivered(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
+    pub async fn wait_delivered(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Received>> {
         poll::until(&format!("{n} delivered commands"), timeout, || {
             let got: Vec<Received> = self
                 .received()
@@ -138,7 +149,11 @@ impl Receiver {
     }
 
     /// Waits until at least `n` requests arrived, whatever was answered.
-    pub async fn wait_received(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
+    pub async fn wait_received(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Received>> {
         poll::until(&format!("{n} requests"), timeout, || {
             let got = self.received();
             async move { (got.len() >= n).then_some(got) }

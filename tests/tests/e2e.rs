@@ -32,7 +32,13 @@ fn type_spec(name: &str, schema: Option<Value>) -> TypeSpec {
     }
 }
 
-async fn register(admin: &Client, id: &str, url: &str, events: Vec<TypeSpec>, commands: Vec<TypeSpec>) -> anyhow::Result<Secret> {
+async fn register(
+    admin: &Client,
+    id: &str,
+    url: &str,
+    events: Vec<TypeSpec>,
+    commands: Vec<TypeSpec>,
+) -> anyhow::Result<Secret> {
     let e = admin
         .register_entity(&RegisterEntity {
             id: id.into(),
@@ -44,7 +50,7 @@ async fn register(admin: &Client, id: &str, url: &str, events: Vec<TypeSpec>, co
         .await?;
     let secret = e.secret.ok_or_else(|| anyhow::anyhow!("no secret"))?;
     anyhow::ensure!(secret.starts_with("whsec_"));
-    Ok(Secret::parse(&secret).map_err(|e| anyhow::anyhow!("{e}"))?)
+    Secret::parse(&secret).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn delay_rule() -> RuleSpec {
@@ -94,13 +100,32 @@ async fn world_with(options: NodeOptions, hotel_rx: Receiver) -> anyhow::Result<
         )],
     )
     .await?;
-    let car = register(&admin, "car-rental", "http://127.0.0.1:9/unused", vec![type_spec("car.returned", None)], vec![]).await?;
+    let car = register(
+        &admin,
+        "car-rental",
+        "http://127.0.0.1:9/unused",
+        vec![type_spec("car.returned", None)],
+        vec![],
+    )
+    .await?;
     let customer = admin.create_customer().await?;
     admin
-        .link(&customer.id, &LinkRequest { entity_id: "airline".into(), subject: "FF-1234".into() })
+        .link(
+            &customer.id,
+            &LinkRequest {
+                entity_id: "airline".into(),
+                subject: "FF-1234".into(),
+            },
+        )
         .await?;
     admin
-        .link(&customer.id, &LinkRequest { entity_id: "hotel".into(), subject: "guest-77".into() })
+        .link(
+            &customer.id,
+            &LinkRequest {
+                entity_id: "hotel".into(),
+                subject: "guest-77".into(),
+            },
+        )
         .await?;
     let me = admin.with_token(&customer.token);
     let rule = me.create_rule(&customer.id, &delay_rule()).await?;
@@ -128,7 +153,11 @@ fn delayed(id: &str, subject: &str, minutes: i64) -> CloudEvent {
     e
 }
 
-async fn delivery_status(admin: &Client, id: &str, want: DeliveryStatus) -> anyhow::Result<Delivery> {
+async fn delivery_status(
+    admin: &Client,
+    id: &str,
+    want: DeliveryStatus,
+) -> anyhow::Result<Delivery> {
     poll::until(&format!("delivery {id} {want:?}"), WAIT, || async {
         admin.delivery(id).await.ok().filter(|d| d.status == want)
     })
@@ -138,7 +167,11 @@ async fn delivery_status(admin: &Client, id: &str, want: DeliveryStatus) -> anyh
 #[tokio::test]
 async fn airline_delay_becomes_a_signed_room_hold_at_the_hotel() -> anyhow::Result<()> {
     let w = world().await?;
-    let receipt = w.node.anonymous().send_event(&w.airline, &delayed("evt-1", "FF-1234", 95)).await?;
+    let receipt = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("evt-1", "FF-1234", 95))
+        .await?;
     assert_eq!(receipt.status, EventStatus::Accepted, "{receipt:?}");
     assert_eq!(receipt.commands.len(), 1);
     let cmd_id = &receipt.commands[0];
@@ -153,22 +186,37 @@ async fn airline_delay_becomes_a_signed_room_hold_at_the_hotel() -> anyhow::Resu
         timestamp: Some(&r.timestamp),
         signature: Some(&r.signature),
     };
-    webhook::verify(&[&w.hotel], headers, &r.body, webhook::unix_now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    webhook::verify(&[&w.hotel], headers, &r.body, webhook::unix_now())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(webhook::verify(&[&w.airline], headers, &r.body, webhook::unix_now()).is_err());
     let body = r.json();
     assert_eq!(body["specversion"], "1.0");
     assert_eq!(body["id"], json!(cmd_id));
     assert_eq!(body["type"], "room.hold");
-    assert_eq!(body["subject"], "guest-77", "addressed with the subject at the hotel");
-    assert_eq!(body["data"], json!({"arrival": "2026-11-28T23:40:00Z", "flight": "XY123"}), "exactly the mapped data");
+    assert_eq!(
+        body["subject"], "guest-77",
+        "addressed with the subject at the hotel"
+    );
+    assert_eq!(
+        body["data"],
+        json!({"arrival": "2026-11-28T23:40:00Z", "flight": "XY123"}),
+        "exactly the mapped data"
+    );
     assert_eq!(body["custoseventid"], "evt-1");
     assert_eq!(body["custoseventsource"], "airline");
     assert_eq!(body["custosrule"], json!(w.rule.id));
 
     // A delay under the threshold triggers nothing and says why.
-    let small = w.node.anonymous().send_event(&w.airline, &delayed("evt-2", "FF-1234", 20)).await?;
+    let small = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("evt-2", "FF-1234", 20))
+        .await?;
     assert_eq!(small.status, EventStatus::Ignored);
-    assert!(small.reason.unwrap_or_default().contains("condition is false"));
+    assert!(small
+        .reason
+        .unwrap_or_default()
+        .contains("condition is false"));
 
     // The activity shows event, match and each attempt, newest first.
     let me = w.node.admin().with_token(&w.customer.token);
@@ -178,23 +226,36 @@ async fn airline_delay_becomes_a_signed_room_hold_at_the_hotel() -> anyhow::Resu
     let kinds: Vec<String> = page
         .items
         .iter()
-        .map(|i| serde_json::to_value(i).map(|v| v["kind"].as_str().unwrap_or_default().to_owned()).unwrap_or_default())
+        .map(|i| {
+            serde_json::to_value(i)
+                .map(|v| v["kind"].as_str().unwrap_or_default().to_owned())
+                .unwrap_or_default()
+        })
         .collect();
-    for k in ["event_received", "rule_matched", "delivery_attempt", "rule_saved", "linked"] {
+    for k in [
+        "event_received",
+        "rule_matched",
+        "delivery_attempt",
+        "rule_saved",
+        "linked",
+    ] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
     }
     assert!(page.items.iter().any(|i| matches!(&i.kind,
         ActivityKind::DeliveryAttempt { command_id, status: DeliveryStatus::Delivered, .. } if command_id == cmd_id)));
     // Paging: one item at a time walks the same list.
     let first = me.activity(&w.customer.id, 1, None).await?;
-    let second = me.activity(&w.customer.id, 1, first.next.as_deref()).await?;
+    let second = me
+        .activity(&w.customer.id, 1, first.next.as_deref())
+        .await?;
     assert_eq!(first.items[0], page.items[0]);
     assert_eq!(second.items[0], page.items[1]);
     Ok(())
 }
 
 #[tokio::test]
-async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_deduplicated() -> anyhow::Result<()> {
+async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_deduplicated(
+) -> anyhow::Result<()> {
     let w = world().await?;
     let anon = w.node.anonymous();
     // The car-rental company is registered but this customer never linked it.
@@ -211,13 +272,22 @@ async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_dedupli
     assert!(r.reason.unwrap_or_default().contains("no rule"));
 
     // The same (source, id) twice: one command, delivered once, the same ids answered.
-    let first = anon.send_event(&w.airline, &delayed("dup-1", "FF-1234", 120)).await?;
-    let second = anon.send_event(&w.airline, &delayed("dup-1", "FF-1234", 120)).await?;
+    let first = anon
+        .send_event(&w.airline, &delayed("dup-1", "FF-1234", 120))
+        .await?;
+    let second = anon
+        .send_event(&w.airline, &delayed("dup-1", "FF-1234", 120))
+        .await?;
     assert_eq!(first.status, EventStatus::Accepted);
     assert_eq!(second.status, EventStatus::Duplicate);
     assert_eq!(first.commands, second.commands);
     w.hotel_rx.wait_delivered(1, WAIT).await?;
-    delivery_status(&w.node.admin(), &first.commands[0], DeliveryStatus::Delivered).await?;
+    delivery_status(
+        &w.node.admin(),
+        &first.commands[0],
+        DeliveryStatus::Delivered,
+    )
+    .await?;
     assert_eq!(w.hotel_rx.received().len(), 1, "delivered exactly once");
 
     // The ignored events are in the customer's activity with their reason.
@@ -229,8 +299,16 @@ async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_dedupli
 
 #[tokio::test]
 async fn failing_receiver_is_retried_until_it_succeeds() -> anyhow::Result<()> {
-    let w = world_with(NodeOptions::default(), Receiver::start(vec![500, 503], 200)?).await?;
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("retry-1", "FF-1234", 90)).await?;
+    let w = world_with(
+        NodeOptions::default(),
+        Receiver::start(vec![500, 503], 200)?,
+    )
+    .await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("retry-1", "FF-1234", 90))
+        .await?;
     let id = &r.commands[0];
     let d = delivery_status(&w.node.admin(), id, DeliveryStatus::Delivered).await?;
     assert_eq!(d.attempts.len(), 3);
@@ -238,7 +316,10 @@ async fn failing_receiver_is_retried_until_it_succeeds() -> anyhow::Result<()> {
     assert_eq!(d.attempts[1].status_code, Some(503));
     let got = w.hotel_rx.received();
     assert_eq!(got.len(), 3);
-    assert!(got.iter().all(|g| &g.webhook_id == id), "the same webhook-id on every retry");
+    assert!(
+        got.iter().all(|g| &g.webhook_id == id),
+        "the same webhook-id on every retry"
+    );
     Ok(())
 }
 
@@ -246,26 +327,46 @@ async fn failing_receiver_is_retried_until_it_succeeds() -> anyhow::Result<()> {
 async fn gone_endpoint_is_disabled_and_can_be_replayed_after_reenabling() -> anyhow::Result<()> {
     let w = world_with(NodeOptions::default(), Receiver::start(vec![410], 200)?).await?;
     let admin = w.node.admin();
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("gone-1", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("gone-1", "FF-1234", 90))
+        .await?;
     let id = &r.commands[0];
     let d = delivery_status(&admin, id, DeliveryStatus::Failed).await?;
     assert_eq!(d.attempts.len(), 1);
     assert!(!admin.entity("hotel").await?.endpoint_enabled);
     let failed = admin.deliveries(DeliveryStatus::Failed).await?;
-    assert!(failed.items.iter().any(|x| &x.command_id == id), "listed for the operator");
+    assert!(
+        failed.items.iter().any(|x| &x.command_id == id),
+        "listed for the operator"
+    );
 
     // Further commands to a disabled endpoint fail without an attempt.
-    let r2 = w.node.anonymous().send_event(&w.airline, &delayed("gone-2", "FF-1234", 90)).await?;
+    let r2 = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("gone-2", "FF-1234", 90))
+        .await?;
     let d2 = delivery_status(&admin, &r2.commands[0], DeliveryStatus::Failed).await?;
     assert!(d2.attempts.is_empty());
 
     admin
-        .update_entity("hotel", &UpdateEntity { endpoint_enabled: Some(true), ..Default::default() })
+        .update_entity(
+            "hotel",
+            &UpdateEntity {
+                endpoint_enabled: Some(true),
+                ..Default::default()
+            },
+        )
         .await?;
     admin.replay(id).await?;
     let d = delivery_status(&admin, id, DeliveryStatus::Delivered).await?;
     assert_eq!(d.attempts.len(), 2);
-    let again = admin.replay(id).await.expect_err("delivered cannot be replayed");
+    let again = admin
+        .replay(id)
+        .await
+        .expect_err("delivered cannot be replayed");
     assert_eq!(again.code(), Some(ErrorCode::Conflict));
     Ok(())
 }
@@ -277,7 +378,11 @@ async fn retries_are_exhausted_then_listed_as_failed() -> anyhow::Result<()> {
         ..NodeOptions::default()
     };
     let w = world_with(opts, Receiver::start(vec![], 500)?).await?;
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("ex-1", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("ex-1", "FF-1234", 90))
+        .await?;
     let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Failed).await?;
     assert_eq!(d.attempts.len(), 2);
     assert_eq!(d.reason.as_deref(), Some("retries exhausted"));
@@ -287,20 +392,29 @@ async fn retries_are_exhausted_then_listed_as_failed() -> anyhow::Result<()> {
 #[tokio::test]
 async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
     let w = world_with(NodeOptions::default(), Receiver::start(vec![], 503)?).await?;
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("un-1", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("un-1", "FF-1234", 90))
+        .await?;
     w.hotel_rx.wait_received(1, WAIT).await?;
     let me = w.node.admin().with_token(&w.customer.token);
     me.unlink(&w.customer.id, "hotel").await?;
     let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Cancelled).await?;
     assert!(d.reason.unwrap_or_default().contains("unlinked"));
     // The airline's events about this customer no longer produce commands for the hotel.
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("un-2", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("un-2", "FF-1234", 90))
+        .await?;
     assert_eq!(r.status, EventStatus::Ignored);
     Ok(())
 }
 
 #[tokio::test]
-async fn nothing_acknowledged_is_lost_across_a_kill_and_pending_deliveries_resume() -> anyhow::Result<()> {
+async fn nothing_acknowledged_is_lost_across_a_kill_and_pending_deliveries_resume(
+) -> anyhow::Result<()> {
     let opts = NodeOptions {
         retry_schedule_secs: vec![0.0, 1.0, 1.0, 1.0, 1.0],
         ..NodeOptions::default()
@@ -309,7 +423,9 @@ async fn nothing_acknowledged_is_lost_across_a_kill_and_pending_deliveries_resum
     let anon = w.node.anonymous();
     let mut ids = Vec::new();
     for i in 0..20 {
-        let r = anon.send_event(&w.airline, &delayed(&format!("k-{i}"), "FF-1234", 90)).await?;
+        let r = anon
+            .send_event(&w.airline, &delayed(&format!("k-{i}"), "FF-1234", 90))
+            .await?;
         assert_eq!(r.status, EventStatus::Accepted);
         ids.push(r.commands[0].clone());
     }
@@ -334,7 +450,11 @@ async fn nothing_acknowledged_is_lost_across_a_kill_and_pending_deliveries_resum
     w.node.restart().await?;
     let me = w.node.admin().with_token(&w.customer.token);
     assert_eq!(me.rules(&w.customer.id).await?.len(), 1);
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("k-after", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("k-after", "FF-1234", 90))
+        .await?;
     assert_eq!(r.status, EventStatus::Accepted);
     Ok(())
 }
@@ -347,10 +467,24 @@ async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
         ..NodeOptions::default()
     };
     let w = world_with(opts, Receiver::start(vec![], 200)?).await?;
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("ssrf-1", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("ssrf-1", "FF-1234", 90))
+        .await?;
     let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Failed).await?;
-    assert!(d.attempts[0].error.as_deref().unwrap_or_default().contains("not allowed"), "{d:?}");
-    assert!(w.hotel_rx.received().is_empty(), "nothing reached the loopback receiver");
+    assert!(
+        d.attempts[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not allowed"),
+        "{d:?}"
+    );
+    assert!(
+        w.hotel_rx.received().is_empty(),
+        "nothing reached the loopback receiver"
+    );
     Ok(())
 }
 
@@ -358,11 +492,22 @@ async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
 async fn secret_rotation_keeps_the_old_secret_valid_for_the_grace_period() -> anyhow::Result<()> {
     let w = world().await?;
     let rotated = w.node.admin().rotate_secret("airline").await?;
-    let new = Secret::parse(&rotated.secret.unwrap_or_default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let new =
+        Secret::parse(&rotated.secret.unwrap_or_default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(rotated.previous_secret_valid_until.is_some());
     let anon = w.node.anonymous();
-    assert_eq!(anon.send_event(&w.airline, &delayed("rot-1", "FF-1234", 90)).await?.status, EventStatus::Accepted);
-    assert_eq!(anon.send_event(&new, &delayed("rot-2", "FF-1234", 90)).await?.status, EventStatus::Accepted);
+    assert_eq!(
+        anon.send_event(&w.airline, &delayed("rot-1", "FF-1234", 90))
+            .await?
+            .status,
+        EventStatus::Accepted
+    );
+    assert_eq!(
+        anon.send_event(&new, &delayed("rot-2", "FF-1234", 90))
+            .await?
+            .status,
+        EventStatus::Accepted
+    );
     Ok(())
 }
 
@@ -399,60 +544,222 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
     let post = reqwest::Method::POST;
     let get = reqwest::Method::GET;
     let mut cases = vec![
-        Bad { what: "wrong signature", method: post.clone(), path: "/v1/events".into(), token: None,
-              headers: signed_headers(&w.hotel, "m1", now, &good), body: good.clone(), status: 401, code: ErrorCode::BadSignature },
-        Bad { what: "no signature headers", method: post.clone(), path: "/v1/events".into(), token: None,
-              headers: vec![("content-type".into(), "application/cloudevents+json".into())], body: good.clone(), status: 400, code: ErrorCode::MissingSignature },
-        Bad { what: "timestamp 10 minutes old", method: post.clone(), path: "/v1/events".into(), token: None,
-              headers: signed_headers(&w.airline, "m1", now - 600, &good), body: good.clone(), status: 401, code: ErrorCode::StaleTimestamp },
-        Bad { what: "malformed JSON", method: post.clone(), path: "/v1/events".into(), token: None,
-              headers: signed_headers(&w.airline, "m1", now, b"{nope"), body: b"{nope".to_vec(), status: 400, code: ErrorCode::MalformedBody },
-        Bad { what: "oversize body", method: post.clone(), path: "/v1/events".into(), token: None,
-              headers: vec![("content-type".into(), "application/cloudevents+json".into())], body: vec![b' '; 300 * 1024], status: 413, code: ErrorCode::BodyTooLarge },
-        Bad { what: "wrong content type", method: post.clone(), path: "/v1/events".into(), token: None,
-              headers: vec![("content-type".into(), "text/plain".into())], body: good.clone(), status: 415, code: ErrorCode::UnsupportedMediaType },
-        Bad { what: "admin call without a token", method: get.clone(), path: "/v1/entities".into(), token: None,
-              headers: vec![], body: vec![], status: 401, code: ErrorCode::Unauthorized },
-        Bad { what: "admin call with a customer token", method: get.clone(), path: "/v1/entities".into(), token: cust_token.clone(),
-              headers: vec![], body: vec![], status: 403, code: ErrorCode::Forbidden },
-        Bad { what: "another customer's activity", method: get.clone(), path: format!("/v1/customers/{}/activity", other.id), token: cust_token.clone(),
-              headers: vec![], body: vec![], status: 403, code: ErrorCode::Forbidden },
-        Bad { what: "another customer's rules", method: get.clone(), path: format!("/v1/customers/{}/rules", other.id), token: cust_token.clone(),
-              headers: vec![], body: vec![], status: 403, code: ErrorCode::Forbidden },
-        Bad { what: "unknown route", method: get.clone(), path: "/v1/nothing".into(), token: None,
-              headers: vec![], body: vec![], status: 404, code: ErrorCode::NotFound },
-        Bad { what: "unknown customer", method: get.clone(), path: "/v1/customers/cus_nobody".into(), token: admin_token.clone(),
-              headers: vec![], body: vec![], status: 404, code: ErrorCode::NotFound },
-        Bad { what: "entity registered twice", method: post.clone(), path: "/v1/entities".into(), token: admin_token.clone(),
-              headers: vec![("content-type".into(), "application/json".into())],
-              body: serde_json::to_vec(&json!({"id": "hotel", "name": "Again", "command_url": "https://h.example/c"}))?, status: 409, code: ErrorCode::Conflict },
-        Bad { what: "entity with a bad id", method: post.clone(), path: "/v1/entities".into(), token: admin_token.clone(),
-              headers: vec![("content-type".into(), "application/json".into())],
-              body: serde_json::to_vec(&json!({"id": "no spaces please", "name": "X", "command_url": "https://h.example/c"}))?, status: 400, code: ErrorCode::InvalidField },
-        Bad { what: "entity with an unknown field", method: post.clone(), path: "/v1/entities".into(), token: admin_token.clone(),
-              headers: vec![("content-type".into(), "application/json".into())],
-              body: serde_json::to_vec(&json!({"id": "x", "name": "X", "command_url": "https://h.example/c", "colour": 1}))?, status: 400, code: ErrorCode::MalformedBody },
+        Bad {
+            what: "wrong signature",
+            method: post.clone(),
+            path: "/v1/events".into(),
+            token: None,
+            headers: signed_headers(&w.hotel, "m1", now, &good),
+            body: good.clone(),
+            status: 401,
+            code: ErrorCode::BadSignature,
+        },
+        Bad {
+            what: "no signature headers",
+            method: post.clone(),
+            path: "/v1/events".into(),
+            token: None,
+            headers: vec![("content-type".into(), "application/cloudevents+json".into())],
+            body: good.clone(),
+            status: 400,
+            code: ErrorCode::MissingSignature,
+        },
+        Bad {
+            what: "timestamp 10 minutes old",
+            method: post.clone(),
+            path: "/v1/events".into(),
+            token: None,
+            headers: signed_headers(&w.airline, "m1", now - 600, &good),
+            body: good.clone(),
+            status: 401,
+            code: ErrorCode::StaleTimestamp,
+        },
+        Bad {
+            what: "malformed JSON",
+            method: post.clone(),
+            path: "/v1/events".into(),
+            token: None,
+            headers: signed_headers(&w.airline, "m1", now, b"{nope"),
+            body: b"{nope".to_vec(),
+            status: 400,
+            code: ErrorCode::MalformedBody,
+        },
+        Bad {
+            what: "oversize body",
+            method: post.clone(),
+            path: "/v1/events".into(),
+            token: None,
+            headers: vec![("content-type".into(), "application/cloudevents+json".into())],
+            body: vec![b' '; 300 * 1024],
+            status: 413,
+            code: ErrorCode::BodyTooLarge,
+        },
+        Bad {
+            what: "wrong content type",
+            method: post.clone(),
+            path: "/v1/events".into(),
+            token: None,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: good.clone(),
+            status: 415,
+            code: ErrorCode::UnsupportedMediaType,
+        },
+        Bad {
+            what: "admin call without a token",
+            method: get.clone(),
+            path: "/v1/entities".into(),
+            token: None,
+            headers: vec![],
+            body: vec![],
+            status: 401,
+            code: ErrorCode::Unauthorized,
+        },
+        Bad {
+            what: "admin call with a customer token",
+            method: get.clone(),
+            path: "/v1/entities".into(),
+            token: cust_token.clone(),
+            headers: vec![],
+            body: vec![],
+            status: 403,
+            code: ErrorCode::Forbidden,
+        },
+        Bad {
+            what: "another customer's activity",
+            method: get.clone(),
+            path: format!("/v1/customers/{}/activity", other.id),
+            token: cust_token.clone(),
+            headers: vec![],
+            body: vec![],
+            status: 403,
+            code: ErrorCode::Forbidden,
+        },
+        Bad {
+            what: "another customer's rules",
+            method: get.clone(),
+            path: format!("/v1/customers/{}/rules", other.id),
+            token: cust_token.clone(),
+            headers: vec![],
+            body: vec![],
+            status: 403,
+            code: ErrorCode::Forbidden,
+        },
+        Bad {
+            what: "unknown route",
+            method: get.clone(),
+            path: "/v1/nothing".into(),
+            token: None,
+            headers: vec![],
+            body: vec![],
+            status: 404,
+            code: ErrorCode::NotFound,
+        },
+        Bad {
+            what: "unknown customer",
+            method: get.clone(),
+            path: "/v1/customers/cus_nobody".into(),
+            token: admin_token.clone(),
+            headers: vec![],
+            body: vec![],
+            status: 404,
+            code: ErrorCode::NotFound,
+        },
+        Bad {
+            what: "entity registered twice",
+            method: post.clone(),
+            path: "/v1/entities".into(),
+            token: admin_token.clone(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(
+                &json!({"id": "hotel", "name": "Again", "command_url": "https://h.example/c"}),
+            )?,
+            status: 409,
+            code: ErrorCode::Conflict,
+        },
+        Bad {
+            what: "entity with a bad id",
+            method: post.clone(),
+            path: "/v1/entities".into(),
+            token: admin_token.clone(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(
+                &json!({"id": "no spaces please", "name": "X", "command_url": "https://h.example/c"}),
+            )?,
+            status: 400,
+            code: ErrorCode::InvalidField,
+        },
+        Bad {
+            what: "entity with an unknown field",
+            method: post.clone(),
+            path: "/v1/entities".into(),
+            token: admin_token.clone(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(
+                &json!({"id": "x", "name": "X", "command_url": "https://h.example/c", "colour": 1}),
+            )?,
+            status: 400,
+            code: ErrorCode::MalformedBody,
+        },
     ];
-    let mut with_event = |what: &'static str, e: CloudEvent, status: u16, code: ErrorCode, secret: &Secret| {
-        let body = event(&e);
-        cases.push(Bad { what, method: post.clone(), path: "/v1/events".into(), token: None,
-            headers: signed_headers(secret, "m2", now, &body), body, status, code });
-    };
+    let mut with_event =
+        |what: &'static str, e: CloudEvent, status: u16, code: ErrorCode, secret: &Secret| {
+            let body = event(&e);
+            cases.push(Bad {
+                what,
+                method: post.clone(),
+                path: "/v1/events".into(),
+                token: None,
+                headers: signed_headers(secret, "m2", now, &body),
+                body,
+                status,
+                code,
+            });
+        };
     let mut unknown = delayed("u-1", "FF-1234", 90);
     unknown.source = "nobody".into();
-    with_event("unknown entity", unknown, 422, ErrorCode::UnknownEntity, &w.airline);
+    with_event(
+        "unknown entity",
+        unknown,
+        422,
+        ErrorCode::UnknownEntity,
+        &w.airline,
+    );
     let mut undeclared = delayed("u-2", "FF-1234", 90);
     undeclared.event_type = "flight.teleported".into();
-    with_event("undeclared event type", undeclared, 400, ErrorCode::UnknownType, &w.airline);
+    with_event(
+        "undeclared event type",
+        undeclared,
+        400,
+        ErrorCode::UnknownType,
+        &w.airline,
+    );
     let mut violating = delayed("u-3", "FF-1234", 90);
     violating.data = Some(json!({"delay_minutes": "lots", "flight": "XY1"}));
-    with_event("data violating the event schema", violating, 400, ErrorCode::SchemaViolation, &w.airline);
+    with_event(
+        "data violating the event schema",
+        violating,
+        400,
+        ErrorCode::SchemaViolation,
+        &w.airline,
+    );
     let mut no_subject = delayed("u-4", "FF-1234", 90);
     no_subject.subject = None;
-    with_event("event without subject", no_subject, 400, ErrorCode::InvalidField, &w.airline);
+    with_event(
+        "event without subject",
+        no_subject,
+        400,
+        ErrorCode::InvalidField,
+        &w.airline,
+    );
     let mut bad_time = delayed("u-5", "FF-1234", 90);
     bad_time.time = Some("tomorrow".into());
-    with_event("event with a bad time", bad_time, 400, ErrorCode::InvalidField, &w.airline);
+    with_event(
+        "event with a bad time",
+        bad_time,
+        400,
+        ErrorCode::InvalidField,
+        &w.airline,
+    );
 
     let rule_cases: Vec<(&str, RuleSpec, u16, ErrorCode)> = {
         let mut syntax = delay_rule();
@@ -466,23 +773,57 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
         let mut schema = delay_rule();
         schema.then.data = json!({"flight": "data.flight"});
         vec![
-            ("rule with a CEL syntax error", syntax, 400, ErrorCode::InvalidRule),
-            ("rule with an unknown variable", unknown_var, 400, ErrorCode::InvalidRule),
-            ("rule naming an unlinked entity", unlinked, 422, ErrorCode::EntityNotLinked),
-            ("rule with an undeclared command type", bad_type, 400, ErrorCode::UnknownType),
-            ("rule mapping short of the command schema", schema, 400, ErrorCode::SchemaViolation),
+            (
+                "rule with a CEL syntax error",
+                syntax,
+                400,
+                ErrorCode::InvalidRule,
+            ),
+            (
+                "rule with an unknown variable",
+                unknown_var,
+                400,
+                ErrorCode::InvalidRule,
+            ),
+            (
+                "rule naming an unlinked entity",
+                unlinked,
+                422,
+                ErrorCode::EntityNotLinked,
+            ),
+            (
+                "rule with an undeclared command type",
+                bad_type,
+                400,
+                ErrorCode::UnknownType,
+            ),
+            (
+                "rule mapping short of the command schema",
+                schema,
+                400,
+                ErrorCode::SchemaViolation,
+            ),
         ]
     };
     for (what, spec, status, code) in rule_cases {
-        cases.push(Bad { what, method: post.clone(), path: format!("/v1/customers/{}/rules", w.customer.id),
-            token: cust_token.clone(), headers: vec![("content-type".into(), "application/json".into())],
-            body: serde_json::to_vec(&spec)?, status, code });
+        cases.push(Bad {
+            what,
+            method: post.clone(),
+            path: format!("/v1/customers/{}/rules", w.customer.id),
+            token: cust_token.clone(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&spec)?,
+            status,
+            code,
+        });
     }
 
     let http = reqwest::Client::new();
     let mut failures = Vec::new();
     for c in &cases {
-        let mut rb = http.request(c.method.clone(), format!("{}{}", w.node.url, c.path)).body(c.body.clone());
+        let mut rb = http
+            .request(c.method.clone(), format!("{}{}", w.node.url, c.path))
+            .body(c.body.clone());
         for (k, v) in &c.headers {
             rb = rb.header(k, v);
         }
@@ -491,39 +832,88 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
         }
         let resp = rb.send().await?;
         let status = resp.status().as_u16();
-        let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let problem: Option<custos_api::Problem> = resp.json().await.ok();
-        let ok = status == c.status && ct == "application/problem+json" && problem.as_ref().map(|p| p.code) == Some(c.code);
+        let ok = status == c.status
+            && ct == "application/problem+json"
+            && problem.as_ref().map(|p| p.code) == Some(c.code);
         if !ok {
-            failures.push(format!("{}: got {status} {ct} {problem:?}, want {} {:?}", c.what, c.status, c.code));
+            failures.push(format!(
+                "{}: got {status} {ct} {problem:?}, want {} {:?}",
+                c.what, c.status, c.code
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // And after all that, the node still works.
-    let r = w.node.anonymous().send_event(&w.airline, &delayed("after-bad", "FF-1234", 90)).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("after-bad", "FF-1234", 90))
+        .await?;
     assert_eq!(r.status, EventStatus::Accepted);
-    assert!(!w.node.log().contains("panicked"), "no panic in the node log");
+    assert!(
+        !w.node.log().contains("panicked"),
+        "no panic in the node log"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<()> {
     let w = world().await?;
-    w.node.anonymous().send_event(&w.airline, &delayed("ops-1", "FF-1234", 90)).await?;
+    w.node
+        .anonymous()
+        .send_event(&w.airline, &delayed("ops-1", "FF-1234", 90))
+        .await?;
     w.hotel_rx.wait_delivered(1, WAIT).await?;
     let http = reqwest::Client::new();
-    let doc: Value = http.get(format!("{}/openapi.json", w.node.url)).send().await?.json().await?;
+    let doc: Value = http
+        .get(format!("{}/openapi.json", w.node.url))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(doc["openapi"], "3.1.0");
-    for p in ["/v1/events", "/v1/entities", "/v1/customers/{id}/rules", "/v1/customers/{id}/activity",
-              "/v1/deliveries/{command_id}/replay", "/healthz", "/readyz", "/metrics"] {
+    for p in [
+        "/v1/events",
+        "/v1/entities",
+        "/v1/customers/{id}/rules",
+        "/v1/customers/{id}/activity",
+        "/v1/deliveries/{command_id}/replay",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing from OpenAPI");
     }
-    let metrics = http.get(format!("{}/metrics", w.node.url)).send().await?.text().await?;
-    for m in ["custos_events_total", "custos_delivery_attempts_total", "custos_raft_term",
-              "custos_raft_commit_index", "custos_raft_applied_index", "custos_command_delivery_latency_seconds"] {
+    let metrics = http
+        .get(format!("{}/metrics", w.node.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for m in [
+        "custos_events_total",
+        "custos_delivery_attempts_total",
+        "custos_raft_term",
+        "custos_raft_commit_index",
+        "custos_raft_applied_index",
+        "custos_command_delivery_latency_seconds",
+    ] {
         assert!(metrics.contains(m), "{m} missing from /metrics");
     }
-    let ready: Readiness = http.get(format!("{}/readyz", w.node.url)).send().await?.json().await?;
+    let ready: Readiness = http
+        .get(format!("{}/readyz", w.node.url))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert!(ready.ready);
     assert_eq!(ready.leader, Some(1));
     let health = http.get(format!("{}/healthz", w.node.url)).send().await?;
