@@ -374,7 +374,8 @@ pub struct Readiness {
     pub leader: Option<u64>,
     /// Last log index applied to the state machine.
     pub applied_index: u64,
-    /// Commands waiting for delivery.
+    /// Deliveries queued for their next attempt on this node (the leader), not counting
+    /// attempts in flight.
     pub pending_deliveries: u64,
     /// Why the node is not ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

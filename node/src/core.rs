@@ -1,8 +1,9 @@
 //! What every part of a node shares: the Raft handle, the state reader, the entity cache
 //! and the delivery wake-up; and the two primitives on them, `propose` and `read`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
@@ -133,10 +134,94 @@ impl EntityCache {
     }
 }
 
-/// Hears about applies: drops changed entities from the cache, wakes the delivery worker.
+/// Pending deliveries by due time, kept in memory so the worker never scans the due index
+/// (a queue in an LSM tree leaves a tombstone per settled entry for every scan to skip).
+/// Fed by the state machine's apply effects; reloaded from storage when this node becomes
+/// leader or installs a snapshot.
+#[derive(Default)]
+pub struct DueQueue {
+    queue: Mutex<BTreeSet<(i64, String)>>,
+    /// Set when the queue must be reloaded from storage.
+    stale: AtomicBool,
+    wake: Notify,
+}
+
+impl DueQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(i64, String)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a due delivery and wakes the worker.
+    pub fn push(&self, due_ms: i64, command_id: String) {
+        self.lock().insert((due_ms, command_id));
+        self.wake.notify_one();
+    }
+
+    /// Adds many (a reload from storage).
+    pub fn extend(&self, items: impl IntoIterator<Item = (i64, String)>) {
+        self.lock().extend(items);
+        self.wake.notify_one();
+    }
+
+    /// Removes and returns up to `max` deliveries due at `now_ms`.
+    pub fn pop_due(&self, now_ms: i64, max: usize) -> Vec<String> {
+        let mut q = self.lock();
+        let mut out = Vec::new();
+        while out.len() < max {
+            match q.first() {
+                Some((due, _)) if *due <= now_ms => {
+                    if let Some((_, id)) = q.pop_first() {
+                        out.push(id);
+                    }
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// The earliest due time queued.
+    pub fn next_due(&self) -> Option<i64> {
+        self.lock().first().map(|(d, _)| *d)
+    }
+
+    /// Queued deliveries.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Empties the queue and marks it for a reload (lost leadership, snapshot installed).
+    pub fn invalidate(&self) {
+        self.lock().clear();
+        self.stale.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// True (once) when the queue must be reloaded from storage.
+    pub fn take_stale(&self) -> bool {
+        self.stale.swap(false, Ordering::SeqCst)
+    }
+
+    /// Wakes the worker (e.g. attempt slots became free).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits until something is pushed or the queue is invalidated.
+    pub async fn notified(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// Hears about applies: drops changed entities from the cache, feeds the due queue.
 pub struct Observer {
     entities: Arc<EntityCache>,
-    deliveries: Arc<Notify>,
+    due: Arc<DueQueue>,
 }
 
 impl ApplyObserver for Observer {
@@ -144,10 +229,12 @@ impl ApplyObserver for Observer {
         for e in effects {
             match e {
                 Effect::EntityChanged(id) => self.entities.invalidate(Some(id)),
-                Effect::DeliveriesDue => self.deliveries.notify_one(),
+                Effect::DeliveryDue { command_id, due_ms } => {
+                    self.due.push(*due_ms, command_id.clone())
+                }
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
-                    self.deliveries.notify_one();
+                    self.due.invalidate();
                 }
             }
         }
@@ -164,8 +251,8 @@ pub struct Core {
     pub reader: StateReader,
     /// Entities by id.
     pub entities: Arc<EntityCache>,
-    /// Wakes the delivery worker when deliveries become due.
-    pub deliveries_due: Arc<Notify>,
+    /// Pending deliveries by due time.
+    pub due: Arc<DueQueue>,
 }
 
 impl std::fmt::Debug for Core {
@@ -176,11 +263,16 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// The observer to give the state machine, sharing this node's cache and wake-up.
-    pub fn observer(entities: &Arc<EntityCache>, deliveries: &Arc<Notify>) -> Arc<Observer> {
+    pub fn observer(entities: &Arc<EntityCache>, due: &Arc<DueQueue>) -> Arc<Observer> {
         Arc::new(Observer {
             entities: entities.clone(),
-            deliveries: deliveries.clone(),
+            due: due.clone(),
         })
+    }
+
+    /// True while this node leads the data group.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.config.node_id)
     }
 
     /// Proposes a change and waits until it is committed and applied here.

@@ -165,6 +165,9 @@ struct Worker {
     results: mpsc::UnboundedSender<DeliveryUpdate>,
 }
 
+/// How long a delivery whose attempt could not be prepared or recorded waits to be retried.
+const REQUEUE_MS: i64 = 1000;
+
 /// Runs the worker until `shutdown` turns true. Spawn it on the Raft runtime.
 pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     let cfg = core.config.delivery.clone();
@@ -177,21 +180,35 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         results: tx,
     });
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
-    let wake = core.deliveries_due.clone();
+    let mut leading = false;
     loop {
         if *shutdown.borrow() {
             break;
         }
+        let leader_now = core.is_leader();
+        if !leader_now {
+            // Only the leader delivers; a follower's queue would only grow.
+            core.due.invalidate();
+        } else if !leading || core.due.take_stale() {
+            match core.read(|r| r.due(i64::MAX, usize::MAX)).await {
+                Ok(items) => core.due.extend(items),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load pending deliveries");
+                    core.due.invalidate();
+                }
+            }
+        }
+        leading = leader_now;
         let mut wait = Duration::from_secs(1);
-        if core.raft.metrics().borrow().current_leader == Some(core.config.node_id) {
-            match dispatch_due(&worker, cfg.concurrency).await {
-                Ok(Some(next_due_in)) => wait = wait.min(next_due_in),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "delivery scan failed"),
+        if leading {
+            let now = unix_now_ms();
+            dispatch_due(&worker, now, cfg.concurrency);
+            if let Some(next) = core.due.next_due().filter(|d| *d > now) {
+                wait = wait.min(Duration::from_millis((next - now) as u64));
             }
         }
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = core.due.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
@@ -199,38 +216,17 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     recorder.abort();
 }
 
-/// Starts attempts for due deliveries; returns how soon the next one is due, if known.
-async fn dispatch_due(
-    worker: &Arc<Worker>,
-    concurrency: usize,
-) -> Result<Option<Duration>, crate::error::ServiceError> {
-    let now = unix_now_ms();
-    let scan = concurrency * 2;
-    let due = worker.core.read(move |r| r.due(now, scan)).await?;
-    let mut started = 0;
-    {
-        let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, id) in &due {
-            if in_flight.len() >= concurrency {
-                break;
-            }
-            if in_flight.insert(id.clone()) {
-                started += 1;
-                let w = worker.clone();
-                let id = id.clone();
-                tokio::spawn(async move { attempt(w, id).await });
-            }
+/// Starts attempts for due deliveries, up to the concurrency limit.
+fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
+    let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    let free = concurrency.saturating_sub(in_flight.len());
+    for id in worker.core.due.pop_due(now_ms, free) {
+        // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
+        if in_flight.insert(id.clone()) {
+            let w = worker.clone();
+            tokio::spawn(async move { attempt(w, id).await });
         }
     }
-    if started > 0 || due.len() >= scan {
-        return Ok(None);
-    }
-    let next = worker.core.read(|r| r.next_due()).await?;
-    Ok(next.and_then(|d| {
-        let ms = d - unix_now_ms();
-        // Due entries still in flight wake us when recorded; don't spin on them.
-        (ms > 0).then(|| Duration::from_millis(ms as u64))
-    }))
 }
 
 fn finish(worker: &Worker, id: &str) {
@@ -241,21 +237,23 @@ fn finish(worker: &Worker, id: &str) {
         .remove(id);
 }
 
+fn requeue(worker: &Worker, id: String) {
+    worker.core.due.push(unix_now_ms() + REQUEUE_MS, id);
+}
+
 async fn attempt(worker: Arc<Worker>, id: String) {
-    let update = match prepare_and_send(&worker, &id).await {
-        Ok(Some(u)) => u,
-        Ok(None) => {
-            finish(&worker, &id);
-            return;
+    match prepare_and_send(&worker, &id).await {
+        Ok(Some(update)) => {
+            if worker.results.send(update).is_err() {
+                finish(&worker, &id);
+            }
         }
+        Ok(None) => finish(&worker, &id),
         Err(e) => {
             tracing::warn!(command = %id, error = %e, "delivery could not be prepared");
             finish(&worker, &id);
-            return;
+            requeue(&worker, id);
         }
-    };
-    if worker.results.send(update).is_err() {
-        finish(&worker, &id);
     }
 }
 
@@ -426,14 +424,21 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
             })
             .collect();
         let change = StateChange::RecordDeliveries(std::mem::take(&mut batch));
-        if let Err(e) = worker.core.propose(change).await {
-            // Not recorded: the deliveries stay due and are attempted again (same webhook-id).
-            tracing::warn!(error = %e, n = ids.len(), "could not record delivery attempts");
-        }
+        let recorded = worker.core.propose(change).await;
         for id in &ids {
             finish(&worker, id);
         }
-        worker.core.deliveries_due.notify_one();
+        match recorded {
+            // Retries come back through the apply's DeliveryDue effects; wake for free slots.
+            Ok(_) => worker.core.due.wake(),
+            Err(e) => {
+                // Not recorded: attempt again later (same webhook-id; targets deduplicate).
+                tracing::warn!(error = %e, n = ids.len(), "could not record delivery attempts");
+                for id in ids {
+                    requeue(&worker, id);
+                }
+            }
+        }
     }
 }
 

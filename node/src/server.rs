@@ -13,10 +13,10 @@ use custos_api::types::unix_now_ms;
 use custos_raft::network::PeerNetwork;
 use custos_raft::{ChangeOutcome, LogStore, Raft, StateChange, StateMachineStore};
 use openraft::{BasicNode, SnapshotPolicy};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::core::{Core, EntityCache};
+use crate::core::{Core, DueQueue, EntityCache};
 use crate::profile::ProfileRouter;
 use crate::service::Vault;
 use crate::telemetry::Telemetry;
@@ -118,9 +118,10 @@ async fn start_raft(
     db: Arc<custos_raft::DB>,
     observer: Arc<crate::core::Observer>,
 ) -> Result<Raft, NodeError> {
+    let snapshots = config.data_dir.join("snapshots");
     let rc = Arc::new(raft_config(&config)?);
     let log = LogStore::new(db.clone(), DATA_GROUP);
-    let sm = StateMachineStore::new(db, DATA_GROUP, observer);
+    let sm = StateMachineStore::new(db, DATA_GROUP, observer, snapshots);
     let raft = Raft::new(config.node_id, rc, PeerNetwork::new(DATA_GROUP), log, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -176,7 +177,7 @@ async fn prune_loop(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        if core.raft.metrics().borrow().current_leader != Some(core.config.node_id) {
+        if !core.is_leader() {
             continue;
         }
         let before_ms = unix_now_ms() - retention_ms;
@@ -235,8 +236,8 @@ pub async fn run(
         .enable_all()
         .build()?;
     let entities = Arc::new(EntityCache::default());
-    let deliveries_due = Arc::new(Notify::new());
-    let observer = Core::observer(&entities, &deliveries_due);
+    let due = Arc::new(DueQueue::default());
+    let observer = Core::observer(&entities, &due);
     let raft = raft_rt
         .spawn(start_raft(config.clone(), db.clone(), observer))
         .await
@@ -246,7 +247,7 @@ pub async fn run(
         raft: raft.clone(),
         reader: custos_raft::StateReader::new(db.clone(), DATA_GROUP),
         entities,
-        deliveries_due,
+        due,
     });
 
     let arbiters = match config.profile_arbiters {

@@ -538,14 +538,7 @@ impl Vault {
         if let Err(e) = &metrics.running_state {
             problems.push(format!("raft stopped: {e}"));
         }
-        let pending = self
-            .core
-            .read(|r| r.pending_count(1_000_000))
-            .await
-            .unwrap_or_else(|e| {
-                problems.push(format!("storage: {e}"));
-                0
-            });
+        let pending = self.core.due.len();
         Readiness {
             ready: problems.is_empty(),
             node_id,

@@ -65,13 +65,10 @@ impl Telemetry {
                 0.0
             },
         );
-        if let Ok((committed, pending)) = core
-            .read(|r| Ok((r.committed()?, r.pending_count(10_000_000)?)))
-            .await
-        {
+        if let Ok(committed) = core.read(|r| r.committed()).await {
             metrics::gauge!("custos_raft_commit_index").set(committed.unwrap_or(0) as f64);
-            metrics::gauge!("custos_pending_deliveries").set(pending as f64);
         }
+        metrics::gauge!("custos_pending_deliveries").set(core.due.len() as f64);
         match &self.handle {
             Some(h) => h.render(),
             None => String::new(),

@@ -200,34 +200,6 @@ impl StateReader {
             .collect())
     }
 
-    /// The earliest due time of any pending delivery.
-    pub fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        let p = keys::prefix(self.group, keys::DUE);
-        let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, 1)?;
-        Ok(rows
-            .first()
-            .and_then(|(k, ())| keys::read_u64(k, keys::HEADER))
-            .map(|d| d as i64))
-    }
-
-    /// How many deliveries are pending (counted, up to `cap`).
-    pub fn pending_count(&self, cap: usize) -> Result<usize, StoreError> {
-        let p = keys::prefix(self.group, keys::DUE);
-        let end = keys::prefix_end(&p);
-        let mut it = self.db.raw_iterator();
-        it.seek(&p);
-        let mut n = 0;
-        while let Some(k) = it.key() {
-            if k >= end.as_slice() || n >= cap {
-                break;
-            }
-            n += 1;
-            it.next();
-        }
-        it.status()?;
-        Ok(n)
-    }
-
     /// Deliveries in a state, by command id, after the cursor `after`.
     pub fn deliveries(
         &self,

@@ -1,5 +1,5 @@
-//! The state machine: applies committed [`StateChange`]s to RocksDB and builds and installs
-//! snapshots of a group's key range.
+//! The state machine: applies committed [`StateChange`]s to RocksDB, snapshots a group's key
+//! range as RocksDB checkpoints, and installs snapshots received from a leader.
 //!
 //! Each `apply` call writes everything it changes, plus the last applied log id, in one
 //! RocksDB write batch, so a crash never leaves an entry half-applied. Its checks (exists,
@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use custos_api::limits::MAX_RULES_PER_CUSTOMER;
@@ -34,8 +35,13 @@ const MEMBERSHIP: &[u8] = b"membership";
 pub enum Effect {
     /// An entity was registered or changed.
     EntityChanged(String),
-    /// New or rescheduled pending deliveries exist.
-    DeliveriesDue,
+    /// A delivery is pending and due at this time (new, retried or replayed).
+    DeliveryDue {
+        /// Command id.
+        command_id: String,
+        /// When its next attempt is due.
+        due_ms: i64,
+    },
     /// The whole state was replaced by a snapshot: drop every cache.
     SnapshotInstalled,
 }
@@ -54,11 +60,12 @@ impl ApplyObserver for NoObserver {
     fn applied(&self, _effects: &[Effect]) {}
 }
 
-/// A snapshot as stored: its metadata and the encoded pairs of the group's data range.
+/// The current snapshot as recorded: its metadata and the RocksDB checkpoint (a hard-linked,
+/// point-in-time copy of the database, cheap to take) holding the state it describes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
-    data: Vec<u8>,
+    checkpoint: String,
 }
 
 /// The pairs of a snapshot: keys without the group prefix, so it can land in another group.
@@ -70,6 +77,7 @@ pub struct StateMachineStore {
     db: Arc<DB>,
     group: GroupId,
     observer: Arc<dyn ApplyObserver>,
+    snapshots: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -81,12 +89,14 @@ impl std::fmt::Debug for StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// The state machine of `group` in `db`, reporting effects to `observer`.
-    pub fn new(db: Arc<DB>, group: GroupId, observer: Arc<dyn ApplyObserver>) -> Self {
+    /// The state machine of `group` in `db`, reporting effects to `observer`, keeping its
+    /// snapshot checkpoints under `snapshots` (on the database's filesystem: they are hard links).
+    pub fn new(db: Arc<DB>, group: GroupId, observer: Arc<dyn ApplyObserver>, snapshots: PathBuf) -> Self {
         StateMachineStore {
             db,
             group,
             observer,
+            snapshots: Arc::new(snapshots),
         }
     }
 
@@ -162,36 +172,80 @@ impl StateMachineStore {
             self.sm_meta_key(MEMBERSHIP),
             codec::encode(&meta.last_membership)?,
         );
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.to_vec(),
-        };
-        batch.put(
-            keys::prefix(self.group, keys::SNAPSHOT),
-            codec::encode(&stored)?,
-        );
         self.db.write(batch)?;
+        // The installed state becomes this node's current snapshot, as received.
+        checkpoint(&self.db, self.group, &self.snapshots, Some(meta.clone()))?;
         self.observer.applied(&[Effect::SnapshotInstalled]);
         Ok(())
     }
 }
 
-/// Builds a snapshot from a consistent RocksDB view of the group's state machine range.
-fn build_snapshot(db: &DB, group: GroupId) -> Result<StoredSnapshot, StoreError> {
-    let view = db.snapshot();
+fn read_sm_meta(db: &DB, group: GroupId) -> Result<(Option<LogId>, StoredMembership), StoreError> {
     let meta_key = |name: &[u8]| keys::key(group, keys::SM_META, name);
-    let last_log_id: Option<LogId> = match view.get(meta_key(APPLIED))? {
+    let last_log_id: Option<LogId> = match db.get(meta_key(APPLIED))? {
         Some(v) => codec::decode(&v)?,
         None => None,
     };
-    let last_membership: StoredMembership = match view.get(meta_key(MEMBERSHIP))? {
+    let last_membership: StoredMembership = match db.get(meta_key(MEMBERSHIP))? {
         Some(v) => codec::decode(&v)?,
         None => StoredMembership::default(),
     };
+    Ok((last_log_id, last_membership))
+}
+
+/// Takes a checkpoint of the database and records it as the group's current snapshot, with
+/// `meta` (after an install) or the metadata read from the checkpoint itself (so data and
+/// metadata always agree). Older checkpoints of the group are removed.
+fn checkpoint(db: &DB, group: GroupId, dir: &Path, meta: Option<SnapshotMeta>) -> Result<SnapshotMeta, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::Task(e.to_string()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = format!("g{group}-{now}");
+    let path = dir.join(&name);
+    rocksdb::checkpoint::Checkpoint::new(db)?.create_checkpoint(&path)?;
+    let meta = match meta {
+        Some(m) => m,
+        None => {
+            let cp = DB::open_for_read_only(&rocksdb::Options::default(), &path, false)?;
+            let (last_log_id, last_membership) = read_sm_meta(&cp, group)?;
+            let snapshot_id = match &last_log_id {
+                Some(l) => format!("{group}-{}-{}-{now}", l.leader_id.term, l.index),
+                None => format!("{group}-0-0-{now}"),
+            };
+            SnapshotMeta {
+                last_log_id,
+                last_membership,
+                snapshot_id,
+            }
+        }
+    };
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        checkpoint: name.clone(),
+    };
+    db.put(keys::prefix(group, keys::SNAPSHOT), codec::encode(&stored)?)?;
+    let prefix = format!("g{group}-");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&prefix) && n != name {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(meta)
+}
+
+/// Reads a snapshot's data (the group's state machine range) out of its checkpoint. Only a
+/// leader sending a snapshot to a lagging follower needs this.
+fn materialize(dir: &Path, group: GroupId, stored: &StoredSnapshot) -> Result<Vec<u8>, StoreError> {
+    let cp = DB::open_for_read_only(&rocksdb::Options::default(), dir.join(&stored.checkpoint), false)?;
     let lo = keys::prefix(group, keys::SM_FIRST);
     let hi = keys::prefix(group, keys::SM_END);
     let mut pairs: SnapshotPairs = Vec::new();
-    let mut it = view.raw_iterator();
+    let mut it = cp.raw_iterator();
     it.seek(&lo);
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         if k >= hi.as_slice() {
@@ -201,25 +255,7 @@ fn build_snapshot(db: &DB, group: GroupId) -> Result<StoredSnapshot, StoreError>
         it.next();
     }
     it.status()?;
-    let data = codec::encode(&pairs)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let snapshot_id = match &last_log_id {
-        Some(l) => format!("{group}-{}-{}-{now}", l.leader_id.term, l.index),
-        None => format!("{group}-0-0-{now}"),
-    };
-    let stored = StoredSnapshot {
-        meta: SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
-        },
-        data,
-    };
-    db.put(keys::prefix(group, keys::SNAPSHOT), codec::encode(&stored)?)?;
-    Ok(stored)
+    Ok(codec::encode(&pairs)?)
 }
 
 /// Builds snapshots of one group.
@@ -227,19 +263,23 @@ fn build_snapshot(db: &DB, group: GroupId) -> Result<StoredSnapshot, StoreError>
 pub struct SnapshotBuilder {
     db: Arc<DB>,
     group: GroupId,
+    snapshots: Arc<PathBuf>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Takes a checkpoint (hard links and a memtable flush: milliseconds, whatever the state's
+    /// size) instead of serializing the state. openraft (0.9) only keeps the metadata of a
+    /// built snapshot; the data is read from the checkpoint by `get_current_snapshot` when a
+    /// follower needs it, so the returned data is left empty.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let db = self.db.clone();
-        let group = self.group;
-        let stored = tokio::task::spawn_blocking(move || build_snapshot(&db, group))
+        let (db, group, dir) = (self.db.clone(), self.group, self.snapshots.clone());
+        let meta = tokio::task::spawn_blocking(move || checkpoint(&db, group, &dir, None))
             .await
             .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?
             .map_err(StoreError::into_raft_write)?;
         Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -265,6 +305,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             db: self.db.clone(),
             group: self.group,
+            snapshots: self.snapshots.clone(),
         }
     }
 
@@ -282,12 +323,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let stored = self
-            .current_snapshot()
+        let Some(stored) = self.current_snapshot().map_err(StoreError::into_raft_read)? else {
+            return Ok(None);
+        };
+        let (dir, group, s) = (self.snapshots.clone(), self.group, stored.clone());
+        let data = tokio::task::spawn_blocking(move || materialize(&dir, group, &s))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()).into_raft_read())?
             .map_err(StoreError::into_raft_read)?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }
@@ -358,6 +404,16 @@ impl<'a> Tx<'a> {
         self.overlay.insert(k, Some(key.to_vec()));
     }
 
+    /// Puts a pending delivery in the due index and tells the delivery worker.
+    fn schedule(&mut self, due_ms: i64, command_id: &str) -> Result<(), StoreError> {
+        self.put(keys::due(self.group, due_ms, command_id), &())?;
+        self.effects.push(Effect::DeliveryDue {
+            command_id: command_id.to_owned(),
+            due_ms,
+        });
+        Ok(())
+    }
+
     fn activity(
         &mut self,
         customer: &str,
@@ -415,7 +471,6 @@ impl<'a> Tx<'a> {
                 }
                 self.put(keys::key(g, keys::ENTITY, id.as_bytes()), &entity)?;
                 self.effects.push(Effect::EntityChanged(id));
-                self.effects.push(Effect::DeliveriesDue);
                 ChangeOutcome::Done
             }
             StateChange::RotateSecret {
@@ -529,7 +584,7 @@ impl<'a> Tx<'a> {
                 rec.reason = None;
                 rec.next_due_ms = Some(at_ms);
                 self.delete(keys::key(g, keys::FAILED, command_id.as_bytes()));
-                self.put(keys::due(g, at_ms, &command_id), &())?;
+                self.schedule(at_ms, &command_id)?;
                 let customer = rec.command.customer_id.clone();
                 self.put(key, &rec)?;
                 self.activity(
@@ -541,7 +596,6 @@ impl<'a> Tx<'a> {
                         reason: "replayed by an operator".into(),
                     },
                 )?;
-                self.effects.push(Effect::DeliveriesDue);
                 ChangeOutcome::Done
             }
             StateChange::Prune { before_ms, limit } => self.prune(before_ms, limit)?,
@@ -647,7 +701,7 @@ impl<'a> Tx<'a> {
                     command_type: command.command_type.clone(),
                 },
             )?;
-            self.put(keys::due(g, at, &command.id), &())?;
+            self.schedule(at, &command.id)?;
             let key = keys::key(g, keys::OUTBOX, command.id.as_bytes());
             self.put(
                 key,
@@ -659,9 +713,6 @@ impl<'a> Tx<'a> {
                     reason: None,
                 },
             )?;
-        }
-        if fate == EventFate::Accepted {
-            self.effects.push(Effect::DeliveriesDue);
         }
         Ok(ChangeOutcome::Ingested {
             duplicate: false,
@@ -702,8 +753,7 @@ impl<'a> Tx<'a> {
                     }
                     AttemptNext::RetryAt(due) => {
                         rec.next_due_ms = Some(due);
-                        self.put(keys::due(g, due, &command_id), &())?;
-                        self.effects.push(Effect::DeliveriesDue);
+                        self.schedule(due, &command_id)?;
                     }
                     AttemptNext::Exhausted => {
                         rec.state = DeliveryState::Failed;

@@ -20,7 +20,7 @@ fn store(group: u32) -> anyhow::Result<Store> {
     let dir = tempfile::tempdir()?;
     let db = custos_raft::open_db(dir.path())?;
     Ok(Store {
-        sm: StateMachineStore::new(db.clone(), group, Arc::new(NoObserver)),
+        sm: StateMachineStore::new(db.clone(), group, Arc::new(NoObserver), dir.path().join("snapshots")),
         reader: StateReader::new(db, group),
         _dir: dir,
         index: 0,

@@ -17,7 +17,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let db = custos_raft::open_db(dir.path()).map_err(|e| e.into_raft_write())?;
         // Group 7, not 0, so a key built without the group prefix would be caught.
         let log = LogStore::new(db.clone(), 7);
-        let sm = StateMachineStore::new(db, 7, Arc::new(NoObserver));
+        let sm = StateMachineStore::new(db, 7, Arc::new(NoObserver), dir.path().join("snapshots"));
         Ok((dir, log, sm))
     }
 }

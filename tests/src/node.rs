@@ -41,7 +41,11 @@ pub struct NodeOptions {
     pub allow_private_targets: bool,
     /// Waits before each delivery attempt, in seconds.
     pub retry_schedule_secs: Vec<f64>,
-    /// Extra TOML appended to the config file.
+    /// Log filter.
+    pub log_level: String,
+    /// Raft entries between snapshots.
+    pub snapshot_every: u64,
+    /// Extra top-level TOML keys for the config file.
     pub extra_toml: String,
 }
 
@@ -50,6 +54,8 @@ impl Default for NodeOptions {
         NodeOptions {
             allow_private_targets: true,
             retry_schedule_secs: vec![0.0, 0.2, 0.2, 0.2],
+            log_level: "info,openraft=warn,custos::http=warn".into(),
+            snapshot_every: 20_000,
             extra_toml: String::new(),
         }
     }
@@ -100,7 +106,7 @@ impl Node {
              listen = \"127.0.0.1:0\"\n\
              peer_listen = \"127.0.0.1:0\"\n\
              allow_private_targets = {}\n\
-             log_level = \"info,custos::http=warn\"\n\
+             log_level = {:?}\n\
              {}\n\
              [delivery]\n\
              retry_schedule_secs = [{}]\n\
@@ -109,10 +115,13 @@ impl Node {
              [raft]\n\
              heartbeat_ms = 50\n\
              election_timeout_min_ms = 150\n\
-             election_timeout_max_ms = 300\n",
+             election_timeout_max_ms = 300\n\
+             snapshot_every = {}\n",
             o.allow_private_targets,
+            o.log_level,
             o.extra_toml,
-            schedule.join(", ")
+            schedule.join(", "),
+            o.snapshot_every
         );
         let path = self.data_dir.join("custos.toml");
         std::fs::write(&path, text)?;
@@ -145,15 +154,28 @@ impl Node {
         }
         let child = cmd.spawn().context("starting custos")?;
         self.child = Some(child);
-        let ready: Ready = poll::until("node.json", Duration::from_secs(60), || {
+        let exited = std::sync::atomic::AtomicBool::new(false);
+        let ready: Option<Ready> = poll::until("node.json", Duration::from_secs(60), || {
             let f = ready_file.clone();
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    exited.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let gone = exited.load(std::sync::atomic::Ordering::Relaxed);
             async move {
+                if gone {
+                    return Some(None);
+                }
                 let text = std::fs::read_to_string(f).ok()?;
-                serde_json::from_str(&text).ok()
+                serde_json::from_str(&text).ok().map(Some)
             }
         })
         .await
         .with_context(|| format!("node log:\n{}", self.log()))?;
+        let Some(ready) = ready else {
+            anyhow::bail!("custos exited during start; its log:\n{}", self.log());
+        };
         anyhow::ensure!(
             Some(ready.pid) == self.child.as_ref().map(Child::id),
             "node.json is from another process"
