@@ -76,6 +76,7 @@ pub struct Node {
 struct Ready {
     api: String,
     pid: u32,
+    tls: bool,
 }
 
 impl Node {
@@ -180,8 +181,12 @@ impl Node {
             Some(ready.pid) == self.child.as_ref().map(Child::id),
             "node.json is from another process"
         );
-        self.url = format!("http://{}", ready.api);
-        let http = reqwest::Client::new();
+        let scheme = if ready.tls { "https" } else { "http" };
+        self.url = format!("{scheme}://{}", ready.api);
+        // Readiness only: the TLS tests check the certificate themselves.
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()?;
         let url = format!("{}/readyz", self.url);
         poll::until("readyz 200", Duration::from_secs(30), || {
             let (http, url) = (http.clone(), url.clone());
