@@ -10,6 +10,7 @@
 //! - [`service`]: the vault's operations, one method per API call.
 //! - [`profile`]: one actix actor per active customer, owning its links and compiled rules.
 //! - [`rules`]: CEL conditions and mappings, indexed by (source entity, event type).
+//! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
 //! - [`delivery`]: the outbox worker: signed POSTs, retries, SSRF guard, batched results.
 //! - [`core`]: what all of the above share: Raft handle, state reader, entity cache.
 //! - [`error`]: the service error, mapped once to problem+json.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod gateway;
 pub mod peer;
 pub mod profile;
+pub mod recommend;
 pub mod rules;
 pub mod server;
 pub mod service;

@@ -25,6 +25,18 @@ enum Command {
     Serve(ServeArgs),
     /// Print the commented default configuration file.
     Config,
+    /// Evaluate the rule recommender on the IFTTT rules dataset (rules, trainset, testset).
+    RecommendEval {
+        /// Directory with the dataset's `rules`, `trainset` and `testset` files.
+        #[arg(long)]
+        data: PathBuf,
+        /// Ignore co-occurrences kept by fewer users than this (1 = as published baselines).
+        #[arg(long, default_value_t = 1)]
+        min_support: u32,
+        /// Evaluate at most this many test users (0 = all).
+        #[arg(long, default_value_t = 0)]
+        max_users: usize,
+    },
     /// Operator and customer calls against a running node.
     #[command(flatten)]
     Client(ClientCommand),
@@ -325,6 +337,17 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Config => {
             print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Command::RecommendEval {
+            data,
+            min_support,
+            max_users,
+        } => {
+            use custos_node::recommend::eval;
+            let dataset = eval::load(&data)?;
+            let report = eval::run(&dataset, &eval::EvalOptions { min_support, max_users });
+            print!("{}", report.to_markdown());
             Ok(())
         }
         Command::Client(cmd) => {
