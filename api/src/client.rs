@@ -213,6 +213,45 @@ impl Client {
         self.get(&path).await
     }
 
+    /// A customer's recommendations.
+    pub async fn recommendations(&self, customer: &str) -> Result<RecommendationList, ClientError> {
+        self.get(&format!("/v1/customers/{customer}/recommendations"))
+            .await
+    }
+
+    /// Accepts a recommendation.
+    pub async fn accept_recommendation(
+        &self,
+        customer: &str,
+        id: &str,
+    ) -> Result<Rule, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/customers/{customer}/recommendations/{id}/accept"),
+            &(),
+        )
+        .await
+    }
+
+    /// Dismisses a recommendation.
+    pub async fn dismiss_recommendation(
+        &self,
+        customer: &str,
+        id: &str,
+    ) -> Result<(), ClientError> {
+        Self::call(self.request(
+            Method::POST,
+            &format!("/v1/customers/{customer}/recommendations/{id}/dismiss"),
+        ))
+        .await
+    }
+
+    /// Trains the recommender now (admin).
+    pub async fn train_recommender(&self) -> Result<ModelSummary, ClientError> {
+        self.json(Method::POST, "/v1/recommendations/train", &())
+            .await
+    }
+
     /// Deliveries with a status (admin).
     pub async fn deliveries(&self, status: DeliveryStatus) -> Result<DeliveryPage, ClientError> {
         let s = serde_json::to_value(status)

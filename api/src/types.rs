@@ -382,6 +382,66 @@ pub struct Readiness {
     pub problems: Vec<String>,
 }
 
+/// A rule's shape without its condition and mapping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RuleTemplate {
+    /// Trigger entity.
+    pub when_entity: String,
+    /// Event type.
+    pub event_type: String,
+    /// Target entity.
+    pub then_entity: String,
+    /// Command type.
+    pub command_type: String,
+}
+
+/// A rule the vault recommends to a customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Recommendation {
+    /// Id to accept or dismiss it with.
+    pub id: String,
+    /// The recommended template.
+    pub template: RuleTemplate,
+    /// Calibrated probability that the customer keeps it.
+    pub confidence: f64,
+    /// Why, in words.
+    pub reason: String,
+    /// The rule accepting creates: the population's agreed condition and mapping, when at
+    /// least k customers agree on one.
+    pub rule: RuleSpec,
+    /// The model that made it.
+    pub model_version: u64,
+}
+
+/// A customer's recommendations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RecommendationList {
+    /// The model in use, if one has been trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<u64>,
+    /// Recommendations below this confidence are not shown.
+    pub threshold: f64,
+    /// Best first.
+    pub items: Vec<Recommendation>,
+}
+
+/// What a training produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelSummary {
+    /// Model version.
+    pub version: u64,
+    /// When trained.
+    pub trained_at: String,
+    /// Customers in the population.
+    pub customers: u32,
+    /// Distinct rule templates.
+    pub templates: u32,
+    /// Template pairs kept by at least k customers.
+    pub pairs: u32,
+    /// k.
+    pub min_support: u32,
+}
+
 /// Formats Unix milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn rfc3339_ms(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;

@@ -58,6 +58,14 @@ profile_arbiters = 0
 # After a secret rotation, the previous secret keeps verifying events for this long.
 secret_grace_hours = 24
 
+# Recommendations: shown at or above this calibrated confidence; patterns kept by fewer than
+# recommend_min_customers customers are never used (k-anonymity); retrained this often (and on
+# demand with POST /v1/recommendations/train); RP3beta's popularity damping.
+recommend_threshold = 0.5
+recommend_min_customers = 10
+recommend_interval_secs = 3600
+recommend_beta = 0.2
+
 [delivery]
 # Seconds to wait before each attempt: the first is the initial delivery, the last the final
 # retry. A 429 or 503 with Retry-After waits at least as long as the target asked.
@@ -175,6 +183,14 @@ pub struct Config {
     pub profile_arbiters: usize,
     /// Rotation grace.
     pub secret_grace_hours: f64,
+    /// Recommendation display threshold.
+    pub recommend_threshold: f64,
+    /// k-anonymity for recommendations.
+    pub recommend_min_customers: u32,
+    /// Training interval.
+    pub recommend_interval_secs: f64,
+    /// RP3beta damping.
+    pub recommend_beta: f64,
     /// Delivery.
     pub delivery: DeliveryConfig,
     /// Raft.
@@ -203,6 +219,10 @@ impl Default for Config {
             profile_idle_secs: 120.0,
             profile_arbiters: 0,
             secret_grace_hours: 24.0,
+            recommend_threshold: 0.5,
+            recommend_min_customers: 10,
+            recommend_interval_secs: 3600.0,
+            recommend_beta: 0.2,
             delivery: DeliveryConfig::default(),
             raft: RaftConfig::default(),
             tls: TlsConfig::default(),
@@ -302,6 +322,7 @@ impl Config {
             ("prune_interval_secs", self.prune_interval_secs),
             ("profile_idle_secs", self.profile_idle_secs),
             ("secret_grace_hours", self.secret_grace_hours),
+            ("recommend_interval_secs", self.recommend_interval_secs),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(ConfigError::Invalid(format!("{name} must be > 0")));
@@ -315,6 +336,14 @@ impl Config {
             return bad(
                 "raft: need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms",
             );
+        }
+        if !(0.0..=1.0).contains(&self.recommend_threshold)
+            || !(0.0..=2.0).contains(&self.recommend_beta)
+        {
+            return bad("recommend_threshold must be in [0, 1] and recommend_beta in [0, 2]");
+        }
+        if self.recommend_min_customers == 0 {
+            return bad("recommend_min_customers must be at least 1");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls: set both cert and key, or neither");

@@ -370,6 +370,55 @@ async fn replay(
     Ok(HttpResponse::Ok().json(vault.replay(&id).await?))
 }
 
+/// A customer's recommended rules, with confidence and reason.
+#[utoipa::path(get, path = "/v1/customers/{id}/recommendations", tag = "recommendations", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = RecommendationList)))]
+async fn recommendations(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.recommendations(&id).await?))
+}
+
+/// Accepts a recommendation: creates its rule (validated like any rule).
+#[utoipa::path(post, path = "/v1/customers/{id}/recommendations/{rec_id}/accept", tag = "recommendations",
+    security(("bearer" = [])), params(("id" = String, Path), ("rec_id" = String, Path)),
+    responses((status = 201, body = Rule), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn accept_recommendation(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, rec) = path.into_inner();
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Created().json(vault.accept_recommendation(&id, &rec).await?))
+}
+
+/// Dismisses a recommendation (remembered; not shown again).
+#[utoipa::path(post, path = "/v1/customers/{id}/recommendations/{rec_id}/dismiss", tag = "recommendations",
+    security(("bearer" = [])), params(("id" = String, Path), ("rec_id" = String, Path)),
+    responses((status = 204), (status = 400, body = Problem)))]
+async fn dismiss_recommendation(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, rec) = path.into_inner();
+    vault.require_customer(bearer(&req), &id).await?;
+    vault.dismiss_recommendation(&id, &rec).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Trains the recommender now (it also trains on a schedule).
+#[utoipa::path(post, path = "/v1/recommendations/train", tag = "recommendations", security(("bearer" = [])),
+    responses((status = 200, body = ModelSummary)))]
+async fn train(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.train_recommender().await?))
+}
+
 async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     Err(ServiceError::refused(
         ErrorCode::NotFound,
@@ -396,11 +445,13 @@ impl utoipa::Modify for BearerScheme {
     info(title = "Custos", description = "The customer's data vault: events in, signed commands out."),
     paths(healthz, readyz, metrics, openapi, post_event, register_entity, list_entities, get_entity,
           update_entity, rotate_secret, create_customer, get_customer, link, unlink, create_rule,
-          list_rules, get_rule, delete_rule, activity, list_deliveries, get_delivery, replay),
+          list_rules, get_rule, delete_rule, activity, list_deliveries, get_delivery, replay,
+          recommendations, accept_recommendation, dismiss_recommendation, train),
     components(schemas(Problem, ErrorCode, CloudEvent, EventReceipt, EventStatus, RegisterEntity,
         UpdateEntity, Entity, TypeSpec, CustomerCreated, Customer, Link, LinkRequest, RuleSpec,
         Rule, Trigger, Action, ActivityPage, ActivityItem, ActivityKind, DeliveryPage, Delivery,
-        DeliveryStatus, Attempt, Readiness)),
+        DeliveryStatus, Attempt, Readiness, RuleTemplate, Recommendation, RecommendationList,
+        ModelSummary)),
     modifiers(&BearerScheme)
 )]
 pub struct ApiDoc;
@@ -446,6 +497,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::delete().to(delete_rule),
     )
     .route("/v1/customers/{id}/activity", web::get().to(activity))
+    .route(
+        "/v1/customers/{id}/recommendations",
+        web::get().to(recommendations),
+    )
+    .route(
+        "/v1/customers/{id}/recommendations/{rec_id}/accept",
+        web::post().to(accept_recommendation),
+    )
+    .route(
+        "/v1/customers/{id}/recommendations/{rec_id}/dismiss",
+        web::post().to(dismiss_recommendation),
+    )
+    .route("/v1/recommendations/train", web::post().to(train))
     .route("/v1/deliveries", web::get().to(list_deliveries))
     .route("/v1/deliveries/{command_id}", web::get().to(get_delivery))
     .route("/v1/deliveries/{command_id}/replay", web::post().to(replay))

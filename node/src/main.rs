@@ -346,7 +346,13 @@ fn main() -> anyhow::Result<()> {
         } => {
             use custos_node::recommend::eval;
             let dataset = eval::load(&data)?;
-            let report = eval::run(&dataset, &eval::EvalOptions { min_support, max_users });
+            let report = eval::run(
+                &dataset,
+                &eval::EvalOptions {
+                    min_support,
+                    max_users,
+                },
+            );
             print!("{}", report.to_markdown());
             Ok(())
         }

@@ -206,6 +206,28 @@ async fn prune_loop(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Retrains the recommender on a schedule while this node leads.
+async fn train_loop(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_secs_f64(core.config.recommend_interval_secs);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        if !core.is_leader() {
+            continue;
+        }
+        match crate::service::train_recommender(&core).await {
+            Ok(m) => tracing::info!(
+                version = m.version,
+                customers = m.customers,
+                "recommender trained"
+            ),
+            Err(e) => tracing::warn!(error = %e, "recommender training failed"),
+        }
+    }
+}
+
 /// The addresses a node serves, written to `<data_dir>/node.json` once it is ready.
 #[derive(Debug, serde::Serialize)]
 struct Ready {
@@ -265,7 +287,8 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = raft_rt.spawn(crate::delivery::run(core.clone(), stop_rx.clone()));
-    let pruner = raft_rt.spawn(prune_loop(core.clone(), stop_rx));
+    let pruner = raft_rt.spawn(prune_loop(core.clone(), stop_rx.clone()));
+    let trainer = raft_rt.spawn(train_loop(core.clone(), stop_rx));
 
     let api_addr = listeners.api.local_addr()?;
     let peer_addr = listeners.peer.local_addr()?;
@@ -329,6 +352,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = worker.await;
     let _ = pruner.await;
+    let _ = trainer.await;
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::core::{check_schema, compile_schema, Core};
 use crate::error::ServiceError;
 use crate::profile::{receipt, ProfileReply, ProfileRequest, ProfileRouter};
+use crate::recommend::vault::Served;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,35 @@ pub struct Vault {
     core: Arc<Core>,
     profiles: ProfileRouter,
     admin_token_hash: Arc<[u8; 32]>,
+    /// The stored model, rebuilt for serving when its version changes.
+    served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
+}
+
+/// Trains the recommender on every customer's rules and stores the model through Raft.
+pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
+    let (rules, current) = core.read(|r| Ok((r.all_rules()?, r.model()?))).await?;
+    let version = current.map(|m| m.version).unwrap_or(0) + 1;
+    let (beta, k) = (
+        core.config.recommend_beta,
+        core.config.recommend_min_customers,
+    );
+    let now = unix_now_ms();
+    // Training is CPU work on counts: keep it off the event loops.
+    let model = tokio::task::spawn_blocking(move || {
+        crate::recommend::vault::train(rules, version, now, beta, k)
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let summary = ModelSummary {
+        version: model.version,
+        trained_at: rfc3339_ms(model.trained_ms),
+        customers: model.customers,
+        templates: model.templates.len() as u32,
+        pairs: model.pairs.len() as u32,
+        min_support: model.min_support,
+    };
+    core.propose(StateChange::PutModel(Box::new(model))).await?;
+    Ok(summary)
 }
 
 impl std::fmt::Debug for Vault {
@@ -57,6 +87,7 @@ impl Vault {
             core,
             profiles,
             admin_token_hash: Arc::new(sha256(admin_token.as_bytes())),
+            served: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -349,6 +380,95 @@ impl Vault {
                 .collect(),
             next,
         })
+    }
+
+    // ---- recommendations ------------------------------------------------------------------
+
+    /// Trains the recommender now.
+    pub async fn train_recommender(&self) -> Result<ModelSummary, ServiceError> {
+        train_recommender(&self.core).await
+    }
+
+    /// A customer's recommendations, at or above the configured confidence.
+    pub async fn recommendations(
+        &self,
+        customer: &str,
+    ) -> Result<RecommendationList, ServiceError> {
+        check_id("customer id", customer)?;
+        let owned = customer.to_owned();
+        let (exists, rules, dismissed, model) = self
+            .core
+            .read(move |r| {
+                Ok((
+                    r.customer(&owned)?.is_some(),
+                    r.rules(&owned)?,
+                    r.dismissed(&owned)?,
+                    r.model()?,
+                ))
+            })
+            .await?;
+        if !exists {
+            return Err(ServiceError::not_found("customer", customer));
+        }
+        let threshold = self.core.config.recommend_threshold;
+        let Some(model) = model else {
+            return Ok(RecommendationList {
+                model_version: None,
+                threshold,
+                items: Vec::new(),
+            });
+        };
+        let served = {
+            let mut cache = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.as_ref().filter(|s| s.record.version == model.version) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(Served::new(model));
+                    *cache = Some(s.clone());
+                    s
+                }
+            }
+        };
+        let dismissed: std::collections::HashSet<String> = dismissed.into_iter().collect();
+        Ok(RecommendationList {
+            model_version: Some(served.record.version),
+            threshold,
+            items: served.recommend(&rules, &dismissed, threshold),
+        })
+    }
+
+    /// Accepts a recommendation: its rule is created and validated like any rule.
+    pub async fn accept_recommendation(
+        &self,
+        customer: &str,
+        rec_id: &str,
+    ) -> Result<Rule, ServiceError> {
+        let list = self.recommendations(customer).await?;
+        let rec = list
+            .items
+            .into_iter()
+            .find(|r| r.id == rec_id)
+            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
+        self.create_rule(customer, rec.rule).await
+    }
+
+    /// Dismisses a recommendation; it is not shown again.
+    pub async fn dismiss_recommendation(
+        &self,
+        customer: &str,
+        rec_id: &str,
+    ) -> Result<(), ServiceError> {
+        check_id("customer id", customer)?;
+        let template = crate::recommend::vault::decode_id(rec_id)
+            .filter(|t| t.len() <= 4 * custos_api::limits::MAX_ID_LEN + 3)
+            .ok_or_else(|| ServiceError::invalid("recommendation id", "not a recommendation id"))?;
+        self.core
+            .propose(StateChange::Dismiss {
+                customer_id: customer.to_owned(),
+                template,
+            })
+            .await?;
+        Ok(())
     }
 
     // ---- events ---------------------------------------------------------------------------

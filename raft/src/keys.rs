@@ -41,6 +41,10 @@ pub const DUE: u8 = 0x19;
 pub const FAILED: u8 = 0x1a;
 /// Retention index: `| expires_ms u64 | seq u64` -> the key to delete then.
 pub const EXPIRY: u8 = 0x1b;
+/// The recommendation model (one key).
+pub const MODEL: u8 = 0x1c;
+/// Dismissed recommendations: `| customer \0 template`.
+pub const DISMISSED: u8 = 0x1d;
 /// End of state machine data tags (exclusive).
 pub const SM_END: u8 = 0x20;
 

@@ -153,6 +153,35 @@ impl StateReader {
             .collect())
     }
 
+    /// Every customer's rules, grouped by customer id (for training the recommender).
+    pub fn all_rules(&self) -> Result<Vec<(String, RuleRecord)>, StoreError> {
+        let p = keys::prefix(self.group, keys::RULE);
+        Ok(self
+            .scan::<RuleRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let rest = k.get(p.len()..)?;
+                let end = rest.iter().position(|b| *b == 0)?;
+                Some((String::from_utf8_lossy(&rest[..end]).into_owned(), v))
+            })
+            .collect())
+    }
+
+    /// The stored recommendation model.
+    pub fn model(&self) -> Result<Option<ModelRecord>, StoreError> {
+        self.get(&keys::prefix(self.group, keys::MODEL))
+    }
+
+    /// The templates a customer dismissed.
+    pub fn dismissed(&self, customer: &str) -> Result<Vec<String>, StoreError> {
+        let p = keys::prefix2(self.group, keys::DISMISSED, customer);
+        let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, usize::MAX)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, ())| String::from_utf8_lossy(&k[p.len()..]).into_owned())
+            .collect())
+    }
+
     /// A customer's activity, newest first, older than the cursor `before` (an opaque
     /// hex cursor returned as `next`).
     pub fn activity(

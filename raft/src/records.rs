@@ -493,6 +493,41 @@ pub enum DeliveryUpdate {
     },
 }
 
+/// One rule template in the recommendation model, with what the population agrees on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateStat {
+    /// `source.event_type>target.command_type`.
+    pub key: String,
+    /// Customers keeping it.
+    pub customers: u32,
+    /// The condition most customers keeping it use, when at least k of them agree.
+    pub condition: Option<String>,
+    /// The mapping (JSON text) most of them use, when at least k agree.
+    pub data_json: Option<String>,
+}
+
+/// The trained recommendation model: aggregate counts only (no customer's own rules), so
+/// every node serves the same model and no recommendation rests on fewer than k customers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Increases with every training.
+    pub version: u64,
+    /// When trained.
+    pub trained_ms: i64,
+    /// Customers in the population.
+    pub customers: u32,
+    /// Popularity damping.
+    pub beta: f64,
+    /// k: co-occurrences kept by fewer customers are not in the model.
+    pub min_support: u32,
+    /// Templates by dense id.
+    pub templates: Vec<TemplateStat>,
+    /// (from, to, customers keeping both, sum over them of 1 / their template count).
+    pub pairs: Vec<(u32, u32, u32, f64)>,
+    /// Isotonic calibration steps (feature upper bound, probability), when fitted.
+    pub calibration: Vec<(f64, f64)>,
+}
+
 /// A change to the vault's state; every write goes through Raft as one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StateChange {
@@ -567,6 +602,15 @@ pub enum StateChange {
         command_id: String,
         /// When.
         at_ms: i64,
+    },
+    /// Replace the recommendation model (ignored unless its version is newer).
+    PutModel(Box<ModelRecord>),
+    /// Remember that a customer dismissed a recommended template.
+    Dismiss {
+        /// Customer id.
+        customer_id: String,
+        /// Template key.
+        template: String,
     },
     /// Delete what expired before a time (bounded per entry; repeated until done).
     Prune {

@@ -91,7 +91,12 @@ impl std::fmt::Debug for StateMachineStore {
 impl StateMachineStore {
     /// The state machine of `group` in `db`, reporting effects to `observer`, keeping its
     /// snapshot checkpoints under `snapshots` (on the database's filesystem: they are hard links).
-    pub fn new(db: Arc<DB>, group: GroupId, observer: Arc<dyn ApplyObserver>, snapshots: PathBuf) -> Self {
+    pub fn new(
+        db: Arc<DB>,
+        group: GroupId,
+        observer: Arc<dyn ApplyObserver>,
+        snapshots: PathBuf,
+    ) -> Self {
         StateMachineStore {
             db,
             group,
@@ -196,7 +201,12 @@ fn read_sm_meta(db: &DB, group: GroupId) -> Result<(Option<LogId>, StoredMembers
 /// Takes a checkpoint of the database and records it as the group's current snapshot, with
 /// `meta` (after an install) or the metadata read from the checkpoint itself (so data and
 /// metadata always agree). Older checkpoints of the group are removed.
-fn checkpoint(db: &DB, group: GroupId, dir: &Path, meta: Option<SnapshotMeta>) -> Result<SnapshotMeta, StoreError> {
+fn checkpoint(
+    db: &DB,
+    group: GroupId,
+    dir: &Path,
+    meta: Option<SnapshotMeta>,
+) -> Result<SnapshotMeta, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Task(e.to_string()))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -241,7 +251,11 @@ fn checkpoint(db: &DB, group: GroupId, dir: &Path, meta: Option<SnapshotMeta>) -
 /// Reads a snapshot's data (the group's state machine range) out of its checkpoint. Only a
 /// leader sending a snapshot to a lagging follower needs this.
 fn materialize(dir: &Path, group: GroupId, stored: &StoredSnapshot) -> Result<Vec<u8>, StoreError> {
-    let cp = DB::open_for_read_only(&rocksdb::Options::default(), dir.join(&stored.checkpoint), false)?;
+    let cp = DB::open_for_read_only(
+        &rocksdb::Options::default(),
+        dir.join(&stored.checkpoint),
+        false,
+    )?;
     let lo = keys::prefix(group, keys::SM_FIRST);
     let hi = keys::prefix(group, keys::SM_END);
     let mut pairs: SnapshotPairs = Vec::new();
@@ -323,7 +337,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(stored) = self.current_snapshot().map_err(StoreError::into_raft_read)? else {
+        let Some(stored) = self
+            .current_snapshot()
+            .map_err(StoreError::into_raft_read)?
+        else {
             return Ok(None);
         };
         let (dir, group, s) = (self.snapshots.clone(), self.group, stored.clone());
@@ -596,6 +613,29 @@ impl<'a> Tx<'a> {
                         reason: "replayed by an operator".into(),
                     },
                 )?;
+                ChangeOutcome::Done
+            }
+            StateChange::PutModel(model) => {
+                let key = keys::prefix(g, keys::MODEL);
+                if let Some(current) = self.get::<ModelRecord>(&key)? {
+                    if current.version >= model.version {
+                        return Ok(ChangeOutcome::rejected(
+                            ErrorCode::Conflict,
+                            "a newer model is already stored",
+                        ));
+                    }
+                }
+                self.put(key, &*model)?;
+                ChangeOutcome::Done
+            }
+            StateChange::Dismiss {
+                customer_id,
+                template,
+            } => {
+                if !self.exists(&keys::key(g, keys::CUSTOMER, customer_id.as_bytes()))? {
+                    return Ok(not_found("customer", &customer_id));
+                }
+                self.put(keys::key2(g, keys::DISMISSED, &customer_id, &template), &())?;
                 ChangeOutcome::Done
             }
             StateChange::Prune { before_ms, limit } => self.prune(before_ms, limit)?,

@@ -20,7 +20,12 @@ fn store(group: u32) -> anyhow::Result<Store> {
     let dir = tempfile::tempdir()?;
     let db = custos_raft::open_db(dir.path())?;
     Ok(Store {
-        sm: StateMachineStore::new(db.clone(), group, Arc::new(NoObserver), dir.path().join("snapshots")),
+        sm: StateMachineStore::new(
+            db.clone(),
+            group,
+            Arc::new(NoObserver),
+            dir.path().join("snapshots"),
+        ),
         reader: StateReader::new(db, group),
         _dir: dir,
         index: 0,
@@ -236,7 +241,15 @@ async fn a_snapshot_moves_real_state_into_another_store_and_group() -> anyhow::R
     let mut a = store(3)?;
     a.apply(setup()).await?;
     a.apply(vec![ingest("e1", 100)]).await?;
-    let snap = a.sm.get_snapshot_builder().await.build_snapshot().await?;
+    let built = a.sm.get_snapshot_builder().await.build_snapshot().await?;
+    // As openraft does: the data a follower receives comes from the current snapshot.
+    let snap =
+        a.sm.get_current_snapshot()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no current snapshot"))?;
+    assert_eq!(snap.meta, built.meta);
+    // Writes after the snapshot are not in it.
+    a.apply(vec![ingest("e2", 200)]).await?;
 
     let mut b = store(9)?;
     // Something that must disappear when the snapshot is installed.
@@ -253,7 +266,11 @@ async fn a_snapshot_moves_real_state_into_another_store_and_group() -> anyhow::R
         b.reader.outbox("cmd-e1")?.map(|o| o.state),
         Some(DeliveryState::Pending)
     );
-    assert_eq!(b.reader.applied()?, a.reader.applied()?);
+    assert!(
+        b.reader.outbox("cmd-e2")?.is_none(),
+        "taken after the snapshot"
+    );
+    assert_eq!(b.reader.applied()?, snap.meta.last_log_id);
     let current = b.sm.get_current_snapshot().await?.map(|s| s.meta);
     assert_eq!(current, Some(snap.meta));
     Ok(())

@@ -925,8 +925,18 @@ async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<
 async fn https_when_a_certificate_is_configured() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let p = |n: &str| dir.path().join(n);
-    let (ca, ca_key, cert, key, csr, ext) = (p("ca.pem"), p("ca.key"), p("cert.pem"), p("key.pem"), p("leaf.csr"), p("leaf.ext"));
-    std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("leaf.csr"),
+        p("leaf.ext"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )?;
     let openssl = |args: Vec<&std::ffi::OsStr>| -> anyhow::Result<()> {
         let status = std::process::Command::new("openssl")
             .args(args)
@@ -937,14 +947,54 @@ async fn https_when_a_certificate_is_configured() -> anyhow::Result<()> {
     };
     let s = |x: &'static str| std::ffi::OsStr::new(x);
     // A CA, and a leaf certificate for localhost signed by it (webpki refuses a CA as leaf).
-    openssl(vec![s("req"), s("-x509"), s("-newkey"), s("ec"), s("-pkeyopt"), s("ec_paramgen_curve:prime256v1"),
-        s("-nodes"), s("-days"), s("1"), s("-subj"), s("/CN=custos test CA"), s("-keyout"), ca_key.as_os_str(),
-        s("-out"), ca.as_os_str()])?;
-    openssl(vec![s("req"), s("-newkey"), s("ec"), s("-pkeyopt"), s("ec_paramgen_curve:prime256v1"), s("-nodes"),
-        s("-subj"), s("/CN=localhost"), s("-keyout"), key.as_os_str(), s("-out"), csr.as_os_str()])?;
-    openssl(vec![s("x509"), s("-req"), s("-in"), csr.as_os_str(), s("-CA"), ca.as_os_str(), s("-CAkey"),
-        ca_key.as_os_str(), s("-CAcreateserial"), s("-days"), s("1"), s("-extfile"), ext.as_os_str(),
-        s("-out"), cert.as_os_str()])?;
+    openssl(vec![
+        s("req"),
+        s("-x509"),
+        s("-newkey"),
+        s("ec"),
+        s("-pkeyopt"),
+        s("ec_paramgen_curve:prime256v1"),
+        s("-nodes"),
+        s("-days"),
+        s("1"),
+        s("-subj"),
+        s("/CN=custos test CA"),
+        s("-keyout"),
+        ca_key.as_os_str(),
+        s("-out"),
+        ca.as_os_str(),
+    ])?;
+    openssl(vec![
+        s("req"),
+        s("-newkey"),
+        s("ec"),
+        s("-pkeyopt"),
+        s("ec_paramgen_curve:prime256v1"),
+        s("-nodes"),
+        s("-subj"),
+        s("/CN=localhost"),
+        s("-keyout"),
+        key.as_os_str(),
+        s("-out"),
+        csr.as_os_str(),
+    ])?;
+    openssl(vec![
+        s("x509"),
+        s("-req"),
+        s("-in"),
+        csr.as_os_str(),
+        s("-CA"),
+        ca.as_os_str(),
+        s("-CAkey"),
+        ca_key.as_os_str(),
+        s("-CAcreateserial"),
+        s("-days"),
+        s("1"),
+        s("-extfile"),
+        ext.as_os_str(),
+        s("-out"),
+        cert.as_os_str(),
+    ])?;
     let opts = NodeOptions {
         extra_toml: format!("[tls]\ncert = {:?}\nkey = {:?}\n", cert, key),
         ..NodeOptions::default()
@@ -952,12 +1002,141 @@ async fn https_when_a_certificate_is_configured() -> anyhow::Result<()> {
     let node = Node::start(opts).await?;
     assert!(node.url.starts_with("https://"), "{}", node.url);
     let root = reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?;
-    let https = reqwest::Client::builder().add_root_certificate(root).build()?;
+    let https = reqwest::Client::builder()
+        .add_root_certificate(root)
+        .build()?;
     let r = https.get(format!("{}/healthz", node.url)).send().await?;
     assert_eq!(r.status(), 200);
     // Plain HTTP on the TLS port does not get through.
     let plain = node.url.replace("https://", "http://");
-    let r = reqwest::Client::new().get(format!("{plain}/healthz")).send().await;
+    let r = reqwest::Client::new()
+        .get(format!("{plain}/healthz"))
+        .send()
+        .await;
     assert!(r.map(|r| !r.status().is_success()).unwrap_or(true));
+    Ok(())
+}
+
+#[tokio::test]
+async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let admin = node.admin();
+    register(
+        &admin,
+        "airline",
+        "http://127.0.0.1:9/unused",
+        vec![
+            type_spec("flight.delayed", None),
+            type_spec("flight.cancelled", None),
+        ],
+        vec![],
+    )
+    .await?;
+    register(
+        &admin,
+        "hotel",
+        "http://127.0.0.1:9/unused",
+        vec![],
+        vec![
+            type_spec("room.hold", None),
+            type_spec("room.release", None),
+        ],
+    )
+    .await?;
+    let release = RuleSpec {
+        name: "Release my room when my flight is cancelled".into(),
+        when: Trigger {
+            entity: "airline".into(),
+            event_type: "flight.cancelled".into(),
+            condition: None,
+        },
+        then: Action {
+            entity: "hotel".into(),
+            command_type: "room.release".into(),
+            data: json!({"flight": "data.flight"}),
+        },
+    };
+    let mut customers = Vec::new();
+    for i in 0..14 {
+        let c = admin.create_customer().await?;
+        admin
+            .link(
+                &c.id,
+                &LinkRequest {
+                    entity_id: "airline".into(),
+                    subject: format!("ff-{i}"),
+                },
+            )
+            .await?;
+        admin
+            .link(
+                &c.id,
+                &LinkRequest {
+                    entity_id: "hotel".into(),
+                    subject: format!("g-{i}"),
+                },
+            )
+            .await?;
+        let me = admin.with_token(&c.token);
+        me.create_rule(&c.id, &delay_rule()).await?;
+        if i < 11 {
+            me.create_rule(&c.id, &release).await?;
+        }
+        customers.push(c);
+    }
+    // Before any training: an empty list, not an error.
+    let first = &customers[12];
+    let me = admin.with_token(&first.token);
+    assert!(me.recommendations(&first.id).await?.items.is_empty());
+
+    let model = admin.train_recommender().await?;
+    assert_eq!(model.customers, 14);
+    let recs = me.recommendations(&first.id).await?;
+    assert_eq!(recs.model_version, Some(model.version));
+    assert_eq!(recs.items.len(), 1, "{recs:?}");
+    let rec = &recs.items[0];
+    assert_eq!(rec.template.event_type, "flight.cancelled");
+    assert!(
+        rec.confidence >= 0.5 && rec.confidence < 0.8,
+        "{}",
+        rec.confidence
+    );
+    assert!(
+        rec.reason.contains("79%") && rec.reason.contains("14 customers"),
+        "{}",
+        rec.reason
+    );
+    assert_eq!(
+        rec.rule.then.data,
+        json!({"flight": "data.flight"}),
+        "the mapping 11 customers agree on"
+    );
+    // Customers who already keep it get nothing.
+    let keeper = admin.with_token(&customers[0].token);
+    assert!(keeper
+        .recommendations(&customers[0].id)
+        .await?
+        .items
+        .is_empty());
+
+    let rule = me.accept_recommendation(&first.id, &rec.id).await?;
+    assert_eq!(rule.when.event_type, "flight.cancelled");
+    assert_eq!(me.rules(&first.id).await?.len(), 2);
+    assert!(me.recommendations(&first.id).await?.items.is_empty());
+
+    let other = &customers[13];
+    let them = admin.with_token(&other.token);
+    let rec = them.recommendations(&other.id).await?.items.remove(0);
+    them.dismiss_recommendation(&other.id, &rec.id).await?;
+    assert!(
+        them.recommendations(&other.id).await?.items.is_empty(),
+        "dismissed is not shown again"
+    );
+    // One customer cannot read another's recommendations.
+    let err = them
+        .recommendations(&first.id)
+        .await
+        .expect_err("forbidden");
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
     Ok(())
 }

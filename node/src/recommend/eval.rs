@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{calibration_feature, Calibrator, Interactions, ItemCosine, Popularity, Rp3Beta, Scorer};
+use super::{
+    calibration_feature, Calibrator, Interactions, ItemCosine, Popularity, Rp3Beta, Scorer,
+};
 
 /// Why the data could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +52,11 @@ fn read_pairs(path: &Path) -> Result<BTreeMap<u64, Vec<u64>>, EvalError> {
         let mut f = line.split('\t');
         let parse = |v: Option<&str>| v.and_then(|s| s.trim().parse::<u64>().ok());
         let (Some(user), Some(rule)) = (parse(f.next()), parse(f.next())) else {
-            return Err(EvalError::Format { file: name, line: n + 1, why: "want user<TAB>rule<TAB>1".into() });
+            return Err(EvalError::Format {
+                file: name,
+                line: n + 1,
+                why: "want user<TAB>rule<TAB>1".into(),
+            });
         };
         let items = out.entry(user).or_default();
         if !items.contains(&rule) {
@@ -68,12 +74,21 @@ pub fn load(dir: &Path) -> Result<Dataset, EvalError> {
     let mut rules = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let mut f = line.splitn(2, '\t');
-        match (f.next().and_then(|s| s.trim().parse::<u64>().ok()), f.next()) {
+        match (
+            f.next().and_then(|s| s.trim().parse::<u64>().ok()),
+            f.next(),
+        ) {
             (Some(id), Some(r)) => {
                 rules.insert(id, r.trim().to_owned());
             }
             _ if line.trim().is_empty() => {}
-            _ => return Err(EvalError::Format { file: name, line: n + 1, why: "want id<TAB>name".into() }),
+            _ => {
+                return Err(EvalError::Format {
+                    file: name,
+                    line: n + 1,
+                    why: "want id<TAB>name".into(),
+                })
+            }
         }
     }
     Ok(Dataset {
@@ -104,7 +119,10 @@ pub struct Template {
 pub fn derive_channels(names: &[&str]) -> HashSet<String> {
     let mut parts: HashSet<&str> = HashSet::new();
     for n in names {
-        if let Some((t, a)) = n.strip_prefix("trigger_").and_then(|r| r.split_once("_action_")) {
+        if let Some((t, a)) = n
+            .strip_prefix("trigger_")
+            .and_then(|r| r.split_once("_action_"))
+        {
             parts.insert(t);
             parts.insert(a);
         }
@@ -149,7 +167,12 @@ pub fn template(name: &str, channels: &HashSet<String>) -> Option<Template> {
     let (t, a) = name.strip_prefix("trigger_")?.split_once("_action_")?;
     let (source, event_type) = split_part(t, channels);
     let (target, command_type) = split_part(a, channels);
-    Some(Template { source, event_type, target, command_type })
+    Some(Template {
+        source,
+        event_type,
+        target,
+        command_type,
+    })
 }
 
 /// Ranking quality at one cut-off.
@@ -166,7 +189,11 @@ pub struct Metrics {
 }
 
 fn metrics_for(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> Metrics {
-    let hits: Vec<bool> = ranked.iter().take(k).map(|i| relevant.contains(i)).collect();
+    let hits: Vec<bool> = ranked
+        .iter()
+        .take(k)
+        .map(|i| relevant.contains(i))
+        .collect();
     let n_hits = hits.iter().filter(|h| **h).count() as f64;
     let dcg: f64 = hits
         .iter()
@@ -174,10 +201,16 @@ fn metrics_for(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> Metrics {
         .filter(|(_, h)| **h)
         .map(|(r, _)| 1.0 / (r as f64 + 2.0).log2())
         .sum();
-    let idcg: f64 = (0..relevant.len().min(k)).map(|r| 1.0 / (r as f64 + 2.0).log2()).sum();
+    let idcg: f64 = (0..relevant.len().min(k))
+        .map(|r| 1.0 / (r as f64 + 2.0).log2())
+        .sum();
     Metrics {
         p: n_hits / k as f64,
-        r: if relevant.is_empty() { 0.0 } else { n_hits / relevant.len() as f64 },
+        r: if relevant.is_empty() {
+            0.0
+        } else {
+            n_hits / relevant.len() as f64
+        },
         hr: if n_hits > 0.0 { 1.0 } else { 0.0 },
         ndcg: if idcg > 0.0 { dcg / idcg } else { 0.0 },
     }
@@ -197,7 +230,12 @@ fn evaluate(scorer: &dyn Scorer, users: &[(Vec<u32>, HashSet<u32>)]) -> [Metrics
         }
     }
     let n = users.len().max(1) as f64;
-    sums.map(|m| Metrics { p: m.p / n, r: m.r / n, hr: m.hr / n, ndcg: m.ndcg / n })
+    sums.map(|m| Metrics {
+        p: m.p / n,
+        r: m.r / n,
+        hr: m.hr / n,
+        ndcg: m.ndcg / n,
+    })
 }
 
 /// Options of an evaluation run.
@@ -241,7 +279,11 @@ fn stable_hash(a: u64, b: u64) -> u64 {
 pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
     let names: Vec<&str> = data.rules.values().map(String::as_str).collect();
     let channels = derive_channels(&names);
-    let is_rss = |rule: &u64| data.rules.get(rule).is_some_and(|n| n.starts_with("trigger_feed_"));
+    let is_rss = |rule: &u64| {
+        data.rules
+            .get(rule)
+            .is_some_and(|n| n.starts_with("trigger_feed_"))
+    };
 
     let mut index: HashMap<u64, u32> = HashMap::new();
     let mut id = |r: u64| {
@@ -268,8 +310,9 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
             fit_users.push(items.clone());
             continue;
         }
-        let (held, kept): (Vec<u32>, Vec<u32>) =
-            items.iter().partition(|i| stable_hash(*u, u64::from(**i)) % 5 == 0);
+        let (held, kept): (Vec<u32>, Vec<u32>) = items
+            .iter()
+            .partition(|i| stable_hash(*u, u64::from(**i)) % 5 == 0);
         if held.is_empty() || kept.is_empty() {
             fit_users.push(items.clone());
             continue;
@@ -277,7 +320,10 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
         val_users.push((kept.clone(), held.into_iter().collect::<HashSet<u32>>()));
         fit_users.push(kept);
     }
-    let fit = Interactions { users: fit_users, n_items };
+    let fit = Interactions {
+        users: fit_users,
+        n_items,
+    };
     let mut best = (0.0, f64::MIN);
     for step in 0..=10 {
         let beta = f64::from(step) / 10.0;
@@ -299,7 +345,10 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
     let calibrator = Calibrator::fit(samples);
 
     // Test: fit on the whole trainset.
-    let full = Interactions { users: train.iter().map(|(_, i)| i.clone()).collect(), n_items };
+    let full = Interactions {
+        users: train.iter().map(|(_, i)| i.clone()).collect(),
+        n_items,
+    };
     let mut users: Vec<(u64, Vec<u32>, HashSet<u32>)> = train
         .iter()
         .filter_map(|(u, items)| {
@@ -313,25 +362,47 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
     let no_rss: Vec<(Vec<u32>, HashSet<u32>)> = users
         .iter()
         .filter(|(u, _, _)| {
-            let all = data.train.get(u).into_iter().chain(data.test.get(u)).flatten();
+            let all = data
+                .train
+                .get(u)
+                .into_iter()
+                .chain(data.test.get(u))
+                .flatten();
             !all.clone().any(is_rss)
         })
         .map(|(_, a, b)| (a.clone(), b.clone()))
         .collect();
-    let all: Vec<(Vec<u32>, HashSet<u32>)> = users.iter().map(|(_, a, b)| (a.clone(), b.clone())).collect();
+    let all: Vec<(Vec<u32>, HashSet<u32>)> = users
+        .iter()
+        .map(|(_, a, b)| (a.clone(), b.clone()))
+        .collect();
 
     let model = Rp3Beta::fit(&full, beta, opts.min_support);
     let k_anon = Rp3Beta::fit(&full, beta, opts.min_support.max(10));
     let scorers: Vec<(String, Box<dyn Scorer>)> = vec![
         ("popularity".into(), Box::new(Popularity::fit(&full))),
-        ("item co-occurrence (cosine)".into(), Box::new(ItemCosine::fit(&full))),
+        (
+            "item co-occurrence (cosine)".into(),
+            Box::new(ItemCosine::fit(&full)),
+        ),
         (format!("RP3beta (beta {beta:.1})"), Box::new(model)),
-        (format!("RP3beta, k-anonymity {}", opts.min_support.max(10)), Box::new(k_anon)),
+        (
+            format!("RP3beta, k-anonymity {}", opts.min_support.max(10)),
+            Box::new(k_anon),
+        ),
     ];
     let mut rows = Vec::new();
     for (name, s) in &scorers {
-        rows.push((name.clone(), "all users".to_owned(), evaluate(s.as_ref(), &all)));
-        rows.push((name.clone(), "users without RSS rules".to_owned(), evaluate(s.as_ref(), &no_rss)));
+        rows.push((
+            name.clone(),
+            "all users".to_owned(),
+            evaluate(s.as_ref(), &all),
+        ));
+        rows.push((
+            name.clone(),
+            "users without RSS rules".to_owned(),
+            evaluate(s.as_ref(), &no_rss),
+        ));
     }
 
     // Calibration on the testset, for the RP3beta recommendations.
@@ -385,8 +456,14 @@ impl Report {
             "{} test users ({} without an RSS-feed rule); {} channels derived; popularity damping chosen on validation: beta = {:.1}\n",
             self.users.0, self.users.1, self.channels, self.beta
         );
-        let _ = writeln!(s, "| method | users | P@5 | R@5 | HR@5 | NDCG@5 | P@10 | R@10 | HR@10 | NDCG@10 |");
-        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "| method | users | P@5 | R@5 | HR@5 | NDCG@5 | P@10 | R@10 | HR@10 | NDCG@10 |"
+        );
+        let _ = writeln!(
+            s,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
         for (m, who, [a, b]) in &self.rows {
             let _ = writeln!(
                 s,
@@ -394,8 +471,14 @@ impl Report {
                 a.p, a.r, a.hr, a.ndcg, b.p, b.r, b.hr, b.ndcg
             );
         }
-        let _ = writeln!(s, "\nCalibration of RP3beta's confidence on the testset (top-10 lists):\n");
-        let _ = writeln!(s, "| predicted confidence | recommendations | mean predicted | observed precision |");
+        let _ = writeln!(
+            s,
+            "\nCalibration of RP3beta's confidence on the testset (top-10 lists):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| predicted confidence | recommendations | mean predicted | observed precision |"
+        );
         let _ = writeln!(s, "| --- | --- | --- | --- |");
         for (lo, hi, n, pred, obs) in &self.calibration {
             let _ = writeln!(s, "| {lo:.1}-{hi:.1} | {n} | {pred:.3} | {obs:.3} |");
@@ -438,7 +521,10 @@ mod tests {
         assert_eq!(t.target, "dropbox");
         assert_eq!(t.command_type, "add_file_from_url");
         let t = template(names[3], &ch).expect("splits");
-        assert_eq!((t.source.as_str(), t.target.as_str()), ("feed", "google_drive"));
+        assert_eq!(
+            (t.source.as_str(), t.target.as_str()),
+            ("feed", "google_drive")
+        );
     }
 
     #[test]
@@ -462,7 +548,11 @@ mod tests {
             "trigger_feed_new_item_action_email_send",
             "trigger_bank_call_ended_action_insurer_callback",
         ];
-        let rules: String = names.iter().enumerate().map(|(i, n)| format!("{}\t{n}\n", i + 1)).collect();
+        let rules: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{}\t{n}\n", i + 1))
+            .collect();
         std::fs::write(dir.path().join("rules"), rules)?;
         let (mut train, mut test) = (String::new(), String::new());
         for u in 0..60u32 {
@@ -484,8 +574,18 @@ mod tests {
         std::fs::write(dir.path().join("trainset"), train)?;
         std::fs::write(dir.path().join("testset"), test)?;
         let data = load(dir.path())?;
-        let report = run(&data, &EvalOptions { min_support: 1, max_users: 0 });
-        let rp3 = report.rows.iter().find(|r| r.0.starts_with("RP3beta (")).ok_or("no row")?;
+        let report = run(
+            &data,
+            &EvalOptions {
+                min_support: 1,
+                max_users: 0,
+            },
+        );
+        let rp3 = report
+            .rows
+            .iter()
+            .find(|r| r.0.starts_with("RP3beta ("))
+            .ok_or("no row")?;
         assert!(rp3.2[1].hr > 0.5, "the planted rule is found: {:?}", rp3.2);
         assert!(report.users.0 > 0 && report.users.1 > 0);
         assert!(report.to_markdown().contains("| popularity | all users |"));

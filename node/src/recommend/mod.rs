@@ -6,6 +6,7 @@
 //! and item co-occurrence baselines.
 
 pub mod eval;
+pub mod vault;
 
 use std::collections::HashMap;
 
@@ -118,7 +119,9 @@ impl ItemCosine {
         let mut co = Cooccurrence::fit(data, |_| 1.0);
         for (i, row) in co.rows.iter_mut().enumerate() {
             for (j, c) in row.iter_mut() {
-                *c /= (f64::from(pop[i]) * f64::from(pop[*j as usize])).sqrt().max(1.0);
+                *c /= (f64::from(pop[i]) * f64::from(pop[*j as usize]))
+                    .sqrt()
+                    .max(1.0);
             }
         }
         ItemCosine { sim: co.rows }
@@ -150,28 +153,53 @@ pub struct Rp3Beta {
     pub beta: f64,
 }
 
+/// Aggregates of a population: item popularity and, per co-occurring pair kept by at least
+/// `min_support` users, (from, to, users keeping both, sum of 1 / their item count).
+pub fn aggregates(data: &Interactions, min_support: u32) -> (Vec<u32>, Vec<(u32, u32, u32, f64)>) {
+    let weighted = Cooccurrence::fit(data, |deg| 1.0 / deg.max(1) as f64);
+    let counts = Cooccurrence::fit(data, |_| 1.0);
+    let mut pairs = Vec::new();
+    for (i, row) in counts.rows.iter().enumerate() {
+        for (&j, &c) in row {
+            if c >= f64::from(min_support) {
+                let w = weighted.rows[i].get(&j).copied().unwrap_or(0.0);
+                pairs.push((i as u32, j, c as u32, w));
+            }
+        }
+    }
+    pairs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    (data.popularity(), pairs)
+}
+
 impl Rp3Beta {
     /// Builds the walk probabilities.
     pub fn fit(data: &Interactions, beta: f64, min_support: u32) -> Self {
-        let pop = data.popularity();
-        let weighted = Cooccurrence::fit(data, |deg| 1.0 / deg.max(1) as f64);
-        let counts = Cooccurrence::fit(data, |_| 1.0);
-        let mut walk = weighted.rows;
-        let mut support = Vec::with_capacity(data.n_items);
-        for (i, row) in walk.iter_mut().enumerate() {
-            let deg_i = f64::from(pop[i].max(1));
-            let c = &counts.rows[i];
-            row.retain(|j, _| c.get(j).copied().unwrap_or(0.0) >= f64::from(min_support));
-            let damp = |j: u32| f64::from(pop[j as usize].max(1)).powf(beta);
-            for (j, p) in row.iter_mut() {
-                *p /= deg_i * damp(*j);
-            }
-            support.push(row.keys().map(|j| (*j, c.get(j).copied().unwrap_or(0.0) as u32)).collect());
+        let (popularity, pairs) = aggregates(data, min_support);
+        Self::from_aggregates(popularity, &pairs, beta)
+    }
+
+    /// Builds the model from stored aggregates (see [`aggregates`]).
+    pub fn from_aggregates(
+        popularity: Vec<u32>,
+        pairs: &[(u32, u32, u32, f64)],
+        beta: f64,
+    ) -> Self {
+        let n = popularity.len();
+        let mut walk = vec![HashMap::new(); n];
+        let mut support = vec![HashMap::new(); n];
+        for &(i, j, c, w) in pairs {
+            let (Some(pi), Some(pj)) = (popularity.get(i as usize), popularity.get(j as usize))
+            else {
+                continue;
+            };
+            let p = w / (f64::from((*pi).max(1)) * f64::from((*pj).max(1)).powf(beta));
+            walk[i as usize].insert(j, p);
+            support[i as usize].insert(j, c);
         }
         Rp3Beta {
             walk,
             support,
-            popularity: pop,
+            popularity,
             beta,
         }
     }
@@ -230,6 +258,21 @@ pub fn calibration_feature(score: f64, best: f64, rank: usize) -> f64 {
 }
 
 impl Calibrator {
+    /// A calibrator from stored steps.
+    pub fn from_steps(steps: Vec<(f64, f64)>) -> Self {
+        Calibrator { steps }
+    }
+
+    /// Its steps, for storing.
+    pub fn steps(&self) -> &[(f64, f64)] {
+        &self.steps
+    }
+
+    /// True when fitted on enough data to be used.
+    pub fn is_fitted(&self) -> bool {
+        !self.steps.is_empty()
+    }
+
     /// Fits on (feature, hit) pairs.
     pub fn fit(mut samples: Vec<(f64, bool)>) -> Self {
         samples.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -281,7 +281,10 @@ async fn main() -> anyhow::Result<()> {
         allow_private_targets: true,
         retry_schedule_secs: vec![0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         log_level: "warn".into(),
-        snapshot_every: std::env::var("BENCH_SNAPSHOT_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000),
+        snapshot_every: std::env::var("BENCH_SNAPSHOT_EVERY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000),
         extra_toml: String::new(),
     })
     .await?;

@@ -1,0 +1,356 @@
+//! Recommendations in the vault: training from the customers' rules (aggregates only, stored
+//! through Raft so every node serves the same model) and serving them to one customer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger};
+use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
+
+use super::{aggregates, calibration_feature, Calibrator, Interactions, Rp3Beta, Scorer};
+
+/// Fewest validation samples for the isotonic calibration to be used instead of the
+/// conditional frequency.
+const MIN_CALIBRATION_SAMPLES: usize = 200;
+
+/// The template key of a rule: `source.event_type>target.command_type`.
+pub fn template_key(r: &RuleRecord) -> String {
+    format!(
+        "{}.{}>{}.{}",
+        r.when_entity, r.when_event_type, r.then_entity, r.then_command_type
+    )
+}
+
+fn hash(a: &str, b: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (a, b).hash(&mut h);
+    h.finish()
+}
+
+/// Trains a model on every customer's rules.
+pub fn train(
+    rules: Vec<(String, RuleRecord)>,
+    version: u64,
+    now_ms: i64,
+    beta: f64,
+    min_support: u32,
+) -> ModelRecord {
+    let mut by_customer: BTreeMap<String, Vec<RuleRecord>> = BTreeMap::new();
+    for (c, r) in rules {
+        by_customer.entry(c).or_default().push(r);
+    }
+    let mut index: HashMap<String, u32> = HashMap::new();
+    let mut keys: Vec<String> = Vec::new();
+    // (template, condition, data) -> customers using that exact version.
+    let mut versions: HashMap<(u32, Option<String>, String), u32> = HashMap::new();
+    let mut users: Vec<(String, Vec<u32>)> = Vec::new();
+    for (customer, rules) in &by_customer {
+        let mut items: Vec<u32> = Vec::new();
+        for r in rules {
+            let key = template_key(r);
+            let id = *index.entry(key.clone()).or_insert_with(|| {
+                keys.push(key);
+                (keys.len() - 1) as u32
+            });
+            if !items.contains(&id) {
+                items.push(id);
+                *versions
+                    .entry((id, r.condition.clone(), r.data_json.clone()))
+                    .or_default() += 1;
+            }
+        }
+        users.push((customer.clone(), items));
+    }
+    let n_items = keys.len();
+
+    // Calibration on held-out templates: a fifth of each customer's (customers with >= 3).
+    let mut fit_users = Vec::new();
+    let mut val = Vec::new();
+    for (c, items) in &users {
+        let (held, kept): (Vec<u32>, Vec<u32>) = if items.len() >= 3 {
+            items.iter().partition(|i| hash(c, **i) % 5 == 0)
+        } else {
+            (Vec::new(), items.clone())
+        };
+        if !held.is_empty() && !kept.is_empty() {
+            val.push((kept.clone(), held.into_iter().collect::<HashSet<u32>>()));
+        }
+        fit_users.push(kept);
+    }
+    let val_model = Rp3Beta::fit(
+        &Interactions {
+            users: fit_users,
+            n_items,
+        },
+        beta,
+        min_support,
+    );
+    let mut samples = Vec::new();
+    for (kept, held) in &val {
+        let top = val_model.top(kept, 10);
+        let best = top.first().map(|t| t.1).unwrap_or(0.0);
+        for (rank, (i, s)) in top.iter().enumerate() {
+            samples.push((calibration_feature(*s, best, rank), held.contains(i)));
+        }
+    }
+    let calibration = if samples.len() >= MIN_CALIBRATION_SAMPLES {
+        Calibrator::fit(samples).steps().to_vec()
+    } else {
+        Vec::new()
+    };
+
+    let full = Interactions {
+        users: users.into_iter().map(|(_, i)| i).collect(),
+        n_items,
+    };
+    let (popularity, pairs) = aggregates(&full, min_support);
+    let mut best_version: HashMap<u32, (u32, Option<String>, String)> = HashMap::new();
+    for ((id, cond, data), n) in versions {
+        let e = best_version.entry(id).or_insert((0, None, String::new()));
+        // Most customers first; ties broken by text so every node picks the same.
+        if n > e.0 || (n == e.0 && (cond.clone(), data.clone()) < (e.1.clone(), e.2.clone())) {
+            *e = (n, cond, data);
+        }
+    }
+    let templates = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let agreed = best_version
+                .get(&(i as u32))
+                .filter(|(n, _, _)| *n >= min_support);
+            TemplateStat {
+                key,
+                customers: popularity[i],
+                condition: agreed.and_then(|(_, c, _)| c.clone()),
+                data_json: agreed.map(|(_, _, d)| d.clone()),
+            }
+        })
+        .collect();
+    ModelRecord {
+        version,
+        trained_ms: now_ms,
+        customers: full.users.len() as u32,
+        beta,
+        min_support,
+        templates,
+        pairs,
+        calibration,
+    }
+}
+
+/// A stored model ready to serve.
+pub struct Served {
+    /// The stored record.
+    pub record: ModelRecord,
+    model: Rp3Beta,
+    calibrator: Calibrator,
+    index: HashMap<String, u32>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("version", &self.record.version)
+            .finish()
+    }
+}
+
+impl Served {
+    /// Rebuilds the scorer from the stored aggregates.
+    pub fn new(record: ModelRecord) -> Self {
+        let popularity = record.templates.iter().map(|t| t.customers).collect();
+        let model = Rp3Beta::from_aggregates(popularity, &record.pairs, record.beta);
+        let calibrator = Calibrator::from_steps(record.calibration.clone());
+        let index = record
+            .templates
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.key.clone(), i as u32))
+            .collect();
+        Served {
+            record,
+            model,
+            calibrator,
+            index,
+        }
+    }
+
+    /// Recommendations for a customer who keeps `kept`, at or above `threshold`, best first.
+    pub fn recommend(
+        &self,
+        kept: &[RuleRecord],
+        dismissed: &HashSet<String>,
+        threshold: f64,
+    ) -> Vec<Recommendation> {
+        let items: Vec<u32> = kept
+            .iter()
+            .filter_map(|r| self.index.get(&template_key(r)).copied())
+            .collect();
+        let top = self.model.top(&items, 20);
+        let best = top.first().map(|t| t.1).unwrap_or(0.0);
+        let mut out = Vec::new();
+        for (rank, (j, score)) in top.into_iter().enumerate() {
+            let Some(t) = self.record.templates.get(j as usize) else {
+                continue;
+            };
+            if dismissed.contains(&t.key) {
+                continue;
+            }
+            let Some(from) = self.model.strongest_reason(&items, j) else {
+                continue;
+            };
+            let (support, base) = (self.model.support(from, j), self.model.popularity(from));
+            let frequency = f64::from(support) / f64::from(base + 1);
+            let confidence = if self.calibrator.is_fitted() {
+                self.calibrator
+                    .confidence(calibration_feature(score, best, rank))
+            } else {
+                frequency
+            };
+            if confidence < threshold {
+                continue;
+            }
+            let Some(template) = parse_key(&t.key) else {
+                continue;
+            };
+            let from_key = self
+                .record
+                .templates
+                .get(from as usize)
+                .map(|f| f.key.as_str())
+                .unwrap_or("");
+            let data = t
+                .data_json
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_else(|| serde_json::json!({}));
+            out.push(Recommendation {
+                id: encode_id(&t.key),
+                confidence: (confidence * 1000.0).round() / 1000.0,
+                reason: format!(
+                    "kept by {:.0}% of the {} customers who keep {}",
+                    100.0 * f64::from(support) / f64::from(base.max(1)),
+                    base,
+                    from_key.replace('>', " -> ")
+                ),
+                rule: RuleSpec {
+                    name: format!(
+                        "{} {} -> {} {}",
+                        template.when_entity,
+                        template.event_type,
+                        template.then_entity,
+                        template.command_type
+                    ),
+                    when: Trigger {
+                        entity: template.when_entity.clone(),
+                        event_type: template.event_type.clone(),
+                        condition: t.condition.clone(),
+                    },
+                    then: Action {
+                        entity: template.then_entity.clone(),
+                        command_type: template.command_type.clone(),
+                        data,
+                    },
+                },
+                template,
+                model_version: self.record.version,
+            });
+        }
+        out
+    }
+}
+
+fn parse_key(key: &str) -> Option<RuleTemplate> {
+    let (when, then) = key.split_once('>')?;
+    let (we, wt) = when.split_once('.')?;
+    let (te, tc) = then.split_once('.')?;
+    Some(RuleTemplate {
+        when_entity: we.into(),
+        event_type: wt.into(),
+        then_entity: te.into(),
+        command_type: tc.into(),
+    })
+}
+
+/// A recommendation's id: its template key, hex-encoded (URL-safe).
+pub fn encode_id(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The template key of a recommendation id.
+pub fn decode_id(id: &str) -> Option<String> {
+    if id.len() % 2 != 0 || id.len() > 1024 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(id.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(customer: u32, when: &str, then: &str, cond: Option<&str>) -> (String, RuleRecord) {
+        (
+            format!("c{customer}"),
+            RuleRecord {
+                id: format!("r{customer}{when}"),
+                name: "n".into(),
+                when_entity: "airline".into(),
+                when_event_type: when.into(),
+                condition: cond.map(str::to_owned),
+                then_entity: "hotel".into(),
+                then_command_type: then.into(),
+                data_json: r#"{"x":"data.x"}"#.into(),
+                created_ms: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn a_segment_rule_is_recommended_with_a_reason_and_the_agreed_condition() {
+        let mut rules = Vec::new();
+        for c in 0..40 {
+            rules.push(rule(
+                c,
+                "flight.delayed",
+                "room.hold",
+                Some("data.delay_minutes > 60"),
+            ));
+            if c < 30 {
+                rules.push(rule(c, "flight.cancelled", "room.release", None));
+            }
+        }
+        // Three customers share a rare pattern: never shown with k = 10.
+        for c in 0..3 {
+            rules.push(rule(c, "flight.boarded", "room.prepare", None));
+        }
+        let model = train(rules, 1, 0, 0.2, 10);
+        let served = Served::new(model);
+        let kept = vec![rule(35, "flight.delayed", "room.hold", None).1];
+        let recs = served.recommend(&kept, &HashSet::new(), 0.5);
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        let r = &recs[0];
+        assert_eq!(r.template.event_type, "flight.cancelled");
+        assert!(
+            r.confidence >= 0.7 && r.confidence <= 0.8,
+            "{}",
+            r.confidence
+        );
+        assert!(r.reason.contains("75%"), "{}", r.reason);
+        assert_eq!(
+            decode_id(&r.id).as_deref(),
+            Some("airline.flight.cancelled>hotel.room.release")
+        );
+        // The rare pattern is not in the model at all.
+        assert!(served.record.pairs.iter().all(|p| p.2 >= 10));
+        // Dismissed: gone.
+        let dismissed: HashSet<String> =
+            [decode_id(&r.id).unwrap_or_default()].into_iter().collect();
+        assert!(served.recommend(&kept, &dismissed, 0.5).is_empty());
+    }
+}
