@@ -312,7 +312,7 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
         }
         let (held, kept): (Vec<u32>, Vec<u32>) = items
             .iter()
-            .partition(|i| stable_hash(*u, u64::from(**i)) % 5 == 0);
+            .partition(|i| stable_hash(*u, u64::from(**i)).is_multiple_of(5));
         if held.is_empty() || kept.is_empty() {
             fit_users.push(items.clone());
             continue;

@@ -153,9 +153,12 @@ pub struct Rp3Beta {
     pub beta: f64,
 }
 
-/// Aggregates of a population: item popularity and, per co-occurring pair kept by at least
-/// `min_support` users, (from, to, users keeping both, sum of 1 / their item count).
-pub fn aggregates(data: &Interactions, min_support: u32) -> (Vec<u32>, Vec<(u32, u32, u32, f64)>) {
+/// A co-occurring pair: (from, to, users keeping both, sum over them of 1 / their item count).
+pub type Pair = (u32, u32, u32, f64);
+
+/// Aggregates of a population: item popularity and the pairs kept by at least `min_support`
+/// users.
+pub fn aggregates(data: &Interactions, min_support: u32) -> (Vec<u32>, Vec<Pair>) {
     let weighted = Cooccurrence::fit(data, |deg| 1.0 / deg.max(1) as f64);
     let counts = Cooccurrence::fit(data, |_| 1.0);
     let mut pairs = Vec::new();
@@ -167,7 +170,7 @@ pub fn aggregates(data: &Interactions, min_support: u32) -> (Vec<u32>, Vec<(u32,
             }
         }
     }
-    pairs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    pairs.sort_by_key(|p| (p.0, p.1));
     (data.popularity(), pairs)
 }
 
@@ -332,7 +335,8 @@ mod tests {
         let top = model.top(&[0, 1], 3);
         assert_eq!(top.first().map(|t| t.0), Some(2));
         assert_eq!(model.support(0, 2), 90);
-        assert_eq!(model.strongest_reason(&[0, 1], 2).is_some(), true);
+        // B is the more specific reason: A is also kept by customers outside the segment.
+        assert_eq!(model.strongest_reason(&[0, 1], 2), Some(1));
     }
 
     #[test]

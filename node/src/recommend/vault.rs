@@ -68,7 +68,7 @@ pub fn train(
     let mut val = Vec::new();
     for (c, items) in &users {
         let (held, kept): (Vec<u32>, Vec<u32>) = if items.len() >= 3 {
-            items.iter().partition(|i| hash(c, **i) % 5 == 0)
+            items.iter().partition(|i| hash(c, **i).is_multiple_of(5))
         } else {
             (Vec::new(), items.clone())
         };
@@ -275,19 +275,15 @@ fn parse_key(key: &str) -> Option<RuleTemplate> {
 
 /// A recommendation's id: its template key, hex-encoded (URL-safe).
 pub fn encode_id(key: &str) -> String {
-    key.bytes().map(|b| format!("{b:02x}")).collect()
+    hex::encode(key)
 }
 
 /// The template key of a recommendation id.
 pub fn decode_id(id: &str) -> Option<String> {
-    if id.len() % 2 != 0 || id.len() > 1024 {
+    if id.len() > 1024 {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..id.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(id.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    String::from_utf8(hex::decode(id).ok()?).ok()
 }
 
 #[cfg(test)]
