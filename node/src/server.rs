@@ -167,64 +167,65 @@ fn tls_config(config: &Config) -> Result<Option<rustls::ServerConfig>, NodeError
     Ok(Some(cfg))
 }
 
-/// Deletes what aged past the retention, in bounded entries, until nothing is left.
-async fn prune_loop(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
-    const LIMIT: u32 = 2000;
-    let every = Duration::from_secs_f64(core.config.prune_interval_secs);
-    let retention_ms = (core.config.retention_days * 86_400_000.0) as i64;
+/// Runs `task` every `every` while this node leads, until shutdown.
+async fn every_while_leader<F, Fut>(
+    core: Arc<Core>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    task: F,
+) where
+    F: Fn(Arc<Core>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        if !core.is_leader() {
-            continue;
+        if core.is_leader() {
+            task(core.clone()).await;
         }
-        let before_ms = unix_now_ms() - retention_ms;
-        loop {
-            match core
-                .propose(StateChange::Prune {
-                    before_ms,
-                    limit: LIMIT,
-                })
-                .await
-            {
-                Ok(ChangeOutcome::Pruned(n)) if n == LIMIT => continue,
-                Ok(ChangeOutcome::Pruned(n)) => {
-                    if n > 0 {
-                        tracing::info!(deleted = n, "pruned expired records");
-                    }
-                    break;
+    }
+}
+
+/// Deletes what aged past the retention, in bounded entries, until nothing is left.
+async fn prune(core: Arc<Core>) {
+    const LIMIT: u32 = 2000;
+    let retention_ms = (core.config.retention_days * 86_400_000.0) as i64;
+    let before_ms = unix_now_ms() - retention_ms;
+    loop {
+        match core
+            .propose(StateChange::Prune {
+                before_ms,
+                limit: LIMIT,
+            })
+            .await
+        {
+            Ok(ChangeOutcome::Pruned(n)) if n == LIMIT => continue,
+            Ok(ChangeOutcome::Pruned(n)) => {
+                if n > 0 {
+                    tracing::info!(deleted = n, "pruned expired records");
                 }
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "prune failed");
-                    break;
-                }
+                return;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "prune failed");
+                return;
             }
         }
     }
 }
 
-/// Retrains the recommender on a schedule while this node leads.
-async fn train_loop(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
-    let every = Duration::from_secs_f64(core.config.recommend_interval_secs);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.changed() => return,
-        }
-        if !core.is_leader() {
-            continue;
-        }
-        match crate::service::train_recommender(&core).await {
-            Ok(m) => tracing::info!(
-                version = m.version,
-                customers = m.customers,
-                "recommender trained"
-            ),
-            Err(e) => tracing::warn!(error = %e, "recommender training failed"),
-        }
+/// Retrains the recommender.
+async fn train(core: Arc<Core>) {
+    match crate::service::train_recommender(&core).await {
+        Ok(m) => tracing::info!(
+            version = m.version,
+            customers = m.customers,
+            "recommender trained"
+        ),
+        Err(e) => tracing::warn!(error = %e, "recommender training failed"),
     }
 }
 
@@ -287,8 +288,20 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = raft_rt.spawn(crate::delivery::run(core.clone(), stop_rx.clone()));
-    let pruner = raft_rt.spawn(prune_loop(core.clone(), stop_rx.clone()));
-    let trainer = raft_rt.spawn(train_loop(core.clone(), stop_rx));
+    let prune_every = Duration::from_secs_f64(config.prune_interval_secs);
+    let pruner = raft_rt.spawn(every_while_leader(
+        core.clone(),
+        prune_every,
+        stop_rx.clone(),
+        prune,
+    ));
+    let train_every = Duration::from_secs_f64(config.recommend_interval_secs);
+    let trainer = raft_rt.spawn(every_while_leader(
+        core.clone(),
+        train_every,
+        stop_rx,
+        train,
+    ));
 
     let api_addr = listeners.api.local_addr()?;
     let peer_addr = listeners.peer.local_addr()?;

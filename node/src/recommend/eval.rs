@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::{
-    calibration_feature, Calibrator, Interactions, ItemCosine, Popularity, Rp3Beta, Scorer,
+    calibration_feature, calibration_samples, holdout, Calibrator, Interactions, ItemCosine,
+    Popularity, Rp3Beta, Scorer,
 };
 
 /// Why the data could not be read.
@@ -266,14 +267,6 @@ pub struct Report {
     pub examples: Vec<Template>,
 }
 
-fn stable_hash(a: u64, b: u64) -> u64 {
-    // SplitMix64 of the pair: a fixed, seedless split.
-    let mut z = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Runs the whole evaluation: tuning and calibration on a validation split carved from the
 /// trainset, figures on the testset.
 pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
@@ -302,24 +295,8 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
         .collect();
     let n_items = index.len();
 
-    // Validation: hold out about 20% of each trainset user's rules (users with >= 3).
-    let mut fit_users = Vec::new();
-    let mut val_users = Vec::new();
-    for (u, items) in &train {
-        if items.len() < 3 {
-            fit_users.push(items.clone());
-            continue;
-        }
-        let (held, kept): (Vec<u32>, Vec<u32>) = items
-            .iter()
-            .partition(|i| stable_hash(*u, u64::from(**i)).is_multiple_of(5));
-        if held.is_empty() || kept.is_empty() {
-            fit_users.push(items.clone());
-            continue;
-        }
-        val_users.push((kept.clone(), held.into_iter().collect::<HashSet<u32>>()));
-        fit_users.push(kept);
-    }
+    // Validation: hold out about a fifth of each trainset user's rules (users with >= 3).
+    let (fit_users, val_users) = holdout(&train);
     let fit = Interactions {
         users: fit_users,
         n_items,
@@ -334,14 +311,7 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
     }
     let beta = best.0;
     let val_model = Rp3Beta::fit(&fit, beta, opts.min_support);
-    let mut samples = Vec::new();
-    for (kept, held) in &val_users {
-        let top = val_model.top(kept, 10);
-        let top_score = top.first().map(|t| t.1).unwrap_or(0.0);
-        for (rank, (i, s)) in top.iter().enumerate() {
-            samples.push((calibration_feature(*s, top_score, rank), held.contains(i)));
-        }
-    }
+    let samples = calibration_samples(&val_model, &val_users);
     let calibrator = Calibrator::fit(samples);
 
     // Test: fit on the whole trainset.

@@ -8,7 +8,8 @@
 pub mod eval;
 pub mod vault;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 
 /// Users' kept items (rule templates), as dense ids.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +48,62 @@ fn top_k(scores: HashMap<u32, f64>, user_items: &[u32], k: usize) -> Vec<(u32, f
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     v.truncate(k);
     v
+}
+
+/// Sums the rows of the user's items: the shared step of the co-occurrence scorers.
+fn sum_rows(rows: &[HashMap<u32, f64>], user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
+    let mut scores: HashMap<u32, f64> = HashMap::new();
+    for &i in user_items {
+        for (&j, &w) in &rows[i as usize] {
+            *scores.entry(j).or_insert(0.0) += w;
+        }
+    }
+    top_k(scores, user_items, k)
+}
+
+/// One validation user: the items kept for fitting, and those held out.
+pub type Holdout = (Vec<u32>, HashSet<u32>);
+
+/// A held-out split: each user with at least 3 items has about a fifth of them (chosen by a
+/// fixed hash of user and item) held out. Returns every user's kept items, and
+/// (kept, held out) for the users with both.
+pub fn holdout<K: Hash>(users: &[(K, Vec<u32>)]) -> (Vec<Vec<u32>>, Vec<Holdout>) {
+    let mut fit = Vec::with_capacity(users.len());
+    let mut val = Vec::new();
+    for (user, items) in users {
+        let (held, kept): (Vec<u32>, Vec<u32>) = if items.len() >= 3 {
+            items.iter().partition(|i| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (user, **i).hash(&mut h);
+                h.finish().is_multiple_of(5)
+            })
+        } else {
+            (Vec::new(), items.clone())
+        };
+        if !held.is_empty() && !kept.is_empty() {
+            val.push((kept.clone(), held.into_iter().collect()));
+            fit.push(kept);
+        } else {
+            fit.push(items.clone());
+        }
+    }
+    (fit, val)
+}
+
+/// (calibration feature, hit) of every top-10 recommendation for the held-out users.
+pub fn calibration_samples(
+    model: &dyn Scorer,
+    val: &[(Vec<u32>, HashSet<u32>)],
+) -> Vec<(f64, bool)> {
+    let mut samples = Vec::new();
+    for (kept, held) in val {
+        let top = model.top(kept, 10);
+        let best = top.first().map(|t| t.1).unwrap_or(0.0);
+        for (rank, (i, s)) in top.iter().enumerate() {
+            samples.push((calibration_feature(*s, best, rank), held.contains(i)));
+        }
+    }
+    samples
 }
 
 /// Baseline: the most kept items.
@@ -130,13 +187,7 @@ impl ItemCosine {
 
 impl Scorer for ItemCosine {
     fn top(&self, user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
-        let mut scores: HashMap<u32, f64> = HashMap::new();
-        for &i in user_items {
-            for (&j, &s) in &self.sim[i as usize] {
-                *scores.entry(j).or_insert(0.0) += s;
-            }
-        }
-        top_k(scores, user_items, k)
+        sum_rows(&self.sim, user_items, k)
     }
 }
 
@@ -233,13 +284,7 @@ impl Rp3Beta {
 
 impl Scorer for Rp3Beta {
     fn top(&self, user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
-        let mut scores: HashMap<u32, f64> = HashMap::new();
-        for &i in user_items {
-            for (&j, &p) in &self.walk[i as usize] {
-                *scores.entry(j).or_insert(0.0) += p;
-            }
-        }
-        top_k(scores, user_items, k)
+        sum_rows(&self.walk, user_items, k)
     }
 }
 

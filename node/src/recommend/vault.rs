@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger};
 use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
 
-use super::{aggregates, calibration_feature, Calibrator, Interactions, Rp3Beta, Scorer};
+use super::{
+    aggregates, calibration_feature, calibration_samples, holdout, Calibrator, Interactions,
+    Rp3Beta, Scorer,
+};
 
 /// Fewest validation samples for the isotonic calibration to be used instead of the
 /// conditional frequency.
@@ -18,13 +21,6 @@ pub fn template_key(r: &RuleRecord) -> String {
         "{}.{}>{}.{}",
         r.when_entity, r.when_event_type, r.then_entity, r.then_command_type
     )
-}
-
-fn hash(a: &str, b: u32) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (a, b).hash(&mut h);
-    h.finish()
 }
 
 /// Trains a model on every customer's rules.
@@ -64,19 +60,7 @@ pub fn train(
     let n_items = keys.len();
 
     // Calibration on held-out templates: a fifth of each customer's (customers with >= 3).
-    let mut fit_users = Vec::new();
-    let mut val = Vec::new();
-    for (c, items) in &users {
-        let (held, kept): (Vec<u32>, Vec<u32>) = if items.len() >= 3 {
-            items.iter().partition(|i| hash(c, **i).is_multiple_of(5))
-        } else {
-            (Vec::new(), items.clone())
-        };
-        if !held.is_empty() && !kept.is_empty() {
-            val.push((kept.clone(), held.into_iter().collect::<HashSet<u32>>()));
-        }
-        fit_users.push(kept);
-    }
+    let (fit_users, val) = holdout(&users);
     let val_model = Rp3Beta::fit(
         &Interactions {
             users: fit_users,
@@ -85,14 +69,7 @@ pub fn train(
         beta,
         min_support,
     );
-    let mut samples = Vec::new();
-    for (kept, held) in &val {
-        let top = val_model.top(kept, 10);
-        let best = top.first().map(|t| t.1).unwrap_or(0.0);
-        for (rank, (i, s)) in top.iter().enumerate() {
-            samples.push((calibration_feature(*s, best, rank), held.contains(i)));
-        }
-    }
+    let samples = calibration_samples(&val_model, &val);
     let calibration = if samples.len() >= MIN_CALIBRATION_SAMPLES {
         Calibrator::fit(samples).steps().to_vec()
     } else {
