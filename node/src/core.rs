@@ -2,7 +2,7 @@
 //! and the delivery wake-up; and the two primitives on them, `propose` and `read`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use custos_api::webhook::Secret;
@@ -144,6 +144,8 @@ pub struct DueQueue {
     /// Set when the queue must be reloaded from storage.
     stale: AtomicBool,
     wake: Notify,
+    /// When the delivery worker last went round its loop (Unix ms), for readiness.
+    heartbeat_ms: AtomicI64,
 }
 
 impl DueQueue {
@@ -205,6 +207,16 @@ impl DueQueue {
     /// True (once) when the queue must be reloaded from storage.
     pub fn take_stale(&self) -> bool {
         self.stale.swap(false, Ordering::SeqCst)
+    }
+
+    /// Records that the worker is alive.
+    pub fn beat(&self, now_ms: i64) {
+        self.heartbeat_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the worker last went round its loop (0: never).
+    pub fn last_beat(&self) -> i64 {
+        self.heartbeat_ms.load(Ordering::Relaxed)
     }
 
     /// Wakes the worker (e.g. attempt slots became free).

@@ -185,6 +185,7 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             break;
         }
+        core.due.beat(unix_now_ms());
         let leader_now = core.is_leader();
         if !leader_now {
             // Only the leader delivers; a follower's queue would only grow.

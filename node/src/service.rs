@@ -41,7 +41,9 @@ pub struct Vault {
 
 /// Trains the recommender on every customer's rules and stores the model through Raft.
 pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
-    let (rules, current) = core.read(|r| Ok((r.all_rules()?, r.model()?))).await?;
+    let (rules, dismissals, current) = core
+        .read(|r| Ok((r.all_rules()?, r.dismissal_counts()?, r.model()?)))
+        .await?;
     let version = current.map(|m| m.version).unwrap_or(0) + 1;
     let (beta, k) = (
         core.config.recommend_beta,
@@ -50,7 +52,7 @@ pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError
     let now = unix_now_ms();
     // Training is CPU work on counts: keep it off the event loops.
     let model = tokio::task::spawn_blocking(move || {
-        crate::recommend::vault::train(rules, version, now, beta, k)
+        crate::recommend::vault::train(rules, &dismissals, version, now, beta, k)
     })
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -657,6 +659,12 @@ impl Vault {
         }
         if let Err(e) = &metrics.running_state {
             problems.push(format!("raft stopped: {e}"));
+        }
+        // The worker goes round at least every second; a leader whose worker has not for
+        // 10 s is not draining its outbox and must not look healthy (Svix #1844).
+        let silent_ms = unix_now_ms() - self.core.due.last_beat();
+        if metrics.current_leader == Some(node_id) && silent_ms > 10_000 {
+            problems.push(format!("delivery worker silent for {} s", silent_ms / 1000));
         }
         let pending = self.core.due.len();
         Readiness {

@@ -172,6 +172,21 @@ impl StateReader {
         self.get(&keys::prefix(self.group, keys::MODEL))
     }
 
+    /// How many customers dismissed each template (for training).
+    pub fn dismissal_counts(&self) -> Result<std::collections::HashMap<String, u32>, StoreError> {
+        let p = keys::prefix(self.group, keys::DISMISSED);
+        let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, usize::MAX)?;
+        let mut counts = std::collections::HashMap::new();
+        for (k, ()) in rows {
+            let rest = &k[p.len()..];
+            if let Some(sep) = rest.iter().position(|b| *b == 0) {
+                let template = String::from_utf8_lossy(&rest[sep + 1..]).into_owned();
+                *counts.entry(template).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// The templates a customer dismissed.
     pub fn dismissed(&self, customer: &str) -> Result<Vec<String>, StoreError> {
         let p = keys::prefix2(self.group, keys::DISMISSED, customer);

@@ -500,6 +500,8 @@ pub struct TemplateStat {
     pub key: String,
     /// Customers keeping it.
     pub customers: u32,
+    /// Customers who dismissed it when it was recommended (a negative signal).
+    pub dismissed: u32,
     /// The condition most customers keeping it use, when at least k of them agree.
     pub condition: Option<String>,
     /// The mapping (JSON text) most of them use, when at least k agree.

@@ -26,6 +26,7 @@ pub fn template_key(r: &RuleRecord) -> String {
 /// Trains a model on every customer's rules.
 pub fn train(
     rules: Vec<(String, RuleRecord)>,
+    dismissals: &HashMap<String, u32>,
     version: u64,
     now_ms: i64,
     beta: f64,
@@ -97,6 +98,7 @@ pub fn train(
                 .get(&(i as u32))
                 .filter(|(n, _, _)| *n >= min_support);
             TemplateStat {
+                dismissed: dismissals.get(&key).copied().unwrap_or(0),
                 key,
                 customers: popularity[i],
                 condition: agreed.and_then(|(_, c, _)| c.clone()),
@@ -179,12 +181,16 @@ impl Served {
             };
             let (support, base) = (self.model.support(from, j), self.model.popularity(from));
             let frequency = f64::from(support) / f64::from(base + 1);
-            let confidence = if self.calibrator.is_fitted() {
+            let calibrated = if self.calibrator.is_fitted() {
                 self.calibrator
                     .confidence(calibration_feature(score, best, rank))
             } else {
                 frequency
             };
+            // Dismissals are a negative signal: the share of customers who were shown the
+            // template and kept it rather than dismissed it.
+            let kept_share = f64::from(t.customers + 1) / f64::from(t.customers + t.dismissed + 1);
+            let confidence = calibrated * kept_share;
             if confidence < threshold {
                 continue;
             }
@@ -302,7 +308,7 @@ mod tests {
         for c in 0..3 {
             rules.push(rule(c, "flight.boarded", "room.prepare", None));
         }
-        let model = train(rules, 1, 0, 0.2, 10);
+        let model = train(rules.clone(), &HashMap::new(), 1, 0, 0.2, 10);
         let served = Served::new(model);
         let kept = vec![rule(35, "flight.delayed", "room.hold", None).1];
         let recs = served.recommend(&kept, &HashSet::new(), 0.5);
@@ -325,5 +331,10 @@ mod tests {
         let dismissed: HashSet<String> =
             [decode_id(&r.id).unwrap_or_default()].into_iter().collect();
         assert!(served.recommend(&kept, &dismissed, 0.5).is_empty());
+        // Many other customers dismissed it: its confidence falls below the threshold.
+        let many: HashMap<String, u32> =
+            [("airline.flight.cancelled>hotel.room.release".to_owned(), 30)].into();
+        let served = Served::new(train(rules, &many, 2, 0, 0.2, 10));
+        assert!(served.recommend(&kept, &HashSet::new(), 0.5).is_empty());
     }
 }
