@@ -41,8 +41,15 @@ pub struct Vault {
 
 /// Trains the recommender on every customer's rules and stores the model through Raft.
 pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
-    let (rules, dismissals, current) = core
-        .read(|r| Ok((r.all_rules()?, r.dismissal_counts()?, r.model()?)))
+    let (rules, links, dismissals, current) = core
+        .read(|r| {
+            Ok((
+                r.all_rules()?,
+                r.all_links()?,
+                r.dismissal_counts()?,
+                r.model()?,
+            ))
+        })
         .await?;
     let version = current.map(|m| m.version).unwrap_or(0) + 1;
     let (beta, k) = (
@@ -52,7 +59,7 @@ pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError
     let now = unix_now_ms();
     // Training is CPU work on counts: keep it off the event loops.
     let model = tokio::task::spawn_blocking(move || {
-        crate::recommend::vault::train(rules, &dismissals, version, now, beta, k)
+        crate::recommend::vault::train(rules, links, &dismissals, version, now, beta, k)
     })
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -398,17 +405,19 @@ impl Vault {
     ) -> Result<RecommendationList, ServiceError> {
         check_id("customer id", customer)?;
         let owned = customer.to_owned();
-        let (exists, rules, dismissed, model) = self
+        let (exists, rules, links, dismissed, model) = self
             .core
             .read(move |r| {
                 Ok((
                     r.customer(&owned)?.is_some(),
                     r.rules(&owned)?,
+                    r.links(&owned)?,
                     r.dismissed(&owned)?,
                     r.model()?,
                 ))
             })
             .await?;
+        let linked: Vec<String> = links.into_iter().map(|l| l.entity_id).collect();
         if !exists {
             return Err(ServiceError::not_found("customer", customer));
         }
@@ -435,7 +444,7 @@ impl Vault {
         Ok(RecommendationList {
             model_version: Some(served.record.version),
             threshold,
-            items: served.recommend(&rules, &dismissed, threshold),
+            items: served.recommend(&rules, &linked, &dismissed, threshold),
         })
     }
 

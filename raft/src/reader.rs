@@ -167,6 +167,23 @@ impl StateReader {
             .collect())
     }
 
+    /// Every link, as (customer id, entity id) (for training the recommender).
+    pub fn all_links(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let p = keys::prefix(self.group, keys::LINK);
+        Ok(self
+            .scan::<LinkRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let rest = k.get(p.len()..)?;
+                let end = rest.iter().position(|b| *b == 0)?;
+                Some((
+                    String::from_utf8_lossy(&rest[..end]).into_owned(),
+                    v.entity_id,
+                ))
+            })
+            .collect())
+    }
+
     /// The stored recommendation model.
     pub fn model(&self) -> Result<Option<ModelRecord>, StoreError> {
         self.get(&keys::prefix(self.group, keys::MODEL))

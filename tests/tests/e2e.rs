@@ -1057,7 +1057,7 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
         },
     };
     let mut customers = Vec::new();
-    for i in 0..14 {
+    for i in 0..15 {
         let c = admin.create_customer().await?;
         admin
             .link(
@@ -1078,7 +1078,10 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
             )
             .await?;
         let me = admin.with_token(&c.token);
-        me.create_rule(&c.id, &delay_rule()).await?;
+        // The last customer has linked both entities but keeps no rule yet.
+        if i < 14 {
+            me.create_rule(&c.id, &delay_rule()).await?;
+        }
         if i < 11 {
             me.create_rule(&c.id, &release).await?;
         }
@@ -1090,7 +1093,7 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
     assert!(me.recommendations(&first.id).await?.items.is_empty());
 
     let model = admin.train_recommender().await?;
-    assert_eq!(model.customers, 14);
+    assert_eq!(model.customers, 15);
     let recs = me.recommendations(&first.id).await?;
     assert_eq!(recs.model_version, Some(model.version));
     assert_eq!(recs.items.len(), 1, "{recs:?}");
@@ -1131,6 +1134,18 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
     assert!(
         them.recommendations(&other.id).await?.items.is_empty(),
         "dismissed is not shown again"
+    );
+    // Links alone are engagement enough: the customer without rules is offered both rules.
+    let newcomer = &customers[14];
+    let fresh = admin
+        .with_token(&newcomer.token)
+        .recommendations(&newcomer.id)
+        .await?;
+    assert_eq!(fresh.items.len(), 2, "{fresh:?}");
+    assert!(
+        fresh.items[0].reason.contains("who link"),
+        "{}",
+        fresh.items[0].reason
     );
     // One customer cannot read another's recommendations.
     let err = them

@@ -297,6 +297,7 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
 
     // Validation: hold out about a fifth of each trainset user's rules (users with >= 3).
     let (fit_users, val_users) = holdout(&train);
+    let val_users: Vec<_> = val_users.into_iter().map(|(_, v)| v).collect();
     let fit = Interactions {
         users: fit_users,
         n_items,

@@ -66,11 +66,11 @@ pub type Holdout = (Vec<u32>, HashSet<u32>);
 
 /// A held-out split: each user with at least 3 items has about a fifth of them (chosen by a
 /// fixed hash of user and item) held out. Returns every user's kept items, and
-/// (kept, held out) for the users with both.
-pub fn holdout<K: Hash>(users: &[(K, Vec<u32>)]) -> (Vec<Vec<u32>>, Vec<Holdout>) {
+/// (user's position, (kept, held out)) for the users with both.
+pub fn holdout<K: Hash>(users: &[(K, Vec<u32>)]) -> (Vec<Vec<u32>>, Vec<(usize, Holdout)>) {
     let mut fit = Vec::with_capacity(users.len());
     let mut val = Vec::new();
-    for (user, items) in users {
+    for (n, (user, items)) in users.iter().enumerate() {
         let (held, kept): (Vec<u32>, Vec<u32>) = if items.len() >= 3 {
             items.iter().partition(|i| {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -81,7 +81,7 @@ pub fn holdout<K: Hash>(users: &[(K, Vec<u32>)]) -> (Vec<Vec<u32>>, Vec<Holdout>
             (Vec::new(), items.clone())
         };
         if !held.is_empty() && !kept.is_empty() {
-            val.push((kept.clone(), held.into_iter().collect()));
+            val.push((n, (kept.clone(), held.into_iter().collect())));
             fit.push(kept);
         } else {
             fit.push(items.clone());

@@ -23,32 +23,45 @@ pub fn template_key(r: &RuleRecord) -> String {
     )
 }
 
-/// Trains a model on every customer's rules.
+/// The model item of a customer's link to an entity: an engagement input, never recommended.
+fn link_key(entity: &str) -> String {
+    format!("link:{entity}")
+}
+
+/// Trains a model on every customer's rules and links.
 pub fn train(
     rules: Vec<(String, RuleRecord)>,
+    links: Vec<(String, String)>,
     dismissals: &HashMap<String, u32>,
     version: u64,
     now_ms: i64,
     beta: f64,
     min_support: u32,
 ) -> ModelRecord {
-    let mut by_customer: BTreeMap<String, Vec<RuleRecord>> = BTreeMap::new();
+    let mut by_customer: BTreeMap<String, (Vec<RuleRecord>, Vec<String>)> = BTreeMap::new();
     for (c, r) in rules {
-        by_customer.entry(c).or_default().push(r);
+        by_customer.entry(c).or_default().0.push(r);
+    }
+    for (c, e) in links {
+        by_customer.entry(c).or_default().1.push(e);
     }
     let mut index: HashMap<String, u32> = HashMap::new();
     let mut keys: Vec<String> = Vec::new();
     // (template, condition, data) -> customers using that exact version.
     let mut versions: HashMap<(u32, Option<String>, String), u32> = HashMap::new();
+    let mut intern = |key: String| {
+        *index.entry(key.clone()).or_insert_with(|| {
+            keys.push(key);
+            (keys.len() - 1) as u32
+        })
+    };
+    // Per customer: its template items, and its link items (engagement inputs).
     let mut users: Vec<(String, Vec<u32>)> = Vec::new();
-    for (customer, rules) in &by_customer {
+    let mut link_items: Vec<Vec<u32>> = Vec::new();
+    for (customer, (rules, links)) in &by_customer {
         let mut items: Vec<u32> = Vec::new();
         for r in rules {
-            let key = template_key(r);
-            let id = *index.entry(key.clone()).or_insert_with(|| {
-                keys.push(key);
-                (keys.len() - 1) as u32
-            });
+            let id = intern(template_key(r));
             if !items.contains(&id) {
                 items.push(id);
                 *versions
@@ -57,11 +70,23 @@ pub fn train(
             }
         }
         users.push((customer.clone(), items));
+        link_items.push(links.iter().map(|e| intern(link_key(e))).collect());
     }
     let n_items = keys.len();
 
-    // Calibration on held-out templates: a fifth of each customer's (customers with >= 3).
-    let (fit_users, val) = holdout(&users);
+    // Calibration on held-out templates (never links): a fifth of each customer's (customers
+    // with >= 3); the links stay as inputs.
+    let (mut fit_users, val) = holdout(&users);
+    for (items, links) in fit_users.iter_mut().zip(&link_items) {
+        items.extend(links);
+    }
+    let val: Vec<_> = val
+        .into_iter()
+        .map(|(n, (mut kept, held))| {
+            kept.extend(&link_items[n]);
+            (kept, held)
+        })
+        .collect();
     let val_model = Rp3Beta::fit(
         &Interactions {
             users: fit_users,
@@ -78,7 +103,14 @@ pub fn train(
     };
 
     let full = Interactions {
-        users: users.into_iter().map(|(_, i)| i).collect(),
+        users: users
+            .into_iter()
+            .zip(link_items)
+            .map(|((_, mut items), links)| {
+                items.extend(links);
+                items
+            })
+            .collect(),
         n_items,
     };
     let (popularity, pairs) = aggregates(&full, min_support);
@@ -155,18 +187,22 @@ impl Served {
         }
     }
 
-    /// Recommendations for a customer who keeps `kept`, at or above `threshold`, best first.
+    /// Recommendations for a customer who keeps `kept` and links `linked`, at or above
+    /// `threshold`, best first; only templates between entities the customer has linked.
     pub fn recommend(
         &self,
         kept: &[RuleRecord],
+        linked: &[String],
         dismissed: &HashSet<String>,
         threshold: f64,
     ) -> Vec<Recommendation> {
         let items: Vec<u32> = kept
             .iter()
-            .filter_map(|r| self.index.get(&template_key(r)).copied())
+            .map(template_key)
+            .chain(linked.iter().map(|e| link_key(e)))
+            .filter_map(|k| self.index.get(&k).copied())
             .collect();
-        let top = self.model.top(&items, 20);
+        let top = self.model.top(&items, 40);
         let best = top.first().map(|t| t.1).unwrap_or(0.0);
         let mut out = Vec::new();
         for (rank, (j, score)) in top.into_iter().enumerate() {
@@ -197,6 +233,9 @@ impl Served {
             let Some(template) = parse_key(&t.key) else {
                 continue;
             };
+            if !linked.contains(&template.when_entity) || !linked.contains(&template.then_entity) {
+                continue;
+            }
             let from_key = self
                 .record
                 .templates
@@ -212,10 +251,13 @@ impl Served {
                 id: encode_id(&t.key),
                 confidence: (confidence * 1000.0).round() / 1000.0,
                 reason: format!(
-                    "kept by {:.0}% of the {} customers who keep {}",
+                    "kept by {:.0}% of the {} customers who {}",
                     100.0 * f64::from(support) / f64::from(base.max(1)),
                     base,
-                    from_key.replace('>', " -> ")
+                    match from_key.strip_prefix("link:") {
+                        Some(entity) => format!("link {entity}"),
+                        None => format!("keep {}", from_key.replace('>', " -> ")),
+                    }
                 ),
                 rule: RuleSpec {
                     name: format!(
@@ -308,10 +350,11 @@ mod tests {
         for c in 0..3 {
             rules.push(rule(c, "flight.boarded", "room.prepare", None));
         }
-        let model = train(rules.clone(), &HashMap::new(), 1, 0, 0.2, 10);
+        let model = train(rules.clone(), Vec::new(), &HashMap::new(), 1, 0, 0.2, 10);
         let served = Served::new(model);
         let kept = vec![rule(35, "flight.delayed", "room.hold", None).1];
-        let recs = served.recommend(&kept, &HashSet::new(), 0.5);
+        let linked = vec!["airline".to_owned(), "hotel".to_owned()];
+        let recs = served.recommend(&kept, &linked, &HashSet::new(), 0.5);
         assert_eq!(recs.len(), 1, "{recs:?}");
         let r = &recs[0];
         assert_eq!(r.template.event_type, "flight.cancelled");
@@ -330,11 +373,36 @@ mod tests {
         // Dismissed: gone.
         let dismissed: HashSet<String> =
             [decode_id(&r.id).unwrap_or_default()].into_iter().collect();
-        assert!(served.recommend(&kept, &dismissed, 0.5).is_empty());
+        assert!(served.recommend(&kept, &linked, &dismissed, 0.5).is_empty());
         // Many other customers dismissed it: its confidence falls below the threshold.
         let many: HashMap<String, u32> =
             [("airline.flight.cancelled>hotel.room.release".to_owned(), 30)].into();
-        let served = Served::new(train(rules, &many, 2, 0, 0.2, 10));
-        assert!(served.recommend(&kept, &HashSet::new(), 0.5).is_empty());
+        let served = Served::new(train(rules, Vec::new(), &many, 2, 0, 0.2, 10));
+        assert!(served
+            .recommend(&kept, &linked, &HashSet::new(), 0.5)
+            .is_empty());
+    }
+
+    #[test]
+    fn links_are_engagement_inputs_and_unlinked_targets_are_not_recommended() {
+        let mut rules = Vec::new();
+        let mut links = Vec::new();
+        for c in 0..20 {
+            links.push((format!("c{c}"), "airline".to_owned()));
+            links.push((format!("c{c}"), "hotel".to_owned()));
+            if c < 16 {
+                rules.push(rule(c, "flight.delayed", "room.hold", None));
+            }
+        }
+        let served = Served::new(train(rules, links, &HashMap::new(), 1, 0, 0.2, 10));
+        let both = vec!["airline".to_owned(), "hotel".to_owned()];
+        // No rules yet: recommended from the links alone, with the link as the reason.
+        let recs = served.recommend(&[], &both, &HashSet::new(), 0.5);
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert!(recs[0].reason.contains("who link"), "{}", recs[0].reason);
+        // Without the hotel linked, a rule targeting it is not recommended.
+        assert!(served
+            .recommend(&[], &both[..1], &HashSet::new(), 0.0)
+            .is_empty());
     }
 }
