@@ -39,18 +39,30 @@ pub struct Vault {
     served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
 }
 
+/// The (customer, `source.type`) pairs received within the engagement window.
+fn recent(engagements: Vec<(String, String, u64, i64)>) -> Vec<(String, String)> {
+    let since = unix_now_ms() - crate::recommend::vault::ENGAGEMENT_RECENCY_MS;
+    engagements
+        .into_iter()
+        .filter(|(_, _, count, last)| *count > 0 && *last >= since)
+        .map(|(c, t, _, _)| (c, t))
+        .collect()
+}
+
 /// Trains the recommender on every customer's rules and stores the model through Raft.
 pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
-    let (rules, links, dismissals, current) = core
+    let (rules, links, engagements, dismissals, current) = core
         .read(|r| {
             Ok((
                 r.all_rules()?,
                 r.all_links()?,
+                r.engagements(None)?,
                 r.dismissal_counts()?,
                 r.model()?,
             ))
         })
         .await?;
+    let received = recent(engagements);
     let version = current.map(|m| m.version).unwrap_or(0) + 1;
     let (beta, k) = (
         core.config.recommend_beta,
@@ -59,7 +71,13 @@ pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError
     let now = unix_now_ms();
     // Training is CPU work on counts: keep it off the event loops.
     let model = tokio::task::spawn_blocking(move || {
-        crate::recommend::vault::train(rules, links, &dismissals, version, now, beta, k)
+        let population = crate::recommend::vault::Population {
+            rules,
+            links,
+            received,
+            dismissals,
+        };
+        crate::recommend::vault::train(population, version, now, beta, k)
     })
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -405,18 +423,20 @@ impl Vault {
     ) -> Result<RecommendationList, ServiceError> {
         check_id("customer id", customer)?;
         let owned = customer.to_owned();
-        let (exists, rules, links, dismissed, model) = self
+        let (exists, rules, links, engagements, dismissed, model) = self
             .core
             .read(move |r| {
                 Ok((
                     r.customer(&owned)?.is_some(),
                     r.rules(&owned)?,
                     r.links(&owned)?,
+                    r.engagements(Some(&owned))?,
                     r.dismissed(&owned)?,
                     r.model()?,
                 ))
             })
             .await?;
+        let received: Vec<String> = recent(engagements).into_iter().map(|(_, t)| t).collect();
         let linked: Vec<String> = links.into_iter().map(|l| l.entity_id).collect();
         if !exists {
             return Err(ServiceError::not_found("customer", customer));
@@ -444,7 +464,7 @@ impl Vault {
         Ok(RecommendationList {
             model_version: Some(served.record.version),
             threshold,
-            items: served.recommend(&rules, &linked, &dismissed, threshold),
+            items: served.recommend(&rules, &linked, &received, &dismissed, threshold),
         })
     }
 

@@ -45,6 +45,8 @@ pub const EXPIRY: u8 = 0x1b;
 pub const MODEL: u8 = 0x1c;
 /// Dismissed recommendations: `| customer \0 template`.
 pub const DISMISSED: u8 = 0x1d;
+/// Engagement: events received per customer and type: `| customer \0 source.type`.
+pub const ENGAGEMENT: u8 = 0x1e;
 /// End of state machine data tags (exclusive).
 pub const SM_END: u8 = 0x20;
 

@@ -184,6 +184,33 @@ impl StateReader {
             .collect())
     }
 
+    /// Event types received, as (customer id, `source.type`, count, last received ms): the
+    /// whole group's when `customer` is `None` (for training), else one customer's.
+    pub fn engagements(
+        &self,
+        customer: Option<&str>,
+    ) -> Result<Vec<(String, String, u64, i64)>, StoreError> {
+        let p = match customer {
+            Some(c) => keys::prefix2(self.group, keys::ENGAGEMENT, c),
+            None => keys::prefix(self.group, keys::ENGAGEMENT),
+        };
+        let head = keys::HEADER;
+        Ok(self
+            .scan::<(u64, i64)>(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .filter_map(|(k, (count, last))| {
+                let rest = k.get(head..)?;
+                let sep = rest.iter().position(|b| *b == 0)?;
+                Some((
+                    String::from_utf8_lossy(&rest[..sep]).into_owned(),
+                    String::from_utf8_lossy(&rest[sep + 1..]).into_owned(),
+                    count,
+                    last,
+                ))
+            })
+            .collect())
+    }
+
     /// The stored recommendation model.
     pub fn model(&self) -> Result<Option<ModelRecord>, StoreError> {
         self.get(&keys::prefix(self.group, keys::MODEL))

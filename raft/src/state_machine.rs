@@ -719,6 +719,15 @@ impl<'a> Tx<'a> {
         )?;
         self.age(at, &dedup_key);
         if let Some(customer) = &ingest.customer_id {
+            // Engagement for recommendations: how often, and when last, this type arrived.
+            let key = keys::key2(
+                g,
+                keys::ENGAGEMENT,
+                customer,
+                &format!("{}.{}", ingest.event.source, ingest.event.event_type),
+            );
+            let (count, _) = self.get::<(u64, i64)>(&key)?.unwrap_or((0, 0));
+            self.put(key, &(count + 1, at))?;
             self.activity(
                 customer,
                 at,

@@ -28,22 +28,51 @@ fn link_key(entity: &str) -> String {
     format!("link:{entity}")
 }
 
-/// Trains a model on every customer's rules and links.
+/// The model item of an event type a customer receives (`source.type`): an engagement input.
+fn event_key(source_type: &str) -> String {
+    format!("event:{source_type}")
+}
+
+/// Events received longer ago than this no longer count as engagement.
+pub const ENGAGEMENT_RECENCY_MS: i64 = 90 * 86_400_000;
+
+/// What the recommender learns from: every customer's rules, links and recently received
+/// event types (`source.type`), and how many customers dismissed each template.
+#[derive(Debug, Default)]
+pub struct Population {
+    /// (customer, rule).
+    pub rules: Vec<(String, RuleRecord)>,
+    /// (customer, entity).
+    pub links: Vec<(String, String)>,
+    /// (customer, `source.type`).
+    pub received: Vec<(String, String)>,
+    /// Template key -> customers who dismissed it.
+    pub dismissals: HashMap<String, u32>,
+}
+
+/// Trains a model on a population.
 pub fn train(
-    rules: Vec<(String, RuleRecord)>,
-    links: Vec<(String, String)>,
-    dismissals: &HashMap<String, u32>,
+    pop: Population,
     version: u64,
     now_ms: i64,
     beta: f64,
     min_support: u32,
 ) -> ModelRecord {
+    let Population {
+        rules,
+        links,
+        received,
+        dismissals,
+    } = pop;
     let mut by_customer: BTreeMap<String, (Vec<RuleRecord>, Vec<String>)> = BTreeMap::new();
     for (c, r) in rules {
         by_customer.entry(c).or_default().0.push(r);
     }
     for (c, e) in links {
-        by_customer.entry(c).or_default().1.push(e);
+        by_customer.entry(c).or_default().1.push(link_key(&e));
+    }
+    for (c, t) in received {
+        by_customer.entry(c).or_default().1.push(event_key(&t));
     }
     let mut index: HashMap<String, u32> = HashMap::new();
     let mut keys: Vec<String> = Vec::new();
@@ -70,7 +99,7 @@ pub fn train(
             }
         }
         users.push((customer.clone(), items));
-        link_items.push(links.iter().map(|e| intern(link_key(e))).collect());
+        link_items.push(links.iter().map(|k| intern(k.clone())).collect());
     }
     let n_items = keys.len();
 
@@ -187,12 +216,14 @@ impl Served {
         }
     }
 
-    /// Recommendations for a customer who keeps `kept` and links `linked`, at or above
-    /// `threshold`, best first; only templates between entities the customer has linked.
+    /// Recommendations for a customer who keeps `kept`, links `linked` and recently received
+    /// `received` (`source.type`), at or above `threshold`, best first; only templates between
+    /// entities the customer has linked.
     pub fn recommend(
         &self,
         kept: &[RuleRecord],
         linked: &[String],
+        received: &[String],
         dismissed: &HashSet<String>,
         threshold: f64,
     ) -> Vec<Recommendation> {
@@ -200,6 +231,7 @@ impl Served {
             .iter()
             .map(template_key)
             .chain(linked.iter().map(|e| link_key(e)))
+            .chain(received.iter().map(|t| event_key(t)))
             .filter_map(|k| self.index.get(&k).copied())
             .collect();
         let top = self.model.top(&items, 40);
@@ -254,9 +286,12 @@ impl Served {
                     "kept by {:.0}% of the {} customers who {}",
                     100.0 * f64::from(support) / f64::from(base.max(1)),
                     base,
-                    match from_key.strip_prefix("link:") {
-                        Some(entity) => format!("link {entity}"),
-                        None => format!("keep {}", from_key.replace('>', " -> ")),
+                    if let Some(entity) = from_key.strip_prefix("link:") {
+                        format!("link {entity}")
+                    } else if let Some(t) = from_key.strip_prefix("event:") {
+                        format!("receive {t}")
+                    } else {
+                        format!("keep {}", from_key.replace('>', " -> "))
                     }
                 ),
                 rule: RuleSpec {
@@ -350,11 +385,20 @@ mod tests {
         for c in 0..3 {
             rules.push(rule(c, "flight.boarded", "room.prepare", None));
         }
-        let model = train(rules.clone(), Vec::new(), &HashMap::new(), 1, 0, 0.2, 10);
+        let model = train(
+            Population {
+                rules: rules.clone(),
+                ..Default::default()
+            },
+            1,
+            0,
+            0.2,
+            10,
+        );
         let served = Served::new(model);
         let kept = vec![rule(35, "flight.delayed", "room.hold", None).1];
         let linked = vec!["airline".to_owned(), "hotel".to_owned()];
-        let recs = served.recommend(&kept, &linked, &HashSet::new(), 0.5);
+        let recs = served.recommend(&kept, &linked, &[], &HashSet::new(), 0.5);
         assert_eq!(recs.len(), 1, "{recs:?}");
         let r = &recs[0];
         assert_eq!(r.template.event_type, "flight.cancelled");
@@ -373,13 +417,25 @@ mod tests {
         // Dismissed: gone.
         let dismissed: HashSet<String> =
             [decode_id(&r.id).unwrap_or_default()].into_iter().collect();
-        assert!(served.recommend(&kept, &linked, &dismissed, 0.5).is_empty());
+        assert!(served
+            .recommend(&kept, &linked, &[], &dismissed, 0.5)
+            .is_empty());
         // Many other customers dismissed it: its confidence falls below the threshold.
         let many: HashMap<String, u32> =
             [("airline.flight.cancelled>hotel.room.release".to_owned(), 30)].into();
-        let served = Served::new(train(rules, Vec::new(), &many, 2, 0, 0.2, 10));
+        let served = Served::new(train(
+            Population {
+                rules,
+                dismissals: many,
+                ..Default::default()
+            },
+            2,
+            0,
+            0.2,
+            10,
+        ));
         assert!(served
-            .recommend(&kept, &linked, &HashSet::new(), 0.5)
+            .recommend(&kept, &linked, &[], &HashSet::new(), 0.5)
             .is_empty());
     }
 
@@ -394,15 +450,59 @@ mod tests {
                 rules.push(rule(c, "flight.delayed", "room.hold", None));
             }
         }
-        let served = Served::new(train(rules, links, &HashMap::new(), 1, 0, 0.2, 10));
+        let served = Served::new(train(
+            Population {
+                rules,
+                links,
+                ..Default::default()
+            },
+            1,
+            0,
+            0.2,
+            10,
+        ));
         let both = vec!["airline".to_owned(), "hotel".to_owned()];
         // No rules yet: recommended from the links alone, with the link as the reason.
-        let recs = served.recommend(&[], &both, &HashSet::new(), 0.5);
+        let recs = served.recommend(&[], &both, &[], &HashSet::new(), 0.5);
         assert_eq!(recs.len(), 1, "{recs:?}");
         assert!(recs[0].reason.contains("who link"), "{}", recs[0].reason);
         // Without the hotel linked, a rule targeting it is not recommended.
         assert!(served
-            .recommend(&[], &both[..1], &HashSet::new(), 0.0)
+            .recommend(&[], &both[..1], &[], &HashSet::new(), 0.0)
             .is_empty());
+    }
+
+    #[test]
+    fn received_event_types_are_engagement_inputs() {
+        let mut rules = Vec::new();
+        let mut received = Vec::new();
+        for c in 0..20 {
+            received.push((format!("c{c}"), "airline.flight.delayed".to_owned()));
+            if c < 16 {
+                rules.push(rule(c, "flight.delayed", "room.hold", None));
+            }
+        }
+        let pop = Population {
+            rules,
+            received,
+            ..Default::default()
+        };
+        let served = Served::new(train(pop, 1, 0, 0.2, 10));
+        let both = vec!["airline".to_owned(), "hotel".to_owned()];
+        let recs = served.recommend(
+            &[],
+            &both,
+            &["airline.flight.delayed".to_owned()],
+            &HashSet::new(),
+            0.5,
+        );
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert!(
+            recs[0]
+                .reason
+                .contains("who receive airline.flight.delayed"),
+            "{}",
+            recs[0].reason
+        );
     }
 }
