@@ -12,6 +12,7 @@
 //! - [`rules`]: CEL conditions and mappings, indexed by (source entity, event type).
 //! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
 //! - [`delivery`]: the outbox worker: signed POSTs, retries, SSRF guard, batched results.
+//! - [`entity_sim`]: `custos entity-sim`, a reference entity (OAuth server, command receiver).
 //! - [`core`]: what all of the above share: Raft handle, state reader, entity cache.
 //! - [`error`]: the service error, mapped once to problem+json.
 //! - [`telemetry`]: tracing and Prometheus metrics.
@@ -21,6 +22,7 @@
 pub mod config;
 pub mod core;
 pub mod delivery;
+pub mod entity_sim;
 pub mod error;
 pub mod gateway;
 pub mod peer;

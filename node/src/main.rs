@@ -25,6 +25,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print the commented default configuration file.
     Config,
+    /// Run a reference entity (airline, hotel or car-rental): sign-in page, OAuth 2.0 server
+    /// with PKCE, a command receiver that verifies signatures, and event emission.
+    EntitySim(EntitySimArgs),
     /// Evaluate the rule recommender on the IFTTT rules dataset (rules, trainset, testset).
     RecommendEval {
         /// Directory with the dataset's `rules`, `trainset` and `testset` files.
@@ -65,6 +68,32 @@ struct ServeArgs {
     /// Log format: human or json.
     #[arg(long)]
     log_format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct EntitySimArgs {
+    /// airline, hotel or car-rental.
+    #[arg(long)]
+    preset: String,
+    /// Where to serve.
+    #[arg(long, default_value = "127.0.0.1:7800")]
+    listen: std::net::SocketAddr,
+    /// The vault's client API (for registering and sending events).
+    #[arg(long, env = "CUSTOS_URL", default_value = "http://127.0.0.1:7700")]
+    vault: String,
+    /// The entity's `whsec_` secret (or use --register).
+    #[arg(long, env = "CUSTOS_ENTITY_SECRET")]
+    secret: Option<String>,
+    /// Register with the vault (admin token from --token / CUSTOS_TOKEN or
+    /// ./custos-data/admin-token) and use the secret it issues.
+    #[arg(long)]
+    register: bool,
+    /// Admin token for --register.
+    #[arg(long, env = "CUSTOS_TOKEN")]
+    token: Option<String>,
+    /// Write {"addr": ...} here once serving (tests).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +249,55 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {
+    use custos_node::entity_sim::{self, Sim};
+    custos_node::telemetry::init_logging("human", "info");
+    let preset = entity_sim::preset(&args.preset).with_context(|| {
+        format!(
+            "no preset {:?}: use airline, hotel or car-rental",
+            args.preset
+        )
+    })?;
+    let secret = match &args.secret {
+        Some(s) => Some(Secret::parse(s).map_err(|e| anyhow::anyhow!("secret: {e}"))?),
+        None => None,
+    };
+    let listener = std::net::TcpListener::bind(args.listen)?;
+    let addr = listener.local_addr()?;
+    let sim = actix_web::web::Data::new(Sim::new(preset, secret, Some(args.vault.clone())));
+    actix_rt::System::new().block_on(async move {
+        if args.register {
+            let token = match args.token.clone() {
+                Some(t) => t,
+                None => std::fs::read_to_string("custos-data/admin-token")
+                    .map(|t| t.trim().to_owned())
+                    .context("--register needs --token / CUSTOS_TOKEN")?,
+            };
+            entity_sim::register(&sim, &args.vault, &token, format!("http://{addr}/commands"))
+                .await
+                .map_err(|e| anyhow::anyhow!("registering with {}: {e}", args.vault))?;
+        }
+        let data = sim.clone();
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(data.clone())
+                .configure(entity_sim::configure)
+        })
+        .workers(1)
+        .listen(listener)?
+        .run();
+        if let Some(f) = &args.ready_file {
+            std::fs::write(f, serde_json::json!({"addr": addr.to_string()}).to_string())?;
+        }
+        println!("{} ({}) at http://{addr}", preset.name, preset.id);
+        for (u, p, s) in preset.users {
+            println!("  account {u} / {p} (subject {s})");
+        }
+        server.await?;
+        Ok(())
+    })
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -339,6 +417,7 @@ fn main() -> anyhow::Result<()> {
             print!("{DEFAULT_TOML}");
             Ok(())
         }
+        Command::EntitySim(args) => entity_sim(args),
         Command::RecommendEval {
             data,
             min_support,

@@ -4,10 +4,12 @@
 //!
 //! # Layout
 //!
+//! - [`entity`]: a `custos entity-sim` reference entity registered with a node.
 //! - [`node`]: start, kill (-9), stop (SIGTERM) and restart a node process.
 //! - [`receiver`]: an entity's command endpoint that records what it got and answers a script.
 //! - [`poll`]: wait for a condition with a deadline.
 
+pub mod entity;
 pub mod node;
 pub mod poll;
 pub mod receiver;

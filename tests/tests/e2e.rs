@@ -1155,3 +1155,206 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
     assert_eq!(err.code(), Some(ErrorCode::Forbidden));
     Ok(())
 }
+
+/// Runs the authorization code flow against an entity-sim as the portal will; returns the code.
+async fn authorize(
+    http: &reqwest::Client,
+    sim: &str,
+    user: &str,
+    password: &str,
+    challenge: &str,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(http
+        .post(format!("{sim}/oauth/authorize"))
+        .form(&[
+            ("username", user),
+            ("password", password),
+            ("client_id", "custos"),
+            ("redirect_uri", "http://127.0.0.1:1/callback"),
+            ("state", "st-1"),
+            ("code_challenge", challenge),
+        ])
+        .send()
+        .await?)
+}
+
+fn code_from(resp: &reqwest::Response) -> anyhow::Result<String> {
+    let loc = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let url = url::Url::parse(loc)?;
+    let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
+    anyhow::ensure!(
+        q.get("state").map(String::as_str) == Some("st-1"),
+        "state not returned: {loc}"
+    );
+    q.get("code")
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no code in {loc}"))
+}
+
+async fn exchange(
+    http: &reqwest::Client,
+    sim: &str,
+    code: &str,
+    verifier: &str,
+) -> anyhow::Result<(u16, Value)> {
+    let r = http
+        .post(format!("{sim}/oauth/token"))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", "http://127.0.0.1:1/callback"),
+            ("client_id", "custos"),
+            ("code_verifier", verifier),
+        ])
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -> anyhow::Result<()>
+{
+    use custos_tests::entity::EntitySim;
+    let node = Node::start(NodeOptions::default()).await?;
+    let airline = EntitySim::start("airline", &node).await?;
+    let hotel = EntitySim::start("hotel", &node).await?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let verifier = "a-verifier-that-is-long-enough-for-rfc-7636-0123456789abcdef";
+    let challenge = custos_node_pkce(verifier);
+
+    // The sign-in page, and PKCE being required.
+    let page = http
+        .get(format!("{}/oauth/authorize?response_type=code&client_id=custos&redirect_uri=http://127.0.0.1:1/callback&state=st-1&code_challenge={challenge}&code_challenge_method=S256", airline.url))
+        .send().await?;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await?.contains("Sign in to Example Air"));
+    let no_pkce = http
+        .get(format!("{}/oauth/authorize?response_type=code&client_id=custos&redirect_uri=http://127.0.0.1:1/callback&state=st-1", airline.url))
+        .send().await?;
+    assert_eq!(no_pkce.status(), 400);
+    // A wrong password gets no code.
+    let wrong = authorize(&http, &airline.url, "alice", "nope", &challenge).await?;
+    assert_eq!(wrong.status(), 200, "the form again, not a redirect");
+
+    // A wrong verifier is refused, and the code is then spent.
+    let code = code_from(&authorize(&http, &airline.url, "alice", "alice-air", &challenge).await?)?;
+    let (status, body) = exchange(
+        &http,
+        &airline.url,
+        &code,
+        "the-wrong-verifier-that-is-also-long-enough-0123456789",
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    let (status, _) = exchange(&http, &airline.url, &code, verifier).await?;
+    assert_eq!(status, 400, "a code is single-use");
+    // The right verifier on a fresh code yields the customer's subject at the airline.
+    let code = code_from(&authorize(&http, &airline.url, "alice", "alice-air", &challenge).await?)?;
+    let (status, token) = exchange(&http, &airline.url, &code, verifier).await?;
+    assert_eq!(status, 200, "{token}");
+    assert_eq!(token["subject"], "FF-1001");
+    let at = token["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let info: Value = http
+        .get(format!("{}/oauth/userinfo", airline.url))
+        .bearer_auth(&at)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(info["sub"], "FF-1001");
+    http.post(format!("{}/oauth/revoke", airline.url))
+        .form(&[("token", at.as_str())])
+        .send()
+        .await?;
+    let after = http
+        .get(format!("{}/oauth/userinfo", airline.url))
+        .bearer_auth(&at)
+        .send()
+        .await?;
+    assert_eq!(after.status(), 401, "revoked");
+
+    // Link with the learned subjects, keep a rule, and let the airline emit an event.
+    let admin = node.admin();
+    let c = admin.create_customer().await?;
+    admin
+        .link(
+            &c.id,
+            &LinkRequest {
+                entity_id: "airline".into(),
+                subject: "FF-1001".into(),
+            },
+        )
+        .await?;
+    let code = code_from(&authorize(&http, &hotel.url, "alice", "alice-hotel", &challenge).await?)?;
+    let (_, token) = exchange(&http, &hotel.url, &code, verifier).await?;
+    let hotel_subject = token["subject"].as_str().unwrap_or_default().to_owned();
+    admin
+        .link(
+            &c.id,
+            &LinkRequest {
+                entity_id: "hotel".into(),
+                subject: hotel_subject.clone(),
+            },
+        )
+        .await?;
+    let me = admin.with_token(&c.token);
+    me.create_rule(
+        &c.id,
+        &RuleSpec {
+            name: "hold".into(),
+            when: Trigger {
+                entity: "airline".into(),
+                event_type: "flight.delayed".into(),
+                condition: None,
+            },
+            then: Action {
+                entity: "hotel".into(),
+                command_type: "room.hold".into(),
+                data: json!({"flight": "data.flight"}),
+            },
+        },
+    )
+    .await?;
+    let receipt: EventReceipt = http
+        .post(format!("{}/emit", airline.url))
+        .json(&json!({"username": "alice", "type": "flight.delayed", "data": {"flight": "XY9"}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(receipt.status, EventStatus::Accepted);
+    let got: Vec<Value> = poll::until("hotel received the command", WAIT, || {
+        let (http, url) = (http.clone(), format!("{}/commands", hotel.url));
+        async move {
+            let v: Vec<Value> = http.get(url).send().await.ok()?.json().await.ok()?;
+            (!v.is_empty()).then_some(v)
+        }
+    })
+    .await?;
+    assert_eq!(
+        got[0]["verified"], true,
+        "the hotel verified the vault's signature"
+    );
+    assert_eq!(got[0]["command"]["subject"], json!(hotel_subject));
+    assert_eq!(got[0]["command"]["data"], json!({"flight": "XY9"}));
+    Ok(())
+}
+
+fn custos_node_pkce(verifier: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()))
+}

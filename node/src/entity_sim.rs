@@ -1,0 +1,614 @@
+//! `custos entity-sim`: a reference entity to link against and to watch commands arrive.
+//!
+//! It plays a company's system: its own user accounts and sign-in page, an OAuth 2.0
+//! authorization server (authorization code with PKCE S256, token, userinfo, revocation), a
+//! command receiver that verifies Standard Webhooks signatures and lists what it received, and
+//! a way to emit signed events about one of its users. Presets: airline, hotel, car-rental.
+//! State is in memory: it is a simulator, restarted freely.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+use custos_api::types::{RegisterEntity, TypeSpec};
+use custos_api::webhook::{self, Secret, SignedHeaders};
+use custos_api::CloudEvent;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// How long an authorization code may be exchanged.
+const CODE_TTL: Duration = Duration::from_secs(300);
+/// Most commands kept for listing.
+const MAX_RECEIVED: usize = 1000;
+
+/// A company to play.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    /// Entity id in the vault.
+    pub id: &'static str,
+    /// Display name.
+    pub name: &'static str,
+    /// Event types it sends.
+    pub event_types: &'static [&'static str],
+    /// Command types it accepts.
+    pub command_types: &'static [&'static str],
+    /// Demo accounts: (username, password, subject id at this company).
+    pub users: &'static [(&'static str, &'static str, &'static str)],
+}
+
+/// The built-in presets.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        id: "airline",
+        name: "Example Air",
+        event_types: &["flight.delayed", "flight.cancelled", "flight.landed"],
+        command_types: &["seat.hold", "meal.change"],
+        users: &[
+            ("alice", "alice-air", "FF-1001"),
+            ("bob", "bob-air", "FF-1002"),
+        ],
+    },
+    Preset {
+        id: "hotel",
+        name: "Example Hotel",
+        event_types: &["stay.checked_in", "stay.checked_out"],
+        command_types: &["room.hold", "room.release", "late.checkin"],
+        users: &[
+            ("alice", "alice-hotel", "guest-77"),
+            ("bob", "bob-hotel", "guest-78"),
+        ],
+    },
+    Preset {
+        id: "car-rental",
+        name: "Example Cars",
+        event_types: &["car.returned", "car.picked_up"],
+        command_types: &["rental.extend", "rental.hold"],
+        users: &[
+            ("alice", "alice-car", "renter-5"),
+            ("bob", "bob-car", "renter-6"),
+        ],
+    },
+];
+
+/// Finds a preset by id.
+pub fn preset(id: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.id == id)
+}
+
+struct Grant {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    subject: String,
+    issued: Instant,
+}
+
+/// A command as received.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceivedCommand {
+    /// `webhook-id`.
+    pub id: String,
+    /// True when the signature verified with this entity's secret.
+    pub verified: bool,
+    /// The CloudEvent.
+    pub command: serde_json::Value,
+}
+
+/// The simulator's state.
+pub struct Sim {
+    preset: &'static Preset,
+    secret: Mutex<Option<Secret>>,
+    vault: Option<String>,
+    users: Mutex<HashMap<String, (String, String)>>,
+    codes: Mutex<HashMap<String, Grant>>,
+    tokens: Mutex<HashMap<String, String>>,
+    received: Mutex<Vec<ReceivedCommand>>,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("preset", &self.preset.id)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn random_token(prefix: &str) -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("{prefix}{}", B64URL.encode(b))
+}
+
+/// The PKCE S256 challenge of a verifier (RFC 7636 §4.2).
+pub fn pkce_challenge(verifier: &str) -> String {
+    B64URL.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(title: &str, body: &str) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" \
+         content=\"width=device-width, initial-scale=1\"><title>{t}</title><style>body{{font-family:\
+         system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
+         label{{display:block;margin-top:.8rem}}input{{font-size:1rem;padding:.4rem;width:100%}}\
+         button{{margin-top:1rem;font-size:1rem;padding:.5rem 1.2rem}}</style></head><body>\
+         <h1>{t}</h1>{body}</body></html>",
+        t = esc(title)
+    ))
+}
+
+fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default())
+        .json(serde_json::json!({"error": error, "error_description": description}))
+}
+
+impl Sim {
+    /// A simulator for `preset`, verifying and signing with `secret`, sending events to `vault`.
+    pub fn new(preset: &'static Preset, secret: Option<Secret>, vault: Option<String>) -> Self {
+        Sim {
+            preset,
+            secret: Mutex::new(secret),
+            vault,
+            users: Mutex::new(
+                preset
+                    .users
+                    .iter()
+                    .map(|(u, p, s)| ((*u).to_owned(), ((*p).to_owned(), (*s).to_owned())))
+                    .collect(),
+            ),
+            codes: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            received: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The registration this entity asks the vault for.
+    pub fn registration(&self, command_url: String) -> RegisterEntity {
+        let types = |ts: &[&str]| {
+            ts.iter()
+                .map(|t| TypeSpec {
+                    type_name: (*t).to_owned(),
+                    schema: None,
+                })
+                .collect()
+        };
+        RegisterEntity {
+            id: self.preset.id.into(),
+            name: self.preset.name.into(),
+            command_url,
+            event_types: types(self.preset.event_types),
+            command_types: types(self.preset.command_types),
+        }
+    }
+
+    /// Sets the signing secret (after registering with the vault).
+    pub fn set_secret(&self, secret: Secret) {
+        *lock(&self.secret) = Some(secret);
+    }
+}
+
+/// `GET /oauth/authorize` query.
+#[derive(Debug, Deserialize)]
+struct AuthorizeQuery {
+    response_type: Option<String>,
+    client_id: Option<String>,
+    redirect_uri: Option<String>,
+    state: Option<String>,
+    code_challenge: Option<String>,
+    code_challenge_method: Option<String>,
+}
+
+/// An OAuth error answer (RFC 6749 §5.2).
+#[derive(Debug)]
+struct OAuthError(u16, &'static str, &'static str);
+
+impl OAuthError {
+    fn response(&self) -> HttpResponse {
+        oauth_error(self.0, self.1, self.2)
+    }
+}
+
+/// A checked authorization request.
+struct AuthRequest {
+    client: String,
+    redirect: String,
+    state: String,
+    challenge: String,
+}
+
+fn check_authorize(q: &AuthorizeQuery) -> Result<AuthRequest, OAuthError> {
+    let bad = |d: &'static str| Err(OAuthError(400, "invalid_request", d));
+    if q.response_type.as_deref() != Some("code") {
+        return Err(OAuthError(
+            400,
+            "unsupported_response_type",
+            "response_type must be code",
+        ));
+    }
+    let (Some(client), Some(redirect), Some(state)) = (&q.client_id, &q.redirect_uri, &q.state)
+    else {
+        return bad("client_id, redirect_uri and state are required");
+    };
+    let Some(challenge) = q
+        .code_challenge
+        .as_ref()
+        .filter(|c| (43..=128).contains(&c.len()))
+    else {
+        return bad("PKCE is required: code_challenge of 43 to 128 characters");
+    };
+    if q.code_challenge_method.as_deref() != Some("S256") {
+        return bad("code_challenge_method must be S256");
+    }
+    if url::Url::parse(redirect).is_err()
+        || redirect.len() > 2048
+        || state.len() > 512
+        || client.len() > 256
+    {
+        return bad("malformed redirect_uri, state or client_id");
+    }
+    Ok(AuthRequest {
+        client: client.clone(),
+        redirect: redirect.clone(),
+        state: state.clone(),
+        challenge: challenge.clone(),
+    })
+}
+
+async fn authorize_form(sim: web::Data<Sim>, q: web::Query<AuthorizeQuery>) -> HttpResponse {
+    let AuthRequest {
+        client,
+        redirect,
+        state,
+        challenge,
+    } = match check_authorize(&q) {
+        Ok(v) => v,
+        Err(e) => return e.response(),
+    };
+    let hidden =
+        |n: &str, v: &str| format!("<input type=\"hidden\" name=\"{n}\" value=\"{}\">", esc(v));
+    page(
+        &format!("Sign in to {}", sim.preset.name),
+        &format!(
+            "<p>{client} asks to link your {name} account.</p>\
+             <form method=\"post\" action=\"/oauth/authorize\">{h1}{h2}{h3}{h4}\
+             <label for=\"username\">Username</label><input id=\"username\" name=\"username\" autocomplete=\"username\" required>\
+             <label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
+             <button type=\"submit\">Sign in and allow</button></form>",
+            client = esc(&client),
+            name = esc(sim.preset.name),
+            h1 = hidden("client_id", &client),
+            h2 = hidden("redirect_uri", &redirect),
+            h3 = hidden("state", &state),
+            h4 = hidden("code_challenge", &challenge),
+        ),
+    )
+}
+
+/// The sign-in form.
+#[derive(Debug, Deserialize)]
+struct SignIn {
+    username: String,
+    password: String,
+    client_id: String,
+    redirect_uri: String,
+    state: String,
+    code_challenge: String,
+}
+
+async fn authorize_submit(sim: web::Data<Sim>, form: web::Form<SignIn>) -> HttpResponse {
+    let f = form.into_inner();
+    let q = AuthorizeQuery {
+        response_type: Some("code".into()),
+        client_id: Some(f.client_id.clone()),
+        redirect_uri: Some(f.redirect_uri.clone()),
+        state: Some(f.state.clone()),
+        code_challenge: Some(f.code_challenge.clone()),
+        code_challenge_method: Some("S256".into()),
+    };
+    if let Err(e) = check_authorize(&q) {
+        return e.response();
+    }
+    let subject = lock(&sim.users)
+        .get(&f.username)
+        .filter(|(pw, _)| {
+            // Constant-time comparison of the password digests.
+            let (a, b) = (
+                Sha256::digest(pw.as_bytes()),
+                Sha256::digest(f.password.as_bytes()),
+            );
+            a.iter()
+                .zip(b.iter())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0
+        })
+        .map(|(_, s)| s.clone());
+    let Some(subject) = subject else {
+        return page(
+            "Sign-in failed",
+            "<p>Wrong username or password. Go back and try again.</p>",
+        );
+    };
+    let code = random_token("code_");
+    let mut codes = lock(&sim.codes);
+    codes.retain(|_, g| g.issued.elapsed() < CODE_TTL);
+    codes.insert(
+        code.clone(),
+        Grant {
+            client_id: f.client_id,
+            redirect_uri: f.redirect_uri.clone(),
+            challenge: f.code_challenge,
+            subject,
+            issued: Instant::now(),
+        },
+    );
+    let mut target = match url::Url::parse(&f.redirect_uri) {
+        Ok(u) => u,
+        Err(_) => return oauth_error(400, "invalid_request", "malformed redirect_uri"),
+    };
+    target
+        .query_pairs_mut()
+        .append_pair("code", &code)
+        .append_pair("state", &f.state);
+    HttpResponse::Found()
+        .insert_header(("location", target.to_string()))
+        .finish()
+}
+
+/// `POST /oauth/token` form.
+#[derive(Debug, Deserialize)]
+struct TokenRequest {
+    grant_type: String,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+    client_id: Option<String>,
+    code_verifier: Option<String>,
+}
+
+async fn token(sim: web::Data<Sim>, form: web::Form<TokenRequest>) -> HttpResponse {
+    let t = form.into_inner();
+    if t.grant_type != "authorization_code" {
+        return oauth_error(400, "unsupported_grant_type", "only authorization_code");
+    }
+    // A code is single-use: taken out whatever happens next.
+    let grant = t.code.as_deref().and_then(|c| lock(&sim.codes).remove(c));
+    let Some(grant) = grant.filter(|g| g.issued.elapsed() < CODE_TTL) else {
+        return oauth_error(400, "invalid_grant", "unknown, used or expired code");
+    };
+    if t.redirect_uri.as_deref() != Some(grant.redirect_uri.as_str())
+        || t.client_id.as_deref() != Some(grant.client_id.as_str())
+    {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "redirect_uri or client_id does not match",
+        );
+    }
+    let Some(verifier) = t.code_verifier.filter(|v| (43..=128).contains(&v.len())) else {
+        return oauth_error(400, "invalid_request", "code_verifier is required");
+    };
+    if pkce_challenge(&verifier) != grant.challenge {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "code_verifier does not match the challenge",
+        );
+    }
+    let access = random_token("at_");
+    lock(&sim.tokens).insert(access.clone(), grant.subject.clone());
+    HttpResponse::Ok()
+        .insert_header(("cache-control", "no-store"))
+        .json(serde_json::json!({
+            "access_token": access, "token_type": "Bearer", "expires_in": 3600,
+            "subject": grant.subject,
+        }))
+}
+
+fn bearer(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_owned)
+}
+
+async fn userinfo(sim: web::Data<Sim>, req: HttpRequest) -> HttpResponse {
+    match bearer(&req).and_then(|t| lock(&sim.tokens).get(&t).cloned()) {
+        Some(sub) => HttpResponse::Ok().json(serde_json::json!({"sub": sub})),
+        None => oauth_error(401, "invalid_token", "unknown or revoked token"),
+    }
+}
+
+/// `POST /oauth/revoke` form (RFC 7009).
+#[derive(Debug, Deserialize)]
+struct Revoke {
+    token: String,
+}
+
+async fn revoke(sim: web::Data<Sim>, form: web::Form<Revoke>) -> HttpResponse {
+    lock(&sim.tokens).remove(&form.token);
+    // RFC 7009: 200 whether or not the token was known.
+    HttpResponse::Ok().finish()
+}
+
+async fn receive_command(sim: web::Data<Sim>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let headers = SignedHeaders {
+        id: h(webhook::HEADER_ID),
+        timestamp: h(webhook::HEADER_TIMESTAMP),
+        signature: h(webhook::HEADER_SIGNATURE),
+    };
+    let secret = lock(&sim.secret).clone();
+    let verified = secret
+        .as_ref()
+        .is_some_and(|s| webhook::verify(&[s], headers, &body, webhook::unix_now()).is_ok());
+    if !verified {
+        return HttpResponse::Unauthorized().json(serde_json::json!({"error": "bad signature"}));
+    }
+    let command: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut received = lock(&sim.received);
+    let id = headers.id.unwrap_or_default().to_owned();
+    // Idempotent by webhook-id: a retry of a command already taken is acknowledged again.
+    if !received.iter().any(|r| r.id == id) {
+        if received.len() >= MAX_RECEIVED {
+            received.remove(0);
+        }
+        received.push(ReceivedCommand {
+            id,
+            verified,
+            command,
+        });
+    }
+    HttpResponse::NoContent().finish()
+}
+
+async fn list_commands(sim: web::Data<Sim>) -> HttpResponse {
+    HttpResponse::Ok().json(&*lock(&sim.received))
+}
+
+/// `POST /emit`: send an event about one of this company's users to the vault.
+#[derive(Debug, Deserialize)]
+pub struct Emit {
+    /// The user (by username) the event is about.
+    pub username: String,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Event data.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+async fn emit(sim: web::Data<Sim>, body: web::Json<Emit>) -> HttpResponse {
+    let e = body.into_inner();
+    let Some(subject) = lock(&sim.users).get(&e.username).map(|(_, s)| s.clone()) else {
+        return HttpResponse::NotFound().json(serde_json::json!({"error": "no such user"}));
+    };
+    if !sim.preset.event_types.contains(&e.event_type.as_str()) {
+        return HttpResponse::BadRequest()
+            .json(serde_json::json!({"error": "not one of this company's event types"}));
+    }
+    let (Some(vault), Some(secret)) = (sim.vault.clone(), lock(&sim.secret).clone()) else {
+        return HttpResponse::Conflict()
+            .json(serde_json::json!({"error": "start with --vault and a secret"}));
+    };
+    let mut ev = CloudEvent::new(random_token("evt_"), sim.preset.id, e.event_type);
+    ev.subject = Some(subject);
+    ev.time = Some(custos_api::types::rfc3339_ms(
+        custos_api::types::unix_now_ms(),
+    ));
+    ev.data = Some(e.data);
+    let client = custos_api::client::Client::new(vault, None);
+    match client.send_event(&secret, &ev).await {
+        Ok(receipt) => HttpResponse::Ok().json(receipt),
+        Err(err) => HttpResponse::BadGateway().json(serde_json::json!({"error": err.to_string()})),
+    }
+}
+
+async fn home(sim: web::Data<Sim>) -> HttpResponse {
+    let users: String = lock(&sim.users)
+        .iter()
+        .map(|(u, (_, s))| format!("<li>{} (subject {})</li>", esc(u), esc(s)))
+        .collect();
+    let commands: String = lock(&sim.received)
+        .iter()
+        .rev()
+        .map(|r| {
+            format!(
+                "<li><code>{}</code> {}</li>",
+                esc(&r.id),
+                esc(&r.command.to_string())
+            )
+        })
+        .collect();
+    page(
+        sim.preset.name,
+        &format!(
+            "<h2>Accounts</h2><ul>{users}</ul><h2>Commands received (verified)</h2><ul>{commands}</ul>"
+        ),
+    )
+}
+
+/// Registers this entity with the vault (or, if it exists, points it here and rotates its
+/// secret) and keeps the secret for signing and verifying.
+pub async fn register(
+    sim: &Sim,
+    vault: &str,
+    admin_token: &str,
+    command_url: String,
+) -> Result<(), String> {
+    let client = custos_api::client::Client::new(vault, Some(admin_token.to_owned()));
+    let entity = match client
+        .register_entity(&sim.registration(command_url.clone()))
+        .await
+    {
+        Ok(e) => e,
+        Err(e) if e.code() == Some(custos_api::ErrorCode::Conflict) => {
+            let update = custos_api::types::UpdateEntity {
+                command_url: Some(command_url),
+                ..Default::default()
+            };
+            client
+                .update_entity(sim.preset.id, &update)
+                .await
+                .map_err(|e| e.to_string())?;
+            client
+                .rotate_secret(sim.preset.id)
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let secret =
+        Secret::parse(entity.secret.as_deref().unwrap_or_default()).map_err(|e| e.to_string())?;
+    sim.set_secret(secret);
+    Ok(())
+}
+
+/// Registers the simulator's routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(home))
+        .route("/oauth/authorize", web::get().to(authorize_form))
+        .route("/oauth/authorize", web::post().to(authorize_submit))
+        .route("/oauth/token", web::post().to(token))
+        .route("/oauth/userinfo", web::get().to(userinfo))
+        .route("/oauth/revoke", web::post().to(revoke))
+        .route("/commands", web::post().to(receive_command))
+        .route("/commands", web::get().to(list_commands))
+        .route("/emit", web::post().to(emit));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_matches_rfc7636_appendix_b() {
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+
+    #[test]
+    fn presets_exist() {
+        for id in ["airline", "hotel", "car-rental"] {
+            assert!(preset(id).is_some());
+        }
+    }
+}
