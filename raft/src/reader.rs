@@ -159,11 +159,7 @@ impl StateReader {
         Ok(self
             .scan::<RuleRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
-            .filter_map(|(k, v)| {
-                let rest = k.get(p.len()..)?;
-                let end = rest.iter().position(|b| *b == 0)?;
-                Some((String::from_utf8_lossy(&rest[..end]).into_owned(), v))
-            })
+            .filter_map(|(k, v)| Some((split_key2(&k, p.len())?.0, v)))
             .collect())
     }
 
@@ -194,19 +190,12 @@ impl StateReader {
             Some(c) => keys::prefix2(self.group, keys::ENGAGEMENT, c),
             None => keys::prefix(self.group, keys::ENGAGEMENT),
         };
-        let head = keys::HEADER;
         Ok(self
             .scan::<(u64, i64)>(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
             .filter_map(|(k, (count, last))| {
-                let rest = k.get(head..)?;
-                let sep = rest.iter().position(|b| *b == 0)?;
-                Some((
-                    String::from_utf8_lossy(&rest[..sep]).into_owned(),
-                    String::from_utf8_lossy(&rest[sep + 1..]).into_owned(),
-                    count,
-                    last,
-                ))
+                let (customer, source_type) = split_key2(&k, keys::HEADER)?;
+                Some((customer, source_type, count, last))
             })
             .collect())
     }
@@ -222,9 +211,7 @@ impl StateReader {
         let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, usize::MAX)?;
         let mut counts = std::collections::HashMap::new();
         for (k, ()) in rows {
-            let rest = &k[p.len()..];
-            if let Some(sep) = rest.iter().position(|b| *b == 0) {
-                let template = String::from_utf8_lossy(&rest[sep + 1..]).into_owned();
+            if let Some((_, template)) = split_key2(&k, p.len()) {
                 *counts.entry(template).or_insert(0) += 1;
             }
         }
@@ -341,6 +328,16 @@ impl StateReader {
         };
         Ok((out, next))
     }
+}
+
+/// The two parts of a `key2` key (`a \0 b`), read from `at` (the prefix length).
+fn split_key2(key: &[u8], at: usize) -> Option<(String, String)> {
+    let rest = key.get(at..)?;
+    let sep = rest.iter().position(|b| *b == 0)?;
+    Some((
+        String::from_utf8_lossy(&rest[..sep]).into_owned(),
+        String::from_utf8_lossy(&rest[sep + 1..]).into_owned(),
+    ))
 }
 
 fn encode_cursor(bytes: &[u8]) -> String {
