@@ -264,16 +264,23 @@ async fn prepare_and_send(
 ) -> Result<Option<DeliveryUpdate>, crate::error::ServiceError> {
     let core = &worker.core;
     let owned = id.to_owned();
-    let rec = core.read(move |r| r.outbox(&owned)).await?;
-    let Some(rec) = rec.filter(|r| r.state == DeliveryState::Pending) else {
+    // One trip to the blocking pool for both reads: the record, and whether its target is
+    // still linked.
+    let found = core
+        .read(move |r| {
+            let Some(rec) = r.outbox(&owned)? else {
+                return Ok(None);
+            };
+            let linked = r
+                .link(&rec.command.customer_id, &rec.command.target)?
+                .is_some();
+            Ok(Some((rec, linked)))
+        })
+        .await?;
+    let Some((rec, linked)) = found.filter(|(r, _)| r.state == DeliveryState::Pending) else {
         return Ok(None);
     };
     let now = unix_now_ms();
-    let (customer, target) = (rec.command.customer_id.clone(), rec.command.target.clone());
-    let linked = core
-        .read(move |r| r.link(&customer, &target))
-        .await?
-        .is_some();
     if !linked {
         return Ok(Some(DeliveryUpdate::Cancelled {
             command_id: id.to_owned(),
