@@ -281,11 +281,12 @@ async fn main() -> anyhow::Result<()> {
         allow_private_targets: true,
         retry_schedule_secs: vec![0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         log_level: "warn".into(),
+        // Extra top-level config keys for experiments, e.g. "profile_arbiters = 1".
+        extra_toml: std::env::var("BENCH_EXTRA_TOML").unwrap_or_default(),
         snapshot_every: std::env::var("BENCH_SNAPSHOT_EVERY")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(20_000),
-        extra_toml: String::new(),
     })
     .await?;
     let admin = node.admin();
