@@ -166,6 +166,20 @@ impl Client {
         .await
     }
 
+    /// Starts linking through the entity's OAuth server; answers where to send the customer.
+    pub async fn authorize_link(
+        &self,
+        customer: &str,
+        entity: &str,
+    ) -> Result<AuthorizeLink, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/customers/{customer}/links/{entity}/authorize"),
+            &(),
+        )
+        .await
+    }
+
     /// Unlinks an entity.
     pub async fn unlink(&self, customer: &str, entity: &str) -> Result<(), ClientError> {
         Self::call(self.request(

@@ -33,6 +33,31 @@ pub struct RegisterEntity {
     /// Command types the entity accepts.
     #[serde(default)]
     pub command_types: Vec<TypeSpec>,
+    /// The entity's OAuth 2.0 authorization server, for customers to link their account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthEndpoints>,
+}
+
+/// An entity's OAuth 2.0 authorization server (authorization code with PKCE S256).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthEndpoints {
+    /// Where the customer signs in and consents.
+    pub authorize_url: String,
+    /// Where the vault exchanges the code; its answer carries the customer's `subject` (or `sub`).
+    pub token_url: String,
+    /// The vault's client id at the entity.
+    pub client_id: String,
+    /// RFC 7009 token revocation endpoint; the vault calls it when the customer unlinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_url: Option<String>,
+}
+
+/// `POST /v1/customers/{id}/links/{entity_id}/authorize` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuthorizeLink {
+    /// Send the customer here; the entity redirects back to the vault's callback.
+    pub authorize_url: String,
 }
 
 /// `PATCH /v1/entities/{id}`: change an entity's name or endpoint, or re-enable it.
@@ -73,6 +98,9 @@ pub struct Entity {
     /// Until when the previous secret is still accepted, after a rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_secret_valid_until: Option<String>,
+    /// Its OAuth 2.0 authorization server, if customers link through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthEndpoints>,
 }
 
 /// `POST /v1/customers` answer.
@@ -340,6 +368,59 @@ pub enum ActivityKind {
         /// The rule.
         rule_id: String,
     },
+}
+
+/// `POST /v1/customers/{id}/rules/try` body: a rule and the event to run it on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TryRule {
+    /// The rule, as it would be saved.
+    pub rule: RuleSpec,
+    /// A past event of the customer's, by id (at the rule's trigger entity)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// ...or a sample event's `data` (the other attributes are filled in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_data: Option<serde_json::Value>,
+}
+
+/// What a rule would do with an event; nothing is sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TryOutcome {
+    /// True when the event matches the trigger and the condition holds.
+    pub matched: bool,
+    /// Why it did not match, or why the mapping failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The event the rule ran on.
+    pub event: serde_json::Value,
+    /// The command CloudEvent that would be sent (without delivery headers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<serde_json::Value>,
+}
+
+/// `GET /v1/customers/{id}/export`: everything the vault holds about a customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CustomerExport {
+    /// When exported.
+    pub exported_at: String,
+    /// The profile and its links.
+    pub customer: Customer,
+    /// The portal account's email, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Its rules.
+    pub rules: Vec<Rule>,
+    /// Its whole activity, newest first.
+    pub activity: Vec<ActivityItem>,
+    /// Every event received about it, as received.
+    pub events: Vec<serde_json::Value>,
+    /// Every command made for it and its delivery.
+    pub deliveries: Vec<Delivery>,
+    /// Engagement counts: `source.type` -> events received.
+    pub engagement: std::collections::BTreeMap<String, u64>,
+    /// Recommendation templates it dismissed.
+    pub dismissed: Vec<String>,
 }
 
 /// One line of a customer's activity.

@@ -30,6 +30,10 @@ peer_listen = "127.0.0.1:7701"
 # The peer address other nodes use to reach this one (default: peer_listen).
 # peer_advertise = "10.0.0.5:7701"
 
+# The client API's public base URL, as customers' browsers reach it (used in the OAuth
+# redirect URI entities send customers back to). Default: http(s)://<listen address>.
+# public_url = "https://vault.example.com"
+
 # Bearer token for operator calls. When unset, one is generated at first start and kept in
 # <data_dir>/admin-token. Prefer the CUSTOS_ADMIN_TOKEN variable to writing it here.
 # admin_token = "..."
@@ -66,6 +70,18 @@ recommend_min_customers = 10
 recommend_interval_secs = 3600
 recommend_beta = 0.2
 
+[portal]
+# Portal sessions last this long, unless signed out (or "sign out everywhere").
+session_hours = 168
+# Sign-in and sign-up attempts allowed per minute for one email address (ten times as many
+# for one client address, which many people may share).
+sign_in_per_minute = 10
+# AES-256-GCM keys (base64 of 32 bytes) sealing entities' access tokens at rest, newest first:
+# the first seals, every one opens. To rotate, put a new key first and keep the old one until
+# every link was made again or unlinked. When unset, one key is generated at first start and
+# kept in <data_dir>/token-key; a cluster must share its keys (prefer CUSTOS_PORTAL__TOKEN_KEYS).
+# token_keys = ["base64..."]
+
 [delivery]
 # Seconds to wait before each attempt: the first is the initial delivery, the last the final
 # retry. A 429 or 503 with Retry-After waits at least as long as the target asked.
@@ -90,6 +106,28 @@ snapshot_every = 20000
 # cert = "/etc/custos/cert.pem"
 # key = "/etc/custos/key.pem"
 "#;
+
+/// Portal settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PortalConfig {
+    /// Session lifetime.
+    pub session_hours: f64,
+    /// Sign-in rate limit per email and per client address.
+    pub sign_in_per_minute: u32,
+    /// Token sealing keys, newest first.
+    pub token_keys: Vec<String>,
+}
+
+impl Default for PortalConfig {
+    fn default() -> Self {
+        PortalConfig {
+            session_hours: 168.0,
+            sign_in_per_minute: 10,
+            token_keys: Vec::new(),
+        }
+    }
+}
 
 /// Delivery settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +203,8 @@ pub struct Config {
     pub peer_listen: SocketAddr,
     /// Advertised peer address.
     pub peer_advertise: Option<String>,
+    /// Public base URL of the client API.
+    pub public_url: Option<String>,
     /// Admin token.
     pub admin_token: Option<String>,
     /// Deliver to private addresses.
@@ -191,6 +231,8 @@ pub struct Config {
     pub recommend_interval_secs: f64,
     /// RP3beta damping.
     pub recommend_beta: f64,
+    /// Portal.
+    pub portal: PortalConfig,
     /// Delivery.
     pub delivery: DeliveryConfig,
     /// Raft.
@@ -210,6 +252,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
             peer_advertise: None,
+            public_url: None,
             admin_token: None,
             allow_private_targets: false,
             log_format: "human".into(),
@@ -223,6 +266,7 @@ impl Default for Config {
             recommend_min_customers: 10,
             recommend_interval_secs: 3600.0,
             recommend_beta: 0.2,
+            portal: PortalConfig::default(),
             delivery: DeliveryConfig::default(),
             raft: RaftConfig::default(),
             tls: TlsConfig::default(),

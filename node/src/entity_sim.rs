@@ -11,8 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use base64::Engine as _;
+use custos_api::oauth::pkce_challenge;
 use custos_api::types::{RegisterEntity, TypeSpec};
 use custos_api::webhook::{self, Secret, SignedHeaders};
 use custos_api::CloudEvent;
@@ -20,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// How long an authorization code may be exchanged.
-const CODE_TTL: Duration = Duration::from_secs(300);
+const CODE_TTL: Duration = Duration::from_millis(custos_api::oauth::LINK_TTL_MS as u64);
 /// Most commands kept for listing.
 const MAX_RECEIVED: usize = 1000;
 
@@ -121,15 +120,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn random_token(prefix: &str) -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut b);
-    format!("{prefix}{}", B64URL.encode(b))
-}
-
-/// The PKCE S256 challenge of a verifier (RFC 7636 §4.2).
-pub fn pkce_challenge(verifier: &str) -> String {
-    B64URL.encode(Sha256::digest(verifier.as_bytes()))
+    format!("{prefix}{}", custos_api::oauth::random_token(24))
 }
 
 fn esc(s: &str) -> String {
@@ -177,8 +168,8 @@ impl Sim {
         }
     }
 
-    /// The registration this entity asks the vault for.
-    pub fn registration(&self, command_url: String) -> RegisterEntity {
+    /// The registration this entity asks the vault for, served at `base` (`http://host:port`).
+    pub fn registration(&self, base: &str) -> RegisterEntity {
         let types = |ts: &[&str]| {
             ts.iter()
                 .map(|t| TypeSpec {
@@ -190,9 +181,15 @@ impl Sim {
         RegisterEntity {
             id: self.preset.id.into(),
             name: self.preset.name.into(),
-            command_url,
+            command_url: format!("{base}/commands"),
             event_types: types(self.preset.event_types),
             command_types: types(self.preset.command_types),
+            oauth: Some(custos_api::types::OAuthEndpoints {
+                authorize_url: format!("{base}/oauth/authorize"),
+                token_url: format!("{base}/oauth/token"),
+                client_id: "custos".into(),
+                revoke_url: Some(format!("{base}/oauth/revoke")),
+            }),
         }
     }
 
@@ -446,6 +443,14 @@ async fn revoke(sim: web::Data<Sim>, form: web::Form<Revoke>) -> HttpResponse {
     HttpResponse::Ok().finish()
 }
 
+/// `GET /oauth/active`: the subjects holding live access tokens (so an operator, or a test,
+/// can see that unlinking at the vault revoked the token here).
+async fn active_tokens(sim: web::Data<Sim>) -> HttpResponse {
+    let mut subjects: Vec<String> = lock(&sim.tokens).values().cloned().collect();
+    subjects.sort();
+    HttpResponse::Ok().json(serde_json::json!({ "subjects": subjects }))
+}
+
 async fn receive_command(sim: web::Data<Sim>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
     let headers = SignedHeaders {
@@ -546,17 +551,10 @@ async fn home(sim: web::Data<Sim>) -> HttpResponse {
 
 /// Registers this entity with the vault (or, if it exists, points it here and rotates its
 /// secret) and keeps the secret for signing and verifying.
-pub async fn register(
-    sim: &Sim,
-    vault: &str,
-    admin_token: &str,
-    command_url: String,
-) -> Result<(), String> {
+pub async fn register(sim: &Sim, vault: &str, admin_token: &str, base: &str) -> Result<(), String> {
     let client = custos_api::client::Client::new(vault, Some(admin_token.to_owned()));
-    let entity = match client
-        .register_entity(&sim.registration(command_url.clone()))
-        .await
-    {
+    let command_url = format!("{base}/commands");
+    let entity = match client.register_entity(&sim.registration(base)).await {
         Ok(e) => e,
         Err(e) if e.code() == Some(custos_api::ErrorCode::Conflict) => {
             let update = custos_api::types::UpdateEntity {
@@ -588,6 +586,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/oauth/token", web::post().to(token))
         .route("/oauth/userinfo", web::get().to(userinfo))
         .route("/oauth/revoke", web::post().to(revoke))
+        .route("/oauth/active", web::get().to(active_tokens))
         .route("/commands", web::post().to(receive_command))
         .route("/commands", web::get().to(list_commands))
         .route("/emit", web::post().to(emit));
@@ -596,14 +595,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pkce_matches_rfc7636_appendix_b() {
-        assert_eq!(
-            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
-        );
-    }
 
     #[test]
     fn presets_exist() {

@@ -256,6 +256,115 @@ async fn unlink(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// Starts linking an entity through its OAuth 2.0 server; answers where to send the customer.
+#[utoipa::path(post, path = "/v1/customers/{id}/links/{entity_id}/authorize", tag = "customers",
+    security(("bearer" = [])), params(("id" = String, Path), ("entity_id" = String, Path)),
+    responses((status = 200, body = AuthorizeLink), (status = 400, body = Problem), (status = 404, body = Problem)))]
+async fn authorize_link(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, entity) = path.into_inner();
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.authorize_link(&id, &entity, false).await?))
+}
+
+/// The OAuth callback query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CallbackQuery {
+    /// The authorization code.
+    pub code: Option<String>,
+    /// The state the vault sent.
+    pub state: Option<String>,
+    /// An error the entity reported instead.
+    pub error: Option<String>,
+}
+
+/// Where the entity sends the customer back: exchanges the code and links the subject.
+#[utoipa::path(get, path = "/v1/oauth/callback", tag = "customers", params(CallbackQuery),
+    responses((status = 201, body = Link), (status = 400, body = Problem), (status = 403, body = Problem)))]
+async fn oauth_callback(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    q: web::Query<CallbackQuery>,
+) -> Result<HttpResponse> {
+    let q = q.into_inner();
+    let session = crate::portal::session_of(&vault, &req).await;
+    let finished = match q.error {
+        Some(e) => Err(ServiceError::refused(
+            ErrorCode::Forbidden,
+            format!("the entity answered {e:.100}"),
+        )),
+        None => {
+            vault
+                .finish_link(
+                    q.code.as_deref().unwrap_or_default(),
+                    q.state.as_deref().unwrap_or_default(),
+                    session.as_ref().map(|s| s.customer_id.as_str()),
+                )
+                .await
+        }
+    };
+    match (finished, session.is_some()) {
+        (Ok(done), _) if done.via_portal => Ok(crate::portal::see_other_flash(
+            "/portal/catalog",
+            Ok(format!(
+                "Linked {} as {}.",
+                done.link.entity_id, done.link.subject
+            )),
+        )),
+        (Ok(done), _) => Ok(HttpResponse::Created().json(done.link)),
+        // A signed-in browser comes back to the portal, which explains what went wrong.
+        (Err(e), true) => Ok(crate::portal::see_other_flash(
+            "/portal/catalog",
+            Err(crate::portal::problem_text(&e)),
+        )),
+        (Err(e), false) => Err(e),
+    }
+}
+
+/// Everything the vault holds about the customer, as JSON.
+#[utoipa::path(get, path = "/v1/customers/{id}/export", tag = "customers",
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = CustomerExport), (status = 404, body = Problem)))]
+async fn export_customer(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.export(&id).await?))
+}
+
+/// Erases the customer and everything held about it, on every replica.
+#[utoipa::path(delete, path = "/v1/customers/{id}", tag = "customers",
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)))]
+async fn erase_customer(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    vault.erase_customer(&id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Runs a rule on a past event or sample data and answers the command it would send.
+#[utoipa::path(post, path = "/v1/customers/{id}/rules/try", tag = "rules",
+    security(("bearer" = [])), params(("id" = String, Path)), request_body = TryRule,
+    responses((status = 200, body = TryOutcome), (status = 400, body = Problem)))]
+async fn try_rule(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Json<TryRule>,
+) -> Result<HttpResponse> {
+    vault.require_customer(bearer(&req), &id).await?;
+    Ok(HttpResponse::Ok().json(vault.try_rule(&id, body.into_inner()).await?))
+}
+
 /// Saves a rule (validated: entities linked, types known, CEL compiles, schema fits).
 #[utoipa::path(post, path = "/v1/customers/{id}/rules", tag = "rules", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = RuleSpec,
@@ -444,14 +553,15 @@ impl utoipa::Modify for BearerScheme {
 #[openapi(
     info(title = "Custos", description = "The customer's data vault: events in, signed commands out."),
     paths(healthz, readyz, metrics, openapi, post_event, register_entity, list_entities, get_entity,
-          update_entity, rotate_secret, create_customer, get_customer, link, unlink, create_rule,
+          update_entity, rotate_secret, create_customer, get_customer, link, unlink, authorize_link,
+          oauth_callback, export_customer, erase_customer, try_rule, create_rule,
           list_rules, get_rule, delete_rule, activity, list_deliveries, get_delivery, replay,
           recommendations, accept_recommendation, dismiss_recommendation, train),
     components(schemas(Problem, ErrorCode, CloudEvent, EventReceipt, EventStatus, RegisterEntity,
         UpdateEntity, Entity, TypeSpec, CustomerCreated, Customer, Link, LinkRequest, RuleSpec,
         Rule, Trigger, Action, ActivityPage, ActivityItem, ActivityKind, DeliveryPage, Delivery,
         DeliveryStatus, Attempt, Readiness, RuleTemplate, Recommendation, RecommendationList,
-        ModelSummary)),
+        ModelSummary, OAuthEndpoints, AuthorizeLink, TryRule, TryOutcome, CustomerExport)),
     modifiers(&BearerScheme)
 )]
 pub struct ApiDoc;
@@ -486,6 +596,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         "/v1/customers/{id}/links/{entity_id}",
         web::delete().to(unlink),
     )
+    .route(
+        "/v1/customers/{id}/links/{entity_id}/authorize",
+        web::post().to(authorize_link),
+    )
+    .route("/v1/oauth/callback", web::get().to(oauth_callback))
+    .route("/v1/customers/{id}/export", web::get().to(export_customer))
+    .route("/v1/customers/{id}", web::delete().to(erase_customer))
+    .route("/v1/customers/{id}/rules/try", web::post().to(try_rule))
     .route("/v1/customers/{id}/rules", web::post().to(create_rule))
     .route("/v1/customers/{id}/rules", web::get().to(list_rules))
     .route(

@@ -7,7 +7,10 @@
 //! - [`config`]: defaults < commented TOML < `CUSTOS_*` variables < flags.
 //! - [`gateway`]: client API handlers (decode, call one service, encode) and OpenAPI.
 //! - [`peer`]: the peer port's Raft RPC handlers.
-//! - [`service`]: the vault's operations, one method per API call.
+//! - [`service`]: the vault's operations, one method per API call (portal ones in
+//!   `service::portal`: accounts, sessions, export, erasure, trying a rule).
+//! - [`portal`]: the customer portal's pages (server-rendered, CSRF-checked forms).
+//! - [`seal`]: AES-256-GCM sealing of entities' access tokens, with key rotation.
 //! - [`profile`]: one actix actor per active customer, owning its links and compiled rules.
 //! - [`rules`]: CEL conditions and mappings, indexed by (source entity, event type).
 //! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
@@ -26,9 +29,11 @@ pub mod entity_sim;
 pub mod error;
 pub mod gateway;
 pub mod peer;
+pub mod portal;
 pub mod profile;
 pub mod recommend;
 pub mod rules;
+pub mod seal;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -273,7 +273,7 @@ fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {
                     .map(|t| t.trim().to_owned())
                     .context("--register needs --token / CUSTOS_TOKEN")?,
             };
-            entity_sim::register(&sim, &args.vault, &token, format!("http://{addr}/commands"))
+            entity_sim::register(&sim, &args.vault, &token, &format!("http://{addr}"))
                 .await
                 .map_err(|e| anyhow::anyhow!("registering with {}: {e}", args.vault))?;
         }
@@ -347,6 +347,7 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
                         command_url: command_url.context("--command-url")?,
                         event_types: types(event_types),
                         command_types: types(command_types),
+                        oauth: None,
                     }
                 }
             };

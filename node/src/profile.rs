@@ -40,8 +40,10 @@ pub enum ProfileRequest {
         /// When the gateway received it.
         received_ms: i64,
     },
-    /// Link an entity.
-    Link(LinkRequest),
+    /// Link an entity, with its sealed access token when linked through OAuth.
+    Link(LinkRequest, Option<Vec<u8>>),
+    /// Erase the customer and everything held about it.
+    Erase,
     /// Unlink an entity.
     Unlink(String),
     /// Validate, compile and save a rule.
@@ -117,9 +119,18 @@ async fn handle(
         } => ingest(core, customer, state, *event, raw, received_ms)
             .await
             .map(ProfileReply::Receipt),
-        ProfileRequest::Link(req) => link(core, customer, state, req)
+        ProfileRequest::Link(req, sealed_token) => link(core, customer, state, req, sealed_token)
             .await
             .map(ProfileReply::Linked),
+        ProfileRequest::Erase => {
+            core.propose(StateChange::EraseCustomer {
+                customer_id: customer.to_owned(),
+            })
+            .await?;
+            // Nothing of it stays in memory either; a later message finds no customer.
+            *state.borrow_mut() = None;
+            Ok(ProfileReply::Done)
+        }
         ProfileRequest::Unlink(entity_id) => {
             core.propose(StateChange::Unlink {
                 customer_id: customer.to_owned(),
@@ -368,6 +379,7 @@ async fn link(
     customer: &str,
     state: &RefCell<Option<Profile>>,
     req: LinkRequest,
+    sealed_token: Option<Vec<u8>>,
 ) -> Result<Link, ServiceError> {
     if !is_valid_id(&req.entity_id) {
         return Err(ServiceError::invalid(
@@ -386,6 +398,7 @@ async fn link(
         entity_id: req.entity_id,
         subject: req.subject,
         linked_ms: custos_api::types::unix_now_ms(),
+        sealed_token,
     };
     core.propose(StateChange::Link {
         customer_id: customer.to_owned(),

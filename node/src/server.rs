@@ -37,6 +37,9 @@ pub enum NodeError {
     /// TLS files.
     #[error("tls: {0}")]
     Tls(String),
+    /// Token sealing keys.
+    #[error("portal: {0}")]
+    Seal(#[from] crate::seal::SealError),
 }
 
 /// The two sockets a node serves, bound by the caller (tests bind port 0).
@@ -79,6 +82,23 @@ pub fn admin_token(config: &Config) -> Result<String, NodeError> {
     );
     write_private(&path, token.as_bytes())?;
     Ok(token)
+}
+
+/// The token sealing keys: from config, else `<data_dir>/token-key`, else a new one kept there.
+pub fn token_keys(config: &Config) -> Result<crate::seal::KeyRing, NodeError> {
+    if !config.portal.token_keys.is_empty() {
+        return Ok(crate::seal::KeyRing::new(&config.portal.token_keys)?);
+    }
+    let path = config.data_dir.join("token-key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(k) if !k.trim().is_empty() => k.trim().to_owned(),
+        _ => {
+            let k = crate::seal::generate_key();
+            write_private(&path, k.as_bytes())?;
+            k
+        }
+    };
+    Ok(crate::seal::KeyRing::new(&[key])?)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -249,6 +269,7 @@ pub async fn run(
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)?;
     let admin = admin_token(&config)?;
+    let token_ring = token_keys(&config)?;
     let db = custos_raft::open_db(&config.data_dir.join("db"))?;
     let telemetry = Telemetry::install();
 
@@ -284,7 +305,14 @@ pub async fn run(
         arbiters,
         Duration::from_secs_f64(config.profile_idle_secs),
     );
-    let vault = Vault::new(core.clone(), profiles, &admin);
+    let api_addr = listeners.api.local_addr()?;
+    let tls = tls_config(&config)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{api_addr}"));
+    let vault = Vault::new(core.clone(), profiles, &admin, &public_url, token_ring);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = raft_rt.spawn(crate::delivery::run(core.clone(), stop_rx.clone()));
@@ -303,15 +331,19 @@ pub async fn run(
         train,
     ));
 
-    let api_addr = listeners.api.local_addr()?;
     let peer_addr = listeners.peer.local_addr()?;
-    let tls = tls_config(&config)?;
     let vault_data = web::Data::new(vault);
     let telemetry_data = web::Data::new(telemetry);
+    let portal_data = web::Data::from(crate::portal::Portal::new(
+        &config.portal,
+        public_url.starts_with("https://"),
+    ));
     let api_server = HttpServer::new(move || {
         App::new()
             .app_data(vault_data.clone())
             .app_data(telemetry_data.clone())
+            .app_data(portal_data.clone())
+            .configure(crate::portal::configure)
             .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("custos::http"))
             .configure(crate::gateway::configure)
     })
@@ -347,9 +379,9 @@ pub async fn run(
     };
     let ready_json = serde_json::to_vec_pretty(&ready).unwrap_or_default();
     write_private(&config.data_dir.join("node.json"), &ready_json)?;
-    let scheme = if ready.tls { "https" } else { "http" };
     println!("custos node {} ready", config.node_id);
     println!("  client API   {scheme}://{api_addr}");
+    println!("  portal       {public_url}/portal");
     println!("  peer port    {peer_addr}");
     println!("  data dir     {}", config.data_dir.display());
     println!("  admin token  {admin}");

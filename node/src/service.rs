@@ -10,15 +10,29 @@ use custos_api::types::*;
 use custos_api::webhook::{self, Secret, SignedHeaders, WebhookError};
 use custos_api::{CloudEvent, ErrorCode};
 use custos_raft::records::{
-    CustomerRecord, DeliveryState, EntityRecord, EventRecord, Ingest, TypeRecord,
+    CustomerRecord, DeliveryState, EntityRecord, EventRecord, Ingest, OAuthRecord, PendingLink,
+    TypeRecord,
 };
-use custos_raft::StateChange;
+use custos_raft::{ChangeOutcome, StateChange};
 use sha2::{Digest, Sha256};
 
 use crate::core::{check_schema, compile_schema, Core};
 use crate::error::ServiceError;
 use crate::profile::{receipt, ProfileReply, ProfileRequest, ProfileRouter};
 use crate::recommend::vault::Served;
+
+pub mod portal;
+
+/// A linking finished through OAuth.
+#[derive(Debug, Clone)]
+pub struct FinishedLink {
+    /// The link made.
+    pub link: Link,
+    /// Whose.
+    pub customer_id: String,
+    /// Started from the portal.
+    pub via_portal: bool,
+}
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +51,12 @@ pub struct Vault {
     admin_token_hash: Arc<[u8; 32]>,
     /// The stored model, rebuilt for serving when its version changes.
     served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
+    /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`).
+    callback_url: Arc<str>,
+    /// For OAuth token exchanges: no redirects, and the delivery SSRF guard.
+    oauth_http: reqwest::Client,
+    /// Seals entities' access tokens at rest.
+    seal: Arc<crate::seal::KeyRing>,
 }
 
 /// The (customer, `source.type`) pairs received within the engagement window.
@@ -109,8 +129,22 @@ fn unexpected(reply: ProfileReply) -> ServiceError {
 
 impl Vault {
     /// The services over `core`, routing customer work through `profiles`.
-    pub fn new(core: Arc<Core>, profiles: ProfileRouter, admin_token: &str) -> Self {
+    pub fn new(
+        core: Arc<Core>,
+        profiles: ProfileRouter,
+        admin_token: &str,
+        public_url: &str,
+        seal: crate::seal::KeyRing,
+    ) -> Self {
+        let oauth_http =
+            crate::delivery::http_client(&core.config.delivery, core.config.allow_private_targets);
         Vault {
+            callback_url: Arc::from(format!(
+                "{}/v1/oauth/callback",
+                public_url.trim_end_matches('/')
+            )),
+            oauth_http,
+            seal: Arc::new(seal),
             core,
             profiles,
             admin_token_hash: Arc::new(sha256(admin_token.as_bytes())),
@@ -203,6 +237,12 @@ impl Vault {
             previous_secret: None,
             previous_valid_until_ms: 0,
             created_ms: now,
+            oauth: req.oauth.map(|o| OAuthRecord {
+                authorize_url: o.authorize_url,
+                token_url: o.token_url,
+                client_id: o.client_id,
+                revoke_url: o.revoke_url,
+            }),
         };
         self.core
             .propose(StateChange::RegisterEntity(record.clone()))
@@ -216,7 +256,7 @@ impl Vault {
             check_name("name", n)?;
         }
         if let Some(u) = &req.command_url {
-            check_url(u)?;
+            check_url("command_url", u)?;
         }
         self.core
             .propose(StateChange::UpdateEntity {
@@ -276,8 +316,9 @@ impl Vault {
                 customer: CustomerRecord {
                     id: id.clone(),
                     created_ms: unix_now_ms(),
+                    token_hash: sha256(token.as_bytes()).to_vec(),
+                    email: None,
                 },
-                token_hash: sha256(token.as_bytes()).to_vec(),
             })
             .await?;
         Ok(CustomerCreated { id, token })
@@ -300,10 +341,19 @@ impl Vault {
 
     /// Links an entity (operator path; the portal's OAuth flow ends in the same request).
     pub async fn link(&self, customer: &str, req: LinkRequest) -> Result<Link, ServiceError> {
+        self.link_with_token(customer, req, None).await
+    }
+
+    async fn link_with_token(
+        &self,
+        customer: &str,
+        req: LinkRequest,
+        sealed_token: Option<Vec<u8>>,
+    ) -> Result<Link, ServiceError> {
         check_id("customer id", customer)?;
         match self
             .profiles
-            .send(customer, ProfileRequest::Link(req))
+            .send(customer, ProfileRequest::Link(req, sealed_token))
             .await?
         {
             ProfileReply::Linked(l) => Ok(l),
@@ -311,18 +361,223 @@ impl Vault {
         }
     }
 
-    /// Unlinks an entity at once: its events are ignored and pending commands cancelled.
+    /// Unlinks an entity at once: its events are ignored and pending commands cancelled;
+    /// then the access token is revoked at the entity, where it offers revocation.
     pub async fn unlink(&self, customer: &str, entity: &str) -> Result<(), ServiceError> {
         check_id("customer id", customer)?;
         check_id("entity id", entity)?;
+        let (c, e) = (customer.to_owned(), entity.to_owned());
+        let link = self.core.read(move |r| r.link(&c, &e)).await?;
         match self
             .profiles
             .send(customer, ProfileRequest::Unlink(entity.to_owned()))
             .await?
         {
-            ProfileReply::Done => Ok(()),
-            other => Err(unexpected(other)),
+            ProfileReply::Done => {}
+            other => return Err(unexpected(other)),
         }
+        if let Some(sealed) = link.and_then(|l| l.sealed_token) {
+            self.revoke_token(customer, entity, &sealed).await;
+        }
+        Ok(())
+    }
+
+    /// Revokes an access token at the entity (RFC 7009). Best effort: the link is already
+    /// gone, so the vault no longer acts on it whatever the entity answers.
+    async fn revoke_token(&self, customer: &str, entity_id: &str, sealed: &[u8]) {
+        let token = match self.seal.open(customer, entity_id, sealed) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(entity = %entity_id, error = %e, "cannot open token to revoke");
+                return;
+            }
+        };
+        let Ok(entity) = self.core.entity_required(entity_id).await else {
+            return;
+        };
+        let Some(oauth) = entity.record.oauth.as_ref() else {
+            return;
+        };
+        let Some(url) = oauth.revoke_url.as_deref() else {
+            return;
+        };
+        let sent = self
+            .oauth_http
+            .post(url)
+            .form(&[
+                ("token", token.as_str()),
+                ("token_type_hint", "access_token"),
+                ("client_id", oauth.client_id.as_str()),
+            ])
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(entity = %entity_id, "access token revoked at the entity");
+            }
+            Ok(r) => {
+                tracing::warn!(entity = %entity_id, status = %r.status(), "revocation refused")
+            }
+            Err(e) => tracing::warn!(entity = %entity_id, error = %e, "revocation failed"),
+        }
+    }
+
+    /// Starts linking through the entity's OAuth 2.0 server (authorization code with PKCE):
+    /// remembers the verifier under the state, and answers where to send the customer.
+    pub async fn authorize_link(
+        &self,
+        customer: &str,
+        entity_id: &str,
+        via_portal: bool,
+    ) -> Result<AuthorizeLink, ServiceError> {
+        check_id("customer id", customer)?;
+        check_id("entity id", entity_id)?;
+        let entity = self.core.entity_required(entity_id).await?;
+        let Some(oauth) = entity.record.oauth.clone() else {
+            return Err(ServiceError::invalid(
+                "entity_id",
+                format!("{entity_id} does not link through OAuth"),
+            ));
+        };
+        let owned = customer.to_owned();
+        if self.core.read(move |r| r.customer(&owned)).await?.is_none() {
+            return Err(ServiceError::not_found("customer", customer));
+        }
+        let state = custos_api::oauth::random_token(24);
+        let verifier = custos_api::oauth::random_token(48);
+        let challenge = custos_api::oauth::pkce_challenge(&verifier);
+        self.core
+            .propose(StateChange::BeginLink {
+                state_hash: sha256(state.as_bytes()).to_vec(),
+                pending: PendingLink {
+                    customer_id: customer.to_owned(),
+                    entity_id: entity_id.to_owned(),
+                    verifier,
+                    at_ms: unix_now_ms(),
+                    via_portal,
+                },
+            })
+            .await?;
+        let mut url = url::Url::parse(&oauth.authorize_url)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        url.query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &oauth.client_id)
+            .append_pair("redirect_uri", &self.callback_url)
+            .append_pair("state", &state)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        Ok(AuthorizeLink {
+            authorize_url: url.to_string(),
+        })
+    }
+
+    /// Finishes linking when the entity sends the customer back: the state is single-use and
+    /// expires; the code is exchanged with the verifier; the subject it yields is linked and
+    /// the access token kept sealed. When the linking started in the portal, `session` (the
+    /// browser's signed-in customer) must be the customer who started it.
+    pub async fn finish_link(
+        &self,
+        code: &str,
+        state: &str,
+        session: Option<&str>,
+    ) -> Result<FinishedLink, ServiceError> {
+        if code.is_empty() || code.len() > 1024 || state.is_empty() || state.len() > 256 {
+            return Err(ServiceError::invalid("code/state", "missing or too long"));
+        }
+        let taken = self
+            .core
+            .propose(StateChange::TakeLink {
+                state_hash: sha256(state.as_bytes()).to_vec(),
+            })
+            .await
+            .map_err(|e| match e {
+                ServiceError::Refused {
+                    code: ErrorCode::NotFound,
+                    ..
+                } => ServiceError::invalid("state", "unknown, already used or expired"),
+                other => other,
+            })?;
+        let ChangeOutcome::LinkTaken(pending) = taken else {
+            return Err(ServiceError::Internal("unexpected outcome".into()));
+        };
+        if unix_now_ms() - pending.at_ms > custos_api::oauth::LINK_TTL_MS {
+            return Err(ServiceError::invalid(
+                "state",
+                "unknown, already used or expired",
+            ));
+        }
+        if pending.via_portal && session != Some(pending.customer_id.as_str()) {
+            return Err(ServiceError::refused(
+                ErrorCode::Forbidden,
+                "this linking was started by another signed-in customer",
+            ));
+        }
+        let entity = self.core.entity_required(&pending.entity_id).await?;
+        let Some(oauth) = entity.record.oauth.clone() else {
+            return Err(ServiceError::invalid(
+                "entity_id",
+                "the entity no longer links through OAuth",
+            ));
+        };
+        let resp = self
+            .oauth_http
+            .post(&oauth.token_url)
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", &self.callback_url),
+                ("client_id", &oauth.client_id),
+                ("code_verifier", &pending.verifier),
+            ])
+            .send()
+            .await
+            .map_err(|e| {
+                ServiceError::refused(ErrorCode::Unavailable, format!("token endpoint: {e}"))
+            })?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(ServiceError::refused(
+                ErrorCode::Forbidden,
+                format!(
+                    "the entity refused the code: {}",
+                    body["error"].as_str().unwrap_or("error")
+                ),
+            ));
+        }
+        let subject = body["subject"]
+            .as_str()
+            .or_else(|| body["sub"].as_str())
+            .ok_or_else(|| {
+                ServiceError::refused(
+                    ErrorCode::Unavailable,
+                    "the entity's token answer has no subject",
+                )
+            })?;
+        let sealed = match body["access_token"].as_str() {
+            Some(t) if t.len() <= 4096 => Some(
+                self.seal
+                    .seal(&pending.customer_id, &pending.entity_id, t)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let link = self
+            .link_with_token(
+                &pending.customer_id,
+                LinkRequest {
+                    entity_id: pending.entity_id,
+                    subject: subject.to_owned(),
+                },
+                sealed,
+            )
+            .await?;
+        Ok(FinishedLink {
+            link,
+            customer_id: pending.customer_id,
+            via_portal: pending.via_portal,
+        })
     }
 
     // ---- rules ----------------------------------------------------------------------------
@@ -728,25 +983,22 @@ fn check_name(field: &str, name: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
-fn check_url(u: &str) -> Result<(), ServiceError> {
+fn check_url(field: &str, u: &str) -> Result<(), ServiceError> {
     if u.len() > MAX_URL_LEN {
         return Err(ServiceError::invalid(
-            "command_url",
+            field,
             format!("longer than {MAX_URL_LEN}"),
         ));
     }
-    let parsed = url::Url::parse(u).map_err(|e| ServiceError::invalid("command_url", e))?;
+    let parsed = url::Url::parse(u).map_err(|e| ServiceError::invalid(field, e))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
         return Err(ServiceError::invalid(
-            "command_url",
+            field,
             "must be an http(s) URL with a host",
         ));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(ServiceError::invalid(
-            "command_url",
-            "must not carry credentials",
-        ));
+        return Err(ServiceError::invalid(field, "must not carry credentials"));
     }
     Ok(())
 }
@@ -754,7 +1006,20 @@ fn check_url(u: &str) -> Result<(), ServiceError> {
 fn validate_entity(req: &RegisterEntity) -> Result<(), ServiceError> {
     check_id("id", &req.id)?;
     check_name("name", &req.name)?;
-    check_url(&req.command_url)?;
+    check_url("command_url", &req.command_url)?;
+    if let Some(o) = &req.oauth {
+        check_url("oauth.authorize_url", &o.authorize_url)?;
+        check_url("oauth.token_url", &o.token_url)?;
+        if let Some(r) = &o.revoke_url {
+            check_url("oauth.revoke_url", r)?;
+        }
+        if o.client_id.is_empty() || o.client_id.len() > 256 {
+            return Err(ServiceError::invalid(
+                "oauth.client_id",
+                "must be 1..=256 bytes",
+            ));
+        }
+    }
     for (field, types) in [
         ("event_types", &req.event_types),
         ("command_types", &req.command_types),
@@ -812,6 +1077,7 @@ mod tests {
                 type_name: "room.hold".into(),
                 schema: Some(serde_json::json!({"type": "object"})),
             }],
+            oauth: None,
         }
     }
 

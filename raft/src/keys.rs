@@ -47,8 +47,14 @@ pub const MODEL: u8 = 0x1c;
 pub const DISMISSED: u8 = 0x1d;
 /// Engagement: events received per customer and type: `| customer \0 source.type`.
 pub const ENGAGEMENT: u8 = 0x1e;
+/// Pending OAuth linkings: `| sha256(state)`.
+pub const PENDING_LINK: u8 = 0x1f;
+/// Portal accounts: `| email`.
+pub const ACCOUNT: u8 = 0x20;
+/// Portal sessions: `| sha256(cookie value)`.
+pub const SESSION: u8 = 0x21;
 /// End of state machine data tags (exclusive).
-pub const SM_END: u8 = 0x20;
+pub const SM_END: u8 = 0x30;
 
 /// `group | tag`.
 pub fn prefix(group: GroupId, tag: u8) -> Vec<u8> {

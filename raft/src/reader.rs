@@ -114,6 +114,16 @@ impl StateReader {
         self.get(&keys::key(self.group, keys::CUSTOMER, id.as_bytes()))
     }
 
+    /// A portal account by (normalised) email.
+    pub fn account(&self, email: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.get(&keys::key(self.group, keys::ACCOUNT, email.as_bytes()))
+    }
+
+    /// A portal session by the hash of its cookie value.
+    pub fn session(&self, hash: &[u8]) -> Result<Option<SessionRecord>, StoreError> {
+        self.get(&keys::key(self.group, keys::SESSION, hash))
+    }
+
     /// The customer whose token hashes to `hash`.
     pub fn customer_by_token(&self, hash: &[u8]) -> Result<Option<String>, StoreError> {
         self.get(&keys::key(self.group, keys::TOKEN, hash))

@@ -39,6 +39,33 @@ pub struct EntityRecord {
     pub previous_valid_until_ms: i64,
     /// Registration time.
     pub created_ms: i64,
+    /// Its OAuth 2.0 authorization server, when customers link through it.
+    pub oauth: Option<OAuthRecord>,
+}
+
+/// An entity's OAuth 2.0 authorization server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OAuthRecord {
+    /// Where the customer signs in.
+    pub authorize_url: String,
+    /// Where codes are exchanged.
+    pub token_url: String,
+    /// The vault's client id there.
+    pub client_id: String,
+    /// RFC 7009 revocation endpoint, when the entity has one.
+    pub revoke_url: Option<String>,
+}
+
+impl OAuthRecord {
+    /// The wire view.
+    pub fn to_wire(&self) -> wire::OAuthEndpoints {
+        wire::OAuthEndpoints {
+            authorize_url: self.authorize_url.clone(),
+            token_url: self.token_url.clone(),
+            client_id: self.client_id.clone(),
+            revoke_url: self.revoke_url.clone(),
+        }
+    }
 }
 
 impl EntityRecord {
@@ -68,6 +95,7 @@ impl EntityRecord {
                 .previous_secret
                 .as_ref()
                 .map(|_| wire::rfc3339_ms(self.previous_valid_until_ms)),
+            oauth: self.oauth.as_ref().map(OAuthRecord::to_wire),
         }
     }
 
@@ -89,6 +117,42 @@ pub struct CustomerRecord {
     pub id: String,
     /// Creation time.
     pub created_ms: i64,
+    /// SHA-256 of its API token (so erasing the customer can remove the token index).
+    pub token_hash: Vec<u8>,
+    /// The portal account's email, when it signed up there.
+    pub email: Option<String>,
+}
+
+/// A portal account: how a person signs in to their customer profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// Normalised (lower-case) email.
+    pub email: String,
+    /// The customer profile it owns.
+    pub customer_id: String,
+    /// argon2id hash in PHC string form.
+    pub password_hash: String,
+    /// Sessions from an older epoch are invalid ("sign out everywhere" increments it).
+    pub session_epoch: u64,
+    /// When created.
+    pub created_ms: i64,
+}
+
+/// A portal session, stored under the hash of its cookie value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The account's email.
+    pub email: String,
+    /// The customer profile.
+    pub customer_id: String,
+    /// The account epoch at sign-in.
+    pub epoch: u64,
+    /// The CSRF token every form of this session must carry.
+    pub csrf: String,
+    /// When signed in.
+    pub created_ms: i64,
+    /// When it stops being valid.
+    pub expires_ms: i64,
 }
 
 /// A customer's link to an entity.
@@ -100,6 +164,8 @@ pub struct LinkRecord {
     pub subject: String,
     /// When linked.
     pub linked_ms: i64,
+    /// The entity's access token from OAuth linking, sealed (AES-256-GCM) by the node.
+    pub sealed_token: Option<Vec<u8>>,
 }
 
 impl LinkRecord {
@@ -530,6 +596,21 @@ pub struct ModelRecord {
     pub calibration: Vec<(f64, f64)>,
 }
 
+/// A linking started through the entity's OAuth server, waiting for its callback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingLink {
+    /// Customer id.
+    pub customer_id: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// The PKCE code verifier.
+    pub verifier: String,
+    /// When started.
+    pub at_ms: i64,
+    /// Started from the portal (the callback then returns the customer there).
+    pub via_portal: bool,
+}
+
 /// A change to the vault's state; every write goes through Raft as one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StateChange {
@@ -555,12 +636,10 @@ pub enum StateChange {
         /// End of the grace period for the old one.
         previous_valid_until_ms: i64,
     },
-    /// Create a customer with the hash of its token.
+    /// Create a customer (indexed by the hash of its token).
     CreateCustomer {
         /// The customer.
         customer: CustomerRecord,
-        /// SHA-256 of its bearer token.
-        token_hash: Vec<u8>,
     },
     /// Link an entity to a customer.
     Link {
@@ -614,6 +693,48 @@ pub enum StateChange {
         /// Template key.
         template: String,
     },
+    /// Start linking through OAuth: remember the verifier under the hash of `state`.
+    BeginLink {
+        /// SHA-256 of the OAuth `state`.
+        state_hash: Vec<u8>,
+        /// What to finish on callback.
+        pending: PendingLink,
+    },
+    /// Consume a pending linking (single use); answers it, or not found.
+    TakeLink {
+        /// SHA-256 of the OAuth `state`.
+        state_hash: Vec<u8>,
+    },
+    /// Create a customer with its portal account (refused if the email is taken).
+    CreateAccount {
+        /// The account.
+        account: AccountRecord,
+        /// Its customer (`email` set).
+        customer: CustomerRecord,
+    },
+    /// Remember a portal session.
+    PutSession {
+        /// SHA-256 of the session cookie value.
+        token_hash: Vec<u8>,
+        /// The session.
+        session: SessionRecord,
+    },
+    /// Forget a portal session (sign out).
+    DeleteSession {
+        /// SHA-256 of the session cookie value.
+        token_hash: Vec<u8>,
+    },
+    /// End every session of an account (sign out everywhere).
+    EndSessions {
+        /// The account's email.
+        email: String,
+    },
+    /// Erase a customer and everything held about it: links, rules, activity, commands and
+    /// their deliveries, engagement, dismissals, its token and its portal account.
+    EraseCustomer {
+        /// Customer id.
+        customer_id: String,
+    },
     /// Delete what expired before a time (bounded per entry; repeated until done).
     Prune {
         /// Expiry cut-off.
@@ -639,6 +760,8 @@ pub enum ChangeOutcome {
         /// Why ignored.
         reason: Option<String>,
     },
+    /// A pending linking, taken.
+    LinkTaken(PendingLink),
     /// A prune deleted this many keys (fewer than the limit: done).
     Pruned(u32),
     /// The change was refused by the state machine's own checks.

@@ -504,10 +504,7 @@ impl<'a> Tx<'a> {
                 self.effects.push(Effect::EntityChanged(id));
                 ChangeOutcome::Done
             }
-            StateChange::CreateCustomer {
-                customer,
-                token_hash,
-            } => {
+            StateChange::CreateCustomer { customer } => {
                 let key = keys::key(g, keys::CUSTOMER, customer.id.as_bytes());
                 if self.exists(&key)? {
                     return Ok(ChangeOutcome::rejected(
@@ -515,7 +512,10 @@ impl<'a> Tx<'a> {
                         format!("customer {} already exists", customer.id),
                     ));
                 }
-                self.put(keys::key(g, keys::TOKEN, &token_hash), &customer.id)?;
+                self.put(
+                    keys::key(g, keys::TOKEN, &customer.token_hash),
+                    &customer.id,
+                )?;
                 self.put(key, &customer)?;
                 ChangeOutcome::Done
             }
@@ -638,8 +638,140 @@ impl<'a> Tx<'a> {
                 self.put(keys::key2(g, keys::DISMISSED, &customer_id, &template), &())?;
                 ChangeOutcome::Done
             }
+            StateChange::BeginLink {
+                state_hash,
+                pending,
+            } => {
+                let key = keys::key(g, keys::PENDING_LINK, &state_hash);
+                let at = pending.at_ms;
+                self.put(key.clone(), &pending)?;
+                // Unused ones are removed with the other records past retention.
+                self.age(at, &key);
+                ChangeOutcome::Done
+            }
+            StateChange::TakeLink { state_hash } => {
+                let key = keys::key(g, keys::PENDING_LINK, &state_hash);
+                match self.get::<PendingLink>(&key)? {
+                    Some(p) => {
+                        self.delete(key);
+                        ChangeOutcome::LinkTaken(p)
+                    }
+                    None => not_found("linking", "for this state"),
+                }
+            }
+            StateChange::CreateAccount { account, customer } => {
+                let account_key = keys::key(g, keys::ACCOUNT, account.email.as_bytes());
+                if self.exists(&account_key)? {
+                    return Ok(ChangeOutcome::rejected(
+                        ErrorCode::Conflict,
+                        "an account with this email exists",
+                    ));
+                }
+                let key = keys::key(g, keys::CUSTOMER, customer.id.as_bytes());
+                if self.exists(&key)? {
+                    return Ok(ChangeOutcome::rejected(
+                        ErrorCode::Conflict,
+                        format!("customer {} already exists", customer.id),
+                    ));
+                }
+                self.put(
+                    keys::key(g, keys::TOKEN, &customer.token_hash),
+                    &customer.id,
+                )?;
+                self.put(key, &customer)?;
+                self.put(account_key, &account)?;
+                ChangeOutcome::Done
+            }
+            StateChange::PutSession {
+                token_hash,
+                session,
+            } => {
+                let key = keys::key(g, keys::SESSION, &token_hash);
+                let at = session.created_ms;
+                self.put(key.clone(), &session)?;
+                // Sessions expire long before retention; this removes the record itself.
+                self.age(at, &key);
+                ChangeOutcome::Done
+            }
+            StateChange::DeleteSession { token_hash } => {
+                self.delete(keys::key(g, keys::SESSION, &token_hash));
+                ChangeOutcome::Done
+            }
+            StateChange::EndSessions { email } => {
+                let key = keys::key(g, keys::ACCOUNT, email.as_bytes());
+                let Some(mut account) = self.get::<AccountRecord>(&key)? else {
+                    return Ok(not_found("account", &email));
+                };
+                account.session_epoch += 1;
+                self.put(key, &account)?;
+                ChangeOutcome::Done
+            }
+            StateChange::EraseCustomer { customer_id } => self.erase_customer(&customer_id)?,
             StateChange::Prune { before_ms, limit } => self.prune(before_ms, limit)?,
         })
+    }
+
+    /// Every (key, value) starting with `prefix`, the batch's own writes included.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let end = keys::prefix_end(prefix);
+        let mut found = std::collections::BTreeMap::new();
+        let mut it = self.db.raw_iterator();
+        it.seek(prefix);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= end.as_slice() {
+                break;
+            }
+            found.insert(k.to_vec(), Some(v.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        for (k, v) in &self.overlay {
+            if k.as_slice() >= prefix && k.as_slice() < end.as_slice() {
+                found.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(found
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
+    }
+
+    fn erase_customer(&mut self, customer_id: &str) -> Result<ChangeOutcome, StoreError> {
+        let g = self.group;
+        let customer_key = keys::key(g, keys::CUSTOMER, customer_id.as_bytes());
+        let Some(customer) = self.get::<CustomerRecord>(&customer_key)? else {
+            return Ok(not_found("customer", customer_id));
+        };
+        for (k, v) in self.scan(&keys::prefix2(g, keys::LINK, customer_id))? {
+            let link: LinkRecord = codec::decode(&v)?;
+            self.delete(keys::key2(g, keys::SUBJECT, &link.entity_id, &link.subject));
+            self.delete(k);
+        }
+        for (k, v) in self.scan(&keys::prefix2(g, keys::ACTIVITY, customer_id))? {
+            if let ActivityRecord::RuleMatched { command_id, .. } = codec::decode(&v)? {
+                let outbox = keys::key(g, keys::OUTBOX, command_id.as_bytes());
+                if let Some(rec) = self.get::<OutboxRecord>(&outbox)? {
+                    if let Some(due) = rec.next_due_ms {
+                        self.delete(keys::due(g, due, &command_id));
+                    }
+                }
+                self.delete(keys::key(g, keys::FAILED, command_id.as_bytes()));
+                self.delete(outbox);
+            }
+            self.delete(k);
+        }
+        for tag in [keys::RULE, keys::ENGAGEMENT, keys::DISMISSED] {
+            for (k, _) in self.scan(&keys::prefix2(g, tag, customer_id))? {
+                self.delete(k);
+            }
+        }
+        self.delete(keys::key(g, keys::TOKEN, &customer.token_hash));
+        if let Some(email) = &customer.email {
+            // Its sessions die with the account: a session is only valid with its account.
+            self.delete(keys::key(g, keys::ACCOUNT, email.as_bytes()));
+        }
+        self.delete(customer_key);
+        Ok(ChangeOutcome::Done)
     }
 
     fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
@@ -900,6 +1032,9 @@ impl<'a> Tx<'a> {
         Ok(ChangeOutcome::Pruned(n))
     }
 }
+
+/// A raw key and its encoded value.
+type KeyValue = (Vec<u8>, Vec<u8>);
 
 fn not_found(what: &str, id: &str) -> ChangeOutcome {
     ChangeOutcome::rejected(ErrorCode::NotFound, format!("{what} {id} not found"))

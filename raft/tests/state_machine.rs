@@ -60,6 +60,7 @@ fn entity(id: &str) -> EntityRecord {
         previous_secret: None,
         previous_valid_until_ms: 0,
         created_ms: 0,
+        oauth: None,
     }
 }
 
@@ -71,8 +72,9 @@ fn setup() -> Vec<StateChange> {
             customer: CustomerRecord {
                 id: "c1".into(),
                 created_ms: 0,
+                token_hash: vec![1; 32],
+                email: None,
             },
-            token_hash: vec![1; 32],
         },
         StateChange::Link {
             customer_id: "c1".into(),
@@ -80,6 +82,7 @@ fn setup() -> Vec<StateChange> {
                 entity_id: "airline".into(),
                 subject: "ff".into(),
                 linked_ms: 10,
+                sealed_token: None,
             },
         },
         StateChange::Link {
@@ -88,6 +91,7 @@ fn setup() -> Vec<StateChange> {
                 entity_id: "hotel".into(),
                 subject: "g".into(),
                 linked_ms: 10,
+                sealed_token: None,
             },
         },
     ]
@@ -157,8 +161,9 @@ async fn duplicates_in_one_batch_are_caught_and_links_are_unique() -> anyhow::Re
                 customer: CustomerRecord {
                     id: "c2".into(),
                     created_ms: 0,
+                    token_hash: vec![2; 32],
+                    email: None,
                 },
-                token_hash: vec![2; 32],
             },
             StateChange::Link {
                 customer_id: "c2".into(),
@@ -166,6 +171,7 @@ async fn duplicates_in_one_batch_are_caught_and_links_are_unique() -> anyhow::Re
                     entity_id: "airline".into(),
                     subject: "ff".into(),
                     linked_ms: 0,
+                    sealed_token: None,
                 },
             },
         ])

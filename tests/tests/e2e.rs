@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+#[path = "e2e/portal.rs"]
+mod portal;
+
 /// A node with an airline, a hotel (with a receiver) and a car-rental company registered, one
 /// customer linked to the airline and hotel, and the delay -> room-hold rule.
 struct World {
@@ -46,6 +49,7 @@ async fn register(
             command_url: url.into(),
             event_types: events,
             command_types: commands,
+            oauth: None,
         })
         .await?;
     let secret = e.secret.ok_or_else(|| anyhow::anyhow!("no secret"))?;
@@ -1297,19 +1301,58 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
             },
         )
         .await?;
-    let code = code_from(&authorize(&http, &hotel.url, "alice", "alice-hotel", &challenge).await?)?;
-    let (_, token) = exchange(&http, &hotel.url, &code, verifier).await?;
-    let hotel_subject = token["subject"].as_str().unwrap_or_default().to_owned();
-    admin
-        .link(
-            &c.id,
-            &LinkRequest {
-                entity_id: "hotel".into(),
-                subject: hotel_subject.clone(),
-            },
-        )
-        .await?;
+    // The hotel is linked the way customers will: the vault starts the flow (state + PKCE), the
+    // customer signs in at the hotel, the hotel sends them back to the vault's callback.
     let me = admin.with_token(&c.token);
+    let start = me.authorize_link(&c.id, "hotel").await?;
+    let url = url::Url::parse(&start.authorize_url)?;
+    let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
+    assert_eq!(
+        q.get("code_challenge_method").map(String::as_str),
+        Some("S256")
+    );
+    let signed_in = http
+        .post(format!("{}/oauth/authorize", hotel.url))
+        .form(&[
+            ("username", "alice"),
+            ("password", "alice-hotel"),
+            ("client_id", q["client_id"].as_str()),
+            ("redirect_uri", q["redirect_uri"].as_str()),
+            ("state", q["state"].as_str()),
+            ("code_challenge", q["code_challenge"].as_str()),
+        ])
+        .send()
+        .await?;
+    let back = signed_in
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        back.starts_with(&format!("{}/v1/oauth/callback", node.url)),
+        "{back}"
+    );
+    let linked = http.get(&back).send().await?;
+    assert_eq!(linked.status(), 201);
+    let link: Link = linked.json().await?;
+    assert_eq!(
+        (link.entity_id.as_str(), link.subject.as_str()),
+        ("hotel", "guest-77")
+    );
+    let hotel_subject = link.subject.clone();
+    // The same callback again: the state is spent.
+    let replay = http.get(&back).send().await?;
+    assert_eq!(replay.status(), 400);
+    // A forged state is refused too.
+    let forged = http
+        .get(format!(
+            "{}/v1/oauth/callback?code=x&state=forged",
+            node.url
+        ))
+        .send()
+        .await?;
+    assert_eq!(forged.status(), 400);
     me.create_rule(
         &c.id,
         &RuleSpec {

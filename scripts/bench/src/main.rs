@@ -73,6 +73,7 @@ async fn setup(
             command_url: "http://127.0.0.1:9/unused".into(),
             event_types,
             command_types: vec![],
+            oauth: None,
         })
         .await?;
     client
@@ -85,6 +86,7 @@ async fn setup(
                 type_name: "room.hold".into(),
                 schema: None,
             }],
+            oauth: None,
         })
         .await?;
     let secret =

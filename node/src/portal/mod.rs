@@ -1,0 +1,955 @@
+//! The customer portal: accounts, the entity catalog with OAuth linking, the rule builder,
+//! activity, data export and deletion, recommendations. Handlers decode the form, check the
+//! session and its CSRF token, call one service, and render a page or redirect (POST, then
+//! redirect, then GET), carrying a one-time message in a short-lived cookie.
+
+pub mod pages;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+use custos_api::types::{Action, ActivityKind, DeliveryStatus, RuleSpec, Trigger, TryRule};
+use custos_raft::records::SessionRecord;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::ServiceError;
+use crate::service::Vault;
+use pages::{Chrome, Flash, RuleForm, Section};
+
+/// The session cookie.
+pub const SESSION_COOKIE: &str = "custos_session";
+/// The pre-session CSRF cookie of the sign-in and sign-up forms (double submit).
+const FORM_COOKIE: &str = "custos_form";
+/// The one-time message cookie.
+const FLASH_COOKIE: &str = "custos_flash";
+/// Largest form body.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+/// Activity lines read for one page of the timeline.
+const ACTIVITY_PAGE: usize = 200;
+
+/// The portal's per-node settings and sign-in limiter.
+pub struct Portal {
+    /// Attempts per email address (guards one account against guessing).
+    per_email: DefaultKeyedRateLimiter<String>,
+    /// Attempts per client address (ten times looser: many people share an address).
+    per_address: DefaultKeyedRateLimiter<String>,
+    /// Cookies are `Secure` when the vault is served over HTTPS.
+    secure: bool,
+    session_ttl_ms: i64,
+}
+
+impl std::fmt::Debug for Portal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Portal")
+            .field("secure", &self.secure)
+            .finish()
+    }
+}
+
+impl Portal {
+    /// Settings from config; `secure` when the public URL is HTTPS.
+    pub fn new(config: &crate::config::PortalConfig, secure: bool) -> Arc<Self> {
+        let n = config.sign_in_per_minute.max(1);
+        let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        Arc::new(Portal {
+            per_email: RateLimiter::keyed(quota(n)),
+            per_address: RateLimiter::keyed(quota(n.saturating_mul(10))),
+            secure,
+            session_ttl_ms: (config.session_hours * 3_600_000.0) as i64,
+        })
+    }
+
+    fn cookie<'c>(&self, name: &'c str, value: String, max_age_secs: i64) -> Cookie<'c> {
+        Cookie::build(name, value)
+            .path("/")
+            .http_only(true)
+            .secure(self.secure)
+            // Lax: the session must survive the top-level return from an entity's sign-in.
+            .same_site(SameSite::Lax)
+            .max_age(actix_web::cookie::time::Duration::seconds(max_age_secs))
+            .finish()
+    }
+}
+
+fn sha(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// A 303 to `location`.
+pub fn see_other(location: &str) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location))
+        .finish()
+}
+
+/// A 303 to `location` with a one-time message.
+pub fn see_other_flash(location: &str, flash: Result<String, String>) -> HttpResponse {
+    let value = match flash {
+        Ok(m) => format!("ok:{m}"),
+        Err(m) => format!("error:{m}"),
+    };
+    let value: String = value.chars().take(300).collect();
+    // Base64 survives any cookie decoding on the way back.
+    let cookie = Cookie::build(FLASH_COOKIE, B64URL.encode(value))
+        .path("/portal")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .max_age(actix_web::cookie::time::Duration::seconds(60))
+        .finish();
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location))
+        .cookie(cookie)
+        .finish()
+}
+
+fn take_flash(req: &HttpRequest) -> Option<Flash> {
+    let c = req.cookie(FLASH_COOKIE)?;
+    let raw = String::from_utf8(B64URL.decode(c.value()).ok()?).ok()?;
+    match raw.split_once(':') {
+        Some(("ok", m)) => Some(Flash::Ok(m.to_owned())),
+        Some(("error", m)) => Some(Flash::Error(m.to_owned())),
+        _ => None,
+    }
+}
+
+/// The live session of this request's cookie, if any.
+pub async fn session_of(vault: &Vault, req: &HttpRequest) -> Option<SessionRecord> {
+    let c = req.cookie(SESSION_COOKIE)?;
+    vault.session(c.value()).await.ok().flatten()
+}
+
+/// An HTML page, with the headers every portal page carries.
+fn html(
+    status: actix_web::http::StatusCode,
+    req: &HttpRequest,
+    body: maud::Markup,
+) -> HttpResponse {
+    let mut resp = HttpResponse::build(status);
+    resp.content_type("text/html; charset=utf-8")
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
+        ))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CACHE_CONTROL, "no-store"));
+    if req.cookie(FLASH_COOKIE).is_some() {
+        let mut gone = Cookie::build(FLASH_COOKIE, "").path("/portal").finish();
+        gone.make_removal();
+        resp.cookie(gone);
+    }
+    resp.body(body.into_string())
+}
+
+fn page(
+    req: &HttpRequest,
+    title: &str,
+    s: &SessionRecord,
+    section: Section,
+    content: maud::Markup,
+) -> HttpResponse {
+    let chrome = Chrome {
+        email: Some(&s.email),
+        csrf: &s.csrf,
+        section,
+        flash: take_flash(req),
+    };
+    html(
+        actix_web::http::StatusCode::OK,
+        req,
+        pages::layout(title, &chrome, content),
+    )
+}
+
+/// A submitted form, as ordered pairs.
+struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+    }
+}
+
+/// The signed-in session whose CSRF token the form carries, or the response refusing it.
+async fn guard(
+    vault: &Vault,
+    req: &HttpRequest,
+    fields: Option<&Fields>,
+) -> Result<SessionRecord, HttpResponse> {
+    let Some(s) = session_of(vault, req).await else {
+        return Err(see_other("/portal/signin"));
+    };
+    if let Some(f) = fields {
+        // Compare digests so the comparison's timing does not depend on the token.
+        if sha(f.get("csrf")) != sha(&s.csrf) {
+            return Err(HttpResponse::Forbidden()
+                .content_type("text/plain; charset=utf-8")
+                .body("This form has expired or did not come from the portal (CSRF check failed). Go back, reload and try again."));
+        }
+    }
+    Ok(s)
+}
+
+/// What a person is told: the refusal's own words; internals stay in the logs.
+pub fn problem_text(e: &ServiceError) -> String {
+    match e {
+        ServiceError::Refused { detail, .. } => {
+            let mut c = detail.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>() + ".")
+                .unwrap_or_default()
+        }
+        other => {
+            tracing::warn!(error = %other, "portal request failed");
+            "The vault could not do this right now; please try again.".into()
+        }
+    }
+}
+
+// ---- accounts -----------------------------------------------------------------------------
+
+async fn account_page(req: HttpRequest, signup: bool) -> HttpResponse {
+    let csrf = custos_api::oauth::random_token(24);
+    let chrome = Chrome {
+        email: None,
+        csrf: &csrf,
+        section: Section::Account,
+        flash: take_flash(&req),
+    };
+    let title = if signup { "Create account" } else { "Sign in" };
+    let mut resp = html(
+        actix_web::http::StatusCode::OK,
+        &req,
+        pages::layout(title, &chrome, pages::account_form(signup, &csrf, "")),
+    );
+    let cookie = Cookie::build(FORM_COOKIE, csrf)
+        .path("/portal")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .finish();
+    let _ = resp.add_cookie(&cookie);
+    resp
+}
+
+async fn signin_form(req: HttpRequest) -> HttpResponse {
+    account_page(req, false).await
+}
+
+async fn signup_form(req: HttpRequest) -> HttpResponse {
+    account_page(req, true).await
+}
+
+async fn account_submit(
+    vault: web::Data<Vault>,
+    portal: web::Data<Portal>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+    signup: bool,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let back = if signup {
+        "/portal/signup"
+    } else {
+        "/portal/signin"
+    };
+    let form_cookie = req
+        .cookie(FORM_COOKIE)
+        .map(|c| c.value().to_owned())
+        .unwrap_or_default();
+    if form_cookie.is_empty() || sha(&form_cookie) != sha(f.get("csrf")) {
+        return see_other_flash(back, Err("The form expired; please try again.".into()));
+    }
+    let email = f.get("email").trim().to_lowercase();
+    let addr = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    if portal.per_address.check_key(&addr).is_err() || portal.per_email.check_key(&email).is_err() {
+        return see_other_flash(
+            back,
+            Err("Too many attempts. Wait a minute and try again.".into()),
+        );
+    }
+    let result = if signup {
+        vault
+            .sign_up(&email, f.get("password"), portal.session_ttl_ms)
+            .await
+    } else {
+        vault
+            .sign_in(&email, f.get("password"), portal.session_ttl_ms)
+            .await
+    };
+    match result {
+        Ok(signed) => {
+            let mut resp = see_other("/portal");
+            let _ = resp.add_cookie(&portal.cookie(
+                SESSION_COOKIE,
+                signed.token,
+                portal.session_ttl_ms / 1000,
+            ));
+            resp
+        }
+        Err(e) => see_other_flash(back, Err(problem_text(&e))),
+    }
+}
+
+async fn signin_submit(
+    vault: web::Data<Vault>,
+    portal: web::Data<Portal>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    account_submit(vault, portal, req, form, false).await
+}
+
+async fn signup_submit(
+    vault: web::Data<Vault>,
+    portal: web::Data<Portal>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    account_submit(vault, portal, req, form, true).await
+}
+
+fn signed_out(portal: &Portal, location: &str, message: &str) -> HttpResponse {
+    let mut resp = see_other_flash(location, Ok(message.into()));
+    let mut gone = portal.cookie(SESSION_COOKIE, String::new(), 0);
+    gone.make_removal();
+    let _ = resp.add_cookie(&gone);
+    resp
+}
+
+async fn signout(
+    vault: web::Data<Vault>,
+    portal: web::Data<Portal>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    if let Err(r) = guard(&vault, &req, Some(&f)).await {
+        return r;
+    }
+    if let Some(c) = req.cookie(SESSION_COOKIE) {
+        if let Err(e) = vault.sign_out(c.value()).await {
+            return see_other_flash("/portal", Err(problem_text(&e)));
+        }
+    }
+    signed_out(&portal, "/portal/signin", "Signed out.")
+}
+
+async fn signout_everywhere(
+    vault: web::Data<Vault>,
+    portal: web::Data<Portal>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match vault.sign_out_everywhere(&s.email).await {
+        Ok(()) => signed_out(&portal, "/portal/signin", "Signed out on every device."),
+        Err(e) => see_other_flash("/portal/data", Err(problem_text(&e))),
+    }
+}
+
+// ---- pages --------------------------------------------------------------------------------
+
+async fn home(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
+    let s = match guard(&vault, &req, None).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let loaded = async {
+        Ok::<_, ServiceError>((
+            vault.customer(&s.customer_id).await?,
+            vault.entities().await?,
+            vault.rules(&s.customer_id).await?,
+            vault.recommendations(&s.customer_id).await?,
+        ))
+    }
+    .await;
+    match loaded {
+        Ok((c, entities, rules, recs)) => page(
+            &req,
+            "Overview",
+            &s,
+            Section::Home,
+            pages::home(&c, &entities, &rules, &recs, &s.csrf),
+        ),
+        Err(e) => error_page(&req, &s, &e),
+    }
+}
+
+fn error_page(req: &HttpRequest, s: &SessionRecord, e: &ServiceError) -> HttpResponse {
+    page(
+        req,
+        "Something went wrong",
+        s,
+        Section::Home,
+        maud::html! { h1 { "Something went wrong" } p { (problem_text(e)) } },
+    )
+}
+
+/// `GET /portal/catalog` query.
+#[derive(Debug, Deserialize)]
+struct CatalogQuery {
+    #[serde(default)]
+    q: String,
+}
+
+async fn catalog(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    q: web::Query<CatalogQuery>,
+) -> HttpResponse {
+    let s = match guard(&vault, &req, None).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let query: String = q.q.chars().take(100).collect();
+    match async {
+        Ok::<_, ServiceError>((
+            vault.entities().await?,
+            vault.customer(&s.customer_id).await?,
+        ))
+    }
+    .await
+    {
+        Ok((entities, c)) => page(
+            &req,
+            "Companies",
+            &s,
+            Section::Catalog,
+            pages::catalog(&entities, &c, &query, &s.csrf),
+        ),
+        Err(e) => error_page(&req, &s, &e),
+    }
+}
+
+async fn link(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    entity: web::Path<String>,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match vault.authorize_link(&s.customer_id, &entity, true).await {
+        Ok(a) => see_other(&a.authorize_url),
+        Err(e) => see_other_flash("/portal/catalog", Err(problem_text(&e))),
+    }
+}
+
+async fn unlink(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    entity: web::Path<String>,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match vault.unlink(&s.customer_id, &entity).await {
+        Ok(()) => see_other_flash(
+            "/portal/catalog",
+            Ok(format!(
+                "Unlinked {entity}: the vault no longer acts on its events for you."
+            )),
+        ),
+        Err(e) => see_other_flash("/portal/catalog", Err(problem_text(&e))),
+    }
+}
+
+/// Recent events to try a rule on: (event id, label).
+async fn recent_events(vault: &Vault, customer: &str) -> Vec<(String, String)> {
+    let Ok(page) = vault.activity(customer, None, ACTIVITY_PAGE).await else {
+        return Vec::new();
+    };
+    page.items
+        .into_iter()
+        .filter_map(|i| match i.kind {
+            ActivityKind::EventReceived {
+                event_id,
+                source,
+                event_type,
+                ..
+            } => Some((
+                event_id.clone(),
+                format!(
+                    "{} from {source} at {} ({event_id})",
+                    pages::plain(&event_type),
+                    i.at
+                ),
+            )),
+            _ => None,
+        })
+        .take(20)
+        .collect()
+}
+
+async fn rules_page(
+    vault: &Vault,
+    req: &HttpRequest,
+    s: &SessionRecord,
+    form: &RuleForm,
+    tried: Option<&custos_api::types::TryOutcome>,
+) -> HttpResponse {
+    let loaded = async {
+        Ok::<_, ServiceError>((
+            vault.rules(&s.customer_id).await?,
+            vault.entities().await?,
+            vault.customer(&s.customer_id).await?,
+        ))
+    }
+    .await;
+    match loaded {
+        Ok((rules, entities, c)) => {
+            let recent = recent_events(vault, &s.customer_id).await;
+            page(
+                req,
+                "Rules",
+                s,
+                Section::Rules,
+                pages::rules(&rules, &entities, &c, &recent, form, tried, &s.csrf),
+            )
+        }
+        Err(e) => error_page(req, s, &e),
+    }
+}
+
+async fn rules(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
+    let s = match guard(&vault, &req, None).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    rules_page(&vault, &req, &s, &RuleForm::default(), None).await
+}
+
+/// The builder's fields (to show again), and the rule they make or what is wrong with them.
+fn rule_from_form(f: &Fields) -> (RuleForm, Result<RuleSpec, String>) {
+    let mut form = RuleForm {
+        name: f.get("name").to_owned(),
+        trigger: f.get("trigger").to_owned(),
+        condition: f.get("condition").trim().to_owned(),
+        target: f.get("target").to_owned(),
+        mapping: Vec::new(),
+        event_id: f.get("event_id").to_owned(),
+        sample: f.get("sample").to_owned(),
+    };
+    for i in 0..custos_api::limits::MAX_MAPPING_FIELDS {
+        let (k, v) = (
+            f.get(&format!("map_key_{i}")),
+            f.get(&format!("map_expr_{i}")),
+        );
+        if !k.trim().is_empty() || !v.trim().is_empty() {
+            form.mapping
+                .push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let spec = rule_spec(&form);
+    (form, spec)
+}
+
+fn rule_spec(form: &RuleForm) -> Result<RuleSpec, String> {
+    let split = |v: &str| v.split_once('|').map(|(a, b)| (a.to_owned(), b.to_owned()));
+    let (Some((when_entity, event_type)), Some((then_entity, command_type))) =
+        (split(&form.trigger), split(&form.target))
+    else {
+        return Err("Pick a trigger and a command.".into());
+    };
+    let mut data = serde_json::Map::new();
+    for (k, v) in &form.mapping {
+        if k.is_empty() || v.is_empty() {
+            return Err("Each data field needs a name and a value.".into());
+        }
+        data.insert(k.clone(), serde_json::Value::String(v.clone()));
+    }
+    Ok(RuleSpec {
+        name: form.name.clone(),
+        when: Trigger {
+            entity: when_entity,
+            event_type,
+            condition: (!form.condition.is_empty()).then(|| form.condition.clone()),
+        },
+        then: Action {
+            entity: then_entity,
+            command_type,
+            data: serde_json::Value::Object(data),
+        },
+    })
+}
+
+async fn rule_submit(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (rule_form, spec) = rule_from_form(&f);
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(msg) => {
+            let tried = custos_api::types::TryOutcome {
+                matched: false,
+                reason: Some(msg),
+                event: serde_json::Value::Null,
+                command: None,
+            };
+            return rules_page(&vault, &req, &s, &rule_form, Some(&tried)).await;
+        }
+    };
+    if f.get("action") == "try" {
+        let sample = if rule_form.sample.trim().is_empty() {
+            None
+        } else {
+            match serde_json::from_str(&rule_form.sample) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    let tried = custos_api::types::TryOutcome {
+                        matched: false,
+                        reason: Some(format!("The sample is not JSON: {e}")),
+                        event: serde_json::Value::Null,
+                        command: None,
+                    };
+                    return rules_page(&vault, &req, &s, &rule_form, Some(&tried)).await;
+                }
+            }
+        };
+        let request = TryRule {
+            rule: spec,
+            event_id: (!rule_form.event_id.is_empty()).then(|| rule_form.event_id.clone()),
+            sample_data: sample,
+        };
+        let tried = match vault.try_rule(&s.customer_id, request).await {
+            Ok(t) => t,
+            Err(e) => custos_api::types::TryOutcome {
+                matched: false,
+                reason: Some(problem_text(&e)),
+                event: serde_json::Value::Null,
+                command: None,
+            },
+        };
+        return rules_page(&vault, &req, &s, &rule_form, Some(&tried)).await;
+    }
+    match vault.create_rule(&s.customer_id, spec).await {
+        Ok(r) => see_other_flash("/portal/rules", Ok(format!("Saved rule “{}”.", r.name))),
+        Err(e) => {
+            let tried = custos_api::types::TryOutcome {
+                matched: false,
+                reason: Some(format!("Not saved: {}", problem_text(&e))),
+                event: serde_json::Value::Null,
+                command: None,
+            };
+            rules_page(&vault, &req, &s, &rule_form, Some(&tried)).await
+        }
+    }
+}
+
+async fn rule_delete(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    rule_id: web::Path<String>,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match vault.delete_rule(&s.customer_id, &rule_id).await {
+        Ok(()) => see_other_flash("/portal/rules", Ok("Rule deleted.".into())),
+        Err(e) => see_other_flash("/portal/rules", Err(problem_text(&e))),
+    }
+}
+
+/// `GET /portal/activity` query.
+#[derive(Debug, Deserialize)]
+struct ActivityQuery {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    entity: String,
+}
+
+async fn activity(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    q: web::Query<ActivityQuery>,
+) -> HttpResponse {
+    let s = match guard(&vault, &req, None).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let filter = pages::ActivityFilter {
+        kind: q.kind.chars().take(20).collect(),
+        entity: q.entity.chars().take(128).collect(),
+    };
+    let loaded = async {
+        Ok::<_, ServiceError>((
+            vault.activity(&s.customer_id, None, ACTIVITY_PAGE).await?,
+            vault.entities().await?,
+        ))
+    }
+    .await;
+    let (items, entities) = match loaded {
+        Ok(v) => v,
+        Err(e) => return error_page(&req, &s, &e),
+    };
+    // Targets of commands, to filter deliveries by company; the newest state of each
+    // delivery decides whether it can be retried.
+    let mut targets = std::collections::HashMap::new();
+    let mut latest = std::collections::HashMap::new();
+    for i in &items.items {
+        match &i.kind {
+            ActivityKind::RuleMatched {
+                command_id, target, ..
+            } => {
+                targets.insert(command_id.clone(), target.clone());
+            }
+            ActivityKind::DeliveryAttempt {
+                command_id, status, ..
+            }
+            | ActivityKind::DeliveryChanged {
+                command_id, status, ..
+            } => {
+                latest.entry(command_id.clone()).or_insert(*status);
+            }
+            _ => {}
+        }
+    }
+    let mut first_seen = std::collections::HashSet::new();
+    let shown: Vec<_> = items
+        .items
+        .into_iter()
+        .filter(|i| filter.keeps(i, |c| targets.get(c).cloned()))
+        .map(|i| {
+            let retryable = match &i.kind {
+                ActivityKind::DeliveryAttempt { command_id, .. }
+                | ActivityKind::DeliveryChanged { command_id, .. } => {
+                    first_seen.insert(command_id.clone())
+                        && latest.get(command_id) == Some(&DeliveryStatus::Failed)
+                }
+                _ => false,
+            };
+            (i, retryable)
+        })
+        .collect();
+    page(
+        &req,
+        "Activity",
+        &s,
+        Section::Activity,
+        pages::activity(&shown, &entities, &filter, &s.csrf),
+    )
+}
+
+async fn retry(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    command_id: web::Path<String>,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match vault.retry_own_delivery(&s.customer_id, &command_id).await {
+        Ok(_) => see_other_flash("/portal/activity", Ok("Delivery queued again.".into())),
+        Err(e) => see_other_flash("/portal/activity", Err(problem_text(&e))),
+    }
+}
+
+async fn data(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
+    match guard(&vault, &req, None).await {
+        Ok(s) => page(&req, "Your data", &s, Section::Data, pages::data(&s.csrf)),
+        Err(r) => r,
+    }
+}
+
+async fn export(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
+    let s = match guard(&vault, &req, None).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match vault.export(&s.customer_id).await {
+        Ok(x) => HttpResponse::Ok()
+            .insert_header((
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"custos-export.json\"",
+            ))
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(x),
+        Err(e) => error_page(&req, &s, &e),
+    }
+}
+
+async fn delete(
+    vault: web::Data<Vault>,
+    portal: web::Data<Portal>,
+    req: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if f.get("confirm").trim() != "DELETE" {
+        return see_other_flash("/portal/data", Err("Type DELETE to confirm.".into()));
+    }
+    match vault.erase_customer(&s.customer_id).await {
+        Ok(()) => signed_out(
+            &portal,
+            "/portal/signup",
+            "Your vault was deleted. Nothing about you remains.",
+        ),
+        Err(e) => see_other_flash("/portal/data", Err(problem_text(&e))),
+    }
+}
+
+async fn recommendation(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    let f = Fields(form.into_inner());
+    let s = match guard(&vault, &req, Some(&f)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (rec_id, verb) = path.into_inner();
+    let done = match verb.as_str() {
+        "accept" => vault
+            .accept_recommendation(&s.customer_id, &rec_id)
+            .await
+            .map(|r| format!("Added rule “{}”.", r.name)),
+        "dismiss" => vault
+            .dismiss_recommendation(&s.customer_id, &rec_id)
+            .await
+            .map(|()| "Dismissed; it will not be recommended again.".to_owned()),
+        _ => return HttpResponse::NotFound().finish(),
+    };
+    see_other_flash("/portal", done.map_err(|e| problem_text(&e)))
+}
+
+async fn stylesheet() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
+        .body(include_str!("portal.css"))
+}
+
+/// Registers the portal's routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::FormConfig::default().limit(MAX_FORM_BYTES))
+        .route("/", web::get().to(|| async { see_other("/portal") }))
+        .route("/portal/static/portal.css", web::get().to(stylesheet))
+        .route("/portal", web::get().to(home))
+        .route("/portal/signin", web::get().to(signin_form))
+        .route("/portal/signin", web::post().to(signin_submit))
+        .route("/portal/signup", web::get().to(signup_form))
+        .route("/portal/signup", web::post().to(signup_submit))
+        .route("/portal/signout", web::post().to(signout))
+        .route(
+            "/portal/signout-everywhere",
+            web::post().to(signout_everywhere),
+        )
+        .route("/portal/catalog", web::get().to(catalog))
+        .route("/portal/link/{entity}", web::post().to(link))
+        .route("/portal/unlink/{entity}", web::post().to(unlink))
+        .route("/portal/rules", web::get().to(rules))
+        .route("/portal/rules", web::post().to(rule_submit))
+        .route("/portal/rules/{id}/delete", web::post().to(rule_delete))
+        .route("/portal/activity", web::get().to(activity))
+        .route("/portal/deliveries/{id}/retry", web::post().to(retry))
+        .route("/portal/data", web::get().to(data))
+        .route("/portal/export.json", web::get().to(export))
+        .route("/portal/delete", web::post().to(delete))
+        .route(
+            "/portal/recommendations/{id}/{verb}",
+            web::post().to(recommendation),
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        Fields(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_builder_form_becomes_a_rule_spec() {
+        let f = fields(&[
+            ("name", "Hold my room"),
+            ("trigger", "airline|flight.delayed"),
+            ("condition", " data.delay_minutes > 60 "),
+            ("target", "hotel|room.hold"),
+            ("map_key_0", "arrival"),
+            ("map_expr_0", "data.new_arrival"),
+            ("map_key_1", ""),
+            ("map_expr_1", ""),
+        ]);
+        let spec = rule_from_form(&f).1.expect("valid");
+        assert_eq!(spec.when.entity, "airline");
+        assert_eq!(
+            spec.when.condition.as_deref(),
+            Some("data.delay_minutes > 60")
+        );
+        assert_eq!(spec.then.command_type, "room.hold");
+        assert_eq!(
+            spec.then.data,
+            serde_json::json!({"arrival": "data.new_arrival"})
+        );
+        let half = fields(&[
+            ("trigger", "airline|flight.delayed"),
+            ("target", "hotel|room.hold"),
+            ("map_key_0", "arrival"),
+        ]);
+        assert!(rule_from_form(&half).1.is_err());
+        assert!(rule_from_form(&fields(&[("trigger", "x")])).1.is_err());
+    }
+
+    #[test]
+    fn flash_messages_survive_the_cookie() {
+        let resp = see_other_flash("/portal", Err("Nope: état & co".into()));
+        let cookie = resp.cookies().next().expect("cookie");
+        let req = actix_web::test::TestRequest::default()
+            .cookie(Cookie::new(FLASH_COOKIE, cookie.value().to_owned()))
+            .to_http_request();
+        assert_eq!(
+            take_flash(&req),
+            Some(Flash::Error("Nope: état & co".into()))
+        );
+    }
+}

@@ -1,0 +1,713 @@
+//! The customer portal: a real Chromium over WebDriver, and the security checks over HTTP.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use custos_api::types::*;
+use custos_api::ErrorCode;
+use custos_tests::entity::EntitySim;
+use custos_tests::node::{Node, NodeOptions};
+use custos_tests::poll;
+use fantoccini::{Client as WebDriver, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `chromedriver` process on a free loopback port.
+struct ChromeDriver {
+    child: Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    async fn start() -> anyhow::Result<ChromeDriver> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "starting chromedriver (Debian package chromium-driver; scripts/setup installs it)",
+            )?;
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let status = format!("{url}/status");
+        poll::until("chromedriver ready", WAIT, || {
+            let (http, status) = (http.clone(), status.clone());
+            async move {
+                let v: Value = http.get(&status).send().await.ok()?.json().await.ok()?;
+                v["value"]["ready"].as_bool().filter(|r| *r)
+            }
+        })
+        .await?;
+        Ok(ChromeDriver { child, url })
+    }
+
+    async fn browser(&self) -> anyhow::Result<WebDriver> {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1100,1500"]
+            }),
+        );
+        let http = hyper_util::client::legacy::connect::HttpConnector::new();
+        Ok(ClientBuilder::new(http)
+            .capabilities(caps)
+            .connect(&self.url)
+            .await?)
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes numbered screenshots of each page to one folder.
+struct Screenshots {
+    dir: std::path::PathBuf,
+    n: u32,
+}
+
+impl Screenshots {
+    fn new(name: &str) -> anyhow::Result<Screenshots> {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        println!("screenshots in {}", dir.display());
+        Ok(Screenshots { dir, n: 0 })
+    }
+
+    async fn take(&mut self, b: &WebDriver, what: &str) -> anyhow::Result<()> {
+        self.n += 1;
+        let png = b.screenshot().await?;
+        std::fs::write(self.dir.join(format!("{:02}-{what}.png", self.n)), png)?;
+        Ok(())
+    }
+}
+
+async fn fill(b: &WebDriver, css: &str, text: &str) -> anyhow::Result<()> {
+    let el = b.find(Locator::Css(css)).await?;
+    el.clear().await?;
+    el.send_keys(text).await?;
+    Ok(())
+}
+
+async fn click(b: &WebDriver, css: &str) -> anyhow::Result<()> {
+    b.find(Locator::Css(css)).await?.click().await?;
+    Ok(())
+}
+
+async fn page_text(b: &WebDriver) -> anyhow::Result<String> {
+    Ok(b.find(Locator::Css("body")).await?.text().await?)
+}
+
+/// Waits for the page (after a click navigated) to show `needle`; answers its text.
+async fn wait_text(b: &WebDriver, needle: &str) -> anyhow::Result<String> {
+    poll::until(&format!("a page showing {needle:?}"), WAIT, || {
+        let b = b.clone();
+        async move { page_text(&b).await.ok().filter(|t| t.contains(needle)) }
+    })
+    .await
+}
+
+/// Links `entity` through its own sign-in page, starting from the portal's catalog.
+async fn link_in_browser(
+    b: &WebDriver,
+    shots: &mut Screenshots,
+    node: &Node,
+    name: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    b.goto(&format!("{}/portal/catalog", node.url)).await?;
+    click(b, &format!("button[aria-label='Link {name}']")).await?;
+    wait_text(b, &format!("Sign in to {name}")).await?;
+    shots
+        .take(b, &format!("signin-{}", name.replace(' ', "-")))
+        .await?;
+    fill(b, "#username", "alice").await?;
+    fill(b, "#password", password).await?;
+    click(b, "button[type=submit]").await?;
+    wait_text(b, "Linked ").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let airline = EntitySim::start("airline", &node).await?;
+    let hotel = EntitySim::start("hotel", &node).await?;
+    let driver = ChromeDriver::start().await?;
+    let b = driver.browser().await?;
+    let mut shots = Screenshots::new("portal-screenshots")?;
+    let outcome = async {
+        // Sign up.
+        b.goto(&format!("{}/portal/signup", node.url)).await?;
+        shots.take(&b, "signup").await?;
+        fill(&b, "#email", "alice@example.com").await?;
+        fill(&b, "#password", "a long enough password").await?;
+        click(&b, "button[type=submit]").await?;
+        wait_text(&b, "Your vault").await?;
+        shots.take(&b, "overview").await?;
+
+        // Link the airline and the hotel through their own sign-in pages.
+        b.goto(&format!("{}/portal/catalog", node.url)).await?;
+        shots.take(&b, "catalog").await?;
+        link_in_browser(&b, &mut shots, &node, "Example Air", "alice-air").await?;
+        link_in_browser(&b, &mut shots, &node, "Example Hotel", "alice-hotel").await?;
+        shots.take(&b, "catalog-linked").await?;
+
+        // Build the delay -> room-hold rule, try it, save it.
+        b.goto(&format!("{}/portal/rules", node.url)).await?;
+        fill(&b, "#name", "Hold my room when my flight is late").await?;
+        b.find(Locator::Css("#trigger"))
+            .await?
+            .select_by_value("airline|flight.delayed")
+            .await?;
+        fill(&b, "#condition", "data.delay_minutes > 60").await?;
+        b.find(Locator::Css("#target"))
+            .await?
+            .select_by_value("hotel|room.hold")
+            .await?;
+        fill(&b, "#map_key_0", "arrival").await?;
+        fill(&b, "#map_expr_0", "data.new_arrival").await?;
+        fill(&b, "#map_key_1", "flight").await?;
+        fill(&b, "#map_expr_1", "data.flight").await?;
+        fill(
+            &b,
+            "#sample",
+            r#"{"delay_minutes": 95, "new_arrival": "2026-12-01T23:10:00Z", "flight": "EA 12"}"#,
+        )
+        .await?;
+        shots.take(&b, "rule-builder").await?;
+        click(&b, "button[value=try]").await?;
+        wait_text(&b, "Try it: result").await?;
+        let tried = b.find(Locator::Css("#try-command")).await?.text().await?;
+        let command: Value = serde_json::from_str(&tried)?;
+        anyhow::ensure!(command["type"] == "room.hold", "{command}");
+        anyhow::ensure!(
+            command["data"] == json!({"arrival": "2026-12-01T23:10:00Z", "flight": "EA 12"}),
+            "{command}"
+        );
+        anyhow::ensure!(command["subject"] == "guest-77", "{command}");
+        shots.take(&b, "rule-tried").await?;
+        click(&b, "button[value=save]").await?;
+        wait_text(&b, "Saved rule").await?;
+        shots.take(&b, "rules").await?;
+        anyhow::ensure!(
+            reqwest::get(format!("{}/commands", hotel.url))
+                .await?
+                .json::<Vec<Value>>()
+                .await?
+                .is_empty(),
+            "trying a rule must not send anything"
+        );
+
+        // The airline emits the event; the activity shows the delivered command.
+        let emitted: Value = reqwest::Client::new()
+            .post(format!("{}/emit", airline.url))
+            .json(&json!({"username": "alice", "type": "flight.delayed",
+                "data": {"delay_minutes": 95, "new_arrival": "2026-12-01T23:10:00Z", "flight": "EA 12"}}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::ensure!(emitted["status"] == "accepted", "{emitted}");
+        let activity = format!("{}/portal/activity", node.url);
+        poll::until("delivered in the activity", WAIT, || {
+            let (b, activity) = (b.clone(), activity.clone());
+            async move {
+                b.goto(&activity).await.ok()?;
+                page_text(&b).await.ok().filter(|t| t.contains("delivered"))
+            }
+        })
+        .await?;
+        shots.take(&b, "activity").await?;
+        let received: Vec<Value> = reqwest::get(format!("{}/commands", hotel.url))
+            .await?
+            .json()
+            .await?;
+        anyhow::ensure!(received.len() == 1, "{received:?}");
+        anyhow::ensure!(received[0]["verified"] == true, "{received:?}");
+        anyhow::ensure!(
+            received[0]["command"]["data"]
+                == json!({"arrival": "2026-12-01T23:10:00Z", "flight": "EA 12"}),
+            "{received:?}"
+        );
+
+        b.goto(&format!("{}/portal/activity?kind=events", node.url))
+            .await?;
+        let events_only = wait_text(&b, "Flight delayed").await?;
+        anyhow::ensure!(!events_only.contains("Delivery attempt"), "{events_only}");
+        b.goto(&format!("{}/portal/data", node.url)).await?;
+        shots.take(&b, "data").await?;
+        b.goto(&format!("{}/portal", node.url)).await?;
+        shots.take(&b, "overview-after").await?;
+        Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        let _ = shots.take(&b, "failure").await;
+    }
+    b.close().await?;
+    outcome
+}
+
+/// A browser without a cookie jar crate: keeps the cookies it is sent, follows nothing.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    cookies: HashMap<String, String>,
+}
+
+impl Browser {
+    fn new(base: &str) -> anyhow::Result<Browser> {
+        Ok(Browser {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+            base: base.to_owned(),
+            cookies: HashMap::new(),
+        })
+    }
+
+    fn keep(&mut self, resp: &reqwest::Response) {
+        for v in resp.headers().get_all("set-cookie") {
+            let Ok(v) = v.to_str() else { continue };
+            let pair = v.split(';').next().unwrap_or_default();
+            if let Some((k, val)) = pair.split_once('=') {
+                if val.is_empty() || v.contains("Max-Age=0") {
+                    self.cookies.remove(k);
+                } else {
+                    self.cookies.insert(k.to_owned(), val.to_owned());
+                }
+            }
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> anyhow::Result<(u16, String, String)> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .header("cookie", self.cookie_header())
+            .send()
+            .await?;
+        self.keep(&r);
+        let location = location(&r);
+        Ok((r.status().as_u16(), location, r.text().await?))
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<(u16, String)> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("cookie", self.cookie_header())
+            .form(form)
+            .send()
+            .await?;
+        self.keep(&r);
+        Ok((r.status().as_u16(), location(&r)))
+    }
+
+    /// The flash message the next page shows.
+    async fn flash(&mut self, path: &str) -> anyhow::Result<String> {
+        let (_, _, body) = self.get(path).await?;
+        Ok(body
+            .split("class=\"flash")
+            .nth(1)
+            .and_then(|s| s.split('>').nth(1))
+            .and_then(|s| s.split('<').next())
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// The CSRF token in the page at `path`.
+    async fn csrf(&mut self, path: &str) -> anyhow::Result<String> {
+        let (_, _, body) = self.get(path).await?;
+        hidden_csrf(&body).ok_or_else(|| anyhow::anyhow!("no csrf field in {path}: {body}"))
+    }
+
+    async fn sign_up(&mut self, email: &str) -> anyhow::Result<()> {
+        let csrf = self.csrf("/portal/signup").await?;
+        let (status, loc) = self
+            .post(
+                "/portal/signup",
+                &[
+                    ("csrf", &csrf),
+                    ("email", email),
+                    ("password", "a long enough password"),
+                ],
+            )
+            .await?;
+        anyhow::ensure!((status, loc.as_str()) == (303, "/portal"), "{status} {loc}");
+        Ok(())
+    }
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn hidden_csrf(body: &str) -> Option<String> {
+    let at = body.find("name=\"csrf\" value=\"")? + "name=\"csrf\" value=\"".len();
+    Some(body[at..].split('"').next()?.to_owned())
+}
+
+/// Follows an entity's sign-in for `user`; answers the vault callback URL it redirects to.
+async fn sign_in_at_entity(
+    authorize_url: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let url = url::Url::parse(authorize_url)?;
+    let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
+    let base = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default())
+        + &url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?
+        .post(format!("{base}/oauth/authorize"))
+        .form(&[
+            ("username", user),
+            ("password", password),
+            ("client_id", q["client_id"].as_str()),
+            ("redirect_uri", q["redirect_uri"].as_str()),
+            ("state", q["state"].as_str()),
+            ("code_challenge", q["code_challenge"].as_str()),
+        ])
+        .send()
+        .await?;
+    let back = location(&r);
+    anyhow::ensure!(
+        back.contains("/v1/oauth/callback"),
+        "no redirect back: {back}"
+    );
+    Ok(back)
+}
+
+/// Swaps the `code` of one callback URL into another's (a code issued for someone else).
+fn with_code_of(callback: &str, other: &str) -> anyhow::Result<String> {
+    let a = url::Url::parse(callback)?;
+    let b = url::Url::parse(other)?;
+    let state = a
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned());
+    let code = b
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned());
+    let mut out = a.clone();
+    out.query_pairs_mut()
+        .clear()
+        .append_pair("code", &code.unwrap_or_default())
+        .append_pair("state", &state.unwrap_or_default());
+    Ok(out.to_string())
+}
+
+#[tokio::test]
+async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let hotel = EntitySim::start("hotel", &node).await?;
+    let airline = EntitySim::start("airline", &node).await?;
+    let admin = node.admin();
+    let raw = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+
+    // Accounts: sign-up needs the form's own token; a signed-in form needs the session's.
+    let mut alice = Browser::new(&node.url)?;
+    let (status, loc) = alice
+        .post(
+            "/portal/signup",
+            &[
+                ("email", "a@example.com"),
+                ("password", "a long enough password"),
+            ],
+        )
+        .await?;
+    assert_eq!(
+        (status, loc.as_str()),
+        (303, "/portal/signup"),
+        "no form token"
+    );
+    assert!(alice.flash("/portal/signup").await?.contains("expired"));
+    alice.sign_up("alice@example.com").await?;
+    let csrf = alice.csrf("/portal/rules").await?;
+    let (status, _) = alice
+        .post("/portal/rules", &[("name", "x"), ("action", "save")])
+        .await?;
+    assert_eq!(status, 403, "a form without the CSRF token");
+    let (status, _) = alice
+        .post("/portal/unlink/hotel", &[("csrf", "forged-token")])
+        .await?;
+    assert_eq!(status, 403, "a form with a wrong CSRF token");
+    let (status, loc, _) = Browser::new(&node.url)?.get("/portal/activity").await?;
+    assert_eq!(
+        (status, loc.as_str()),
+        (303, "/portal/signin"),
+        "signed out"
+    );
+
+    // A duplicate email, a short password, a wrong password, then the rate limit.
+    let mut other = Browser::new(&node.url)?;
+    let csrf_other = other.csrf("/portal/signup").await?;
+    other
+        .post(
+            "/portal/signup",
+            &[
+                ("csrf", &csrf_other),
+                ("email", "ALICE@example.com"),
+                ("password", "another long password"),
+            ],
+        )
+        .await?;
+    assert!(other.flash("/portal/signup").await?.contains("exists"));
+    let csrf_other = other.csrf("/portal/signup").await?;
+    other
+        .post(
+            "/portal/signup",
+            &[
+                ("csrf", &csrf_other),
+                ("email", "b@example.com"),
+                ("password", "short"),
+            ],
+        )
+        .await?;
+    assert!(other.flash("/portal/signup").await?.contains("10"));
+    let mut limited = false;
+    for _ in 0..12 {
+        let csrf_other = other.csrf("/portal/signin").await?;
+        other
+            .post(
+                "/portal/signin",
+                &[
+                    ("csrf", &csrf_other),
+                    ("email", "bob@example.com"),
+                    ("password", "not his password"),
+                ],
+            )
+            .await?;
+        let msg = other.flash("/portal/signin").await?;
+        if msg.contains("Too many") {
+            limited = true;
+            break;
+        }
+        assert!(
+            msg.contains("wrong email or password") || msg.contains("Wrong email or password"),
+            "{msg}"
+        );
+    }
+    assert!(limited, "sign-in attempts are rate limited");
+
+    // OAuth from the portal: the state is bound to the signed-in customer and single-use.
+    let (status, authorize_url) = alice.post("/portal/link/hotel", &[("csrf", &csrf)]).await?;
+    assert_eq!(status, 303);
+    let callback = sign_in_at_entity(&authorize_url, "alice", "alice-hotel").await?;
+    // Finishing it from another browser (no session, or another customer's) is refused.
+    let (status, _, _) = Browser::new(&node.url)?.get(&callback).await?;
+    assert_eq!(status, 403, "no session");
+    // That spent the state: start again, and finish in Alice's own browser.
+    let (_, authorize_url) = alice.post("/portal/link/hotel", &[("csrf", &csrf)]).await?;
+    let callback = sign_in_at_entity(&authorize_url, "alice", "alice-hotel").await?;
+    let (status, loc, _) = alice.get(&callback).await?;
+    assert_eq!((status, loc.as_str()), (303, "/portal/catalog"));
+    assert!(alice
+        .flash("/portal/catalog")
+        .await?
+        .contains("Linked hotel as guest-77"));
+    let (_, loc, _) = alice.get(&callback).await?;
+    assert_eq!(
+        loc, "/portal/catalog",
+        "a replayed state returns to the portal..."
+    );
+    assert!(
+        alice
+            .flash("/portal/catalog")
+            .await?
+            .contains("already used"),
+        "...and is refused"
+    );
+    let active: Value = reqwest::get(format!("{}/oauth/active", hotel.url))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(active["subjects"], json!(["guest-77"]));
+
+    // The API path: a wrong state, a code issued for another customer's linking.
+    let c1 = admin.create_customer().await?;
+    let c2 = admin.create_customer().await?;
+    let r = raw
+        .get(format!(
+            "{}/v1/oauth/callback?code=x&state=forged",
+            node.url
+        ))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    let start1 = admin
+        .with_token(&c1.token)
+        .authorize_link(&c1.id, "airline")
+        .await?;
+    let start2 = admin
+        .with_token(&c2.token)
+        .authorize_link(&c2.id, "airline")
+        .await?;
+    let back1 = sign_in_at_entity(&start1.authorize_url, "alice", "alice-air").await?;
+    let back2 = sign_in_at_entity(&start2.authorize_url, "bob", "bob-air").await?;
+    let r = raw.get(with_code_of(&back1, &back2)?).send().await?;
+    assert_eq!(r.status(), 403, "bob's code with alice's state fails PKCE");
+    let problem: Value = r.json().await?;
+    assert_eq!(problem["code"], "forbidden", "{problem}");
+    let c1_links = admin.customer(&c1.id).await?.links;
+    assert!(c1_links.is_empty(), "nothing linked: {c1_links:?}");
+    // A token request without the PKCE verifier is refused by the entity.
+    let r = raw
+        .post(format!("{}/oauth/token", airline.url))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", "whatever"),
+            ("client_id", "custos"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+
+    // One customer cannot read or change another's profile by changing ids.
+    let them = admin.with_token(&c2.token);
+    for err in [
+        them.activity(&c1.id, 10, None)
+            .await
+            .map(|_| ())
+            .expect_err("activity"),
+        them.rules(&c1.id).await.map(|_| ()).expect_err("rules"),
+    ] {
+        assert_eq!(err.code(), Some(ErrorCode::Forbidden));
+    }
+    let r = raw
+        .get(format!("{}/v1/customers/{}/export", node.url, c1.id))
+        .bearer_auth(&c2.token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403);
+    let r = raw
+        .delete(format!("{}/v1/customers/{}", node.url, c1.id))
+        .bearer_auth(&c2.token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403);
+
+    // Sign out everywhere ends every session.
+    let mut alice_phone = Browser::new(&node.url)?;
+    let csrf_phone = alice_phone.csrf("/portal/signin").await?;
+    let (_, loc) = alice_phone
+        .post(
+            "/portal/signin",
+            &[
+                ("csrf", &csrf_phone),
+                ("email", "alice@example.com"),
+                ("password", "a long enough password"),
+            ],
+        )
+        .await?;
+    assert_eq!(loc, "/portal");
+    let (status, _, _) = alice_phone.get("/portal/activity").await?;
+    assert_eq!(status, 200);
+    let csrf_phone = alice_phone.csrf("/portal/data").await?;
+    alice_phone
+        .post("/portal/signout-everywhere", &[("csrf", &csrf_phone)])
+        .await?;
+    let (_, loc, _) = alice.get("/portal/activity").await?;
+    assert_eq!(loc, "/portal/signin", "the laptop's session ended too");
+
+    // Unlink revokes at the entity; erasure removes the customer everywhere.
+    let mut alice = Browser::new(&node.url)?;
+    let csrf = alice.csrf("/portal/signin").await?;
+    alice
+        .post(
+            "/portal/signin",
+            &[
+                ("csrf", &csrf),
+                ("email", "alice@example.com"),
+                ("password", "a long enough password"),
+            ],
+        )
+        .await?;
+    let csrf = alice.csrf("/portal/catalog").await?;
+    let (status, _) = alice
+        .post("/portal/unlink/hotel", &[("csrf", &csrf)])
+        .await?;
+    assert_eq!(status, 303);
+    let active: Value = reqwest::get(format!("{}/oauth/active", hotel.url))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(active["subjects"], json!([]), "revoked at the hotel");
+    let (status, _, body) = alice.get("/portal/export.json").await?;
+    assert_eq!(status, 200);
+    let export: CustomerExport = serde_json::from_str(&body)?;
+    assert_eq!(export.email.as_deref(), Some("alice@example.com"));
+    assert!(export
+        .activity
+        .iter()
+        .any(|i| matches!(&i.kind, ActivityKind::Unlinked { entity_id } if entity_id == "hotel")));
+    let id = export.customer.id.clone();
+    let (_, loc) = alice
+        .post("/portal/delete", &[("csrf", &csrf), ("confirm", "no")])
+        .await?;
+    assert_eq!(loc, "/portal/data", "needs the confirmation");
+    let (_, loc) = alice
+        .post("/portal/delete", &[("csrf", &csrf), ("confirm", "DELETE")])
+        .await?;
+    assert_eq!(loc, "/portal/signup");
+    let err = admin.customer(&id).await.expect_err("erased");
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let mut again = Browser::new(&node.url)?;
+    let csrf = again.csrf("/portal/signin").await?;
+    again
+        .post(
+            "/portal/signin",
+            &[
+                ("csrf", &csrf),
+                ("email", "alice@example.com"),
+                ("password", "a long enough password"),
+            ],
+        )
+        .await?;
+    assert!(again
+        .flash("/portal/signin")
+        .await?
+        .to_lowercase()
+        .contains("wrong email or password"));
+    Ok(())
+}
