@@ -281,3 +281,87 @@ async fn a_snapshot_moves_real_state_into_another_store_and_group() -> anyhow::R
     assert_eq!(current, Some(snap.meta));
     Ok(())
 }
+
+#[tokio::test]
+async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() -> anyhow::Result<()>
+{
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    s.apply(vec![
+        StateChange::CreateAccount {
+            account: AccountRecord {
+                email: "two@example.com".into(),
+                customer_id: "c2".into(),
+                password_hash: "$argon2id$...".into(),
+                session_epoch: 0,
+                created_ms: 0,
+            },
+            customer: CustomerRecord {
+                id: "c2".into(),
+                created_ms: 0,
+                token_hash: vec![2; 32],
+                email: Some("two@example.com".into()),
+            },
+        },
+        StateChange::Link {
+            customer_id: "c2".into(),
+            link: LinkRecord {
+                entity_id: "airline".into(),
+                subject: "ff2".into(),
+                linked_ms: 10,
+                sealed_token: Some(vec![9; 40]),
+            },
+        },
+        ingest("delivered", 1_000),
+        delivered("cmd-delivered", 1_500),
+        StateChange::Dismiss {
+            customer_id: "c1".into(),
+            template: "t".into(),
+        },
+    ])
+    .await?;
+    // An event and the erasure in one apply batch: the erasure sees the batch's own writes.
+    let out = s
+        .apply(vec![
+            ingest("pending", 2_000),
+            StateChange::EraseCustomer {
+                customer_id: "c1".into(),
+            },
+        ])
+        .await?;
+    assert_eq!(out[1], ChangeOutcome::Done);
+    let r = &s.reader;
+    assert!(r.customer("c1")?.is_none());
+    assert!(r.links("c1")?.is_empty());
+    assert!(r.activity("c1", None, 100)?.0.is_empty());
+    assert!(r.outbox("cmd-delivered")?.is_none());
+    assert!(r.outbox("cmd-pending")?.is_none());
+    assert!(r.customer_by_token(&[1; 32])?.is_none());
+    assert!(r.customer_for_subject("airline", "ff")?.is_none());
+    assert!(r.customer_for_subject("hotel", "g")?.is_none());
+    assert!(r.engagements(Some("c1"))?.is_empty());
+    assert!(r.dismissed("c1")?.is_empty());
+    // The other customer is untouched.
+    assert!(r.customer("c2")?.is_some());
+    assert_eq!(r.links("c2")?.len(), 1);
+    assert_eq!(
+        r.customer_for_subject("airline", "ff2")?.as_deref(),
+        Some("c2")
+    );
+    assert!(r.account("two@example.com")?.is_some());
+    // Erasing c2 removes its portal account too; erasing again is "not found".
+    let out = s
+        .apply(vec![
+            StateChange::EraseCustomer {
+                customer_id: "c2".into(),
+            },
+            StateChange::EraseCustomer {
+                customer_id: "c2".into(),
+            },
+        ])
+        .await?;
+    assert_eq!(out[0], ChangeOutcome::Done);
+    assert!(matches!(out[1], ChangeOutcome::Rejected { .. }));
+    assert!(s.reader.account("two@example.com")?.is_none());
+    Ok(())
+}
