@@ -710,10 +710,11 @@ async fn activity(
         Ok::<_, ServiceError>((
             vault.activity(&s.customer_id, None, ACTIVITY_PAGE).await?,
             vault.entities().await?,
+            vault.rules(&s.customer_id).await?,
         ))
     }
     .await;
-    let (items, entities) = match loaded {
+    let (items, entities, rules) = match loaded {
         Ok(v) => v,
         Err(e) => return error_page(&req, &s, &e),
     };
@@ -761,7 +762,7 @@ async fn activity(
         "Activity",
         &s,
         Section::Activity,
-        pages::activity(&shown, &entities, &filter, &s.csrf),
+        pages::activity(&shown, &entities, &rules, &filter, &s.csrf),
     )
 }
 

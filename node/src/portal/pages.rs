@@ -431,6 +431,7 @@ fn delivery_badge(s: &DeliveryStatus) -> Markup {
 pub fn activity(
     items: &[(ActivityItem, bool)],
     entities: &[Entity],
+    rules: &[Rule],
     filter: &ActivityFilter,
     csrf: &str,
 ) -> Markup {
@@ -472,7 +473,11 @@ pub fn activity(
                             span.hint { " (event " code { (event_id) } ")" }
                         }
                         ActivityKind::RuleMatched { rule_id, command_id, target, command_type, .. } => {
-                            "Rule " code { (rule_id) } " matched: asked " (entity_name(entities, target)) " to “" (plain(command_type)) "”"
+                            @match rules.iter().find(|r| &r.id == rule_id) {
+                                Some(r) => { "Rule “" (r.name) "”" }
+                                None => { "Rule " code { (rule_id) } }
+                            }
+                            " matched: asked " (entity_name(entities, target)) " to “" (plain(command_type)) "”"
                             span.hint { " (command " code { (command_id) } ")" }
                         }
                         ActivityKind::DeliveryAttempt { command_id, attempt, status_code, error, status } => {
@@ -486,7 +491,12 @@ pub fn activity(
                         }
                         ActivityKind::Linked { entity_id } => { "Linked " (entity_name(entities, entity_id)) }
                         ActivityKind::Unlinked { entity_id } => { "Unlinked " (entity_name(entities, entity_id)) }
-                        ActivityKind::RuleSaved { rule_id } => { "Saved rule " code { (rule_id) } }
+                        ActivityKind::RuleSaved { rule_id } => {
+                            @match rules.iter().find(|r| &r.id == rule_id) {
+                                Some(r) => { "Saved rule “" (r.name) "”" }
+                                None => { "Saved rule " code { (rule_id) } }
+                            }
+                        }
                         ActivityKind::RuleDeleted { rule_id } => { "Deleted rule " code { (rule_id) } }
                     }
                     @if *retryable {

@@ -233,6 +233,11 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
         })
         .await?;
         shots.take(&b, "activity").await?;
+        let timeline = page_text(&b).await?;
+        anyhow::ensure!(
+            timeline.contains("Rule “Hold my room when my flight is late” matched"),
+            "{timeline}"
+        );
         let received: Vec<Value> = reqwest::get(format!("{}/commands", hotel.url))
             .await?
             .json()
