@@ -499,18 +499,17 @@ pub struct Emit {
     pub data: serde_json::Value,
 }
 
-async fn emit(sim: web::Data<Sim>, body: web::Json<Emit>) -> HttpResponse {
-    let e = body.into_inner();
+/// Signs and sends an event about one of this company's users; answers the vault's receipt,
+/// or an HTTP status and why not.
+async fn send(sim: &Sim, e: Emit) -> Result<custos_api::types::EventReceipt, (u16, String)> {
     let Some(subject) = lock(&sim.users).get(&e.username).map(|(_, s)| s.clone()) else {
-        return HttpResponse::NotFound().json(serde_json::json!({"error": "no such user"}));
+        return Err((404, "no such user".into()));
     };
     if !sim.preset.event_types.contains(&e.event_type.as_str()) {
-        return HttpResponse::BadRequest()
-            .json(serde_json::json!({"error": "not one of this company's event types"}));
+        return Err((400, "not one of this company's event types".into()));
     }
     let (Some(vault), Some(secret)) = (sim.vault.clone(), lock(&sim.secret).clone()) else {
-        return HttpResponse::Conflict()
-            .json(serde_json::json!({"error": "start with --vault and a secret"}));
+        return Err((409, "start with --vault and a secret".into()));
     };
     let mut ev = CloudEvent::new(random_token("evt_"), sim.preset.id, e.event_type);
     ev.subject = Some(subject);
@@ -519,9 +518,69 @@ async fn emit(sim: web::Data<Sim>, body: web::Json<Emit>) -> HttpResponse {
     ));
     ev.data = Some(e.data);
     let client = custos_api::client::Client::new(vault, None);
-    match client.send_event(&secret, &ev).await {
+    client
+        .send_event(&secret, &ev)
+        .await
+        .map_err(|err| (502, err.to_string()))
+}
+
+async fn emit(sim: web::Data<Sim>, body: web::Json<Emit>) -> HttpResponse {
+    match send(&sim, body.into_inner()).await {
         Ok(receipt) => HttpResponse::Ok().json(receipt),
-        Err(err) => HttpResponse::BadGateway().json(serde_json::json!({"error": err.to_string()})),
+        Err((status, error)) => {
+            HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default())
+                .json(serde_json::json!({ "error": error }))
+        }
+    }
+}
+
+/// The home page's "send an event" form.
+#[derive(Debug, Deserialize)]
+struct EmitForm {
+    username: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    data: String,
+}
+
+async fn emit_form(sim: web::Data<Sim>, form: web::Form<EmitForm>) -> HttpResponse {
+    let f = form.into_inner();
+    let data = if f.data.trim().is_empty() {
+        serde_json::json!({})
+    } else {
+        match serde_json::from_str(&f.data) {
+            Ok(v) => v,
+            Err(e) => {
+                return page(
+                    "Not sent",
+                    &format!(
+                        "<p>The data is not JSON: {}</p><p><a href=\"/\">Back</a></p>",
+                        esc(&e.to_string())
+                    ),
+                )
+            }
+        }
+    };
+    let e = Emit {
+        username: f.username,
+        event_type: f.event_type,
+        data,
+    };
+    match send(&sim, e).await {
+        Ok(r) => {
+            page(
+                "Sent",
+                &format!(
+                "<p>The vault answered: <strong>{}</strong>{}.</p><p><a href=\"/\">Back</a></p>",
+                esc(&serde_json::to_string(&r.status).unwrap_or_default()),
+                r.reason.map(|x| format!(" ({})", esc(&x))).unwrap_or_default()
+            ),
+            )
+        }
+        Err((_, error)) => page(
+            "Not sent",
+            &format!("<p>{}</p><p><a href=\"/\">Back</a></p>", esc(&error)),
+        ),
     }
 }
 
@@ -541,10 +600,30 @@ async fn home(sim: web::Data<Sim>) -> HttpResponse {
             )
         })
         .collect();
+    let options = |items: Vec<String>| -> String {
+        items
+            .iter()
+            .map(|v| format!("<option value=\"{0}\">{0}</option>", esc(v)))
+            .collect()
+    };
+    let usernames = options(lock(&sim.users).keys().cloned().collect());
+    let types = options(
+        sim.preset
+            .event_types
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect(),
+    );
     page(
         sim.preset.name,
         &format!(
-            "<h2>Accounts</h2><ul>{users}</ul><h2>Commands received (verified)</h2><ul>{commands}</ul>"
+            "<h2>Accounts</h2><ul>{users}</ul>\
+             <h2>Send an event to the vault</h2><form method=\"post\" action=\"/emit-form\">\
+             <label for=\"username\">About</label><select id=\"username\" name=\"username\">{usernames}</select>\
+             <label for=\"type\">Event</label><select id=\"type\" name=\"type\">{types}</select>\
+             <label for=\"data\">Data (JSON)</label><textarea id=\"data\" name=\"data\" rows=\"4\" style=\"width:100%\">{{}}</textarea>\
+             <button type=\"submit\">Send signed event</button></form>\
+             <h2>Commands received (verified)</h2><ul>{commands}</ul>"
         ),
     )
 }
@@ -589,7 +668,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/oauth/active", web::get().to(active_tokens))
         .route("/commands", web::post().to(receive_command))
         .route("/commands", web::get().to(list_commands))
-        .route("/emit", web::post().to(emit));
+        .route("/emit", web::post().to(emit))
+        .route("/emit-form", web::post().to(emit_form));
 }
 
 #[cfg(test)]

@@ -213,16 +213,25 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
             "trying a rule must not send anything"
         );
 
-        // The airline emits the event; the activity shows the delivered command.
-        let emitted: Value = reqwest::Client::new()
-            .post(format!("{}/emit", airline.url))
-            .json(&json!({"username": "alice", "type": "flight.delayed",
-                "data": {"delay_minutes": 95, "new_arrival": "2026-12-01T23:10:00Z", "flight": "EA 12"}}))
-            .send()
+        // The airline emits the event from its own page; the activity shows the delivered command.
+        b.goto(&airline.url).await?;
+        b.find(Locator::Css("#username"))
             .await?
-            .json()
+            .select_by_value("alice")
             .await?;
-        anyhow::ensure!(emitted["status"] == "accepted", "{emitted}");
+        b.find(Locator::Css("#type"))
+            .await?
+            .select_by_value("flight.delayed")
+            .await?;
+        fill(
+            &b,
+            "#data",
+            r#"{"delay_minutes": 95, "new_arrival": "2026-12-01T23:10:00Z", "flight": "EA 12"}"#,
+        )
+        .await?;
+        shots.take(&b, "airline-emits").await?;
+        click(&b, "button[type=submit]").await?;
+        wait_text(&b, "The vault answered: \"accepted\"").await?;
         let activity = format!("{}/portal/activity", node.url);
         poll::until("delivered in the activity", WAIT, || {
             let (b, activity) = (b.clone(), activity.clone());
