@@ -15,6 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use custos_api::types::{Action, ActivityKind, DeliveryStatus, RuleSpec, Trigger, TryRule};
 use custos_raft::records::SessionRecord;
+use futures::future::LocalBoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -181,24 +182,86 @@ impl Fields {
     }
 }
 
-/// The signed-in session whose CSRF token the form carries, or the response refusing it.
-async fn guard(
-    vault: &Vault,
-    req: &HttpRequest,
-    fields: Option<&Fields>,
-) -> Result<SessionRecord, HttpResponse> {
-    let Some(s) = session_of(vault, req).await else {
-        return Err(see_other("/portal/signin"));
-    };
-    if let Some(f) = fields {
-        // Compare digests so the comparison's timing does not depend on the token.
-        if sha(f.get("csrf")) != sha(&s.csrf) {
-            return Err(HttpResponse::Forbidden()
-                .content_type("text/plain; charset=utf-8")
-                .body("This form has expired or did not come from the portal (CSRF check failed). Go back, reload and try again."));
+/// Why a portal request was turned away before its handler ran.
+#[derive(Debug, thiserror::Error)]
+pub enum Reject {
+    /// No live session: go and sign in.
+    #[error("sign in first")]
+    SignIn,
+    /// The form's CSRF token is missing or not this session's.
+    #[error("this form has expired or did not come from the portal (CSRF check failed)")]
+    Csrf,
+    /// The body is not a form.
+    #[error("not a form: {0}")]
+    Form(String),
+}
+
+impl actix_web::ResponseError for Reject {
+    fn status_code(&self) -> actix_web::http::StatusCode {
+        match self {
+            Reject::SignIn => actix_web::http::StatusCode::SEE_OTHER,
+            Reject::Csrf => actix_web::http::StatusCode::FORBIDDEN,
+            Reject::Form(_) => actix_web::http::StatusCode::BAD_REQUEST,
         }
     }
-    Ok(s)
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            Reject::SignIn => see_other("/portal/signin"),
+            other => HttpResponse::build(other.status_code())
+                .content_type("text/plain; charset=utf-8")
+                .body(format!("{other}. Go back, reload the page and try again.")),
+        }
+    }
+}
+
+/// The signed-in browser's session; without one, the request is sent to sign in.
+pub struct Signed(pub SessionRecord);
+
+impl actix_web::FromRequest for Signed {
+    type Error = Reject;
+    type Future = LocalBoxFuture<'static, Result<Self, Reject>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let vault = req.app_data::<web::Data<Vault>>().ok_or(Reject::SignIn)?;
+            session_of(vault, &req)
+                .await
+                .map(Signed)
+                .ok_or(Reject::SignIn)
+        })
+    }
+}
+
+/// A form from a signed-in browser carrying that session's CSRF token.
+pub struct SignedForm {
+    session: SessionRecord,
+    fields: Fields,
+}
+
+impl actix_web::FromRequest for SignedForm {
+    type Error = Reject;
+    type Future = LocalBoxFuture<'static, Result<Self, Reject>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let form = web::Form::<Vec<(String, String)>>::from_request(req, payload);
+        let req = req.clone();
+        Box::pin(async move {
+            let fields = Fields(
+                form.await
+                    .map_err(|e| Reject::Form(e.to_string()))?
+                    .into_inner(),
+            );
+            let Signed(session) =
+                Signed::from_request(&req, &mut actix_web::dev::Payload::None).await?;
+            // Compare digests so the comparison's timing does not depend on the token.
+            if sha(fields.get("csrf")) != sha(&session.csrf) {
+                return Err(Reject::Csrf);
+            }
+            Ok(SignedForm { session, fields })
+        })
+    }
 }
 
 /// What a person is told: the refusal's own words; internals stay in the logs.
@@ -334,12 +397,8 @@ async fn signout(
     vault: web::Data<Vault>,
     portal: web::Data<Portal>,
     req: HttpRequest,
-    form: web::Form<Vec<(String, String)>>,
+    _form: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    if let Err(r) = guard(&vault, &req, Some(&f)).await {
-        return r;
-    }
     if let Some(c) = req.cookie(SESSION_COOKIE) {
         if let Err(e) = vault.sign_out(c.value()).await {
             return see_other_flash("/portal", Err(problem_text(&e)));
@@ -351,14 +410,8 @@ async fn signout(
 async fn signout_everywhere(
     vault: web::Data<Vault>,
     portal: web::Data<Portal>,
-    req: HttpRequest,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match vault.sign_out_everywhere(&s.email).await {
         Ok(()) => signed_out(&portal, "/portal/signin", "Signed out on every device."),
         Err(e) => see_other_flash("/portal/data", Err(problem_text(&e))),
@@ -367,11 +420,7 @@ async fn signout_everywhere(
 
 // ---- pages --------------------------------------------------------------------------------
 
-async fn home(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
-    let s = match guard(&vault, &req, None).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn home(vault: web::Data<Vault>, req: HttpRequest, Signed(s): Signed) -> HttpResponse {
     let loaded = async {
         Ok::<_, ServiceError>((
             vault.customer(&s.customer_id).await?,
@@ -414,11 +463,8 @@ async fn catalog(
     vault: web::Data<Vault>,
     req: HttpRequest,
     q: web::Query<CatalogQuery>,
+    Signed(s): Signed,
 ) -> HttpResponse {
-    let s = match guard(&vault, &req, None).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let query: String = q.q.chars().take(100).collect();
     match async {
         Ok::<_, ServiceError>((
@@ -441,15 +487,9 @@ async fn catalog(
 
 async fn link(
     vault: web::Data<Vault>,
-    req: HttpRequest,
     entity: web::Path<String>,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match vault.authorize_link(&s.customer_id, &entity, true).await {
         Ok(a) => see_other(&a.authorize_url),
         Err(e) => see_other_flash("/portal/catalog", Err(problem_text(&e))),
@@ -458,15 +498,9 @@ async fn link(
 
 async fn unlink(
     vault: web::Data<Vault>,
-    req: HttpRequest,
     entity: web::Path<String>,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match vault.unlink(&s.customer_id, &entity).await {
         Ok(()) => see_other_flash(
             "/portal/catalog",
@@ -535,11 +569,7 @@ async fn rules_page(
     }
 }
 
-async fn rules(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
-    let s = match guard(&vault, &req, None).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn rules(vault: web::Data<Vault>, req: HttpRequest, Signed(s): Signed) -> HttpResponse {
     rules_page(&vault, &req, &s, &RuleForm::default(), None).await
 }
 
@@ -600,13 +630,11 @@ fn rule_spec(form: &RuleForm) -> Result<RuleSpec, String> {
 async fn rule_submit(
     vault: web::Data<Vault>,
     req: HttpRequest,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm {
+        session: s,
+        fields: f,
+    }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let (rule_form, spec) = rule_from_form(&f);
     let spec = match spec {
         Ok(spec) => spec,
@@ -669,15 +697,9 @@ async fn rule_submit(
 
 async fn rule_delete(
     vault: web::Data<Vault>,
-    req: HttpRequest,
     rule_id: web::Path<String>,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match vault.delete_rule(&s.customer_id, &rule_id).await {
         Ok(()) => see_other_flash("/portal/rules", Ok("Rule deleted.".into())),
         Err(e) => see_other_flash("/portal/rules", Err(problem_text(&e))),
@@ -697,11 +719,8 @@ async fn activity(
     vault: web::Data<Vault>,
     req: HttpRequest,
     q: web::Query<ActivityQuery>,
+    Signed(s): Signed,
 ) -> HttpResponse {
-    let s = match guard(&vault, &req, None).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let filter = pages::ActivityFilter {
         kind: q.kind.chars().take(20).collect(),
         entity: q.entity.chars().take(128).collect(),
@@ -768,33 +787,20 @@ async fn activity(
 
 async fn retry(
     vault: web::Data<Vault>,
-    req: HttpRequest,
     command_id: web::Path<String>,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match vault.retry_own_delivery(&s.customer_id, &command_id).await {
         Ok(_) => see_other_flash("/portal/activity", Ok("Delivery queued again.".into())),
         Err(e) => see_other_flash("/portal/activity", Err(problem_text(&e))),
     }
 }
 
-async fn data(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
-    match guard(&vault, &req, None).await {
-        Ok(s) => page(&req, "Your data", &s, Section::Data, pages::data(&s.csrf)),
-        Err(r) => r,
-    }
+async fn data(req: HttpRequest, Signed(s): Signed) -> HttpResponse {
+    page(&req, "Your data", &s, Section::Data, pages::data(&s.csrf))
 }
 
-async fn export(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
-    let s = match guard(&vault, &req, None).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn export(vault: web::Data<Vault>, req: HttpRequest, Signed(s): Signed) -> HttpResponse {
     match vault.export(&s.customer_id).await {
         Ok(x) => HttpResponse::Ok()
             .insert_header((
@@ -810,14 +816,11 @@ async fn export(vault: web::Data<Vault>, req: HttpRequest) -> HttpResponse {
 async fn delete(
     vault: web::Data<Vault>,
     portal: web::Data<Portal>,
-    req: HttpRequest,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm {
+        session: s,
+        fields: f,
+    }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     if f.get("confirm").trim() != "DELETE" {
         return see_other_flash("/portal/data", Err("Type DELETE to confirm.".into()));
     }
@@ -833,15 +836,9 @@ async fn delete(
 
 async fn recommendation(
     vault: web::Data<Vault>,
-    req: HttpRequest,
     path: web::Path<(String, String)>,
-    form: web::Form<Vec<(String, String)>>,
+    SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    let f = Fields(form.into_inner());
-    let s = match guard(&vault, &req, Some(&f)).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let (rec_id, verb) = path.into_inner();
     let done = match verb.as_str() {
         "accept" => vault

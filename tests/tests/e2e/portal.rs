@@ -367,6 +367,22 @@ impl Browser {
         hidden_csrf(&body).ok_or_else(|| anyhow::anyhow!("no csrf field in {path}: {body}"))
     }
 
+    /// Signs in with the password every test account uses; answers where it was sent.
+    async fn sign_in(&mut self, email: &str) -> anyhow::Result<String> {
+        let csrf = self.csrf("/portal/signin").await?;
+        let (_, loc) = self
+            .post(
+                "/portal/signin",
+                &[
+                    ("csrf", &csrf),
+                    ("email", email),
+                    ("password", "a long enough password"),
+                ],
+            )
+            .await?;
+        Ok(loc)
+    }
+
     async fn sign_up(&mut self, email: &str) -> anyhow::Result<()> {
         let csrf = self.csrf("/portal/signup").await?;
         let (status, loc) = self
@@ -643,18 +659,7 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
 
     // Sign out everywhere ends every session.
     let mut alice_phone = Browser::new(&node.url)?;
-    let csrf_phone = alice_phone.csrf("/portal/signin").await?;
-    let (_, loc) = alice_phone
-        .post(
-            "/portal/signin",
-            &[
-                ("csrf", &csrf_phone),
-                ("email", "alice@example.com"),
-                ("password", "a long enough password"),
-            ],
-        )
-        .await?;
-    assert_eq!(loc, "/portal");
+    assert_eq!(alice_phone.sign_in("alice@example.com").await?, "/portal");
     let (status, _, _) = alice_phone.get("/portal/activity").await?;
     assert_eq!(status, 200);
     let csrf_phone = alice_phone.csrf("/portal/data").await?;
@@ -666,17 +671,7 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
 
     // Unlink revokes at the entity; erasure removes the customer everywhere.
     let mut alice = Browser::new(&node.url)?;
-    let csrf = alice.csrf("/portal/signin").await?;
-    alice
-        .post(
-            "/portal/signin",
-            &[
-                ("csrf", &csrf),
-                ("email", "alice@example.com"),
-                ("password", "a long enough password"),
-            ],
-        )
-        .await?;
+    assert_eq!(alice.sign_in("alice@example.com").await?, "/portal");
     let csrf = alice.csrf("/portal/catalog").await?;
     let (status, _) = alice
         .post("/portal/unlink/hotel", &[("csrf", &csrf)])
@@ -707,17 +702,7 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
     let err = admin.customer(&id).await.expect_err("erased");
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
     let mut again = Browser::new(&node.url)?;
-    let csrf = again.csrf("/portal/signin").await?;
-    again
-        .post(
-            "/portal/signin",
-            &[
-                ("csrf", &csrf),
-                ("email", "alice@example.com"),
-                ("password", "a long enough password"),
-            ],
-        )
-        .await?;
+    again.sign_in("alice@example.com").await?;
     assert!(again
         .flash("/portal/signin")
         .await?
