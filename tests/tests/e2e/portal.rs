@@ -710,3 +710,80 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
         .contains("wrong email or password"));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_from_the_portal_by_its_owner_only() -> anyhow::Result<()> {
+    use custos_tests::receiver::Receiver;
+    let node = Node::start(NodeOptions {
+        retry_schedule_secs: vec![0.0, 0.1],
+        ..NodeOptions::default()
+    })
+    .await?;
+    let hotel_rx = Receiver::start(vec![], 500)?;
+    let admin = node.admin();
+    let airline = super::register(
+        &admin,
+        "airline",
+        "http://127.0.0.1:9/unused",
+        vec![super::type_spec("flight.delayed", None)],
+        vec![],
+    )
+    .await?;
+    super::register(
+        &admin,
+        "hotel",
+        &hotel_rx.url,
+        vec![],
+        vec![super::type_spec("room.hold", None)],
+    )
+    .await?;
+    // A portal customer, linked by the operator, with the delay rule.
+    let mut alice = Browser::new(&node.url)?;
+    alice.sign_up("alice@example.com").await?;
+    let (_, _, body) = alice.get("/portal/export.json").await?;
+    let id = serde_json::from_str::<CustomerExport>(&body)?.customer.id;
+    for (entity_id, subject) in [("airline", "FF-1234"), ("hotel", "guest-77")] {
+        admin
+            .link(
+                &id,
+                &LinkRequest {
+                    entity_id: entity_id.into(),
+                    subject: subject.into(),
+                },
+            )
+            .await?;
+    }
+    admin.create_rule(&id, &super::delay_rule()).await?;
+    let receipt = node
+        .anonymous()
+        .send_event(&airline, &super::delayed("r-1", "FF-1234", 90))
+        .await?;
+    let command = receipt.commands[0].clone();
+    super::delivery_status(&admin, &command, DeliveryStatus::Failed).await?;
+
+    // The timeline offers Retry on the failed delivery.
+    let (_, _, page) = alice.get("/portal/activity?kind=deliveries").await?;
+    let retry = format!("/portal/deliveries/{command}/retry");
+    assert!(page.contains(&retry), "{page}");
+    // Another customer cannot retry it, even knowing its id.
+    let mut bob = Browser::new(&node.url)?;
+    bob.sign_up("bob@example.com").await?;
+    let bob_csrf = bob.csrf("/portal/activity").await?;
+    bob.post(&retry, &[("csrf", &bob_csrf)]).await?;
+    assert!(bob.flash("/portal/activity").await?.contains("not found"));
+    assert_eq!(
+        admin.delivery(&command).await?.status,
+        DeliveryStatus::Failed
+    );
+    // Its owner can; once the hotel answers again, it is delivered.
+    hotel_rx.set_status(200);
+    let csrf = alice.csrf("/portal/activity").await?;
+    let (status, _) = alice.post(&retry, &[("csrf", &csrf)]).await?;
+    assert_eq!(status, 303);
+    assert!(alice
+        .flash("/portal/activity")
+        .await?
+        .contains("queued again"));
+    super::delivery_status(&admin, &command, DeliveryStatus::Delivered).await?;
+    Ok(())
+}
