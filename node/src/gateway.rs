@@ -256,7 +256,8 @@ async fn unlink(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// Starts linking an entity through its OAuth 2.0 server; answers where to send the customer.
+/// Starts linking an entity through its OAuth 2.0 server for a customer the operator assists;
+/// answers where to send the customer. Customers link through the portal.
 #[utoipa::path(post, path = "/v1/customers/{id}/links/{entity_id}/authorize", tag = "customers",
     security(("bearer" = [])), params(("id" = String, Path), ("entity_id" = String, Path)),
     responses((status = 200, body = AuthorizeLink), (status = 400, body = Problem), (status = 404, body = Problem)))]
@@ -266,7 +267,9 @@ async fn authorize_link(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse> {
     let (id, entity) = path.into_inner();
-    vault.require_customer(bearer(&req), &id).await?;
+    // Operators only: a linking started outside the portal is bound to no browser session,
+    // so a customer could hand its URL to someone else and link their account (login CSRF).
+    vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.authorize_link(&id, &entity, false).await?))
 }
 

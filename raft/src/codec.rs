@@ -4,8 +4,10 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The current format version, the first byte of every encoded value.
-pub const FORMAT_VERSION: u8 = 1;
+/// The current format version, the first byte of every encoded value. 2: portal accounts,
+/// sessions and OAuth linking changed customer, entity and link records and the changes;
+/// data written by version 1 is refused with `UnknownVersion`, never misread.
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

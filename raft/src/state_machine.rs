@@ -765,6 +765,28 @@ impl<'a> Tx<'a> {
                 self.delete(k);
             }
         }
+        // Sessions, pending linkings and commands whose activity line already aged out are
+        // not under the customer's prefixes: scan their (retention-bounded) ranges.
+        for (k, v) in self.scan(&keys::prefix(g, keys::SESSION))? {
+            if codec::decode::<SessionRecord>(&v)?.customer_id == customer_id {
+                self.delete(k);
+            }
+        }
+        for (k, v) in self.scan(&keys::prefix(g, keys::PENDING_LINK))? {
+            if codec::decode::<PendingLink>(&v)?.customer_id == customer_id {
+                self.delete(k);
+            }
+        }
+        for (k, v) in self.scan(&keys::prefix(g, keys::OUTBOX))? {
+            let rec: OutboxRecord = codec::decode(&v)?;
+            if rec.command.customer_id == customer_id {
+                if let Some(due) = rec.next_due_ms {
+                    self.delete(keys::due(g, due, &rec.command.id));
+                }
+                self.delete(keys::key(g, keys::FAILED, rec.command.id.as_bytes()));
+                self.delete(k);
+            }
+        }
         self.delete(keys::key(g, keys::TOKEN, &customer.token_hash));
         if let Some(email) = &customer.email {
             // Its sessions die with the account: a session is only valid with its account.

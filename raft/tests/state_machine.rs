@@ -320,6 +320,42 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
         },
     ])
     .await?;
+    // A pending delivery whose activity line has aged out, a session and a started linking:
+    // none of them is under the customer's own prefixes.
+    s.apply(vec![
+        ingest("aged", 500),
+        StateChange::Prune {
+            before_ms: 900,
+            limit: 1000,
+        },
+        StateChange::PutSession {
+            token_hash: vec![7; 32],
+            session: SessionRecord {
+                email: "one@example.com".into(),
+                customer_id: "c1".into(),
+                epoch: 0,
+                csrf: "x".into(),
+                created_ms: 1_000,
+                expires_ms: 9_000,
+            },
+        },
+        StateChange::BeginLink {
+            state_hash: vec![8; 32],
+            pending: PendingLink {
+                customer_id: "c1".into(),
+                entity_id: "hotel".into(),
+                verifier: "v".into(),
+                at_ms: 1_000,
+                via_portal: true,
+            },
+        },
+    ])
+    .await?;
+    assert!(
+        s.reader.outbox("cmd-aged")?.is_some(),
+        "pending: kept by pruning"
+    );
+    assert!(s.reader.session(&[7; 32])?.is_some());
     // An event and the erasure in one apply batch: the erasure sees the batch's own writes.
     let out = s
         .apply(vec![
@@ -341,6 +377,21 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
     assert!(r.customer_for_subject("hotel", "g")?.is_none());
     assert!(r.engagements(Some("c1"))?.is_empty());
     assert!(r.dismissed("c1")?.is_empty());
+    assert!(
+        r.outbox("cmd-aged")?.is_none(),
+        "found without its activity line"
+    );
+    assert!(r.session(&[7; 32])?.is_none());
+    let taken = s
+        .apply(vec![StateChange::TakeLink {
+            state_hash: vec![8; 32],
+        }])
+        .await?;
+    assert!(
+        matches!(taken[0], ChangeOutcome::Rejected { .. }),
+        "{taken:?}"
+    );
+    let r = &s.reader;
     // The other customer is untouched.
     assert!(r.customer("c2")?.is_some());
     assert_eq!(r.links("c2")?.len(), 1);

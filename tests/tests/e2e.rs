@@ -1304,7 +1304,12 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
     // The hotel is linked the way customers will: the vault starts the flow (state + PKCE), the
     // customer signs in at the hotel, the hotel sends them back to the vault's callback.
     let me = admin.with_token(&c.token);
-    let start = me.authorize_link(&c.id, "hotel").await?;
+    let err = me
+        .authorize_link(&c.id, "hotel")
+        .await
+        .expect_err("customers link through the portal, bound to their session");
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
+    let start = admin.authorize_link(&c.id, "hotel").await?;
     let url = url::Url::parse(&start.authorize_url)?;
     let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
     assert_eq!(

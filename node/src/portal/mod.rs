@@ -32,6 +32,8 @@ const FORM_COOKIE: &str = "custos_form";
 const FLASH_COOKIE: &str = "custos_flash";
 /// Largest form body.
 const MAX_FORM_BYTES: usize = 64 * 1024;
+/// Limiter keys kept before the limiter forgets those whose quota has refilled.
+const LIMITER_KEYS: usize = 100_000;
 /// Activity lines read for one page of the timeline.
 const ACTIVITY_PAGE: usize = 200;
 
@@ -76,6 +78,17 @@ impl Portal {
             .same_site(SameSite::Lax)
             .max_age(actix_web::cookie::time::Duration::seconds(max_age_secs))
             .finish()
+    }
+}
+
+/// The rate-limit key of a client address: an IPv6 client usually holds a whole /64.
+fn client_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
     }
 }
 
@@ -336,8 +349,13 @@ async fn account_submit(
     let email = f.get("email").trim().to_lowercase();
     let addr = req
         .peer_addr()
-        .map(|a| a.ip().to_string())
+        .map(|a| client_key(a.ip()))
         .unwrap_or_default();
+    // Forget keys whose quota has refilled, so the limiter's memory stays bounded.
+    if portal.per_email.len() > LIMITER_KEYS || portal.per_address.len() > LIMITER_KEYS {
+        portal.per_email.retain_recent();
+        portal.per_address.retain_recent();
+    }
     if portal.per_address.check_key(&addr).is_err() || portal.per_email.check_key(&email).is_err() {
         return see_other_flash(
             back,

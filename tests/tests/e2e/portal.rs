@@ -605,14 +605,8 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
         .send()
         .await?;
     assert_eq!(r.status(), 400);
-    let start1 = admin
-        .with_token(&c1.token)
-        .authorize_link(&c1.id, "airline")
-        .await?;
-    let start2 = admin
-        .with_token(&c2.token)
-        .authorize_link(&c2.id, "airline")
-        .await?;
+    let start1 = admin.authorize_link(&c1.id, "airline").await?;
+    let start2 = admin.authorize_link(&c2.id, "airline").await?;
     let back1 = sign_in_at_entity(&start1.authorize_url, "alice", "alice-air").await?;
     let back2 = sign_in_at_entity(&start2.authorize_url, "bob", "bob-air").await?;
     let r = raw.get(with_code_of(&back1, &back2)?).send().await?;
