@@ -344,7 +344,8 @@ pub async fn run(
             .app_data(telemetry_data.clone())
             .app_data(portal_data.clone())
             .configure(crate::portal::configure)
-            .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("custos::http"))
+            // Path without the query: OAuth codes and states are not written to logs.
+            .wrap(actix_web::middleware::Logger::new("%m %U %s %Dms").log_target("custos::http"))
             .configure(crate::gateway::configure)
     })
     .disable_signals()
