@@ -1316,24 +1316,7 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
         q.get("code_challenge_method").map(String::as_str),
         Some("S256")
     );
-    let signed_in = http
-        .post(format!("{}/oauth/authorize", hotel.url))
-        .form(&[
-            ("username", "alice"),
-            ("password", "alice-hotel"),
-            ("client_id", q["client_id"].as_str()),
-            ("redirect_uri", q["redirect_uri"].as_str()),
-            ("state", q["state"].as_str()),
-            ("code_challenge", q["code_challenge"].as_str()),
-        ])
-        .send()
-        .await?;
-    let back = signed_in
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let back = portal::sign_in_at_entity(&start.authorize_url, "alice", "alice-hotel").await?;
     assert!(
         back.starts_with(&format!("{}/v1/oauth/callback", node.url)),
         "{back}"

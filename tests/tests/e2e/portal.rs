@@ -414,7 +414,7 @@ fn hidden_csrf(body: &str) -> Option<String> {
 }
 
 /// Follows an entity's sign-in for `user`; answers the vault callback URL it redirects to.
-async fn sign_in_at_entity(
+pub(crate) async fn sign_in_at_entity(
     authorize_url: &str,
     user: &str,
     password: &str,
