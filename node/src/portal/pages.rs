@@ -317,7 +317,7 @@ pub fn rules(
         @if linked.len() < 2 {
             p { "A rule connects two linked companies. " a href="/portal/catalog" { "Link companies" } " first." }
         } @else {
-            form method="post" action="/portal/rules" aria-labelledby="new-rule" {
+            form method="post" action="/portal/rules#try-result" aria-labelledby="new-rule" {
                 (csrf_field(csrf))
                 label for="name" { "Name" }
                 input id="name" name="name" required maxlength="200" value=(form.name);

@@ -267,6 +267,20 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
         shots.take(&b, "data").await?;
         b.goto(&format!("{}/portal", node.url)).await?;
         shots.take(&b, "overview-after").await?;
+        // Readable on a phone: one column, nothing wider than the screen.
+        b.set_window_size(390, 844).await?;
+        b.goto(&format!("{}/portal/activity", node.url)).await?;
+        let overflow: Value = b
+            .execute(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+                vec![],
+            )
+            .await?;
+        anyhow::ensure!(
+            overflow.as_i64() <= Some(0),
+            "wider than a phone: {overflow}"
+        );
+        shots.take(&b, "phone-activity").await?;
         Ok(())
     }
     .await;
