@@ -13,7 +13,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
-use custos_api::types::{Action, ActivityKind, DeliveryStatus, RuleSpec, Trigger, TryRule};
+use custos_api::types::{Action, ActivityKind, RuleSpec, Trigger, TryRule};
 use custos_raft::records::SessionRecord;
 use futures::future::LocalBoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -731,6 +731,8 @@ struct ActivityQuery {
     kind: String,
     #[serde(default)]
     entity: String,
+    /// Cursor of the next older page.
+    before: Option<String>,
 }
 
 async fn activity(
@@ -743,9 +745,12 @@ async fn activity(
         kind: q.kind.chars().take(20).collect(),
         entity: q.entity.chars().take(128).collect(),
     };
+    let before = q.before.as_deref().filter(|b| b.len() <= 200);
     let loaded = async {
         Ok::<_, ServiceError>((
-            vault.activity(&s.customer_id, None, ACTIVITY_PAGE).await?,
+            vault
+                .activity(&s.customer_id, before.map(str::to_owned), ACTIVITY_PAGE)
+                .await?,
             vault.entities().await?,
             vault.rules(&s.customer_id).await?,
         ))
@@ -755,51 +760,28 @@ async fn activity(
         Ok(v) => v,
         Err(e) => return error_page(&req, &s, &e),
     };
-    // Targets of commands, to filter deliveries by company; the newest state of each
-    // delivery decides whether it can be retried.
-    let mut targets = std::collections::HashMap::new();
-    let mut latest = std::collections::HashMap::new();
-    for i in &items.items {
-        match &i.kind {
-            ActivityKind::RuleMatched {
-                command_id, target, ..
-            } => {
-                targets.insert(command_id.clone(), target.clone());
-            }
-            ActivityKind::DeliveryAttempt {
-                command_id, status, ..
-            }
-            | ActivityKind::DeliveryChanged {
-                command_id, status, ..
-            } => {
-                latest.entry(command_id.clone()).or_insert(*status);
-            }
-            _ => {}
-        }
-    }
-    let mut first_seen = std::collections::HashSet::new();
-    let shown: Vec<_> = items
-        .items
-        .into_iter()
-        .filter(|i| filter.keeps(i, |c| targets.get(c).cloned()))
-        .map(|i| {
-            let retryable = match &i.kind {
-                ActivityKind::DeliveryAttempt { command_id, .. }
-                | ActivityKind::DeliveryChanged { command_id, .. } => {
-                    first_seen.insert(command_id.clone())
-                        && latest.get(command_id) == Some(&DeliveryStatus::Failed)
-                }
-                _ => false,
-            };
-            (i, retryable)
-        })
-        .collect();
+    let older = items.next.map(|cursor| {
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("kind", &filter.kind)
+            .append_pair("entity", &filter.entity)
+            .append_pair("before", &cursor)
+            .finish();
+        format!("/portal/activity?{query}")
+    });
+    let shown = pages::timeline(items.items, &filter, before.is_none());
     page(
         &req,
         "Activity",
         &s,
         Section::Activity,
-        pages::activity(&shown, &entities, &rules, &filter, &s.csrf),
+        pages::activity(
+            &shown,
+            &entities,
+            &rules,
+            &filter,
+            older.as_deref(),
+            &s.csrf,
+        ),
     )
 }
 

@@ -418,6 +418,54 @@ impl ActivityFilter {
     }
 }
 
+/// The lines of one page of activity that pass the filter, each with whether it carries a
+/// Retry button: the newest line of a delivery whose newest state is failed, and only on the
+/// newest page (an older page may not hold a delivery's latest state).
+pub fn timeline(
+    items: Vec<ActivityItem>,
+    filter: &ActivityFilter,
+    newest_page: bool,
+) -> Vec<(ActivityItem, bool)> {
+    let mut targets = std::collections::HashMap::new();
+    let mut latest = std::collections::HashMap::new();
+    for i in &items {
+        match &i.kind {
+            ActivityKind::RuleMatched {
+                command_id, target, ..
+            } => {
+                targets.insert(command_id.clone(), target.clone());
+            }
+            ActivityKind::DeliveryAttempt {
+                command_id, status, ..
+            }
+            | ActivityKind::DeliveryChanged {
+                command_id, status, ..
+            } => {
+                // Newest first: the first state seen is the latest.
+                latest.entry(command_id.clone()).or_insert(*status);
+            }
+            _ => {}
+        }
+    }
+    let mut first_seen = std::collections::HashSet::new();
+    items
+        .into_iter()
+        .filter(|i| filter.keeps(i, |c| targets.get(c).cloned()))
+        .map(|i| {
+            let retryable = match &i.kind {
+                ActivityKind::DeliveryAttempt { command_id, .. }
+                | ActivityKind::DeliveryChanged { command_id, .. } => {
+                    newest_page
+                        && first_seen.insert(command_id.clone())
+                        && latest.get(command_id) == Some(&DeliveryStatus::Failed)
+                }
+                _ => false,
+            };
+            (i, retryable)
+        })
+        .collect()
+}
+
 fn delivery_badge(s: &DeliveryStatus) -> Markup {
     match s {
         DeliveryStatus::Delivered => html! { span.badge.ok { "delivered" } },
@@ -433,6 +481,7 @@ pub fn activity(
     entities: &[Entity],
     rules: &[Rule],
     filter: &ActivityFilter,
+    older: Option<&str>,
     csrf: &str,
 ) -> Markup {
     let kinds = [
@@ -510,6 +559,9 @@ pub fn activity(
                 }
             }
         }
+        @if let Some(href) = older {
+            p { a href=(href) { "Older activity" } }
+        }
     }
 }
 
@@ -540,6 +592,55 @@ pub fn data(csrf: &str) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn item(kind: ActivityKind) -> ActivityItem {
+        ActivityItem {
+            at: "2026-11-28T00:00:00Z".into(),
+            kind,
+        }
+    }
+
+    fn attempt(command: &str, status: DeliveryStatus) -> ActivityItem {
+        item(ActivityKind::DeliveryAttempt {
+            command_id: command.into(),
+            attempt: 1,
+            status_code: Some(500),
+            error: None,
+            status,
+        })
+    }
+
+    #[test]
+    fn retry_is_offered_once_per_failed_delivery_and_filters_apply() {
+        let matched = |c: &str, target: &str| {
+            item(ActivityKind::RuleMatched {
+                rule_id: "r".into(),
+                event_id: "e".into(),
+                command_id: c.into(),
+                target: target.into(),
+                command_type: "room.hold".into(),
+            })
+        };
+        // Newest first: c1 failed after a pending attempt; c2 was delivered.
+        let items = vec![
+            attempt("c1", DeliveryStatus::Failed),
+            attempt("c2", DeliveryStatus::Delivered),
+            attempt("c1", DeliveryStatus::Pending),
+            matched("c1", "hotel"),
+            matched("c2", "car"),
+        ];
+        let all = timeline(items.clone(), &ActivityFilter::default(), true);
+        let retry: Vec<bool> = all.iter().map(|(_, r)| *r).collect();
+        assert_eq!(retry, vec![true, false, false, false, false]);
+        assert!(timeline(items.clone(), &ActivityFilter::default(), false)
+            .iter()
+            .all(|(_, r)| !r));
+        let hotel = ActivityFilter {
+            kind: "deliveries".into(),
+            entity: "hotel".into(),
+        };
+        assert_eq!(timeline(items, &hotel, true).len(), 2);
+    }
 
     #[test]
     fn type_names_read_as_words_and_markup_escapes() {

@@ -793,5 +793,33 @@ async fn a_failed_delivery_is_retried_from_the_portal_by_its_owner_only() -> any
         .await?
         .contains("queued again"));
     super::delivery_status(&admin, &command, DeliveryStatus::Delivered).await?;
+
+    // A long history pages: the newest lines first, then "Older activity".
+    // 100 events make at least 200 lines (event + match) before any delivery result.
+    for n in 0..100 {
+        node.anonymous()
+            .send_event(&airline, &super::delayed(&format!("p-{n}"), "FF-1234", 90))
+            .await?;
+    }
+    hotel_rx.wait_received(102, super::WAIT).await?;
+    let (_, _, newest) = alice.get("/portal/activity").await?;
+    assert!(
+        !newest.contains("Linked "),
+        "the oldest lines are not on the first page"
+    );
+    let at = newest
+        .find("/portal/activity?kind=")
+        .ok_or_else(|| anyhow::anyhow!("no link to older activity"))?;
+    let older = newest[at..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .replace("&amp;", "&");
+    let (status, _, page) = alice.get(&older).await?;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("Linked "),
+        "the first links are on the older page"
+    );
     Ok(())
 }
