@@ -213,6 +213,26 @@ impl Client {
         .await
     }
 
+    /// Everything the vault holds about a customer.
+    pub async fn export(&self, customer: &str) -> Result<CustomerExport, ClientError> {
+        self.get(&format!("/v1/customers/{customer}/export")).await
+    }
+
+    /// Erases a customer and everything held about it.
+    pub async fn erase_customer(&self, customer: &str) -> Result<(), ClientError> {
+        Self::call(self.request(Method::DELETE, &format!("/v1/customers/{customer}"))).await
+    }
+
+    /// Runs a rule on a past event or sample data; nothing is sent.
+    pub async fn try_rule(&self, customer: &str, req: &TryRule) -> Result<TryOutcome, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/customers/{customer}/rules/try"),
+            req,
+        )
+        .await
+    }
+
     /// A page of a customer's activity, newest first.
     pub async fn activity(
         &self,

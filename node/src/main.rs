@@ -183,6 +183,20 @@ enum ClientCommand {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Print everything the vault holds about a customer (JSON).
+    Export {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+    },
+    /// Erase a customer and everything held about it, on every replica.
+    Erase {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+    },
     /// List deliveries (default: failed).
     Deliveries {
         #[command(flatten)]
@@ -389,6 +403,14 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
             customer,
             limit,
         } => print(&client(&target)?.activity(&customer, limit, None).await?),
+        ClientCommand::Export { target, customer } => {
+            print(&client(&target)?.export(&customer).await?)
+        }
+        ClientCommand::Erase { target, customer } => {
+            client(&target)?.erase_customer(&customer).await?;
+            println!("erased {customer}");
+            Ok(())
+        }
         ClientCommand::Deliveries { target, status } => {
             let status: DeliveryStatus = serde_json::from_value(serde_json::Value::String(status))
                 .context("status: pending, delivered, failed or cancelled")?;

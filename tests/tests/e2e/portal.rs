@@ -821,5 +821,30 @@ async fn a_failed_delivery_is_retried_from_the_portal_by_its_owner_only() -> any
         page.contains("Linked "),
         "the first links are on the older page"
     );
+
+    // The API's forms of the same: try the rule on a past event, export, erase.
+    let tried = admin
+        .try_rule(
+            &id,
+            &TryRule {
+                rule: super::delay_rule(),
+                event_id: Some("r-1".into()),
+                sample_data: None,
+            },
+        )
+        .await?;
+    assert!(tried.matched, "{tried:?}");
+    let command = tried.command.unwrap_or_default();
+    assert_eq!(command["subject"], "guest-77");
+    assert_eq!(
+        command["data"],
+        json!({"arrival": "2026-11-28T23:40:00Z", "flight": "XY123"})
+    );
+    let export = admin.export(&id).await?;
+    assert_eq!(export.deliveries.len(), 101);
+    assert_eq!(export.events.len(), 101);
+    admin.erase_customer(&id).await?;
+    let err = admin.customer(&id).await.expect_err("erased");
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
     Ok(())
 }
