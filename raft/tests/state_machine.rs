@@ -322,12 +322,19 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
     .await?;
     // A pending delivery whose activity line has aged out, a session and a started linking:
     // none of them is under the customer's own prefixes.
-    s.apply(vec![
-        ingest("aged", 500),
-        StateChange::Prune {
+    s.apply(vec![ingest("aged", 500)]).await?;
+    // Its own apply: pruning reads committed data, not the writes of its own batch.
+    let pruned = s
+        .apply(vec![StateChange::Prune {
             before_ms: 900,
             limit: 1000,
-        },
+        }])
+        .await?;
+    assert!(
+        matches!(pruned[0], ChangeOutcome::Pruned(n) if n > 0),
+        "{pruned:?}"
+    );
+    s.apply(vec![
         StateChange::PutSession {
             token_hash: vec![7; 32],
             session: SessionRecord {

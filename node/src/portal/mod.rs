@@ -6,6 +6,7 @@
 pub mod pages;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix_web::cookie::{Cookie, SameSite};
@@ -32,8 +33,8 @@ const FORM_COOKIE: &str = "custos_form";
 const FLASH_COOKIE: &str = "custos_flash";
 /// Largest form body.
 const MAX_FORM_BYTES: usize = 64 * 1024;
-/// Limiter keys kept before the limiter forgets those whose quota has refilled.
-const LIMITER_KEYS: usize = 100_000;
+/// Sign-in attempts between two sweeps of the limiters' refilled keys.
+const LIMITER_SWEEP: u64 = 1024;
 /// Activity lines read for one page of the timeline.
 const ACTIVITY_PAGE: usize = 200;
 
@@ -43,6 +44,8 @@ pub struct Portal {
     per_email: DefaultKeyedRateLimiter<String>,
     /// Attempts per client address (ten times looser: many people share an address).
     per_address: DefaultKeyedRateLimiter<String>,
+    /// Attempts so far, to sweep the limiters every `LIMITER_SWEEP`.
+    attempts: AtomicU64,
     /// Cookies are `Secure` when the vault is served over HTTPS.
     secure: bool,
     session_ttl_ms: i64,
@@ -64,6 +67,7 @@ impl Portal {
         Arc::new(Portal {
             per_email: RateLimiter::keyed(quota(n)),
             per_address: RateLimiter::keyed(quota(n.saturating_mul(10))),
+            attempts: AtomicU64::new(0),
             secure,
             session_ttl_ms: (config.session_hours * 3_600_000.0) as i64,
         })
@@ -85,6 +89,11 @@ impl Portal {
 fn client_key(ip: std::net::IpAddr) -> String {
     match ip {
         std::net::IpAddr::V4(v4) => v4.to_string(),
+        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => v6
+            .to_ipv4_mapped()
+            .map(|v4| v4.to_string())
+            .unwrap_or_default(),
         std::net::IpAddr::V6(v6) => {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
@@ -351,12 +360,21 @@ async fn account_submit(
         .peer_addr()
         .map(|a| client_key(a.ip()))
         .unwrap_or_default();
-    // Forget keys whose quota has refilled, so the limiter's memory stays bounded.
-    if portal.per_email.len() > LIMITER_KEYS || portal.per_address.len() > LIMITER_KEYS {
+    // Every so often forget the keys whose quota has refilled: the limiter then holds only
+    // keys attempted within the last minute, each a bounded email or an address.
+    if portal
+        .attempts
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(LIMITER_SWEEP)
+    {
         portal.per_email.retain_recent();
         portal.per_address.retain_recent();
     }
-    if portal.per_address.check_key(&addr).is_err() || portal.per_email.check_key(&email).is_err() {
+    // Only a well-formed email (at most 254 bytes) becomes a key; others fail below anyway.
+    let email_key = crate::service::portal::normalise_email(&email).ok();
+    if portal.per_address.check_key(&addr).is_err()
+        || email_key.is_some_and(|k| portal.per_email.check_key(&k).is_err())
+    {
         return see_other_flash(
             back,
             Err("Too many attempts. Wait a minute and try again.".into()),
@@ -936,6 +954,15 @@ mod tests {
         ]);
         assert!(rule_from_form(&half).1.is_err());
         assert!(rule_from_form(&fields(&[("trigger", "x")])).1.is_err());
+    }
+
+    #[test]
+    fn rate_limit_keys_group_ipv6_by_64_and_unmap_ipv4() {
+        let key = |s: &str| client_key(s.parse().expect("ip"));
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 
     #[test]
