@@ -166,6 +166,22 @@ enum ClientCommand {
         /// JSON file with the rule.
         file: PathBuf,
     },
+    /// Run a rule (JSON file) on a past event or sample data; prints the command it would
+    /// send. Nothing is saved or sent.
+    TryRule {
+        #[command(flatten)]
+        target: Target,
+        /// Customer id.
+        customer: String,
+        /// JSON file with the rule.
+        file: PathBuf,
+        /// A past event of the customer's, by id.
+        #[arg(long)]
+        event_id: Option<String>,
+        /// A JSON file with sample event data (when no --event-id).
+        #[arg(long)]
+        sample: Option<PathBuf>,
+    },
     /// List a customer's rules.
     Rules {
         #[command(flatten)]
@@ -394,6 +410,20 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
         } => {
             let spec: RuleSpec = read_json(&file)?;
             print(&client(&target)?.create_rule(&customer, &spec).await?)
+        }
+        ClientCommand::TryRule {
+            target,
+            customer,
+            file,
+            event_id,
+            sample,
+        } => {
+            let req = custos_api::types::TryRule {
+                rule: read_json(&file)?,
+                event_id,
+                sample_data: sample.as_ref().map(read_json).transpose()?,
+            };
+            print(&client(&target)?.try_rule(&customer, &req).await?)
         }
         ClientCommand::Rules { target, customer } => {
             print(&client(&target)?.rules(&customer).await?)
