@@ -45,7 +45,9 @@ impl LogStore {
     /// The log of `group` in `db`; starts the group's WAL syncer thread.
     pub fn new(db: Arc<DB>, group: GroupId) -> Self {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-        let sync_db = db.clone();
+        // A weak handle: the detached syncer must never be the one to close the database
+        // (a close racing the process's exit aborts inside RocksDB).
+        let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name(format!("custos-wal-sync-{group}"))
             .spawn(move || sync_loop(&sync_db, &rx))
@@ -121,11 +123,15 @@ impl LogStore {
 }
 
 /// Syncs the WAL once for every append queued since the last sync, then reports them.
-fn sync_loop(db: &DB, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn sync_loop(db: &std::sync::Weak<DB>, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = db.flush_wal(true).map_err(std::io::Error::other);
+        // Appends are only queued by a live store, which holds the database open.
+        let result = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(std::io::Error::other),
+            None => Err(std::io::Error::other("the database is closed")),
+        };
         for cb in batch {
             let r = match &result {
                 Ok(()) => Ok(()),
