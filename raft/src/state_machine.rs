@@ -438,10 +438,22 @@ impl<'a> Tx<'a> {
         record: &ActivityRecord,
     ) -> Result<(), StoreError> {
         let seq = self.next_seq();
-        let key = keys::activity(self.group, customer, at_ms, seq);
-        self.put(key.clone(), record)?;
+        self.put_aged(
+            keys::activity(self.group, customer, at_ms, seq),
+            record,
+            at_ms,
+        )
+    }
+
+    /// Puts a record and indexes it for retention as created at `at_ms`.
+    fn put_aged<T: Serialize>(
+        &mut self,
+        key: Vec<u8>,
+        value: &T,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
         self.age(at_ms, &key);
-        Ok(())
+        self.put(key, value)
     }
 
     fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
@@ -642,11 +654,9 @@ impl<'a> Tx<'a> {
                 state_hash,
                 pending,
             } => {
-                let key = keys::key(g, keys::PENDING_LINK, &state_hash);
-                let at = pending.at_ms;
-                self.put(key.clone(), &pending)?;
                 // Unused ones are removed with the other records past retention.
-                self.age(at, &key);
+                let at = pending.at_ms;
+                self.put_aged(keys::key(g, keys::PENDING_LINK, &state_hash), &pending, at)?;
                 ChangeOutcome::Done
             }
             StateChange::TakeLink { state_hash } => {
@@ -686,11 +696,9 @@ impl<'a> Tx<'a> {
                 token_hash,
                 session,
             } => {
-                let key = keys::key(g, keys::SESSION, &token_hash);
-                let at = session.created_ms;
-                self.put(key.clone(), &session)?;
                 // Sessions expire long before retention; this removes the record itself.
-                self.age(at, &key);
+                let at = session.created_ms;
+                self.put_aged(keys::key(g, keys::SESSION, &token_hash), &session, at)?;
                 ChangeOutcome::Done
             }
             StateChange::DeleteSession { token_hash } => {
@@ -861,8 +869,8 @@ impl<'a> Tx<'a> {
         };
         let command_ids: Vec<String> = ingest.commands.iter().map(|c| c.id.clone()).collect();
         let at = ingest.at_ms;
-        self.put(
-            dedup_key.clone(),
+        self.put_aged(
+            dedup_key,
             &DedupRecord {
                 customer_id: ingest.customer_id.clone(),
                 fate,
@@ -870,8 +878,8 @@ impl<'a> Tx<'a> {
                 reason: ingest.ignored_reason.clone(),
                 at_ms: at,
             },
+            at,
         )?;
-        self.age(at, &dedup_key);
         if let Some(customer) = &ingest.customer_id {
             // Engagement for recommendations: how often, and when last, this type arrived.
             let key = keys::key2(

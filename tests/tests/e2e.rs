@@ -1301,8 +1301,9 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
             },
         )
         .await?;
-    // The hotel is linked the way customers will: the vault starts the flow (state + PKCE), the
-    // customer signs in at the hotel, the hotel sends them back to the vault's callback.
+    // The hotel is linked through OAuth: the vault starts the flow (state + PKCE; from the API
+    // only an operator may), the customer signs in at the hotel, the hotel sends them back to
+    // the vault's callback.
     let me = admin.with_token(&c.token);
     let err = me
         .authorize_link(&c.id, "hotel")
