@@ -118,6 +118,16 @@ impl Client {
         Self::call(self.request(Method::GET, path)).await
     }
 
+    /// The cluster's nodes and groups (operators).
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        self.get("/v1/cluster").await
+    }
+
+    /// Starts removing a node: its replicas and leaderships move away, then it is removed.
+    pub async fn remove_node(&self, id: u64) -> Result<ClusterStatus, ClientError> {
+        Self::call(self.request(Method::POST, &format!("/v1/cluster/nodes/{id}/remove"))).await
+    }
+
     /// Registers an entity; the answer carries its signing secret.
     pub async fn register_entity(&self, req: &RegisterEntity) -> Result<Entity, ClientError> {
         self.json(Method::POST, "/v1/entities", req).await

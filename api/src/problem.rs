@@ -43,8 +43,11 @@ pub enum ErrorCode {
     SchemaViolation,
     /// A count limit was reached (rules per customer, ...).
     LimitReached,
-    /// The node cannot serve the request right now (no leader, shutting down).
+    /// The node cannot serve the request right now (no leader, shutting down); retry after
+    /// the `Retry-After` seconds.
     Unavailable,
+    /// Too much is queued for the group right now; retry after the `Retry-After` seconds.
+    Overloaded,
     /// Something failed inside the node; the request may be retried.
     Internal,
 }
@@ -64,6 +67,7 @@ impl ErrorCode {
             UnsupportedMediaType => 415,
             EntityNotLinked | UnknownEntity | LimitReached => 422,
             Unavailable => 503,
+            Overloaded => 429,
             Internal => 500,
         }
     }
@@ -90,6 +94,7 @@ impl ErrorCode {
             SchemaViolation => "schema_violation",
             LimitReached => "limit_reached",
             Unavailable => "unavailable",
+            Overloaded => "overloaded",
             Internal => "internal",
         }
     }
@@ -115,6 +120,7 @@ impl ErrorCode {
             SchemaViolation => "Schema violation",
             LimitReached => "Limit reached",
             Unavailable => "Service unavailable",
+            Overloaded => "Too many requests",
             Internal => "Internal error",
         }
     }

@@ -446,21 +446,93 @@ pub struct ActivityPage {
 /// `GET /readyz` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Readiness {
-    /// True when the node accepts events.
+    /// True when this node can serve clients: every group has a known leader (here, or on
+    /// the node requests are forwarded to).
     pub ready: bool,
     /// This node's id.
     pub node_id: u64,
-    /// The current Raft leader, if known.
+    /// The meta group's leader, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<u64>,
-    /// Last log index applied to the state machine.
+    /// Groups this node leads.
+    #[serde(default)]
+    pub leading: Vec<u32>,
+    /// Last log index applied to this node's meta replica.
     pub applied_index: u64,
-    /// Deliveries queued for their next attempt on this node (the leader), not counting
+    /// Deliveries queued for their next attempt in the groups this node leads, not counting
     /// attempts in flight.
     pub pending_deliveries: u64,
     /// Why the node is not ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+}
+
+/// A node of the cluster, as `GET /v1/cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterNode {
+    /// Node id.
+    pub id: u64,
+    /// Peer address.
+    pub peer_addr: String,
+    /// Client API address it reported.
+    pub api_addr: String,
+    /// active, leaving or removed.
+    pub state: String,
+    /// Whether it answered the status request just now.
+    pub up: bool,
+}
+
+/// One replica of a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterReplica {
+    /// The node holding it.
+    pub node: u64,
+    /// leader, follower, learner or candidate (as the node says); absent when it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Its last applied index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+    /// How many entries it trails the leader's last log by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+/// One Raft group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterGroup {
+    /// Group id (0 is the meta group).
+    pub id: u32,
+    /// Its leader, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    /// The leader's term.
+    pub term: u64,
+    /// Voters.
+    pub voters: Vec<u64>,
+    /// Learners.
+    pub learners: Vec<u64>,
+    /// The placement's target voters, preferred leader first.
+    pub target: Vec<u64>,
+    /// The leader's last log index.
+    pub last_log_index: u64,
+    /// The leader's commit index.
+    pub commit_index: u64,
+    /// Every replica.
+    pub replicas: Vec<ClusterReplica>,
+}
+
+/// `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// The cluster's id.
+    pub cluster_id: String,
+    /// The node that answered.
+    pub answered_by: u64,
+    /// Every node ever registered (removed ones included).
+    pub nodes: Vec<ClusterNode>,
+    /// Every group.
+    pub groups: Vec<ClusterGroup>,
 }
 
 /// A rule's shape without its condition and mapping.

@@ -15,8 +15,10 @@ pub const DEFAULT_TOML: &str = r#"# Custos node configuration.
 # with a double underscore, e.g. CUSTOS_DELIVERY__TIMEOUT_SECS=5) and most with a flag of
 # `custos serve` (see `custos serve --help`). Flags win over variables, variables over this file.
 
-# This node's id in the cluster. Unique per node; never reuse the id of a removed node.
-node_id = 1
+# This node's id in the cluster. 0: the first node of a cluster takes 1, a joining node is
+# given the next free id when it joins; either way it is kept in <data_dir>/node-id. Set it
+# only to pin an id; never reuse the id of a removed node.
+node_id = 0
 
 # Where the node keeps its RocksDB, admin token and snapshots.
 data_dir = "./custos-data"
@@ -27,8 +29,19 @@ listen = "127.0.0.1:7700"
 # Peer port for Raft traffic between nodes. Keep it on a private network.
 peer_listen = "127.0.0.1:7701"
 
-# The peer address other nodes use to reach this one (default: peer_listen).
+# The peer address other nodes use to reach this one (default: peer_listen; set it when
+# peer_listen is a wildcard address such as 0.0.0.0:7701).
 # peer_advertise = "10.0.0.5:7701"
+
+# Peer addresses of members of an existing cluster to join (any one member will do). Empty:
+# start (or restart) a cluster of its own. Restarting a member with the same list rejoins.
+join = []
+
+# The secret every node of a cluster shares; peers prove it on every request (a token derived
+# from it), and it seals the cluster's token keys in the meta group. When unset, the first
+# node generates one and keeps it in <data_dir>/cluster-secret; give joining nodes the same
+# one. Prefer the CUSTOS_CLUSTER_SECRET variable to writing it here.
+# cluster_secret = "..."
 
 # The client API's public base URL, as customers' browsers reach it (used in the OAuth
 # redirect URI entities send customers back to). Default: http(s)://<listen address>.
@@ -82,6 +95,11 @@ sign_in_per_minute = 10
 # kept in <data_dir>/token-key; a cluster must share its keys (prefer CUSTOS_PORTAL__TOKEN_KEYS).
 # token_keys = ["base64..."]
 
+[cluster]
+# Data groups (Raft groups holding customers), fixed when the cluster is created. Each has
+# min(3, nodes) voters; customers hash to 1024 slots, dealt over the groups.
+data_groups = 16
+
 [delivery]
 # Seconds to wait before each attempt: the first is the initial delivery, the last the final
 # retry. A 429 or 503 with Retry-After waits at least as long as the target asked.
@@ -100,6 +118,17 @@ election_timeout_min_ms = 600
 election_timeout_max_ms = 1200
 # Build a snapshot (and compact the log) after this many entries.
 snapshot_every = 20000
+# How long a write waits to be committed (no quorum: 503 with Retry-After after this).
+propose_timeout_ms = 5000
+# Changes queued per group, waiting to be batched into an entry (more: 429 Retry-After).
+proposal_queue = 8192
+
+[peer_tls]
+# PEM files for TLS on the peer port: this node's certificate and key, and the CA that signed
+# every node's certificate (peers are verified against it). All three or none.
+# cert = "/etc/custos/peer-cert.pem"
+# key = "/etc/custos/peer-key.pem"
+# ca = "/etc/custos/peer-ca.pem"
 
 [tls]
 # PEM files for HTTPS on the client API. Both or neither.
@@ -154,6 +183,32 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// Cluster shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Data groups, fixed at creation.
+    pub data_groups: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { data_groups: 16 }
+    }
+}
+
+/// Peer TLS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    /// This node's certificate chain.
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    pub key: Option<PathBuf>,
+    /// The CA every peer certificate is signed by.
+    pub ca: Option<PathBuf>,
+}
+
 /// Raft timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -166,6 +221,10 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Entries between snapshots.
     pub snapshot_every: u64,
+    /// Commit deadline of a write.
+    pub propose_timeout_ms: u64,
+    /// Changes queued per group.
+    pub proposal_queue: usize,
 }
 
 impl Default for RaftConfig {
@@ -175,6 +234,8 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             snapshot_every: 20000,
+            propose_timeout_ms: 5000,
+            proposal_queue: 8192,
         }
     }
 }
@@ -207,6 +268,10 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Admin token.
     pub admin_token: Option<String>,
+    /// Members to join.
+    pub join: Vec<String>,
+    /// The cluster secret.
+    pub cluster_secret: Option<String>,
     /// Deliver to private addresses.
     pub allow_private_targets: bool,
     /// `human` or `json`.
@@ -233,12 +298,16 @@ pub struct Config {
     pub recommend_beta: f64,
     /// Portal.
     pub portal: PortalConfig,
+    /// Cluster shape.
+    pub cluster: ClusterConfig,
     /// Delivery.
     pub delivery: DeliveryConfig,
     /// Raft.
     pub raft: RaftConfig,
     /// TLS.
     pub tls: TlsConfig,
+    /// Peer TLS.
+    pub peer_tls: PeerTlsConfig,
     /// Where `custos serve` reads this from (not a config key itself).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -247,13 +316,15 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            node_id: 1,
+            node_id: 0,
             data_dir: PathBuf::from("./custos-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
             peer_advertise: None,
             public_url: None,
             admin_token: None,
+            join: Vec::new(),
+            cluster_secret: None,
             allow_private_targets: false,
             log_format: "human".into(),
             log_level: "info,openraft=warn".into(),
@@ -267,9 +338,11 @@ impl Default for Config {
             recommend_interval_secs: 3600.0,
             recommend_beta: 0.2,
             portal: PortalConfig::default(),
+            cluster: ClusterConfig::default(),
             delivery: DeliveryConfig::default(),
             raft: RaftConfig::default(),
             tls: TlsConfig::default(),
+            peer_tls: PeerTlsConfig::default(),
             source: None,
         }
     }
@@ -307,6 +380,12 @@ pub struct Overrides {
     /// `--log-format`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    /// `--join` (repeatable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<Vec<String>>,
+    /// `--peer-advertise`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_advertise: Option<String>,
 }
 
 impl Config {
@@ -338,8 +417,22 @@ impl Config {
     /// Rejects values that cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        if self.node_id == 0 {
-            return bad("node_id must be at least 1");
+        if self.join.len() > 16 || self.join.iter().any(|j| j.is_empty() || j.len() > 256) {
+            return bad("join: at most 16 peer addresses of 1..=256 bytes");
+        }
+        let c = self.cluster.data_groups;
+        if !(1..=custos_raft::shard::MAX_DATA_GROUPS).contains(&c) {
+            return bad("cluster.data_groups must be in 1..=256");
+        }
+        let t = &self.peer_tls;
+        if !((t.cert.is_some() == t.key.is_some()) && (t.key.is_some() == t.ca.is_some())) {
+            return bad("peer_tls: set cert, key and ca, or none of them");
+        }
+        if !(100..=600_000).contains(&self.raft.propose_timeout_ms) {
+            return bad("raft.propose_timeout_ms must be in 100..=600000");
+        }
+        if !(1..=1_000_000).contains(&self.raft.proposal_queue) {
+            return bad("raft.proposal_queue must be in 1..=1000000");
         }
         if !matches!(self.log_format.as_str(), "human" | "json") {
             return bad("log_format must be \"human\" or \"json\"");

@@ -1,19 +1,24 @@
-//! What every part of a node shares: the Raft handle, the state reader, the entity cache
-//! and the delivery wake-up; and the two primitives on them, `propose` and `read`.
+//! What every part of a node shares: the groups it holds a replica of, the entity cache, the
+//! peer client; and the primitives on them: `propose` to any group (forwarded to its leader
+//! when that is another node), `read` from a local replica, and where a customer lives.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
-use custos_raft::records::EntityRecord;
+use custos_raft::network::{PeerNetwork, Peers};
+use custos_raft::records::{ClusterSettings, EntityRecord, GroupReport, NodeRecord};
+use custos_raft::types::{GroupId, NodeId};
 use custos_raft::{
-    ApplyObserver, ChangeOutcome, Effect, Raft, StateChange, StateReader, StoreError,
+    codec, ApplyObserver, ChangeOutcome, Effect, LogStore, ProposeError, Proposer, ProposerLimits,
+    Raft, ShardMap, StateChange, StateMachineStore, StateReader, StoreError, WalSyncer, DB,
+    META_GROUP,
 };
-use openraft::error::{ClientWriteError, RaftError};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::error::ServiceError;
@@ -105,13 +110,8 @@ pub struct EntityCache {
 
 impl EntityCache {
     fn get_cached(&self, id: &str) -> (u64, Option<Arc<CachedEntity>>) {
-        match self.map.read() {
-            Ok(g) => (g.0, g.1.get(id).cloned()),
-            Err(p) => {
-                let g = p.into_inner();
-                (g.0, g.1.get(id).cloned())
-            }
-        }
+        let g = self.map.read().unwrap_or_else(|p| p.into_inner());
+        (g.0, g.1.get(id).cloned())
     }
 
     fn insert_if_current(&self, generation: u64, entity: Arc<CachedEntity>) {
@@ -137,10 +137,10 @@ impl EntityCache {
 /// Pending deliveries by due time, kept in memory so the worker never scans the due index
 /// (a queue in an LSM tree leaves a tombstone per settled entry for every scan to skip).
 /// Fed by the state machine's apply effects; reloaded from storage when this node becomes
-/// leader or installs a snapshot.
+/// the group's leader or installs a snapshot.
 #[derive(Default)]
 pub struct DueQueue {
-    queue: Mutex<BTreeSet<(i64, String)>>,
+    queue: Mutex<std::collections::BTreeSet<(i64, String)>>,
     /// Set when the queue must be reloaded from storage.
     stale: AtomicBool,
     wake: Notify,
@@ -149,7 +149,7 @@ pub struct DueQueue {
 }
 
 impl DueQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(i64, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(i64, String)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -204,6 +204,12 @@ impl DueQueue {
         self.wake.notify_one();
     }
 
+    /// Empties the queue without waking the worker (it stops leading); the next leadership
+    /// reloads it from storage.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// True (once) when the queue must be reloaded from storage.
     pub fn take_stale(&self) -> bool {
         self.stale.swap(false, Ordering::SeqCst)
@@ -230,26 +236,92 @@ impl DueQueue {
     }
 }
 
-/// Hears about applies: drops changed entities from the cache, feeds the due queue.
-pub struct Observer {
+/// Hears about one group's applies: drops changed entities from the cache, feeds the
+/// group's due queue, wakes the intent worker and the cluster manager.
+struct Observer {
     entities: Arc<EntityCache>,
     due: Arc<DueQueue>,
+    wake: Arc<Wakers>,
 }
 
 impl ApplyObserver for Observer {
-    fn applied(&self, effects: &[Effect]) {
+    fn applied(&self, _group: GroupId, effects: &[Effect]) {
         for e in effects {
             match e {
                 Effect::EntityChanged(id) => self.entities.invalidate(Some(id)),
                 Effect::DeliveryDue { command_id, due_ms } => {
                     self.due.push(*due_ms, command_id.clone())
                 }
+                Effect::IntentAdded => self.wake.intents.notify_one(),
+                Effect::ClusterChanged => {
+                    self.wake.cluster_changed();
+                }
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
                     self.due.invalidate();
+                    self.wake.cluster_changed();
+                    self.wake.intents.notify_one();
                 }
             }
         }
+    }
+}
+
+/// Wake-ups shared by every group's observer.
+#[derive(Default)]
+pub struct Wakers {
+    /// The intent worker has steps to take.
+    pub intents: Notify,
+    /// The cluster manager should look again (nodes, placement, reports changed).
+    pub cluster: Notify,
+    /// Bumped on every cluster change (caches of meta records compare it).
+    pub cluster_epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Wakers {
+    fn cluster_changed(&self) {
+        self.cluster_epoch.fetch_add(1, Ordering::SeqCst);
+        self.cluster.notify_waiters();
+        self.cluster.notify_one();
+    }
+}
+
+/// One Raft group this node holds a replica of.
+pub struct Group {
+    /// Its id.
+    pub id: GroupId,
+    /// The Raft handle.
+    pub raft: Raft,
+    /// Its proposer (batches changes into entries).
+    pub proposer: Proposer,
+    /// Reads of the local replica.
+    pub reader: StateReader,
+    /// Pending deliveries (data groups, while this node leads).
+    pub due: Arc<DueQueue>,
+    /// Turns true when the group is closed on this node.
+    pub stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("id", &self.id).finish()
+    }
+}
+
+impl Group {
+    /// The group's current Raft metrics.
+    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, openraft::BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
     }
 }
 
@@ -257,85 +329,520 @@ impl ApplyObserver for Observer {
 pub struct Core {
     /// The configuration it runs with.
     pub config: Arc<Config>,
-    /// The data group's Raft handle.
-    pub raft: Raft,
-    /// Reads of the applied state.
-    pub reader: StateReader,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The node's RocksDB.
+    pub db: Arc<DB>,
+    /// The node's WAL syncer.
+    pub wal: WalSyncer,
+    /// The node's client for peers.
+    pub peers: Peers,
+    /// The runtime Raft and the workers run on.
+    pub rt: tokio::runtime::Handle,
+    raft_config: Arc<openraft::Config>,
+    groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
     /// Entities by id.
     pub entities: Arc<EntityCache>,
-    /// Pending deliveries by due time.
-    pub due: Arc<DueQueue>,
+    /// Wake-ups from applies.
+    pub wake: Arc<Wakers>,
+    /// The shard map as last read from the meta group, with the cluster epoch it was read at.
+    shard_map: RwLock<Option<(u64, Arc<ShardMap>)>>,
+    /// Told about every group opened (its workers are started).
+    opened: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Arc<Group>>>>,
+    /// Set when the node is stopping: no group is opened any more.
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").finish_non_exhaustive()
+        f.debug_struct("Core")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
+/// How long a proposal waits for its outcome before the caller is told to retry.
+fn propose_deadline(config: &Config) -> Duration {
+    Duration::from_millis(config.raft.propose_timeout_ms)
+}
+
 impl Core {
-    /// The observer to give the state machine, sharing this node's cache and wake-up.
-    pub fn observer(entities: &Arc<EntityCache>, due: &Arc<DueQueue>) -> Arc<Observer> {
-        Arc::new(Observer {
-            entities: entities.clone(),
-            due: due.clone(),
-        })
-    }
-
-    /// True while this node leads the data group.
-    pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.config.node_id)
-    }
-
-    /// Proposes a change and waits until it is committed and applied here.
-    pub async fn propose(&self, change: StateChange) -> Result<ChangeOutcome, ServiceError> {
-        match self.raft.client_write(change).await {
-            Ok(resp) => match resp.data {
-                ChangeOutcome::Rejected { code, detail } => {
-                    Err(ServiceError::refused(code, detail))
-                }
-                outcome => Ok(outcome),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ServiceError::refused(
-                    ErrorCode::Unavailable,
-                    match f.leader_id {
-                        Some(l) => format!("this node is not the leader; node {l} is"),
-                        None => "no leader is elected yet; retry shortly".to_owned(),
-                    },
-                ))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ServiceError::Raft(e.to_string()))
-            }
-            Err(RaftError::Fatal(e)) => Err(ServiceError::refused(
-                ErrorCode::Unavailable,
-                format!("raft stopped: {e}"),
-            )),
+    /// The shared parts, holding no group yet.
+    pub fn new(
+        config: Arc<Config>,
+        node_id: NodeId,
+        db: Arc<DB>,
+        peers: Peers,
+        rt: tokio::runtime::Handle,
+        raft_config: openraft::Config,
+    ) -> Self {
+        Core {
+            node_id,
+            wal: WalSyncer::start(&db),
+            db,
+            peers,
+            rt,
+            raft_config: Arc::new(raft_config),
+            groups: RwLock::new(BTreeMap::new()),
+            entities: Arc::new(EntityCache::default()),
+            wake: Arc::new(Wakers::default()),
+            shard_map: RwLock::new(None),
+            opened: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            config,
         }
     }
 
-    /// Runs a read on a blocking thread (RocksDB calls block).
-    pub async fn read<T, F>(&self, f: F) -> Result<T, ServiceError>
+    /// Sends every group opened from now on to `tx` (to start its workers).
+    pub fn on_open(&self, tx: tokio::sync::mpsc::UnboundedSender<Arc<Group>>) {
+        *self.opened.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Marks the node as stopping.
+    pub fn set_closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the node is stopping.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    // ---- groups ---------------------------------------------------------------------------
+
+    /// The local replica of `group`, if this node holds one.
+    pub fn group(&self, group: GroupId) -> Option<Arc<Group>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
+    /// Every local replica.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The local meta group replica (every node holds one).
+    pub fn meta(&self) -> Result<Arc<Group>, ServiceError> {
+        self.group(META_GROUP).ok_or_else(|| {
+            ServiceError::refused(
+                ErrorCode::Unavailable,
+                "this node has not joined a cluster yet",
+            )
+        })
+    }
+
+    /// Opens this node's replica of `group` (existing state or empty), or answers the open
+    /// one. Runs Raft on the node's Raft runtime.
+    pub async fn open_group(&self, group: GroupId) -> Result<Arc<Group>, ServiceError> {
+        if let Some(g) = self.group(group) {
+            return Ok(g);
+        }
+        if self.is_closing() {
+            return Err(ServiceError::refused(
+                ErrorCode::Unavailable,
+                "the node is stopping",
+            ));
+        }
+        let due = Arc::new(DueQueue::default());
+        let observer = Arc::new(Observer {
+            entities: self.entities.clone(),
+            due: due.clone(),
+            wake: self.wake.clone(),
+        });
+        let log = LogStore::new(self.db.clone(), group, self.wal.clone());
+        let sm = StateMachineStore::new(
+            self.db.clone(),
+            group,
+            observer,
+            self.config.data_dir.join("snapshots"),
+        )?;
+        let reader = sm.reader();
+        let network = PeerNetwork::new(group, self.peers.clone());
+        let (node_id, rc) = (self.node_id, self.raft_config.clone());
+        let limits = ProposerLimits {
+            queue: self.config.raft.proposal_queue,
+            ..ProposerLimits::default()
+        };
+        let (raft, proposer) = self
+            .rt
+            .spawn(async move {
+                let raft = Raft::new(node_id, rc, network, log, sm)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let proposer = Proposer::spawn(raft.clone(), limits);
+                Ok::<_, String>((raft, proposer))
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(ServiceError::Raft)?;
+        let (stop, _) = watch::channel(false);
+        let g = Arc::new(Group {
+            id: group,
+            raft,
+            proposer,
+            reader,
+            due,
+            stop,
+        });
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        // Two callers may have raced to open it: keep the first, stop ours.
+        if let Some(existing) = groups.get(&group) {
+            let extra = g.raft.clone();
+            self.rt.spawn(async move {
+                let _ = extra.shutdown().await;
+            });
+            return Ok(existing.clone());
+        }
+        groups.insert(group, g.clone());
+        drop(groups);
+        if let Some(tx) = &*self.opened.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(g.clone());
+        }
+        self.wake.cluster_changed();
+        Ok(g)
+    }
+
+    /// Stops this node's replica of `group`; with `destroy`, deletes its data too (the group's
+    /// leader removed this node from it).
+    pub async fn close_group(&self, group: GroupId, destroy: bool) -> Result<(), ServiceError> {
+        let removed = self
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        if let Some(g) = removed {
+            let _ = g.stop.send(true);
+            let raft = g.raft.clone();
+            let _ = self.rt.spawn(async move { raft.shutdown().await }).await;
+        }
+        if destroy {
+            let db = self.db.clone();
+            tokio::task::spawn_blocking(move || custos_raft::destroy_group(&db, group))
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        }
+        Ok(())
+    }
+
+    /// Stops every group (node shutdown).
+    pub async fn close_all(&self) {
+        let all: Vec<Arc<Group>> =
+            std::mem::take(&mut *self.groups.write().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect();
+        for g in all {
+            let _ = g.stop.send(true);
+            let raft = g.raft.clone();
+            let _ = self.rt.spawn(async move { raft.shutdown().await }).await;
+        }
+    }
+
+    /// The groups whose state this node's RocksDB holds (to reopen at start).
+    pub fn stored_groups(&self) -> Result<Vec<GroupId>, StoreError> {
+        let mut found = Vec::new();
+        let mut it = self.db.raw_iterator();
+        let mut next: u64 = 0;
+        while next <= u64::from(custos_raft::keys::SPACE_BIT - 1) {
+            it.seek((next as u32).to_be_bytes());
+            let Some(k) = it.key() else { break };
+            let Some(prefix) = k.get(..4) else { break };
+            let g = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+            let group = g & !custos_raft::keys::SPACE_BIT;
+            if g & custos_raft::keys::SPACE_BIT != 0 {
+                break;
+            }
+            // A group exists where Raft kept a vote or log.
+            let vote = custos_raft::keys::key(group, custos_raft::keys::RAFT_META, b"vote");
+            let has_log = {
+                let p = custos_raft::keys::prefix(group, custos_raft::keys::LOG);
+                let mut li = self.db.raw_iterator();
+                li.seek(&p);
+                li.key().is_some_and(|lk| lk.starts_with(&p))
+            };
+            if self.db.get_pinned(vote)?.is_some() || has_log {
+                found.push(group);
+            }
+            next = u64::from(g) + 1;
+        }
+        it.status()?;
+        Ok(found)
+    }
+
+    /// True while this node leads `group`.
+    pub fn is_leader(&self, group: GroupId) -> bool {
+        self.group(group)
+            .is_some_and(|g| g.leader() == Some(self.node_id))
+    }
+
+    // ---- the meta group's view --------------------------------------------------------------
+
+    /// Reads the local meta replica (every node holds one) on a blocking thread.
+    pub async fn read_meta<T, F>(&self, f: F) -> Result<T, ServiceError>
     where
         T: Send + 'static,
         F: FnOnce(&StateReader) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self.reader.clone();
+        self.read(META_GROUP, f).await
+    }
+
+    /// The cluster's settings, once it is initialised.
+    pub async fn settings(&self) -> Result<ClusterSettings, ServiceError> {
+        self.read_meta(|r| r.settings()).await?.ok_or_else(|| {
+            ServiceError::refused(ErrorCode::Unavailable, "the cluster is not initialised yet")
+        })
+    }
+
+    /// The shard map (cached until the meta group changes).
+    pub fn shard_map(&self) -> Result<Arc<ShardMap>, ServiceError> {
+        let epoch = self.wake.cluster_epoch.load(Ordering::SeqCst);
+        if let Some((e, m)) = &*self.shard_map.read().unwrap_or_else(|p| p.into_inner()) {
+            if *e == epoch {
+                return Ok(m.clone());
+            }
+        }
+        let settings = self.meta()?.reader.settings()?.ok_or_else(|| {
+            ServiceError::refused(ErrorCode::Unavailable, "the cluster is not initialised yet")
+        })?;
+        let map = Arc::new(settings.shard_map);
+        *self.shard_map.write().unwrap_or_else(|p| p.into_inner()) = Some((epoch, map.clone()));
+        Ok(map)
+    }
+
+    /// The data group holding `customer`.
+    pub fn group_of(&self, customer: &str) -> Result<GroupId, ServiceError> {
+        Ok(self.shard_map()?.group_of(customer))
+    }
+
+    /// The data group owning `slot`.
+    pub fn group_of_slot(&self, slot: u16) -> Result<GroupId, ServiceError> {
+        Ok(self.shard_map()?.group_of_slot(slot))
+    }
+
+    /// Every data group.
+    pub fn data_groups(&self) -> Result<Vec<GroupId>, ServiceError> {
+        Ok((1..=self.shard_map()?.data_groups()).collect())
+    }
+
+    /// Where an event from `source` about `subject` goes: its customer (by the routing index,
+    /// a hint its data group re-checks) and that customer's group; without a customer, the
+    /// group of (source, subject), where it is recorded as ignored.
+    pub fn route_event(
+        &self,
+        source: &str,
+        subject: &str,
+    ) -> Result<(Option<String>, GroupId), ServiceError> {
+        let customer = self.meta()?.reader.customer_for_subject(source, subject)?;
+        let group = match &customer {
+            Some(c) => self.group_of(c)?,
+            None => self.shard_map()?.group_of(&format!("{source}\0{subject}")),
+        };
+        Ok((customer, group))
+    }
+
+    /// The leader of `group` and its peer address, as this node knows them: from its own
+    /// replica when it holds one, else from the leader's last report in the meta group.
+    pub fn leader_of(&self, group: GroupId) -> Option<(NodeId, String)> {
+        if let Some(g) = self.group(group) {
+            let m = g.metrics();
+            if let Some(l) = m.current_leader {
+                if let Some(n) = m.membership_config.membership().get_node(&l) {
+                    return Some((l, n.addr.clone()));
+                }
+                if let Some(addr) = self.node_addr(l) {
+                    return Some((l, addr));
+                }
+            }
+            if group == META_GROUP {
+                return None;
+            }
+        }
+        let meta = self.group(META_GROUP)?;
+        let report: GroupReport = meta
+            .reader
+            .group_reports()
+            .ok()?
+            .into_iter()
+            .find(|r| r.group == group)?;
+        Some((report.leader, self.node_addr(report.leader)?))
+    }
+
+    /// A node's peer address, from the meta group.
+    pub fn node_addr(&self, node: NodeId) -> Option<String> {
+        self.node_record(node).map(|n| n.peer_addr)
+    }
+
+    /// A node's record, from the meta group.
+    pub fn node_record(&self, node: NodeId) -> Option<NodeRecord> {
+        let meta = self.group(META_GROUP)?;
+        meta.reader.nodes().ok()?.into_iter().find(|n| n.id == node)
+    }
+
+    // ---- proposals and reads -----------------------------------------------------------------
+
+    /// Proposes a change to `group` and waits until it is committed and applied on the
+    /// group's leader: here when this node leads, else forwarded to the leader over the peer
+    /// port. Bounded: a few leader changes, then 503 with Retry-After.
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        change: StateChange,
+    ) -> Result<ChangeOutcome, ServiceError> {
+        let deadline = propose_deadline(&self.config);
+        let started = std::time::Instant::now();
+        let mut hint: Option<(NodeId, Option<String>)> = None;
+        for attempt in 0..6u32 {
+            if attempt > 0 {
+                if started.elapsed() > deadline {
+                    break;
+                }
+                // A leader is being elected: give it a moment.
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            let local = self.group(group);
+            let leader = hint
+                .take()
+                .or_else(|| self.leader_of(group).map(|(id, a)| (id, Some(a))));
+            let result = match (local, leader) {
+                (Some(g), None) => g.proposer.propose(change.clone(), deadline).await,
+                (Some(g), Some((id, _))) if id == self.node_id => {
+                    g.proposer.propose(change.clone(), deadline).await
+                }
+                (_, Some((id, addr))) => match addr.or_else(|| self.node_addr(id)) {
+                    Some(addr) => self.propose_remote(&addr, group, &change, deadline).await,
+                    None => Err(ProposeError::NotLeader {
+                        leader: None,
+                        addr: None,
+                    }),
+                },
+                (None, None) => Err(ProposeError::NotLeader {
+                    leader: None,
+                    addr: None,
+                }),
+            };
+            match result {
+                Ok(outcome) => return outcome_result(outcome),
+                Err(ProposeError::NotLeader { leader, addr }) => {
+                    if leader.is_some_and(|l| l != self.node_id) {
+                        hint = leader.map(|l| (l, addr));
+                    }
+                }
+                Err(ProposeError::Overloaded) => {
+                    return Err(ServiceError::refused(
+                        ErrorCode::Overloaded,
+                        format!("group {group} has too many changes queued; retry shortly"),
+                    ))
+                }
+                Err(ProposeError::Timeout(d)) => {
+                    return Err(ServiceError::refused(
+                        ErrorCode::Unavailable,
+                        format!("group {group} did not commit within {d:?} (no quorum?); the change may still be applied, retry"),
+                    ))
+                }
+                Err(ProposeError::Stopped(e)) => {
+                    tracing::debug!(group, error = %e, "proposal failed; retrying");
+                }
+            }
+        }
+        Err(ServiceError::refused(
+            ErrorCode::Unavailable,
+            format!("group {group} has no reachable leader right now; retry shortly"),
+        ))
+    }
+
+    async fn propose_remote(
+        &self,
+        addr: &str,
+        group: GroupId,
+        change: &StateChange,
+        deadline: Duration,
+    ) -> Result<ChangeOutcome, ProposeError> {
+        let body = codec::encode(change).map_err(|e| ProposeError::Stopped(e.to_string()))?;
+        let resp = self
+            .peers
+            .post(addr, &format!("/peer/propose/{group}"))
+            .timeout(deadline + Duration::from_secs(1))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ProposeError::Stopped(format!("peer {addr}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(ProposeError::Stopped(format!(
+                "peer {addr} answered {}",
+                resp.status()
+            )));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ProposeError::Stopped(e.to_string()))?;
+        codec::decode::<Result<ChangeOutcome, ProposeError>>(&bytes)
+            .map_err(|e| ProposeError::Stopped(e.to_string()))?
+    }
+
+    /// Runs a read of the local replica of `group` on a blocking thread (RocksDB calls block).
+    pub async fn read<T, F>(&self, group: GroupId, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&StateReader) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = self
+            .group(group)
+            .ok_or_else(|| {
+                ServiceError::refused(
+                    ErrorCode::Unavailable,
+                    format!("this node holds no replica of group {group}; retry"),
+                )
+            })?
+            .reader
+            .clone();
         tokio::task::spawn_blocking(move || f(&reader))
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?
             .map_err(ServiceError::from)
     }
 
-    /// An entity, from the cache or storage.
+    /// Like [`Core::read`], after making sure this node leads `group` and has applied
+    /// everything committed before the read (a read index round), so the read is linearizable.
+    pub async fn read_leader<T, F>(&self, group: GroupId, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&StateReader) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.ensure_leader(group).await?;
+        self.read(group, f).await
+    }
+
+    /// Waits until this node, as `group`'s leader, has applied everything committed.
+    pub async fn ensure_leader(&self, group: GroupId) -> Result<(), ServiceError> {
+        let g = self.group(group).ok_or_else(|| not_leader(group))?;
+        let raft = g.raft.clone();
+        let deadline = propose_deadline(&self.config);
+        match tokio::time::timeout(deadline, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(not_leader(group)),
+            Err(_) => Err(ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!("group {group} has no quorum right now; retry"),
+            )),
+        }
+    }
+
+    /// An entity, from the cache or the meta group.
     pub async fn entity(&self, id: &str) -> Result<Option<Arc<CachedEntity>>, ServiceError> {
         let (generation, cached) = self.entities.get_cached(id);
         if cached.is_some() {
             return Ok(cached);
         }
         let owned = id.to_owned();
-        let record = self.read(move |r| r.entity(&owned)).await?;
+        let record = self.read_meta(move |r| r.entity(&owned)).await?;
         Ok(record.map(|rec| {
             let e = Arc::new(CachedEntity::new(rec));
             self.entities.insert_if_current(generation, e.clone());
@@ -348,5 +855,30 @@ impl Core {
         self.entity(id)
             .await?
             .ok_or_else(|| ServiceError::not_found("entity", id))
+    }
+
+    /// The active and leaving nodes, and the meta group's current membership (voters,
+    /// learners), as this node's meta replica knows them.
+    pub fn meta_membership(&self) -> Option<(BTreeSet<NodeId>, BTreeSet<NodeId>)> {
+        let m = self.group(META_GROUP)?.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        Some((voters, learners))
+    }
+}
+
+/// The error for a request that reached a node not leading the group it needs.
+pub fn not_leader(group: GroupId) -> ServiceError {
+    ServiceError::refused(
+        ErrorCode::Unavailable,
+        format!("this node does not lead group {group} (leadership is moving); retry"),
+    )
+}
+
+fn outcome_result(outcome: ChangeOutcome) -> Result<ChangeOutcome, ServiceError> {
+    match outcome {
+        ChangeOutcome::Rejected { code, detail } => Err(ServiceError::refused(code, detail)),
+        other => Ok(other),
     }
 }

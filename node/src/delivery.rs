@@ -1,8 +1,10 @@
-//! The delivery worker: sends due commands from the outbox to their entities as signed
-//! CloudEvents, and records every attempt through Raft in batches.
+//! The delivery worker: one per data group, sending while this node leads the group. It sends
+//! due commands from the group's outbox to their entities as signed CloudEvents, and records
+//! every attempt through the group's Raft log in batches.
 //!
 //! At least once, with a stable `webhook-id`: a command is re-sent only if its attempt was
-//! not recorded (e.g. the node stopped mid-flight), and targets deduplicate on the id.
+//! not recorded (the node stopped mid-flight, or leadership moved and the new leader resumed
+//! from the outbox), and targets deduplicate on the id.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -18,12 +20,12 @@ use custos_api::CloudEvent;
 use custos_raft::records::{
     AttemptNext, AttemptRecord, DeliveryState, DeliveryUpdate, OutboxRecord,
 };
-use custos_raft::StateChange;
+use custos_raft::{StateChange, META_GROUP};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::DeliveryConfig;
-use crate::core::{CachedEntity, Core};
+use crate::core::{CachedEntity, Core, Group};
 
 /// Why one attempt did not deliver.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +162,7 @@ pub fn command_body(rec: &OutboxRecord) -> Vec<u8> {
 /// The worker's shared parts.
 struct Worker {
     core: Arc<Core>,
+    group: Arc<Group>,
     http: reqwest::Client,
     in_flight: Mutex<HashSet<String>>,
     results: mpsc::UnboundedSender<DeliveryUpdate>,
@@ -168,50 +171,61 @@ struct Worker {
 /// How long a delivery whose attempt could not be prepared or recorded waits to be retried.
 const REQUEUE_MS: i64 = 1000;
 
-/// Runs the worker until `shutdown` turns true. Spawn it on the Raft runtime.
-pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+/// Runs `group`'s worker until `shutdown` turns true or the group is closed here. Spawn it
+/// on the Raft runtime.
+pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiver<bool>) {
     let cfg = core.config.delivery.clone();
     let http = http_client(&cfg, core.config.allow_private_targets);
     let (tx, rx) = mpsc::unbounded_channel();
+    let mut closed = group.stop.subscribe();
     let worker = Arc::new(Worker {
         core: core.clone(),
+        group: group.clone(),
         http,
         in_flight: Mutex::new(HashSet::new()),
         results: tx,
     });
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
+    let due = &group.due;
     let mut leading = false;
     loop {
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || *closed.borrow() {
             break;
         }
-        core.due.beat(unix_now_ms());
-        let leader_now = core.is_leader();
+        let leader_now = group.leader() == Some(core.node_id);
         if !leader_now {
-            // Only the leader delivers; a follower's queue would only grow.
-            core.due.invalidate();
-        } else if !leading || core.due.take_stale() {
-            match core.read(|r| r.due(i64::MAX, usize::MAX)).await {
-                Ok(items) => core.due.extend(items),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot load pending deliveries");
-                    core.due.invalidate();
+            // Only the leader delivers; a follower's queue would only grow. The new leader
+            // resumes from the outbox with the same command ids.
+            if leading {
+                due.clear();
+            }
+        } else {
+            due.beat(unix_now_ms());
+            if !leading || due.take_stale() {
+                match core.read(group.id, |r| r.due(i64::MAX, usize::MAX)).await {
+                    Ok(items) => due.extend(items),
+                    Err(e) => {
+                        tracing::warn!(group = group.id, error = %e, "cannot load pending deliveries");
+                        due.invalidate();
+                    }
                 }
             }
         }
         leading = leader_now;
-        let mut wait = Duration::from_secs(1);
+        // A follower looks for leadership often: deliveries resume soon after a failover.
+        let mut wait = Duration::from_millis(if leading { 1000 } else { 200 });
         if leading {
             let now = unix_now_ms();
             dispatch_due(&worker, now, cfg.concurrency);
-            if let Some(next) = core.due.next_due().filter(|d| *d > now) {
+            if let Some(next) = due.next_due().filter(|d| *d > now) {
                 wait = wait.min(Duration::from_millis((next - now) as u64));
             }
         }
         tokio::select! {
-            _ = core.due.notified() => {}
+            _ = due.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
+            _ = closed.changed() => {}
         }
     }
     recorder.abort();
@@ -221,7 +235,7 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
 fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
     let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
     let free = concurrency.saturating_sub(in_flight.len());
-    for id in worker.core.due.pop_due(now_ms, free) {
+    for id in worker.group.due.pop_due(now_ms, free) {
         // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
         if in_flight.insert(id.clone()) {
             let w = worker.clone();
@@ -239,7 +253,7 @@ fn finish(worker: &Worker, id: &str) {
 }
 
 fn requeue(worker: &Worker, id: String) {
-    worker.core.due.push(unix_now_ms() + REQUEUE_MS, id);
+    worker.group.due.push(unix_now_ms() + REQUEUE_MS, id);
 }
 
 async fn attempt(worker: Arc<Worker>, id: String) {
@@ -263,11 +277,15 @@ async fn prepare_and_send(
     id: &str,
 ) -> Result<Option<DeliveryUpdate>, crate::error::ServiceError> {
     let core = &worker.core;
+    if worker.group.leader() != Some(core.node_id) {
+        // Leadership moved since this was queued: the new leader sends it.
+        return Ok(None);
+    }
     let owned = id.to_owned();
     // One trip to the blocking pool for both reads: the record, and whether its target is
     // still linked.
     let found = core
-        .read(move |r| {
+        .read(worker.group.id, move |r| {
             let Some(rec) = r.outbox(&owned)? else {
                 return Ok(None);
             };
@@ -431,14 +449,28 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
                 | DeliveryUpdate::Cancelled { command_id, .. } => command_id.clone(),
             })
             .collect();
+        let gone: Vec<String> = batch
+            .iter()
+            .filter_map(|u| match u {
+                DeliveryUpdate::Attempted {
+                    command_id,
+                    next: AttemptNext::Gone,
+                    ..
+                } => Some(command_id.clone()),
+                _ => None,
+            })
+            .collect();
         let change = StateChange::RecordDeliveries(std::mem::take(&mut batch));
-        let recorded = worker.core.propose(change).await;
+        let recorded = worker.core.propose(worker.group.id, change).await;
         for id in &ids {
             finish(&worker, id);
         }
+        if recorded.is_ok() {
+            disable_gone_endpoints(&worker, &gone).await;
+        }
         match recorded {
             // Retries come back through the apply's DeliveryDue effects; wake for free slots.
-            Ok(_) => worker.core.due.wake(),
+            Ok(_) => worker.group.due.wake(),
             Err(e) => {
                 // Not recorded: attempt again later (same webhook-id; targets deduplicate).
                 tracing::warn!(error = %e, n = ids.len(), "could not record delivery attempts");
@@ -446,6 +478,34 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
                     requeue(&worker, id);
                 }
             }
+        }
+    }
+}
+
+/// A 410 Gone disables the entity's endpoint: a step in the meta group, after the failed
+/// delivery was recorded in the customer's group (repeated by the next 410 if it fails).
+async fn disable_gone_endpoints(worker: &Worker, gone: &[String]) {
+    let mut targets = std::collections::BTreeSet::new();
+    for id in gone {
+        let owned = id.clone();
+        if let Ok(Some(rec)) = worker
+            .core
+            .read(worker.group.id, move |r| r.outbox(&owned))
+            .await
+        {
+            targets.insert(rec.command.target);
+        }
+    }
+    for target in targets {
+        let change = StateChange::UpdateEntity {
+            id: target.clone(),
+            name: None,
+            command_url: None,
+            endpoint_enabled: Some(false),
+        };
+        match worker.core.propose(META_GROUP, change).await {
+            Ok(_) => tracing::warn!(entity = %target, "endpoint answered 410 Gone; disabled"),
+            Err(e) => tracing::warn!(entity = %target, error = %e, "cannot disable endpoint"),
         }
     }
 }

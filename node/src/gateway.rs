@@ -531,6 +531,29 @@ async fn train(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse
     Ok(HttpResponse::Ok().json(vault.train_recommender().await?))
 }
 
+/// The cluster: nodes (up or down), groups with voters, leader, term, indexes and lag.
+#[utoipa::path(get, path = "/v1/cluster", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, body = ClusterStatus), (status = 401, body = Problem)))]
+async fn cluster_status(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Ok().json(vault.cluster_status().await?))
+}
+
+/// Removes a node: its replicas and leaderships move to other nodes, then it is removed.
+/// Answers at once (202); `GET /v1/cluster` shows the node `leaving`, then `removed`.
+#[utoipa::path(post, path = "/v1/cluster/nodes/{id}/remove", tag = "operations",
+    security(("bearer" = [])), params(("id" = u64, Path)),
+    responses((status = 202, body = ClusterStatus), (status = 404, body = Problem),
+        (status = 409, body = Problem)))]
+async fn remove_node(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    id: web::Path<u64>,
+) -> Result<HttpResponse> {
+    vault.require_admin(bearer(&req)).await?;
+    Ok(HttpResponse::Accepted().json(vault.remove_node(*id).await?))
+}
+
 async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     Err(ServiceError::refused(
         ErrorCode::NotFound,
@@ -559,12 +582,14 @@ impl utoipa::Modify for BearerScheme {
           update_entity, rotate_secret, create_customer, get_customer, link, unlink, authorize_link,
           oauth_callback, export_customer, erase_customer, try_rule, create_rule,
           list_rules, get_rule, delete_rule, activity, list_deliveries, get_delivery, replay,
-          recommendations, accept_recommendation, dismiss_recommendation, train),
+          recommendations, accept_recommendation, dismiss_recommendation, train,
+          cluster_status, remove_node),
     components(schemas(Problem, ErrorCode, CloudEvent, EventReceipt, EventStatus, RegisterEntity,
         UpdateEntity, Entity, TypeSpec, CustomerCreated, Customer, Link, LinkRequest, RuleSpec,
         Rule, Trigger, Action, ActivityPage, ActivityItem, ActivityKind, DeliveryPage, Delivery,
         DeliveryStatus, Attempt, Readiness, RuleTemplate, Recommendation, RecommendationList,
-        ModelSummary, OAuthEndpoints, AuthorizeLink, TryRule, TryOutcome, CustomerExport)),
+        ModelSummary, OAuthEndpoints, AuthorizeLink, TryRule, TryOutcome, CustomerExport,
+        ClusterStatus, ClusterNode, ClusterGroup, ClusterReplica)),
     modifiers(&BearerScheme)
 )]
 pub struct ApiDoc;
@@ -631,6 +656,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::post().to(dismiss_recommendation),
     )
     .route("/v1/recommendations/train", web::post().to(train))
+    .route("/v1/cluster", web::get().to(cluster_status))
+    .route("/v1/cluster/nodes/{id}/remove", web::post().to(remove_node))
     .route("/v1/deliveries", web::get().to(list_deliveries))
     .route("/v1/deliveries/{command_id}", web::get().to(get_delivery))
     .route("/v1/deliveries/{command_id}/replay", web::post().to(replay))

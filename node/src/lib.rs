@@ -1,33 +1,42 @@
-//! Custos node: profile actors, the gateway, delivery, and the `custos` binary's server.
+//! Custos node: profile actors, the gateway, delivery, the cluster, and the `custos` binary's
+//! server.
 //!
 //! # Layout
 //!
 //! - [`server`]: `run(config, listeners, shutdown)`: opens storage, starts Raft on its own
-//!   multi-threaded runtime, the profile arbiters, the delivery worker, and both HTTP servers.
+//!   multi-threaded runtime, forms or joins the cluster, starts the workers and both HTTP
+//!   servers.
 //! - [`config`]: defaults < commented TOML < `CUSTOS_*` variables < flags.
+//! - [`core`]: what all of the below share: the groups this node holds, proposing to any
+//!   group (forwarded to its leader), reads, the entity cache, where customers live.
+//! - [`cluster`]: the cluster secret, joining, and the manager that moves replicas and
+//!   leaders to where the placement wants them; cluster status.
+//! - [`forward`]: any node takes any call; calls for a group led elsewhere go to its leader.
 //! - [`gateway`]: client API handlers (decode, call one service, encode) and OpenAPI.
-//! - [`peer`]: the peer port's Raft RPC handlers.
-//! - [`service`]: the vault's operations, one method per API call (portal ones in
-//!   `service::portal`: accounts, sessions, export, erasure, trying a rule).
+//! - [`peer`]: the peer port: Raft RPCs, forwarded proposals and calls, joins, status.
+//! - [`service`]: the vault's operations, one file per resource.
 //! - [`portal`]: the customer portal's pages (server-rendered, CSRF-checked forms).
 //! - [`seal`]: AES-256-GCM sealing of entities' access tokens, with key rotation.
-//! - [`profile`]: one actix actor per active customer, owning its links and compiled rules.
+//! - [`profile`]: one actix actor per active customer, on its group's leader.
 //! - [`rules`]: CEL conditions and mappings, indexed by (source entity, event type).
 //! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
-//! - [`delivery`]: the outbox worker: signed POSTs, retries, SSRF guard, batched results.
+//! - [`delivery`]: one outbox worker per data group: signed POSTs, retries, SSRF guard.
+//! - [`intents`]: finishes operations spanning groups that a call or a crash left half done.
 //! - [`entity_sim`]: `custos entity-sim`, a reference entity (OAuth server, command receiver).
-//! - [`core`]: what all of the above share: Raft handle, state reader, entity cache.
 //! - [`error`]: the service error, mapped once to problem+json.
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //!
 //! Crate ladder: `custos-api` <- `custos-raft` <- `custos-node`; nothing points back.
 
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod delivery;
 pub mod entity_sim;
 pub mod error;
+pub mod forward;
 pub mod gateway;
+pub mod intents;
 pub mod peer;
 pub mod portal;
 pub mod profile;
@@ -37,6 +46,3 @@ pub mod seal;
 pub mod server;
 pub mod service;
 pub mod telemetry;
-
-/// The Raft group holding all vault state on this node (sharding adds more).
-pub const DATA_GROUP: custos_raft::GroupId = 1;

@@ -40,9 +40,34 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         max_users: usize,
     },
+    /// Operate the cluster: status, node removal.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Operator and customer calls against a running node.
     #[command(flatten)]
     Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes (address, up or down), groups (voters, leader, term, commit and apply index, lag).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a node's replicas and leaderships away, then remove it from the cluster.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        /// The node's id.
+        node: u64,
+        /// Seconds to wait for the removal to finish (0: do not wait).
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -62,9 +87,15 @@ struct ServeArgs {
     /// Allow delivering commands to loopback and private addresses.
     #[arg(long)]
     allow_private_targets: bool,
-    /// This node's id.
+    /// This node's id (default: assigned when joining, 1 for a first node).
     #[arg(long)]
     node_id: Option<u64>,
+    /// The peer address of a member of the cluster to join (repeat for several).
+    #[arg(long)]
+    join: Vec<String>,
+    /// The peer address other nodes reach this one at (default: the bound peer address).
+    #[arg(long)]
+    peer_advertise: Option<String>,
     /// Log format: human or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -270,6 +301,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         peer_listen: args.peer_listen,
         allow_private_targets: args.allow_private_targets.then_some(true),
         log_format: args.log_format,
+        join: (!args.join.is_empty()).then_some(args.join),
+        peer_advertise: args.peer_advertise,
     };
     let config = Config::load(args.config, &overrides)?;
     custos_node::telemetry::init_logging(&config.log_format, &config.log_level);
@@ -462,6 +495,92 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
     }
 }
 
+fn print_status(s: &custos_api::types::ClusterStatus) {
+    println!(
+        "cluster {} (answered by node {})",
+        s.cluster_id, s.answered_by
+    );
+    println!(
+        "\n{:<5} {:<8} {:<5} {:<24} api",
+        "node", "state", "up", "peer"
+    );
+    for n in &s.nodes {
+        let up = if n.up { "up" } else { "down" };
+        println!(
+            "{:<5} {:<8} {:<5} {:<24} {}",
+            n.id, n.state, up, n.peer_addr, n.api_addr
+        );
+    }
+    println!(
+        "\n{:<5} {:<7} {:<6} {:<10} {:<10} {:<12} {:<10} replicas (node:applied/lag)",
+        "group", "leader", "term", "commit", "last log", "voters", "target"
+    );
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    for g in &s.groups {
+        let replicas: Vec<String> = g
+            .replicas
+            .iter()
+            .map(|r| match (r.applied_index, r.lag) {
+                (Some(a), Some(l)) => format!("{}:{a}/{l}", r.node),
+                _ => format!("{}:down", r.node),
+            })
+            .collect();
+        println!(
+            "{:<5} {:<7} {:<6} {:<10} {:<10} {:<12} {:<10} {}",
+            g.id,
+            g.leader
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
+            g.term,
+            g.commit_index,
+            g.last_log_index,
+            ids(&g.voters),
+            ids(&g.target),
+            replicas.join(" ")
+        );
+    }
+}
+
+async fn run_cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Status { target, json } => {
+            let s = client(&target)?.cluster_status().await?;
+            if json {
+                print(&s)
+            } else {
+                print_status(&s);
+                Ok(())
+            }
+        }
+        ClusterCommand::Remove { target, node, wait } => {
+            let c = client(&target)?;
+            c.remove_node(node).await?;
+            println!("node {node} is leaving: its replicas and leaderships move away");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+            if wait == 0 {
+                return Ok(());
+            }
+            loop {
+                let s = c.cluster_status().await?;
+                let state = s
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == node)
+                    .map(|n| n.state.clone());
+                if state.as_deref() == Some("removed") {
+                    println!("node {node} removed");
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "node {node} is still {state:?} after {wait} s; `custos cluster status` shows where its replicas are"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -493,6 +612,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(run_client(cmd))
+        }
+        Command::Cluster(cmd) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run_cluster(cmd))
         }
     }
 }

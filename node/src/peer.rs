@@ -1,8 +1,19 @@
-//! The peer port: Raft RPCs from other nodes, apart from the client API.
+//! The peer port, apart from the client API: Raft RPCs of every group, proposals forwarded
+//! to this node as a group's leader, joins, leadership hand-overs, status, per-group queries,
+//! and client requests forwarded here by other nodes (served by the same handlers as the
+//! client API). Every request must carry the peer token derived from the cluster secret.
 
+use std::sync::Arc;
+
+use actix_web::body::EitherBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{web, HttpResponse, ResponseError};
-use custos_raft::network::encode_reply;
-use custos_raft::{codec, Raft};
+use custos_raft::network::{encode_reply, PEER_AUTH_HEADER};
+use custos_raft::shard::MAX_DATA_GROUPS;
+use custos_raft::{codec, ProposeError, StateChange};
+
+use crate::cluster::wire::{GroupAnswer, GroupQuery, JoinRequest, TrainingInput};
+use crate::core::{Core, Group};
 
 /// Largest peer message (snapshot chunks are smaller).
 pub const MAX_PEER_BODY: usize = 64 << 20;
@@ -13,7 +24,7 @@ pub enum PeerError {
     /// The body is not a request of this format version.
     #[error("undecodable peer request: {0}")]
     Decode(#[from] custos_raft::codec::CodecError),
-    /// This node has no such group.
+    /// This node has no such group and will not open it.
     #[error("no group {0} here")]
     NoGroup(u32),
 }
@@ -27,6 +38,42 @@ impl ResponseError for PeerError {
     }
 }
 
+/// The peer token this node expects.
+#[derive(Debug, Clone)]
+pub struct PeerToken(pub Arc<str>);
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// True when the request proves the cluster secret.
+pub fn authenticated(req: &ServiceRequest) -> bool {
+    let Some(expected) = req.app_data::<web::Data<PeerToken>>() else {
+        return false;
+    };
+    req.headers()
+        .get(PEER_AUTH_HEADER)
+        .is_some_and(|v| same(v.as_bytes(), expected.0.as_bytes()))
+}
+
+/// Refuses (401, nothing changed) every request without the peer token.
+pub async fn require_token<B>(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error>
+where
+    B: actix_web::body::MessageBody + 'static,
+{
+    if !authenticated(&req) {
+        let resp = HttpResponse::Unauthorized()
+            .content_type("text/plain")
+            .body("peer requests must carry this cluster's peer token");
+        return Ok(req.into_response(resp).map_into_right_body());
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}
+
 fn reply<T: serde::Serialize, E: serde::Serialize>(r: &Result<T, E>) -> HttpResponse {
     match encode_reply(r) {
         Ok(bytes) => HttpResponse::Ok()
@@ -36,46 +83,164 @@ fn reply<T: serde::Serialize, E: serde::Serialize>(r: &Result<T, E>) -> HttpResp
     }
 }
 
-fn group_raft(raft: &web::Data<Raft>, group: u32) -> Result<&Raft, PeerError> {
-    // One data group per node for now; more groups add a lookup here.
-    if group == crate::DATA_GROUP {
-        Ok(raft.get_ref())
-    } else {
-        Err(PeerError::NoGroup(group))
+/// The local replica of `group`, opened on first contact: a leader adding this node as a
+/// replica reaches it before the placement does.
+async fn replica(core: &Core, group: u32) -> Result<Arc<Group>, PeerError> {
+    if let Some(g) = core.group(group) {
+        return Ok(g);
     }
+    if group > MAX_DATA_GROUPS || core.is_closing() {
+        return Err(PeerError::NoGroup(group));
+    }
+    core.open_group(group)
+        .await
+        .map_err(|_| PeerError::NoGroup(group))
 }
 
 async fn append(
-    raft: web::Data<Raft>,
+    core: web::Data<Arc<Core>>,
     group: web::Path<u32>,
     body: web::Bytes,
 ) -> Result<HttpResponse, PeerError> {
-    let raft = group_raft(&raft, *group)?;
-    Ok(reply(&raft.append_entries(codec::decode(&body)?).await))
+    let g = replica(&core, *group).await?;
+    Ok(reply(&g.raft.append_entries(codec::decode(&body)?).await))
 }
 
 async fn vote(
-    raft: web::Data<Raft>,
+    core: web::Data<Arc<Core>>,
     group: web::Path<u32>,
     body: web::Bytes,
 ) -> Result<HttpResponse, PeerError> {
-    let raft = group_raft(&raft, *group)?;
-    Ok(reply(&raft.vote(codec::decode(&body)?).await))
+    let g = replica(&core, *group).await?;
+    Ok(reply(&g.raft.vote(codec::decode(&body)?).await))
 }
 
 async fn snapshot(
-    raft: web::Data<Raft>,
+    core: web::Data<Arc<Core>>,
     group: web::Path<u32>,
     body: web::Bytes,
 ) -> Result<HttpResponse, PeerError> {
-    let raft = group_raft(&raft, *group)?;
-    Ok(reply(&raft.install_snapshot(codec::decode(&body)?).await))
+    let g = replica(&core, *group).await?;
+    Ok(reply(&g.raft.install_snapshot(codec::decode(&body)?).await))
 }
 
-/// Registers the peer routes.
+/// A proposal forwarded by a node that does not lead the group: proposed here, never
+/// forwarded again (the sender retries with the leader this node names).
+async fn propose(
+    core: web::Data<Arc<Core>>,
+    group: web::Path<u32>,
+    body: web::Bytes,
+) -> Result<HttpResponse, PeerError> {
+    let change: StateChange = codec::decode(&body)?;
+    let deadline = std::time::Duration::from_millis(core.config.raft.propose_timeout_ms);
+    let result = match core.group(*group) {
+        Some(g) => g.proposer.propose(change, deadline).await,
+        None => Err(ProposeError::NotLeader {
+            leader: None,
+            addr: None,
+        }),
+    };
+    Ok(reply(&result))
+}
+
+async fn join(core: web::Data<Arc<Core>>, body: web::Bytes) -> Result<HttpResponse, PeerError> {
+    let req: JoinRequest = codec::decode(&body)?;
+    let result = crate::cluster::accept_join(&core, req)
+        .await
+        .map_err(|e| e.to_string());
+    Ok(reply(&result))
+}
+
+/// Asked by a group's leader handing leadership over: campaign now.
+async fn elect(core: web::Data<Arc<Core>>, group: web::Path<u32>) -> HttpResponse {
+    match core.group(*group) {
+        Some(g) => {
+            let _ = g.raft.trigger().elect().await;
+            HttpResponse::Ok().finish()
+        }
+        None => HttpResponse::NotFound().finish(),
+    }
+}
+
+async fn status(core: web::Data<Arc<Core>>) -> HttpResponse {
+    reply(&Ok::<_, ()>(crate::cluster::status::local(&core)))
+}
+
+async fn query(
+    core: web::Data<Arc<Core>>,
+    group: web::Path<u32>,
+    body: web::Bytes,
+) -> Result<HttpResponse, PeerError> {
+    let q: GroupQuery = codec::decode(&body)?;
+    let answer = answer_query(&core, *group, q).await;
+    Ok(reply(&Ok::<_, ()>(answer)))
+}
+
+/// Answers a query about `group` from this node's replica, as its leader.
+pub async fn answer_query(core: &Core, group: u32, q: GroupQuery) -> GroupAnswer {
+    if let Err(e) = core.ensure_leader(group).await {
+        return GroupAnswer::Refused(e.to_string());
+    }
+    let result = match q {
+        GroupQuery::Deliveries {
+            state,
+            after,
+            limit,
+        } => core
+            .read(group, move |r| r.deliveries(state, after.as_deref(), limit))
+            .await
+            .map(|(items, next)| GroupAnswer::Deliveries(items, next)),
+        GroupQuery::TrainingInput => core
+            .read(group, |r| {
+                Ok(TrainingInput {
+                    rules: r.all_rules()?,
+                    links: r.all_links()?,
+                    engagements: r.engagements(None)?,
+                    dismissals: r.dismissal_counts()?,
+                })
+            })
+            .await
+            .map(|t| GroupAnswer::TrainingInput(Box::new(t))),
+    };
+    result.unwrap_or_else(|e| GroupAnswer::Refused(e.to_string()))
+}
+
+/// Asks `group`'s leader (this node or another) a question.
+pub async fn ask_group(core: &Core, group: u32, q: GroupQuery) -> Result<GroupAnswer, String> {
+    if core.is_leader(group) {
+        return Ok(answer_query(core, group, q).await);
+    }
+    let (_, addr) = core
+        .leader_of(group)
+        .ok_or_else(|| format!("group {group} has no known leader"))?;
+    let body = codec::encode(&q).map_err(|e| e.to_string())?;
+    let r = core
+        .peers
+        .post(&addr, &format!("/peer/query/{group}"))
+        .timeout(std::time::Duration::from_secs(30))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("peer answered {}", r.status()));
+    }
+    let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+    codec::decode::<Result<GroupAnswer, ()>>(&bytes)
+        .map_err(|e| e.to_string())?
+        .map_err(|()| "refused".to_owned())
+}
+
+/// Registers the peer routes (the client API's routes are added next to them, behind the
+/// same token check, for forwarded requests).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::PayloadConfig::new(MAX_PEER_BODY))
         .route("/raft/{group}/append", web::post().to(append))
         .route("/raft/{group}/vote", web::post().to(vote))
-        .route("/raft/{group}/snapshot", web::post().to(snapshot));
+        .route("/raft/{group}/snapshot", web::post().to(snapshot))
+        .route("/peer/propose/{group}", web::post().to(propose))
+        .route("/peer/join", web::post().to(join))
+        .route("/peer/elect/{group}", web::post().to(elect))
+        .route("/peer/status", web::get().to(status))
+        .route("/peer/query/{group}", web::post().to(query));
 }

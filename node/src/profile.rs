@@ -17,11 +17,15 @@ use actix::prelude::*;
 use custos_api::limits::{is_valid_id, is_valid_subject, MAX_NAME_LEN};
 use custos_api::types::{EventReceipt, EventStatus, Link, LinkRequest, Rule, RuleSpec};
 use custos_api::{CloudEvent, ErrorCode};
-use custos_raft::records::{CommandRecord, EventRecord, Ingest, LinkRecord, RuleRecord};
-use custos_raft::{ChangeOutcome, StateChange};
+use custos_raft::records::{
+    CommandRecord, EventRecord, Ingest, IntentRecord, IntentStep, LinkRecord, RuleRecord,
+};
+use custos_raft::shard::{slot_of, slot_tag};
+use custos_raft::types::GroupId;
+use custos_raft::{ChangeOutcome, StateChange, META_GROUP};
 use sha2::{Digest, Sha256};
 
-use crate::core::{check_schema, CachedEntity, Core};
+use crate::core::{check_schema, not_leader, CachedEntity, Core};
 use crate::error::ServiceError;
 use crate::rules::{self, CompiledRule, EventScope, RuleSet};
 
@@ -50,6 +54,8 @@ pub enum ProfileRequest {
     SaveRule(RuleSpec),
     /// Delete a rule.
     DeleteRule(String),
+    /// Finish a linking whose claim an earlier call left half done (the intent worker).
+    FinishClaim(IntentRecord),
 }
 
 /// A profile's answer.
@@ -75,6 +81,8 @@ struct Profile {
     rules: RuleSet,
     rule_count: usize,
     functions: cel::Context<'static>,
+    /// The group's term when loaded: a profile is only as current as its leader's term.
+    term: u64,
 }
 
 /// One customer's actor.
@@ -107,8 +115,18 @@ async fn handle(
     state: &RefCell<Option<Profile>>,
     req: ProfileRequest,
 ) -> Result<ProfileReply, ServiceError> {
+    let group = core.group_of(customer)?;
+    let g = core
+        .group(group)
+        .filter(|g| g.leader() == Some(core.node_id))
+        .ok_or_else(|| not_leader(group))?;
+    // Another leader may have changed the customer since this copy was loaded.
+    let term = g.term();
+    if state.borrow().as_ref().is_some_and(|p| p.term != term) {
+        *state.borrow_mut() = None;
+    }
     if state.borrow().is_none() {
-        let loaded = load(core, customer).await?;
+        let loaded = load(core, group, customer, term).await?;
         *state.borrow_mut() = Some(loaded);
     }
     match req {
@@ -116,42 +134,58 @@ async fn handle(
             event,
             raw,
             received_ms,
-        } => ingest(core, customer, state, *event, raw, received_ms)
+        } => ingest(core, group, customer, state, *event, raw, received_ms)
             .await
             .map(ProfileReply::Receipt),
-        ProfileRequest::Link(req, sealed_token) => link(core, customer, state, req, sealed_token)
-            .await
-            .map(ProfileReply::Linked),
+        ProfileRequest::Link(req, sealed_token) => {
+            link(core, group, customer, state, req, sealed_token)
+                .await
+                .map(ProfileReply::Linked)
+        }
+        ProfileRequest::FinishClaim(intent) => {
+            finish_claim(core, group, customer, state, intent).await?;
+            Ok(ProfileReply::Done)
+        }
         ProfileRequest::Erase => {
-            core.propose(StateChange::EraseCustomer {
-                customer_id: customer.to_owned(),
-            })
+            core.propose(
+                group,
+                StateChange::EraseCustomer {
+                    customer_id: customer.to_owned(),
+                },
+            )
             .await?;
             // Nothing of it stays in memory either; a later message finds no customer.
             *state.borrow_mut() = None;
             Ok(ProfileReply::Done)
         }
         ProfileRequest::Unlink(entity_id) => {
-            core.propose(StateChange::Unlink {
-                customer_id: customer.to_owned(),
-                entity_id: entity_id.clone(),
-                at_ms: custos_api::types::unix_now_ms(),
-            })
+            // The routing index entry is released by the intent this records.
+            core.propose(
+                group,
+                StateChange::Unlink {
+                    customer_id: customer.to_owned(),
+                    entity_id: entity_id.clone(),
+                    at_ms: custos_api::types::unix_now_ms(),
+                },
+            )
             .await?;
             with_profile(state, |p| {
                 p.links.remove(&entity_id);
             });
             Ok(ProfileReply::Done)
         }
-        ProfileRequest::SaveRule(spec) => save_rule(core, customer, state, spec)
+        ProfileRequest::SaveRule(spec) => save_rule(core, group, customer, state, spec)
             .await
             .map(ProfileReply::Saved),
         ProfileRequest::DeleteRule(rule_id) => {
-            core.propose(StateChange::DeleteRule {
-                customer_id: customer.to_owned(),
-                rule_id: rule_id.clone(),
-                at_ms: custos_api::types::unix_now_ms(),
-            })
+            core.propose(
+                group,
+                StateChange::DeleteRule {
+                    customer_id: customer.to_owned(),
+                    rule_id: rule_id.clone(),
+                    at_ms: custos_api::types::unix_now_ms(),
+                },
+            )
             .await?;
             with_profile(state, |p| {
                 p.rules.remove(&rule_id);
@@ -169,11 +203,19 @@ fn with_profile<T>(
     state.borrow_mut().as_mut().map(f)
 }
 
-/// Rebuilds a profile from the state machine.
-async fn load(core: &Core, customer: &str) -> Result<Profile, ServiceError> {
+/// Rebuilds a profile from the state machine, once this leader has applied everything
+/// committed before (so no earlier leader's change is missing).
+async fn load(
+    core: &Core,
+    group: GroupId,
+    customer: &str,
+    term: u64,
+) -> Result<Profile, ServiceError> {
     let id = customer.to_owned();
     let (exists, links, rules) = core
-        .read(move |r| Ok((r.customer(&id)?.is_some(), r.links(&id)?, r.rules(&id)?)))
+        .read_leader(group, move |r| {
+            Ok((r.customer(&id)?.is_some(), r.links(&id)?, r.rules(&id)?))
+        })
         .await?;
     if !exists {
         return Err(ServiceError::not_found("customer", customer));
@@ -195,12 +237,14 @@ async fn load(core: &Core, customer: &str) -> Result<Profile, ServiceError> {
         rules: RuleSet::new(compiled),
         rule_count,
         functions: cel::Context::default(),
+        term,
     })
 }
 
-/// The stable id of the command `rule` makes from event (source, id): the same on every
-/// retry or duplicate of the event, so targets can deduplicate on it.
-pub fn command_id(source: &str, event_id: &str, rule_id: &str) -> String {
+/// The stable id of the command `rule` makes from event (source, id) for `customer`: the
+/// same on every retry or duplicate of the event, so targets can deduplicate on it. It starts
+/// with the customer's slot, so any node routes a delivery call to the customer's group.
+pub fn command_id(customer: &str, source: &str, event_id: &str, rule_id: &str) -> String {
     let mut h = Sha256::new();
     for part in [source, event_id, rule_id] {
         h.update(part.as_bytes());
@@ -208,7 +252,7 @@ pub fn command_id(source: &str, event_id: &str, rule_id: &str) -> String {
     }
     let digest = h.finalize();
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("cmd_{hex}")
+    format!("cmd_{}{}", slot_tag(slot_of(customer)), &hex[..29])
 }
 
 /// What one event produces for a profile: commands, or why none.
@@ -228,9 +272,16 @@ fn plan(
         commands: Vec::new(),
         reasons: Vec::new(),
     };
-    if !profile.links.contains_key(&event.source) {
-        out.reasons
-            .push(format!("the customer has not linked {}", event.source));
+    let subject = event.subject.as_deref().unwrap_or_default();
+    if profile
+        .links
+        .get(&event.source)
+        .is_none_or(|l| l.subject != subject)
+    {
+        out.reasons.push(format!(
+            "the customer has not linked this subject at {}",
+            event.source
+        ));
         return out;
     }
     let matching = profile.rules.matching(&event.source, &event.event_type);
@@ -275,7 +326,7 @@ fn plan(
             }
         }
         out.commands.push(CommandRecord {
-            id: command_id(&event.source, &event.id, &r.id),
+            id: command_id(customer, &event.source, &event.id, &r.id),
             customer_id: customer.to_owned(),
             target: r.then_entity.clone(),
             command_type: r.then_command_type.clone(),
@@ -292,6 +343,7 @@ fn plan(
 
 async fn ingest(
     core: &Core,
+    group: GroupId,
     customer: &str,
     state: &RefCell<Option<Profile>>,
     event: CloudEvent,
@@ -346,7 +398,7 @@ async fn ingest(
         ignored_reason: reason,
         at_ms: received_ms,
     };
-    let outcome = core.propose(StateChange::Ingest(ingest)).await?;
+    let outcome = core.propose(group, StateChange::Ingest(ingest)).await?;
     receipt(event.id, outcome)
 }
 
@@ -376,6 +428,7 @@ pub fn receipt(event_id: String, outcome: ChangeOutcome) -> Result<EventReceipt,
 
 async fn link(
     core: &Core,
+    group: GroupId,
     customer: &str,
     state: &RefCell<Option<Profile>>,
     req: LinkRequest,
@@ -394,22 +447,102 @@ async fn link(
         ));
     }
     core.entity_required(&req.entity_id).await?;
+    let now = custos_api::types::unix_now_ms();
     let record = LinkRecord {
         entity_id: req.entity_id,
         subject: req.subject,
-        linked_ms: custos_api::types::unix_now_ms(),
+        linked_ms: now,
         sealed_token,
     };
-    core.propose(StateChange::Link {
-        customer_id: customer.to_owned(),
-        link: record.clone(),
-    })
-    .await?;
-    let wire = record.to_wire();
-    with_profile(state, |p| {
-        p.links.insert(record.entity_id.clone(), record);
-    });
-    Ok(wire)
+    // The subject is claimed in the meta group's routing index first, then linked here; the
+    // intent recorded before either step lets the intent worker finish (or undo) a linking
+    // this call leaves half done.
+    let intent = IntentRecord {
+        id: format!("int_{}", uuid::Uuid::now_v7().simple()),
+        at_ms: now,
+        step: IntentStep::ClaimSubject {
+            customer_id: customer.to_owned(),
+            link: record.clone(),
+        },
+    };
+    core.propose(group, StateChange::BeginIntent(intent.clone()))
+        .await?;
+    finish_claim(core, group, customer, state, intent).await?;
+    Ok(record.to_wire())
+}
+
+/// The steps after an intent to link was recorded: claim the subject, then link (or, when
+/// another customer holds it, abandon the intent and answer 409).
+async fn finish_claim(
+    core: &Core,
+    group: GroupId,
+    customer: &str,
+    state: &RefCell<Option<Profile>>,
+    intent: IntentRecord,
+) -> Result<(), ServiceError> {
+    let IntentStep::ClaimSubject { link, .. } = intent.step else {
+        return Err(ServiceError::Internal("not a claim".into()));
+    };
+    let claimed = core
+        .propose(
+            META_GROUP,
+            StateChange::ClaimSubject {
+                entity_id: link.entity_id.clone(),
+                subject: link.subject.clone(),
+                customer_id: customer.to_owned(),
+            },
+        )
+        .await;
+    if let Err(e) = claimed {
+        if let ServiceError::Refused {
+            code: ErrorCode::Conflict | ErrorCode::NotFound,
+            ..
+        } = &e
+        {
+            core.propose(group, StateChange::EndIntent { id: intent.id })
+                .await?;
+        }
+        return Err(e);
+    }
+    let linked = core
+        .propose(
+            group,
+            StateChange::Link {
+                customer_id: customer.to_owned(),
+                link: link.clone(),
+                intent: Some(intent.id),
+            },
+        )
+        .await;
+    match linked {
+        Ok(_) => {
+            with_profile(state, |p| {
+                p.links.insert(link.entity_id.clone(), link);
+            });
+            Ok(())
+        }
+        Err(e) => {
+            // Not linked (the customer was erased, or the intent already ended): the claim
+            // made above must not stay behind.
+            if let ServiceError::Refused {
+                code: ErrorCode::NotFound,
+                ..
+            } = &e
+            {
+                let _ = core
+                    .propose(
+                        META_GROUP,
+                        StateChange::ReleaseSubject {
+                            entity_id: link.entity_id,
+                            subject: link.subject,
+                            customer_id: customer.to_owned(),
+                        },
+                    )
+                    .await;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Validates a rule against the customer's links and the entities' declared types and
@@ -527,6 +660,7 @@ fn check_mapping_against_schema(
 
 async fn save_rule(
     core: &Core,
+    group: GroupId,
     customer: &str,
     state: &RefCell<Option<Profile>>,
     spec: RuleSpec,
@@ -565,10 +699,13 @@ async fn save_rule(
             now,
         )?
     };
-    core.propose(StateChange::PutRule {
-        customer_id: customer.to_owned(),
-        rule: compiled.record.clone(),
-    })
+    core.propose(
+        group,
+        StateChange::PutRule {
+            customer_id: customer.to_owned(),
+            rule: compiled.record.clone(),
+        },
+    )
     .await?;
     let wire = compiled.record.to_wire();
     with_profile(state, |p| {
@@ -605,7 +742,7 @@ impl Actor for ProfileHost {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let every = (self.idle / 4).max(Duration::from_millis(50));
+        let every = (self.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         ctx.run_interval(every, |host, _| host.passivate_idle());
     }
 }
@@ -614,10 +751,17 @@ impl ProfileHost {
     fn passivate_idle(&mut self) {
         let idle = self.idle;
         let before = self.profiles.len();
+        let core = self.core.clone();
+        let leads = |customer: &str| {
+            core.group_of(customer)
+                .map(|g| core.is_leader(g))
+                .unwrap_or(false)
+        };
         // Only a profile with nothing in flight is stopped, so no message is ever lost;
-        // dropping its only address stops it.
-        self.profiles
-            .retain(|_, s| s.in_flight > 0 || s.last_used.elapsed() < idle);
+        // dropping its only address stops it. Profiles live only on their group's leader.
+        self.profiles.retain(|customer, s| {
+            s.in_flight > 0 || (s.last_used.elapsed() < idle && leads(customer))
+        });
         let stopped = before - self.profiles.len();
         if stopped > 0 {
             metrics::gauge!("custos_active_profiles").decrement(stopped as f64);
@@ -743,12 +887,21 @@ mod tests {
 
     #[test]
     fn command_ids_are_stable_and_distinct() {
-        let a = command_id("airline", "e1", "r1");
-        assert_eq!(a, command_id("airline", "e1", "r1"));
-        assert_ne!(a, command_id("airline", "e1", "r2"));
+        let a = command_id("cus_1", "airline", "e1", "r1");
+        assert_eq!(a, command_id("cus_1", "airline", "e1", "r1"));
+        assert_ne!(a, command_id("cus_1", "airline", "e1", "r2"));
         // The separator keeps ("ab","c") and ("a","bc") apart.
-        assert_ne!(command_id("ab", "c", "r"), command_id("a", "bc", "r"));
+        assert_ne!(
+            command_id("cus_1", "ab", "c", "r"),
+            command_id("cus_1", "a", "bc", "r")
+        );
         assert!(a.starts_with("cmd_") && a.len() == 36);
+        // It names the customer's slot.
+        assert_eq!(
+            crate::forward::slot_of_token(&a),
+            Some(slot_of("cus_1")),
+            "{a}"
+        );
     }
 
     #[test]

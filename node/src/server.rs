@@ -1,6 +1,8 @@
 //! Starting and stopping a node: `run(config, listeners, shutdown)`.
+//!
+//! Order matters for a joining node: its peer port must answer before the cluster can add it
+//! as a replica, so both HTTP servers start before the node waits for its meta replica.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -8,19 +10,21 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{web, App, HttpServer};
+use actix_web::{middleware, web, App, HttpServer};
 use custos_api::types::unix_now_ms;
-use custos_raft::network::PeerNetwork;
-use custos_raft::{ChangeOutcome, LogStore, Raft, StateChange, StateMachineStore};
-use openraft::{BasicNode, SnapshotPolicy};
-use tokio::sync::watch;
+use custos_raft::network::Peers;
+use custos_raft::{ChangeOutcome, StateChange, META_GROUP};
+use openraft::SnapshotPolicy;
+use tokio::sync::{mpsc, watch};
 
+use crate::cluster::{self, wire::JoinRequest};
 use crate::config::Config;
-use crate::core::{Core, DueQueue, EntityCache};
+use crate::core::{Core, Group};
+use crate::forward::OnPeerPort;
+use crate::peer::PeerToken;
 use crate::profile::ProfileRouter;
 use crate::service::Vault;
 use crate::telemetry::Telemetry;
-use crate::DATA_GROUP;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,12 @@ pub enum NodeError {
     /// Token sealing keys.
     #[error("portal: {0}")]
     Seal(#[from] crate::seal::SealError),
+    /// Joining or forming the cluster.
+    #[error("cluster: {0}")]
+    Cluster(String),
+    /// A service call made while starting.
+    #[error("{0}")]
+    Service(#[from] crate::error::ServiceError),
 }
 
 /// The two sockets a node serves, bound by the caller (tests bind port 0).
@@ -84,24 +94,8 @@ pub fn admin_token(config: &Config) -> Result<String, NodeError> {
     Ok(token)
 }
 
-/// The token sealing keys: from config, else `<data_dir>/token-key`, else a new one kept there.
-pub fn token_keys(config: &Config) -> Result<crate::seal::KeyRing, NodeError> {
-    if !config.portal.token_keys.is_empty() {
-        return Ok(crate::seal::KeyRing::new(&config.portal.token_keys)?);
-    }
-    let path = config.data_dir.join("token-key");
-    let key = match std::fs::read_to_string(&path) {
-        Ok(k) if !k.trim().is_empty() => k.trim().to_owned(),
-        _ => {
-            let k = crate::seal::generate_key();
-            write_private(&path, k.as_bytes())?;
-            k
-        }
-    };
-    Ok(crate::seal::KeyRing::new(&[key])?)
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a file only its owner can read, atomically.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut opts = std::fs::OpenOptions::new();
@@ -133,62 +127,34 @@ fn raft_config(config: &Config) -> Result<openraft::Config, NodeError> {
     .map_err(|e| NodeError::Raft(e.to_string()))
 }
 
-async fn start_raft(
-    config: Arc<Config>,
-    db: Arc<custos_raft::DB>,
-    observer: Arc<crate::core::Observer>,
-) -> Result<Raft, NodeError> {
-    let snapshots = config.data_dir.join("snapshots");
-    let rc = Arc::new(raft_config(&config)?);
-    let log = LogStore::new(db.clone(), DATA_GROUP);
-    let sm = StateMachineStore::new(db, DATA_GROUP, observer, snapshots);
-    let raft = Raft::new(config.node_id, rc, PeerNetwork::new(DATA_GROUP), log, sm)
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
-    let initialized = raft
-        .is_initialized()
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
-    if !initialized {
-        // The embedded default: a group with this node as its one voter.
-        let members = BTreeMap::from([(
-            config.node_id,
-            BasicNode {
-                addr: config.peer_address(),
-            },
-        )]);
-        raft.initialize(members)
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
-    }
-    raft.wait(Some(Duration::from_secs(30)))
-        .current_leader(config.node_id, "this node leads its group")
-        .await
-        .map_err(|e| NodeError::Raft(format!("no leadership: {e}")))?;
-    Ok(raft)
+fn read_pem(path: &Path) -> Result<Vec<u8>, NodeError> {
+    std::fs::read(path).map_err(|e| NodeError::Tls(format!("{}: {e}", path.display())))
 }
 
-fn tls_config(config: &Config) -> Result<Option<rustls::ServerConfig>, NodeError> {
-    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
-        return Ok(None);
-    };
+fn tls_server(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, NodeError> {
     let tls = |e: &dyn std::fmt::Display| NodeError::Tls(e.to_string());
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert)?))
         .collect::<Result<Vec<_>, _>>()?;
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key)?))?
         .ok_or_else(|| NodeError::Tls("no private key in the key file".into()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls(&e))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| tls(&e))?;
-    Ok(Some(cfg))
+        .map_err(|e| tls(&e))
 }
 
-/// Runs `task` every `every` while this node leads, until shutdown.
-async fn every_while_leader<F, Fut>(
+fn tls_config(config: &Config) -> Result<Option<rustls::ServerConfig>, NodeError> {
+    match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => Ok(Some(tls_server(cert, key)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Runs `task` every `every` until shutdown.
+async fn every<F, Fut>(
     core: Arc<Core>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -202,43 +168,48 @@ async fn every_while_leader<F, Fut>(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        if core.is_leader() {
-            task(core.clone()).await;
-        }
+        task(core.clone()).await;
     }
 }
 
-/// Deletes what aged past the retention, in bounded entries, until nothing is left.
+/// Deletes what aged past the retention in every data group this node leads, in bounded
+/// entries, until nothing is left.
 async fn prune(core: Arc<Core>) {
     const LIMIT: u32 = 2000;
     let retention_ms = (core.config.retention_days * 86_400_000.0) as i64;
     let before_ms = unix_now_ms() - retention_ms;
-    loop {
-        match core
-            .propose(StateChange::Prune {
+    for g in core.groups() {
+        if g.id == META_GROUP || g.leader() != Some(core.node_id) {
+            continue;
+        }
+        loop {
+            let change = StateChange::Prune {
                 before_ms,
                 limit: LIMIT,
-            })
-            .await
-        {
-            Ok(ChangeOutcome::Pruned(n)) if n == LIMIT => continue,
-            Ok(ChangeOutcome::Pruned(n)) => {
-                if n > 0 {
-                    tracing::info!(deleted = n, "pruned expired records");
+            };
+            match core.propose(g.id, change).await {
+                Ok(ChangeOutcome::Pruned(n)) if n == LIMIT => continue,
+                Ok(ChangeOutcome::Pruned(n)) => {
+                    if n > 0 {
+                        tracing::info!(group = g.id, deleted = n, "pruned expired records");
+                    }
+                    break;
                 }
-                return;
-            }
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "prune failed");
-                return;
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(group = g.id, error = %e, "prune failed");
+                    break;
+                }
             }
         }
     }
 }
 
-/// Retrains the recommender.
+/// Retrains the recommender (on the meta group's leader).
 async fn train(core: Arc<Core>) {
+    if !core.is_leader(META_GROUP) {
+        return;
+    }
     match crate::service::train_recommender(&core).await {
         Ok(m) => tracing::info!(
             version = m.version,
@@ -246,6 +217,30 @@ async fn train(core: Arc<Core>) {
             "recommender trained"
         ),
         Err(e) => tracing::warn!(error = %e, "recommender training failed"),
+    }
+}
+
+/// Starts each data group's delivery worker when the group opens on this node.
+async fn start_workers(
+    core: Arc<Core>,
+    mut opened: mpsc::UnboundedReceiver<Arc<Group>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut running = Vec::new();
+    loop {
+        tokio::select! {
+            g = opened.recv() => match g {
+                Some(g) if g.id != META_GROUP => {
+                    running.push(tokio::spawn(crate::delivery::run(core.clone(), g, shutdown.clone())));
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    for w in running {
+        let _ = w.await;
     }
 }
 
@@ -259,6 +254,42 @@ struct Ready {
     pid: u32,
 }
 
+/// This node's id: pinned in config, else kept from before, else given by the cluster it
+/// joins, else 1 (a cluster of its own).
+async fn node_id(
+    config: &Config,
+    peers: &Peers,
+    api_addr: &str,
+    fresh: bool,
+) -> Result<u64, NodeError> {
+    let stored = cluster::stored_node_id(&config.data_dir);
+    if let (Some(s), true) = (stored, config.node_id > 0) {
+        if s != config.node_id {
+            return Err(NodeError::Cluster(format!(
+                "node_id {} is configured, but this data directory belongs to node {s}",
+                config.node_id
+            )));
+        }
+    }
+    let id = match (config.node_id, stored) {
+        (0, Some(s)) => s,
+        (0, None) if fresh && !config.join.is_empty() => {
+            let req = JoinRequest {
+                node_id: None,
+                peer_addr: config.peer_address(),
+                api_addr: api_addr.to_owned(),
+            };
+            cluster::request_join(peers, &config.join, &req)
+                .await?
+                .node_id
+        }
+        (0, None) => 1,
+        (pinned, _) => pinned,
+    };
+    cluster::store_node_id(&config.data_dir, id)?;
+    Ok(id)
+}
+
 /// Runs a node until `shutdown` completes, then stops it gracefully. Must be called inside an
 /// actix system (`actix_rt::System`).
 pub async fn run(
@@ -266,12 +297,25 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)?;
+    let mut config = config;
+    if config.peer_advertise.is_none() {
+        // Port 0 (tests) or a wildcard bind: advertise what was actually bound.
+        config.peer_advertise = Some(listeners.peer.local_addr()?.to_string());
+    }
+    let config = Arc::new(config);
     let admin = admin_token(&config)?;
-    let token_ring = token_keys(&config)?;
+    let secret = cluster::cluster_secret(&config)?;
+    let peer_ca = match &config.peer_tls.ca {
+        Some(ca) => Some(read_pem(ca)?),
+        None => None,
+    };
+    let peers =
+        Peers::new(cluster::peer_token(&secret), peer_ca.as_deref()).map_err(NodeError::Tls)?;
     let db = custos_raft::open_db(&config.data_dir.join("db"))?;
     let telemetry = Telemetry::install();
+    let api_addr = listeners.api.local_addr()?;
+    let peer_addr = listeners.peer.local_addr()?;
 
     // openraft spawns its tasks on the runtime it is created in: give it its own.
     let raft_rt = tokio::runtime::Builder::new_multi_thread()
@@ -279,20 +323,30 @@ pub async fn run(
         .thread_name("custos-raft")
         .enable_all()
         .build()?;
-    let entities = Arc::new(EntityCache::default());
-    let due = Arc::new(DueQueue::default());
-    let observer = Core::observer(&entities, &due);
-    let raft = raft_rt
-        .spawn(start_raft(config.clone(), db.clone(), observer))
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))??;
-    let core = Arc::new(Core {
-        config: config.clone(),
-        raft: raft.clone(),
-        reader: custos_raft::StateReader::new(db.clone(), DATA_GROUP),
-        entities,
-        due,
-    });
+    let meta_vote = custos_raft::keys::key(META_GROUP, custos_raft::keys::RAFT_META, b"vote");
+    let fresh = db
+        .get_pinned(meta_vote)
+        .map_err(custos_raft::StoreError::from)?
+        .is_none();
+    let id = {
+        let (config, peers, api) = (config.clone(), peers.clone(), api_addr.to_string());
+        raft_rt
+            .spawn(async move { node_id(&config, &peers, &api, fresh).await })
+            .await
+            .map_err(|e| NodeError::Cluster(e.to_string()))??
+    };
+    let core = Arc::new(Core::new(
+        config.clone(),
+        id,
+        db.clone(),
+        peers.clone(),
+        raft_rt.handle().clone(),
+        raft_config(&config)?,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (opened_tx, opened_rx) = mpsc::unbounded_channel();
+    core.on_open(opened_tx);
+    let workers = raft_rt.spawn(start_workers(core.clone(), opened_rx, stop_rx.clone()));
 
     let arbiters = match config.profile_arbiters {
         0 => std::thread::available_parallelism()
@@ -305,48 +359,44 @@ pub async fn run(
         arbiters,
         Duration::from_secs_f64(config.profile_idle_secs),
     );
-    let api_addr = listeners.api.local_addr()?;
     let tls = tls_config(&config)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public_url = config
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{api_addr}"));
-    let vault = Vault::new(core.clone(), profiles, &admin, &public_url, token_ring);
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = raft_rt.spawn(crate::delivery::run(core.clone(), stop_rx.clone()));
-    let prune_every = Duration::from_secs_f64(config.prune_interval_secs);
-    let pruner = raft_rt.spawn(every_while_leader(
+    let vault = Vault::new(
         core.clone(),
-        prune_every,
-        stop_rx.clone(),
-        prune,
-    ));
-    let train_every = Duration::from_secs_f64(config.recommend_interval_secs);
-    let trainer = raft_rt.spawn(every_while_leader(
-        core.clone(),
-        train_every,
-        stop_rx,
-        train,
-    ));
+        profiles.clone(),
+        &admin,
+        &public_url,
+        secret.clone(),
+    );
 
-    let peer_addr = listeners.peer.local_addr()?;
     let vault_data = web::Data::new(vault);
     let telemetry_data = web::Data::new(telemetry);
+    let core_data = web::Data::new(core.clone());
     let portal_data = web::Data::from(crate::portal::Portal::new(
         &config.portal,
         public_url.starts_with("https://"),
     ));
+    let (v, t, c, p) = (
+        vault_data.clone(),
+        telemetry_data.clone(),
+        core_data.clone(),
+        portal_data.clone(),
+    );
     let api_server = HttpServer::new(move || {
         App::new()
-            .app_data(vault_data.clone())
-            .app_data(telemetry_data.clone())
-            .app_data(portal_data.clone())
+            .app_data(v.clone())
+            .app_data(t.clone())
+            .app_data(c.clone())
+            .app_data(p.clone())
             .configure(crate::portal::configure)
-            // Path without the query: OAuth codes and states are not written to logs.
-            .wrap(actix_web::middleware::Logger::new("%m %U %s %Dms").log_target("custos::http"))
             .configure(crate::gateway::configure)
+            .wrap(middleware::from_fn(crate::forward::forward))
+            // Path without the query: OAuth codes and states are not written to logs.
+            .wrap(middleware::Logger::new("%m %U %s %Dms").log_target("custos::http"))
     })
     .disable_signals()
     .shutdown_timeout(10);
@@ -355,24 +405,77 @@ pub async fn run(
         None => api_server.listen(listeners.api)?,
     }
     .run();
-    let raft_data = web::Data::new(raft.clone());
+    let token = web::Data::new(PeerToken(cluster::peer_token(&secret).into()));
+    let on_peer = web::Data::new(OnPeerPort);
     let peer_server = HttpServer::new(move || {
         App::new()
-            .app_data(raft_data.clone())
+            .app_data(vault_data.clone())
+            .app_data(telemetry_data.clone())
+            .app_data(core_data.clone())
+            .app_data(portal_data.clone())
+            .app_data(token.clone())
+            .app_data(on_peer.clone())
             .configure(crate::peer::configure)
+            .configure(crate::portal::configure)
+            .configure(crate::gateway::configure)
+            .wrap(middleware::from_fn(crate::forward::forward))
+            .wrap(middleware::from_fn(crate::peer::require_token))
     })
-    .workers(1)
+    .workers(2)
     .disable_signals()
-    .shutdown_timeout(5)
-    .listen(listeners.peer)?
+    .shutdown_timeout(5);
+    let peer_server = match &config.peer_tls {
+        crate::config::PeerTlsConfig {
+            cert: Some(cert),
+            key: Some(key),
+            ..
+        } => peer_server.listen_rustls_0_23(listeners.peer, tls_server(cert, key)?)?,
+        _ => peer_server.listen(listeners.peer)?,
+    }
     .run();
     let api_handle = api_server.handle();
     let peer_handle = peer_server.handle();
     let api_task = actix_rt::spawn(api_server);
     let peer_task = actix_rt::spawn(peer_server);
 
+    // Groups: what storage holds (a restart), a new cluster, or the meta replica a join needs.
+    let started = {
+        let (core, config, secret) = (core.clone(), config.clone(), secret.clone());
+        let api = api_addr.to_string();
+        raft_rt
+            .spawn(async move { start_groups(&core, &config, &secret, &api, fresh).await })
+            .await
+            .map_err(|e| NodeError::Cluster(e.to_string()))?
+    };
+    if let Err(e) = started {
+        api_handle.stop(false).await;
+        peer_handle.stop(false).await;
+        core.close_all().await;
+        raft_rt.shutdown_background();
+        return Err(e);
+    }
+
+    let manager = raft_rt.spawn(cluster::manager::run(core.clone(), stop_rx.clone()));
+    let intents = raft_rt.spawn(crate::intents::run(
+        core.clone(),
+        profiles.clone(),
+        stop_rx.clone(),
+    ));
+    let pruner = raft_rt.spawn(every(
+        core.clone(),
+        Duration::from_secs_f64(config.prune_interval_secs),
+        stop_rx.clone(),
+        prune,
+    ));
+    let trainer = raft_rt.spawn(every(
+        core.clone(),
+        Duration::from_secs_f64(config.recommend_interval_secs),
+        stop_rx.clone(),
+        train,
+    ));
+
     let ready = Ready {
-        node_id: config.node_id,
+        node_id: id,
         api: api_addr,
         peer: peer_addr,
         tls: tls.is_some(),
@@ -380,28 +483,33 @@ pub async fn run(
     };
     let ready_json = serde_json::to_vec_pretty(&ready).unwrap_or_default();
     write_private(&config.data_dir.join("node.json"), &ready_json)?;
-    println!("custos node {} ready", config.node_id);
+    println!("custos node {id} ready");
     println!("  client API   {scheme}://{api_addr}");
     println!("  portal       {public_url}/portal");
-    println!("  peer port    {peer_addr}");
+    println!("  peer port    {}", config.peer_address());
     println!("  data dir     {}", config.data_dir.display());
     println!("  admin token  {admin}");
+    if config.cluster_secret.is_none() {
+        println!(
+            "  cluster secret in {} (give it to joining nodes as CUSTOS_CLUSTER_SECRET)",
+            config.data_dir.join("cluster-secret").display()
+        );
+    }
     let _ = std::io::stdout().flush();
-    tracing::info!(api = %api_addr, peer = %peer_addr, "node ready");
+    tracing::info!(node = id, api = %api_addr, peer = %config.peer_address(), "node ready");
 
     shutdown.await;
     tracing::info!("stopping");
+    core.set_closing();
     api_handle.stop(true).await;
     peer_handle.stop(true).await;
     let _ = api_task.await;
     let _ = peer_task.await;
     let _ = stop_tx.send(true);
-    let _ = worker.await;
-    let _ = pruner.await;
-    let _ = trainer.await;
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!(error = %e, "raft shutdown");
+    for task in [manager, intents, pruner, trainer, workers] {
+        let _ = task.await;
     }
+    core.close_all().await;
     for a in arbiter_threads {
         a.stop();
     }
@@ -410,5 +518,43 @@ pub async fn run(
     raft_rt.shutdown_background();
     drop(db);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens this node's groups: the stored ones after a restart (rejoining when told to), or a
+/// new cluster, or (a new member) the meta replica, then waits for the cluster's settings.
+async fn start_groups(
+    core: &Arc<Core>,
+    config: &Config,
+    secret: &str,
+    api_addr: &str,
+    fresh: bool,
+) -> Result<(), NodeError> {
+    if !fresh {
+        cluster::reopen(core).await?;
+        if !config.join.is_empty() {
+            // Joining again is idempotent; it updates this node's addresses. Best effort: the
+            // members may be restarting too, and this node already knows the cluster.
+            let (peers, join) = (core.peers.clone(), config.join.clone());
+            let req = JoinRequest {
+                node_id: Some(core.node_id),
+                peer_addr: config.peer_address(),
+                api_addr: api_addr.to_owned(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = cluster::request_join(&peers, &join, &req).await {
+                    tracing::warn!(error = %e, "rejoin");
+                }
+            });
+        }
+    } else if config.join.is_empty() {
+        cluster::bootstrap(core, config, secret, api_addr).await?;
+    } else {
+        core.open_group(META_GROUP).await?;
+    }
+    cluster::wait_settings(core, Duration::from_secs(120)).await?;
+    // Proves the secret opens the cluster's sealed settings (a wrong one is refused above,
+    // at the join, by the peer token; this catches a restart with a changed secret).
+    cluster::token_keys(core, config, secret).await?;
     Ok(())
 }

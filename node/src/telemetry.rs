@@ -51,24 +51,56 @@ impl Telemetry {
         Telemetry { handle }
     }
 
-    /// The exposition text, with Raft and outbox gauges refreshed first.
+    /// The exposition text, with per-group Raft and outbox gauges and the batching counters
+    /// refreshed first.
     pub async fn render(&self, core: &Core) -> String {
-        let m = core.raft.metrics().borrow().clone();
-        metrics::gauge!("custos_raft_term").set(m.current_term as f64);
-        metrics::gauge!("custos_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
-        metrics::gauge!("custos_raft_applied_index")
-            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
-        metrics::gauge!("custos_raft_is_leader").set(
-            if m.current_leader == Some(core.config.node_id) {
-                1.0
-            } else {
-                0.0
-            },
-        );
-        if let Ok(committed) = core.read(|r| r.committed()).await {
-            metrics::gauge!("custos_raft_commit_index").set(committed.unwrap_or(0) as f64);
+        for g in core.groups() {
+            let m = g.metrics();
+            let group = g.id.to_string();
+            let set = |name: &'static str, v: f64| {
+                metrics::gauge!(name, "group" => group.clone()).set(v);
+            };
+            set("custos_raft_term", m.current_term as f64);
+            set(
+                "custos_raft_last_log_index",
+                m.last_log_index.unwrap_or(0) as f64,
+            );
+            set(
+                "custos_raft_applied_index",
+                m.last_applied.map(|l| l.index).unwrap_or(0) as f64,
+            );
+            set(
+                "custos_raft_commit_index",
+                g.reader.committed().ok().flatten().unwrap_or(0) as f64,
+            );
+            set(
+                "custos_raft_is_leader",
+                if m.current_leader == Some(core.node_id) {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+            set(
+                "custos_raft_leader",
+                m.current_leader.map(|l| l as f64).unwrap_or(0.0),
+            );
+            set("custos_pending_deliveries", g.due.len() as f64);
+            let stats = g.proposer.stats();
+            set(
+                "custos_proposer_entries",
+                stats.entries.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+            set(
+                "custos_proposer_changes",
+                stats.changes.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
         }
-        metrics::gauge!("custos_pending_deliveries").set(core.due.len() as f64);
+        let wal = core.wal.stats();
+        metrics::gauge!("custos_wal_syncs")
+            .set(wal.syncs.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        metrics::gauge!("custos_log_appends_flushed")
+            .set(wal.appends.load(std::sync::atomic::Ordering::Relaxed) as f64);
         match &self.handle {
             Some(h) => h.render(),
             None => String::new(),

@@ -4,10 +4,11 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The current format version, the first byte of every encoded value. 2: portal accounts,
-/// sessions and OAuth linking changed customer, entity and link records and the changes;
-/// data written by version 1 is refused with `UnknownVersion`, never misread.
-pub const FORMAT_VERSION: u8 = 2;
+/// The current format version, the first byte of every encoded value (and of snapshot files
+/// and peer messages). 3: the cluster (meta and data groups, intents, batches) changed the
+/// records and the changes; data written by an earlier version is refused with
+/// `UnknownVersion`, never misread.
+pub const FORMAT_VERSION: u8 = 3;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

@@ -11,12 +11,20 @@ pub enum StoreError {
     /// Stored bytes could not be decoded (or a value encoded).
     #[error("codec: {0}")]
     Codec(#[from] CodecError),
-    /// A blocking task was cancelled.
+    /// A file (snapshots) could not be read or written.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// A blocking task was cancelled, or a snapshot file is damaged.
     #[error("background task failed: {0}")]
     Task(String),
 }
 
 impl StoreError {
+    /// A file error.
+    pub fn io(e: std::io::Error) -> Self {
+        StoreError::Io(e)
+    }
+
     /// As openraft's storage error, for the read path.
     pub fn into_raft_read(self) -> openraft::StorageError<u64> {
         openraft::StorageIOError::read(&self).into()

@@ -6,6 +6,8 @@
 
 use crate::types::GroupId;
 
+/// Which key space holds the state machine data (one key; see [`space`]).
+pub const SPACE: u8 = 0x00;
 /// Raft log entries: `| index u64`.
 pub const LOG: u8 = 0x01;
 /// Raft metadata: vote, committed, last purged.
@@ -21,9 +23,7 @@ pub const SM_FIRST: u8 = 0x10;
 pub const ENTITY: u8 = 0x10;
 /// Customers: `| customer`.
 pub const CUSTOMER: u8 = 0x11;
-/// Customer token hashes: `| sha256` -> customer id.
-pub const TOKEN: u8 = 0x12;
-/// Link index: `| entity \0 subject` -> customer id.
+/// Meta group: the routing index `| entity \0 subject` -> the claiming customer id.
 pub const SUBJECT: u8 = 0x13;
 /// Links: `| customer \0 entity`.
 pub const LINK: u8 = 0x14;
@@ -49,10 +49,20 @@ pub const DISMISSED: u8 = 0x1d;
 pub const ENGAGEMENT: u8 = 0x1e;
 /// Pending OAuth linkings: `| sha256(state)`.
 pub const PENDING_LINK: u8 = 0x1f;
-/// Portal accounts: `| email`.
+/// Meta group: portal accounts: `| email`.
 pub const ACCOUNT: u8 = 0x20;
 /// Portal sessions: `| sha256(cookie value)`.
 pub const SESSION: u8 = 0x21;
+/// Meta group: cluster nodes: `| node id u64`.
+pub const NODE: u8 = 0x22;
+/// Meta group: cluster settings (one key).
+pub const SETTINGS: u8 = 0x23;
+/// Meta group: the replica assignment of every group (one key).
+pub const ASSIGNMENT: u8 = 0x24;
+/// Meta group: what each group's leader last reported: `| group u32`.
+pub const GROUP_REPORT: u8 = 0x25;
+/// Data groups: cross-group operations under way: `| intent id`.
+pub const INTENT: u8 = 0x26;
 /// End of state machine data tags (exclusive).
 pub const SM_END: u8 = 0x30;
 
@@ -117,6 +127,12 @@ pub fn expiry(group: GroupId, expires_ms: i64, seq: u64) -> Vec<u8> {
     k
 }
 
+/// The state machine's keys in a space (its metadata and data, not the Raft log's keys):
+/// `[lo, hi)`.
+pub fn sm_range(space: u32) -> (Vec<u8>, Vec<u8>) {
+    (prefix(space, SM_META), prefix(space, SM_END))
+}
+
 /// The first key after every key starting with `prefix` (for exclusive range ends).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -138,6 +154,20 @@ pub fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
 
 /// The length of `group | tag`.
 pub const HEADER: usize = 5;
+
+/// The bit that tells a group's second state machine key space from its first.
+pub const SPACE_BIT: u32 = 1 << 31;
+
+/// The key space of a group's state machine data, generation 0 or 1. A snapshot is installed
+/// into the space not in use, then one synced write switches to it, so a crash mid-install
+/// leaves the old state whole (see `state_machine::install`).
+pub fn space(group: GroupId, generation: bool) -> u32 {
+    if generation {
+        group | SPACE_BIT
+    } else {
+        group
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -3,12 +3,16 @@
 //! # Layout
 //!
 //! - [`types`]: the openraft type configuration and group ids.
+//! - [`shard`]: the meta group, customer slots and the shard map (slot -> data group).
+//! - [`placement`]: where each group's replicas and leader should be (pure functions).
 //! - [`codec`]: every encode and decode of stored or peer-sent bytes, behind a format byte.
 //! - [`keys`]: the RocksDB key layout; every key starts with the group id.
 //! - [`records`]: what the state machine stores, and the [`StateChange`]s proposed to it.
-//! - [`log_store`]: the Raft log on RocksDB, with group commit (one WAL sync per batch of appends).
+//! - [`log_store`]: the Raft log on RocksDB, with group commit (one WAL sync per batch of
+//!   appends, shared by every group of the node).
+//! - [`proposer`]: one per group; drains queued changes into one log entry.
 //! - [`state_machine`]: applies committed changes to RocksDB in one write batch per apply call,
-//!   builds and installs snapshots.
+//!   builds and installs snapshots as streams of a group's keys.
 //! - [`reader`]: read-only queries on the applied state, for the node's services.
 //! - [`network`]: the peer RPC client (HTTP, bincode bodies) that openraft drives.
 //! - [`error`]: this layer's error enum.
@@ -21,8 +25,11 @@ pub mod error;
 pub mod keys;
 pub mod log_store;
 pub mod network;
+pub mod placement;
+pub mod proposer;
 pub mod reader;
 pub mod records;
+pub mod shard;
 pub mod state_machine;
 pub mod types;
 
@@ -30,11 +37,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use error::StoreError;
-pub use log_store::LogStore;
+pub use log_store::{LogStore, WalSyncer};
+pub use proposer::{ProposeError, Proposer, ProposerLimits};
 pub use reader::StateReader;
 pub use records::{ChangeOutcome, StateChange};
 pub use rocksdb::DB;
-pub use state_machine::{ApplyObserver, Effect, StateMachineStore};
+pub use shard::{ShardMap, META_GROUP};
+pub use state_machine::{destroy_group, ApplyObserver, Effect, StateMachineStore};
 pub use types::{GroupId, NodeId, Raft, TypeConfig};
 
 /// Opens (or creates) the node's one RocksDB.

@@ -1,12 +1,13 @@
 //! The Raft log on RocksDB with group commit.
 //!
 //! `append` writes the entries to RocksDB at once (so they are readable for replication) but
-//! without syncing; a syncer thread then syncs the WAL once for every append that queued up
-//! meanwhile, and only after that reports them flushed to openraft. Under load many appends
-//! share one fsync.
+//! without syncing; the node's one [`WalSyncer`] thread then syncs the WAL once for every
+//! append that queued up meanwhile, from every group, and only after that reports them flushed
+//! to openraft. All groups share one RocksDB and so one WAL: one fsync serves them all.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -25,12 +26,58 @@ const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 
+/// Counts of the WAL syncer's work, so group commit can be measured (appends per sync).
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// `flush_wal(sync)` calls.
+    pub syncs: AtomicU64,
+    /// Appends reported flushed.
+    pub appends: AtomicU64,
+}
+
+/// The node's one WAL syncer: a thread that syncs the WAL once for every append queued since
+/// the last sync, whatever its group, then reports them flushed. Cheap to clone.
+#[derive(Clone)]
+pub struct WalSyncer {
+    tx: mpsc::Sender<LogFlushed<TypeConfig>>,
+    stats: Arc<WalStats>,
+}
+
+impl std::fmt::Debug for WalSyncer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalSyncer").finish_non_exhaustive()
+    }
+}
+
+impl WalSyncer {
+    /// Starts the syncer thread of `db`.
+    pub fn start(db: &Arc<DB>) -> Self {
+        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let stats = Arc::new(WalStats::default());
+        // A weak handle: the detached syncer must never be the one to close the database
+        // (a close racing the process's exit aborts inside RocksDB).
+        let sync_db = Arc::downgrade(db);
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("custos-wal-sync".into())
+            .spawn(move || sync_loop(&sync_db, &rx, &thread_stats))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!("cannot start WAL syncer: {e}"));
+        WalSyncer { tx, stats }
+    }
+
+    /// What the syncer has done so far.
+    pub fn stats(&self) -> &WalStats {
+        &self.stats
+    }
+}
+
 /// One group's Raft log. Cheap to clone: clones share the database and the syncer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     group: GroupId,
-    syncer: mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: WalSyncer,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -42,22 +89,20 @@ impl std::fmt::Debug for LogStore {
 }
 
 impl LogStore {
-    /// The log of `group` in `db`; starts the group's WAL syncer thread.
-    pub fn new(db: Arc<DB>, group: GroupId) -> Self {
-        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-        // A weak handle: the detached syncer must never be the one to close the database
-        // (a close racing the process's exit aborts inside RocksDB).
-        let sync_db = Arc::downgrade(&db);
-        std::thread::Builder::new()
-            .name(format!("custos-wal-sync-{group}"))
-            .spawn(move || sync_loop(&sync_db, &rx))
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::error!("cannot start WAL syncer: {e}"));
-        LogStore {
-            db,
-            group,
-            syncer: tx,
+    /// The log of `group` in `db`, synced by `syncer` (the node's one syncer for `db`).
+    pub fn new(db: Arc<DB>, group: GroupId, syncer: WalSyncer) -> Self {
+        LogStore { db, group, syncer }
+    }
+
+    /// Removes every log entry and the vote of this group (the node no longer holds it).
+    pub fn destroy(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for tag in [keys::LOG, keys::RAFT_META] {
+            let p = keys::prefix(self.group, tag);
+            batch.delete_range(p.clone(), keys::prefix_end(&p));
         }
+        self.db.write(batch)?;
+        Ok(())
     }
 
     fn meta_key(&self, name: &[u8]) -> Vec<u8> {
@@ -123,10 +168,18 @@ impl LogStore {
 }
 
 /// Syncs the WAL once for every append queued since the last sync, then reports them.
-fn sync_loop(db: &std::sync::Weak<DB>, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn sync_loop(
+    db: &std::sync::Weak<DB>,
+    rx: &mpsc::Receiver<LogFlushed<TypeConfig>>,
+    stats: &WalStats,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats
+            .appends
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         // Appends are only queued by a live store, which holds the database open.
         let result = match db.upgrade() {
             Some(db) => db.flush_wal(true).map_err(std::io::Error::other),
@@ -225,7 +278,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .write(batch)
             .map_err(|e| StoreError::from(e).into_raft_write())?;
-        if let Err(mpsc::SendError(cb)) = self.syncer.send(callback) {
+        if let Err(mpsc::SendError(cb)) = self.syncer.tx.send(callback) {
             // The syncer is gone (thread failed to start): sync here instead.
             let r = self.db.flush_wal(true).map_err(std::io::Error::other);
             cb.log_io_completed(r);

@@ -1,6 +1,10 @@
 //! The peer RPC client openraft drives: HTTP POSTs of codec-encoded requests to the peer
 //! port (`/raft/{group}/{append|vote|snapshot}`), apart from the client API.
 //!
+//! Every group shares one [`Peers`] client (pooled connections per peer), and every request
+//! carries the token derived from the cluster secret ([`PEER_AUTH_HEADER`]); with peer TLS
+//! configured, requests go over HTTPS to certificates signed by the cluster's CA.
+//!
 //! The serving side lives in the node (it owns the HTTP server); both use [`encode_reply`] /
 //! [`decode_reply`] so the bytes are defined in one place.
 
@@ -40,22 +44,70 @@ pub fn decode_reply<T: DeserializeOwned, E: DeserializeOwned>(
     codec::decode(bytes)
 }
 
+/// The header carrying the peer token on every peer request.
+pub const PEER_AUTH_HEADER: &str = "x-custos-peer-auth";
+
+/// The node's one client for talking to peers: pooled connections, the peer token, and the
+/// scheme (HTTPS when peer TLS is configured). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    http: reqwest::Client,
+    token: std::sync::Arc<str>,
+    scheme: &'static str,
+}
+
+impl Peers {
+    /// A client sending `token`; over HTTPS trusting `ca_pem` when given.
+    pub fn new(token: String, ca_pem: Option<&[u8]>) -> Result<Self, String> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .redirect(reqwest::redirect::Policy::none());
+        let scheme = match ca_pem {
+            Some(pem) => {
+                let ca = reqwest::Certificate::from_pem(pem).map_err(|e| e.to_string())?;
+                b = b.add_root_certificate(ca).tls_built_in_root_certs(false);
+                "https"
+            }
+            None => "http",
+        };
+        Ok(Peers {
+            http: b.build().map_err(|e| e.to_string())?,
+            token: token.into(),
+            scheme,
+        })
+    }
+
+    /// A POST to `path` at the peer `addr`, authenticated.
+    pub fn post(&self, addr: &str, path: &str) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST, addr, path)
+    }
+
+    /// A request to `path` at the peer `addr`, authenticated.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        addr: &str,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}://{addr}{path}", self.scheme))
+            .header(PEER_AUTH_HEADER, &*self.token)
+    }
+}
+
 /// Makes a [`PeerClient`] per target node.
 #[derive(Debug, Clone)]
 pub struct PeerNetwork {
     group: GroupId,
-    http: reqwest::Client,
+    peers: Peers,
 }
 
 impl PeerNetwork {
-    /// A network for `group`.
-    pub fn new(group: GroupId) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
-        PeerNetwork { group, http }
+    /// A network for `group` over the node's peer client.
+    pub fn new(group: GroupId, peers: Peers) -> Self {
+        PeerNetwork { group, peers }
     }
 }
 
@@ -67,7 +119,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             group: self.group,
             target,
             addr: node.addr.clone(),
-            http: self.http.clone(),
+            peers: self.peers.clone(),
         }
     }
 }
@@ -78,7 +130,7 @@ pub struct PeerClient {
     group: GroupId,
     target: NodeId,
     addr: String,
-    http: reqwest::Client,
+    peers: Peers,
 }
 
 impl PeerClient {
@@ -94,10 +146,9 @@ impl PeerClient {
         E: DeserializeOwned + std::error::Error,
     {
         let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let url = format!("http://{}{}", self.addr, rpc_path(self.group, verb));
         let resp = self
-            .http
-            .post(url)
+            .peers
+            .post(&self.addr, &rpc_path(self.group, verb))
             .timeout(option.hard_ttl())
             .header("content-type", "application/octet-stream")
             .body(body)

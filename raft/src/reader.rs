@@ -3,6 +3,7 @@
 //! Reads see what has been applied on this node. On the leader, everything it acknowledged
 //! has been applied before the acknowledgement, so a client reads its own writes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rocksdb::DB;
@@ -22,6 +23,8 @@ pub type ActivitySlice = (Vec<(i64, ActivityRecord)>, Option<String>);
 pub struct StateReader {
     db: Arc<DB>,
     group: GroupId,
+    /// Which key space holds the state; shared with the group's state machine.
+    generation: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for StateReader {
@@ -33,9 +36,23 @@ impl std::fmt::Debug for StateReader {
 }
 
 impl StateReader {
-    /// A reader of `group` in `db`.
-    pub fn new(db: Arc<DB>, group: GroupId) -> Self {
-        StateReader { db, group }
+    /// A reader of `group` in `db`, whose state is in the key space `generation` names.
+    pub fn new(db: Arc<DB>, group: GroupId, generation: Arc<AtomicBool>) -> Self {
+        StateReader {
+            db,
+            group,
+            generation,
+        }
+    }
+
+    /// The group read.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The key space holding the state now.
+    fn space(&self) -> u32 {
+        keys::space(self.group, self.generation.load(Ordering::SeqCst))
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -83,7 +100,7 @@ impl StateReader {
     /// The last applied log id.
     pub fn applied(&self) -> Result<Option<LogId>, StoreError> {
         Ok(self
-            .get::<Option<LogId>>(&keys::key(self.group, keys::SM_META, b"applied"))?
+            .get::<Option<LogId>>(&keys::key(self.space(), keys::SM_META, b"applied"))?
             .flatten())
     }
 
@@ -96,12 +113,12 @@ impl StateReader {
 
     /// One entity.
     pub fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
-        self.get(&keys::key(self.group, keys::ENTITY, id.as_bytes()))
+        self.get(&keys::key(self.space(), keys::ENTITY, id.as_bytes()))
     }
 
     /// Every entity, by id.
     pub fn entities(&self) -> Result<Vec<EntityRecord>, StoreError> {
-        let p = keys::prefix(self.group, keys::ENTITY);
+        let p = keys::prefix(self.space(), keys::ENTITY);
         Ok(self
             .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -111,36 +128,31 @@ impl StateReader {
 
     /// One customer.
     pub fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
-        self.get(&keys::key(self.group, keys::CUSTOMER, id.as_bytes()))
+        self.get(&keys::key(self.space(), keys::CUSTOMER, id.as_bytes()))
     }
 
     /// A portal account by (normalised) email.
     pub fn account(&self, email: &str) -> Result<Option<AccountRecord>, StoreError> {
-        self.get(&keys::key(self.group, keys::ACCOUNT, email.as_bytes()))
+        self.get(&keys::key(self.space(), keys::ACCOUNT, email.as_bytes()))
     }
 
     /// A portal session by the hash of its cookie value.
     pub fn session(&self, hash: &[u8]) -> Result<Option<SessionRecord>, StoreError> {
-        self.get(&keys::key(self.group, keys::SESSION, hash))
+        self.get(&keys::key(self.space(), keys::SESSION, hash))
     }
 
-    /// The customer whose token hashes to `hash`.
-    pub fn customer_by_token(&self, hash: &[u8]) -> Result<Option<String>, StoreError> {
-        self.get(&keys::key(self.group, keys::TOKEN, hash))
-    }
-
-    /// The customer known as `subject` at `entity`.
+    /// The customer claiming `subject` at `entity` (meta group: a routing hint).
     pub fn customer_for_subject(
         &self,
         entity: &str,
         subject: &str,
     ) -> Result<Option<String>, StoreError> {
-        self.get(&keys::key2(self.group, keys::SUBJECT, entity, subject))
+        self.get(&keys::key2(self.space(), keys::SUBJECT, entity, subject))
     }
 
     /// A customer's links, by entity id.
     pub fn links(&self, customer: &str) -> Result<Vec<LinkRecord>, StoreError> {
-        let p = keys::prefix2(self.group, keys::LINK, customer);
+        let p = keys::prefix2(self.space(), keys::LINK, customer);
         Ok(self
             .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -150,12 +162,12 @@ impl StateReader {
 
     /// One link.
     pub fn link(&self, customer: &str, entity: &str) -> Result<Option<LinkRecord>, StoreError> {
-        self.get(&keys::key2(self.group, keys::LINK, customer, entity))
+        self.get(&keys::key2(self.space(), keys::LINK, customer, entity))
     }
 
     /// A customer's rules, by id.
     pub fn rules(&self, customer: &str) -> Result<Vec<RuleRecord>, StoreError> {
-        let p = keys::prefix2(self.group, keys::RULE, customer);
+        let p = keys::prefix2(self.space(), keys::RULE, customer);
         Ok(self
             .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -165,7 +177,7 @@ impl StateReader {
 
     /// Every customer's rules, grouped by customer id (for training the recommender).
     pub fn all_rules(&self) -> Result<Vec<(String, RuleRecord)>, StoreError> {
-        let p = keys::prefix(self.group, keys::RULE);
+        let p = keys::prefix(self.space(), keys::RULE);
         Ok(self
             .scan::<RuleRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -175,7 +187,7 @@ impl StateReader {
 
     /// Every link, as (customer id, entity id) (for training the recommender).
     pub fn all_links(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let p = keys::prefix(self.group, keys::LINK);
+        let p = keys::prefix(self.space(), keys::LINK);
         Ok(self
             .scan::<LinkRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -197,8 +209,8 @@ impl StateReader {
         customer: Option<&str>,
     ) -> Result<Vec<(String, String, u64, i64)>, StoreError> {
         let p = match customer {
-            Some(c) => keys::prefix2(self.group, keys::ENGAGEMENT, c),
-            None => keys::prefix(self.group, keys::ENGAGEMENT),
+            Some(c) => keys::prefix2(self.space(), keys::ENGAGEMENT, c),
+            None => keys::prefix(self.space(), keys::ENGAGEMENT),
         };
         Ok(self
             .scan::<(u64, i64)>(&p, &keys::prefix_end(&p), false, usize::MAX)?
@@ -212,12 +224,12 @@ impl StateReader {
 
     /// The stored recommendation model.
     pub fn model(&self) -> Result<Option<ModelRecord>, StoreError> {
-        self.get(&keys::prefix(self.group, keys::MODEL))
+        self.get(&keys::prefix(self.space(), keys::MODEL))
     }
 
     /// How many customers dismissed each template (for training).
     pub fn dismissal_counts(&self) -> Result<std::collections::HashMap<String, u32>, StoreError> {
-        let p = keys::prefix(self.group, keys::DISMISSED);
+        let p = keys::prefix(self.space(), keys::DISMISSED);
         let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, usize::MAX)?;
         let mut counts = std::collections::HashMap::new();
         for (k, ()) in rows {
@@ -230,7 +242,7 @@ impl StateReader {
 
     /// The templates a customer dismissed.
     pub fn dismissed(&self, customer: &str) -> Result<Vec<String>, StoreError> {
-        let p = keys::prefix2(self.group, keys::DISMISSED, customer);
+        let p = keys::prefix2(self.space(), keys::DISMISSED, customer);
         let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &keys::prefix_end(&p), false, usize::MAX)?;
         Ok(rows
             .into_iter()
@@ -246,7 +258,7 @@ impl StateReader {
         before: Option<&str>,
         limit: usize,
     ) -> Result<ActivitySlice, StoreError> {
-        let p = keys::prefix2(self.group, keys::ACTIVITY, customer);
+        let p = keys::prefix2(self.space(), keys::ACTIVITY, customer);
         let end = match before.and_then(decode_cursor) {
             Some(suffix) => [p.as_slice(), &suffix].concat(),
             None => keys::prefix_end(&p),
@@ -265,15 +277,59 @@ impl StateReader {
         Ok((items, next))
     }
 
+    /// Every node of the cluster (meta group).
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let p = keys::prefix(self.space(), keys::NODE);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// The cluster's settings, once initialised (meta group).
+    pub fn settings(&self) -> Result<Option<ClusterSettings>, StoreError> {
+        self.get(&keys::prefix(self.space(), keys::SETTINGS))
+    }
+
+    /// The target placement (meta group).
+    pub fn assignment(&self) -> Result<Option<Assignment>, StoreError> {
+        self.get(&keys::prefix(self.space(), keys::ASSIGNMENT))
+    }
+
+    /// Every group's last report (meta group).
+    pub fn group_reports(&self) -> Result<Vec<GroupReport>, StoreError> {
+        let p = keys::prefix(self.space(), keys::GROUP_REPORT);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Intents under way, oldest id first (data groups).
+    pub fn intents(&self, limit: usize) -> Result<Vec<IntentRecord>, StoreError> {
+        let p = keys::prefix(self.space(), keys::INTENT);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), false, limit)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
     /// One delivery.
     pub fn outbox(&self, command_id: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        self.get(&keys::key(self.group, keys::OUTBOX, command_id.as_bytes()))
+        self.get(&keys::key(
+            self.space(),
+            keys::OUTBOX,
+            command_id.as_bytes(),
+        ))
     }
 
     /// Pending deliveries due at or before `now_ms`, earliest first: `(due_ms, command id)`.
     pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        let p = keys::prefix(self.group, keys::DUE);
-        let end = keys::due(self.group, now_ms.saturating_add(1), "");
+        let p = keys::prefix(self.space(), keys::DUE);
+        let end = keys::due(self.space(), now_ms.saturating_add(1), "");
         let rows: Vec<(Vec<u8>, ())> = self.scan(&p, &end, false, limit)?;
         Ok(rows
             .into_iter()
@@ -297,7 +353,7 @@ impl StateReader {
             DeliveryState::Pending => (keys::DUE, true),
             DeliveryState::Delivered | DeliveryState::Cancelled => (keys::OUTBOX, false),
         };
-        let p = keys::prefix(self.group, tag);
+        let p = keys::prefix(self.space(), tag);
         let from = match after.and_then(decode_cursor) {
             Some(suffix) => {
                 let mut k = [p.as_slice(), &suffix].concat();

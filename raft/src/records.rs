@@ -110,20 +110,22 @@ impl EntityRecord {
     }
 }
 
-/// A customer profile.
+/// A customer profile (in the customer's data group).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustomerRecord {
     /// Customer id.
     pub id: String,
     /// Creation time.
     pub created_ms: i64,
-    /// SHA-256 of its API token (so erasing the customer can remove the token index).
+    /// SHA-256 of its API token: a customer's calls name it, so the token is checked here.
     pub token_hash: Vec<u8>,
     /// The portal account's email, when it signed up there.
     pub email: Option<String>,
+    /// Sessions from an older epoch are invalid ("sign out everywhere" increments it).
+    pub session_epoch: u64,
 }
 
-/// A portal account: how a person signs in to their customer profile.
+/// A portal account (in the meta group, so any node finds it by email at sign-in).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AccountRecord {
     /// Normalised (lower-case) email.
@@ -132,8 +134,6 @@ pub struct AccountRecord {
     pub customer_id: String,
     /// argon2id hash in PHC string form.
     pub password_hash: String,
-    /// Sessions from an older epoch are invalid ("sign out everywhere" increments it).
-    pub session_epoch: u64,
     /// When created.
     pub created_ms: i64,
 }
@@ -611,9 +611,195 @@ pub struct PendingLink {
     pub via_portal: bool,
 }
 
+/// A node's standing in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Holds replicas and serves clients.
+    Active,
+    /// Being emptied: its replicas and leaderships move away, then it is removed.
+    Leaving,
+    /// Out of the cluster; its id is never reused.
+    Removed,
+}
+
+/// A node of the cluster (meta group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node id (0 in a join request: assign one).
+    pub id: u64,
+    /// Where peers reach it.
+    pub peer_addr: String,
+    /// Its client API, as it reported it.
+    pub api_addr: String,
+    /// Active, leaving or removed.
+    pub state: NodeState,
+    /// When it first joined.
+    pub joined_ms: i64,
+}
+
+/// Settings fixed when the cluster is created (meta group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// A random id, so nodes of two clusters never mix.
+    pub cluster_id: String,
+    /// When created.
+    pub created_ms: i64,
+    /// slot -> data group.
+    pub shard_map: crate::shard::ShardMap,
+    /// The token-sealing key ring, sealed with a key derived from the cluster secret, so
+    /// every node opens every sealed access token and no replica holds the keys in clear.
+    pub sealed_token_keys: Vec<u8>,
+}
+
+/// The target voters of every group, the preferred leader first (meta group).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Grows with every change.
+    pub epoch: u64,
+    /// Target voters per group (the meta group's learners are every other active node).
+    pub groups: std::collections::BTreeMap<u32, Vec<u64>>,
+}
+
+/// What a group's leader last reported about its group (meta group): the membership every
+/// node needs to find the leader and to know whether it still holds a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// The group.
+    pub group: u32,
+    /// Its leader when reported.
+    pub leader: u64,
+    /// The leader's term.
+    pub term: u64,
+    /// Voters.
+    pub voters: Vec<u64>,
+    /// Learners.
+    pub learners: Vec<u64>,
+    /// When reported.
+    pub at_ms: i64,
+}
+
+/// One step of an operation spanning the meta group and a data group, recorded in the data
+/// group before it is taken, so a crash between the steps is repaired, never left half done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum IntentStep {
+    /// Claim (entity, subject) for the customer in the meta group, then make the link.
+    ClaimSubject {
+        /// Customer id.
+        customer_id: String,
+        /// The link to make once claimed.
+        link: LinkRecord,
+    },
+    /// Release (entity, subject) in the meta group if the customer still holds it.
+    ReleaseSubject {
+        /// Customer id.
+        customer_id: String,
+        /// Entity id.
+        entity_id: String,
+        /// Subject.
+        subject: String,
+    },
+    /// Claim the email for the account in the meta group, then create its customer.
+    ClaimEmail {
+        /// The account.
+        account: AccountRecord,
+        /// Its customer.
+        customer: CustomerRecord,
+    },
+    /// Release the email in the meta group if the customer still holds it.
+    ReleaseEmail {
+        /// Customer id.
+        customer_id: String,
+        /// Email.
+        email: String,
+    },
+}
+
+/// A recorded intent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    /// Unique in its group.
+    pub id: String,
+    /// When recorded.
+    pub at_ms: i64,
+    /// What is to be done.
+    pub step: IntentStep,
+}
+
+/// Which groups a change may be applied in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The meta group only.
+    Meta,
+    /// Data groups only.
+    Data,
+    /// Either.
+    Any,
+}
+
 /// A change to the vault's state; every write goes through Raft as one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StateChange {
+    /// Several changes in one log entry (a group's proposer drains its queue into one), each
+    /// with its own outcome.
+    Batch(Vec<StateChange>),
+    /// Create the cluster: settings, the first node, the first assignment (meta, once).
+    InitCluster {
+        /// Settings.
+        settings: ClusterSettings,
+        /// The first node.
+        node: NodeRecord,
+        /// Where every group starts.
+        assignment: Assignment,
+    },
+    /// Add a node, or update the addresses of a known one (joining is idempotent): answers
+    /// its id, assigned when the record's is 0.
+    RegisterNode(NodeRecord),
+    /// Change a node's standing.
+    SetNodeState {
+        /// Node id.
+        id: u64,
+        /// New state.
+        state: NodeState,
+    },
+    /// Replace the target placement (ignored unless its epoch is newer).
+    SetAssignment(Assignment),
+    /// A group leader's report of its group.
+    ReportGroup(GroupReport),
+    /// Claim (entity, subject) for a customer in the routing index (refused if another
+    /// customer holds it).
+    ClaimSubject {
+        /// Entity id.
+        entity_id: String,
+        /// Subject.
+        subject: String,
+        /// Customer id.
+        customer_id: String,
+    },
+    /// Release (entity, subject) if the customer holds it.
+    ReleaseSubject {
+        /// Entity id.
+        entity_id: String,
+        /// Subject.
+        subject: String,
+        /// Customer id.
+        customer_id: String,
+    },
+    /// Claim an email for a portal account (refused if another customer holds it).
+    ClaimEmail(AccountRecord),
+    /// Release an email if the customer holds it.
+    ReleaseEmail {
+        /// Email.
+        email: String,
+        /// Customer id.
+        customer_id: String,
+    },
+    /// Record an intent before taking its first step.
+    BeginIntent(IntentRecord),
+    /// Forget an intent (done, or abandoned).
+    EndIntent {
+        /// Intent id.
+        id: String,
+    },
     /// Register an entity (refused if the id exists).
     RegisterEntity(EntityRecord),
     /// Change an entity's name, endpoint or enabled flag.
@@ -636,17 +822,22 @@ pub enum StateChange {
         /// End of the grace period for the old one.
         previous_valid_until_ms: i64,
     },
-    /// Create a customer (indexed by the hash of its token).
+    /// Create a customer; with `intent`, only while that intent is recorded (and ending it).
     CreateCustomer {
         /// The customer.
         customer: CustomerRecord,
+        /// The sign-up intent this completes.
+        intent: Option<String>,
     },
-    /// Link an entity to a customer.
+    /// Link an entity to a customer; with `intent`, only while that intent is recorded (and
+    /// ending it), so an abandoned claim never links.
     Link {
         /// Customer id.
         customer_id: String,
         /// The link.
         link: LinkRecord,
+        /// The claim intent this completes.
+        intent: Option<String>,
     },
     /// Remove a link.
     Unlink {
@@ -705,13 +896,6 @@ pub enum StateChange {
         /// SHA-256 of the OAuth `state`.
         state_hash: Vec<u8>,
     },
-    /// Create a customer with its portal account (refused if the email is taken).
-    CreateAccount {
-        /// The account.
-        account: AccountRecord,
-        /// Its customer (`email` set).
-        customer: CustomerRecord,
-    },
     /// Remember a portal session.
     PutSession {
         /// SHA-256 of the session cookie value.
@@ -724,10 +908,10 @@ pub enum StateChange {
         /// SHA-256 of the session cookie value.
         token_hash: Vec<u8>,
     },
-    /// End every session of an account (sign out everywhere).
+    /// End every session of a customer's account (sign out everywhere).
     EndSessions {
-        /// The account's email.
-        email: String,
+        /// Customer id.
+        customer_id: String,
     },
     /// Erase a customer and everything held about it: links, rules, activity, commands and
     /// their deliveries, engagement, dismissals, its token and its portal account.
@@ -744,11 +928,64 @@ pub enum StateChange {
     },
 }
 
+impl StateChange {
+    /// Roughly how many bytes the change takes in a log entry (for bounding batches).
+    pub fn approx_size(&self) -> usize {
+        match self {
+            StateChange::Batch(cs) => cs.iter().map(StateChange::approx_size).sum(),
+            StateChange::Ingest(i) => {
+                256 + i.event.cloudevent_json.len()
+                    + i.commands
+                        .iter()
+                        .map(|c| 256 + c.data_json.len())
+                        .sum::<usize>()
+            }
+            StateChange::PutRule { rule, .. } => 256 + rule.data_json.len(),
+            StateChange::RegisterEntity(e) => {
+                1024 + e
+                    .event_types
+                    .iter()
+                    .chain(&e.command_types)
+                    .map(|t| 64 + t.schema_json.as_ref().map_or(0, String::len))
+                    .sum::<usize>()
+            }
+            StateChange::PutModel(m) => 1024 + 64 * (m.templates.len() + m.pairs.len()),
+            _ => 256,
+        }
+    }
+
+    /// The groups this change belongs to.
+    pub fn scope(&self) -> Scope {
+        use StateChange::*;
+        match self {
+            Batch(_) | Prune { .. } => Scope::Any,
+            InitCluster { .. }
+            | RegisterNode(_)
+            | SetNodeState { .. }
+            | SetAssignment(_)
+            | ReportGroup(_)
+            | ClaimSubject { .. }
+            | ReleaseSubject { .. }
+            | ClaimEmail(_)
+            | ReleaseEmail { .. }
+            | RegisterEntity(_)
+            | UpdateEntity { .. }
+            | RotateSecret { .. }
+            | PutModel(_) => Scope::Meta,
+            _ => Scope::Data,
+        }
+    }
+}
+
 /// What applying a change answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ChangeOutcome {
     /// Applied.
     Done,
+    /// The outcomes of a batch, in order.
+    Batch(Vec<ChangeOutcome>),
+    /// A node registered (or found registered): its id.
+    NodeRegistered(u64),
     /// An event was ingested (or found to be a duplicate).
     Ingested {
         /// True when (source, id) was seen before.

@@ -1,7 +1,5 @@
 //! The openraft type configuration shared by every group.
 
-use std::io::Cursor;
-
 use crate::records::{ChangeOutcome, StateChange};
 
 /// A node's id in the cluster.
@@ -17,7 +15,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

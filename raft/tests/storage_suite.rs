@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use custos_raft::state_machine::NoObserver;
-use custos_raft::{LogStore, StateMachineStore, TypeConfig};
+use custos_raft::{LogStore, StateMachineStore, TypeConfig, WalSyncer};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
 
@@ -16,8 +16,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
         let db = custos_raft::open_db(dir.path()).map_err(|e| e.into_raft_write())?;
         // Group 7, not 0, so a key built without the group prefix would be caught.
-        let log = LogStore::new(db.clone(), 7);
-        let sm = StateMachineStore::new(db, 7, Arc::new(NoObserver), dir.path().join("snapshots"));
+        let log = LogStore::new(db.clone(), 7, WalSyncer::start(&db));
+        let sm = StateMachineStore::new(db, 7, Arc::new(NoObserver), dir.path().join("snapshots"))
+            .map_err(|e| e.into_raft_write())?;
         Ok((dir, log, sm))
     }
 }

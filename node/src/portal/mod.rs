@@ -356,9 +356,8 @@ async fn account_submit(
         return see_other_flash(back, Err("The form expired; please try again.".into()));
     }
     let email = f.get("email").trim().to_lowercase();
-    let addr = req
-        .peer_addr()
-        .map(|a| client_key(a.ip()))
+    let addr = crate::forward::client_ip(&req)
+        .map(client_key)
         .unwrap_or_default();
     // Every so often forget the keys whose quota has refilled: the limiter then holds only
     // keys attempted within the last minute, each a bounded email or an address.
@@ -448,7 +447,7 @@ async fn signout_everywhere(
     portal: web::Data<Portal>,
     SignedForm { session: s, .. }: SignedForm,
 ) -> HttpResponse {
-    match vault.sign_out_everywhere(&s.email).await {
+    match vault.sign_out_everywhere(&s.customer_id).await {
         Ok(()) => signed_out(&portal, "/portal/signin", "Signed out on every device."),
         Err(e) => see_other_flash("/portal/data", Err(problem_text(&e))),
     }

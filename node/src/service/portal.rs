@@ -6,9 +6,17 @@ use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use custos_raft::records::{AccountRecord, ActivityRecord, SessionRecord};
+use custos_api::types::*;
+use custos_api::{CloudEvent, ErrorCode};
+use custos_raft::records::{
+    AccountRecord, ActivityRecord, CustomerRecord, IntentRecord, IntentStep, SessionRecord,
+};
+use custos_raft::{StateChange, META_GROUP};
 
-use super::*;
+use super::{check_id, sha256, unexpected, Vault};
+use crate::core::check_schema;
+use crate::error::ServiceError;
+use crate::profile::{ProfileReply, ProfileRequest};
 use crate::rules::EventScope;
 
 /// Shortest and longest password accepted (length is what makes a password strong).
@@ -101,7 +109,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Vault {
-    /// Creates a customer with a portal account, and signs it in.
+    /// Creates a customer with a portal account, and signs it in. The account (found by
+    /// email at sign-in) is in the meta group, the customer in its data group: an intent
+    /// recorded first in the data group makes the two steps one (repaired after a crash).
     pub async fn sign_up(
         &self,
         email: &str,
@@ -112,28 +122,68 @@ impl Vault {
         check_password(password)?;
         let pw = password.to_owned();
         let password_hash = blocking(move || hash_password(&pw)).await??;
-        let id = format!("cus_{}", uuid::Uuid::now_v7().simple());
+        let id = super::customers::new_customer_id();
         // The API token is never shown: the portal's customers act through their session.
-        let token = custos_api::oauth::random_token(32);
+        let token = format!(
+            "{}{}",
+            super::CUSTOMER_TOKEN_PREFIX,
+            custos_api::oauth::random_token(32)
+        );
         let now = unix_now_ms();
+        let account = AccountRecord {
+            email: email.clone(),
+            customer_id: id.clone(),
+            password_hash,
+            created_ms: now,
+        };
+        let customer = CustomerRecord {
+            id: id.clone(),
+            created_ms: now,
+            token_hash: sha256(token.as_bytes()).to_vec(),
+            email: Some(email.clone()),
+            session_epoch: 0,
+        };
+        let group = self.group_of(&id)?;
+        let intent = IntentRecord {
+            id: format!("int_{}", uuid::Uuid::now_v7().simple()),
+            at_ms: now,
+            step: IntentStep::ClaimEmail {
+                account: account.clone(),
+                customer: customer.clone(),
+            },
+        };
+        let intent_id = intent.id.clone();
         self.core
-            .propose(StateChange::CreateAccount {
-                account: AccountRecord {
-                    email: email.clone(),
-                    customer_id: id.clone(),
-                    password_hash,
-                    session_epoch: 0,
-                    created_ms: now,
-                },
-                customer: CustomerRecord {
-                    id,
-                    created_ms: now,
-                    token_hash: sha256(token.as_bytes()).to_vec(),
-                    email: Some(email.clone()),
-                },
-            })
+            .propose(group, StateChange::BeginIntent(intent))
             .await?;
-        self.new_session(&email, ttl_ms).await
+        if let Err(e) = self
+            .core
+            .propose(META_GROUP, StateChange::ClaimEmail(account.clone()))
+            .await
+        {
+            if matches!(
+                &e,
+                ServiceError::Refused {
+                    code: ErrorCode::Conflict,
+                    ..
+                }
+            ) {
+                self.core
+                    .propose(group, StateChange::EndIntent { id: intent_id })
+                    .await?;
+            }
+            return Err(e);
+        }
+        self.core
+            .propose(
+                group,
+                StateChange::CreateCustomer {
+                    customer,
+                    intent: Some(intent_id),
+                },
+            )
+            .await?;
+        self.new_session(&account, ttl_ms).await
     }
 
     /// Checks a password and opens a session.
@@ -148,68 +198,86 @@ impl Vault {
             return Err(bad_credentials());
         }
         let key = email.clone();
-        let account = self.core.read(move |r| r.account(&key)).await?;
+        let account = self.core.read_meta(move |r| r.account(&key)).await?;
         let hash = account
             .as_ref()
             .map(|a| a.password_hash.clone())
             .unwrap_or_else(|| decoy_hash().to_owned());
         let pw = password.to_owned();
         let ok = blocking(move || verify_password(&pw, &hash)).await?;
-        if !ok || account.is_none() {
-            return Err(bad_credentials());
+        match account {
+            Some(a) if ok => self.new_session(&a, ttl_ms).await,
+            _ => Err(bad_credentials()),
         }
-        self.new_session(&email, ttl_ms).await
     }
 
-    async fn new_session(&self, email: &str, ttl_ms: i64) -> Result<SignedIn, ServiceError> {
-        let key = email.to_owned();
-        let account = self
+    /// Opens a session in the customer's group; its cookie value carries the customer's slot.
+    async fn new_session(
+        &self,
+        account: &AccountRecord,
+        ttl_ms: i64,
+    ) -> Result<SignedIn, ServiceError> {
+        let group = self.group_of(&account.customer_id)?;
+        let owned = account.customer_id.clone();
+        let epoch = self
             .core
-            .read(move |r| r.account(&key))
-            .await?
-            .ok_or_else(bad_credentials)?;
-        let token = custos_api::oauth::random_token(32);
+            .read_leader(group, move |r| r.customer(&owned))
+            .await
+            .ok()
+            .flatten()
+            .map(|c| c.session_epoch);
+        let token = super::customers::slotted_token(&account.customer_id);
         let now = unix_now_ms();
         let session = SessionRecord {
-            email: account.email,
-            customer_id: account.customer_id,
-            epoch: account.session_epoch,
+            email: account.email.clone(),
+            customer_id: account.customer_id.clone(),
+            epoch: epoch.unwrap_or(0),
             csrf: custos_api::oauth::random_token(24),
             created_ms: now,
             expires_ms: now + ttl_ms,
         };
         self.core
-            .propose(StateChange::PutSession {
-                token_hash: sha256(token.as_bytes()).to_vec(),
-                session: session.clone(),
-            })
-            .await?;
+            .propose(
+                group,
+                StateChange::PutSession {
+                    token_hash: sha256(token.as_bytes()).to_vec(),
+                    session: session.clone(),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                ServiceError::Refused {
+                    code: ErrorCode::NotFound,
+                    ..
+                } => bad_credentials(),
+                other => other,
+            })?;
         Ok(SignedIn { token, session })
     }
 
-    /// The live session behind a cookie value: unexpired, its account still there and not
-    /// signed out everywhere since.
+    /// The live session behind a cookie value: unexpired, its customer still there and not
+    /// signed out everywhere since. Read where the request was routed: the customer's group.
     pub async fn session(&self, token: &str) -> Result<Option<SessionRecord>, ServiceError> {
         if token.is_empty() || token.len() > 128 {
             return Ok(None);
         }
+        let Some(slot) = crate::forward::slot_of_token(token) else {
+            return Ok(None);
+        };
+        let group = self.core.group_of_slot(slot)?;
         let hash = sha256(token.as_bytes());
         let found = self
             .core
-            .read(move |r| {
+            .read(group, move |r| {
                 let Some(s) = r.session(&hash)? else {
                     return Ok(None);
                 };
-                let account = r.account(&s.email)?;
-                Ok(Some((s, account)))
+                let customer = r.customer(&s.customer_id)?;
+                Ok(Some((s, customer)))
             })
             .await?;
         Ok(match found {
-            Some((s, Some(a)))
-                if s.expires_ms > unix_now_ms()
-                    && s.epoch == a.session_epoch
-                    && s.customer_id == a.customer_id =>
-            {
+            Some((s, Some(c))) if s.expires_ms > unix_now_ms() && s.epoch == c.session_epoch => {
                 Some(s)
             }
             _ => None,
@@ -218,20 +286,29 @@ impl Vault {
 
     /// Ends one session.
     pub async fn sign_out(&self, token: &str) -> Result<(), ServiceError> {
+        let Some(slot) = crate::forward::slot_of_token(token) else {
+            return Ok(());
+        };
         self.core
-            .propose(StateChange::DeleteSession {
-                token_hash: sha256(token.as_bytes()).to_vec(),
-            })
+            .propose(
+                self.core.group_of_slot(slot)?,
+                StateChange::DeleteSession {
+                    token_hash: sha256(token.as_bytes()).to_vec(),
+                },
+            )
             .await?;
         Ok(())
     }
 
-    /// Ends every session of an account, on every device.
-    pub async fn sign_out_everywhere(&self, email: &str) -> Result<(), ServiceError> {
+    /// Ends every session of a customer's account, on every device.
+    pub async fn sign_out_everywhere(&self, customer: &str) -> Result<(), ServiceError> {
         self.core
-            .propose(StateChange::EndSessions {
-                email: email.to_owned(),
-            })
+            .propose(
+                self.group_of(customer)?,
+                StateChange::EndSessions {
+                    customer_id: customer.to_owned(),
+                },
+            )
             .await?;
         Ok(())
     }
@@ -243,8 +320,7 @@ impl Vault {
         let rules = self.rules(customer).await?;
         let owned = customer.to_owned();
         let (record, activity, engagement, dismissed) = self
-            .core
-            .read(move |r| {
+            .read_customer(customer, move |r| {
                 Ok((
                     r.customer(&owned)?,
                     r.activity(&owned, None, MAX_EXPORT)?.0,
@@ -268,8 +344,7 @@ impl Vault {
             }
         }
         let deliveries = self
-            .core
-            .read(move |r| {
+            .read_customer(customer, move |r| {
                 let mut out = Vec::with_capacity(command_ids.len());
                 for id in command_ids {
                     if let Some(d) = r.outbox(&id)? {
@@ -307,8 +382,9 @@ impl Vault {
         check_id("customer id", customer)?;
         let owned = customer.to_owned();
         let (exists, links) = self
-            .core
-            .read(move |r| Ok((r.customer(&owned)?.is_some(), r.links(&owned)?)))
+            .read_customer(customer, move |r| {
+                Ok((r.customer(&owned)?.is_some(), r.links(&owned)?))
+            })
             .await?;
         if !exists {
             return Err(ServiceError::not_found("customer", customer));
@@ -339,7 +415,9 @@ impl Vault {
         let source = self.core.entity_required(&spec.when.entity).await?;
         let target = self.core.entity_required(&spec.then.entity).await?;
         let owned = customer.to_owned();
-        let links = self.core.read(move |r| r.links(&owned)).await?;
+        let links = self
+            .read_customer(customer, move |r| r.links(&owned))
+            .await?;
         let compiled = crate::profile::validate_rule(
             &spec,
             "rul_try".into(),
@@ -360,8 +438,7 @@ impl Vault {
                 check_id("event_id", event_id)?;
                 let (owned, wanted) = (customer.to_owned(), event_id.clone());
                 let found = self
-                    .core
-                    .read(move |r| {
+                    .read_customer(customer, move |r| {
                         let (items, _) = r.activity(&owned, None, TRY_SEARCH)?;
                         Ok(items.into_iter().find_map(|(_, rec)| match rec {
                             ActivityRecord::EventReceived { event, .. } if event.id == wanted => {

@@ -1,0 +1,394 @@
+//! The cluster manager: one loop per node, woken by meta-group changes and every half second.
+//!
+//! - On the meta group's leader: every registered node becomes a meta learner, the first three
+//!   (or five) active nodes its voters; the placement of data groups is recomputed when nodes
+//!   join or leave; a leaving node holding no replica any more is marked removed and dropped.
+//! - On each group's leader: the group's replicas move toward the placement (new nodes added
+//!   as learners, one membership change once they caught up), leadership is handed to the
+//!   preferred voter, and the group's membership is reported to the meta group.
+//! - On every node: replicas the placement gives it are opened; a replica its group's leader
+//!   removed is closed and its data deleted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use custos_api::types::unix_now_ms;
+use custos_raft::placement::{self, DATA_REPLICAS};
+use custos_raft::records::{Assignment, GroupReport, NodeRecord, NodeState};
+use custos_raft::types::{GroupId, NodeId};
+use custos_raft::{StateChange, META_GROUP};
+use openraft::{BasicNode, ChangeMembers};
+use tokio::sync::watch;
+
+use super::ids_in;
+use crate::core::{Core, Group};
+
+/// Entries a replica may trail its leader by and still count as caught up.
+const CAUGHT_UP_SLACK: u64 = 64;
+/// Least time between two leadership hand-overs of one group.
+const TRANSFER_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the manager until shutdown.
+pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    let state = Arc::new(ManagerState::default());
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = once(&core, &state).await {
+            tracing::debug!(error = %e, "cluster manager round");
+        }
+        tokio::select! {
+            _ = core.wake.cluster.notified() => {
+                // Several changes often come together: let them settle.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ManagerState {
+    /// When each group last handed its leadership over (or tried to).
+    transfers: Mutex<HashMap<GroupId, Instant>>,
+}
+
+async fn once(core: &Arc<Core>, state: &Arc<ManagerState>) -> Result<(), String> {
+    let meta = core.meta().map_err(|e| e.to_string())?;
+    let nodes = meta.reader.nodes().map_err(|e| e.to_string())?;
+    let assignment = meta.reader.assignment().map_err(|e| e.to_string())?;
+    let reports = meta.reader.group_reports().map_err(|e| e.to_string())?;
+    let Some(assignment) = assignment else {
+        return Ok(());
+    };
+    if core.is_leader(META_GROUP) {
+        meta_duties(core, &meta, &nodes, &assignment, &reports).await?;
+    }
+    for g in core.groups() {
+        if g.leader() == Some(core.node_id) {
+            group_duties(core, state, &g, &nodes, &assignment, &reports).await;
+        }
+    }
+    replicas(core, &nodes, &assignment, &reports).await;
+    Ok(())
+}
+
+fn caught_up(m: &openraft::RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
+    if Some(node) == m.current_leader {
+        return true;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&node))
+        .and_then(|matched| matched.as_ref())
+        .is_some_and(|l| l.index + CAUGHT_UP_SLACK >= last)
+}
+
+/// Adds (or re-addresses) learners so every wanted node is in the membership with its
+/// registered peer address.
+async fn ensure_learners(g: &Group, wanted: &BTreeSet<NodeId>, nodes: &[NodeRecord]) {
+    let m = g.metrics();
+    let membership = m.membership_config.membership().clone();
+    for id in wanted {
+        let Some(rec) = nodes.iter().find(|n| n.id == *id) else {
+            continue;
+        };
+        let current = membership.get_node(id).map(|n| n.addr.clone());
+        if current.as_deref() != Some(rec.peer_addr.as_str()) {
+            let node = BasicNode {
+                addr: rec.peer_addr.clone(),
+            };
+            if let Err(e) = g.raft.add_learner(*id, node, false).await {
+                tracing::debug!(group = g.id, node = id, error = %e, "add learner");
+            } else {
+                tracing::info!(group = g.id, node = id, addr = %rec.peer_addr, "replica added as learner");
+            }
+        }
+    }
+}
+
+async fn meta_duties(
+    core: &Core,
+    meta: &Group,
+    nodes: &[NodeRecord],
+    assignment: &Assignment,
+    reports: &[GroupReport],
+) -> Result<(), String> {
+    let active = ids_in(nodes, &[NodeState::Active]);
+    let present = ids_in(nodes, &[NodeState::Active, NodeState::Leaving]);
+    ensure_learners(meta, &present, nodes).await;
+    let m = meta.metrics();
+    let membership = m.membership_config.membership().clone();
+    let joint = membership.get_joint_config().len() > 1;
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let desired = placement::meta_voters(&active);
+    if !joint
+        && !desired.is_empty()
+        && voters != desired
+        && desired.iter().all(|n| caught_up(&m, *n))
+    {
+        tracing::info!(from = ?voters, to = ?desired, "meta group voters change");
+        if let Err(e) = meta.raft.change_membership(desired.clone(), true).await {
+            tracing::warn!(error = %e, "meta membership change");
+        }
+        return Ok(());
+    }
+    // Members that are neither active nor leaving (removed) leave the meta group's learners.
+    let all: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+    let gone: BTreeSet<NodeId> = all
+        .iter()
+        .filter(|id| !present.contains(id) && !voters.contains(id))
+        .copied()
+        .collect();
+    if !joint && !gone.is_empty() {
+        if let Err(e) = meta
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
+            .await
+        {
+            tracing::debug!(error = %e, "meta: remove learners");
+        }
+    }
+    // Placement of the data groups over the active nodes.
+    let groups: Vec<GroupId> = assignment
+        .groups
+        .keys()
+        .copied()
+        .filter(|g| *g != META_GROUP)
+        .collect();
+    let target = placement::place(&assignment.groups, &groups, &active, DATA_REPLICAS);
+    if target != assignment.groups && !active.is_empty() {
+        tracing::info!(epoch = assignment.epoch + 1, "placement changed");
+        core.propose(
+            META_GROUP,
+            StateChange::SetAssignment(Assignment {
+                epoch: assignment.epoch + 1,
+                groups: target,
+            }),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    // A leaving node is removed once no group holds a replica on it.
+    for n in nodes.iter().filter(|n| n.state == NodeState::Leaving) {
+        let holds = reports
+            .iter()
+            .filter(|r| r.group != META_GROUP)
+            .any(|r| r.voters.contains(&n.id) || r.learners.contains(&n.id))
+            || assignment.groups.values().any(|v| v.contains(&n.id))
+            || voters.contains(&n.id);
+        if !holds {
+            tracing::info!(node = n.id, "node emptied; removing it");
+            core.propose(
+                META_GROUP,
+                StateChange::SetNodeState {
+                    id: n.id,
+                    state: NodeState::Removed,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+async fn group_duties(
+    core: &Arc<Core>,
+    state: &Arc<ManagerState>,
+    g: &Arc<Group>,
+    nodes: &[NodeRecord],
+    assignment: &Assignment,
+    reports: &[GroupReport],
+) {
+    let me = core.node_id;
+    if g.id != META_GROUP {
+        if let Some(desired) = assignment.groups.get(&g.id).filter(|d| !d.is_empty()) {
+            move_replicas(core, state, g, desired, nodes).await;
+        }
+    }
+    // Report the membership when it changed (the meta group's view of who holds what).
+    let m = g.metrics();
+    if m.current_leader != Some(me) {
+        return;
+    }
+    // Only a committed membership is reported: nodes delete their replica on its word.
+    let committed = g.reader.committed().ok().flatten().unwrap_or(0);
+    if m.membership_config
+        .log_id()
+        .is_some_and(|l| l.index > committed)
+    {
+        return;
+    }
+    let membership = m.membership_config.membership();
+    let report = GroupReport {
+        group: g.id,
+        leader: me,
+        term: m.current_term,
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        at_ms: unix_now_ms(),
+    };
+    let same = reports.iter().any(|r| {
+        r.group == report.group
+            && r.leader == report.leader
+            && r.term == report.term
+            && r.voters == report.voters
+            && r.learners == report.learners
+    });
+    if !same {
+        if let Err(e) = core
+            .propose(META_GROUP, StateChange::ReportGroup(report))
+            .await
+        {
+            tracing::debug!(group = g.id, error = %e, "report");
+        }
+    }
+}
+
+async fn move_replicas(
+    core: &Arc<Core>,
+    state: &Arc<ManagerState>,
+    g: &Arc<Group>,
+    desired: &[NodeId],
+    nodes: &[NodeRecord],
+) {
+    let wanted: BTreeSet<NodeId> = desired.iter().copied().collect();
+    ensure_learners(g, &wanted, nodes).await;
+    let m = g.metrics();
+    let membership = m.membership_config.membership().clone();
+    if membership.get_joint_config().len() > 1 {
+        return;
+    }
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if voters != wanted {
+        if wanted.iter().all(|n| caught_up(&m, *n)) {
+            tracing::info!(group = g.id, from = ?voters, to = ?wanted, "replicas move");
+            if let Err(e) = g.raft.change_membership(wanted.clone(), false).await {
+                tracing::debug!(group = g.id, error = %e, "membership change");
+            }
+        }
+        return;
+    }
+    let extra: BTreeSet<NodeId> = membership
+        .learner_ids()
+        .filter(|l| !wanted.contains(l))
+        .collect();
+    if !extra.is_empty() {
+        if let Err(e) = g
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(extra), false)
+            .await
+        {
+            tracing::debug!(group = g.id, error = %e, "remove learners");
+        }
+        return;
+    }
+    // Hand leadership to the preferred voter when it is up to date.
+    let preferred = desired[0];
+    if preferred == core.node_id || !caught_up(&m, preferred) {
+        return;
+    }
+    let Some(addr) = nodes
+        .iter()
+        .find(|n| n.id == preferred && n.state == NodeState::Active)
+        .map(|n| n.peer_addr.clone())
+    else {
+        return;
+    };
+    {
+        let mut t = state.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        if t.get(&g.id).is_some_and(|at| at.elapsed() < TRANSFER_EVERY) {
+            return;
+        }
+        t.insert(g.id, Instant::now());
+    }
+    let (core, g) = (core.clone(), g.clone());
+    tokio::spawn(async move { transfer(&core, &g, preferred, &addr).await });
+}
+
+/// Hands `g`'s leadership to `to`: this leader stops heartbeats and holds new entries until
+/// the followers' leader lease runs out (openraft 0.9 has no transfer call and followers
+/// refuse votes while the lease holds), then asks `to` to campaign. Writes to the group wait
+/// for about one election timeout meanwhile.
+async fn transfer(core: &Core, g: &Group, to: NodeId, addr: &str) {
+    let lease = Duration::from_millis(core.config.raft.election_timeout_max_ms);
+    tracing::info!(group = g.id, to, "handing leadership over");
+    g.raft.runtime_config().heartbeat(false);
+    g.proposer.hold(lease + Duration::from_millis(300));
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let asked = core
+        .peers
+        .post(addr, &format!("/peer/elect/{}", g.id))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    if let Err(e) = asked {
+        tracing::debug!(group = g.id, to, error = %e, "elect request");
+    }
+    let _ = g
+        .raft
+        .wait(Some(Duration::from_secs(2)))
+        .metrics(
+            |m| m.current_leader != Some(core.node_id),
+            "leadership handed over",
+        )
+        .await;
+    g.raft.runtime_config().heartbeat(true);
+    g.proposer.release();
+}
+
+/// Opens replicas the placement gives this node; closes (and deletes) the ones its group's
+/// leader removed it from.
+async fn replicas(
+    core: &Arc<Core>,
+    nodes: &[NodeRecord],
+    assignment: &Assignment,
+    reports: &[GroupReport],
+) {
+    let me = core.node_id;
+    let removed = nodes
+        .iter()
+        .any(|n| n.id == me && n.state == NodeState::Removed);
+    for (group, voters) in &assignment.groups {
+        if !removed && voters.contains(&me) && core.group(*group).is_none() {
+            if let Err(e) = core.open_group(*group).await {
+                tracing::warn!(group, error = %e, "cannot open replica");
+            }
+        }
+    }
+    let by_group: BTreeMap<GroupId, &GroupReport> = reports.iter().map(|r| (r.group, r)).collect();
+    for g in core.groups() {
+        if g.id == META_GROUP {
+            continue;
+        }
+        let assigned = assignment
+            .groups
+            .get(&g.id)
+            .is_some_and(|v| v.contains(&me));
+        if assigned {
+            continue;
+        }
+        let Some(report) = by_group.get(&g.id) else {
+            continue;
+        };
+        let reported_member = report.voters.contains(&me) || report.learners.contains(&me);
+        // Reports carry committed memberships only, written by the group's leader; once the
+        // latest one leaves this node out and the placement does not want it back, the
+        // leader has removed it: its log no longer counts toward any quorum.
+        if !reported_member && g.leader() != Some(me) {
+            tracing::info!(
+                group = g.id,
+                "this node no longer holds the group; deleting its replica"
+            );
+            if let Err(e) = core.close_group(g.id, true).await {
+                tracing::warn!(group = g.id, error = %e, "closing replica");
+            }
+        }
+    }
+}

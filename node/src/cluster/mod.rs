@@ -1,0 +1,329 @@
+//! Forming and keeping the cluster: the cluster secret and what is derived from it, a node's
+//! id, starting a first node or joining one, and (in [`manager`]) the background work that
+//! moves every group's replicas and leaders to where the placement wants them.
+//!
+//! A first node creates the meta group and every data group with itself as the only voter.
+//! A joining node asks any member (over the peer port, proving the cluster secret) to register
+//! it in the meta group; the meta group's leader then adds it as a learner of the meta group
+//! and recomputes the placement, and each data group's leader moves its replicas accordingly.
+
+pub mod manager;
+pub mod status;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use custos_api::types::unix_now_ms;
+use custos_raft::codec;
+use custos_raft::network::Peers;
+use custos_raft::records::{Assignment, ClusterSettings, NodeRecord, NodeState};
+use custos_raft::types::{GroupId, NodeId};
+use custos_raft::{ShardMap, StateChange, META_GROUP};
+use hmac::{Hmac, Mac};
+use openraft::BasicNode;
+use sha2::Sha256;
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::error::ServiceError;
+use crate::seal::KeyRing;
+use crate::server::{write_private, NodeError};
+use wire::{JoinReply, JoinRequest};
+
+/// The cluster secret: from config (`CUSTOS_CLUSTER_SECRET`), else `<data_dir>/cluster-secret`,
+/// else a new one kept there, but only for a node starting a cluster of its own: a node told
+/// to join must be given the cluster's secret.
+pub fn cluster_secret(config: &Config) -> Result<String, NodeError> {
+    if let Some(s) = config.cluster_secret.as_ref().filter(|s| !s.is_empty()) {
+        if s.len() < 16 {
+            return Err(NodeError::Cluster(
+                "the cluster secret must be at least 16 characters".into(),
+            ));
+        }
+        return Ok(s.clone());
+    }
+    let path = config.data_dir.join("cluster-secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_owned();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    if !config.join.is_empty() {
+        return Err(NodeError::Cluster(
+            "to join a cluster, set CUSTOS_CLUSTER_SECRET to the cluster's secret (its first \
+             node keeps it in <data-dir>/cluster-secret)"
+                .into(),
+        ));
+    }
+    let secret = crate::seal::generate_key();
+    write_private(&path, secret.as_bytes())?;
+    Ok(secret)
+}
+
+fn derive(secret: &str, purpose: &str) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| {
+        <Hmac<Sha256> as Mac>::new_from_slice(&[0u8; 32]).expect("32-byte key")
+    });
+    mac.update(purpose.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The token every peer request carries: derived from the cluster secret, so a node without
+/// the secret (or with another one) is refused, and the secret itself never travels.
+pub fn peer_token(secret: &str) -> String {
+    hex::encode(derive(secret, "custos peer auth v1"))
+}
+
+/// The key that seals the cluster's token keys in the meta group.
+fn settings_ring(secret: &str) -> Result<KeyRing, NodeError> {
+    let key =
+        base64::engine::general_purpose::STANDARD.encode(derive(secret, "custos settings v1"));
+    Ok(KeyRing::new(&[key])?)
+}
+
+/// Seals the token key ring (base64 keys) for the meta group.
+pub fn seal_token_keys(secret: &str, keys: &[String]) -> Result<Vec<u8>, NodeError> {
+    let json = serde_json::to_string(keys).map_err(|e| NodeError::Cluster(e.to_string()))?;
+    Ok(settings_ring(secret)?.seal("custos", "token-keys", &json)?)
+}
+
+/// Opens the token key ring stored in the meta group.
+pub fn open_token_keys(secret: &str, sealed: &[u8]) -> Result<Vec<String>, NodeError> {
+    let json = settings_ring(secret)?
+        .open("custos", "token-keys", sealed)
+        .map_err(|_| {
+            NodeError::Cluster(
+                "the cluster's token keys cannot be opened: this node's cluster secret differs"
+                    .into(),
+            )
+        })?;
+    serde_json::from_str(&json).map_err(|e| NodeError::Cluster(e.to_string()))
+}
+
+/// The node id kept in `<data_dir>/node-id`.
+pub fn stored_node_id(data_dir: &Path) -> Option<NodeId> {
+    std::fs::read_to_string(data_dir.join("node-id"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|id| *id > 0)
+}
+
+/// Keeps the node id for restarts.
+pub fn store_node_id(data_dir: &Path, id: NodeId) -> Result<(), NodeError> {
+    write_private(&data_dir.join("node-id"), id.to_string().as_bytes())?;
+    Ok(())
+}
+
+/// Asks the members in `join`, in turn, to register this node; answers its id. A member
+/// answering 401 means the cluster secret differs: that is final, and said so.
+pub async fn request_join(
+    peers: &Peers,
+    join: &[String],
+    req: &JoinRequest,
+) -> Result<JoinReply, NodeError> {
+    let body = codec::encode(req).map_err(|e| NodeError::Cluster(e.to_string()))?;
+    let mut last = String::from("no member answered");
+    for round in 0..30u64 {
+        for member in join {
+            let sent = peers
+                .post(member, "/peer/join")
+                .timeout(Duration::from_secs(10))
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                    return Err(NodeError::Cluster(format!(
+                        "{member} refused this node: its cluster secret is not the cluster's \
+                         (set CUSTOS_CLUSTER_SECRET to the secret every member has)"
+                    )))
+                }
+                Ok(r) if r.status().is_success() => {
+                    let bytes = r
+                        .bytes()
+                        .await
+                        .map_err(|e| NodeError::Cluster(e.to_string()))?;
+                    let reply: Result<JoinReply, String> =
+                        codec::decode(&bytes).map_err(|e| NodeError::Cluster(e.to_string()))?;
+                    match reply {
+                        Ok(reply) => return Ok(reply),
+                        Err(e) if e.contains("was removed") => return Err(NodeError::Cluster(e)),
+                        Err(e) => last = format!("{member}: {e}"),
+                    }
+                }
+                Ok(r) => last = format!("{member} answered {}", r.status()),
+                Err(e) => last = format!("{member}: {e}"),
+            }
+        }
+        tracing::info!(attempt = round + 1, error = %last, "joining: no member accepted yet");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(NodeError::Cluster(format!(
+        "could not join the cluster: {last}"
+    )))
+}
+
+/// Registers a joining node (any member serves this; the change goes to the meta leader).
+pub async fn accept_join(core: &Core, req: JoinRequest) -> Result<JoinReply, ServiceError> {
+    if req.peer_addr.is_empty() || req.peer_addr.len() > 256 || req.api_addr.len() > 256 {
+        return Err(ServiceError::invalid("peer_addr", "1..=256 bytes"));
+    }
+    let outcome = core
+        .propose(
+            META_GROUP,
+            StateChange::RegisterNode(NodeRecord {
+                id: req.node_id.unwrap_or(0),
+                peer_addr: req.peer_addr,
+                api_addr: req.api_addr,
+                state: NodeState::Active,
+                joined_ms: unix_now_ms(),
+            }),
+        )
+        .await?;
+    let custos_raft::ChangeOutcome::NodeRegistered(node_id) = outcome else {
+        return Err(ServiceError::Internal(format!(
+            "unexpected outcome {outcome:?}"
+        )));
+    };
+    let settings = core.settings().await?;
+    Ok(JoinReply {
+        node_id,
+        cluster_id: settings.cluster_id,
+    })
+}
+
+/// Creates the cluster on its first node: the meta group and every data group with this
+/// node as the only voter, then the settings, the node's record and the first placement.
+pub async fn bootstrap(
+    core: &Arc<Core>,
+    config: &Config,
+    secret: &str,
+    api_addr: &str,
+) -> Result<(), NodeError> {
+    let me = core.node_id;
+    let addr = config.peer_address();
+    let members = BTreeMap::from([(me, BasicNode { addr: addr.clone() })]);
+    let meta = core.open_group(META_GROUP).await?;
+    initialize(&meta.raft, members.clone()).await?;
+    wait_leader(core, META_GROUP).await?;
+    let data_groups = config.cluster.data_groups;
+    let token_keys = if config.portal.token_keys.is_empty() {
+        vec![crate::seal::generate_key()]
+    } else {
+        config.portal.token_keys.clone()
+    };
+    let groups: BTreeMap<GroupId, Vec<NodeId>> = (1..=data_groups).map(|g| (g, vec![me])).collect();
+    let settings = ClusterSettings {
+        cluster_id: uuid::Uuid::now_v7().simple().to_string(),
+        created_ms: unix_now_ms(),
+        shard_map: ShardMap::initial(data_groups),
+        sealed_token_keys: seal_token_keys(secret, &token_keys)?,
+    };
+    core.propose(
+        META_GROUP,
+        StateChange::InitCluster {
+            settings,
+            node: NodeRecord {
+                id: me,
+                peer_addr: addr,
+                api_addr: api_addr.to_owned(),
+                state: NodeState::Active,
+                joined_ms: unix_now_ms(),
+            },
+            assignment: Assignment { epoch: 1, groups },
+        },
+    )
+    .await?;
+    for g in 1..=data_groups {
+        let group = core.open_group(g).await?;
+        initialize(&group.raft, members.clone()).await?;
+    }
+    for g in 1..=data_groups {
+        wait_leader(core, g).await?;
+    }
+    Ok(())
+}
+
+async fn initialize(
+    raft: &custos_raft::Raft,
+    members: BTreeMap<NodeId, BasicNode>,
+) -> Result<(), NodeError> {
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if !initialized {
+        raft.initialize(members)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Waits until `group` has a leader (any node).
+pub async fn wait_leader(core: &Core, group: GroupId) -> Result<(), NodeError> {
+    let g = core
+        .group(group)
+        .ok_or_else(|| NodeError::Raft(format!("group {group} is not open")))?;
+    g.raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
+        .await
+        .map_err(|e| NodeError::Raft(format!("group {group} elected no leader: {e}")))?;
+    Ok(())
+}
+
+/// Opens every group this node's storage holds (a restart).
+pub async fn reopen(core: &Arc<Core>) -> Result<Vec<GroupId>, NodeError> {
+    let stored = core.stored_groups()?;
+    for g in &stored {
+        core.open_group(*g).await?;
+    }
+    Ok(stored)
+}
+
+/// Checks the secret against the cluster's sealed settings and answers the token key ring:
+/// from config when set there, else the cluster's own (stored sealed in the meta group).
+pub async fn token_keys(core: &Core, config: &Config, secret: &str) -> Result<KeyRing, NodeError> {
+    let settings = core.settings().await?;
+    let stored = open_token_keys(secret, &settings.sealed_token_keys)?;
+    if !config.portal.token_keys.is_empty() {
+        return Ok(KeyRing::new(&config.portal.token_keys)?);
+    }
+    Ok(KeyRing::new(&stored)?)
+}
+
+/// Waits until the local meta replica holds the cluster's settings (a joining node, until
+/// the meta leader has added it as a learner and caught it up).
+pub async fn wait_settings(core: &Core, within: Duration) -> Result<(), NodeError> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(m) = core.meta() {
+            if m.reader.settings()?.is_some() {
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(NodeError::Cluster(
+                "joined, but the meta group did not reach this node in time".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The ids of `nodes` in a state.
+pub fn ids_in(nodes: &[NodeRecord], states: &[NodeState]) -> BTreeSet<NodeId> {
+    nodes
+        .iter()
+        .filter(|n| states.contains(&n.state))
+        .map(|n| n.id)
+        .collect()
+}

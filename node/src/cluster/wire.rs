@@ -1,0 +1,100 @@
+//! What nodes send each other besides Raft RPCs (encoded by `custos_raft::codec`, like every
+//! peer message): joining, forwarded proposals' answers, status, and per-group queries.
+
+use custos_raft::records::{DeliveryState, OutboxRecord};
+use custos_raft::types::{GroupId, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// A node asking to join (or rejoin) the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// Its id, when it has one (a restart, or pinned in its config).
+    pub node_id: Option<NodeId>,
+    /// Where peers reach it.
+    pub peer_addr: String,
+    /// Its client API.
+    pub api_addr: String,
+}
+
+/// The answer to a join.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinReply {
+    /// The node's id in the cluster.
+    pub node_id: NodeId,
+    /// The cluster's id.
+    pub cluster_id: String,
+}
+
+/// One group as one node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalGroup {
+    /// The group.
+    pub group: GroupId,
+    /// Leader, follower, learner or candidate.
+    pub role: String,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index.
+    pub last_log: u64,
+    /// Last applied index.
+    pub applied: u64,
+    /// Last committed index (as stored).
+    pub committed: u64,
+    /// Voters of the membership this node knows.
+    pub voters: Vec<NodeId>,
+    /// Learners of it.
+    pub learners: Vec<NodeId>,
+    /// Pending deliveries queued here (leaders only).
+    pub pending_deliveries: u64,
+}
+
+/// What one node reports of itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalStatus {
+    /// The node.
+    pub node_id: NodeId,
+    /// Every group it holds a replica of.
+    pub groups: Vec<LocalGroup>,
+}
+
+/// A question for a group's leader, asked by a node serving a request that spans groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupQuery {
+    /// A page of deliveries in a state.
+    Deliveries {
+        /// The state.
+        state: DeliveryState,
+        /// Cursor within the group.
+        after: Option<String>,
+        /// Page size.
+        limit: usize,
+    },
+    /// The rows the recommender trains on.
+    TrainingInput,
+}
+
+/// The answer to a [`GroupQuery`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupAnswer {
+    /// Deliveries and the group's next cursor.
+    Deliveries(Vec<OutboxRecord>, Option<String>),
+    /// Training rows.
+    TrainingInput(Box<TrainingInput>),
+    /// The question could not be answered here (e.g. not the leader).
+    Refused(String),
+}
+
+/// One group's share of the recommender's population.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainingInput {
+    /// (customer, rule).
+    pub rules: Vec<(String, custos_raft::records::RuleRecord)>,
+    /// (customer, entity).
+    pub links: Vec<(String, String)>,
+    /// (customer, `source.type`, count, last received ms).
+    pub engagements: Vec<(String, String, u64, i64)>,
+    /// Dismissals per template.
+    pub dismissals: std::collections::HashMap<String, u32>,
+}

@@ -1,0 +1,292 @@
+//! Forwarding: any node takes any client call. A call for a group this node does not lead
+//! (a customer's group, the meta group for entities) is sent to that group's leader over the
+//! peer port, and the leader's answer comes back as if this node had served it.
+//!
+//! Where a call goes is decided from what it names, without a lookup elsewhere: the customer
+//! id in the path, the slot carried by a session cookie, an OAuth state or a command id, and
+//! for an event the routing index (entity, subject) -> customer in the local meta replica.
+//! Hops are counted and bounded, so a call never loops while leadership moves.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::{BoxBody, EitherBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use custos_api::limits::MAX_BODY_BYTES;
+use custos_api::ErrorCode;
+use custos_raft::network::PEER_AUTH_HEADER;
+use custos_raft::shard::parse_slot_tag;
+use custos_raft::types::GroupId;
+use custos_raft::META_GROUP;
+use futures::StreamExt;
+
+use crate::core::Core;
+use crate::error::ServiceError;
+
+/// How many times a call has been forwarded.
+pub const HOPS_HEADER: &str = "x-custos-hops";
+/// The client's address, as the first node saw it (trusted only on the peer port).
+pub const CLIENT_IP_HEADER: &str = "x-custos-client-ip";
+/// Most forwards of one call.
+const MAX_HOPS: u32 = 3;
+/// How long a call waits for a group to elect a leader before 503.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+
+/// Marks the peer port's app: there, forwarded calls (and their client address) are trusted.
+#[derive(Debug, Clone, Copy)]
+pub struct OnPeerPort;
+
+/// The client's address: the forwarding node's word for it on the peer port, else the socket's.
+pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
+    if req.app_data::<web::Data<OnPeerPort>>().is_some() {
+        if let Some(ip) = req
+            .headers()
+            .get(CLIENT_IP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            return Some(ip);
+        }
+    }
+    req.peer_addr().map(|a| a.ip())
+}
+
+/// Where a call must be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Here (health, metrics, cluster calls, signed-out portal pages).
+    Local,
+    /// On this group's leader.
+    Group(GroupId),
+}
+
+/// The slot named by a vault-issued id: `<3 hex>.<random>` (sessions, OAuth states) or
+/// `cmd_<3 hex>...` (command ids).
+pub fn slot_of_token(token: &str) -> Option<u16> {
+    let t = token.strip_prefix("cmd_").unwrap_or(token);
+    parse_slot_tag(t)
+}
+
+/// Decides where a call goes, from its path, query, cookies and (for events) `body`.
+pub fn route(core: &Core, req: &HttpRequest, body: Option<&[u8]>) -> Result<Route, ServiceError> {
+    let path = req.path();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let by_slot = |slot: u16| core.group_of_slot(slot).map(Route::Group);
+    match segs.as_slice() {
+        ["v1", "events"] => {
+            #[derive(serde::Deserialize)]
+            struct Head {
+                source: Option<String>,
+                subject: Option<String>,
+            }
+            let head = body.and_then(|b| serde_json::from_slice::<Head>(b).ok());
+            match head {
+                Some(Head {
+                    source: Some(source),
+                    subject,
+                }) => {
+                    let (_, group) = core.route_event(&source, subject.as_deref().unwrap_or(""))?;
+                    Ok(Route::Group(group))
+                }
+                // Not a CloudEvent: refused locally with the right problem.
+                _ => Ok(Route::Local),
+            }
+        }
+        ["v1", "customers", id, ..] if !id.is_empty() => Ok(Route::Group(core.group_of(id)?)),
+        ["v1", "entities", ..] | ["v1", "recommendations", "train"] => Ok(Route::Group(META_GROUP)),
+        ["v1", "deliveries", id, ..] => match slot_of_token(id) {
+            Some(slot) => by_slot(slot),
+            None => Ok(Route::Local),
+        },
+        ["v1", "oauth", "callback"] => {
+            let state = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+                .ok()
+                .and_then(|q| q.0.into_iter().find(|(k, _)| k == "state").map(|(_, v)| v));
+            match state.as_deref().and_then(slot_of_token) {
+                Some(slot) => by_slot(slot),
+                None => Ok(Route::Local),
+            }
+        }
+        ["portal", ..] => {
+            let session = req.cookie(crate::portal::SESSION_COOKIE);
+            match session.as_ref().and_then(|c| slot_of_token(c.value())) {
+                Some(slot) => by_slot(slot),
+                None => Ok(Route::Local),
+            }
+        }
+        _ => Ok(Route::Local),
+    }
+}
+
+/// The middleware: serve here, or forward to the leader of the call's group.
+pub async fn forward(
+    mut req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody, BoxBody>>, actix_web::Error> {
+    let Some(core) = req
+        .app_data::<web::Data<Arc<Core>>>()
+        .map(|c| c.get_ref().clone())
+    else {
+        return Ok(next.call(req).await?.map_into_left_body());
+    };
+    let on_peer_port = req.app_data::<web::Data<OnPeerPort>>().is_some();
+    let hops: u32 = if on_peer_port {
+        req.headers()
+            .get(HOPS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    // Only an event's body decides its route; read it (bounded) and put it back.
+    let mut body: Option<web::Bytes> = None;
+    if req.path() == "/v1/events" && req.method() == actix_web::http::Method::POST {
+        match read_bounded(req.take_payload()).await {
+            Ok(b) => {
+                req.set_payload(Payload::from(b.clone()));
+                body = Some(b);
+            }
+            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+        }
+    }
+    let route = match route(&core, req.request(), body.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+    };
+    let Route::Group(group) = route else {
+        return Ok(next.call(req).await?.map_into_left_body());
+    };
+    let leader = match wait_leader(&core, group).await {
+        Some(l) => l,
+        None => {
+            let e = ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!("group {group} has no leader right now; retry shortly"),
+            );
+            return Ok(req.error_response(e).map_into_right_body());
+        }
+    };
+    if leader.0 == core.node_id {
+        return Ok(next.call(req).await?.map_into_left_body());
+    }
+    if hops >= MAX_HOPS {
+        let e = ServiceError::refused(
+            ErrorCode::Unavailable,
+            format!("group {group}'s leadership is moving; retry shortly"),
+        );
+        return Ok(req.error_response(e).map_into_right_body());
+    }
+    let body = match body {
+        Some(b) => b,
+        None => match read_bounded(req.take_payload()).await {
+            Ok(b) => b,
+            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+        },
+    };
+    let resp = proxy(&core, req.request(), &leader.1, hops + 1, body).await;
+    Ok(req.into_response(resp).map_into_right_body())
+}
+
+/// The group's leader, waiting a little while one is being elected.
+async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
+    let started = std::time::Instant::now();
+    loop {
+        if core.is_leader(group) {
+            return Some((core.node_id, String::new()));
+        }
+        if let Some(l) = core.leader_of(group) {
+            return Some(l);
+        }
+        if started.elapsed() > LEADER_WAIT {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn read_bounded(mut payload: Payload) -> Result<web::Bytes, ServiceError> {
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(crate::error::payload_error)?;
+        if buf.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(crate::error::payload_error(
+                actix_web::error::PayloadError::Overflow,
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Headers that describe one connection, not the message: never passed on.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Sends the call to `addr` (a peer port) and turns its answer into this node's answer.
+async fn proxy(
+    core: &Core,
+    req: &HttpRequest,
+    addr: &str,
+    hops: u32,
+    body: web::Bytes,
+) -> HttpResponse {
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+        .unwrap_or(reqwest::Method::GET);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut rb = core
+        .peers
+        .request(method, addr, path)
+        .timeout(Duration::from_secs(60));
+    for (name, value) in req.headers() {
+        let n = name.as_str();
+        if hop_by_hop(n) || n == HOPS_HEADER || n == CLIENT_IP_HEADER || n == PEER_AUTH_HEADER {
+            continue;
+        }
+        rb = rb.header(n, value.as_bytes());
+    }
+    rb = rb.header(HOPS_HEADER, hops.to_string());
+    if let Some(ip) = client_ip(req) {
+        rb = rb.header(CLIENT_IP_HEADER, ip.to_string());
+    }
+    let resp = match rb.body(body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(addr, error = %e, "forwarding failed");
+            let e = ServiceError::refused(
+                ErrorCode::Unavailable,
+                "the node leading this call's group did not answer; retry shortly",
+            );
+            return actix_web::ResponseError::error_response(&e);
+        }
+    };
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut out = HttpResponse::build(status);
+    for (name, value) in resp.headers() {
+        if hop_by_hop(name.as_str()) {
+            continue;
+        }
+        out.append_header((name.as_str(), value.as_bytes()));
+    }
+    out.streaming(resp.bytes_stream())
+}

@@ -1,0 +1,206 @@
+//! Entities (operators): registration with a signing secret, changes, secret rotation. They
+//! live in the meta group, so every node verifies any entity's events from its own replica.
+
+use custos_api::limits::{is_valid_id, MAX_SCHEMA_BYTES, MAX_TYPES_PER_ENTITY};
+use custos_api::types::*;
+use custos_api::webhook::Secret;
+use custos_raft::records::{EntityRecord, OAuthRecord, TypeRecord};
+use custos_raft::{StateChange, META_GROUP};
+
+use super::{check_id, check_name, check_url, Vault};
+use crate::core::compile_schema;
+use crate::error::ServiceError;
+
+impl Vault {
+    /// Registers an entity and issues its signing secret.
+    pub async fn register_entity(&self, req: RegisterEntity) -> Result<Entity, ServiceError> {
+        validate_entity(&req)?;
+        let now = unix_now_ms();
+        let types = |ts: &[TypeSpec]| {
+            ts.iter()
+                .map(|t| TypeRecord {
+                    name: t.type_name.clone(),
+                    schema_json: t.schema.as_ref().map(|s| s.to_string()),
+                })
+                .collect()
+        };
+        let record = EntityRecord {
+            id: req.id,
+            name: req.name,
+            command_url: req.command_url,
+            endpoint_enabled: true,
+            event_types: types(&req.event_types),
+            command_types: types(&req.command_types),
+            secret: Secret::generate().encode(),
+            previous_secret: None,
+            previous_valid_until_ms: 0,
+            created_ms: now,
+            oauth: req.oauth.map(|o| OAuthRecord {
+                authorize_url: o.authorize_url,
+                token_url: o.token_url,
+                client_id: o.client_id,
+                revoke_url: o.revoke_url,
+            }),
+        };
+        self.core
+            .propose(META_GROUP, StateChange::RegisterEntity(record.clone()))
+            .await?;
+        Ok(record.to_wire(true))
+    }
+
+    /// Changes an entity's name or endpoint.
+    pub async fn update_entity(&self, id: &str, req: UpdateEntity) -> Result<Entity, ServiceError> {
+        if let Some(n) = &req.name {
+            check_name("name", n)?;
+        }
+        if let Some(u) = &req.command_url {
+            check_url("command_url", u)?;
+        }
+        self.core
+            .propose(
+                META_GROUP,
+                StateChange::UpdateEntity {
+                    id: id.to_owned(),
+                    name: req.name,
+                    command_url: req.command_url,
+                    endpoint_enabled: req.endpoint_enabled,
+                },
+            )
+            .await?;
+        self.entity(id).await
+    }
+
+    /// Issues a new secret; the old one verifies events for the grace period.
+    pub async fn rotate_secret(&self, id: &str) -> Result<Entity, ServiceError> {
+        let grace_ms = (self.core.config.secret_grace_hours * 3_600_000.0) as i64;
+        let secret = Secret::generate().encode();
+        self.core
+            .propose(
+                META_GROUP,
+                StateChange::RotateSecret {
+                    id: id.to_owned(),
+                    secret: secret.clone(),
+                    previous_valid_until_ms: unix_now_ms() + grace_ms,
+                },
+            )
+            .await?;
+        let mut e = self.entity(id).await?;
+        e.secret = Some(secret);
+        Ok(e)
+    }
+
+    /// Every entity.
+    pub async fn entities(&self) -> Result<Vec<Entity>, ServiceError> {
+        let list = self.core.read_meta(|r| r.entities()).await?;
+        Ok(list.iter().map(|e| e.to_wire(false)).collect())
+    }
+
+    /// One entity.
+    pub async fn entity(&self, id: &str) -> Result<Entity, ServiceError> {
+        let owned = id.to_owned();
+        self.core
+            .read_meta(move |r| r.entity(&owned))
+            .await?
+            .map(|e| e.to_wire(false))
+            .ok_or_else(|| ServiceError::not_found("entity", id))
+    }
+}
+
+fn validate_entity(req: &RegisterEntity) -> Result<(), ServiceError> {
+    check_id("id", &req.id)?;
+    check_name("name", &req.name)?;
+    check_url("command_url", &req.command_url)?;
+    if let Some(o) = &req.oauth {
+        check_url("oauth.authorize_url", &o.authorize_url)?;
+        check_url("oauth.token_url", &o.token_url)?;
+        if let Some(r) = &o.revoke_url {
+            check_url("oauth.revoke_url", r)?;
+        }
+        if o.client_id.is_empty() || o.client_id.len() > 256 {
+            return Err(ServiceError::invalid(
+                "oauth.client_id",
+                "must be 1..=256 bytes",
+            ));
+        }
+    }
+    for (field, types) in [
+        ("event_types", &req.event_types),
+        ("command_types", &req.command_types),
+    ] {
+        if types.len() > MAX_TYPES_PER_ENTITY {
+            return Err(ServiceError::invalid(
+                field,
+                format!("at most {MAX_TYPES_PER_ENTITY}"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in types {
+            if !is_valid_id(&t.type_name) {
+                return Err(ServiceError::invalid(
+                    field,
+                    format!("bad type name {:?}", t.type_name),
+                ));
+            }
+            if !seen.insert(&t.type_name) {
+                return Err(ServiceError::invalid(
+                    field,
+                    format!("{} declared twice", t.type_name),
+                ));
+            }
+            if let Some(schema) = &t.schema {
+                if schema.to_string().len() > MAX_SCHEMA_BYTES {
+                    return Err(ServiceError::invalid(
+                        field,
+                        format!("{}: schema too large", t.type_name),
+                    ));
+                }
+                compile_schema(schema).map_err(|e| {
+                    ServiceError::invalid(
+                        field,
+                        format!("{}: invalid JSON Schema: {e}", t.type_name),
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entity() -> RegisterEntity {
+        RegisterEntity {
+            id: "hotel".into(),
+            name: "Hotel".into(),
+            command_url: "https://hotel.example/commands".into(),
+            event_types: vec![],
+            command_types: vec![TypeSpec {
+                type_name: "room.hold".into(),
+                schema: Some(serde_json::json!({"type": "object"})),
+            }],
+            oauth: None,
+        }
+    }
+
+    #[test]
+    fn entity_validation() {
+        assert!(validate_entity(&entity()).is_ok());
+        let mut e = entity();
+        e.command_url = "ftp://x".into();
+        assert!(validate_entity(&e).is_err());
+        let mut e = entity();
+        e.command_url = "https://user:pw@x.example/".into();
+        assert!(validate_entity(&e).is_err());
+        let mut e = entity();
+        e.command_types[0].schema = Some(serde_json::json!({"type": 12}));
+        assert!(validate_entity(&e).is_err());
+        let mut e = entity();
+        e.command_types.push(e.command_types[0].clone());
+        assert!(validate_entity(&e).is_err());
+        let mut e = entity();
+        e.id = "has space".into();
+        assert!(validate_entity(&e).is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Events from entities: signature, envelope and schema checks, then the customer's profile
+//! actor (or, when no customer links the subject, an ignored record in the group the
+//! subject hashes to).
+
+use custos_api::limits::is_valid_id;
+use custos_api::types::*;
+use custos_api::webhook::{self, SignedHeaders, WebhookError};
+use custos_api::{CloudEvent, ErrorCode};
+use custos_raft::records::{EventRecord, Ingest};
+use custos_raft::StateChange;
+
+use super::{unexpected, Vault};
+use crate::core::{check_schema, not_leader};
+use crate::error::ServiceError;
+use crate::profile::{receipt, ProfileReply, ProfileRequest};
+
+impl Vault {
+    /// Verifies, decodes and ingests an entity's event; answers once it is committed.
+    pub async fn ingest_event(
+        &self,
+        headers: SignedHeaders<'_>,
+        body: &[u8],
+    ) -> Result<EventReceipt, ServiceError> {
+        let received_ms = unix_now_ms();
+        let event: CloudEvent = serde_json::from_slice(body).map_err(|e| {
+            ServiceError::refused(ErrorCode::MalformedBody, format!("not a CloudEvent: {e}"))
+        })?;
+        // The source names the key; check it is a plausible id before using it.
+        if !is_valid_id(&event.source) {
+            return Err(ServiceError::invalid(
+                "source",
+                "must be a registered entity id",
+            ));
+        }
+        let Some(entity) = self.core.entity(&event.source).await? else {
+            return Err(ServiceError::refused(
+                ErrorCode::UnknownEntity,
+                format!("no entity {} is registered", event.source),
+            ));
+        };
+        webhook::verify(
+            &entity.valid_secrets(received_ms),
+            headers,
+            body,
+            received_ms / 1000,
+        )
+        .map_err(|e| match e {
+            WebhookError::MissingHeader(_) => {
+                ServiceError::refused(ErrorCode::MissingSignature, e.to_string())
+            }
+            WebhookError::StaleTimestamp(_) => {
+                ServiceError::refused(ErrorCode::StaleTimestamp, e.to_string())
+            }
+            WebhookError::BadSignature | WebhookError::BadSecret => {
+                ServiceError::refused(ErrorCode::BadSignature, e.to_string())
+            }
+        })?;
+        event
+            .validate_incoming()
+            .map_err(|e| ServiceError::invalid(e.field, e.reason))?;
+        if entity.record.event_type(&event.event_type).is_none() {
+            return Err(ServiceError::refused(
+                ErrorCode::UnknownType,
+                format!(
+                    "{} does not declare event type {}",
+                    event.source, event.event_type
+                ),
+            ));
+        }
+        if let Some(v) = entity.event_schema(&event.event_type) {
+            let data = event.data.clone().unwrap_or(serde_json::Value::Null);
+            check_schema(v, &data).map_err(|e| {
+                ServiceError::refused(ErrorCode::SchemaViolation, format!("data: {e}"))
+            })?;
+        }
+        let subject = event.subject.clone().unwrap_or_default();
+        let (customer, group) = self.core.route_event(&event.source, &subject)?;
+        // The call was routed here as the group's leader; if leadership moved meanwhile, the
+        // entity retries (the event id makes the retry a duplicate, never a second event).
+        if !self.core.is_leader(group) {
+            return Err(not_leader(group));
+        }
+        let raw = String::from_utf8_lossy(body).into_owned();
+        let result = match customer {
+            Some(customer) => {
+                let req = ProfileRequest::Ingest {
+                    event: Box::new(event),
+                    raw,
+                    received_ms,
+                };
+                match self.profiles.send(&customer, req).await? {
+                    ProfileReply::Receipt(r) => Ok(r),
+                    other => Err(unexpected(other)),
+                }
+            }
+            None => {
+                // No customer has linked this subject: nothing is triggered, but the event is
+                // still deduplicated and recorded as ignored.
+                let ingest = Ingest {
+                    event: EventRecord {
+                        id: event.id.clone(),
+                        source: event.source.clone(),
+                        event_type: event.event_type.clone(),
+                        subject,
+                        cloudevent_json: raw,
+                    },
+                    customer_id: None,
+                    commands: Vec::new(),
+                    ignored_reason: Some(format!(
+                        "no customer has linked this subject at {}",
+                        event.source
+                    )),
+                    at_ms: received_ms,
+                };
+                let outcome = self
+                    .core
+                    .propose(group, StateChange::Ingest(ingest))
+                    .await?;
+                receipt(event.id, outcome)
+            }
+        };
+        if let Ok(r) = &result {
+            let status = match r.status {
+                EventStatus::Accepted => "accepted",
+                EventStatus::Ignored => "ignored",
+                EventStatus::Duplicate => "duplicate",
+            };
+            metrics::counter!("custos_events_total", "status" => status).increment(1);
+            metrics::counter!("custos_commands_created_total").increment(
+                if r.status == EventStatus::Accepted {
+                    r.commands.len() as u64
+                } else {
+                    0
+                },
+            );
+        }
+        result
+    }
+}

@@ -1,0 +1,266 @@
+//! The vault's operations, one method per API call: validation, authorization, then a read
+//! or a proposal (directly, or through the customer's profile actor). Handlers call these.
+//!
+//! One file per resource: [`entities`], [`customers`] (profiles, links, OAuth linking,
+//! activity), [`rules`], [`events`], [`deliveries`], [`recommendations`], [`cluster`] (status,
+//! node removal, readiness) and [`portal`] (accounts, sessions, export, erasure, trying a
+//! rule). A customer's calls reach this node only when it leads the customer's data group
+//! (see `forward`); entity calls only on the meta group's leader.
+
+use std::sync::Arc;
+
+use custos_api::limits::{is_valid_id, MAX_NAME_LEN, MAX_URL_LEN};
+use custos_api::ErrorCode;
+use custos_raft::records::CustomerRecord;
+use custos_raft::types::GroupId;
+use custos_raft::{StateReader, StoreError};
+use sha2::{Digest, Sha256};
+
+use crate::core::Core;
+use crate::error::ServiceError;
+use crate::profile::{ProfileReply, ProfileRouter};
+use crate::recommend::vault::Served;
+
+pub mod cluster;
+pub mod customers;
+pub mod deliveries;
+pub mod entities;
+pub mod events;
+pub mod portal;
+pub mod recommendations;
+pub mod rules;
+
+pub use customers::FinishedLink;
+pub use recommendations::train_recommender;
+
+/// Customer API tokens start with this (so an operator call made with one is told why it
+/// is refused); the rest is random, and only its hash is kept, in the customer's record.
+pub const CUSTOMER_TOKEN_PREFIX: &str = "ctok_";
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The operator.
+    Admin,
+    /// A customer, by id.
+    Customer(String),
+}
+
+/// The vault's services on one node.
+#[derive(Clone)]
+pub struct Vault {
+    core: Arc<Core>,
+    profiles: ProfileRouter,
+    admin_token_hash: Arc<[u8; 32]>,
+    /// The stored model, rebuilt for serving when its version changes.
+    served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
+    /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`).
+    callback_url: Arc<str>,
+    /// For OAuth token exchanges: no redirects, and the delivery SSRF guard.
+    oauth_http: reqwest::Client,
+    /// Seals entities' access tokens at rest (loaded from the meta group on first use).
+    seal: Arc<std::sync::OnceLock<Arc<crate::seal::KeyRing>>>,
+    /// Opens the cluster's sealed token keys.
+    cluster_secret: Arc<str>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").finish_non_exhaustive()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn unexpected(reply: ProfileReply) -> ServiceError {
+    ServiceError::Internal(format!("unexpected profile reply {reply:?}"))
+}
+
+/// Compares two digests without an early exit.
+fn same_digest(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Vault {
+    /// The services over `core`, routing customer work through `profiles`.
+    pub fn new(
+        core: Arc<Core>,
+        profiles: ProfileRouter,
+        admin_token: &str,
+        public_url: &str,
+        cluster_secret: String,
+    ) -> Self {
+        let oauth_http =
+            crate::delivery::http_client(&core.config.delivery, core.config.allow_private_targets);
+        Vault {
+            callback_url: Arc::from(format!(
+                "{}/v1/oauth/callback",
+                public_url.trim_end_matches('/')
+            )),
+            oauth_http,
+            seal: Arc::new(std::sync::OnceLock::new()),
+            cluster_secret: cluster_secret.into(),
+            core,
+            profiles,
+            admin_token_hash: Arc::new(sha256(admin_token.as_bytes())),
+            served: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The shared node parts.
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// The token-sealing key ring: configured keys, else the cluster's own from the meta group.
+    async fn key_ring(&self) -> Result<Arc<crate::seal::KeyRing>, ServiceError> {
+        if let Some(k) = self.seal.get() {
+            return Ok(k.clone());
+        }
+        let ring = crate::cluster::token_keys(&self.core, &self.core.config, &self.cluster_secret)
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(self.seal.get_or_init(|| Arc::new(ring)).clone())
+    }
+
+    /// The data group of a customer.
+    fn group_of(&self, customer: &str) -> Result<GroupId, ServiceError> {
+        self.core.group_of(customer)
+    }
+
+    /// Reads a customer's group as its leader (linearizable: everything acknowledged before
+    /// is seen).
+    async fn read_customer<T, F>(&self, customer: &str, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&StateReader) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.core.read_leader(self.group_of(customer)?, f).await
+    }
+
+    /// A customer's record, which must exist.
+    async fn customer_record(&self, customer: &str) -> Result<CustomerRecord, ServiceError> {
+        check_id("customer id", customer)?;
+        let owned = customer.to_owned();
+        self.read_customer(customer, move |r| r.customer(&owned))
+            .await?
+            .ok_or_else(|| ServiceError::not_found("customer", customer))
+    }
+
+    fn is_admin(&self, bearer: Option<&str>) -> Result<bool, ServiceError> {
+        let token = bearer.ok_or_else(|| {
+            ServiceError::refused(
+                ErrorCode::Unauthorized,
+                "send Authorization: Bearer <token>",
+            )
+        })?;
+        if token.is_empty() || token.len() > 256 {
+            return Err(ServiceError::refused(
+                ErrorCode::Unauthorized,
+                "invalid token",
+            ));
+        }
+        // Comparing hashes keeps the comparison's timing independent of the token.
+        Ok(same_digest(
+            &sha256(token.as_bytes()),
+            &*self.admin_token_hash,
+        ))
+    }
+
+    /// Requires the operator.
+    pub async fn require_admin(&self, bearer: Option<&str>) -> Result<(), ServiceError> {
+        if self.is_admin(bearer)? {
+            return Ok(());
+        }
+        if bearer.is_some_and(|t| t.starts_with(CUSTOMER_TOKEN_PREFIX)) {
+            return Err(ServiceError::refused(
+                ErrorCode::Forbidden,
+                "this call is for operators",
+            ));
+        }
+        Err(ServiceError::refused(
+            ErrorCode::Unauthorized,
+            "invalid token",
+        ))
+    }
+
+    /// Requires the operator or the customer `id` itself (its token is checked against the
+    /// hash its record keeps, in its own group).
+    pub async fn require_customer(
+        &self,
+        bearer: Option<&str>,
+        id: &str,
+    ) -> Result<Caller, ServiceError> {
+        if self.is_admin(bearer)? {
+            return Ok(Caller::Admin);
+        }
+        let token = bearer.unwrap_or_default();
+        if !token.starts_with(CUSTOMER_TOKEN_PREFIX) {
+            return Err(ServiceError::refused(
+                ErrorCode::Unauthorized,
+                "invalid token",
+            ));
+        }
+        let record = match self.customer_record(id).await {
+            Ok(r) => Some(r),
+            Err(ServiceError::Refused {
+                code: ErrorCode::NotFound | ErrorCode::InvalidField,
+                ..
+            }) => None,
+            Err(e) => return Err(e),
+        };
+        match record {
+            Some(c) if same_digest(&c.token_hash, &sha256(token.as_bytes())) => {
+                Ok(Caller::Customer(id.to_owned()))
+            }
+            // The same answer whether the customer exists or the token is another's.
+            _ => Err(ServiceError::refused(
+                ErrorCode::Forbidden,
+                "this token cannot act on that customer",
+            )),
+        }
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), ServiceError> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(ServiceError::invalid(
+            field,
+            "must be 1..=128 of [A-Za-z0-9._:-]",
+        ))
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), ServiceError> {
+    if name.trim().is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(ServiceError::invalid(
+            field,
+            format!("must be 1..={MAX_NAME_LEN} printable bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_url(field: &str, u: &str) -> Result<(), ServiceError> {
+    if u.len() > MAX_URL_LEN {
+        return Err(ServiceError::invalid(
+            field,
+            format!("longer than {MAX_URL_LEN}"),
+        ));
+    }
+    let parsed = url::Url::parse(u).map_err(|e| ServiceError::invalid(field, e))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(ServiceError::invalid(
+            field,
+            "must be an http(s) URL with a host",
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(ServiceError::invalid(field, "must not carry credentials"));
+    }
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! Recommendations: trained on the meta group's leader from every data group's aggregates
+//! (each asked through its leader), stored in the meta group, served from the model and the
+//! customer's own rules, links and engagement.
+
+use std::sync::Arc;
+
+use custos_api::types::*;
+use custos_api::ErrorCode;
+use custos_raft::{StateChange, META_GROUP};
+
+use super::{check_id, Vault};
+use crate::cluster::wire::{GroupAnswer, GroupQuery, TrainingInput};
+use crate::core::Core;
+use crate::error::ServiceError;
+use crate::recommend::vault::Served;
+
+/// The (customer, `source.type`) pairs received within the engagement window.
+fn recent(engagements: Vec<(String, String, u64, i64)>) -> Vec<(String, String)> {
+    let since = unix_now_ms() - crate::recommend::vault::ENGAGEMENT_RECENCY_MS;
+    engagements
+        .into_iter()
+        .filter(|(_, _, count, last)| *count > 0 && *last >= since)
+        .map(|(c, t, _, _)| (c, t))
+        .collect()
+}
+
+/// Trains the recommender on every customer's rules and stores the model through Raft.
+pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
+    let mut all = TrainingInput::default();
+    for group in core.data_groups()? {
+        let answer = crate::peer::ask_group(core, group, GroupQuery::TrainingInput)
+            .await
+            .map_err(|e| {
+                ServiceError::refused(ErrorCode::Unavailable, format!("group {group}: {e}"))
+            })?;
+        let GroupAnswer::TrainingInput(part) = answer else {
+            return Err(ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!("group {group} could not answer"),
+            ));
+        };
+        all.rules.extend(part.rules);
+        all.links.extend(part.links);
+        all.engagements.extend(part.engagements);
+        for (t, n) in part.dismissals {
+            *all.dismissals.entry(t).or_insert(0) += n;
+        }
+    }
+    let current = core.read_meta(|r| r.model()).await?;
+    let received = recent(all.engagements);
+    let version = current.map(|m| m.version).unwrap_or(0) + 1;
+    let (beta, k) = (
+        core.config.recommend_beta,
+        core.config.recommend_min_customers,
+    );
+    let now = unix_now_ms();
+    let (rules, links, dismissals) = (all.rules, all.links, all.dismissals);
+    // Training is CPU work on counts: keep it off the event loops.
+    let model = tokio::task::spawn_blocking(move || {
+        let population = crate::recommend::vault::Population {
+            rules,
+            links,
+            received,
+            dismissals,
+        };
+        crate::recommend::vault::train(population, version, now, beta, k)
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let summary = ModelSummary {
+        version: model.version,
+        trained_at: rfc3339_ms(model.trained_ms),
+        customers: model.customers,
+        templates: model.templates.len() as u32,
+        pairs: model.pairs.len() as u32,
+        min_support: model.min_support,
+    };
+    core.propose(META_GROUP, StateChange::PutModel(Box::new(model)))
+        .await?;
+    Ok(summary)
+}
+
+impl Vault {
+    /// Trains the recommender now.
+    pub async fn train_recommender(&self) -> Result<ModelSummary, ServiceError> {
+        train_recommender(&self.core).await
+    }
+
+    /// A customer's recommendations, at or above the configured confidence.
+    pub async fn recommendations(
+        &self,
+        customer: &str,
+    ) -> Result<RecommendationList, ServiceError> {
+        check_id("customer id", customer)?;
+        let owned = customer.to_owned();
+        let (exists, rules, links, engagements, dismissed) = self
+            .read_customer(customer, move |r| {
+                Ok((
+                    r.customer(&owned)?.is_some(),
+                    r.rules(&owned)?,
+                    r.links(&owned)?,
+                    r.engagements(Some(&owned))?,
+                    r.dismissed(&owned)?,
+                ))
+            })
+            .await?;
+        if !exists {
+            return Err(ServiceError::not_found("customer", customer));
+        }
+        let model = self.core.read_meta(|r| r.model()).await?;
+        let received: Vec<String> = recent(engagements).into_iter().map(|(_, t)| t).collect();
+        let linked: Vec<String> = links.into_iter().map(|l| l.entity_id).collect();
+        let threshold = self.core.config.recommend_threshold;
+        let Some(model) = model else {
+            return Ok(RecommendationList {
+                model_version: None,
+                threshold,
+                items: Vec::new(),
+            });
+        };
+        let served = {
+            let mut cache = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.as_ref().filter(|s| s.record.version == model.version) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(Served::new(model));
+                    *cache = Some(s.clone());
+                    s
+                }
+            }
+        };
+        let dismissed: std::collections::HashSet<String> = dismissed.into_iter().collect();
+        Ok(RecommendationList {
+            model_version: Some(served.record.version),
+            threshold,
+            items: served.recommend(&rules, &linked, &received, &dismissed, threshold),
+        })
+    }
+
+    /// Accepts a recommendation: its rule is created and validated like any rule.
+    pub async fn accept_recommendation(
+        &self,
+        customer: &str,
+        rec_id: &str,
+    ) -> Result<Rule, ServiceError> {
+        let list = self.recommendations(customer).await?;
+        let rec = list
+            .items
+            .into_iter()
+            .find(|r| r.id == rec_id)
+            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
+        self.create_rule(customer, rec.rule).await
+    }
+
+    /// Dismisses a recommendation; it is not shown again.
+    pub async fn dismiss_recommendation(
+        &self,
+        customer: &str,
+        rec_id: &str,
+    ) -> Result<(), ServiceError> {
+        check_id("customer id", customer)?;
+        let template = crate::recommend::vault::decode_id(rec_id)
+            .filter(|t| t.len() <= 4 * custos_api::limits::MAX_ID_LEN + 3)
+            .ok_or_else(|| ServiceError::invalid("recommendation id", "not a recommendation id"))?;
+        self.core
+            .propose(
+                self.group_of(customer)?,
+                StateChange::Dismiss {
+                    customer_id: customer.to_owned(),
+                    template,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}

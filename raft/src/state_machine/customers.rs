@@ -1,0 +1,291 @@
+//! Customers (data groups): profiles, links, rules, dismissals, intents and erasure.
+
+use custos_api::limits::MAX_RULES_PER_CUSTOMER;
+use custos_api::ErrorCode;
+
+use super::{not_found, Tx};
+use crate::codec;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+
+impl Tx<'_> {
+    fn customer_exists(&self, id: &str) -> Result<bool, StoreError> {
+        self.exists(&self.k(keys::CUSTOMER, id.as_bytes()))
+    }
+
+    fn linked(&self, customer: &str, entity: &str) -> Result<bool, StoreError> {
+        self.exists(&self.k2(keys::LINK, customer, entity))
+    }
+
+    /// Ends `intent` if given: `Ok(false)` when it is no longer recorded (done or abandoned),
+    /// so the change completing it must not happen.
+    fn take_intent(&mut self, intent: Option<&str>) -> Result<bool, StoreError> {
+        let Some(id) = intent else {
+            return Ok(true);
+        };
+        let key = self.k(keys::INTENT, id.as_bytes());
+        if !self.exists(&key)? {
+            return Ok(false);
+        }
+        self.delete(key);
+        Ok(true)
+    }
+
+    pub(crate) fn begin_intent(
+        &mut self,
+        intent: IntentRecord,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let key = self.k(keys::INTENT, intent.id.as_bytes());
+        self.put(key, &intent)?;
+        self.effects.push(super::Effect::IntentAdded);
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn end_intent(&mut self, id: &str) -> Result<ChangeOutcome, StoreError> {
+        self.delete(self.k(keys::INTENT, id.as_bytes()));
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn create_customer(
+        &mut self,
+        customer: CustomerRecord,
+        intent: Option<String>,
+    ) -> Result<ChangeOutcome, StoreError> {
+        if !self.take_intent(intent.as_deref())? {
+            return Ok(not_found("sign-up", "in progress"));
+        }
+        let key = self.k(keys::CUSTOMER, customer.id.as_bytes());
+        if self.exists(&key)? {
+            // Completing an intent twice is done; creating an id twice is a conflict.
+            return Ok(match intent {
+                Some(_) => ChangeOutcome::Done,
+                None => ChangeOutcome::rejected(
+                    ErrorCode::Conflict,
+                    format!("customer {} already exists", customer.id),
+                ),
+            });
+        }
+        self.put(key, &customer)?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn link(
+        &mut self,
+        customer_id: String,
+        link: LinkRecord,
+        intent: Option<String>,
+    ) -> Result<ChangeOutcome, StoreError> {
+        if !self.customer_exists(&customer_id)? {
+            return Ok(not_found("customer", &customer_id));
+        }
+        if !self.take_intent(intent.as_deref())? {
+            return Ok(not_found("linking", "in progress"));
+        }
+        let link_key = self.k2(keys::LINK, &customer_id, &link.entity_id);
+        if let Some(old) = self.get::<LinkRecord>(&link_key)? {
+            if old.subject != link.subject {
+                // Linked again as someone else there: the old subject's claim goes.
+                self.new_intent(
+                    link.linked_ms,
+                    IntentStep::ReleaseSubject {
+                        customer_id: customer_id.clone(),
+                        entity_id: old.entity_id,
+                        subject: old.subject,
+                    },
+                )?;
+            }
+        }
+        let at = link.linked_ms;
+        let entity_id = link.entity_id.clone();
+        self.put(link_key, &link)?;
+        self.activity(&customer_id, at, &ActivityRecord::Linked { entity_id })?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn unlink(
+        &mut self,
+        customer_id: &str,
+        entity_id: &str,
+        at_ms: i64,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let key = self.k2(keys::LINK, customer_id, entity_id);
+        let Some(link) = self.get::<LinkRecord>(&key)? else {
+            return Ok(not_found("link", entity_id));
+        };
+        self.delete(key);
+        self.new_intent(
+            at_ms,
+            IntentStep::ReleaseSubject {
+                customer_id: customer_id.to_owned(),
+                entity_id: entity_id.to_owned(),
+                subject: link.subject,
+            },
+        )?;
+        self.activity(
+            customer_id,
+            at_ms,
+            &ActivityRecord::Unlinked {
+                entity_id: entity_id.to_owned(),
+            },
+        )?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn put_rule(
+        &mut self,
+        customer_id: &str,
+        rule: RuleRecord,
+    ) -> Result<ChangeOutcome, StoreError> {
+        if !self.customer_exists(customer_id)? {
+            return Ok(not_found("customer", customer_id));
+        }
+        for entity in [&rule.when_entity, &rule.then_entity] {
+            if !self.linked(customer_id, entity)? {
+                return Ok(ChangeOutcome::rejected(
+                    ErrorCode::EntityNotLinked,
+                    format!("entity {entity} is not linked"),
+                ));
+            }
+        }
+        let key = self.k2(keys::RULE, customer_id, &rule.id);
+        if !self.exists(&key)?
+            && self.count_prefix(&self.p2(keys::RULE, customer_id))? >= MAX_RULES_PER_CUSTOMER
+        {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::LimitReached,
+                format!("at most {MAX_RULES_PER_CUSTOMER} rules per customer"),
+            ));
+        }
+        let at = rule.created_ms;
+        let rule_id = rule.id.clone();
+        self.put(key, &rule)?;
+        self.activity(customer_id, at, &ActivityRecord::RuleSaved { rule_id })?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn delete_rule(
+        &mut self,
+        customer_id: &str,
+        rule_id: String,
+        at_ms: i64,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let key = self.k2(keys::RULE, customer_id, &rule_id);
+        if !self.exists(&key)? {
+            return Ok(not_found("rule", &rule_id));
+        }
+        self.delete(key);
+        self.activity(customer_id, at_ms, &ActivityRecord::RuleDeleted { rule_id })?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn dismiss(
+        &mut self,
+        customer_id: &str,
+        template: &str,
+    ) -> Result<ChangeOutcome, StoreError> {
+        if !self.customer_exists(customer_id)? {
+            return Ok(not_found("customer", customer_id));
+        }
+        self.put(self.k2(keys::DISMISSED, customer_id, template), &())?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    /// Deletes every key of the customer, and records the intents that release its subjects
+    /// and email in the meta group.
+    pub(crate) fn erase_customer(
+        &mut self,
+        customer_id: &str,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let customer_key = self.k(keys::CUSTOMER, customer_id.as_bytes());
+        let Some(customer) = self.get::<CustomerRecord>(&customer_key)? else {
+            return Ok(not_found("customer", customer_id));
+        };
+        // The releases need no grace period: the intent worker takes them at once.
+        let now = 0;
+        for (k, v) in self.scan(&self.p2(keys::LINK, customer_id))? {
+            let link: LinkRecord = codec::decode(&v)?;
+            self.delete(k);
+            self.new_intent(
+                now,
+                IntentStep::ReleaseSubject {
+                    customer_id: customer_id.to_owned(),
+                    entity_id: link.entity_id,
+                    subject: link.subject,
+                },
+            )?;
+        }
+        for (k, v) in self.scan(&self.p2(keys::ACTIVITY, customer_id))? {
+            if let ActivityRecord::RuleMatched { command_id, .. } = codec::decode(&v)? {
+                self.forget_command(&command_id)?;
+            }
+            self.delete(k);
+        }
+        for tag in [keys::RULE, keys::ENGAGEMENT, keys::DISMISSED] {
+            for (k, _) in self.scan(&self.p2(tag, customer_id))? {
+                self.delete(k);
+            }
+        }
+        // Sessions, pending linkings and commands whose activity line already aged out are
+        // not under the customer's prefixes: scan their (retention-bounded) ranges.
+        for (k, v) in self.scan(&self.p(keys::SESSION))? {
+            if codec::decode::<SessionRecord>(&v)?.customer_id == customer_id {
+                self.delete(k);
+            }
+        }
+        for (k, v) in self.scan(&self.p(keys::PENDING_LINK))? {
+            if codec::decode::<PendingLink>(&v)?.customer_id == customer_id {
+                self.delete(k);
+            }
+        }
+        for (_, v) in self.scan(&self.p(keys::OUTBOX))? {
+            let rec: OutboxRecord = codec::decode(&v)?;
+            if rec.command.customer_id == customer_id {
+                self.forget_command(&rec.command.id)?;
+            }
+        }
+        // Claims under way become releases: the claim may already have been made.
+        for (k, v) in self.scan(&self.p(keys::INTENT))? {
+            let intent: IntentRecord = codec::decode(&v)?;
+            let release = match intent.step {
+                IntentStep::ClaimSubject {
+                    customer_id: c,
+                    link,
+                } if c == customer_id => Some(IntentStep::ReleaseSubject {
+                    customer_id: c,
+                    entity_id: link.entity_id,
+                    subject: link.subject,
+                }),
+                _ => None,
+            };
+            if let Some(step) = release {
+                self.delete(k);
+                self.new_intent(now, step)?;
+            }
+        }
+        if let Some(email) = customer.email {
+            self.new_intent(
+                now,
+                IntentStep::ReleaseEmail {
+                    customer_id: customer_id.to_owned(),
+                    email,
+                },
+            )?;
+        }
+        self.delete(customer_key);
+        Ok(ChangeOutcome::Done)
+    }
+
+    /// Deletes a command's outbox record and its index entries.
+    fn forget_command(&mut self, command_id: &str) -> Result<(), StoreError> {
+        let outbox = self.k(keys::OUTBOX, command_id.as_bytes());
+        if let Some(rec) = self.get::<OutboxRecord>(&outbox)? {
+            if let Some(due) = rec.next_due_ms {
+                self.delete(keys::due(self.space, due, command_id));
+            }
+        }
+        self.delete(self.k(keys::FAILED, command_id.as_bytes()));
+        self.delete(outbox);
+        Ok(())
+    }
+}

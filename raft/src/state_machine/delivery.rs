@@ -1,0 +1,138 @@
+//! Deliveries (data groups): attempt results, retries, failures and replays.
+
+use custos_api::ErrorCode;
+
+use super::{not_found, Tx};
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+
+impl Tx<'_> {
+    fn fail(&mut self, command_id: &str) -> Result<(), StoreError> {
+        self.put(self.k(keys::FAILED, command_id.as_bytes()), &())
+    }
+
+    /// Applies one attempt's result. A 410 fails the delivery here; disabling the entity's
+    /// endpoint is the delivery worker's own step in the meta group.
+    pub(crate) fn record_delivery(&mut self, update: DeliveryUpdate) -> Result<(), StoreError> {
+        let command_id = match &update {
+            DeliveryUpdate::Attempted { command_id, .. }
+            | DeliveryUpdate::Cancelled { command_id, .. } => command_id.clone(),
+        };
+        let key = self.k(keys::OUTBOX, command_id.as_bytes());
+        let Some(mut rec) = self.get::<OutboxRecord>(&key)? else {
+            return Ok(());
+        };
+        if rec.state != DeliveryState::Pending {
+            // A late result for a delivery already settled (e.g. cancelled meanwhile).
+            return Ok(());
+        }
+        if let Some(due) = rec.next_due_ms.take() {
+            self.delete(keys::due(self.space, due, &command_id));
+        }
+        let customer = rec.command.customer_id.clone();
+        match update {
+            DeliveryUpdate::Attempted { attempt, next, .. } => {
+                let at = attempt.at_ms;
+                let status_code = attempt.status_code;
+                let error = attempt.error.clone();
+                rec.attempts.push(attempt);
+                match next {
+                    AttemptNext::Delivered => {
+                        rec.state = DeliveryState::Delivered;
+                        self.age(at, &key);
+                    }
+                    AttemptNext::RetryAt(due) => {
+                        rec.next_due_ms = Some(due);
+                        self.schedule(due, &command_id)?;
+                    }
+                    AttemptNext::Exhausted => {
+                        rec.state = DeliveryState::Failed;
+                        rec.reason = Some("retries exhausted".into());
+                        self.fail(&command_id)?;
+                        self.age(at, &key);
+                    }
+                    AttemptNext::Gone => {
+                        rec.state = DeliveryState::Failed;
+                        rec.reason = Some("endpoint answered 410 Gone; endpoint disabled".into());
+                        self.fail(&command_id)?;
+                        self.age(at, &key);
+                    }
+                }
+                let attempt_no = rec.attempts.len() as u32;
+                let state = rec.state;
+                self.activity(
+                    &customer,
+                    at,
+                    &ActivityRecord::DeliveryAttempt {
+                        command_id,
+                        attempt: attempt_no,
+                        status_code,
+                        error,
+                        state,
+                    },
+                )?;
+            }
+            DeliveryUpdate::Cancelled {
+                reason,
+                at_ms,
+                as_failed,
+                ..
+            } => {
+                rec.state = if as_failed {
+                    self.fail(&command_id)?;
+                    DeliveryState::Failed
+                } else {
+                    DeliveryState::Cancelled
+                };
+                rec.reason = Some(reason.clone());
+                self.age(at_ms, &key);
+                let state = rec.state;
+                self.activity(
+                    &customer,
+                    at_ms,
+                    &ActivityRecord::DeliveryChanged {
+                        command_id,
+                        state,
+                        reason,
+                    },
+                )?;
+            }
+        }
+        self.put(key, &rec)
+    }
+
+    pub(crate) fn replay(
+        &mut self,
+        command_id: String,
+        at_ms: i64,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let key = self.k(keys::OUTBOX, command_id.as_bytes());
+        let Some(mut rec) = self.get::<OutboxRecord>(&key)? else {
+            return Ok(not_found("delivery", &command_id));
+        };
+        if rec.state != DeliveryState::Failed {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Conflict,
+                "only failed deliveries can be replayed",
+            ));
+        }
+        rec.state = DeliveryState::Pending;
+        rec.reason = None;
+        rec.next_due_ms = Some(at_ms);
+        self.delete(self.k(keys::FAILED, command_id.as_bytes()));
+        self.schedule(at_ms, &command_id)?;
+        let customer = rec.command.customer_id.clone();
+        self.put(key, &rec)?;
+        self.activity(
+            &customer,
+            at_ms,
+            &ActivityRecord::DeliveryChanged {
+                command_id,
+                state: DeliveryState::Pending,
+                reason: "replayed by an operator".into(),
+            },
+        )?;
+        Ok(ChangeOutcome::Done)
+    }
+}

@@ -1,0 +1,71 @@
+//! Entities (meta group): registration, changes, secret rotation.
+
+use custos_api::ErrorCode;
+
+use super::{not_found, Effect, Tx};
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+
+impl Tx<'_> {
+    pub(crate) fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
+        self.get(&self.k(keys::ENTITY, id.as_bytes()))
+    }
+
+    pub(crate) fn register_entity(
+        &mut self,
+        entity: EntityRecord,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let key = self.k(keys::ENTITY, entity.id.as_bytes());
+        if self.exists(&key)? {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Conflict,
+                format!("entity {} already exists", entity.id),
+            ));
+        }
+        self.effects.push(Effect::EntityChanged(entity.id.clone()));
+        self.put(key, &entity)?;
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn update_entity(
+        &mut self,
+        id: String,
+        name: Option<String>,
+        command_url: Option<String>,
+        endpoint_enabled: Option<bool>,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let Some(mut entity) = self.entity(&id)? else {
+            return Ok(not_found("entity", &id));
+        };
+        if let Some(n) = name {
+            entity.name = n;
+        }
+        if let Some(u) = command_url {
+            entity.command_url = u;
+            entity.endpoint_enabled = true;
+        }
+        if let Some(e) = endpoint_enabled {
+            entity.endpoint_enabled = e;
+        }
+        self.put(self.k(keys::ENTITY, id.as_bytes()), &entity)?;
+        self.effects.push(Effect::EntityChanged(id));
+        Ok(ChangeOutcome::Done)
+    }
+
+    pub(crate) fn rotate_secret(
+        &mut self,
+        id: String,
+        secret: String,
+        previous_valid_until_ms: i64,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let Some(mut entity) = self.entity(&id)? else {
+            return Ok(not_found("entity", &id));
+        };
+        entity.previous_secret = Some(std::mem::replace(&mut entity.secret, secret));
+        entity.previous_valid_until_ms = previous_valid_until_ms;
+        self.put(self.k(keys::ENTITY, id.as_bytes()), &entity)?;
+        self.effects.push(Effect::EntityChanged(id));
+        Ok(ChangeOutcome::Done)
+    }
+}

@@ -1,0 +1,116 @@
+//! Events (data groups): dedup, the authoritative link re-check, activity and the outbox.
+
+use super::Tx;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+
+impl Tx<'_> {
+    /// Why an event routed to `customer` must not act for it, if it must not: the routing
+    /// index is a hint, and this group decides whether the customer links that subject.
+    fn stale_route(
+        &self,
+        customer: &str,
+        event: &EventRecord,
+    ) -> Result<Option<String>, StoreError> {
+        if !self.exists(&self.k(keys::CUSTOMER, customer.as_bytes()))? {
+            return Ok(Some("the customer no longer exists".into()));
+        }
+        match self.get::<LinkRecord>(&self.k2(keys::LINK, customer, &event.source))? {
+            Some(l) if l.subject == event.subject => Ok(None),
+            _ => Ok(Some(format!(
+                "routed by a stale index entry: the customer does not link this subject at {}",
+                event.source
+            ))),
+        }
+    }
+
+    pub(crate) fn ingest(&mut self, mut ingest: Ingest) -> Result<ChangeOutcome, StoreError> {
+        let dedup_key = self.k2(keys::DEDUP, &ingest.event.source, &ingest.event.id);
+        if let Some(first) = self.get::<DedupRecord>(&dedup_key)? {
+            return Ok(ChangeOutcome::Ingested {
+                duplicate: true,
+                fate: first.fate,
+                commands: first.commands,
+                reason: first.reason,
+            });
+        }
+        if let Some(customer) = ingest.customer_id.clone() {
+            if let Some(why) = self.stale_route(&customer, &ingest.event)? {
+                ingest.commands.clear();
+                ingest.ignored_reason = Some(why);
+                if !self.exists(&self.k(keys::CUSTOMER, customer.as_bytes()))? {
+                    ingest.customer_id = None;
+                }
+            }
+        }
+        let fate = if ingest.commands.is_empty() {
+            EventFate::Ignored
+        } else {
+            EventFate::Accepted
+        };
+        let command_ids: Vec<String> = ingest.commands.iter().map(|c| c.id.clone()).collect();
+        let at = ingest.at_ms;
+        self.put_aged(
+            dedup_key,
+            &DedupRecord {
+                customer_id: ingest.customer_id.clone(),
+                fate,
+                commands: command_ids.clone(),
+                reason: ingest.ignored_reason.clone(),
+                at_ms: at,
+            },
+            at,
+        )?;
+        if let Some(customer) = &ingest.customer_id {
+            // Engagement for recommendations: how often, and when last, this type arrived.
+            let key = self.k2(
+                keys::ENGAGEMENT,
+                customer,
+                &format!("{}.{}", ingest.event.source, ingest.event.event_type),
+            );
+            let (count, _) = self.get::<(u64, i64)>(&key)?.unwrap_or((0, 0));
+            self.put(key, &(count + 1, at))?;
+            self.activity(
+                customer,
+                at,
+                &ActivityRecord::EventReceived {
+                    event: ingest.event.clone(),
+                    fate,
+                    reason: ingest.ignored_reason.clone(),
+                },
+            )?;
+        }
+        for command in ingest.commands {
+            self.activity(
+                &command.customer_id,
+                at,
+                &ActivityRecord::RuleMatched {
+                    rule_id: command.rule_id.clone(),
+                    event_id: command.event_id.clone(),
+                    command_id: command.id.clone(),
+                    target: command.target.clone(),
+                    command_type: command.command_type.clone(),
+                },
+            )?;
+            self.schedule(at, &command.id)?;
+            let key = self.k(keys::OUTBOX, command.id.as_bytes());
+            self.put(
+                key,
+                &OutboxRecord {
+                    command,
+                    state: DeliveryState::Pending,
+                    attempts: Vec::new(),
+                    next_due_ms: Some(at),
+                    reason: None,
+                },
+            )?;
+        }
+        Ok(ChangeOutcome::Ingested {
+            duplicate: false,
+            fate,
+            commands: command_ids,
+            reason: ingest.ignored_reason,
+        })
+    }
+}

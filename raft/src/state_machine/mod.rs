@@ -1,0 +1,360 @@
+//! The state machine: applies committed [`StateChange`]s to RocksDB, and builds, sends and
+//! installs snapshots of one group as a stream of its keys.
+//!
+//! Each `apply` call writes everything it changes, plus the last applied log id, in one
+//! RocksDB write batch, so a crash never leaves an entry half-applied. Its checks (exists,
+//! linked, not a duplicate) are authoritative: the node checks first for good errors, but two
+//! racing proposals are settled here, identically on every replica.
+//!
+//! The domain logic is split by concern: [`cluster`] (nodes, placement, the routing index,
+//! emails), [`entities`], [`customers`] (profiles, links, rules, intents, erasure),
+//! [`ingest`], [`delivery`], [`accounts`] (sessions, OAuth linkings), [`retention`];
+//! [`tx`] is the write batch they share and [`snapshot`] the snapshot files.
+
+mod accounts;
+mod cluster;
+mod customers;
+mod delivery;
+mod entities;
+mod ingest;
+mod retention;
+mod snapshot;
+mod tx;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use custos_api::ErrorCode;
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, Snapshot};
+use rocksdb::{WriteBatch, DB};
+
+use crate::codec;
+use crate::error::StoreError;
+use crate::keys;
+use crate::reader::StateReader;
+use crate::records::*;
+use crate::shard::META_GROUP;
+use crate::types::{GroupId, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+pub use tx::Tx;
+
+type Entry = openraft::Entry<TypeConfig>;
+
+/// `SM_META` key of the last applied log id.
+pub(crate) const APPLIED: &[u8] = b"applied";
+/// `SM_META` key of the last applied membership.
+pub(crate) const MEMBERSHIP: &[u8] = b"membership";
+
+/// What an apply changed that the node's caches and workers must hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// An entity was registered or changed.
+    EntityChanged(String),
+    /// A delivery is pending and due at this time (new, retried or replayed).
+    DeliveryDue {
+        /// Command id.
+        command_id: String,
+        /// When its next attempt is due.
+        due_ms: i64,
+    },
+    /// An intent was recorded: the group's intent worker has a step to take.
+    IntentAdded,
+    /// Nodes, settings, the assignment or a group report changed (meta group).
+    ClusterChanged,
+    /// The whole state was replaced by a snapshot: drop every cache.
+    SnapshotInstalled,
+}
+
+/// Told about every apply, after its batch is written.
+pub trait ApplyObserver: Send + Sync + 'static {
+    /// Called with the group and the effects of one apply call (possibly empty).
+    fn applied(&self, group: GroupId, effects: &[Effect]);
+}
+
+/// An observer that ignores everything (tests, tools).
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl ApplyObserver for NoObserver {
+    fn applied(&self, _group: GroupId, _effects: &[Effect]) {}
+}
+
+/// One group's state machine.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<DB>,
+    group: GroupId,
+    /// Which of the group's two key spaces holds its state (see [`keys::space`]).
+    generation: Arc<AtomicBool>,
+    observer: Arc<dyn ApplyObserver>,
+    snapshots: Arc<PathBuf>,
+    /// The file a snapshot is being received into.
+    receiving: Arc<Mutex<Option<PathBuf>>>,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl StateMachineStore {
+    /// The state machine of `group` in `db`, reporting effects to `observer`, keeping its
+    /// snapshot files under `snapshots`. Removes what a crash mid-install left behind.
+    pub fn new(
+        db: Arc<DB>,
+        group: GroupId,
+        observer: Arc<dyn ApplyObserver>,
+        snapshots: PathBuf,
+    ) -> Result<Self, StoreError> {
+        let generation = match db.get(keys::prefix(group, keys::SPACE))? {
+            Some(v) => codec::decode::<bool>(&v)?,
+            None => false,
+        };
+        let (lo, hi) = keys::sm_range(keys::space(group, !generation));
+        delete_range(&db, &lo, &hi)?;
+        Ok(StateMachineStore {
+            db,
+            group,
+            generation: Arc::new(AtomicBool::new(generation)),
+            observer,
+            snapshots: Arc::new(snapshots),
+            receiving: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// A reader of this group's applied state (it follows snapshot installs).
+    pub fn reader(&self) -> StateReader {
+        StateReader::new(self.db.clone(), self.group, self.generation.clone())
+    }
+
+    fn space(&self) -> u32 {
+        keys::space(self.group, self.generation.load(Ordering::SeqCst))
+    }
+
+    fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+        read_sm_meta(&self.db, self.space())
+    }
+
+    fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<ChangeOutcome>, StoreError> {
+        let mut tx = Tx::new(&self.db, self.group, self.space());
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let mut last = None;
+        let mut membership = None;
+        for entry in entries {
+            tx.begin_entry(entry.log_id.index);
+            last = Some(entry.log_id);
+            let outcome = match entry.payload {
+                EntryPayload::Blank => ChangeOutcome::Done,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    ChangeOutcome::Done
+                }
+                EntryPayload::Normal(change) => tx.apply_top(change)?,
+            };
+            outcomes.push(outcome);
+        }
+        if let Some(last) = last {
+            tx.put(tx.meta_key(APPLIED), &Some(last))?;
+        }
+        if let Some(m) = membership {
+            tx.put(tx.meta_key(MEMBERSHIP), &m)?;
+        }
+        let (batch, effects) = tx.finish();
+        self.db.write(batch)?;
+        self.observer.applied(self.group, &effects);
+        Ok(outcomes)
+    }
+
+    /// Installs a received snapshot file into the idle key space, then switches to it with
+    /// one synced write: a crash at any point leaves either the old state or the new one.
+    fn install(&self, meta: &SnapshotMeta, file: std::fs::File) -> Result<(), StoreError> {
+        let current = self.generation.load(Ordering::SeqCst);
+        let next_space = keys::space(self.group, !current);
+        let (lo, hi) = keys::sm_range(next_space);
+        delete_range(&self.db, &lo, &hi)?;
+        snapshot::load_into(&self.db, next_space, file)?;
+        let mut last = WriteBatch::default();
+        last.put(
+            keys::key(next_space, keys::SM_META, APPLIED),
+            codec::encode(&meta.last_log_id)?,
+        );
+        last.put(
+            keys::key(next_space, keys::SM_META, MEMBERSHIP),
+            codec::encode(&meta.last_membership)?,
+        );
+        last.put(
+            keys::prefix(self.group, keys::SPACE),
+            codec::encode(&!current)?,
+        );
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(last, &opts)?;
+        self.generation.store(!current, Ordering::SeqCst);
+        let (old, old_end) = keys::sm_range(keys::space(self.group, current));
+        delete_range(&self.db, &old, &old_end)?;
+        self.observer
+            .applied(self.group, &[Effect::SnapshotInstalled]);
+        Ok(())
+    }
+}
+
+fn delete_range(db: &DB, lo: &[u8], hi: &[u8]) -> Result<(), StoreError> {
+    let mut batch = WriteBatch::default();
+    batch.delete_range(lo, hi);
+    db.write(batch)?;
+    Ok(())
+}
+
+fn read_sm_meta(db: &DB, space: u32) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+    let last_log_id: Option<LogId> =
+        match db.get_pinned(keys::key(space, keys::SM_META, APPLIED))? {
+            Some(v) => codec::decode(&v)?,
+            None => None,
+        };
+    let last_membership: StoredMembership =
+        match db.get_pinned(keys::key(space, keys::SM_META, MEMBERSHIP))? {
+            Some(v) => codec::decode(&v)?,
+            None => StoredMembership::default(),
+        };
+    Ok((last_log_id, last_membership))
+}
+
+/// Removes everything a node holds of `group`: its log, vote, snapshot records and both
+/// state spaces (the node no longer holds a replica of it).
+pub fn destroy_group(db: &DB, group: GroupId) -> Result<(), StoreError> {
+    let mut batch = WriteBatch::default();
+    for space in [keys::space(group, false), keys::space(group, true)] {
+        let lo = space.to_be_bytes().to_vec();
+        let hi = keys::prefix_end(&lo);
+        batch.delete_range(lo, hi);
+    }
+    db.write(batch)?;
+    Ok(())
+}
+
+/// Builds snapshots of one group.
+#[derive(Clone)]
+pub struct SnapshotBuilder {
+    store: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Streams the group's keys, as of one RocksDB snapshot, into a file (never the whole
+    /// group in memory); the file is what followers are sent, in chunks.
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (db, group, space, dir) = (
+            self.store.db.clone(),
+            self.store.group,
+            self.store.space(),
+            self.store.snapshots.clone(),
+        );
+        let (meta, path) =
+            tokio::task::spawn_blocking(move || snapshot::build(&db, group, space, &dir))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?
+                .map_err(StoreError::into_raft_write)?;
+        let file = snapshot::open(&path)
+            .await
+            .map_err(StoreError::into_raft_read)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        self.read_applied().map_err(StoreError::into_raft_read)
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ChangeOutcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.apply_entries(entries)
+            .map_err(StoreError::into_raft_write)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = snapshot::receiving_path(&self.snapshots, self.group);
+        let file = snapshot::create(&path)
+            .await
+            .map_err(StoreError::into_raft_write)?;
+        *self.receiving.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let received = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let file = snapshot.into_std().await;
+        let (store, meta) = (self.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            store.install(&meta, file.try_clone().map_err(StoreError::io)?)?;
+            // The installed state becomes this node's current snapshot, as received.
+            snapshot::keep_received(
+                &store.db,
+                store.group,
+                &store.snapshots,
+                &meta,
+                received,
+                file,
+            )
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?
+        .map_err(StoreError::into_raft_write)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(stored) =
+            snapshot::current(&self.db, self.group).map_err(StoreError::into_raft_read)?
+        else {
+            return Ok(None);
+        };
+        let file = snapshot::open(&self.snapshots.join(&stored.file))
+            .await
+            .map_err(StoreError::into_raft_read)?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+/// A refusal naming what was not found.
+pub(crate) fn not_found(what: &str, id: &str) -> ChangeOutcome {
+    ChangeOutcome::rejected(ErrorCode::NotFound, format!("{what} {id} not found"))
+}
+
+/// Whether `change` may be applied in `group`.
+pub(crate) fn in_scope(group: GroupId, change: &StateChange) -> bool {
+    match change.scope() {
+        Scope::Any => true,
+        Scope::Meta => group == META_GROUP,
+        Scope::Data => group != META_GROUP,
+    }
+}

@@ -1,0 +1,40 @@
+//! Retention (data groups): deleting what aged past the retention period, in bounded steps.
+
+use super::Tx;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+
+impl Tx<'_> {
+    pub(crate) fn prune(
+        &mut self,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let lo = self.p(keys::EXPIRY);
+        let hi = keys::expiry(self.space, before_ms, 0);
+        let found = self.stored_range(&lo, &hi, limit as usize)?;
+        let n = found.len() as u32;
+        for (aging_key, target) in found {
+            self.delete(aging_key);
+            // Targets were recorded with the space they were written in; re-base them on
+            // this one (a snapshot install may have moved the group to its other space).
+            let mut target = target;
+            if target.len() >= 4 {
+                target[..4].copy_from_slice(&self.space.to_be_bytes());
+            }
+            if target.get(4) == Some(&keys::OUTBOX) {
+                // A delivery replayed after it aged is pending again: keep it.
+                match self.get::<OutboxRecord>(&target)? {
+                    Some(rec) if rec.state == DeliveryState::Pending => continue,
+                    Some(rec) => {
+                        self.delete(self.k(keys::FAILED, rec.command.id.as_bytes()));
+                    }
+                    None => continue,
+                }
+            }
+            self.delete(target);
+        }
+        Ok(ChangeOutcome::Pruned(n))
+    }
+}

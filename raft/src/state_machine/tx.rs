@@ -1,0 +1,333 @@
+//! One apply call's write batch, with an overlay so later changes see earlier ones' writes,
+//! the helpers every concern uses, and the dispatch of a change to its concern.
+
+use std::collections::{BTreeMap, HashMap};
+
+use custos_api::ErrorCode;
+use rocksdb::{WriteBatch, DB};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{in_scope, Effect};
+use crate::codec;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
+use crate::types::GroupId;
+
+/// A raw key and its encoded value.
+pub(crate) type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The writes of one apply call.
+pub struct Tx<'a> {
+    db: &'a DB,
+    /// The group applying.
+    pub(crate) group: GroupId,
+    /// The key space its state lives in.
+    pub(crate) space: u32,
+    batch: WriteBatch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pub(crate) effects: Vec<Effect>,
+    /// Unique, increasing per entry (log index << 24, plus one per use).
+    seq: u64,
+}
+
+impl<'a> Tx<'a> {
+    /// A transaction on `group`, whose state is in `space`.
+    pub fn new(db: &'a DB, group: GroupId, space: u32) -> Self {
+        Tx {
+            db,
+            group,
+            space,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            effects: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    /// Starts the changes of the entry at `index` (numbers what it writes).
+    pub fn begin_entry(&mut self, index: u64) {
+        self.seq = index << 24;
+    }
+
+    /// The batch to write and the effects to report.
+    pub fn finish(self) -> (WriteBatch, Vec<Effect>) {
+        (self.batch, self.effects)
+    }
+
+    /// A state machine metadata key.
+    pub fn meta_key(&self, name: &[u8]) -> Vec<u8> {
+        keys::key(self.space, keys::SM_META, name)
+    }
+
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// `space | tag | part`.
+    pub(crate) fn k(&self, tag: u8, part: &[u8]) -> Vec<u8> {
+        keys::key(self.space, tag, part)
+    }
+
+    /// `space | tag | a \0 b`.
+    pub(crate) fn k2(&self, tag: u8, a: &str, b: &str) -> Vec<u8> {
+        keys::key2(self.space, tag, a, b)
+    }
+
+    /// `space | tag`.
+    pub(crate) fn p(&self, tag: u8) -> Vec<u8> {
+        keys::prefix(self.space, tag)
+    }
+
+    /// `space | tag | a \0`.
+    pub(crate) fn p2(&self, tag: u8, a: &str) -> Vec<u8> {
+        keys::prefix2(self.space, tag, a)
+    }
+
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get(key)?)
+    }
+
+    pub(crate) fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.get_raw(key)? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn exists(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.get_raw(key)?.is_some())
+    }
+
+    pub(crate) fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
+        let v = codec::encode(value)?;
+        self.batch.put(&key, &v);
+        self.overlay.insert(key, Some(v));
+        Ok(())
+    }
+
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
+        self.batch.delete(&key);
+        self.overlay.insert(key, None);
+    }
+
+    /// Records `key` in the retention index as created at `at_ms`.
+    pub(crate) fn age(&mut self, at_ms: i64, key: &[u8]) {
+        let seq = self.next_seq();
+        let k = keys::expiry(self.space, at_ms, seq);
+        self.batch.put(&k, key);
+        self.overlay.insert(k, Some(key.to_vec()));
+    }
+
+    /// Puts a record and indexes it for retention as created at `at_ms`.
+    pub(crate) fn put_aged<T: Serialize>(
+        &mut self,
+        key: Vec<u8>,
+        value: &T,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.age(at_ms, &key);
+        self.put(key, value)
+    }
+
+    /// Puts a pending delivery in the due index and tells the delivery worker.
+    pub(crate) fn schedule(&mut self, due_ms: i64, command_id: &str) -> Result<(), StoreError> {
+        self.put(keys::due(self.space, due_ms, command_id), &())?;
+        self.effects.push(Effect::DeliveryDue {
+            command_id: command_id.to_owned(),
+            due_ms,
+        });
+        Ok(())
+    }
+
+    /// Adds a line to a customer's activity.
+    pub(crate) fn activity(
+        &mut self,
+        customer: &str,
+        at_ms: i64,
+        record: &ActivityRecord,
+    ) -> Result<(), StoreError> {
+        let seq = self.next_seq();
+        self.put_aged(
+            keys::activity(self.space, customer, at_ms, seq),
+            record,
+            at_ms,
+        )
+    }
+
+    /// Records an intent (a cross-group step to take) and wakes the group's intent worker.
+    pub(crate) fn new_intent(&mut self, at_ms: i64, step: IntentStep) -> Result<(), StoreError> {
+        let id = format!("int_{:016x}", self.next_seq());
+        let key = self.k(keys::INTENT, id.as_bytes());
+        self.put(key, &IntentRecord { id, at_ms, step })?;
+        self.effects.push(Effect::IntentAdded);
+        Ok(())
+    }
+
+    /// Every (key, value) starting with `prefix`, the batch's own writes included.
+    pub(crate) fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let end = keys::prefix_end(prefix);
+        let mut found = BTreeMap::new();
+        let mut it = self.db.raw_iterator();
+        it.seek(prefix);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= end.as_slice() {
+                break;
+            }
+            found.insert(k.to_vec(), Some(v.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        for (k, v) in &self.overlay {
+            if k.as_slice() >= prefix && k.as_slice() < end.as_slice() {
+                found.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(found
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
+    }
+
+    /// How many keys start with `prefix` (the batch's own writes included).
+    pub(crate) fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
+        Ok(self.scan(prefix)?.len())
+    }
+
+    /// Keys in `[lo, hi)` as stored (not the batch's own writes), at most `limit`.
+    pub(crate) fn stored_range(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let mut found = Vec::new();
+        let mut it = self.db.raw_iterator();
+        it.seek(lo);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= hi || found.len() >= limit {
+                break;
+            }
+            found.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        Ok(found)
+    }
+
+    /// Applies one log entry's change (a batch: each of its changes, each with an outcome).
+    pub fn apply_top(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
+        match change {
+            StateChange::Batch(changes) => {
+                let mut outcomes = Vec::with_capacity(changes.len());
+                for c in changes {
+                    outcomes.push(self.apply_one(c)?);
+                }
+                Ok(ChangeOutcome::Batch(outcomes))
+            }
+            other => self.apply_one(other),
+        }
+    }
+
+    fn apply_one(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
+        if !in_scope(self.group, &change) {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Internal,
+                format!("this change does not belong in group {}", self.group),
+            ));
+        }
+        use StateChange as C;
+        match change {
+            C::Batch(_) => Ok(ChangeOutcome::rejected(
+                ErrorCode::Internal,
+                "batches do not nest",
+            )),
+            C::InitCluster {
+                settings,
+                node,
+                assignment,
+            } => self.init_cluster(settings, node, assignment),
+            C::RegisterNode(node) => self.register_node(node),
+            C::SetNodeState { id, state } => self.set_node_state(id, state),
+            C::SetAssignment(a) => self.set_assignment(a),
+            C::ReportGroup(r) => self.report_group(r),
+            C::ClaimSubject {
+                entity_id,
+                subject,
+                customer_id,
+            } => self.claim_subject(&entity_id, &subject, &customer_id),
+            C::ReleaseSubject {
+                entity_id,
+                subject,
+                customer_id,
+            } => self.release_subject(&entity_id, &subject, &customer_id),
+            C::ClaimEmail(account) => self.claim_email(account),
+            C::ReleaseEmail { email, customer_id } => self.release_email(&email, &customer_id),
+            C::PutModel(model) => self.put_model(*model),
+            C::RegisterEntity(e) => self.register_entity(e),
+            C::UpdateEntity {
+                id,
+                name,
+                command_url,
+                endpoint_enabled,
+            } => self.update_entity(id, name, command_url, endpoint_enabled),
+            C::RotateSecret {
+                id,
+                secret,
+                previous_valid_until_ms,
+            } => self.rotate_secret(id, secret, previous_valid_until_ms),
+            C::BeginIntent(intent) => self.begin_intent(intent),
+            C::EndIntent { id } => self.end_intent(&id),
+            C::CreateCustomer { customer, intent } => self.create_customer(customer, intent),
+            C::Link {
+                customer_id,
+                link,
+                intent,
+            } => self.link(customer_id, link, intent),
+            C::Unlink {
+                customer_id,
+                entity_id,
+                at_ms,
+            } => self.unlink(&customer_id, &entity_id, at_ms),
+            C::PutRule { customer_id, rule } => self.put_rule(&customer_id, rule),
+            C::DeleteRule {
+                customer_id,
+                rule_id,
+                at_ms,
+            } => self.delete_rule(&customer_id, rule_id, at_ms),
+            C::Dismiss {
+                customer_id,
+                template,
+            } => self.dismiss(&customer_id, &template),
+            C::EraseCustomer { customer_id } => self.erase_customer(&customer_id),
+            C::Ingest(ingest) => self.ingest(ingest),
+            C::RecordDeliveries(updates) => {
+                for update in updates {
+                    self.record_delivery(update)?;
+                }
+                Ok(ChangeOutcome::Done)
+            }
+            C::Replay { command_id, at_ms } => self.replay(command_id, at_ms),
+            C::BeginLink {
+                state_hash,
+                pending,
+            } => self.begin_link(state_hash, pending),
+            C::TakeLink { state_hash } => self.take_link(&state_hash),
+            C::PutSession {
+                token_hash,
+                session,
+            } => self.put_session(token_hash, session),
+            C::DeleteSession { token_hash } => {
+                self.delete(self.k(keys::SESSION, &token_hash));
+                Ok(ChangeOutcome::Done)
+            }
+            C::EndSessions { customer_id } => self.end_sessions(&customer_id),
+            C::Prune { before_ms, limit } => self.prune(before_ms, limit),
+        }
+    }
+}
