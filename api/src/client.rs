@@ -123,6 +123,11 @@ impl Client {
         self.get("/v1/cluster").await
     }
 
+    /// The cluster's status with every replica's state digest (a full scan: for checks).
+    pub async fn cluster_digests(&self) -> Result<ClusterStatus, ClientError> {
+        self.get("/v1/cluster?digests=true").await
+    }
+
     /// Starts removing a node: its replicas and leaderships move away, then it is removed.
     pub async fn remove_node(&self, id: u64) -> Result<ClusterStatus, ClientError> {
         Self::call(self.request(Method::POST, &format!("/v1/cluster/nodes/{id}/remove"))).await

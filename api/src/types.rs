@@ -142,6 +142,9 @@ pub struct Customer {
     pub created_at: String,
     /// Linked entities.
     pub links: Vec<Link>,
+    /// The data group holding the profile (see `GET /v1/cluster`).
+    #[serde(default)]
+    pub group: u32,
 }
 
 /// A rule's trigger.
@@ -496,6 +499,10 @@ pub struct ClusterReplica {
     /// How many entries it trails the leader's last log by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<u64>,
+    /// `<applied index>:<digest of the applied state>`, when asked for (`?digests=true`):
+    /// replicas at the same index must agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// One Raft group.

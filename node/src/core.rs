@@ -236,6 +236,71 @@ impl DueQueue {
     }
 }
 
+/// Delivery attempts under way in a group, with the (customer, target) of each once known,
+/// so an unlink is acknowledged only after no attempt to the unlinked target is in flight.
+#[derive(Default)]
+pub struct InFlight {
+    map: Mutex<HashMap<String, Option<(String, String)>>>,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<(String, String)>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts tracking an attempt (its target not read yet); false when already in flight.
+    pub fn insert(&self, command_id: &str) -> bool {
+        let mut m = self.lock();
+        if m.contains_key(command_id) {
+            return false;
+        }
+        m.insert(command_id.to_owned(), None);
+        true
+    }
+
+    /// Names the attempt's customer and target, before its link is checked.
+    pub fn describe(&self, command_id: &str, customer: &str, target: &str) {
+        if let Some(v) = self.lock().get_mut(command_id) {
+            *v = Some((customer.to_owned(), target.to_owned()));
+        }
+    }
+
+    /// The attempt is over.
+    pub fn remove(&self, command_id: &str) {
+        self.lock().remove(command_id);
+    }
+
+    /// Attempts under way.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn busy_for(&self, customer: &str, target: &str) -> bool {
+        self.lock().values().any(|v| match v {
+            None => true,
+            Some((c, t)) => c == customer && t == target,
+        })
+    }
+
+    /// Waits (at most `within`) until no attempt to `target` for `customer` is in flight, nor
+    /// one whose target is not known yet. False when the wait ran out.
+    pub async fn wait_none(&self, customer: &str, target: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while self.busy_for(customer, target) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
 /// Hears about one group's applies: drops changed entities from the cache, feeds the
 /// group's due queue, wakes the intent worker and the cluster manager.
 struct Observer {
@@ -298,6 +363,8 @@ pub struct Group {
     pub reader: StateReader,
     /// Pending deliveries (data groups, while this node leads).
     pub due: Arc<DueQueue>,
+    /// Delivery attempts under way.
+    pub in_flight: InFlight,
     /// Turns true when the group is closed on this node.
     pub stop: watch::Sender<bool>,
 }
@@ -490,6 +557,7 @@ impl Core {
             proposer,
             reader,
             due,
+            in_flight: InFlight::default(),
             stop,
         });
         let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());

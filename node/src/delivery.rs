@@ -6,9 +6,8 @@
 //! not recorded (the node stopped mid-flight, or leadership moved and the new leader resumed
 //! from the outbox), and targets deduplicate on the id.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custos_api::cloudevent::{
@@ -164,7 +163,6 @@ struct Worker {
     core: Arc<Core>,
     group: Arc<Group>,
     http: reqwest::Client,
-    in_flight: Mutex<HashSet<String>>,
     results: mpsc::UnboundedSender<DeliveryUpdate>,
 }
 
@@ -182,7 +180,6 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
         core: core.clone(),
         group: group.clone(),
         http,
-        in_flight: Mutex::new(HashSet::new()),
         results: tx,
     });
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
@@ -216,7 +213,11 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
         let mut wait = Duration::from_millis(if leading { 1000 } else { 200 });
         if leading {
             let now = unix_now_ms();
-            dispatch_due(&worker, now, cfg.concurrency);
+            // A read-index round first: a leader that was paused or cut off learns it was
+            // deposed before it sends anything its successor may also send.
+            if due.next_due().is_some_and(|d| d <= now) && confirm_leadership(&core, &group).await {
+                dispatch_due(&worker, now, cfg.concurrency);
+            }
             if let Some(next) = due.next_due().filter(|d| *d > now) {
                 wait = wait.min(Duration::from_millis((next - now) as u64));
             }
@@ -231,13 +232,22 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
     recorder.abort();
 }
 
+/// True when a quorum confirms this node still leads `group` (within an election timeout).
+async fn confirm_leadership(core: &Core, group: &Group) -> bool {
+    let within = Duration::from_millis(core.config.raft.election_timeout_max_ms);
+    matches!(
+        tokio::time::timeout(within, group.raft.ensure_linearizable()).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Starts attempts for due deliveries, up to the concurrency limit.
 fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
-    let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    let in_flight = &worker.group.in_flight;
     let free = concurrency.saturating_sub(in_flight.len());
     for id in worker.group.due.pop_due(now_ms, free) {
         // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
-        if in_flight.insert(id.clone()) {
+        if in_flight.insert(&id) {
             let w = worker.clone();
             tokio::spawn(async move { attempt(w, id).await });
         }
@@ -245,11 +255,7 @@ fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
 }
 
 fn finish(worker: &Worker, id: &str) {
-    worker
-        .in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(id);
+    worker.group.in_flight.remove(id);
 }
 
 fn requeue(worker: &Worker, id: String) {
@@ -298,6 +304,10 @@ async fn prepare_and_send(
     let Some((rec, linked)) = found.filter(|(r, _)| r.state == DeliveryState::Pending) else {
         return Ok(None);
     };
+    worker
+        .group
+        .in_flight
+        .describe(id, &rec.command.customer_id, &rec.command.target);
     let now = unix_now_ms();
     if !linked {
         return Ok(Some(DeliveryUpdate::Cancelled {

@@ -254,10 +254,10 @@ async fn proxy(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let mut rb = core
-        .peers
-        .request(method, addr, path)
-        .timeout(Duration::from_secs(60));
+    // A leader that stopped answering (paused, cut off) is given the commit deadline and a
+    // little more; then the caller is told to retry, and finds the new leader.
+    let within = Duration::from_millis(core.config.raft.propose_timeout_ms + 2000);
+    let mut rb = core.peers.request(method, addr, path).timeout(within);
     for (name, value) in req.headers() {
         let n = name.as_str();
         if hop_by_hop(n) || n == HOPS_HEADER || n == CLIENT_IP_HEADER || n == PEER_AUTH_HEADER {

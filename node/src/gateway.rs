@@ -533,10 +533,15 @@ async fn train(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse
 
 /// The cluster: nodes (up or down), groups with voters, leader, term, indexes and lag.
 #[utoipa::path(get, path = "/v1/cluster", tag = "operations", security(("bearer" = [])),
+    params(("digests" = Option<bool>, Query, description = "add each replica's state digest (scans every group)")),
     responses((status = 200, body = ClusterStatus), (status = 401, body = Problem)))]
-async fn cluster_status(vault: web::Data<Vault>, req: HttpRequest) -> Result<HttpResponse> {
+async fn cluster_status(
+    vault: web::Data<Vault>,
+    req: HttpRequest,
+    q: web::Query<crate::peer::StatusQuery>,
+) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
-    Ok(HttpResponse::Ok().json(vault.cluster_status().await?))
+    Ok(HttpResponse::Ok().json(vault.cluster_status(q.digests).await?))
 }
 
 /// Removes a node: its replicas and leaderships move to other nodes, then it is removed.

@@ -162,8 +162,21 @@ async fn elect(core: web::Data<Arc<Core>>, group: web::Path<u32>) -> HttpRespons
     }
 }
 
-async fn status(core: web::Data<Arc<Core>>) -> HttpResponse {
-    reply(&Ok::<_, ()>(crate::cluster::status::local(&core)))
+/// The status query: `?digests=true` adds state digests.
+#[derive(Debug, serde::Deserialize)]
+pub struct StatusQuery {
+    /// Compute each group's state digest.
+    #[serde(default)]
+    pub digests: bool,
+}
+
+async fn status(core: web::Data<Arc<Core>>, q: web::Query<StatusQuery>) -> HttpResponse {
+    let (core, digests) = (core.get_ref().clone(), q.digests);
+    // Digests scan every group: off the event loop.
+    let local = tokio::task::spawn_blocking(move || crate::cluster::status::local(&core, digests))
+        .await
+        .map_err(|e| e.to_string());
+    reply(&local.map_err(|_| ()))
 }
 
 async fn query(

@@ -244,6 +244,28 @@ async fn start_workers(
     }
 }
 
+/// The Raft runtime, released without blocking when `run` returns (also on an error: `run`
+/// is async, where a runtime must not be dropped the blocking way).
+struct RuntimeGuard(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for RuntimeGuard {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("the runtime lives as long as the guard")
+    }
+}
+
+impl Drop for RuntimeGuard {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The addresses a node serves, written to `<data_dir>/node.json` once it is ready.
 #[derive(Debug, serde::Serialize)]
 struct Ready {
@@ -318,11 +340,13 @@ pub async fn run(
     let peer_addr = listeners.peer.local_addr()?;
 
     // openraft spawns its tasks on the runtime it is created in: give it its own.
-    let raft_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("custos-raft")
-        .enable_all()
-        .build()?;
+    let raft_rt = RuntimeGuard(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("custos-raft")
+            .enable_all()
+            .build()?,
+    ));
     let meta_vote = custos_raft::keys::key(META_GROUP, custos_raft::keys::RAFT_META, b"vote");
     let fresh = db
         .get_pinned(meta_vote)
@@ -451,7 +475,6 @@ pub async fn run(
         api_handle.stop(false).await;
         peer_handle.stop(false).await;
         core.close_all().await;
-        raft_rt.shutdown_background();
         return Err(e);
     }
 
@@ -514,8 +537,8 @@ pub async fn run(
         a.stop();
     }
     let _ = std::fs::remove_file(config.data_dir.join("node.json"));
-    // Everything on it has been awaited; this only releases its threads.
-    raft_rt.shutdown_background();
+    // Everything on it has been awaited; dropping the guard only releases its threads.
+    drop(raft_rt);
     drop(db);
     tracing::info!("stopped");
     Ok(())

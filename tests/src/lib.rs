@@ -4,12 +4,17 @@
 //!
 //! # Layout
 //!
+//! - [`cluster`]: several nodes joined into one cluster, on loopback or in network
+//!   namespaces (partitions), with status, convergence and leader lookups.
 //! - [`entity`]: a `custos entity-sim` reference entity registered with a node.
 //! - [`node`]: start, kill (-9), stop (SIGTERM) and restart a node process.
 //! - [`receiver`]: an entity's command endpoint that records what it got and answers a script.
 //! - [`poll`]: wait for a condition with a deadline.
+//! - [`scenario`]: the airline -> hotel scenario for many customers, through any node.
 
+pub mod cluster;
 pub mod entity;
 pub mod node;
 pub mod poll;
 pub mod receiver;
+pub mod scenario;

@@ -47,6 +47,14 @@ pub struct NodeOptions {
     pub snapshot_every: u64,
     /// Extra top-level TOML keys for the config file.
     pub extra_toml: String,
+    /// Peer addresses of members to join (empty: a cluster of its own).
+    pub join: Vec<String>,
+    /// The cluster secret (`CUSTOS_CLUSTER_SECRET`); a first node generates one when unset.
+    pub cluster_secret: Option<String>,
+    /// Raft heartbeat and election timeout range (ms); `None`: the shipped defaults.
+    pub raft_timings: Option<(u64, u64, u64)>,
+    /// Run inside this network namespace, listening on this address (ports 7700 and 7701).
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 impl Default for NodeOptions {
@@ -57,6 +65,10 @@ impl Default for NodeOptions {
             log_level: "info,openraft=warn,custos::http=warn".into(),
             snapshot_every: 20_000,
             extra_toml: String::new(),
+            join: Vec::new(),
+            cluster_secret: None,
+            raft_timings: Some((50, 150, 300)),
+            netns: None,
         }
     }
 }
@@ -69,12 +81,19 @@ pub struct Node {
     _tmp: Option<tempfile::TempDir>,
     /// Its client API base URL.
     pub url: String,
-    options: NodeOptions,
+    /// Its peer address.
+    pub peer: String,
+    /// Its node id.
+    pub id: u64,
+    /// How it was started.
+    pub options: NodeOptions,
 }
 
 #[derive(serde::Deserialize)]
 struct Ready {
+    node_id: u64,
     api: String,
+    peer: String,
     pid: u32,
     tls: bool,
 }
@@ -89,6 +108,8 @@ impl Node {
             data_dir: dir,
             _tmp: Some(tmp),
             url: String::new(),
+            peer: String::new(),
+            id: 0,
             options,
         };
         node.spawn().await?;
@@ -102,10 +123,29 @@ impl Node {
             .iter()
             .map(|s| format!("{s:?}"))
             .collect();
+        let (listen, peer) = match &o.netns {
+            Some((_, ip)) => (format!("{ip}:7700"), format!("{ip}:7701")),
+            // A restart keeps its addresses, as a deployed node does (members know it there).
+            None if !self.peer.is_empty() => (
+                self.url
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .to_owned(),
+                self.peer.clone(),
+            ),
+            None => ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
+        };
+        let timings = match o.raft_timings {
+            Some((hb, lo, hi)) => format!(
+                "heartbeat_ms = {hb}\nelection_timeout_min_ms = {lo}\nelection_timeout_max_ms = {hi}\n"
+            ),
+            None => String::new(),
+        };
+        let join: Vec<String> = o.join.iter().map(|j| format!("{j:?}")).collect();
         let text = format!(
-            "node_id = 1\n\
-             listen = \"127.0.0.1:0\"\n\
-             peer_listen = \"127.0.0.1:0\"\n\
+            "listen = \"{listen}\"\n\
+             peer_listen = \"{peer}\"\n\
+             join = [{}]\n\
              allow_private_targets = {}\n\
              log_level = {:?}\n\
              {}\n\
@@ -114,10 +154,9 @@ impl Node {
              jitter = 0.0\n\
              timeout_secs = 5\n\
              [raft]\n\
-             heartbeat_ms = 50\n\
-             election_timeout_min_ms = 150\n\
-             election_timeout_max_ms = 300\n\
+             {timings}\
              snapshot_every = {}\n",
+            join.join(", "),
             o.allow_private_targets,
             o.log_level,
             o.extra_toml,
@@ -130,6 +169,10 @@ impl Node {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        self.spawn_inner(true).await
+    }
+
+    async fn spawn_inner(&mut self, wait_ready: bool) -> anyhow::Result<()> {
         let config = self.write_config()?;
         let ready_file = self.data_dir.join("node.json");
         let _ = std::fs::remove_file(&ready_file);
@@ -137,7 +180,15 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.data_dir.join("node.log"))?;
-        let mut cmd = Command::new(custos_bin()?);
+        let mut cmd = match &self.options.netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                // `ip netns exec` execs the program: the child's pid is custos' own.
+                c.args(["netns", "exec", ns]).arg(custos_bin()?);
+                c
+            }
+            None => Command::new(custos_bin()?),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
@@ -152,6 +203,9 @@ impl Node {
             if k.to_string_lossy().starts_with("CUSTOS_") && k != "CUSTOS_ADMIN_TOKEN" {
                 cmd.env_remove(k);
             }
+        }
+        if let Some(s) = &self.options.cluster_secret {
+            cmd.env("CUSTOS_CLUSTER_SECRET", s);
         }
         let child = cmd.spawn().context("starting custos")?;
         self.child = Some(child);
@@ -183,6 +237,11 @@ impl Node {
         );
         let scheme = if ready.tls { "https" } else { "http" };
         self.url = format!("{scheme}://{}", ready.api);
+        self.peer = ready.peer;
+        self.id = ready.node_id;
+        if !wait_ready {
+            return Ok(());
+        }
         // Readiness only: the TLS tests check the certificate themselves.
         let http = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
@@ -212,6 +271,48 @@ impl Node {
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// The cluster secret this node uses (given, or generated into its data directory).
+    pub fn cluster_secret(&self) -> anyhow::Result<String> {
+        match &self.options.cluster_secret {
+            Some(s) => Ok(s.clone()),
+            None => Ok(
+                std::fs::read_to_string(self.data_dir.join("cluster-secret"))?
+                    .trim()
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
+        Ok(())
+    }
+
+    /// Starts the process again without waiting for readiness (a node whose groups have no
+    /// quorum yet is not ready); waits for its addresses only.
+    pub async fn restart_unready(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "stop or kill the node first");
+        self.spawn_inner(false).await
     }
 
     /// Kills the process with SIGKILL: no graceful anything.

@@ -76,14 +76,19 @@ async fn receive(
 }
 
 impl Receiver {
-    /// Starts a receiver that answers `script` in order, then `default_status`.
+    /// Starts a receiver on loopback that answers `script` in order, then `default_status`.
     pub fn start(script: Vec<u16>, default_status: u16) -> anyhow::Result<Receiver> {
+        Self::start_on("127.0.0.1:0", script, default_status)
+    }
+
+    /// Starts a receiver on `addr` (a network's host address, for nodes in namespaces).
+    pub fn start_on(addr: &str, script: Vec<u16>, default_status: u16) -> anyhow::Result<Receiver> {
         let state = Arc::new(Mutex::new(State {
             script: script.into(),
             default_status,
             received: Vec::new(),
         }));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let listener = std::net::TcpListener::bind(addr)?;
         let url = format!("http://{}/commands", listener.local_addr()?);
         let (tx, rx) = std::sync::mpsc::channel();
         let data = web::Data::from(state.clone());

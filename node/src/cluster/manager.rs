@@ -64,6 +64,16 @@ async fn once(core: &Arc<Core>, state: &Arc<ManagerState>) -> Result<(), String>
     let Some(assignment) = assignment else {
         return Ok(());
     };
+    // This node restarted at another address (without --join to say so): register it.
+    if let Some(me) = nodes.iter().find(|n| n.id == core.node_id) {
+        if me.state != NodeState::Removed && me.peer_addr != core.config.peer_address() {
+            let mut moved = me.clone();
+            moved.peer_addr = core.config.peer_address();
+            let _ = core
+                .propose(META_GROUP, StateChange::RegisterNode(moved))
+                .await;
+        }
+    }
     if core.is_leader(META_GROUP) {
         meta_duties(core, &meta, &nodes, &assignment, &reports).await?;
     }
@@ -97,16 +107,30 @@ async fn ensure_learners(g: &Group, wanted: &BTreeSet<NodeId>, nodes: &[NodeReco
         let Some(rec) = nodes.iter().find(|n| n.id == *id) else {
             continue;
         };
-        let current = membership.get_node(id).map(|n| n.addr.clone());
-        if current.as_deref() != Some(rec.peer_addr.as_str()) {
-            let node = BasicNode {
-                addr: rec.peer_addr.clone(),
-            };
-            if let Err(e) = g.raft.add_learner(*id, node, false).await {
-                tracing::debug!(group = g.id, node = id, error = %e, "add learner");
-            } else {
-                tracing::info!(group = g.id, node = id, addr = %rec.peer_addr, "replica added as learner");
+        let node = BasicNode {
+            addr: rec.peer_addr.clone(),
+        };
+        match membership.get_node(id).map(|n| n.addr.clone()) {
+            None => match g.raft.add_learner(*id, node, false).await {
+                Ok(_) => {
+                    tracing::info!(group = g.id, node = id, addr = %rec.peer_addr, "replica added as learner")
+                }
+                Err(e) => tracing::debug!(group = g.id, node = id, error = %e, "add learner"),
+            },
+            // The node moved (registered again at another address): every member must dial
+            // the new one. Addresses are unique per node in the registry, so no two ids share one.
+            Some(addr) if addr != rec.peer_addr => {
+                let change = ChangeMembers::SetNodes(BTreeMap::from([(*id, node)]));
+                match g.raft.change_membership(change, true).await {
+                    Ok(_) => {
+                        tracing::info!(group = g.id, node = id, addr = %rec.peer_addr, "replica address updated")
+                    }
+                    Err(e) => {
+                        tracing::debug!(group = g.id, node = id, error = %e, "set node address")
+                    }
+                }
             }
+            Some(_) => {}
         }
     }
 }

@@ -14,8 +14,8 @@ use super::wire::{LocalGroup, LocalStatus};
 use crate::core::Core;
 use crate::error::ServiceError;
 
-/// What this node holds, group by group.
-pub fn local(core: &Core) -> LocalStatus {
+/// What this node holds, group by group (with state digests when `digests`).
+pub fn local(core: &Core, digests: bool) -> LocalStatus {
     let groups = core
         .groups()
         .into_iter()
@@ -40,6 +40,10 @@ pub fn local(core: &Core) -> LocalStatus {
                 voters: membership.voter_ids().collect(),
                 learners: membership.learner_ids().collect(),
                 pending_deliveries: g.due.len() as u64,
+                digest: digests
+                    .then(|| g.reader.digest().ok())
+                    .flatten()
+                    .map(|(l, d)| (l.map(|l| l.index).unwrap_or(0), d)),
             }
         })
         .collect();
@@ -49,8 +53,9 @@ pub fn local(core: &Core) -> LocalStatus {
     }
 }
 
-/// Asks every registered node for its report (this one answers itself) and merges them.
-pub async fn gather(core: &Core) -> Result<ClusterStatus, ServiceError> {
+/// Asks every registered node for its report (this one answers itself) and merges them;
+/// with `digests`, each replica's state digest too (a full scan of every group: for checks).
+pub async fn gather(core: &Core, digests: bool) -> Result<ClusterStatus, ServiceError> {
     let settings = core.settings().await?;
     let nodes = core.read_meta(|r| r.nodes()).await?;
     let assignment = core
@@ -65,7 +70,15 @@ pub async fn gather(core: &Core) -> Result<ClusterStatus, ServiceError> {
             let (peers, addr, id) = (core.peers.clone(), n.peer_addr.clone(), n.id);
             async move {
                 let r = peers
-                    .request(reqwest::Method::GET, &addr, "/peer/status")
+                    .request(
+                        reqwest::Method::GET,
+                        &addr,
+                        if digests {
+                            "/peer/status?digests=true"
+                        } else {
+                            "/peer/status"
+                        },
+                    )
                     .timeout(Duration::from_secs(2))
                     .send()
                     .await
@@ -83,7 +96,7 @@ pub async fn gather(core: &Core) -> Result<ClusterStatus, ServiceError> {
     for (id, s) in futures::future::join_all(asks).await.into_iter().flatten() {
         reports.insert(id, s);
     }
-    reports.insert(core.node_id, local(core));
+    reports.insert(core.node_id, local(core, digests));
     let out_nodes = nodes
         .iter()
         .map(|n| ClusterNode {
@@ -127,6 +140,9 @@ pub async fn gather(core: &Core) -> Result<ClusterStatus, ServiceError> {
                     role: mine.map(|g| g.role.clone()),
                     applied_index: mine.map(|g| g.applied),
                     lag: mine.map(|g| view.last_log.saturating_sub(g.applied)),
+                    digest: mine
+                        .and_then(|g| g.digest.as_ref())
+                        .map(|(at, d)| format!("{at}:{d}")),
                 }
             })
             .collect();

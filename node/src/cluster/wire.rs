@@ -48,6 +48,8 @@ pub struct LocalGroup {
     pub learners: Vec<NodeId>,
     /// Pending deliveries queued here (leaders only).
     pub pending_deliveries: u64,
+    /// A digest of the applied state and the index it was taken at (when asked for).
+    pub digest: Option<(u64, String)>,
 }
 
 /// What one node reports of itself.

@@ -12,8 +12,8 @@ const WORKER_SILENCE_MS: i64 = 10_000;
 
 impl Vault {
     /// Nodes (up or down), groups, voters, leaders, terms, indexes and lag.
-    pub async fn cluster_status(&self) -> Result<ClusterStatus, ServiceError> {
-        crate::cluster::status::gather(&self.core).await
+    pub async fn cluster_status(&self, digests: bool) -> Result<ClusterStatus, ServiceError> {
+        crate::cluster::status::gather(&self.core, digests).await
     }
 
     /// Starts removing a node: the placement leaves it out, its groups' leaders move its
@@ -45,7 +45,7 @@ impl Vault {
                 )
                 .await?;
         }
-        self.cluster_status().await
+        self.cluster_status(false).await
     }
 
     /// Whether this node can serve clients now (here or by forwarding), and why not.

@@ -76,6 +76,7 @@ impl Vault {
             .await?;
         let rec = rec.ok_or_else(|| ServiceError::not_found("customer", id))?;
         Ok(Customer {
+            group: self.group_of(&rec.id)?,
             id: rec.id,
             created_at: rfc3339_ms(rec.created_ms),
             links: links.iter().map(|l| l.to_wire()).collect(),

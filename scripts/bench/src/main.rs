@@ -289,6 +289,9 @@ async fn main() -> anyhow::Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(20_000),
+        // The shipped Raft timings, as a user gets them.
+        raft_timings: None,
+        ..NodeOptions::default()
     })
     .await?;
     let admin = node.admin();

@@ -1,0 +1,240 @@
+//! Clusters of real `custos` processes on loopback: joining, any call from any node, status,
+//! leader failover, pause, full restart, node removal, and a node with the wrong secret.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use custos_api::types::*;
+use custos_tests::cluster::Cluster;
+use custos_tests::node::{Node, NodeOptions};
+use custos_tests::poll;
+use custos_tests::receiver::Receiver;
+use custos_tests::scenario::Scenario;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Sends one event to node `via` until it is accepted (a failover answers 503 meanwhile);
+/// answers its command ids.
+async fn send_until_accepted(
+    c: &Cluster,
+    via: usize,
+    s: &Scenario,
+    id: &str,
+    customer: usize,
+) -> anyhow::Result<Vec<String>> {
+    let event = s.event(id, &s.customers[customer]);
+    let client = c.nodes[via - 1].anonymous();
+    let last = std::sync::Mutex::new(String::new());
+    let accepted = poll::until(&format!("{id} accepted via node {via}"), WAIT, || async {
+        match client.send_event(&s.airline, &event).await {
+            Ok(r) if r.status == EventStatus::Accepted || r.status == EventStatus::Duplicate => {
+                Some(r.commands)
+            }
+            other => {
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = format!("{other:?}");
+                None
+            }
+        }
+    })
+    .await;
+    accepted.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; last answer: {}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })
+}
+
+/// Every command id arrived, each with one content only.
+fn check_deliveries(rx: &Receiver, expected: &[String]) -> anyhow::Result<usize> {
+    let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut duplicates = 0;
+    for r in rx.received() {
+        if let Some(first) = bodies.get(&r.webhook_id) {
+            anyhow::ensure!(
+                first == &r.body,
+                "command {} arrived with two contents",
+                r.webhook_id
+            );
+            duplicates += 1;
+        } else {
+            bodies.insert(r.webhook_id.clone(), r.body.clone());
+        }
+    }
+    for id in expected {
+        anyhow::ensure!(bodies.contains_key(id), "command {id} never arrived");
+    }
+    Ok(duplicates)
+}
+
+#[tokio::test]
+async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::Result<()> {
+    let rx = Receiver::start(vec![], 200)?;
+    let c = Cluster::start(3, NodeOptions::default(), false).await?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 6).await?;
+
+    let status = c.status().await?;
+    assert_eq!(status.nodes.len(), 3);
+    assert!(status.nodes.iter().all(|n| n.up && n.state == "active"));
+    assert_eq!(status.groups.len(), 17, "the meta group and 16 data groups");
+    for g in &status.groups {
+        assert_eq!(g.voters.len(), 3, "group {} voters {:?}", g.id, g.voters);
+        assert!(g.leader.is_some());
+    }
+    // Leaders are spread: no node leads more than ceil(16 / 3) data groups.
+    let mut leads: HashMap<u64, usize> = HashMap::new();
+    for g in status.groups.iter().filter(|g| g.id != 0) {
+        *leads.entry(g.leader.unwrap_or(0)).or_default() += 1;
+    }
+    assert!(leads.values().all(|n| *n <= 6), "{leads:?}");
+
+    // Every event through every node, for every customer: accepted once, delivered.
+    let mut expected = Vec::new();
+    for (i, _) in s.customers.iter().enumerate() {
+        for via in 1..=3 {
+            let id = format!("e-{i}-{via}");
+            expected.extend(send_until_accepted(&c, via, &s, &id, i).await?);
+        }
+    }
+    rx.wait_delivered(expected.len(), WAIT).await?;
+    assert_eq!(
+        check_deliveries(&rx, &expected)?,
+        0,
+        "no duplicate without a fault"
+    );
+    // Reads answer the same whichever node is asked (forwarded to the group's leader).
+    let cust = &s.customers[0];
+    for i in 1..=3 {
+        let me = c.nodes[i - 1].admin().with_token(&cust.token);
+        let activity = me.activity(&cust.id, 100, None).await?;
+        assert_eq!(
+            activity
+                .items
+                .iter()
+                .filter(|a| matches!(a.kind, ActivityKind::EventReceived { .. }))
+                .count(),
+            3
+        );
+        assert_eq!(me.rules(&cust.id).await?.len(), 1);
+    }
+    // The admin list of deliveries spans every group.
+    let page = c.admin(2).deliveries(DeliveryStatus::Delivered).await?;
+    assert!(!page.items.is_empty());
+
+    // A node with another cluster secret is refused, and says why.
+    let stranger = NodeOptions {
+        cluster_secret: Some("not-the-cluster-secret-0123456789".into()),
+        join: vec![c.nodes[0].peer.clone()],
+        ..NodeOptions::default()
+    };
+    let err = match Node::start(stranger).await {
+        Ok(_) => anyhow::bail!("a node with the wrong secret joined"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("cluster secret"), "{err}");
+    assert_eq!(c.status().await?.nodes.len(), 3, "nothing changed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_leader_fails_over_and_a_full_restart_converges() -> anyhow::Result<()> {
+    let rx = Receiver::start(vec![], 200)?;
+    let mut c = Cluster::start(3, NodeOptions::default(), false).await?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 3).await?;
+    let mut expected = Vec::new();
+    expected.extend(send_until_accepted(&c, 1, &s, "before", 0).await?);
+
+    // Kill -9 the leader of customer 0's group; its events are accepted again shortly.
+    let group = c.admin(1).customer(&s.customers[0].id).await?.group;
+    let victim = c.leader_of(group).await?;
+    c.nodes[victim - 1].kill()?;
+    let via = if victim == 1 { 2 } else { 1 };
+    let started = Instant::now();
+    expected.extend(send_until_accepted(&c, via, &s, "after-kill", 0).await?);
+    let failover = started.elapsed();
+    println!("event accepted again {failover:?} after killing node {victim}");
+    // The killed node comes back with the same data directory and catches up.
+    c.nodes[victim - 1].restart().await?;
+    c.wait_converged(Duration::from_secs(60)).await?;
+
+    // Pause a node (SIGSTOP): the others carry on; it catches up when resumed.
+    let paused = c.leader_of(1).await?;
+    c.nodes[paused - 1].signal("STOP")?;
+    let via = if paused == 3 { 2 } else { 3 };
+    for i in 0..3 {
+        expected.extend(send_until_accepted(&c, via, &s, &format!("paused-{i}"), i).await?);
+    }
+    c.nodes[paused - 1].signal("CONT")?;
+
+    // Every node down at once, then up again (each needs the others for quorum).
+    for n in &mut c.nodes {
+        n.kill()?;
+    }
+    for n in &mut c.nodes {
+        n.restart_unready().await?;
+    }
+    c.wait_converged(Duration::from_secs(90)).await?;
+    for i in 0..3 {
+        expected
+            .extend(send_until_accepted(&c, 1 + i % 3, &s, &format!("restarted-{i}"), i).await?);
+    }
+    poll::until("every command delivered", WAIT, || async {
+        check_deliveries(&rx, &expected).ok()
+    })
+    .await?;
+    let dups = check_deliveries(&rx, &expected)?;
+    println!("{} commands delivered, {dups} duplicates", expected.len());
+    c.wait_converged(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_removed_node_hands_over_its_replicas_and_a_restarted_member_rejoins(
+) -> anyhow::Result<()> {
+    let rx = Receiver::start(vec![], 200)?;
+    let mut c = Cluster::start(3, NodeOptions::default(), false).await?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 2).await?;
+    // A restarted member (same flags, its --join included) is the same node.
+    let id = c.nodes[2].id;
+    c.nodes[2].stop().await?;
+    c.nodes[2].restart().await?;
+    assert_eq!(c.nodes[2].id, id, "rejoining keeps the node id");
+    c.wait_placed(WAIT).await?;
+    // A fourth node joins; then node 3 is removed: its replicas and leaderships move away.
+    let o = NodeOptions {
+        cluster_secret: Some(c.nodes[0].cluster_secret()?),
+        join: vec![c.nodes[1].peer.clone()],
+        ..NodeOptions::default()
+    };
+    c.nodes.push(Node::start(o).await?);
+    c.wait_placed(Duration::from_secs(60)).await?;
+    let removed = c.nodes[2].id;
+    c.admin(1).remove_node(removed).await?;
+    let status = poll::until("node removed", Duration::from_secs(90), || async {
+        let st = c.status().await.ok()?;
+        let gone = st
+            .nodes
+            .iter()
+            .any(|n| n.id == removed && n.state == "removed");
+        let held = st
+            .groups
+            .iter()
+            .any(|g| g.voters.contains(&removed) || g.learners.contains(&removed));
+        (gone && !held).then_some(st)
+    })
+    .await?;
+    let _ = status;
+    let status = c.wait_placed(WAIT).await?;
+    assert!(status.groups.iter().all(|g| g.leader != Some(removed)));
+    // The cluster keeps serving, through every remaining node.
+    let mut expected = Vec::new();
+    for via in [1, 2, 4] {
+        expected.extend(send_until_accepted(&c, via, &s, &format!("after-remove-{via}"), 0).await?);
+    }
+    rx.wait_delivered(expected.len(), WAIT).await?;
+    check_deliveries(&rx, &expected)?;
+    Ok(())
+}
