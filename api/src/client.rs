@@ -60,6 +60,17 @@ impl Client {
         }
     }
 
+    /// The same node, giving up on a call after `timeout` (the default is 30 s).
+    pub fn with_timeout(&self, timeout: std::time::Duration) -> Self {
+        Client {
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .unwrap_or_default(),
+            ..self.clone()
+        }
+    }
+
     /// The same node with another token.
     pub fn with_token(&self, token: impl Into<String>) -> Self {
         Client {

@@ -38,10 +38,43 @@ pub struct Net {
 }
 
 impl Net {
+    /// Removes what runs killed before their cleanup left behind (namespaces and bridges named
+    /// after a process that no longer exists).
+    fn sweep() {
+        let dead = |name: &str| -> bool {
+            let digits: String = name
+                .trim_start_matches("cx")
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            !digits.is_empty() && !std::path::Path::new(&format!("/proc/{digits}")).exists()
+        };
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with("cx") && dead(name) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).output();
+                }
+            }
+        }
+        if let Ok(out) = Command::new("ip").args(["-br", "link"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with("cx") && name.ends_with('b') && dead(name) {
+                    let _ = Command::new("iptables")
+                        .args(["-D", "FORWARD", "-i", name, "-o", name, "-j", "ACCEPT"])
+                        .output();
+                    let _ = Command::new("ip").args(["link", "del", name]).output();
+                }
+            }
+        }
+    }
+
     /// Creates the bridge and `n` namespaces (needs root, `ip` and `iptables`).
     pub fn create(n: usize) -> anyhow::Result<Net> {
+        Self::sweep();
         let pid = std::process::id();
-        let tag = format!("cx{}", pid % 100_000);
+        let tag = format!("cx{pid}");
         let subnet = 100 + (pid % 100) as u8;
         let bridge = format!("{tag}b");
         let host_ip = Ipv4Addr::new(10, subnet, 0, 1);
@@ -63,6 +96,11 @@ impl Net {
             &bridge,
         ])?;
         sh(&["ip", "link", "set", &bridge, "up"])?;
+        // Where bridged traffic passes the host's FORWARD chain (Docker sets it to DROP),
+        // let this bridge's own traffic through.
+        sh(&[
+            "iptables", "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+        ])?;
         for i in 1..=n {
             net.add_namespace(i)?;
         }

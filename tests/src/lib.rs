@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //!
+//! - [`chaos`]: a cluster in network namespaces under a workload and injected faults, then
+//!   checks (deliveries, unlinks, linearizability, convergence) and a one-line summary.
 //! - [`cluster`]: several nodes joined into one cluster, on loopback or in network
 //!   namespaces (partitions), with status, convergence and leader lookups.
 //! - [`entity`]: a `custos entity-sim` reference entity registered with a node.
@@ -12,6 +14,7 @@
 //! - [`poll`]: wait for a condition with a deadline.
 //! - [`scenario`]: the airline -> hotel scenario for many customers, through any node.
 
+pub mod chaos;
 pub mod cluster;
 pub mod entity;
 pub mod node;
