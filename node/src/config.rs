@@ -112,12 +112,16 @@ timeout_secs = 15
 concurrency = 256
 
 [raft]
-# Heartbeat interval and election timeout range, in milliseconds.
-heartbeat_ms = 150
-election_timeout_min_ms = 600
-election_timeout_max_ms = 1200
-# Build a snapshot (and compact the log) after this many entries.
+# Heartbeat interval and election timeout range, in milliseconds. A leader's followers start
+# an election after the timeout (and after its lease, the timeout's upper end, runs out): a
+# failed leader is replaced in about one to two seconds with these.
+heartbeat_ms = 100
+election_timeout_min_ms = 500
+election_timeout_max_ms = 1000
+# Build a snapshot (and compact the log) after this many entries, keeping this many entries
+# before it (a follower that lags less than that catches up from the log, not a snapshot).
 snapshot_every = 20000
+keep_logs_after_snapshot = 1000
 # How long a write waits to be committed (no quorum: 503 with Retry-After after this).
 propose_timeout_ms = 5000
 # Changes queued per group, waiting to be batched into an entry (more: 429 Retry-After).
@@ -221,6 +225,8 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Entries between snapshots.
     pub snapshot_every: u64,
+    /// Entries kept before the last snapshot.
+    pub keep_logs_after_snapshot: u64,
     /// Commit deadline of a write.
     pub propose_timeout_ms: u64,
     /// Changes queued per group.
@@ -230,10 +236,11 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 600,
-            election_timeout_max_ms: 1200,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
             snapshot_every: 20000,
+            keep_logs_after_snapshot: 1000,
             propose_timeout_ms: 5000,
             proposal_queue: 8192,
         }

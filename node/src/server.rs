@@ -120,7 +120,7 @@ fn raft_config(config: &Config) -> Result<openraft::Config, NodeError> {
         election_timeout_min: r.election_timeout_min_ms,
         election_timeout_max: r.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
         ..Default::default()
     }
     .validate()

@@ -155,13 +155,15 @@ impl Node {
              timeout_secs = 5\n\
              [raft]\n\
              {timings}\
-             snapshot_every = {}\n",
+             snapshot_every = {}\n\
+             keep_logs_after_snapshot = {}\n",
             join.join(", "),
             o.allow_private_targets,
             o.log_level,
             o.extra_toml,
             schedule.join(", "),
-            o.snapshot_every
+            o.snapshot_every,
+            if o.snapshot_every < 20_000 { 0 } else { 1000 }
         );
         let path = self.data_dir.join("custos.toml");
         std::fs::write(&path, text)?;

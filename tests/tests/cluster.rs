@@ -194,7 +194,13 @@ async fn a_killed_leader_fails_over_and_a_full_restart_converges() -> anyhow::Re
 async fn a_removed_node_hands_over_its_replicas_and_a_restarted_member_rejoins(
 ) -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
-    let mut c = Cluster::start(3, NodeOptions::default(), false).await?;
+    // Snapshots every few entries and no log kept behind them: a joining node catches up from
+    // streamed snapshots.
+    let opts = NodeOptions {
+        snapshot_every: 20,
+        ..NodeOptions::default()
+    };
+    let mut c = Cluster::start(3, opts.clone(), false).await?;
     let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
     let s = Scenario::setup(&admins, &rx.url, 2).await?;
     // A restarted member (same flags, its --join included) is the same node.
@@ -207,10 +213,17 @@ async fn a_removed_node_hands_over_its_replicas_and_a_restarted_member_rejoins(
     let o = NodeOptions {
         cluster_secret: Some(c.nodes[0].cluster_secret()?),
         join: vec![c.nodes[1].peer.clone()],
-        ..NodeOptions::default()
+        ..opts
     };
     c.nodes.push(Node::start(o).await?);
     c.wait_placed(Duration::from_secs(60)).await?;
+    // Its replicas hold the same state as the others' (installed from snapshots).
+    c.wait_converged(Duration::from_secs(60)).await?;
+    let snapshots = std::fs::read_dir(c.nodes[3].data_dir.join("snapshots"))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+        .count();
+    assert!(snapshots > 0, "the new node received snapshots");
     let removed = c.nodes[2].id;
     c.admin(1).remove_node(removed).await?;
     let status = poll::until("node removed", Duration::from_secs(90), || async {

@@ -1,0 +1,16 @@
+# Custos node image. Build the binary first (`scripts/custos --version` builds it into
+# ~/.cache/custos-target/release/custos), copy it next to this file as `custos`, then:
+#   docker build -t custos:local .
+# (`scripts/docker-cluster up` does all of this, and makes the base image on machines that
+# cannot pull it.)
+FROM debian:bookworm-slim
+RUN groupadd --system custos && useradd --system --gid custos --home-dir /data custos \
+    && mkdir -p /data && chown custos:custos /data
+COPY custos /usr/local/bin/custos
+USER custos
+WORKDIR /data
+VOLUME /data
+# Client API, peer port.
+EXPOSE 7700 7701
+ENTRYPOINT ["/usr/local/bin/custos"]
+CMD ["serve", "--data-dir", "/data", "--listen", "0.0.0.0:7700", "--peer-listen", "0.0.0.0:7701"]
