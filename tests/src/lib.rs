@@ -12,6 +12,7 @@
 //! - [`node`]: start, kill (-9), stop (SIGTERM) and restart a node process.
 //! - [`receiver`]: an entity's command endpoint that records what it got and answers a script.
 //! - [`poll`]: wait for a condition with a deadline.
+//! - [`tls`]: a test CA and leaf certificate made with openssl.
 //! - [`scenario`]: the airline -> hotel scenario for many customers, through any node.
 
 pub mod chaos;
@@ -21,3 +22,4 @@ pub mod node;
 pub mod poll;
 pub mod receiver;
 pub mod scenario;
+pub mod tls;

@@ -251,3 +251,32 @@ async fn a_removed_node_hands_over_its_replicas_and_a_restarted_member_rejoins(
     check_deliveries(&rx, &expected)?;
     Ok(())
 }
+
+#[tokio::test]
+async fn peers_talk_over_tls_when_peer_certificates_are_configured() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = custos_tests::tls::make(dir.path())?;
+    let opts = NodeOptions {
+        extra_toml: format!(
+            "[peer_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+            certs.cert, certs.key, certs.ca
+        ),
+        ..NodeOptions::default()
+    };
+    let rx = Receiver::start(vec![], 200)?;
+    let c = Cluster::start(3, opts, false).await?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 3).await?;
+    let mut expected = Vec::new();
+    for via in 1..=3 {
+        expected.extend(send_until_accepted(&c, via, &s, &format!("tls-{via}"), via - 1).await?);
+    }
+    rx.wait_delivered(expected.len(), WAIT).await?;
+    // The peer port speaks TLS only: plain HTTP gets nowhere.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/peer/status", c.nodes[0].peer))
+        .send()
+        .await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
+    Ok(())
+}

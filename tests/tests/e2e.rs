@@ -928,77 +928,7 @@ async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<
 #[tokio::test]
 async fn https_when_a_certificate_is_configured() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let p = |n: &str| dir.path().join(n);
-    let (ca, ca_key, cert, key, csr, ext) = (
-        p("ca.pem"),
-        p("ca.key"),
-        p("cert.pem"),
-        p("key.pem"),
-        p("leaf.csr"),
-        p("leaf.ext"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )?;
-    let openssl = |args: Vec<&std::ffi::OsStr>| -> anyhow::Result<()> {
-        let status = std::process::Command::new("openssl")
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .status()?;
-        anyhow::ensure!(status.success(), "openssl failed");
-        Ok(())
-    };
-    let s = |x: &'static str| std::ffi::OsStr::new(x);
-    // A CA, and a leaf certificate for localhost signed by it (webpki refuses a CA as leaf).
-    openssl(vec![
-        s("req"),
-        s("-x509"),
-        s("-newkey"),
-        s("ec"),
-        s("-pkeyopt"),
-        s("ec_paramgen_curve:prime256v1"),
-        s("-nodes"),
-        s("-days"),
-        s("1"),
-        s("-subj"),
-        s("/CN=custos test CA"),
-        s("-keyout"),
-        ca_key.as_os_str(),
-        s("-out"),
-        ca.as_os_str(),
-    ])?;
-    openssl(vec![
-        s("req"),
-        s("-newkey"),
-        s("ec"),
-        s("-pkeyopt"),
-        s("ec_paramgen_curve:prime256v1"),
-        s("-nodes"),
-        s("-subj"),
-        s("/CN=localhost"),
-        s("-keyout"),
-        key.as_os_str(),
-        s("-out"),
-        csr.as_os_str(),
-    ])?;
-    openssl(vec![
-        s("x509"),
-        s("-req"),
-        s("-in"),
-        csr.as_os_str(),
-        s("-CA"),
-        ca.as_os_str(),
-        s("-CAkey"),
-        ca_key.as_os_str(),
-        s("-CAcreateserial"),
-        s("-days"),
-        s("1"),
-        s("-extfile"),
-        ext.as_os_str(),
-        s("-out"),
-        cert.as_os_str(),
-    ])?;
+    let custos_tests::tls::Certs { ca, cert, key } = custos_tests::tls::make(dir.path())?;
     let opts = NodeOptions {
         extra_toml: format!("[tls]\ncert = {:?}\nkey = {:?}\n", cert, key),
         ..NodeOptions::default()

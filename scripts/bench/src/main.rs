@@ -1,6 +1,7 @@
-//! Load generator: signed events at a fixed concurrency against a real node with N customers
-//! and M rules each, a local receiver counting commands, and a one-member etcd measured the
-//! same way in the same run.
+//! Load generator: signed events at a fixed concurrency against a real node (or a cluster of
+//! real nodes on loopback, requests spread over them) with N customers and M rules each, a
+//! local receiver counting commands, and an etcd of as many members measured the same way in
+//! the same run. `--down` stops one node after the setup, to measure a cluster missing one.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +15,7 @@ use clap::Parser;
 use custos_api::client::{signed_event_request, Client};
 use custos_api::types::*;
 use custos_api::webhook::Secret;
+use custos_tests::cluster::Cluster;
 use custos_tests::node::{Node, NodeOptions};
 use custos_tests::poll;
 use custos_tests::receiver::Receiver;
@@ -40,6 +42,12 @@ struct Args {
     /// The etcd server binary; the comparison is skipped when it is absent.
     #[arg(long, default_value = "etcd")]
     etcd: String,
+    /// Nodes (and etcd members): 1, or a cluster of 3 to 7 on loopback.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Kill one node (-9; not the first) after the setup and measure with the rest.
+    #[arg(long)]
+    down: bool,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -208,15 +216,17 @@ where
 }
 
 struct Etcd {
-    child: Child,
-    url: String,
+    children: Vec<Child>,
+    urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -226,60 +236,108 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn start_etcd(bin: &str) -> anyhow::Result<Etcd> {
-    // Same disk as the Custos node's data: both under the system temp directory.
+/// Starts an etcd of `members` members on loopback (data on the same disk as the nodes').
+async fn start_etcd(bin: &str, members: usize) -> anyhow::Result<Etcd> {
     let dir = tempfile::tempdir()?;
-    let (client, peer) = (free_port()?, free_port()?);
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("default=http://127.0.0.1:{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {bin}"))?;
+    let ports: Vec<(u16, u16)> = (0..members)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children = Vec::new();
+    let mut urls = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{client}");
+        let child = Command::new(bin)
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("m{i}")))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &initial])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        children.push(child);
+        urls.push(url);
+    }
     let etcd = Etcd {
-        child,
-        url,
+        children,
+        urls,
         _dir: dir,
     };
     let http = reqwest::Client::new();
-    let health = format!("{}/health", etcd.url);
-    poll::until("etcd health", Duration::from_secs(30), || {
-        let (http, health) = (http.clone(), health.clone());
-        async move {
-            http.get(health)
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ())
-        }
-    })
-    .await?;
+    for url in &etcd.urls {
+        let health = format!("{url}/health");
+        poll::until("etcd health", Duration::from_secs(30), || {
+            let (http, health) = (http.clone(), health.clone());
+            async move {
+                http.get(health)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await?;
+    }
     Ok(etcd)
+}
+
+/// Batching counters summed over the nodes' `/metrics`: (WAL syncs, log appends flushed,
+/// proposer entries, proposer changes).
+async fn batching(http: &reqwest::Client, urls: &[String]) -> (f64, f64, f64, f64) {
+    let mut totals = (0.0, 0.0, 0.0, 0.0);
+    for u in urls {
+        let Ok(r) = http.get(format!("{u}/metrics")).send().await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        for line in text.lines() {
+            let value = || {
+                line.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            if line.starts_with("custos_wal_syncs ") {
+                totals.0 += value();
+            } else if line.starts_with("custos_log_appends_flushed ") {
+                totals.1 += value();
+            } else if line.starts_with("custos_proposer_entries{") {
+                totals.2 += value();
+            } else if line.starts_with("custos_proposer_changes{") {
+                totals.3 += value();
+            }
+        }
+    }
+    totals
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.nodes == 1 || (3..=7).contains(&args.nodes),
+        "--nodes: 1, or 3 to 7"
+    );
     let receiver = Receiver::start(vec![], 200)?;
-    let node = Node::start(NodeOptions {
+    let options = NodeOptions {
         allow_private_targets: true,
         retry_schedule_secs: vec![0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         log_level: "warn".into(),
@@ -292,9 +350,16 @@ async fn main() -> anyhow::Result<()> {
         // The shipped Raft timings, as a user gets them.
         raft_timings: None,
         ..NodeOptions::default()
-    })
-    .await?;
-    let admin = node.admin();
+    };
+    let mut cluster = if args.nodes == 1 {
+        Cluster {
+            nodes: vec![Node::start(options).await?],
+            net: None,
+        }
+    } else {
+        Cluster::start(args.nodes, options, false).await?
+    };
+    let admin = cluster.nodes[0].admin();
     eprintln!(
         "setting up {} customers x {} rules ...",
         args.customers, args.rules
@@ -302,6 +367,22 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let (secret, subjects) = setup(&admin, &args, &receiver.url).await?;
     eprintln!("setup took {:.1}s", t.elapsed().as_secs_f64());
+    if args.down {
+        anyhow::ensure!(args.nodes >= 3, "--down needs a cluster");
+        let last = cluster.nodes.len() - 1;
+        cluster.nodes[last].kill()?;
+        cluster.nodes.truncate(last);
+        // Its groups elect new leaders; wait until every group is served again.
+        poll::until("groups led again", Duration::from_secs(60), || async {
+            let r = reqwest::get(format!("{}/readyz", cluster.nodes[0].url))
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
@@ -321,10 +402,14 @@ async fn main() -> anyhow::Result<()> {
         "sending {} events at concurrency {} ...",
         args.events, args.concurrency
     );
+    let before = batching(&http, &urls).await;
     let custos = load(
         args.events,
         args.concurrency,
-        |i| signed_event_request(&http, &node.url, &secret, &bodies[i].0, bodies[i].1.clone()),
+        |i| {
+            let url = &urls[i % urls.len()];
+            signed_event_request(&http, url, &secret, &bodies[i].0, bodies[i].1.clone())
+        },
         |_, t, body| {
             if let Ok(r) = serde_json::from_slice::<EventReceipt>(body) {
                 let mut m = sent_at.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,6 +420,7 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await;
+    let after = batching(&http, &urls).await;
     let sent_at = sent_at.into_inner().unwrap_or_else(|p| p.into_inner());
     let expected = sent_at.len();
     receiver
@@ -352,7 +438,7 @@ async fn main() -> anyhow::Result<()> {
     let exactly_once =
         sent_at.keys().all(|k| per_id.get(k.as_str()) == Some(&1)) && per_id.len() == expected;
 
-    let etcd = match start_etcd(&args.etcd).await {
+    let etcd = match start_etcd(&args.etcd, args.nodes).await {
         Ok(e) => Some(e),
         Err(e) => {
             eprintln!("etcd comparison skipped: {e:#}");
@@ -362,7 +448,7 @@ async fn main() -> anyhow::Result<()> {
     let etcd_result = match &etcd {
         Some(e) => {
             let value = B64.encode(vec![b'x'; avg_body]);
-            let url = format!("{}/v3/kv/put", e.url);
+            let put_urls: Vec<String> = e.urls.iter().map(|u| format!("{u}/v3/kv/put")).collect();
             eprintln!(
                 "putting {} values of {avg_body} bytes into etcd ...",
                 args.events
@@ -373,7 +459,8 @@ async fn main() -> anyhow::Result<()> {
                     args.concurrency,
                     |i| {
                         let key = B64.encode(format!("bench/{i}"));
-                        http.post(&url).json(&json!({"key": key, "value": value}))
+                        http.post(&put_urls[i % put_urls.len()])
+                            .json(&json!({"key": key, "value": value}))
                     },
                     |_, _, _| {},
                 )
@@ -384,7 +471,17 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let custos_rate = custos.ok as f64 / custos.seconds;
-    println!("| measure | Custos | etcd (1 member) |");
+    let members = if args.nodes == 1 {
+        "1 member".to_owned()
+    } else {
+        format!("{} members", args.nodes)
+    };
+    let custos_label = match (args.nodes, args.down) {
+        (1, _) => "Custos (1 node)".to_owned(),
+        (n, false) => format!("Custos ({n} nodes)"),
+        (n, true) => format!("Custos ({n} nodes, 1 down)"),
+    };
+    println!("| measure | {custos_label} | etcd ({members}) |");
     println!("| --- | --- | --- |");
     let etcd_rate = etcd_result.as_ref().map(|r| r.ok as f64 / r.seconds);
     println!(
@@ -435,6 +532,23 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| Custos events/s / etcd puts/s | {:.2} | |",
             custos_rate / r
+        );
+    }
+    let (syncs, appends, entries, changes) = (
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2 - before.2,
+        after.3 - before.3,
+    );
+    if syncs > 0.0 && entries > 0.0 {
+        println!(
+            "| WAL syncs per 1,000 events (all nodes) | {:.1} | |",
+            syncs * 1000.0 / custos.ok.max(1) as f64
+        );
+        println!("| log appends per WAL sync | {:.1} | |", appends / syncs);
+        println!(
+            "| changes per Raft entry (proposer batches) | {:.1} | |",
+            changes / entries
         );
     }
     println!(
