@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //!
+//! - [`browser`]: a portal browser over plain HTTP (cookies, CSRF tokens, no redirects).
 //! - [`chaos`]: a cluster in network namespaces under a workload and injected faults, then
 //!   checks (deliveries, unlinks, linearizability, convergence) and a one-line summary.
 //! - [`cluster`]: several nodes joined into one cluster, on loopback or in network
@@ -15,6 +16,7 @@
 //! - [`tls`]: a test CA and leaf certificate made with openssl.
 //! - [`scenario`]: the airline -> hotel scenario for many customers, through any node.
 
+pub mod browser;
 pub mod chaos;
 pub mod cluster;
 pub mod entity;

@@ -280,3 +280,50 @@ async fn peers_talk_over_tls_when_peer_certificates_are_configured() -> anyhow::
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_portal_works_through_any_node() -> anyhow::Result<()> {
+    use custos_tests::browser::Browser;
+    let c = Cluster::start(3, NodeOptions::default(), false).await?;
+    // Sign-up through node 2: the account (meta group) and the customer (its data group) are
+    // made in two steps under one intent; the session cookie names the customer's slot.
+    let mut b = Browser::new(&c.nodes[1].url)?;
+    b.sign_up("ada@example.com").await?;
+    for node in &c.nodes {
+        b.base = node.url.clone();
+        let (status, _, body) = b.get("/portal/activity").await?;
+        assert_eq!(status, 200, "{}", node.url);
+        assert!(
+            body.contains("ada@example.com"),
+            "signed in at {}",
+            node.url
+        );
+    }
+    // The email is taken whichever node is asked.
+    let mut other = Browser::new(&c.nodes[2].url)?;
+    let csrf = other.csrf("/portal/signup").await?;
+    other
+        .post(
+            "/portal/signup",
+            &[
+                ("csrf", &csrf),
+                ("email", "ADA@example.com"),
+                ("password", "another long password"),
+            ],
+        )
+        .await?;
+    assert!(other.flash("/portal/signup").await?.contains("exists"));
+    // Signing in on node 3 (the password checked against the meta group's account there).
+    let mut again = Browser::new(&c.nodes[2].url)?;
+    assert_eq!(again.sign_in("ada@example.com").await?, "/portal");
+    // Signing out everywhere through node 1 ends both sessions.
+    b.base = c.nodes[0].url.clone();
+    let csrf = b.csrf("/portal/data").await?;
+    let (status, _) = b
+        .post("/portal/signout-everywhere", &[("csrf", &csrf)])
+        .await?;
+    assert_eq!(status, 303);
+    let (status, loc, _) = again.get("/portal/activity").await?;
+    assert_eq!((status, loc.as_str()), (303, "/portal/signin"));
+    Ok(())
+}
