@@ -264,7 +264,17 @@ fn requeue(worker: &Worker, id: String) {
 
 async fn attempt(worker: Arc<Worker>, id: String) {
     match prepare_and_send(&worker, &id).await {
-        Ok(Some(update)) => {
+        Ok(Some((update, target))) => {
+            if let DeliveryUpdate::Attempted {
+                next: AttemptNext::Gone,
+                ..
+            } = &update
+            {
+                // Disabled before the failure is recorded: whoever sees the delivery failed
+                // sees the endpoint disabled (a crash in between leaves it pending, and its
+                // next attempt finds the endpoint disabled).
+                disable_gone_endpoint(&worker, &target).await;
+            }
             if worker.results.send(update).is_err() {
                 finish(&worker, &id);
             }
@@ -278,10 +288,11 @@ async fn attempt(worker: Arc<Worker>, id: String) {
     }
 }
 
+/// Sends one due command; answers its result and its target.
 async fn prepare_and_send(
     worker: &Worker,
     id: &str,
-) -> Result<Option<DeliveryUpdate>, crate::error::ServiceError> {
+) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
     let core = &worker.core;
     if worker.group.leader() != Some(core.node_id) {
         // Leadership moved since this was queued: the new leader sends it.
@@ -309,29 +320,39 @@ async fn prepare_and_send(
         .in_flight
         .describe(id, &rec.command.customer_id, &rec.command.target);
     let now = unix_now_ms();
+    let target = rec.command.target.clone();
     if !linked {
-        return Ok(Some(DeliveryUpdate::Cancelled {
-            command_id: id.to_owned(),
-            reason: format!("the customer unlinked {}", rec.command.target),
-            at_ms: now,
-            as_failed: false,
-        }));
+        return Ok(Some((
+            DeliveryUpdate::Cancelled {
+                command_id: id.to_owned(),
+                reason: format!("the customer unlinked {}", rec.command.target),
+                at_ms: now,
+                as_failed: false,
+            },
+            target,
+        )));
     }
     let Some(entity) = core.entity(&rec.command.target).await? else {
-        return Ok(Some(DeliveryUpdate::Cancelled {
-            command_id: id.to_owned(),
-            reason: format!("entity {} no longer exists", rec.command.target),
-            at_ms: now,
-            as_failed: true,
-        }));
+        return Ok(Some((
+            DeliveryUpdate::Cancelled {
+                command_id: id.to_owned(),
+                reason: format!("entity {} no longer exists", rec.command.target),
+                at_ms: now,
+                as_failed: true,
+            },
+            target,
+        )));
     };
     if !entity.record.endpoint_enabled {
-        return Ok(Some(DeliveryUpdate::Cancelled {
-            command_id: id.to_owned(),
-            reason: "the entity's endpoint is disabled".into(),
-            at_ms: now,
-            as_failed: true,
-        }));
+        return Ok(Some((
+            DeliveryUpdate::Cancelled {
+                command_id: id.to_owned(),
+                reason: "the entity's endpoint is disabled".into(),
+                at_ms: now,
+                as_failed: true,
+            },
+            target,
+        )));
     }
     let started = Instant::now();
     let result = send(worker, &entity, &rec).await;
@@ -369,16 +390,19 @@ async fn prepare_and_send(
         AttemptNext::Gone => "gone",
     };
     metrics::counter!("custos_delivery_attempts_total", "outcome" => outcome).increment(1);
-    Ok(Some(DeliveryUpdate::Attempted {
-        command_id: id.to_owned(),
-        attempt: AttemptRecord {
-            at_ms: now,
-            status_code,
-            error,
-            duration_ms: duration.as_millis() as u64,
+    Ok(Some((
+        DeliveryUpdate::Attempted {
+            command_id: id.to_owned(),
+            attempt: AttemptRecord {
+                at_ms: now,
+                status_code,
+                error,
+                duration_ms: duration.as_millis() as u64,
+            },
+            next,
         },
-        next,
-    }))
+        target,
+    )))
 }
 
 async fn send(
@@ -459,24 +483,10 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
                 | DeliveryUpdate::Cancelled { command_id, .. } => command_id.clone(),
             })
             .collect();
-        let gone: Vec<String> = batch
-            .iter()
-            .filter_map(|u| match u {
-                DeliveryUpdate::Attempted {
-                    command_id,
-                    next: AttemptNext::Gone,
-                    ..
-                } => Some(command_id.clone()),
-                _ => None,
-            })
-            .collect();
         let change = StateChange::RecordDeliveries(std::mem::take(&mut batch));
         let recorded = worker.core.propose(worker.group.id, change).await;
         for id in &ids {
             finish(&worker, id);
-        }
-        if recorded.is_ok() {
-            disable_gone_endpoints(&worker, &gone).await;
         }
         match recorded {
             // Retries come back through the apply's DeliveryDue effects; wake for free slots.
@@ -492,31 +502,18 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
     }
 }
 
-/// A 410 Gone disables the entity's endpoint: a step in the meta group, after the failed
-/// delivery was recorded in the customer's group (repeated by the next 410 if it fails).
-async fn disable_gone_endpoints(worker: &Worker, gone: &[String]) {
-    let mut targets = std::collections::BTreeSet::new();
-    for id in gone {
-        let owned = id.clone();
-        if let Ok(Some(rec)) = worker
-            .core
-            .read(worker.group.id, move |r| r.outbox(&owned))
-            .await
-        {
-            targets.insert(rec.command.target);
-        }
-    }
-    for target in targets {
-        let change = StateChange::UpdateEntity {
-            id: target.clone(),
-            name: None,
-            command_url: None,
-            endpoint_enabled: Some(false),
-        };
-        match worker.core.propose(META_GROUP, change).await {
-            Ok(_) => tracing::warn!(entity = %target, "endpoint answered 410 Gone; disabled"),
-            Err(e) => tracing::warn!(entity = %target, error = %e, "cannot disable endpoint"),
-        }
+/// A 410 Gone disables the entity's endpoint: a step in the meta group, taken before the
+/// failed delivery is recorded in the customer's group (repeated by the next 410 if it fails).
+async fn disable_gone_endpoint(worker: &Worker, target: &str) {
+    let change = StateChange::UpdateEntity {
+        id: target.to_owned(),
+        name: None,
+        command_url: None,
+        endpoint_enabled: Some(false),
+    };
+    match worker.core.propose(META_GROUP, change).await {
+        Ok(_) => tracing::warn!(entity = %target, "endpoint answered 410 Gone; disabled"),
+        Err(e) => tracing::warn!(entity = %target, error = %e, "cannot disable endpoint"),
     }
 }
 
