@@ -114,10 +114,10 @@ concurrency = 256
 [raft]
 # Heartbeat interval and election timeout range, in milliseconds. A leader's followers start
 # an election after the timeout (and after its lease, the timeout's upper end, runs out): a
-# failed leader is replaced in about one to two seconds with these.
+# failed leader is replaced in about one to one and a half seconds with these.
 heartbeat_ms = 100
-election_timeout_min_ms = 500
-election_timeout_max_ms = 1000
+election_timeout_min_ms = 400
+election_timeout_max_ms = 800
 # Build a snapshot (and compact the log) after this many entries, keeping this many entries
 # before it (a follower that lags less than that catches up from the log, not a snapshot).
 snapshot_every = 20000
@@ -237,8 +237,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
             snapshot_every: 20000,
             keep_logs_after_snapshot: 1000,
             propose_timeout_ms: 5000,

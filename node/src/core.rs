@@ -386,6 +386,19 @@ impl Group {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// True when node `me` leads the group: it is the leader this replica knows of and a
+    /// voter of its membership (openraft 0.9 lets a leader that removed itself go on
+    /// believing it leads; such a replica serves nothing).
+    pub fn leads(&self, me: NodeId) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(me)
+            && m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == me)
+    }
+
     /// The current term.
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow().current_term
@@ -646,8 +659,7 @@ impl Core {
 
     /// True while this node leads `group`.
     pub fn is_leader(&self, group: GroupId) -> bool {
-        self.group(group)
-            .is_some_and(|g| g.leader() == Some(self.node_id))
+        self.group(group).is_some_and(|g| g.leads(self.node_id))
     }
 
     // ---- the meta group's view --------------------------------------------------------------
@@ -739,6 +751,11 @@ impl Core {
             .ok()?
             .into_iter()
             .find(|r| r.group == group)?;
+        // A report naming this node, which does not lead the group here, is stale (the
+        // group moved, or leadership did): better unknown, and asked again shortly.
+        if report.leader == self.node_id {
+            return None;
+        }
         Some((report.leader, self.node_addr(report.leader)?))
     }
 

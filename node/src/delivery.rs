@@ -189,7 +189,7 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
         if *shutdown.borrow() || *closed.borrow() {
             break;
         }
-        let leader_now = group.leader() == Some(core.node_id);
+        let leader_now = group.leads(core.node_id);
         if !leader_now {
             // Only the leader delivers; a follower's queue would only grow. The new leader
             // resumes from the outbox with the same command ids.
@@ -294,7 +294,7 @@ async fn prepare_and_send(
     id: &str,
 ) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
     let core = &worker.core;
-    if worker.group.leader() != Some(core.node_id) {
+    if !worker.group.leads(core.node_id) {
         // Leadership moved since this was queued: the new leader sends it.
         return Ok(None);
     }

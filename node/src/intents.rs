@@ -30,7 +30,7 @@ pub async fn run(core: Arc<Core>, profiles: ProfileRouter, mut shutdown: watch::
             return;
         }
         for g in core.groups() {
-            if g.id == META_GROUP || g.leader() != Some(core.node_id) {
+            if g.id == META_GROUP || !g.leads(core.node_id) {
                 continue;
             }
             if let Err(e) = group_round(&core, &profiles, &g).await {

@@ -118,7 +118,7 @@ async fn handle(
     let group = core.group_of(customer)?;
     let g = core
         .group(group)
-        .filter(|g| g.leader() == Some(core.node_id))
+        .filter(|g| g.leads(core.node_id))
         .ok_or_else(|| not_leader(group))?;
     // Another leader may have changed the customer since this copy was loaded.
     let term = g.term();

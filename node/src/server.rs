@@ -179,7 +179,7 @@ async fn prune(core: Arc<Core>) {
     let retention_ms = (core.config.retention_days * 86_400_000.0) as i64;
     let before_ms = unix_now_ms() - retention_ms;
     for g in core.groups() {
-        if g.id == META_GROUP || g.leader() != Some(core.node_id) {
+        if g.id == META_GROUP || !g.leads(core.node_id) {
             continue;
         }
         loop {

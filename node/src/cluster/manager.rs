@@ -75,10 +75,10 @@ async fn once(core: &Arc<Core>, state: &Arc<ManagerState>) -> Result<(), String>
         }
     }
     if core.is_leader(META_GROUP) {
-        meta_duties(core, &meta, &nodes, &assignment, &reports).await?;
+        meta_duties(core, state, &meta, &nodes, &assignment, &reports).await?;
     }
     for g in core.groups() {
-        if g.leader() == Some(core.node_id) {
+        if g.leads(core.node_id) {
             group_duties(core, state, &g, &nodes, &assignment, &reports).await;
         }
     }
@@ -136,8 +136,9 @@ async fn ensure_learners(g: &Group, wanted: &BTreeSet<NodeId>, nodes: &[NodeReco
 }
 
 async fn meta_duties(
-    core: &Core,
-    meta: &Group,
+    core: &Arc<Core>,
+    state: &Arc<ManagerState>,
+    meta: &Arc<Group>,
     nodes: &[NodeRecord],
     assignment: &Assignment,
     reports: &[GroupReport],
@@ -150,6 +151,17 @@ async fn meta_duties(
     let joint = membership.get_joint_config().len() > 1;
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let desired = placement::meta_voters(&active);
+    if !desired.is_empty() && !desired.contains(&core.node_id) {
+        // Leaving the meta group's voters: hand over first; the successor changes them.
+        if let Some(to) = desired
+            .iter()
+            .copied()
+            .find(|n| voters.contains(n) && caught_up(&m, *n))
+        {
+            hand_over(core, state, meta, to, nodes);
+        }
+        return Ok(());
+    }
     if !joint
         && !desired.is_empty()
         && voters != desired
@@ -290,6 +302,18 @@ async fn move_replicas(
         return;
     }
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if !wanted.contains(&core.node_id) {
+        // A leader never removes itself (openraft 0.9 would let it go on leading a group it
+        // left): it hands leadership to a wanted voter, which then makes the change.
+        if let Some(to) = desired
+            .iter()
+            .copied()
+            .find(|n| voters.contains(n) && caught_up(&m, *n))
+        {
+            hand_over(core, state, g, to, nodes);
+        }
+        return;
+    }
     if voters != wanted {
         if wanted.iter().all(|n| caught_up(&m, *n)) {
             tracing::info!(group = g.id, from = ?voters, to = ?wanted, "replicas move");
@@ -318,9 +342,20 @@ async fn move_replicas(
     if preferred == core.node_id || !caught_up(&m, preferred) {
         return;
     }
+    hand_over(core, state, g, preferred, nodes);
+}
+
+/// Starts a hand-over of `g`'s leadership to `to` (at most one per group per 10 s).
+fn hand_over(
+    core: &Arc<Core>,
+    state: &Arc<ManagerState>,
+    g: &Arc<Group>,
+    to: NodeId,
+    nodes: &[NodeRecord],
+) {
     let Some(addr) = nodes
         .iter()
-        .find(|n| n.id == preferred && n.state == NodeState::Active)
+        .find(|n| n.id == to && n.state != NodeState::Removed)
         .map(|n| n.peer_addr.clone())
     else {
         return;
@@ -333,7 +368,7 @@ async fn move_replicas(
         t.insert(g.id, Instant::now());
     }
     let (core, g) = (core.clone(), g.clone());
-    tokio::spawn(async move { transfer(&core, &g, preferred, &addr).await });
+    tokio::spawn(async move { transfer(&core, &g, to, &addr).await });
 }
 
 /// Hands `g`'s leadership to `to`: this leader stops heartbeats and holds new entries until
@@ -405,7 +440,7 @@ async fn replicas(
         // Reports carry committed memberships only, written by the group's leader; once the
         // latest one leaves this node out and the placement does not want it back, the
         // leader has removed it: its log no longer counts toward any quorum.
-        if !reported_member && g.leader() != Some(me) {
+        if !reported_member && !g.leads(me) && report.leader != me {
             tracing::info!(
                 group = g.id,
                 "this node no longer holds the group; deleting its replica"

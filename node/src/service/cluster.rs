@@ -81,7 +81,7 @@ impl Vault {
         }
         let now = unix_now_ms();
         for g in self.core.groups() {
-            if g.leader() != Some(me) {
+            if !g.leads(me) {
                 continue;
             }
             leading.push(g.id);
