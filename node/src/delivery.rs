@@ -168,6 +168,8 @@ struct Worker {
 
 /// How long a delivery whose attempt could not be prepared or recorded waits to be retried.
 const REQUEUE_MS: i64 = 1000;
+/// How often a leader's worker reloads its queue from the outbox (a safety net).
+const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs `group`'s worker until `shutdown` turns true or the group is closed here. Spawn it
 /// on the Raft runtime.
@@ -185,6 +187,7 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
     let due = &group.due;
     let mut leading = false;
+    let mut last_reload = Instant::now();
     loop {
         if *shutdown.borrow() || *closed.borrow() {
             break;
@@ -207,6 +210,17 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
                     }
                 }
             }
+        }
+        // A safety net under the in-memory queue: reload it from the outbox now and then,
+        // so no pending delivery waits for a leadership change to be found again.
+        if leader_now && last_reload.elapsed() > RELOAD_EVERY {
+            match core.read(group.id, |r| r.due(i64::MAX, usize::MAX)).await {
+                Ok(items) => due.extend(items),
+                Err(e) => {
+                    tracing::warn!(group = group.id, error = %e, "cannot reload pending deliveries")
+                }
+            }
+            last_reload = Instant::now();
         }
         leading = leader_now;
         // A follower looks for leadership often: deliveries resume soon after a failover.
@@ -295,7 +309,9 @@ async fn prepare_and_send(
 ) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
     let core = &worker.core;
     if !worker.group.leads(core.node_id) {
-        // Leadership moved since this was queued: the new leader sends it.
+        // Leadership moved since this was queued: the new leader sends it. Kept queued here
+        // too, in case leadership comes back before this worker notices it left.
+        requeue(worker, id.to_owned());
         return Ok(None);
     }
     let owned = id.to_owned();

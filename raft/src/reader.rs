@@ -328,27 +328,19 @@ impl StateReader {
             None => None,
         };
         let mut h = Sha256::new();
-        let lo = keys::prefix(space, keys::SM_FIRST);
-        let hi = keys::prefix(space, keys::SM_END);
-        let mut it = snap.raw_iterator();
-        it.seek(&lo);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if k >= hi.as_slice() {
-                break;
-            }
+        crate::state_machine::snapshot::each_pair(&snap, space, |k, v| {
             h.update((k.len() as u32).to_be_bytes());
-            h.update(&k[4..]);
+            h.update(k);
             // Retention entries hold full keys, whose space a snapshot install may change.
-            let v = if k.get(4) == Some(&keys::EXPIRY) {
+            let v = if k.first() == Some(&keys::EXPIRY) {
                 v.get(4..).unwrap_or_default()
             } else {
                 v
             };
             h.update((v.len() as u32).to_be_bytes());
             h.update(v);
-            it.next();
-        }
-        it.status()?;
+            Ok(())
+        })?;
         Ok((applied, hex::encode(&h.finalize()[..16])))
     }
 

@@ -3,8 +3,9 @@
 //! a leader, SIGSTOP/SIGCONT, a leader cut off from the majority, a split of the nodes, and a
 //! full restart. At the end it checks, and prints one summary line:
 //!
-//! - every event answered 202 "accepted" has all its commands delivered at least once, and
-//!   no command id ever arrived with two contents (duplicates are counted: at least once);
+//! - every event answered 202 "accepted" has all its commands delivered at least once (or
+//!   cancelled because the customer unlinked the target meanwhile), and no command id ever
+//!   arrived with two contents (duplicates are counted: at least once);
 //! - no command reached an entity after the unlink that removed it was acknowledged;
 //! - the history of rule and link writes and reads, per customer, is linearizable
 //!   (`stateright`'s tester; a call that timed out counts as maybe applied);
@@ -68,7 +69,9 @@ pub struct Report {
     pub unconfirmed: u64,
     /// Commands of accepted events.
     pub commands: u64,
-    /// Of those, never delivered.
+    /// Of those, cancelled because the customer unlinked the target meanwhile.
+    pub cancelled: u64,
+    /// Of those, never delivered (nor cancelled by an unlink).
     pub undelivered: u64,
     /// Extra deliveries of a command id (at least once).
     pub duplicates: u64,
@@ -84,6 +87,8 @@ pub struct Report {
     pub converged: bool,
     /// Longest time from killing a group's leader to the next 202 for its customers (ms).
     pub failover_ms: Vec<u64>,
+    /// What the vault says of the first few undelivered commands (to diagnose a failure).
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -101,7 +106,7 @@ impl Report {
     pub fn line(&self) -> String {
         format!(
             "chaos {}: nodes={} seconds={} faults=[{}] events={} accepted={} unconfirmed={} \
-             commands={} undelivered={} duplicates={} conflicting={} after_unlink={} \
+             commands={} cancelled_by_unlink={} undelivered={} duplicates={} conflicting={} after_unlink={} \
              history_ops={} linearizable={} converged={} failover_ms={:?}",
             if self.ok() { "PASS" } else { "FAIL" },
             self.nodes,
@@ -111,6 +116,7 @@ impl Report {
             self.accepted,
             self.unconfirmed,
             self.commands,
+            self.cancelled,
             self.undelivered,
             self.duplicates,
             self.conflicting,
@@ -119,7 +125,11 @@ impl Report {
             if self.linearizable { "yes" } else { "no" },
             if self.converged { "yes" } else { "no" },
             self.failover_ms,
-        )
+        ) + &self
+            .notes
+            .iter()
+            .map(|n| format!("\n  undelivered {n}"))
+            .collect::<String>()
     }
 }
 
@@ -287,6 +297,18 @@ struct Shared {
     unconfirmed: AtomicU64,
     /// Per toggled customer: acknowledged unlinks and link invocations, with times.
     unlinks: Mutex<HashMap<String, Vec<(Instant, bool)>>>,
+}
+
+impl Shared {
+    /// Notes, now, a link invoked (`true`) or an unlink acknowledged (`false`).
+    fn mark(&self, customer: &str, linked: bool) {
+        self.unlinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(customer.to_owned())
+            .or_default()
+            .push((Instant::now(), linked));
+    }
 }
 
 fn clients(c: &Cluster, timeout: Duration) -> Vec<Client> {
@@ -464,14 +486,7 @@ async fn link_ops(
                 .map(|c| LinkRet::Linked(c.links.iter().any(|l| l.entity_id == "car")))
         } else if linked_next {
             history.push(Step::Invoke(thread, LinkOp::Link));
-            let invoked = Instant::now();
-            shared
-                .unlinks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(customer.id.clone())
-                .or_default()
-                .push((invoked, true));
+            shared.mark(&customer.id, true);
             let req = LinkRequest {
                 entity_id: "car".into(),
                 subject: car_subject.clone(),
@@ -484,13 +499,7 @@ async fn link_ops(
             history.push(Step::Invoke(thread, LinkOp::Unlink));
             match admin.unlink(&customer.id, "car").await {
                 Ok(()) => {
-                    shared
-                        .unlinks
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(customer.id.clone())
-                        .or_default()
-                        .push((Instant::now(), false));
+                    shared.mark(&customer.id, false);
                     Some(LinkRet::Done)
                 }
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => Some(LinkRet::NotFound),
@@ -781,7 +790,33 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<Report> {
     .await;
     let got = received();
     let ids = delivered(&got);
-    report.undelivered = expected.iter().filter(|id| !ids.contains(*id)).count() as u64;
+    // A command not delivered because its customer unlinked the target meanwhile was
+    // cancelled, as it must be; any other missing command is a failure.
+    for id in expected.iter().filter(|id| !ids.contains(*id)) {
+        match setup_clients[0].delivery(id).await {
+            Ok(d)
+                if d.status == DeliveryStatus::Cancelled
+                    && d.reason.as_deref().is_some_and(|r| r.contains("unlinked")) =>
+            {
+                report.cancelled += 1;
+            }
+            found => {
+                report.undelivered += 1;
+                if report.notes.len() < 5 {
+                    report.notes.push(match found {
+                        Ok(d) => format!(
+                            "{id}: {:?}, {} attempts, next {:?}, reason {:?}",
+                            d.status,
+                            d.attempts.len(),
+                            d.next_attempt_at,
+                            d.reason
+                        ),
+                        Err(e) => format!("{id}: {e}"),
+                    });
+                }
+            }
+        }
+    }
     let mut bodies: HashMap<&str, &[u8]> = HashMap::new();
     for r in &got {
         match bodies.get(r.webhook_id.as_str()) {

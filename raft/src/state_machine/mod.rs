@@ -18,7 +18,7 @@ mod delivery;
 mod entities;
 mod ingest;
 mod retention;
-mod snapshot;
+pub(crate) mod snapshot;
 mod tx;
 
 use std::path::PathBuf;

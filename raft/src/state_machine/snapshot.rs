@@ -104,19 +104,10 @@ pub(crate) fn build(
         let mut w = BufWriter::with_capacity(1 << 20, f);
         w.write_all(MAGIC).map_err(io)?;
         w.write_all(&[codec::FORMAT_VERSION]).map_err(io)?;
-        let lo = keys::prefix(space, keys::SM_FIRST);
-        let hi = keys::prefix(space, keys::SM_END);
-        let mut it = snap.raw_iterator();
-        it.seek(&lo);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if k >= hi.as_slice() {
-                break;
-            }
-            write_frame(&mut w, &k[4..])?;
-            write_frame(&mut w, v)?;
-            it.next();
-        }
-        it.status()?;
+        each_pair(&snap, space, |k, v| {
+            write_frame(&mut w, k)?;
+            write_frame(&mut w, v)
+        })?;
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
     }
@@ -128,6 +119,28 @@ pub(crate) fn build(
     };
     record(db, group, dir, &meta, &name)?;
     Ok((meta, path))
+}
+
+/// Calls `f` with every state machine data pair of `space` in `snap`, in key order, keys
+/// without their space prefix (what a snapshot holds, and what a state digest covers).
+pub(crate) fn each_pair(
+    snap: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+    space: u32,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let lo = keys::prefix(space, keys::SM_FIRST);
+    let hi = keys::prefix(space, keys::SM_END);
+    let mut it = snap.raw_iterator();
+    it.seek(&lo);
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if k >= hi.as_slice() {
+            break;
+        }
+        f(&k[4..], v)?;
+        it.next();
+    }
+    it.status()?;
+    Ok(())
 }
 
 fn write_frame(w: &mut impl Write, bytes: &[u8]) -> Result<(), StoreError> {
