@@ -314,20 +314,18 @@ async fn prepare_and_send(
         requeue(worker, id.to_owned());
         return Ok(None);
     }
-    let owned = id.to_owned();
-    // One trip to the blocking pool for both reads: the record, and whether its target is
-    // still linked.
-    let found = core
-        .read(worker.group.id, move |r| {
-            let Some(rec) = r.outbox(&owned)? else {
-                return Ok(None);
-            };
-            let linked = r
+    // Two point reads (the record, and whether its target is still linked), inline: they are
+    // served from RocksDB's memtable or block cache, cheaper than a trip to the blocking pool.
+    let reader = &worker.group.reader;
+    let found = match reader.outbox(id)? {
+        Some(rec) => {
+            let linked = reader
                 .link(&rec.command.customer_id, &rec.command.target)?
                 .is_some();
-            Ok(Some((rec, linked)))
-        })
-        .await?;
+            Some((rec, linked))
+        }
+        None => None,
+    };
     let Some((rec, linked)) = found.filter(|(r, _)| r.state == DeliveryState::Pending) else {
         return Ok(None);
     };

@@ -54,6 +54,16 @@ pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
     req.peer_addr().map(|a| a.ip())
 }
 
+/// An event's body as the forwarder read it, and the route it found: the events handler
+/// uses both instead of reading and looking up again.
+#[derive(Debug, Clone)]
+pub struct ReadEvent {
+    /// The body.
+    pub body: web::Bytes,
+    /// The customer (by the routing index) and the group, when the body named a source.
+    pub route: Option<(Option<String>, GroupId)>,
+}
+
 /// Where a call must be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -70,31 +80,24 @@ pub fn slot_of_token(token: &str) -> Option<u16> {
     parse_slot_tag(t)
 }
 
-/// Decides where a call goes, from its path, query, cookies and (for events) `body`.
-pub fn route(core: &Core, req: &HttpRequest, body: Option<&[u8]>) -> Result<Route, ServiceError> {
+/// An event body's `source` and `subject` (empty when absent), if it names a source.
+fn event_head(body: &[u8]) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        source: Option<String>,
+        subject: Option<String>,
+    }
+    let head: Head = serde_json::from_slice(body).ok()?;
+    Some((head.source?, head.subject.unwrap_or_default()))
+}
+
+/// Decides where a call goes, from its path, query and cookies (events are routed by their
+/// body, in [`forward`]).
+pub fn route(core: &Core, req: &HttpRequest) -> Result<Route, ServiceError> {
     let path = req.path();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let by_slot = |slot: u16| core.group_of_slot(slot).map(Route::Group);
     match segs.as_slice() {
-        ["v1", "events"] => {
-            #[derive(serde::Deserialize)]
-            struct Head {
-                source: Option<String>,
-                subject: Option<String>,
-            }
-            let head = body.and_then(|b| serde_json::from_slice::<Head>(b).ok());
-            match head {
-                Some(Head {
-                    source: Some(source),
-                    subject,
-                }) => {
-                    let (_, group) = core.route_event(&source, subject.as_deref().unwrap_or(""))?;
-                    Ok(Route::Group(group))
-                }
-                // Not a CloudEvent: refused locally with the right problem.
-                _ => Ok(Route::Local),
-            }
-        }
         ["v1", "customers", id, ..] if !id.is_empty() => Ok(Route::Group(core.group_of(id)?)),
         ["v1", "entities", ..] | ["v1", "recommendations", "train"] => Ok(Route::Group(META_GROUP)),
         ["v1", "deliveries", id, ..] => match slot_of_token(id) {
@@ -142,20 +145,35 @@ pub async fn forward(
     } else {
         0
     };
-    // Only an event's body decides its route; read it (bounded) and put it back.
+    // Only an event's body decides its route; read it (bounded), put it back, and keep it
+    // with its route for the handler.
     let mut body: Option<web::Bytes> = None;
-    if req.path() == "/v1/events" && req.method() == actix_web::http::Method::POST {
-        match read_bounded(req.take_payload()).await {
-            Ok(b) => {
-                req.set_payload(Payload::from(b.clone()));
-                body = Some(b);
-            }
+    let route = if req.path() == "/v1/events" && req.method() == actix_web::http::Method::POST {
+        let b = match read_bounded(req.take_payload()).await {
+            Ok(b) => b,
+            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+        };
+        req.set_payload(Payload::from(b.clone()));
+        let found =
+            match event_head(&b).map(|(source, subject)| core.route_event(&source, &subject)) {
+                None => None,
+                Some(Ok(r)) => Some(r),
+                Some(Err(e)) => return Ok(req.error_response(e).map_into_right_body()),
+            };
+        let route = found
+            .as_ref()
+            .map_or(Route::Local, |(_, g)| Route::Group(*g));
+        req.extensions_mut().insert(ReadEvent {
+            body: b.clone(),
+            route: found,
+        });
+        body = Some(b);
+        route
+    } else {
+        match route(&core, req.request()) {
+            Ok(r) => r,
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         }
-    }
-    let route = match route(&core, req.request(), body.as_deref()) {
-        Ok(r) => r,
-        Err(e) => return Ok(req.error_response(e).map_into_right_body()),
     };
     let Route::Group(group) = route else {
         return Ok(next.call(req).await?.map_into_left_body());

@@ -2,7 +2,7 @@
 //! Every error leaves as problem+json; the OpenAPI document is generated from these routes.
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use custos_api::cloudevent::CLOUDEVENTS_CONTENT_TYPE;
 use custos_api::limits::MAX_BODY_BYTES;
 use custos_api::types::*;
@@ -137,13 +137,21 @@ async fn post_event(
             format!("send {CLOUDEVENTS_CONTENT_TYPE} (structured mode)"),
         ));
     }
-    let body = read_body(&req, payload, MAX_BODY_BYTES).await?;
+    // The forwarder already read the body and found its route.
+    let read = req.extensions().get::<crate::forward::ReadEvent>().cloned();
+    let (body, route) = match read {
+        Some(r) => (r.body, r.route),
+        None => (
+            read_body(&req, payload, MAX_BODY_BYTES).await?.freeze(),
+            None,
+        ),
+    };
     let headers = SignedHeaders {
         id: header_str(&req, HEADER_ID),
         timestamp: header_str(&req, HEADER_TIMESTAMP),
         signature: header_str(&req, HEADER_SIGNATURE),
     };
-    let receipt = vault.ingest_event(headers, &body).await?;
+    let receipt = vault.ingest_event(headers, &body, route).await?;
     Ok(HttpResponse::Accepted().json(receipt))
 }
 

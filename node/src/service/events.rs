@@ -16,10 +16,12 @@ use crate::profile::{receipt, ProfileReply, ProfileRequest};
 
 impl Vault {
     /// Verifies, decodes and ingests an entity's event; answers once it is committed.
+    /// `route` is the (customer, group) the forwarder found for this body, if it looked.
     pub async fn ingest_event(
         &self,
         headers: SignedHeaders<'_>,
         body: &[u8],
+        route: Option<(Option<String>, custos_raft::types::GroupId)>,
     ) -> Result<EventReceipt, ServiceError> {
         let received_ms = unix_now_ms();
         let event: CloudEvent = serde_json::from_slice(body).map_err(|e| {
@@ -74,7 +76,10 @@ impl Vault {
             })?;
         }
         let subject = event.subject.clone().unwrap_or_default();
-        let (customer, group) = self.core.route_event(&event.source, &subject)?;
+        let (customer, group) = match route {
+            Some(r) => r,
+            None => self.core.route_event(&event.source, &subject)?,
+        };
         // The call was routed here as the group's leader; if leadership moved meanwhile, the
         // entity retries (the event id makes the retry a duplicate, never a second event).
         if !self.core.is_leader(group) {
