@@ -74,6 +74,7 @@ async fn take(
             customer_id,
             entity_id,
             subject,
+            claim,
         } => {
             core.propose(
                 META_GROUP,
@@ -81,6 +82,7 @@ async fn take(
                     entity_id,
                     subject,
                     customer_id,
+                    claim,
                 },
             )
             .await?;

@@ -454,17 +454,19 @@ async fn link(
     }
     core.entity_required(&req.entity_id).await?;
     let now = custos_api::types::unix_now_ms();
+    // The subject is claimed in the meta group's routing index first, then linked here; the
+    // intent recorded before either step lets the intent worker finish (or undo) a linking
+    // this call leaves half done. Its id names the claim.
+    let intent_id = format!("int_{}", uuid::Uuid::now_v7().simple());
     let record = LinkRecord {
         entity_id: req.entity_id,
         subject: req.subject,
         linked_ms: now,
         sealed_token,
+        claim: intent_id.clone(),
     };
-    // The subject is claimed in the meta group's routing index first, then linked here; the
-    // intent recorded before either step lets the intent worker finish (or undo) a linking
-    // this call leaves half done.
     let intent = IntentRecord {
-        id: format!("int_{}", uuid::Uuid::now_v7().simple()),
+        id: intent_id,
         at_ms: now,
         step: IntentStep::ClaimSubject {
             customer_id: customer.to_owned(),
@@ -496,6 +498,7 @@ async fn finish_claim(
                 entity_id: link.entity_id.clone(),
                 subject: link.subject.clone(),
                 customer_id: customer.to_owned(),
+                claim: intent.id.clone(),
             },
         )
         .await;
@@ -542,6 +545,7 @@ async fn finish_claim(
                             entity_id: link.entity_id,
                             subject: link.subject,
                             customer_id: customer.to_owned(),
+                            claim: link.claim,
                         },
                     )
                     .await;

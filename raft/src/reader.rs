@@ -147,7 +147,9 @@ impl StateReader {
         entity: &str,
         subject: &str,
     ) -> Result<Option<String>, StoreError> {
-        self.get(&keys::key2(self.space(), keys::SUBJECT, entity, subject))
+        Ok(self
+            .get::<SubjectClaim>(&keys::key2(self.space(), keys::SUBJECT, entity, subject))?
+            .map(|h| h.customer_id))
     }
 
     /// A customer's links, by entity id.

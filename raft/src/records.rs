@@ -166,6 +166,20 @@ pub struct LinkRecord {
     pub linked_ms: i64,
     /// The entity's access token from OAuth linking, sealed (AES-256-GCM) by the node.
     pub sealed_token: Option<Vec<u8>>,
+    /// The claim its subject holds in the meta group's routing index (the id of the intent
+    /// that made the link): the unlink releases exactly this claim, never a newer one.
+    pub claim: String,
+}
+
+/// Who holds (entity, subject) in the meta group's routing index, and under which claims.
+/// Each linking adds its own claim and each unlink (or abandoned linking) removes its own, so
+/// a release that arrives late never takes the subject from a newer linking.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubjectClaim {
+    /// The customer.
+    pub customer_id: String,
+    /// The live claims (intent ids); the entry goes when the last one is released.
+    pub claims: Vec<String>,
 }
 
 impl LinkRecord {
@@ -689,7 +703,7 @@ pub enum IntentStep {
         /// The link to make once claimed.
         link: LinkRecord,
     },
-    /// Release (entity, subject) in the meta group if the customer still holds it.
+    /// Release one claim on (entity, subject) in the meta group.
     ReleaseSubject {
         /// Customer id.
         customer_id: String,
@@ -697,6 +711,8 @@ pub enum IntentStep {
         entity_id: String,
         /// Subject.
         subject: String,
+        /// The claim released.
+        claim: String,
     },
     /// Claim the email for the account in the meta group, then create its customer.
     ClaimEmail {
@@ -774,8 +790,10 @@ pub enum StateChange {
         subject: String,
         /// Customer id.
         customer_id: String,
+        /// The claim (the linking intent's id).
+        claim: String,
     },
-    /// Release (entity, subject) if the customer holds it.
+    /// Release one claim on (entity, subject); the subject is free once none is left.
     ReleaseSubject {
         /// Entity id.
         entity_id: String,
@@ -783,6 +801,8 @@ pub enum StateChange {
         subject: String,
         /// Customer id.
         customer_id: String,
+        /// The claim released.
+        claim: String,
     },
     /// Claim an email for a portal account (refused if another customer holds it).
     ClaimEmail(AccountRecord),

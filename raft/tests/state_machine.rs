@@ -85,6 +85,7 @@ fn link(customer: &str, entity: &str, subject: &str) -> StateChange {
             subject: subject.into(),
             linked_ms: 10,
             sealed_token: None,
+            claim: format!("int_{customer}_{entity}"),
         },
         intent: None,
     }
@@ -212,40 +213,53 @@ async fn the_meta_group_gives_a_subject_and_an_email_to_one_customer() -> anyhow
     let mut m = store(0)?;
     m.apply(vec![StateChange::RegisterEntity(entity("airline"))])
         .await?;
-    let claim = |c: &str, subject: &str| StateChange::ClaimSubject {
+    let claim = |c: &str, subject: &str, id: &str| StateChange::ClaimSubject {
         entity_id: "airline".into(),
         subject: subject.into(),
         customer_id: c.into(),
+        claim: id.into(),
+    };
+    let release = |c: &str, id: &str| StateChange::ReleaseSubject {
+        entity_id: "airline".into(),
+        subject: "ff".into(),
+        customer_id: c.into(),
+        claim: id.into(),
     };
     let out = m
         .apply(vec![
-            claim("c1", "ff"),
-            claim("c1", "ff"),
-            claim("c2", "ff"),
+            claim("c1", "ff", "int_a"),
+            claim("c1", "ff", "int_a"),
+            claim("c2", "ff", "int_x"),
         ])
         .await?;
     assert_eq!(out[0], ChangeOutcome::Done);
     assert_eq!(out[1], ChangeOutcome::Done, "claiming again is idempotent");
     assert!(rejected(&out[2], ErrorCode::Conflict));
     // Only the holder releases.
-    m.apply(vec![StateChange::ReleaseSubject {
-        entity_id: "airline".into(),
-        subject: "ff".into(),
-        customer_id: "c2".into(),
-    }])
-    .await?;
+    m.apply(vec![release("c2", "int_a")]).await?;
     assert_eq!(
         m.reader.customer_for_subject("airline", "ff")?.as_deref(),
         Some("c1")
     );
-    m.apply(vec![StateChange::ReleaseSubject {
-        entity_id: "airline".into(),
-        subject: "ff".into(),
-        customer_id: "c1".into(),
-    }])
-    .await?;
+    // A newer linking of the same subject holds its own claim: the older one's release (an
+    // unlink's, arriving late) leaves it held.
+    m.apply(vec![claim("c1", "ff", "int_b"), release("c1", "int_a")])
+        .await?;
+    assert_eq!(
+        m.reader.customer_for_subject("airline", "ff")?.as_deref(),
+        Some("c1")
+    );
+    m.apply(vec![release("c1", "int_b")]).await?;
     assert!(m.reader.customer_for_subject("airline", "ff")?.is_none());
-    let out = m.apply(vec![claim("c1", "unknown-entity-subject")]).await?;
+    let out = m.apply(vec![claim("c2", "ff", "int_x")]).await?;
+    assert_eq!(
+        out[0],
+        ChangeOutcome::Done,
+        "free again once every claim went"
+    );
+    let out = m
+        .apply(vec![claim("c1", "unknown-entity-subject", "int_c")])
+        .await?;
     assert_eq!(out[0], ChangeOutcome::Done);
     let account = |c: &str| AccountRecord {
         email: "a@example.com".into(),
@@ -284,6 +298,7 @@ async fn an_intent_fences_the_step_that_completes_it() -> anyhow::Result<()> {
                 subject: "ff".into(),
                 linked_ms: 1,
                 sealed_token: None,
+                claim: "int_gone".into(),
             },
             intent: Some("int_gone".into()),
         }])
@@ -490,6 +505,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
                 subject: "ff2".into(),
                 linked_ms: 10,
                 sealed_token: Some(vec![9; 40]),
+                claim: "int_c2".into(),
             },
             intent: None,
         },
@@ -616,5 +632,94 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
         &i.step,
         IntentStep::ReleaseEmail { email, .. } if email == "two@example.com"
     )));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_last_linking_or_unlinking_wins_over_one_left_unfinished() -> anyhow::Result<()> {
+    let mut s = store(2)?;
+    s.apply(vec![StateChange::CreateCustomer {
+        customer: customer("c1", None),
+        intent: None,
+    }])
+    .await?;
+    let begin = |id: &str, subject: &str| {
+        StateChange::BeginIntent(IntentRecord {
+            id: id.into(),
+            at_ms: 5,
+            step: IntentStep::ClaimSubject {
+                customer_id: "c1".into(),
+                link: LinkRecord {
+                    entity_id: "car".into(),
+                    subject: subject.into(),
+                    linked_ms: 5,
+                    sealed_token: None,
+                    claim: id.into(),
+                },
+            },
+        })
+    };
+    let finish = |id: &str, subject: &str| StateChange::Link {
+        customer_id: "c1".into(),
+        link: LinkRecord {
+            entity_id: "car".into(),
+            subject: subject.into(),
+            linked_ms: 6,
+            sealed_token: None,
+            claim: id.into(),
+        },
+        intent: Some(id.into()),
+    };
+    let unlink = StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "car".into(),
+        at_ms: 7,
+    };
+    let releases = |s: &Store| -> anyhow::Result<Vec<String>> {
+        let mut claims: Vec<String> = s
+            .reader
+            .intents(100)?
+            .into_iter()
+            .filter_map(|i| match i.step {
+                IntentStep::ReleaseSubject { claim, .. } => Some(claim),
+                _ => None,
+            })
+            .collect();
+        claims.sort();
+        Ok(claims)
+    };
+    // A linking whose call timed out, then an unlink: the unlink cancels it (and answers
+    // done, though nothing was linked yet), so finishing it later links nothing.
+    s.apply(vec![begin("int_a", "s1")]).await?;
+    let out = s.apply(vec![unlink.clone()]).await?;
+    assert_eq!(out[0], ChangeOutcome::Done);
+    assert_eq!(releases(&s)?, vec!["int_a".to_owned()]);
+    let out = s.apply(vec![finish("int_a", "s1")]).await?;
+    assert!(rejected(&out[0], ErrorCode::NotFound), "{out:?}");
+    assert!(s.reader.links("c1")?.is_empty());
+    // With nothing linked or under way, an unlink is a 404.
+    for i in s.reader.intents(100)? {
+        s.apply(vec![StateChange::EndIntent { id: i.id }]).await?;
+    }
+    let out = s.apply(vec![unlink.clone()]).await?;
+    assert!(rejected(&out[0], ErrorCode::NotFound), "{out:?}");
+    // Two linkings under way: the one that finishes abandons the other, and a relink releases
+    // the old link's own claim.
+    s.apply(vec![begin("int_b", "s1"), begin("int_c", "s2")])
+        .await?;
+    s.apply(vec![finish("int_c", "s2")]).await?;
+    assert_eq!(releases(&s)?, vec!["int_b".to_owned()]);
+    let out = s.apply(vec![finish("int_b", "s1")]).await?;
+    assert!(rejected(&out[0], ErrorCode::NotFound));
+    assert_eq!(s.reader.links("c1")?[0].subject, "s2");
+    s.apply(vec![begin("int_d", "s3"), finish("int_d", "s3")])
+        .await?;
+    assert_eq!(releases(&s)?, vec!["int_b".to_owned(), "int_c".to_owned()]);
+    s.apply(vec![unlink]).await?;
+    assert_eq!(
+        releases(&s)?,
+        vec!["int_b".to_owned(), "int_c".to_owned(), "int_d".to_owned()]
+    );
+    assert!(s.reader.links("c1")?.is_empty());
     Ok(())
 }

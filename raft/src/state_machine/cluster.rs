@@ -139,22 +139,25 @@ impl Tx<'_> {
         entity_id: &str,
         subject: &str,
         customer_id: &str,
+        claim: &str,
     ) -> Result<ChangeOutcome, StoreError> {
         if !self.exists(&self.k(keys::ENTITY, entity_id.as_bytes()))? {
             return Ok(not_found("entity", entity_id));
         }
         let key = self.k2(keys::SUBJECT, entity_id, subject);
-        match self.get::<String>(&key)? {
-            Some(owner) if owner != customer_id => Ok(ChangeOutcome::rejected(
+        let mut held = self.get::<SubjectClaim>(&key)?.unwrap_or_default();
+        if !held.claims.is_empty() && held.customer_id != customer_id {
+            return Ok(ChangeOutcome::rejected(
                 ErrorCode::Conflict,
                 "that subject is linked to another customer at this entity",
-            )),
-            Some(_) => Ok(ChangeOutcome::Done),
-            None => {
-                self.put(key, &customer_id.to_owned())?;
-                Ok(ChangeOutcome::Done)
-            }
+            ));
         }
+        if !held.claims.iter().any(|c| c == claim) {
+            held.customer_id = customer_id.to_owned();
+            held.claims.push(claim.to_owned());
+            self.put(key, &held)?;
+        }
+        Ok(ChangeOutcome::Done)
     }
 
     pub(crate) fn release_subject(
@@ -162,10 +165,19 @@ impl Tx<'_> {
         entity_id: &str,
         subject: &str,
         customer_id: &str,
+        claim: &str,
     ) -> Result<ChangeOutcome, StoreError> {
         let key = self.k2(keys::SUBJECT, entity_id, subject);
-        if self.get::<String>(&key)?.as_deref() == Some(customer_id) {
-            self.delete(key);
+        let Some(mut held) = self.get::<SubjectClaim>(&key)? else {
+            return Ok(ChangeOutcome::Done);
+        };
+        if held.customer_id == customer_id {
+            held.claims.retain(|c| c != claim);
+            if held.claims.is_empty() {
+                self.delete(key);
+            } else {
+                self.put(key, &held)?;
+            }
         }
         Ok(ChangeOutcome::Done)
     }

@@ -83,20 +83,22 @@ impl Tx<'_> {
             return Ok(not_found("linking", "in progress"));
         }
         let link_key = self.k2(keys::LINK, &customer_id, &link.entity_id);
-        if let Some(old) = self.get::<LinkRecord>(&link_key)? {
-            if old.subject != link.subject {
-                // Linked again as someone else there: the old subject's claim goes.
-                self.new_intent(
-                    link.linked_ms,
-                    IntentStep::ReleaseSubject {
-                        customer_id: customer_id.clone(),
-                        entity_id: old.entity_id,
-                        subject: old.subject,
-                    },
-                )?;
-            }
-        }
         let at = link.linked_ms;
+        if let Some(old) = self.get::<LinkRecord>(&link_key)? {
+            // Linked again: the old link's claim goes (the new one holds its own).
+            self.new_intent(
+                at,
+                IntentStep::ReleaseSubject {
+                    customer_id: customer_id.clone(),
+                    entity_id: old.entity_id,
+                    subject: old.subject,
+                    claim: old.claim,
+                },
+            )?;
+        }
+        // The latest linking wins: one begun earlier and still unfinished is abandoned, so
+        // the intent worker cannot finish it over this one later.
+        self.abandon_claims(&customer_id, Some(&link.entity_id), at)?;
         let entity_id = link.entity_id.clone();
         self.put(link_key, &link)?;
         self.activity(&customer_id, at, &ActivityRecord::Linked { entity_id })?;
@@ -109,9 +111,16 @@ impl Tx<'_> {
         entity_id: &str,
         at_ms: i64,
     ) -> Result<ChangeOutcome, StoreError> {
+        // An unlink also cancels linkings of this entity still under way (a call that timed
+        // out): what the customer asked last wins, and the intent worker must not link later.
+        let abandoned = self.abandon_claims(customer_id, Some(entity_id), at_ms)?;
         let key = self.k2(keys::LINK, customer_id, entity_id);
         let Some(link) = self.get::<LinkRecord>(&key)? else {
-            return Ok(not_found("link", entity_id));
+            return Ok(if abandoned > 0 {
+                ChangeOutcome::Done
+            } else {
+                not_found("link", entity_id)
+            });
         };
         self.delete(key);
         self.new_intent(
@@ -120,6 +129,7 @@ impl Tx<'_> {
                 customer_id: customer_id.to_owned(),
                 entity_id: entity_id.to_owned(),
                 subject: link.subject,
+                claim: link.claim,
             },
         )?;
         self.activity(
@@ -130,6 +140,42 @@ impl Tx<'_> {
             },
         )?;
         Ok(ChangeOutcome::Done)
+    }
+
+    /// Turns the customer's unfinished linkings (of `entity`, or of any entity) into releases
+    /// of whatever they claimed; answers how many.
+    fn abandon_claims(
+        &mut self,
+        customer_id: &str,
+        entity: Option<&str>,
+        at_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let mut abandoned = 0;
+        for (k, v) in self.scan(&self.p(keys::INTENT))? {
+            let intent: IntentRecord = codec::decode(&v)?;
+            let IntentStep::ClaimSubject {
+                customer_id: c,
+                link,
+            } = intent.step
+            else {
+                continue;
+            };
+            if c != customer_id || entity.is_some_and(|e| e != link.entity_id) {
+                continue;
+            }
+            self.delete(k);
+            self.new_intent(
+                at_ms,
+                IntentStep::ReleaseSubject {
+                    customer_id: c,
+                    entity_id: link.entity_id,
+                    subject: link.subject,
+                    claim: intent.id,
+                },
+            )?;
+            abandoned += 1;
+        }
+        Ok(abandoned)
     }
 
     pub(crate) fn put_rule(
@@ -212,6 +258,7 @@ impl Tx<'_> {
                     customer_id: customer_id.to_owned(),
                     entity_id: link.entity_id,
                     subject: link.subject,
+                    claim: link.claim,
                 },
             )?;
         }
@@ -245,24 +292,7 @@ impl Tx<'_> {
             }
         }
         // Claims under way become releases: the claim may already have been made.
-        for (k, v) in self.scan(&self.p(keys::INTENT))? {
-            let intent: IntentRecord = codec::decode(&v)?;
-            let release = match intent.step {
-                IntentStep::ClaimSubject {
-                    customer_id: c,
-                    link,
-                } if c == customer_id => Some(IntentStep::ReleaseSubject {
-                    customer_id: c,
-                    entity_id: link.entity_id,
-                    subject: link.subject,
-                }),
-                _ => None,
-            };
-            if let Some(step) = release {
-                self.delete(k);
-                self.new_intent(now, step)?;
-            }
-        }
+        self.abandon_claims(customer_id, None, now)?;
         if let Some(email) = customer.email {
             self.new_intent(
                 now,
