@@ -294,6 +294,10 @@ async fn shutdown_signal() {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything the node writes (RocksDB files, snapshots, tokens, secrets) is its owner's
+    // alone: password hashes, personal data and signing secrets live there.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let overrides = Overrides {
         node_id: args.node_id,
         data_dir: args.data_dir,

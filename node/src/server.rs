@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,16 +71,41 @@ impl Listeners {
     }
 }
 
+/// Where the admin token came from, for the start-up banner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminTokenSource {
+    /// `CUSTOS_ADMIN_TOKEN` or the config file: never printed.
+    Configured,
+    /// `<data_dir>/admin-token`, written at an earlier start: only its path is printed.
+    File(PathBuf),
+    /// Generated now and written there: printed this once, so a first run can be used at once.
+    Generated(PathBuf),
+}
+
+impl AdminTokenSource {
+    /// The banner line (without the token unless it was just generated).
+    pub fn banner(&self, token: &str) -> String {
+        match self {
+            Self::Configured => "from CUSTOS_ADMIN_TOKEN (or the config file)".into(),
+            Self::File(p) => format!("in {} (cat it; printed only when generated)", p.display()),
+            Self::Generated(p) => format!(
+                "{token}\n               (generated now, kept in {}; not printed again)",
+                p.display()
+            ),
+        }
+    }
+}
+
 /// Reads the admin token from config, then `<data_dir>/admin-token`, else generates one.
-pub fn admin_token(config: &Config) -> Result<String, NodeError> {
+pub fn admin_token(config: &Config) -> Result<(String, AdminTokenSource), NodeError> {
     if let Some(t) = config.admin_token.as_ref().filter(|t| !t.is_empty()) {
-        return Ok(t.clone());
+        return Ok((t.clone(), AdminTokenSource::Configured));
     }
     let path = config.data_dir.join("admin-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
         if !t.is_empty() {
-            return Ok(t);
+            return Ok((t, AdminTokenSource::File(path)));
         }
     }
     let token = format!(
@@ -91,7 +116,32 @@ pub fn admin_token(config: &Config) -> Result<String, NodeError> {
             .replace(['+', '/', '='], "")
     );
     write_private(&path, token.as_bytes())?;
-    Ok(token)
+    Ok((token, AdminTokenSource::Generated(path)))
+}
+
+/// Creates the data directory (0700), and takes away group and other access from anything
+/// already in it (a directory an earlier version left readable).
+pub fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                    let mode = meta.permissions().mode() & 0o700;
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes a file only its owner can read, atomically.
@@ -319,14 +369,14 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    std::fs::create_dir_all(&config.data_dir)?;
+    make_private_dir(&config.data_dir)?;
     let mut config = config;
     if config.peer_advertise.is_none() {
         // Port 0 (tests) or a wildcard bind: advertise what was actually bound.
         config.peer_advertise = Some(listeners.peer.local_addr()?.to_string());
     }
     let config = Arc::new(config);
-    let admin = admin_token(&config)?;
+    let (admin, admin_source) = admin_token(&config)?;
     let secret = cluster::cluster_secret(&config)?;
     let peer_ca = match &config.peer_tls.ca {
         Some(ca) => Some(read_pem(ca)?),
@@ -511,7 +561,7 @@ pub async fn run(
     println!("  portal       {public_url}/portal");
     println!("  peer port    {}", config.peer_address());
     println!("  data dir     {}", config.data_dir.display());
-    println!("  admin token  {admin}");
+    println!("  admin token  {}", admin_source.banner(&admin));
     if config.cluster_secret.is_none() {
         println!(
             "  cluster secret in {} (give it to joining nodes as CUSTOS_CLUSTER_SECRET)",

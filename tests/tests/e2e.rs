@@ -922,6 +922,35 @@ async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<
     assert_eq!(ready.leader, Some(1));
     let health = http.get(format!("{}/healthz", w.node.url)).send().await?;
     assert_eq!(health.status(), 200);
+    // The data directory and everything in it are the owner's alone, and a configured admin
+    // token is never printed.
+    let mut exposed = Vec::new();
+    let mut dirs = vec![w.node.data_dir.clone()];
+    while let Some(d) = dirs.pop() {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::metadata(&d)?.permissions().mode() & 0o077 != 0 {
+            exposed.push(d.clone());
+        }
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if meta.permissions().mode() & 0o077 != 0 {
+                exposed.push(entry.path());
+            }
+        }
+    }
+    assert!(exposed.is_empty(), "readable by others: {exposed:?}");
+    let log = w.node.log();
+    assert!(
+        log.contains("admin token  from CUSTOS_ADMIN_TOKEN"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(custos_tests::node::ADMIN_TOKEN),
+        "the admin token was printed"
+    );
     Ok(())
 }
 
