@@ -417,6 +417,8 @@ pub struct Core {
     pub wal: WalSyncer,
     /// The node's client for peers.
     pub peers: Peers,
+    /// The guarded client for every request to an entity.
+    pub outbound: crate::outbound::Outbound,
     /// The runtime Raft and the workers run on.
     pub rt: tokio::runtime::Handle,
     raft_config: Arc<openraft::Config>,
@@ -453,10 +455,12 @@ impl Core {
         node_id: NodeId,
         db: Arc<DB>,
         peers: Peers,
+        outbound: crate::outbound::Outbound,
         rt: tokio::runtime::Handle,
         raft_config: openraft::Config,
     ) -> Self {
         Core {
+            outbound,
             node_id,
             wal: WalSyncer::start(&db),
             db,

@@ -6,7 +6,6 @@
 //! not recorded (the node stopped mid-flight, or leadership moved and the new leader resumed
 //! from the outbox), and targets deduplicate on the id.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::DeliveryConfig;
 use crate::core::{CachedEntity, Core, Group};
+use crate::outbound::{error_chain, OutboundError};
 
 /// Why one attempt did not deliver.
 #[derive(Debug, thiserror::Error)]
@@ -41,74 +41,6 @@ pub enum DeliveryError {
     /// The target answered a non-2xx status.
     #[error("target answered {0}")]
     Status(u16),
-}
-
-/// True for addresses a delivery must not reach unless the operator allows private targets.
-pub fn is_forbidden(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            a.is_loopback()
-                || a.is_private()
-                || a.is_link_local()
-                || a.is_unspecified()
-                || a.is_broadcast()
-                || a.is_documentation()
-                || a.is_multicast()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
-                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
-                || o[0] >= 240
-        }
-        IpAddr::V6(a) => {
-            if let Some(v4) = a.to_ipv4_mapped() {
-                return is_forbidden(IpAddr::V4(v4));
-            }
-            let s = a.segments();
-            a.is_loopback()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        }
-    }
-}
-
-/// A DNS resolver that drops forbidden addresses, so a hostname cannot smuggle a delivery
-/// into the operator's network (checked at connect time, not only at registration).
-#[derive(Debug, Clone)]
-struct GuardedResolver;
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| !is_forbidden(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(Box::new(DeliveryError::ForbiddenAddress(host))
-                    as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
-/// Builds the HTTP client for deliveries: pooled connections, no redirects, the guard.
-pub fn http_client(cfg: &DeliveryConfig, allow_private: bool) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .timeout(Duration::from_secs_f64(cfg.timeout_secs))
-        .connect_timeout(Duration::from_secs_f64(cfg.timeout_secs.min(5.0)))
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(64)
-        .user_agent(concat!("custos/", env!("CARGO_PKG_VERSION")));
-    if !allow_private {
-        b = b.dns_resolver(Arc::new(GuardedResolver));
-    }
-    b.build().unwrap_or_default()
 }
 
 /// The wait before the attempt after attempt `attempts_made`, or `None` when exhausted.
@@ -162,7 +94,6 @@ pub fn command_body(rec: &OutboxRecord) -> Vec<u8> {
 struct Worker {
     core: Arc<Core>,
     group: Arc<Group>,
-    http: reqwest::Client,
     results: mpsc::UnboundedSender<DeliveryUpdate>,
 }
 
@@ -175,13 +106,11 @@ const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// on the Raft runtime.
 pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiver<bool>) {
     let cfg = core.config.delivery.clone();
-    let http = http_client(&cfg, core.config.allow_private_targets);
     let (tx, rx) = mpsc::unbounded_channel();
     let mut closed = group.stop.subscribe();
     let worker = Arc::new(Worker {
         core: core.clone(),
         group: group.clone(),
-        http,
         results: tx,
     });
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
@@ -424,19 +353,14 @@ async fn send(
     entity: &CachedEntity,
     rec: &OutboxRecord,
 ) -> Result<u16, (DeliveryError, Option<Duration>)> {
-    let url = url::Url::parse(&entity.record.command_url)
-        .map_err(|e| (DeliveryError::BadUrl(e.to_string()), None))?;
-    if !worker.core.config.allow_private_targets {
-        // IP literals skip the resolver, so check them here.
-        let literal = match url.host() {
-            Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
-            Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
-            _ => None,
-        };
-        if let Some(ip) = literal.filter(|ip| is_forbidden(*ip)) {
-            return Err((DeliveryError::ForbiddenAddress(ip.to_string()), None));
-        }
-    }
+    let request = worker
+        .core
+        .outbound
+        .post(&entity.record.command_url)
+        .map_err(|e| match e {
+            OutboundError::Forbidden(ip) => (DeliveryError::ForbiddenAddress(ip), None),
+            other => (DeliveryError::BadUrl(other.to_string()), None),
+        })?;
     let body = command_body(rec);
     let ts = webhook::unix_now();
     let now_ms = unix_now_ms();
@@ -447,9 +371,7 @@ async fn send(
         .map(|s| s.sign(&rec.command.id, ts, &body))
         .collect::<Vec<_>>()
         .join(" ");
-    let resp = worker
-        .http
-        .post(url)
+    let resp = request
         .header("content-type", CLOUDEVENTS_CONTENT_TYPE)
         .header(HEADER_ID, &rec.command.id)
         .header(HEADER_TIMESTAMP, ts.to_string())
@@ -458,12 +380,7 @@ async fn send(
         .send()
         .await
         .map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg = format!("{msg}: {s}");
-                src = s.source();
-            }
+            let msg = error_chain(&e);
             if msg.contains("is not allowed") {
                 (
                     DeliveryError::ForbiddenAddress(entity.record.command_url.clone()),
@@ -534,28 +451,6 @@ async fn disable_gone_endpoint(worker: &Worker, target: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn forbidden_addresses() {
-        for a in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(is_forbidden(a.parse().expect("ip")), "{a}");
-        }
-        for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
-            assert!(!is_forbidden(a.parse().expect("ip")), "{a}");
-        }
-    }
 
     #[test]
     fn schedule_with_jitter_and_retry_after() {

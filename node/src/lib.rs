@@ -21,6 +21,7 @@
 //! - [`rules`]: CEL conditions and mappings, indexed by (source entity, event type).
 //! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
 //! - [`delivery`]: one outbox worker per data group: signed POSTs, retries, SSRF guard.
+//! - [`outbound`]: the one guarded HTTP client for every request the vault makes.
 //! - [`intents`]: finishes operations spanning groups that a call or a crash left half done.
 //! - [`entity_sim`]: `custos entity-sim`, a reference entity (OAuth server, command receiver).
 //! - [`error`]: the service error, mapped once to problem+json.
@@ -37,6 +38,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod intents;
+pub mod outbound;
 pub mod peer;
 pub mod portal;
 pub mod profile;

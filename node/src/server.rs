@@ -44,6 +44,9 @@ pub enum NodeError {
     /// Token sealing keys.
     #[error("portal: {0}")]
     Seal(#[from] crate::seal::SealError),
+    /// The outbound client and its guard.
+    #[error("{0}")]
+    Outbound(#[from] crate::outbound::OutboundError),
     /// Joining or forming the cluster.
     #[error("cluster: {0}")]
     Cluster(String),
@@ -409,11 +412,16 @@ pub async fn run(
             .await
             .map_err(|e| NodeError::Cluster(e.to_string()))??
     };
+    let outbound = crate::outbound::Outbound::new(
+        Duration::from_secs_f64(config.delivery.timeout_secs),
+        config.allow_private_targets,
+    )?;
     let core = Arc::new(Core::new(
         config.clone(),
         id,
         db.clone(),
         peers.clone(),
+        outbound,
         raft_rt.handle().clone(),
         raft_config(&config)?,
     ));

@@ -74,12 +74,22 @@ fn delay_rule() -> RuleSpec {
 }
 
 async fn world_with(options: NodeOptions, hotel_rx: Receiver) -> anyhow::Result<World> {
+    // Without private targets, loopback IP literals are refused when registered: register the
+    // loopback receivers by a name instead (the resolver's guard then refuses to deliver).
+    let private = options.allow_private_targets;
+    let by_name = |u: &str| {
+        if private {
+            u.to_owned()
+        } else {
+            u.replace("127.0.0.1", "localhost")
+        }
+    };
     let node = Node::start(options).await?;
     let admin = node.admin();
     let airline = register(
         &admin,
         "airline",
-        "http://127.0.0.1:9/unused",
+        &by_name("http://127.0.0.1:9/unused"),
         vec![
             type_spec(
                 "flight.delayed",
@@ -94,7 +104,7 @@ async fn world_with(options: NodeOptions, hotel_rx: Receiver) -> anyhow::Result<
     let hotel = register(
         &admin,
         "hotel",
-        &hotel_rx.url,
+        &by_name(&hotel_rx.url),
         vec![],
         vec![type_spec(
             "room.hold",
@@ -107,7 +117,7 @@ async fn world_with(options: NodeOptions, hotel_rx: Receiver) -> anyhow::Result<
     let car = register(
         &admin,
         "car-rental",
-        "http://127.0.0.1:9/unused",
+        &by_name("http://127.0.0.1:9/unused"),
         vec![type_spec("car.returned", None)],
         vec![],
     )
@@ -489,6 +499,37 @@ async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
         w.hotel_rx.received().is_empty(),
         "nothing reached the loopback receiver"
     );
+    // IP literals skip the resolver: they are refused when registered, for every URL the
+    // vault itself requests (commands, OAuth token and revocation).
+    for (command_url, token_url) in [
+        (
+            "http://169.254.169.254/latest/meta-data",
+            "https://bank.example/token",
+        ),
+        ("http://[::ffff:127.0.0.1]:9/", "https://bank.example/token"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "https://bank.example/token"),
+        ("https://bank.example/commands", "http://10.0.0.1/token"),
+    ] {
+        let err = w
+            .node
+            .admin()
+            .register_entity(&RegisterEntity {
+                id: "metadata".into(),
+                name: "Metadata".into(),
+                command_url: command_url.into(),
+                event_types: vec![],
+                command_types: vec![],
+                oauth: Some(OAuthEndpoints {
+                    authorize_url: "https://bank.example/authorize".into(),
+                    token_url: token_url.into(),
+                    client_id: "custos".into(),
+                    revoke_url: None,
+                }),
+            })
+            .await
+            .expect_err("a forbidden address was registered");
+        assert_eq!(err.code(), Some(ErrorCode::InvalidField), "{err}");
+    }
     Ok(())
 }
 

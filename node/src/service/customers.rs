@@ -12,6 +12,10 @@ use custos_raft::{ChangeOutcome, StateChange};
 use super::{check_id, sha256, unexpected, Vault, CUSTOMER_TOKEN_PREFIX};
 use crate::error::ServiceError;
 use crate::forward::slot_of_token;
+use crate::outbound::{error_chain, read_capped};
+
+/// The largest token endpoint answer read (a token answer is a few KiB at most).
+const MAX_TOKEN_ANSWER: usize = 64 * 1024;
 use crate::profile::{ProfileReply, ProfileRequest};
 
 /// A linking finished through OAuth.
@@ -154,9 +158,14 @@ impl Vault {
         let Some(url) = oauth.revoke_url.as_deref() else {
             return;
         };
-        let sent = self
-            .oauth_http
-            .post(url)
+        let request = match self.core.outbound.post(url) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(entity = %entity_id, error = %e, "revocation not sent");
+                return;
+            }
+        };
+        let sent = request
             .form(&[
                 ("token", token.as_str()),
                 ("token_type_hint", "access_token"),
@@ -171,7 +180,9 @@ impl Vault {
             Ok(r) => {
                 tracing::warn!(entity = %entity_id, status = %r.status(), "revocation refused")
             }
-            Err(e) => tracing::warn!(entity = %entity_id, error = %e, "revocation failed"),
+            Err(e) => {
+                tracing::warn!(entity = %entity_id, error = %error_chain(&e), "revocation failed")
+            }
         }
     }
 
@@ -276,9 +287,21 @@ impl Vault {
                 "the entity no longer links through OAuth",
             ));
         };
-        let resp = self
-            .oauth_http
+        // What went wrong on the way is logged, not told: the customer learns only that the
+        // entity could not be reached (no oracle for probing the operator's network).
+        let unreachable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(entity = %pending.entity_id, error = %e, "token endpoint unreachable");
+            ServiceError::refused(
+                ErrorCode::Unavailable,
+                "the entity's token endpoint could not be reached; try again later",
+            )
+        };
+        let request = self
+            .core
+            .outbound
             .post(&oauth.token_url)
+            .map_err(|e| unreachable(&e))?;
+        let resp = request
             .form(&[
                 ("grant_type", "authorization_code"),
                 ("code", code),
@@ -288,11 +311,12 @@ impl Vault {
             ])
             .send()
             .await
-            .map_err(|e| {
-                ServiceError::refused(ErrorCode::Unavailable, format!("token endpoint: {e}"))
-            })?;
+            .map_err(|e| unreachable(&error_chain(&e)))?;
         let status = resp.status();
-        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let body: serde_json::Value = read_capped(resp, MAX_TOKEN_ANSWER)
+            .await
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         if !status.is_success() {
             return Err(ServiceError::refused(
                 ErrorCode::Forbidden,

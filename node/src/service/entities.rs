@@ -7,14 +7,15 @@ use custos_api::webhook::Secret;
 use custos_raft::records::{EntityRecord, OAuthRecord, TypeRecord};
 use custos_raft::{StateChange, META_GROUP};
 
-use super::{check_id, check_name, check_url, Vault};
+use super::{check_id, check_name, check_outbound_url, check_url, Vault};
 use crate::core::compile_schema;
 use crate::error::ServiceError;
+use crate::outbound::Outbound;
 
 impl Vault {
     /// Registers an entity and issues its signing secret.
     pub async fn register_entity(&self, req: RegisterEntity) -> Result<Entity, ServiceError> {
-        validate_entity(&req)?;
+        validate_entity(&req, &self.core.outbound)?;
         let now = unix_now_ms();
         let types = |ts: &[TypeSpec]| {
             ts.iter()
@@ -54,7 +55,7 @@ impl Vault {
             check_name("name", n)?;
         }
         if let Some(u) = &req.command_url {
-            check_url("command_url", u)?;
+            check_outbound_url(&self.core.outbound, "command_url", u)?;
         }
         self.core
             .propose(
@@ -106,15 +107,16 @@ impl Vault {
     }
 }
 
-fn validate_entity(req: &RegisterEntity) -> Result<(), ServiceError> {
+fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), ServiceError> {
     check_id("id", &req.id)?;
     check_name("name", &req.name)?;
-    check_url("command_url", &req.command_url)?;
+    check_outbound_url(outbound, "command_url", &req.command_url)?;
     if let Some(o) = &req.oauth {
+        // The customer's browser opens the authorize URL; the vault requests the other two.
         check_url("oauth.authorize_url", &o.authorize_url)?;
-        check_url("oauth.token_url", &o.token_url)?;
+        check_outbound_url(outbound, "oauth.token_url", &o.token_url)?;
         if let Some(r) = &o.revoke_url {
-            check_url("oauth.revoke_url", r)?;
+            check_outbound_url(outbound, "oauth.revoke_url", r)?;
         }
         if o.client_id.is_empty() || o.client_id.len() > 256 {
             return Err(ServiceError::invalid(
@@ -185,22 +187,40 @@ mod tests {
     }
 
     #[test]
-    fn entity_validation() {
-        assert!(validate_entity(&entity()).is_ok());
+    fn entity_validation() -> Result<(), crate::outbound::OutboundError> {
+        let guarded = Outbound::new(std::time::Duration::from_secs(1), false)?;
+        let check = |e: &RegisterEntity| validate_entity(e, &guarded);
+        assert!(check(&entity()).is_ok());
         let mut e = entity();
         e.command_url = "ftp://x".into();
-        assert!(validate_entity(&e).is_err());
+        assert!(check(&e).is_err());
         let mut e = entity();
         e.command_url = "https://user:pw@x.example/".into();
-        assert!(validate_entity(&e).is_err());
+        assert!(check(&e).is_err());
         let mut e = entity();
         e.command_types[0].schema = Some(serde_json::json!({"type": 12}));
-        assert!(validate_entity(&e).is_err());
+        assert!(check(&e).is_err());
         let mut e = entity();
         e.command_types.push(e.command_types[0].clone());
-        assert!(validate_entity(&e).is_err());
+        assert!(check(&e).is_err());
         let mut e = entity();
         e.id = "has space".into();
-        assert!(validate_entity(&e).is_err());
+        assert!(check(&e).is_err());
+        // Addresses the vault must not request are refused when registered...
+        let mut e = entity();
+        e.command_url = "http://169.254.169.254/latest/meta-data".into();
+        assert!(check(&e).is_err());
+        let mut e = entity();
+        e.oauth = Some(OAuthEndpoints {
+            authorize_url: "https://bank.example/authorize".into(),
+            token_url: "http://[::ffff:127.0.0.1]:8080/token".into(),
+            revoke_url: None,
+            client_id: "custos".into(),
+        });
+        assert!(check(&e).is_err());
+        // ...unless the operator allows private targets.
+        let open = Outbound::new(std::time::Duration::from_secs(1), true)?;
+        assert!(validate_entity(&e, &open).is_ok());
+        Ok(())
     }
 }

@@ -56,8 +56,6 @@ pub struct Vault {
     served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
     /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`).
     callback_url: Arc<str>,
-    /// For OAuth token exchanges: no redirects, and the delivery SSRF guard.
-    oauth_http: reqwest::Client,
     /// Seals entities' access tokens at rest (loaded from the meta group on first use).
     seal: Arc<std::sync::OnceLock<Arc<crate::seal::KeyRing>>>,
     /// Opens the cluster's sealed token keys.
@@ -92,14 +90,11 @@ impl Vault {
         public_url: &str,
         cluster_secret: String,
     ) -> Self {
-        let oauth_http =
-            crate::delivery::http_client(&core.config.delivery, core.config.allow_private_targets);
         Vault {
             callback_url: Arc::from(format!(
                 "{}/v1/oauth/callback",
                 public_url.trim_end_matches('/')
             )),
-            oauth_http,
             seal: Arc::new(std::sync::OnceLock::new()),
             cluster_secret: cluster_secret.into(),
             core,
@@ -243,6 +238,21 @@ fn check_name(field: &str, name: &str) -> Result<(), ServiceError> {
         ));
     }
     Ok(())
+}
+
+/// [`check_url`], for a URL the vault itself will request: also refused when it names an
+/// address the outbound guard forbids (e.g. `http://169.254.169.254/`), so it is not accepted
+/// now only to fail at every attempt.
+fn check_outbound_url(
+    outbound: &crate::outbound::Outbound,
+    field: &str,
+    u: &str,
+) -> Result<(), ServiceError> {
+    check_url(field, u)?;
+    outbound
+        .check(u)
+        .map(|_| ())
+        .map_err(|e| ServiceError::invalid(field, e))
 }
 
 fn check_url(field: &str, u: &str) -> Result<(), ServiceError> {
