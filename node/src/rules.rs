@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cel::{Context, Program, Value as CelValue};
+use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
+use cel::common::value::CelVal;
+use cel::{Context, IdedExpr, Program, Value as CelValue};
 use custos_api::limits::{MAX_EXPR_LEN, MAX_MAPPING_DEPTH, MAX_MAPPING_FIELDS};
 use custos_api::CloudEvent;
 use custos_raft::records::RuleRecord;
@@ -34,6 +36,16 @@ pub enum EvalError {
     /// The condition did not yield a boolean.
     #[error("condition yielded {0}, not a bool")]
     NotBool(String),
+    /// The rule would cost more than the budget on this event (estimated before running).
+    #[error(
+        "not evaluated: it could cost {estimate} steps on this event, over the budget of {budget}"
+    )]
+    OverBudget {
+        /// The estimate.
+        estimate: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// A mapping expression failed.
     #[error("then.data.{path}: {message}")]
     Mapping {
@@ -60,6 +72,238 @@ pub struct CompiledRule {
     pub record: RuleRecord,
     condition: Option<Program>,
     mapping: Mapping,
+    /// The longest collection or string in an event this rule stays within the budget for.
+    max_collection: u64,
+}
+
+// ---- cost bounds --------------------------------------------------------------------------
+//
+// CEL written by customers runs on the vault's threads, and the interpreter has no step
+// counter. So every expression is bounded before it runs: its shape when it is saved (depth,
+// size, comprehensions nested), and its cost on each event, estimated from the expression and
+// the largest collection or string in the event. The estimate is an upper bound of the
+// interpreter's work (one unit per node evaluated, plus one per element copied or scanned by
+// `+`, `in`, `contains`, `matches`...): a rule whose estimate is over the budget is not run.
+
+/// Operator characters allowed in one expression, counted before parsing: the parser
+/// recurses per operator, so this bounds its stack whatever the input.
+pub const MAX_OPERATORS: usize = 256;
+/// Brackets (`(`, `[`, `{`) open at once, counted before parsing: the parser recurses
+/// through a dozen grammar rules per bracket.
+pub const MAX_BRACKETS: usize = 24;
+/// The deepest expression tree (evaluation recurses once per level).
+pub const MAX_EXPR_DEPTH: usize = 48;
+/// The most comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) nested in one another.
+pub const MAX_COMPREHENSION_NESTING: usize = 2;
+/// Cost units one rule may spend on one event (condition and mapping together): a few tens
+/// of milliseconds of interpreter work at most.
+pub const EVAL_BUDGET: u64 = 10_000_000;
+/// The collection size a rule is priced at when saved: a rule over the budget even on small
+/// events is refused then, with the reason.
+pub const SAVE_TIME_COLLECTION: u64 = 100;
+
+/// Counts operator characters, a bound on the parser's recursion.
+fn operator_count(src: &str) -> usize {
+    src.bytes()
+        .filter(|b| b"+-*/%<>=!&|?:.[({,".contains(b))
+        .count()
+}
+
+/// The most brackets open at once in the source (strings included: a bound, not a parse).
+fn bracket_depth(src: &str) -> usize {
+    let (mut open, mut deepest) = (0usize, 0usize);
+    for b in src.bytes() {
+        match b {
+            b'(' | b'[' | b'{' => {
+                open += 1;
+                deepest = deepest.max(open);
+            }
+            b')' | b']' | b'}' => open = open.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// The depth of an expression tree, walked without recursion (it is not yet bounded).
+fn depth(root: &IdedExpr) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((e, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        for child in children(e) {
+            stack.push((child, d + 1));
+        }
+    }
+    deepest
+}
+
+fn children(e: &IdedExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        Expr::Call(c) => c
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(c.args.iter())
+            .collect(),
+        Expr::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Expr::List(l) => l.elements.iter().collect(),
+        Expr::Map(m) => m.entries.iter().flat_map(entry_children).collect(),
+        Expr::Struct(s) => s.entries.iter().flat_map(entry_children).collect(),
+        Expr::Select(s) => vec![&s.operand],
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => vec![],
+    }
+}
+
+fn entry_children(e: &IdedEntryExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        EntryExpr::MapEntry(m) => vec![&m.key, &m.value],
+        EntryExpr::StructField(f) => vec![&f.value],
+    }
+}
+
+/// The variables comprehensions bind (`x` in `data.items.exists(x, ...)`).
+fn bound_variables(root: &IdedExpr) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(e) = stack.pop() {
+        if let Expr::Comprehension(c) = &e.expr {
+            out.push(c.iter_var.as_str());
+            out.extend(c.iter_var2.as_deref());
+            out.push(c.accu_var.as_str());
+        }
+        stack.extend(children(e));
+    }
+    out
+}
+
+/// Comprehensions nested in one another (a comprehension's range is not inside it).
+fn nesting(e: &IdedExpr) -> usize {
+    match &e.expr {
+        Expr::Comprehension(c) => {
+            let body = [&c.accu_init, &c.loop_cond, &c.loop_step, &c.result]
+                .into_iter()
+                .map(nesting)
+                .max()
+                .unwrap_or(0);
+            nesting(&c.iter_range).max(1 + body)
+        }
+        _ => children(e).into_iter().map(nesting).max().unwrap_or(0),
+    }
+}
+
+/// An upper bound of the length of what `e` yields (list, map or string), given that no
+/// collection or string in the event is longer than `n`.
+fn size_bound(e: &IdedExpr, n: u64) -> u64 {
+    match &e.expr {
+        Expr::Literal(CelVal::String(s)) => s.len() as u64,
+        Expr::Literal(_) => 1,
+        Expr::List(l) => l.elements.len() as u64,
+        Expr::Map(m) => m.entries.len() as u64,
+        Expr::Call(c) if c.func_name == "_+_" => c
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(c.args.iter())
+            .map(|a| size_bound(a, n))
+            .fold(0u64, u64::saturating_add),
+        Expr::Comprehension(c) => size_bound(&c.iter_range, n).max(n),
+        _ => n,
+    }
+}
+
+/// An upper bound of the interpreter's work for `e`, given that no collection or string in
+/// the event is longer than `n`.
+fn cost(e: &IdedExpr, n: u64) -> u64 {
+    match &e.expr {
+        Expr::Comprehension(c) => {
+            let per_element = cost(&c.loop_cond, n).saturating_add(cost(&c.loop_step, n));
+            cost(&c.iter_range, n)
+                .saturating_add(cost(&c.accu_init, n))
+                .saturating_add(size_bound(&c.iter_range, n).saturating_mul(per_element))
+                .saturating_add(cost(&c.result, n))
+        }
+        Expr::Call(call) => {
+            let operands: Vec<&IdedExpr> = call
+                .target
+                .as_deref()
+                .into_iter()
+                .chain(call.args.iter())
+                .collect();
+            // Functions that copy or scan their operands cost their length.
+            let scans = matches!(
+                call.func_name.as_str(),
+                "_+_"
+                    | "@in"
+                    | "contains"
+                    | "startsWith"
+                    | "endsWith"
+                    | "matches"
+                    | "string"
+                    | "_==_"
+                    | "_!=_"
+            );
+            let mut total = 1u64;
+            for o in operands {
+                total = total.saturating_add(cost(o, n));
+                if scans {
+                    total = total.saturating_add(size_bound(o, n));
+                }
+            }
+            total
+        }
+        _ => children(e)
+            .into_iter()
+            .map(|c| cost(c, n))
+            .fold(1u64, u64::saturating_add),
+    }
+}
+
+fn mapping_programs<'a>(m: &'a Mapping, out: &mut Vec<&'a Program>) {
+    match m {
+        Mapping::Expr(p) => out.push(p),
+        Mapping::Object(fields) => fields.iter().for_each(|(_, f)| mapping_programs(f, out)),
+        Mapping::Array(items) => items.iter().for_each(|i| mapping_programs(i, out)),
+        Mapping::Constant(_) => {}
+    }
+}
+
+/// The cost of all of a rule's expressions on an event whose collections are at most `n` long.
+fn rule_cost(programs: &[&Program], n: u64) -> u64 {
+    programs
+        .iter()
+        .map(|p| cost(p.expression(), n))
+        .fold(0, u64::saturating_add)
+}
+
+/// The longest list, map or string anywhere in `v` (at least 1).
+fn largest_collection(v: &Value) -> u64 {
+    let mut largest = 1u64;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) => largest = largest.max(s.len() as u64),
+            Value::Array(items) => {
+                largest = largest.max(items.len() as u64);
+                stack.extend(items.iter());
+            }
+            Value::Object(map) => {
+                largest = largest.max(map.len() as u64);
+                for (k, v) in map {
+                    largest = largest.max(k.len() as u64);
+                    stack.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    largest
 }
 
 fn compile_expr(field: &str, src: &str) -> Result<Program, RuleError> {
@@ -72,6 +316,14 @@ fn compile_expr(field: &str, src: &str) -> Result<Program, RuleError> {
     }
     if src.len() > MAX_EXPR_LEN {
         return Err(err(format!("longer than {MAX_EXPR_LEN} bytes")));
+    }
+    if operator_count(src) > MAX_OPERATORS {
+        return Err(err(format!(
+            "more than {MAX_OPERATORS} operators, calls and field selections"
+        )));
+    }
+    if bracket_depth(src) > MAX_BRACKETS {
+        return Err(err(format!("more than {MAX_BRACKETS} brackets nested")));
     }
     // The CEL parser is third-party code on customer input: contain any panic.
     let parsed = std::panic::catch_unwind(|| Program::compile(src))
@@ -86,8 +338,19 @@ fn compile_expr(field: &str, src: &str) -> Result<Program, RuleError> {
             None => err(e.to_string()),
         }
     })?;
+    let root = program.expression();
+    // After the lexical bounds, the tree's own (bracket-free chains are deep too).
+    if depth(root) > MAX_EXPR_DEPTH {
+        return Err(err(format!("nested deeper than {MAX_EXPR_DEPTH}")));
+    }
+    if nesting(root) > MAX_COMPREHENSION_NESTING {
+        return Err(err(format!(
+            "more than {MAX_COMPREHENSION_NESTING} comprehensions (all, exists, map, filter) nested"
+        )));
+    }
+    let bound = bound_variables(root);
     for var in program.references().variables() {
-        if !VARIABLES.contains(&var) {
+        if !VARIABLES.contains(&var) && !bound.contains(&var) {
             return Err(err(format!(
                 "unknown variable '{var}' (use one of {})",
                 VARIABLES.join(", ")
@@ -169,10 +432,38 @@ pub fn compile(record: RuleRecord) -> Result<CompiledRule, RuleError> {
     }
     let mut fields = 0;
     let mapping = compile_mapping("", &data, 0, &mut fields)?;
+    let mut programs: Vec<&Program> = condition.iter().collect();
+    mapping_programs(&mapping, &mut programs);
+    let at_save = rule_cost(&programs, SAVE_TIME_COLLECTION);
+    if at_save > EVAL_BUDGET {
+        return Err(RuleError {
+            field: if condition.is_some() {
+                "when.condition".into()
+            } else {
+                "then.data".into()
+            },
+            message: format!(
+                "too costly: up to {at_save} steps on an event with {SAVE_TIME_COLLECTION}-element \
+                 lists, over the budget of {EVAL_BUDGET}"
+            ),
+        });
+    }
+    // The largest event this rule can run on: cost grows with n, so bisect.
+    let (mut lo, mut hi) = (SAVE_TIME_COLLECTION, 1u64 << 24);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if rule_cost(&programs, mid) <= EVAL_BUDGET {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let max_collection = lo;
     Ok(CompiledRule {
         record,
         condition,
         mapping,
+        max_collection,
     })
 }
 
@@ -201,13 +492,28 @@ pub fn json_to_cel(v: &Value) -> CelValue {
 /// The variables of one event, built once and shared by every rule it meets.
 pub struct EventScope {
     vars: Vec<(&'static str, CelValue)>,
+    /// The longest collection or string in the event (what a rule's cost is priced at).
+    largest: u64,
 }
 
 impl EventScope {
     /// The CEL variables of `event`.
     pub fn new(event: &CloudEvent) -> Self {
         let s = |v: &str| CelValue::String(Arc::new(v.to_owned()));
+        let largest = [
+            event.id.len(),
+            event.source.len(),
+            event.event_type.len(),
+            event.subject.as_deref().map_or(0, str::len),
+            event.time.as_deref().map_or(0, str::len),
+        ]
+        .into_iter()
+        .map(|l| l as u64)
+        .chain(event.data.as_ref().map(largest_collection))
+        .max()
+        .unwrap_or(1);
         EventScope {
+            largest,
             vars: vec![
                 ("id", s(&event.id)),
                 ("source", s(&event.source)),
@@ -290,6 +596,14 @@ impl CompiledRule {
         scope: &EventScope,
         functions: &Context<'_>,
     ) -> Result<Option<Value>, EvalError> {
+        if scope.largest > self.max_collection {
+            let mut programs: Vec<&Program> = self.condition.iter().collect();
+            mapping_programs(&self.mapping, &mut programs);
+            return Err(EvalError::OverBudget {
+                estimate: rule_cost(&programs, scope.largest),
+                budget: EVAL_BUDGET,
+            });
+        }
         let ctx = scope.context(functions);
         if let Some(cond) = &self.condition {
             match run(cond, &ctx).map_err(EvalError::Condition)? {
@@ -435,6 +749,98 @@ mod tests {
             rule.evaluate(&EventScope::new(&event(1)), &f),
             Err(EvalError::NotBool(_))
         ));
+    }
+
+    /// Ten comprehensions over ten elements nested: 10^10 steps if it ran.
+    fn nested_all(levels: usize) -> String {
+        let mut src = "true".to_owned();
+        for i in 0..levels {
+            src = format!("[0,1,2,3,4,5,6,7,8,9].all(a{i}, {src})");
+        }
+        src
+    }
+
+    #[test]
+    fn hostile_expressions_are_refused_when_saved() {
+        let refused = |src: &str| {
+            let e = compile(record("r", Some(src), json!({}))).expect_err(src);
+            assert_eq!(e.field, "when.condition", "{e}");
+            e.message
+        };
+        let m = refused(&nested_all(10));
+        assert!(m.contains("comprehensions"), "{m}");
+        assert!(compile(record("r", Some(&nested_all(2)), json!({}))).is_ok());
+        // Left-recursive chains: bounded before the parser sees them, at the size limit too.
+        let chain = vec!["1"; 2_000].join("+") + " > 0";
+        assert!(refused(&chain).contains("operators"));
+        let fields = "data".to_owned() + &".f".repeat(1_000);
+        assert!(refused(&fields).contains("operators"));
+        let longest = vec!["1"; MAX_EXPR_LEN / 2 - 2].join("+") + ">0";
+        assert!(longest.len() <= MAX_EXPR_LEN);
+        refused(&longest);
+        // Deep but few operators: the bracket bound.
+        let deep = "(".repeat(60) + "true" + &")".repeat(60);
+        assert!(refused(&deep).contains("brackets"));
+        // Nested twice over the event's lists, copying and scanning strings at each step.
+        let costly = format!(
+            "data.l.all(a, data.l.all(b, ({}).contains(string(a))))",
+            ["data.s"; 10].join(" + ")
+        );
+        let costly = costly.as_str();
+        let m = refused(costly);
+        assert!(m.contains("too costly"), "{m}");
+    }
+
+    #[test]
+    fn compiling_at_the_limits_fits_a_small_thread_stack() {
+        // The smallest stack a rule is compiled or run on is a worker's (2 MiB); try on 256 KiB.
+        let exprs = [
+            vec!["1"; MAX_OPERATORS - 1].join("+") + ">0",
+            vec!["1"; MAX_OPERATORS - 1].join("&&"),
+            "data".to_owned() + &".f".repeat(MAX_OPERATORS),
+            "(".repeat(MAX_BRACKETS) + "true" + &")".repeat(MAX_BRACKETS),
+            "[".repeat(MAX_BRACKETS) + &"]".repeat(MAX_BRACKETS) + " == []",
+            "!".repeat(MAX_OPERATORS) + "true",
+            "-".repeat(MAX_OPERATORS) + "1 > 0",
+        ];
+        let handle = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                for src in exprs {
+                    if let Ok(rule) = compile(record("r", Some(&src), json!({}))) {
+                        let _ = rule.evaluate(&EventScope::new(&event(1)), &Context::default());
+                    }
+                }
+            })
+            .expect("thread");
+        assert!(
+            handle.join().is_ok(),
+            "a stack overflow would abort, not return"
+        );
+    }
+
+    #[test]
+    fn an_event_too_large_for_a_rule_is_not_evaluated() {
+        let rule = compile(record(
+            "r",
+            Some("data.items.exists(i, data.items.exists(j, i == j + 1))"),
+            json!({}),
+        ))
+        .expect("within the budget on small events");
+        let f = Context::default();
+        let mut small = event(1);
+        small.data = Some(json!({"items": (0..50).collect::<Vec<_>>()}));
+        assert!(matches!(
+            rule.evaluate(&EventScope::new(&small), &f),
+            Ok(Some(_))
+        ));
+        let mut large = event(1);
+        large.data = Some(json!({"items": (0..20_000).collect::<Vec<_>>()}));
+        let e = rule
+            .evaluate(&EventScope::new(&large), &f)
+            .expect_err("over the budget");
+        assert!(matches!(e, EvalError::OverBudget { estimate, budget } if estimate > budget));
+        assert!(e.to_string().contains("not evaluated"), "{e}");
     }
 
     #[test]

@@ -817,7 +817,43 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
         bad_type.then.command_type = "room.demolish".into();
         let mut schema = delay_rule();
         schema.then.data = json!({"flight": "data.flight"});
+        // Hostile CEL: ten nested comprehensions (10^10 steps), and a 2,000-term chain.
+        let mut nested = delay_rule();
+        let mut src = "true".to_owned();
+        for i in 0..10 {
+            src = format!("[0,1,2,3,4,5,6,7,8,9].all(a{i}, {src})");
+        }
+        nested.when.condition = Some(src);
+        let mut chain = delay_rule();
+        chain.when.condition = Some(vec!["1"; 2_000].join("+") + " > 0");
+        for (what, spec) in [
+            ("Try it: nested comprehensions", nested.clone()),
+            ("Try it: a 2,000-term chain", chain.clone()),
+        ] {
+            cases.push(Bad {
+                what,
+                method: post.clone(),
+                path: format!("/v1/customers/{}/rules/try", w.customer.id),
+                token: cust_token.clone(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: serde_json::to_vec(&json!({"rule": spec}))?,
+                status: 400,
+                code: ErrorCode::InvalidRule,
+            });
+        }
         vec![
+            (
+                "rule with ten nested comprehensions",
+                nested,
+                400,
+                ErrorCode::InvalidRule,
+            ),
+            (
+                "rule with a 2,000-term chain",
+                chain,
+                400,
+                ErrorCode::InvalidRule,
+            ),
             (
                 "rule with a CEL syntax error",
                 syntax,

@@ -483,8 +483,14 @@ impl Vault {
                 spec.when.event_type, spec.when.entity, event.event_type, event.source
             )));
         }
-        let functions = cel::Context::default();
-        let data = match compiled.evaluate(&EventScope::new(&event), &functions) {
+        // Customer-written CEL runs off the event loop (its cost is bounded: see rules.rs).
+        let scope = EventScope::new(&event);
+        let evaluated = tokio::task::spawn_blocking(move || {
+            compiled.evaluate(&scope, &cel::Context::default())
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let data = match evaluated {
             Ok(Some(data)) => data,
             Ok(None) => return Ok(miss("the condition is false for this event".into())),
             Err(e) => return Ok(miss(e.to_string())),
