@@ -24,6 +24,10 @@ pub const MAX_SCHEMA_BYTES: usize = 32 * 1024;
 pub const SIGNATURE_TOLERANCE_SECS: i64 = 5 * 60;
 /// Largest page of activity or deliveries returned at once.
 pub const MAX_PAGE: usize = 500;
+/// Attempts one command may have, replays included: each adds to its record and the activity.
+pub const MAX_ATTEMPTS_PER_COMMAND: usize = 64;
+/// Bytes of an attempt's error message kept in its record.
+pub const MAX_ATTEMPT_ERROR_LEN: usize = 512;
 
 /// True when `s` is a usable identifier: 1..=MAX_ID_LEN characters from
 /// `[A-Za-z0-9._:-]`, so it can be embedded in storage keys and URLs unescaped.

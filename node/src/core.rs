@@ -22,6 +22,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::error::ServiceError;
+use crate::seal::KeyRing;
 
 /// An entity with what the hot path needs precomputed: parsed secrets and compiled schemas.
 pub struct CachedEntity {
@@ -55,15 +56,24 @@ pub fn check_schema(v: &jsonschema::Validator, data: &Value) -> Result<(), Strin
 }
 
 impl CachedEntity {
-    fn new(record: EntityRecord) -> Self {
+    fn new(record: EntityRecord, ring: &KeyRing) -> Self {
+        let open = |sealed: &[u8]| {
+            let opened = ring
+                .open_signing_secret(&record.id, sealed)
+                .map_err(|e| e.to_string())
+                .and_then(|s| Secret::parse(&s).map_err(|e| e.to_string()));
+            if let Err(e) = &opened {
+                // Nothing it signs verifies until the secret is rotated: say so.
+                tracing::error!(entity = %record.id, error = %e, "signing secret cannot be opened");
+            }
+            opened.ok()
+        };
         let mut secrets = Vec::with_capacity(2);
-        if let Ok(s) = Secret::parse(&record.secret) {
+        if let Some(s) = open(&record.sealed_secret) {
             secrets.push((s, None));
         }
-        if let Some(prev) = &record.previous_secret {
-            if let Ok(s) = Secret::parse(prev) {
-                secrets.push((s, Some(record.previous_valid_until_ms)));
-            }
+        if let Some(s) = record.sealed_previous_secret.as_deref().and_then(open) {
+            secrets.push((s, Some(record.previous_valid_until_ms)));
         }
         let compile = |types: &[custos_raft::records::TypeRecord]| {
             types
@@ -419,6 +429,10 @@ pub struct Core {
     pub peers: Peers,
     /// The guarded client for every request to an entity.
     pub outbound: crate::outbound::Outbound,
+    /// Opens the cluster's sealed token keys.
+    cluster_secret: Arc<str>,
+    /// The token key ring (loaded from the meta group on first use).
+    seal: std::sync::OnceLock<Arc<KeyRing>>,
     /// The runtime Raft and the workers run on.
     pub rt: tokio::runtime::Handle,
     raft_config: Arc<openraft::Config>,
@@ -450,17 +464,22 @@ fn propose_deadline(config: &Config) -> Duration {
 
 impl Core {
     /// The shared parts, holding no group yet.
+    // Each argument is a separate thing the server opened or read; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         node_id: NodeId,
         db: Arc<DB>,
         peers: Peers,
         outbound: crate::outbound::Outbound,
+        cluster_secret: &str,
         rt: tokio::runtime::Handle,
         raft_config: openraft::Config,
     ) -> Self {
         Core {
             outbound,
+            cluster_secret: cluster_secret.into(),
+            seal: std::sync::OnceLock::new(),
             node_id,
             wal: WalSyncer::start(&db),
             db,
@@ -924,6 +943,17 @@ impl Core {
         }
     }
 
+    /// The cluster's token key ring: it seals access tokens and signing secrets.
+    pub async fn key_ring(&self) -> Result<Arc<KeyRing>, ServiceError> {
+        if let Some(k) = self.seal.get() {
+            return Ok(k.clone());
+        }
+        let ring = crate::cluster::token_keys(self, &self.config, &self.cluster_secret)
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(self.seal.get_or_init(|| Arc::new(ring)).clone())
+    }
+
     /// An entity, from the cache or the meta group.
     pub async fn entity(&self, id: &str) -> Result<Option<Arc<CachedEntity>>, ServiceError> {
         let (generation, cached) = self.entities.get_cached(id);
@@ -932,8 +962,9 @@ impl Core {
         }
         let owned = id.to_owned();
         let record = self.read_meta(move |r| r.entity(&owned)).await?;
+        let ring = self.key_ring().await?;
         Ok(record.map(|rec| {
-            let e = Arc::new(CachedEntity::new(rec));
+            let e = Arc::new(CachedEntity::new(rec, &ring));
             self.entities.insert_if_current(generation, e.clone());
             e
         }))

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use custos_api::cloudevent::{
     CLOUDEVENTS_CONTENT_TYPE, EXT_CAUSING_EVENT, EXT_CAUSING_SOURCE, EXT_RULE,
 };
+use custos_api::limits::MAX_ATTEMPTS_PER_COMMAND;
 use custos_api::types::unix_now_ms;
 use custos_api::webhook::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use custos_api::CloudEvent;
@@ -319,8 +320,10 @@ async fn prepare_and_send(
             } else {
                 let unit = rand::thread_rng().gen::<f64>();
                 match next_delay(cfg, attempts_made, retry_after, unit) {
-                    Some(d) => AttemptNext::RetryAt(unix_now_ms() + d.as_millis() as i64),
-                    None => AttemptNext::Exhausted,
+                    Some(d) if attempts_made < MAX_ATTEMPTS_PER_COMMAND => {
+                        AttemptNext::RetryAt(unix_now_ms() + d.as_millis() as i64)
+                    }
+                    _ => AttemptNext::Exhausted,
                 }
             };
             (code, Some(err.to_string()), next)

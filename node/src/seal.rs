@@ -1,4 +1,5 @@
-//! Sealing of entity access tokens at rest: AES-256-GCM under a key ring from config.
+//! Sealing of secrets at rest (entities' access tokens and signing secrets): AES-256-GCM
+//! under the cluster's token key ring.
 //!
 //! A sealed token is `version (1) | key id (4) | nonce (12) | ciphertext+tag`, bound to its
 //! (customer, entity) as associated data so a sealed token cannot be moved to another link.
@@ -28,6 +29,10 @@ pub enum SealError {
     #[error("sealed token cannot be opened: {0}")]
     Open(&'static str),
 }
+
+/// Stands in for the customer in the associated data of an entity's signing secret (customer
+/// ids start with `cus_`, so the two kinds never open as each other).
+const SIGNING_SECRET: &str = "signing-secret";
 
 /// The node's token keys; the first one seals.
 pub struct KeyRing {
@@ -97,6 +102,16 @@ impl KeyRing {
         Ok(out)
     }
 
+    /// Seals an entity's signing secret (bound to the entity).
+    pub fn seal_signing_secret(&self, entity: &str, secret: &str) -> Result<Vec<u8>, SealError> {
+        self.seal(SIGNING_SECRET, entity, secret)
+    }
+
+    /// Opens an entity's signing secret sealed by [`KeyRing::seal_signing_secret`].
+    pub fn open_signing_secret(&self, entity: &str, sealed: &[u8]) -> Result<String, SealError> {
+        self.open(SIGNING_SECRET, entity, sealed)
+    }
+
     /// Opens a token sealed for the link (customer, entity) by any key of the ring.
     pub fn open(&self, customer: &str, entity: &str, sealed: &[u8]) -> Result<String, SealError> {
         if sealed.len() < HEADER || sealed[0] != VERSION {
@@ -160,5 +175,15 @@ mod tests {
             KeyRing::new(&["short".into()]),
             Err(SealError::BadKey(0))
         ));
+        // Signing secrets are bound to their entity and never open as a link's token.
+        let s = only_new
+            .seal_signing_secret("hotel", "whsec_x")
+            .expect("seal");
+        assert_eq!(
+            only_new.open_signing_secret("hotel", &s).expect("open"),
+            "whsec_x"
+        );
+        assert!(only_new.open_signing_secret("airline", &s).is_err());
+        assert!(only_new.open("c1", "hotel", &s).is_err());
     }
 }

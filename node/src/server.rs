@@ -422,6 +422,7 @@ pub async fn run(
         db.clone(),
         peers.clone(),
         outbound,
+        &secret,
         raft_rt.handle().clone(),
         raft_config(&config)?,
     ));
@@ -447,13 +448,7 @@ pub async fn run(
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{api_addr}"));
-    let vault = Vault::new(
-        core.clone(),
-        profiles.clone(),
-        &admin,
-        &public_url,
-        secret.clone(),
-    );
+    let vault = Vault::new(core.clone(), profiles.clone(), &admin, &public_url);
 
     let vault_data = web::Data::new(vault);
     let telemetry_data = web::Data::new(telemetry);

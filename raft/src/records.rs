@@ -31,10 +31,12 @@ pub struct EntityRecord {
     pub event_types: Vec<TypeRecord>,
     /// Command types it accepts.
     pub command_types: Vec<TypeRecord>,
-    /// Current signing secret (`whsec_...`).
-    pub secret: String,
-    /// The secret before the last rotation, still accepted until `previous_valid_until_ms`.
-    pub previous_secret: Option<String>,
+    /// Current signing secret (`whsec_...`), sealed by the node's token key ring: the log,
+    /// the state and snapshots never hold it in clear.
+    pub sealed_secret: Vec<u8>,
+    /// The secret before the last rotation (sealed), still accepted until
+    /// `previous_valid_until_ms`.
+    pub sealed_previous_secret: Option<Vec<u8>>,
     /// End of the rotation grace period.
     pub previous_valid_until_ms: i64,
     /// Registration time.
@@ -69,8 +71,8 @@ impl OAuthRecord {
 }
 
 impl EntityRecord {
-    /// The admin's view; the secret only when `with_secret`.
-    pub fn to_wire(&self, with_secret: bool) -> wire::Entity {
+    /// The admin's view (never the secret: only the call that issues one answers it).
+    pub fn to_wire(&self) -> wire::Entity {
         let types = |ts: &[TypeRecord]| {
             ts.iter()
                 .map(|t| wire::TypeSpec {
@@ -90,9 +92,9 @@ impl EntityRecord {
             event_types: types(&self.event_types),
             command_types: types(&self.command_types),
             created_at: wire::rfc3339_ms(self.created_ms),
-            secret: with_secret.then(|| self.secret.clone()),
+            secret: None,
             previous_secret_valid_until: self
-                .previous_secret
+                .sealed_previous_secret
                 .as_ref()
                 .map(|_| wire::rfc3339_ms(self.previous_valid_until_ms)),
             oauth: self.oauth.as_ref().map(OAuthRecord::to_wire),
@@ -837,8 +839,8 @@ pub enum StateChange {
     RotateSecret {
         /// Entity id.
         id: String,
-        /// The new `whsec_` secret.
-        secret: String,
+        /// The new `whsec_` secret, sealed.
+        sealed_secret: Vec<u8>,
         /// End of the grace period for the old one.
         previous_valid_until_ms: i64,
     },

@@ -59,8 +59,8 @@ fn entity(id: &str) -> EntityRecord {
         endpoint_enabled: true,
         event_types: vec![],
         command_types: vec![],
-        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-        previous_secret: None,
+        sealed_secret: vec![1; 48],
+        sealed_previous_secret: None,
         previous_valid_until_ms: 0,
         created_ms: 0,
         oauth: None,
@@ -721,5 +721,51 @@ async fn the_last_linking_or_unlinking_wins_over_one_left_unfinished() -> anyhow
         vec!["int_b".to_owned(), "int_c".to_owned(), "int_d".to_owned()]
     );
     assert!(s.reader.links("c1")?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    s.apply(vec![ingest("e1", 100)]).await?;
+    let fail = |at_ms: i64| {
+        StateChange::RecordDeliveries(vec![DeliveryUpdate::Attempted {
+            command_id: "cmd-e1".into(),
+            attempt: AttemptRecord {
+                at_ms,
+                status_code: None,
+                error: Some("é".repeat(10_000)),
+                duration_ms: 1,
+            },
+            next: AttemptNext::Exhausted,
+        }])
+    };
+    let replay = |at_ms: i64| StateChange::Replay {
+        command_id: "cmd-e1".into(),
+        at_ms,
+    };
+    let mut replays = 0;
+    for i in 0..200 {
+        s.apply(vec![fail(200 + i)]).await?;
+        let out = s.apply(vec![replay(300 + i)]).await?;
+        if out[0] != ChangeOutcome::Done {
+            assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+            break;
+        }
+        replays += 1;
+    }
+    assert_eq!(replays, custos_api::limits::MAX_ATTEMPTS_PER_COMMAND - 1);
+    let rec = s.reader.outbox("cmd-e1")?.expect("kept");
+    assert_eq!(
+        rec.attempts.len(),
+        custos_api::limits::MAX_ATTEMPTS_PER_COMMAND
+    );
+    assert!(rec
+        .attempts
+        .iter()
+        .all(|a| a.error.as_ref().is_some_and(|e| e.len()
+            <= custos_api::limits::MAX_ATTEMPT_ERROR_LEN
+            && e.starts_with('é'))));
     Ok(())
 }

@@ -25,6 +25,12 @@ impl Vault {
                 })
                 .collect()
         };
+        let secret = Secret::generate().encode();
+        let sealed_secret = self
+            .key_ring()
+            .await?
+            .seal_signing_secret(&req.id, &secret)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let record = EntityRecord {
             id: req.id,
             name: req.name,
@@ -32,8 +38,8 @@ impl Vault {
             endpoint_enabled: true,
             event_types: types(&req.event_types),
             command_types: types(&req.command_types),
-            secret: Secret::generate().encode(),
-            previous_secret: None,
+            sealed_secret,
+            sealed_previous_secret: None,
             previous_valid_until_ms: 0,
             created_ms: now,
             oauth: req.oauth.map(|o| OAuthRecord {
@@ -46,7 +52,9 @@ impl Vault {
         self.core
             .propose(META_GROUP, StateChange::RegisterEntity(record.clone()))
             .await?;
-        Ok(record.to_wire(true))
+        let mut wire = record.to_wire();
+        wire.secret = Some(secret);
+        Ok(wire)
     }
 
     /// Changes an entity's name or endpoint.
@@ -74,13 +82,19 @@ impl Vault {
     /// Issues a new secret; the old one verifies events for the grace period.
     pub async fn rotate_secret(&self, id: &str) -> Result<Entity, ServiceError> {
         let grace_ms = (self.core.config.secret_grace_hours * 3_600_000.0) as i64;
+        check_id("entity id", id)?;
         let secret = Secret::generate().encode();
+        let sealed_secret = self
+            .key_ring()
+            .await?
+            .seal_signing_secret(id, &secret)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         self.core
             .propose(
                 META_GROUP,
                 StateChange::RotateSecret {
                     id: id.to_owned(),
-                    secret: secret.clone(),
+                    sealed_secret,
                     previous_valid_until_ms: unix_now_ms() + grace_ms,
                 },
             )
@@ -93,7 +107,7 @@ impl Vault {
     /// Every entity.
     pub async fn entities(&self) -> Result<Vec<Entity>, ServiceError> {
         let list = self.core.read_meta(|r| r.entities()).await?;
-        Ok(list.iter().map(|e| e.to_wire(false)).collect())
+        Ok(list.iter().map(|e| e.to_wire()).collect())
     }
 
     /// One entity.
@@ -102,7 +116,7 @@ impl Vault {
         self.core
             .read_meta(move |r| r.entity(&owned))
             .await?
-            .map(|e| e.to_wire(false))
+            .map(|e| e.to_wire())
             .ok_or_else(|| ServiceError::not_found("entity", id))
     }
 }

@@ -56,10 +56,6 @@ pub struct Vault {
     served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
     /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`).
     callback_url: Arc<str>,
-    /// Seals entities' access tokens at rest (loaded from the meta group on first use).
-    seal: Arc<std::sync::OnceLock<Arc<crate::seal::KeyRing>>>,
-    /// Opens the cluster's sealed token keys.
-    cluster_secret: Arc<str>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -88,15 +84,12 @@ impl Vault {
         profiles: ProfileRouter,
         admin_token: &str,
         public_url: &str,
-        cluster_secret: String,
     ) -> Self {
         Vault {
             callback_url: Arc::from(format!(
                 "{}/v1/oauth/callback",
                 public_url.trim_end_matches('/')
             )),
-            seal: Arc::new(std::sync::OnceLock::new()),
-            cluster_secret: cluster_secret.into(),
             core,
             profiles,
             admin_token_hash: Arc::new(sha256(admin_token.as_bytes())),
@@ -111,13 +104,7 @@ impl Vault {
 
     /// The token-sealing key ring: configured keys, else the cluster's own from the meta group.
     async fn key_ring(&self) -> Result<Arc<crate::seal::KeyRing>, ServiceError> {
-        if let Some(k) = self.seal.get() {
-            return Ok(k.clone());
-        }
-        let ring = crate::cluster::token_keys(&self.core, &self.core.config, &self.cluster_secret)
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        Ok(self.seal.get_or_init(|| Arc::new(ring)).clone())
+        self.core.key_ring().await
     }
 
     /// The data group of a customer.

@@ -1,5 +1,6 @@
 //! Deliveries (data groups): attempt results, retries, failures and replays.
 
+use custos_api::limits::{MAX_ATTEMPTS_PER_COMMAND, MAX_ATTEMPT_ERROR_LEN};
 use custos_api::ErrorCode;
 
 use super::{not_found, Tx};
@@ -32,7 +33,12 @@ impl Tx<'_> {
         }
         let customer = rec.command.customer_id.clone();
         match update {
-            DeliveryUpdate::Attempted { attempt, next, .. } => {
+            DeliveryUpdate::Attempted {
+                mut attempt, next, ..
+            } => {
+                if let Some(e) = attempt.error.as_mut() {
+                    truncate_at_char(e, MAX_ATTEMPT_ERROR_LEN);
+                }
                 let at = attempt.at_ms;
                 let status_code = attempt.status_code;
                 let error = attempt.error.clone();
@@ -117,6 +123,16 @@ impl Tx<'_> {
                 "only failed deliveries can be replayed",
             ));
         }
+        if rec.attempts.len() >= MAX_ATTEMPTS_PER_COMMAND {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Conflict,
+                format!(
+                    "attempted {} times, the most one command may be; fix the endpoint, and let \
+                     the next event make a new command",
+                    rec.attempts.len()
+                ),
+            ));
+        }
         rec.state = DeliveryState::Pending;
         rec.reason = None;
         rec.next_due_ms = Some(at_ms);
@@ -134,5 +150,16 @@ impl Tx<'_> {
             },
         )?;
         Ok(ChangeOutcome::Done)
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }

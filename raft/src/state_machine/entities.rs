@@ -56,13 +56,14 @@ impl Tx<'_> {
     pub(crate) fn rotate_secret(
         &mut self,
         id: String,
-        secret: String,
+        sealed_secret: Vec<u8>,
         previous_valid_until_ms: i64,
     ) -> Result<ChangeOutcome, StoreError> {
         let Some(mut entity) = self.entity(&id)? else {
             return Ok(not_found("entity", &id));
         };
-        entity.previous_secret = Some(std::mem::replace(&mut entity.secret, secret));
+        entity.sealed_previous_secret =
+            Some(std::mem::replace(&mut entity.sealed_secret, sealed_secret));
         entity.previous_valid_until_ms = previous_valid_until_ms;
         self.put(self.k(keys::ENTITY, id.as_bytes()), &entity)?;
         self.effects.push(Effect::EntityChanged(id));

@@ -280,9 +280,9 @@ impl<'a> Tx<'a> {
             } => self.update_entity(id, name, command_url, endpoint_enabled),
             C::RotateSecret {
                 id,
-                secret,
+                sealed_secret,
                 previous_valid_until_ms,
-            } => self.rotate_secret(id, secret, previous_valid_until_ms),
+            } => self.rotate_secret(id, sealed_secret, previous_valid_until_ms),
             C::BeginIntent(intent) => self.begin_intent(intent),
             C::EndIntent { id } => self.end_intent(&id),
             C::CreateCustomer { customer, intent } => self.create_customer(customer, intent),
