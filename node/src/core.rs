@@ -320,7 +320,7 @@ struct Observer {
 }
 
 impl ApplyObserver for Observer {
-    fn applied(&self, _group: GroupId, effects: &[Effect]) {
+    fn applied(&self, group: GroupId, effects: &[Effect]) {
         for e in effects {
             match e {
                 Effect::EntityChanged(id) => self.entities.invalidate(Some(id)),
@@ -331,6 +331,7 @@ impl ApplyObserver for Observer {
                 Effect::ClusterChanged => {
                     self.wake.cluster_changed();
                 }
+                Effect::Erased => self.wake.erased(group),
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
                     self.due.invalidate();
@@ -351,9 +352,21 @@ pub struct Wakers {
     pub cluster: Notify,
     /// Bumped on every cluster change (caches of meta records compare it).
     pub cluster_epoch: std::sync::atomic::AtomicU64,
+    /// Groups where something was erased since the scrubber last ran, and its wake-up.
+    pub erased_in: Mutex<BTreeSet<GroupId>>,
+    /// The scrubber has groups to rewrite.
+    pub scrub: Notify,
 }
 
 impl Wakers {
+    fn erased(&self, group: GroupId) {
+        self.erased_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group);
+        self.scrub.notify_one();
+    }
+
     fn cluster_changed(&self) {
         self.cluster_epoch.fetch_add(1, Ordering::SeqCst);
         self.cluster.notify_waiters();

@@ -22,6 +22,7 @@
 //! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
 //! - [`delivery`]: one outbox worker per data group: signed POSTs, retries, SSRF guard.
 //! - [`outbound`]: the one guarded HTTP client for every request the vault makes.
+//! - [`scrub`]: after an erasure, rewrites the logs, snapshots and files that still hold it.
 //! - [`intents`]: finishes operations spanning groups that a call or a crash left half done.
 //! - [`entity_sim`]: `custos entity-sim`, a reference entity (OAuth server, command receiver).
 //! - [`error`]: the service error, mapped once to problem+json.
@@ -44,6 +45,7 @@ pub mod portal;
 pub mod profile;
 pub mod recommend;
 pub mod rules;
+pub mod scrub;
 pub mod seal;
 pub mod server;
 pub mod service;

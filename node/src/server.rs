@@ -537,6 +537,7 @@ pub async fn run(
         profiles.clone(),
         stop_rx.clone(),
     ));
+    let scrubber = raft_rt.spawn(crate::scrub::run(core.clone(), stop_rx.clone()));
     let pruner = raft_rt.spawn(every(
         core.clone(),
         Duration::from_secs_f64(config.prune_interval_secs),
@@ -582,7 +583,7 @@ pub async fn run(
     let _ = api_task.await;
     let _ = peer_task.await;
     let _ = stop_tx.send(true);
-    for task in [manager, intents, pruner, trainer, workers] {
+    for task in [manager, intents, scrubber, pruner, trainer, workers] {
         let _ = task.await;
     }
     core.close_all().await;

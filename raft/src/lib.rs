@@ -46,6 +46,19 @@ pub use shard::{ShardMap, META_GROUP};
 pub use state_machine::{destroy_group, ApplyObserver, Effect, StateMachineStore};
 pub use types::{GroupId, NodeId, Raft, TypeConfig};
 
+/// Rewrites the store's files so that deleted values are gone from disk, not only hidden:
+/// flushes the memtables (the WAL files holding them are then deleted) and compacts every
+/// level, dropping deleted values and their tombstones. Blocking; seconds on a large store.
+pub fn compact_all(db: &rocksdb::DB) -> Result<(), StoreError> {
+    db.flush().map_err(StoreError::Db)?;
+    let mut opts = rocksdb::CompactOptions::default();
+    opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+    opts.set_exclusive_manual_compaction(false);
+    db.compact_range_opt(None::<&[u8]>, None::<&[u8]>, &opts);
+    db.flush_wal(true).map_err(StoreError::Db)?;
+    Ok(())
+}
+
 /// Opens (or creates) the node's one RocksDB.
 pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
     let mut opts = rocksdb::Options::default();

@@ -210,6 +210,7 @@ impl Tx<'_> {
             .is_some_and(|a| a.customer_id == customer_id)
         {
             self.delete(key);
+            self.effects.push(Effect::Erased);
         }
         Ok(ChangeOutcome::Done)
     }

@@ -293,6 +293,21 @@ impl Tx<'_> {
         }
         // Claims under way become releases: the claim may already have been made.
         self.abandon_claims(customer_id, None, now)?;
+        // Records kept for others' sake lose the customer: event deduplication keeps working
+        // without saying whose event it was, and retention entries of deleted records go.
+        for (k, v) in self.scan(&self.p(keys::DEDUP))? {
+            let mut rec: DedupRecord = codec::decode(&v)?;
+            if rec.customer_id.as_deref() == Some(customer_id) {
+                rec.customer_id = None;
+                self.put(k, &rec)?;
+            }
+        }
+        let id = customer_id.as_bytes();
+        for (k, target) in self.scan(&self.p(keys::EXPIRY))? {
+            if target.windows(id.len()).any(|w| w == id) {
+                self.delete(k);
+            }
+        }
         if let Some(email) = customer.email {
             self.new_intent(
                 now,
@@ -303,6 +318,7 @@ impl Tx<'_> {
             )?;
         }
         self.delete(customer_key);
+        self.effects.push(super::Effect::Erased);
         Ok(ChangeOutcome::Done)
     }
 

@@ -65,6 +65,9 @@ pub enum Effect {
     ClusterChanged,
     /// The whole state was replaced by a snapshot: drop every cache.
     SnapshotInstalled,
+    /// A customer's data was erased (or released from the meta group): the group's log and
+    /// snapshot, and the store's files, still hold it until they are rewritten.
+    Erased,
 }
 
 /// Told about every apply, after its batch is written.

@@ -711,5 +711,52 @@ async fn a_failed_delivery_is_retried_from_the_portal_by_its_owner_only() -> any
     admin.erase_customer(&id).await?;
     let err = admin.customer(&id).await.expect_err("erased");
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    // Within a bounded time nothing erased remains in the data directory: not in the Raft
+    // logs, the snapshots, nor RocksDB's files (node.log, the test's capture of the node's
+    // output, aside).
+    let needles = [id.clone(), "alice@example.com".into(), "guest-77".into()];
+    let dir = node.data_dir.clone();
+    let gone = poll::until(
+        "the erased customer gone from disk",
+        Duration::from_secs(60),
+        || {
+            let found = files_containing(&dir, &needles);
+            async move { found.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    if let Err(e) = gone {
+        anyhow::bail!("{e}: still in {:?}", files_containing(&dir, &needles));
+    }
     Ok(())
+}
+
+/// The files under `dir` (node.log aside) holding any of `needles`, with the needle.
+fn files_containing(dir: &std::path::Path, needles: &[String]) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.file_name().is_some_and(|n| n == "node.log") {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            for n in needles {
+                if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
+                    found.push((path.display().to_string(), n.clone()));
+                }
+            }
+        }
+    }
+    found
 }
