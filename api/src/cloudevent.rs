@@ -129,6 +129,34 @@ impl CloudEvent {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Fuzzing (PROPTEST_CASES=100000 for a longer run): no input panics the decoder or
+        /// the checks an incoming event goes through.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok(e) = serde_json::from_slice::<CloudEvent>(&body) {
+                let _ = e.validate_incoming();
+            }
+        }
+
+        #[test]
+        fn arbitrary_events_never_panic(
+            id in ".{0,200}",
+            source in ".{0,200}",
+            ty in ".{0,200}",
+            subject in proptest::option::of(".{0,200}"),
+            time in proptest::option::of(".{0,64}"),
+        ) {
+            let mut e = CloudEvent::new(id, source, ty);
+            e.subject = subject;
+            e.time = time;
+            let _ = e.validate_incoming();
+            let json = serde_json::to_vec(&e).expect("encodes");
+            let back: CloudEvent = serde_json::from_slice(&json).expect("decodes what it encoded");
+            proptest::prop_assert_eq!(back, e);
+        }
+    }
+
     fn ok_event() -> CloudEvent {
         let mut e = CloudEvent::new("e1", "airline", "flight.delayed");
         e.subject = Some("cust-42".into());

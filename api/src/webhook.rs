@@ -166,6 +166,42 @@ pub fn unix_now() -> i64 {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Fuzzing (PROPTEST_CASES=100000 for a longer run): header parsing and verification
+        /// never panic, and what is signed verifies.
+        #[test]
+        fn arbitrary_headers_never_panic(
+            id in ".{0,300}",
+            ts in ".{0,30}",
+            sig in ".{0,600}",
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+        ) {
+            let secret = Secret::generate();
+            let _ = verify(&[&secret], headers(&id, &ts, &sig), &body, unix_now());
+        }
+
+        #[test]
+        fn signed_messages_verify(
+            id in "[a-zA-Z0-9_-]{1,64}",
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            others in 0usize..5,
+        ) {
+            let (secret, other) = (Secret::generate(), Secret::generate());
+            let now = unix_now();
+            let mut sig = vec![other.sign(&id, now, &body); others];
+            sig.push(secret.sign(&id, now, &body));
+            let sig = sig.join(" ");
+            let ts = now.to_string();
+            proptest::prop_assert!(verify(&[&secret], headers(&id, &ts, &sig), &body, now).is_ok());
+            proptest::prop_assert!(verify(&[&Secret::generate()], headers(&id, &ts, &sig), &body, now).is_err());
+        }
+
+        #[test]
+        fn secrets_parse_or_refuse(s in ".{0,100}") {
+            let _ = Secret::parse(&s);
+        }
+    }
+
     fn headers<'a>(id: &'a str, ts: &'a str, sig: &'a str) -> SignedHeaders<'a> {
         SignedHeaders {
             id: Some(id),

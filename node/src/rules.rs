@@ -677,6 +677,42 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Fuzzing customer-written CEL (PROPTEST_CASES=100000 for a longer run): compiling and
+        /// evaluating never panic, on text from CEL's own alphabet.
+        #[test]
+        fn arbitrary_expressions_never_panic(
+            src in "[a-z0-9_.()\\[\\]{}+*/%<>=!&|?:,\"' -]{0,160}",
+        ) {
+            if let Ok(rule) = compile(record("r", Some(&src), json!({}))) {
+                let _ = rule.evaluate(&EventScope::new(&event(1)), &Context::default());
+            }
+            let mapping = json!({"arrival": src});
+            if let Ok(rule) = compile(record("r", None, mapping)) {
+                let _ = rule.evaluate(&EventScope::new(&event(1)), &Context::default());
+            }
+        }
+
+        #[test]
+        fn expressions_over_event_fields_never_panic(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "data", "data.delay_minutes", "data.flight", "subject", "type", "time",
+                    "+", "-", "*", "/", "%", "==", "!=", "<", ">", "&&", "||", "!", "(", ")",
+                    "[", "]", ".size()", ".exists(x, x", ".all(y, y", ".map(z, z", "1", "0",
+                    "\"a\"", "true", "null", "in", ",", "?", ":", "int(", "string(",
+                    "matches(\"a+\")", "startsWith(\"X\")",
+                ]),
+                0..40,
+            ),
+        ) {
+            let src = parts.join(" ");
+            if let Ok(rule) = compile(record("r", Some(&src), json!({}))) {
+                let _ = rule.evaluate(&EventScope::new(&event(90)), &Context::default());
+            }
+        }
+    }
     use serde_json::json;
 
     fn record(id: &str, condition: Option<&str>, data: Value) -> RuleRecord {

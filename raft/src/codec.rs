@@ -27,8 +27,17 @@ pub enum CodecError {
     Decode(#[from] bincode::error::DecodeError),
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes one value may claim when decoded: a length prefix from a peer or a damaged
+/// file is checked against it before anything is allocated (an unbounded claim would abort the
+/// process), and it is well above the largest Raft message (payload entries of at most 4 MiB).
+pub const DECODE_LIMIT: usize = 1 << 30;
+
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 /// Encodes a value with the format byte in front.
@@ -52,6 +61,21 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Fuzzing the peer and storage codec (PROPTEST_CASES=100000 for a longer run):
+        /// arbitrary bytes decode or are refused, never panic nor allocate without bound.
+        #[test]
+        fn arbitrary_bytes_never_panic(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut bytes = vec![FORMAT_VERSION];
+            bytes.extend_from_slice(&tail);
+            let _ = decode::<crate::StateChange>(&bytes);
+            let _ = decode::<Vec<crate::StateChange>>(&bytes);
+            let _ = decode::<crate::records::OutboxRecord>(&bytes);
+            let _ = decode::<crate::records::EntityRecord>(&bytes);
+            let _ = decode::<crate::ChangeOutcome>(&bytes);
+        }
+    }
 
     #[test]
     fn round_trip_and_version_check() {
