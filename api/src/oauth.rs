@@ -6,6 +6,9 @@ use sha2::{Digest, Sha256};
 
 /// How long a started linking (and an entity's authorization code) stays usable.
 pub const LINK_TTL_MS: i64 = 10 * 60 * 1000;
+/// OAuth linkings one customer may have waiting for their callback; starting another drops
+/// the oldest.
+pub const MAX_PENDING_LINKS: usize = 8;
 
 /// The PKCE S256 challenge of a verifier (RFC 7636 §4.2).
 pub fn pkce_challenge(verifier: &str) -> String {

@@ -238,6 +238,7 @@ async fn prune(core: Arc<Core>) {
         loop {
             let change = StateChange::Prune {
                 before_ms,
+                now_ms: unix_now_ms(),
                 limit: LIMIT,
             };
             match core.propose(g.id, change).await {

@@ -63,6 +63,9 @@ pub const ASSIGNMENT: u8 = 0x24;
 pub const GROUP_REPORT: u8 = 0x25;
 /// Data groups: cross-group operations under way: `| intent id`.
 pub const INTENT: u8 = 0x26;
+/// Data group: a customer's OAuth linkings waiting for their callback
+/// (`customer \0 state hash` -> started at), to cap them per customer.
+pub const PENDING_OF: u8 = 0x27;
 /// End of state machine data tags (exclusive).
 pub const SM_END: u8 = 0x30;
 

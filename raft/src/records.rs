@@ -945,6 +945,8 @@ pub enum StateChange {
     Prune {
         /// Expiry cut-off.
         before_ms: i64,
+        /// The proposer's clock: OAuth linkings older than their TTL go too.
+        now_ms: i64,
         /// Most keys to delete in this entry.
         limit: u32,
     },

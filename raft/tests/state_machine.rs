@@ -393,6 +393,7 @@ async fn retention_prunes_settled_records_but_never_pending_ones() -> anyhow::Re
     s.apply(vec![ingest("new", 50_000)]).await?;
     let out = s
         .apply(vec![StateChange::Prune {
+            now_ms: 0,
             before_ms: 10_000,
             limit: 1000,
         }])
@@ -424,6 +425,7 @@ async fn retention_prunes_settled_records_but_never_pending_ones() -> anyhow::Re
     // A bounded prune reports a full batch, so the caller knows to go on.
     let out = s
         .apply(vec![StateChange::Prune {
+            now_ms: 0,
             before_ms: i64::MAX,
             limit: 1,
         }])
@@ -476,6 +478,7 @@ async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow:
     b.apply(vec![delivered("cmd-e1", 150)]).await?;
     let out = b
         .apply(vec![StateChange::Prune {
+            now_ms: 0,
             before_ms: 10_000,
             limit: 1000,
         }])
@@ -523,6 +526,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
     // Its own apply: pruning reads committed data, not the writes of its own batch.
     let pruned = s
         .apply(vec![StateChange::Prune {
+            now_ms: 0,
             before_ms: 900,
             limit: 1000,
         }])
@@ -767,5 +771,52 @@ async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
         .all(|a| a.error.as_ref().is_some_and(|e| e.len()
             <= custos_api::limits::MAX_ATTEMPT_ERROR_LEN
             && e.starts_with('é'))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn oauth_linkings_waiting_are_capped_per_customer_and_expire_at_their_ttl(
+) -> anyhow::Result<()> {
+    use custos_api::oauth::{LINK_TTL_MS, MAX_PENDING_LINKS};
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    let begin = |n: u8, at_ms: i64| StateChange::BeginLink {
+        state_hash: vec![n; 32],
+        pending: PendingLink {
+            customer_id: "c1".into(),
+            entity_id: "hotel".into(),
+            verifier: format!("v{n}"),
+            at_ms,
+            via_portal: false,
+        },
+    };
+    let take = |n: u8| StateChange::TakeLink {
+        state_hash: vec![n; 32],
+    };
+    for n in 0..10u8 {
+        s.apply(vec![begin(n, 1_000 + i64::from(n))]).await?;
+    }
+    // The two oldest were dropped to keep the cap; the newest are there, and taken once.
+    for n in 0..2u8 {
+        let out = s.apply(vec![take(n)]).await?;
+        assert!(rejected(&out[0], ErrorCode::NotFound), "{n}: {out:?}");
+    }
+    let out = s.apply(vec![take(9), take(9)]).await?;
+    assert!(matches!(&out[0], ChangeOutcome::LinkTaken(p) if p.verifier == "v9"));
+    assert!(rejected(&out[1], ErrorCode::NotFound));
+    assert_eq!(MAX_PENDING_LINKS, 8);
+    // Past their TTL, the rest go at the next prune, long before retention.
+    let out = s
+        .apply(vec![StateChange::Prune {
+            before_ms: 0,
+            now_ms: 1_100 + LINK_TTL_MS,
+            limit: 100,
+        }])
+        .await?;
+    assert_eq!(out[0], ChangeOutcome::Pruned(7));
+    for n in 2..9u8 {
+        let out = s.apply(vec![take(n)]).await?;
+        assert!(rejected(&out[0], ErrorCode::NotFound), "{n}: {out:?}");
+    }
     Ok(())
 }

@@ -285,6 +285,9 @@ impl Tx<'_> {
                 self.delete(k);
             }
         }
+        for (k, _) in self.scan(&self.pending_of_key(customer_id, &[]))? {
+            self.delete(k);
+        }
         for (_, v) in self.scan(&self.p(keys::OUTBOX))? {
             let rec: OutboxRecord = codec::decode(&v)?;
             if rec.command.customer_id == customer_id {

@@ -1,6 +1,7 @@
 //! Retention (data groups): deleting what aged past the retention period, in bounded steps.
 
 use super::Tx;
+use crate::codec;
 use crate::error::StoreError;
 use crate::keys;
 use crate::records::*;
@@ -9,12 +10,27 @@ impl Tx<'_> {
     pub(crate) fn prune(
         &mut self,
         before_ms: i64,
+        now_ms: i64,
         limit: u32,
     ) -> Result<ChangeOutcome, StoreError> {
+        // OAuth linkings past their TTL can never complete: they go now, not at retention.
+        let mut n = 0u32;
+        for (k, v) in self.scan(&self.p(keys::PENDING_LINK))? {
+            if n >= limit {
+                return Ok(ChangeOutcome::Pruned(n));
+            }
+            let pending: PendingLink = codec::decode(&v)?;
+            if pending.at_ms < now_ms - custos_api::oauth::LINK_TTL_MS {
+                let hash = k[keys::HEADER..].to_vec();
+                self.delete(k);
+                self.delete(self.pending_of_key(&pending.customer_id, &hash));
+                n += 1;
+            }
+        }
         let lo = self.p(keys::EXPIRY);
         let hi = keys::expiry(self.space, before_ms, 0);
-        let found = self.stored_range(&lo, &hi, limit as usize)?;
-        let n = found.len() as u32;
+        let found = self.stored_range(&lo, &hi, (limit - n) as usize)?;
+        n += found.len() as u32;
         for (aging_key, target) in found {
             self.delete(aging_key);
             // Targets were recorded with the space they were written in; re-base them on

@@ -329,7 +329,11 @@ impl<'a> Tx<'a> {
                 Ok(ChangeOutcome::Done)
             }
             C::EndSessions { customer_id } => self.end_sessions(&customer_id),
-            C::Prune { before_ms, limit } => self.prune(before_ms, limit),
+            C::Prune {
+                before_ms,
+                now_ms,
+                limit,
+            } => self.prune(before_ms, now_ms, limit),
         }
     }
 }
