@@ -55,6 +55,12 @@ join = []
 # Off by default, so a registered endpoint cannot reach into the operator's own network.
 allow_private_targets = false
 
+# Reverse proxies in front of the client API, as addresses or CIDR blocks. Only when a call
+# comes from one of them is the client address taken from X-Forwarded-For (the right-most
+# address that is not itself a trusted proxy): the portal's sign-in and sign-up limits count per
+# client address, and behind a proxy every client would otherwise share the proxy's.
+trusted_proxies = []
+
 # Log format: "human" or "json". Log level filter, as in RUST_LOG.
 log_format = "human"
 log_level = "info,openraft=warn"
@@ -281,6 +287,8 @@ pub struct Config {
     pub cluster_secret: Option<String>,
     /// Deliver to private addresses.
     pub allow_private_targets: bool,
+    /// Reverse proxies whose X-Forwarded-For is believed (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<String>,
     /// `human` or `json`.
     pub log_format: String,
     /// Log filter.
@@ -333,6 +341,7 @@ impl Default for Config {
             join: Vec::new(),
             cluster_secret: None,
             allow_private_targets: false,
+            trusted_proxies: Vec::new(),
             log_format: "human".into(),
             log_level: "info,openraft=warn".into(),
             retention_days: 30.0,
@@ -421,6 +430,19 @@ impl Config {
         Ok(config)
     }
 
+    /// The trusted proxies, parsed (an address is a block of one); unparsable ones left out.
+    pub fn trusted_proxy_nets(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| {
+                let p = p.trim();
+                p.parse::<ipnet::IpNet>()
+                    .ok()
+                    .or_else(|| p.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+            })
+            .collect()
+    }
+
     /// Rejects values that cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
@@ -440,6 +462,13 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.raft.proposal_queue) {
             return bad("raft.proposal_queue must be in 1..=1000000");
+        }
+        if self.trusted_proxies.len() > 64
+            || self.trusted_proxy_nets().len() != self.trusted_proxies.len()
+        {
+            return bad(
+                "trusted_proxies: at most 64 addresses or CIDR blocks (e.g. \"10.0.0.0/8\")",
+            );
         }
         if !matches!(self.log_format.as_str(), "human" | "json") {
             return bad("log_format must be \"human\" or \"json\"");

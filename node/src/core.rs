@@ -442,6 +442,8 @@ pub struct Core {
     pub peers: Peers,
     /// The guarded client for every request to an entity.
     pub outbound: crate::outbound::Outbound,
+    /// Reverse proxies whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Opens the cluster's sealed token keys.
     cluster_secret: Arc<str>,
     /// The token key ring (loaded from the meta group on first use).
@@ -490,6 +492,7 @@ impl Core {
         raft_config: openraft::Config,
     ) -> Self {
         Core {
+            trusted_proxies: config.trusted_proxy_nets(),
             outbound,
             cluster_secret: cluster_secret.into(),
             seal: std::sync::OnceLock::new(),

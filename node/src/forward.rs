@@ -39,7 +39,8 @@ const LEADER_WAIT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, Copy)]
 pub struct OnPeerPort;
 
-/// The client's address: the forwarding node's word for it on the peer port, else the socket's.
+/// The client's address: the forwarding node's word for it on the peer port; else, from a
+/// trusted proxy, what its X-Forwarded-For says; else the socket's.
 pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
     if req.app_data::<web::Data<OnPeerPort>>().is_some() {
         if let Some(ip) = req
@@ -51,7 +52,42 @@ pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
             return Some(ip);
         }
     }
-    req.peer_addr().map(|a| a.ip())
+    let peer = req.peer_addr()?.ip();
+    let Some(core) = req.app_data::<web::Data<Arc<Core>>>() else {
+        return Some(peer);
+    };
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    Some(forwarded_client(peer, forwarded, &core.trusted_proxies))
+}
+
+/// The client behind `peer`: `peer` itself unless it is a trusted proxy; then, walking
+/// X-Forwarded-For from the right, the first address that is not a trusted proxy (a client can
+/// write anything on the left, so only the proxies' own appends are believed).
+pub fn forwarded_client(
+    peer: IpAddr,
+    forwarded_for: Option<&str>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for hop in forwarded_for.into_iter().flat_map(|h| h.rsplit(',')) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 /// An event's body as the forwarder read it, and the route it found: the events handler
@@ -307,4 +343,43 @@ async fn proxy(
         out.append_header((name.as_str(), value.as_bytes()));
     }
     out.streaming(resp.bytes_stream())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_behind_trusted_proxies_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        // Not from a proxy: the header is the client's own word, ignored.
+        assert_eq!(
+            forwarded_client(ip("203.0.113.9"), Some("1.2.3.4"), &trusted),
+            ip("203.0.113.9")
+        );
+        // From a proxy: the right-most address the proxies did not add themselves.
+        assert_eq!(
+            forwarded_client(
+                ip("10.0.0.2"),
+                Some("6.6.6.6, 198.51.100.7, 10.0.0.1"),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        // A proxy with nothing to say, or garbage: the last believable address.
+        assert_eq!(
+            forwarded_client(ip("10.0.0.2"), None, &trusted),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            forwarded_client(ip("10.0.0.2"), Some("nonsense, 10.0.0.5"), &trusted),
+            ip("10.0.0.5")
+        );
+        // No trusted proxies configured: always the socket.
+        assert_eq!(
+            forwarded_client(ip("10.0.0.2"), Some("1.2.3.4"), &[]),
+            ip("10.0.0.2")
+        );
+    }
 }
