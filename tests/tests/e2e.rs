@@ -592,6 +592,58 @@ async fn secret_rotation_keeps_the_old_secret_valid_for_the_grace_period() -> an
     Ok(())
 }
 
+#[tokio::test]
+async fn hostile_rules_never_stall_the_node() -> anyhow::Result<()> {
+    let w = world().await?;
+    let me = w.node.admin().with_token(&w.customer.token);
+    // The expressions (refused when compiled) and the costliest shape accepted, over
+    // the largest lists its budget allows, tried many times at once.
+    let mut nested = "true".to_owned();
+    for i in 0..10 {
+        nested = format!("[0,1,2,3,4,5,6,7,8,9].all(a{i}, {nested})");
+    }
+    let chain = vec!["1"; 2_000].join("+") + " > 0";
+    let costly = "data.l.all(a, data.l.all(b, a + b >= 0))".to_owned();
+    let mut tries = Vec::new();
+    for i in 0..12 {
+        let mut spec = delay_rule();
+        spec.when.condition = Some([&nested, &chain, &costly][i % 3].clone());
+        let me = me.clone();
+        let id = w.customer.id.clone();
+        tries.push(tokio::spawn(async move {
+            me.try_rule(
+                &id,
+                &TryRule {
+                    rule: spec,
+                    event_id: None,
+                    sample_data: Some(json!({"l": (0..30_000).collect::<Vec<_>>()})),
+                },
+            )
+            .await
+        }));
+    }
+    // A liveness bound, not a benchmark: the node answers while they run.
+    let health = reqwest::Client::new()
+        .get(format!("{}/healthz", w.node.url))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await?;
+    assert_eq!(health.status(), 200);
+    for (i, t) in tries.into_iter().enumerate() {
+        match (i % 3, t.await?) {
+            (0 | 1, Err(e)) => assert_eq!(e.code(), Some(ErrorCode::InvalidRule), "{e}"),
+            (2, Ok(outcome)) => {
+                // Accepted when saved, but this event's lists are too long for its budget.
+                assert!(!outcome.matched);
+                let reason = outcome.reason.unwrap_or_default();
+                assert!(reason.contains("budget"), "{reason}");
+            }
+            (_, other) => anyhow::bail!("try {i}: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// A raw request for the bad-input table.
 struct Bad {
     what: &'static str,
