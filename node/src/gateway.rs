@@ -55,6 +55,7 @@ async fn read_body(
 
 /// Paging of activity.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ActivityQuery {
     /// Items per page (1..=500, default 50).
@@ -65,6 +66,7 @@ pub struct ActivityQuery {
 
 /// Filter and paging of deliveries.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryQuery {
     /// pending, delivered, failed or cancelled (default failed).
@@ -283,6 +285,7 @@ async fn authorize_link(
 
 /// The OAuth callback query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
     /// The authorization code.
     pub code: Option<String>,

@@ -1049,6 +1049,32 @@ async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<
         .json()
         .await?;
     assert_eq!(doc["openapi"], "3.1.0");
+    // Path parameters are the path's own: a query parameter declared `in: path` (a generated
+    // client would put it in the URL's path) or a template without its parameter is invalid.
+    let mut misplaced = Vec::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            let declared: Vec<&str> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            for name in &declared {
+                if !path.contains(&format!("{{{name}}}")) {
+                    misplaced.push(format!("{method} {path}: {name} is not in the path"));
+                }
+            }
+            for seg in path.split('/').filter(|s| s.starts_with('{')) {
+                let name = seg.trim_matches(|c| c == '{' || c == '}');
+                if !declared.contains(&name) {
+                    misplaced.push(format!("{method} {path}: {name} is not declared"));
+                }
+            }
+        }
+    }
+    assert!(misplaced.is_empty(), "{misplaced:#?}");
     for p in [
         "/v1/events",
         "/v1/entities",
