@@ -53,6 +53,41 @@ async fn read_body(
     Ok(body)
 }
 
+/// A JSON request body that must be an object. serde also builds a struct from an array (its
+/// fields by position), which no client means: `["Renamed"]` is refused, not a rename.
+#[derive(Debug)]
+pub struct JsonObject<T>(T);
+
+impl<T> JsonObject<T> {
+    /// The decoded body.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonObject<T> {
+    type Error = actix_web::Error;
+    type Future = futures::future::LocalBoxFuture<'static, std::result::Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        // Through `web::Json`, so its size limit, media type check and problems still apply.
+        let value = web::Json::<serde_json::Value>::from_request(req, payload);
+        Box::pin(async move {
+            let web::Json(v) = value.await?;
+            if !v.is_object() {
+                return Err(ServiceError::refused(
+                    ErrorCode::MalformedBody,
+                    "the body must be a JSON object",
+                )
+                .into());
+            }
+            serde_json::from_value(v)
+                .map(JsonObject)
+                .map_err(|e| ServiceError::refused(ErrorCode::MalformedBody, e.to_string()).into())
+        })
+    }
+}
+
 /// Paging of activity.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -164,7 +199,7 @@ async fn post_event(
 async fn register_entity(
     vault: web::Data<Vault>,
     req: HttpRequest,
-    body: web::Json<RegisterEntity>,
+    body: JsonObject<RegisterEntity>,
 ) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     let e = vault.register_entity(body.into_inner()).await?;
@@ -199,7 +234,7 @@ async fn update_entity(
     vault: web::Data<Vault>,
     req: HttpRequest,
     id: web::Path<String>,
-    body: web::Json<UpdateEntity>,
+    body: JsonObject<UpdateEntity>,
 ) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Ok().json(vault.update_entity(&id, body.into_inner()).await?))
@@ -245,7 +280,7 @@ async fn link(
     vault: web::Data<Vault>,
     req: HttpRequest,
     id: web::Path<String>,
-    body: web::Json<LinkRequest>,
+    body: JsonObject<LinkRequest>,
 ) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
     Ok(HttpResponse::Created().json(vault.link(&id, body.into_inner()).await?))
@@ -373,7 +408,7 @@ async fn try_rule(
     vault: web::Data<Vault>,
     req: HttpRequest,
     id: web::Path<String>,
-    body: web::Json<TryRule>,
+    body: JsonObject<TryRule>,
 ) -> Result<HttpResponse> {
     vault.require_customer(bearer(&req), &id).await?;
     Ok(HttpResponse::Ok().json(vault.try_rule(&id, body.into_inner()).await?))
@@ -387,7 +422,7 @@ async fn create_rule(
     vault: web::Data<Vault>,
     req: HttpRequest,
     id: web::Path<String>,
-    body: web::Json<RuleSpec>,
+    body: JsonObject<RuleSpec>,
 ) -> Result<HttpResponse> {
     vault.require_customer(bearer(&req), &id).await?;
     Ok(HttpResponse::Created().json(vault.create_rule(&id, body.into_inner()).await?))
