@@ -870,11 +870,12 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
         };
     let mut unknown = delayed("u-1", "FF-1234", 90);
     unknown.source = "nobody".into();
+    // Answered as a bad signature: unauthenticated callers do not learn which entities exist.
     with_event(
         "unknown entity",
         unknown,
-        422,
-        ErrorCode::UnknownEntity,
+        401,
+        ErrorCode::BadSignature,
         &w.airline,
     );
     let mut undeclared = delayed("u-2", "FF-1234", 90);

@@ -34,19 +34,15 @@ impl Vault {
                 "must be a registered entity id",
             ));
         }
-        let Some(entity) = self.core.entity(&event.source).await? else {
-            return Err(ServiceError::refused(
-                ErrorCode::UnknownEntity,
-                format!("no entity {} is registered", event.source),
-            ));
+        // An unknown source is answered as a bad signature, after the same checks and the same
+        // HMAC work (against a secret nobody has): callers cannot learn which entities exist.
+        let entity = self.core.entity(&event.source).await?;
+        static NOBODYS: std::sync::OnceLock<webhook::Secret> = std::sync::OnceLock::new();
+        let secrets = match &entity {
+            Some(e) => e.valid_secrets(received_ms),
+            None => vec![NOBODYS.get_or_init(webhook::Secret::generate)],
         };
-        webhook::verify(
-            &entity.valid_secrets(received_ms),
-            headers,
-            body,
-            received_ms / 1000,
-        )
-        .map_err(|e| match e {
+        webhook::verify(&secrets, headers, body, received_ms / 1000).map_err(|e| match e {
             WebhookError::MissingHeader(_) => {
                 ServiceError::refused(ErrorCode::MissingSignature, e.to_string())
             }
@@ -57,6 +53,12 @@ impl Vault {
                 ServiceError::refused(ErrorCode::BadSignature, e.to_string())
             }
         })?;
+        let Some(entity) = entity else {
+            return Err(ServiceError::refused(
+                ErrorCode::BadSignature,
+                WebhookError::BadSignature.to_string(),
+            ));
+        };
         event
             .validate_incoming()
             .map_err(|e| ServiceError::invalid(e.field, e.reason))?;
