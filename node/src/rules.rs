@@ -677,6 +677,7 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
 
     proptest::proptest! {
         /// Fuzzing customer-written CEL (PROPTEST_CASES=100000 for a longer run): compiling and
@@ -691,6 +692,31 @@ mod tests {
             let mapping = json!({"arrival": src});
             if let Ok(rule) = compile(record("r", None, mapping)) {
                 let _ = rule.evaluate(&EventScope::new(&event(1)), &Context::default());
+            }
+        }
+
+        /// Rule specs as a client sends them: arbitrary JSON mappings (nested objects, arrays,
+        /// expressions at the leaves) compile or are refused, and run, without a panic.
+        #[test]
+        fn arbitrary_mappings_never_panic(data in proptest::prop_oneof![
+            proptest::strategy::Just(json!({})),
+            ".{0,40}".prop_map(|s| json!({"a": s})),
+        ].prop_recursive(4, 64, 8, |inner| proptest::prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(|v| json!({"l": v})),
+            proptest::collection::hash_map("[a-z.]{0,6}", inner, 0..8)
+                .prop_map(|m| serde_json::to_value(m).unwrap_or_default()),
+        ])) {
+            if let Ok(rule) = compile(record("r", None, data)) {
+                let _ = rule.evaluate(&EventScope::new(&event(90)), &Context::default());
+            }
+        }
+
+        #[test]
+        fn arbitrary_rule_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            if let Ok(spec) = serde_json::from_slice::<custos_api::types::RuleSpec>(&body) {
+                let mut r = record("r", spec.when.condition.as_deref(), spec.then.data);
+                r.name = spec.name;
+                let _ = compile(r);
             }
         }
 
