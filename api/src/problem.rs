@@ -31,6 +31,8 @@ pub enum ErrorCode {
     UnknownEntity,
     /// The resource does not exist.
     NotFound,
+    /// The path exists, not with this method (the `Allow` header lists the methods).
+    MethodNotAllowed,
     /// The resource already exists.
     Conflict,
     /// The rule does not compile or does not fit the entities' types.
@@ -62,6 +64,7 @@ impl ErrorCode {
             Unauthorized | BadSignature | StaleTimestamp => 401,
             Forbidden => 403,
             NotFound => 404,
+            MethodNotAllowed => 405,
             Conflict => 409,
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
@@ -87,6 +90,7 @@ impl ErrorCode {
             StaleTimestamp => "stale_timestamp",
             UnknownEntity => "unknown_entity",
             NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
             Conflict => "conflict",
             InvalidRule => "invalid_rule",
             EntityNotLinked => "entity_not_linked",
@@ -113,6 +117,7 @@ impl ErrorCode {
             StaleTimestamp => "Stale webhook timestamp",
             UnknownEntity => "Unknown entity",
             NotFound => "Not found",
+            MethodNotAllowed => "Method not allowed",
             Conflict => "Conflict",
             InvalidRule => "Invalid rule",
             EntityNotLinked => "Entity not linked",

@@ -606,10 +606,72 @@ async fn remove_node(
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
-    Err(ServiceError::refused(
-        ErrorCode::NotFound,
-        format!("no route {} {}", req.method(), req.path()),
-    ))
+    let allowed = allowed_methods(req.path());
+    if allowed.is_empty() {
+        return Err(ServiceError::refused(
+            ErrorCode::NotFound,
+            format!("no route {} {}", req.method(), req.path()),
+        ));
+    }
+    let allow = allowed.join(", ");
+    let err = ServiceError::refused(
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{} {} is not served; allowed: {allow}",
+            req.method(),
+            req.path()
+        ),
+    );
+    let mut resp = actix_web::ResponseError::error_response(&err);
+    if let Ok(v) = header::HeaderValue::from_str(&allow) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    Ok(resp)
+}
+
+/// The methods the API serves on `path`, from the OpenAPI document (one source of truth for
+/// routes and their methods): `{param}` segments match any one segment.
+fn allowed_methods(path: &str) -> Vec<&'static str> {
+    static TABLE: std::sync::OnceLock<Vec<(Vec<String>, Vec<&'static str>)>> =
+        std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        let methods = ["get", "put", "post", "delete", "patch"];
+        doc["paths"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(template, item)| {
+                let segs = template.split('/').map(str::to_owned).collect();
+                let allowed = methods
+                    .iter()
+                    .filter(|m| item.get(**m).is_some())
+                    .map(|m| match *m {
+                        "get" => "GET",
+                        "put" => "PUT",
+                        "post" => "POST",
+                        "delete" => "DELETE",
+                        _ => "PATCH",
+                    })
+                    .collect();
+                (segs, allowed)
+            })
+            .collect()
+    });
+    let segs: Vec<&str> = path.split('/').collect();
+    let mut out: Vec<&'static str> = table
+        .iter()
+        .filter(|(t, _)| {
+            t.len() == segs.len()
+                && t.iter().zip(&segs).all(|(a, b)| {
+                    (a.starts_with('{') && a.ends_with('}') && !b.is_empty()) || a == b
+                })
+        })
+        .flat_map(|(_, m)| m.iter().copied())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 struct BearerScheme;

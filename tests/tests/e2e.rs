@@ -808,6 +808,16 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
             code: ErrorCode::MalformedBody,
         },
         Bad {
+            what: "a method the path does not serve",
+            method: reqwest::Method::PUT,
+            path: "/v1/entities".into(),
+            token: admin_token.clone(),
+            headers: vec![],
+            body: vec![],
+            status: 405,
+            code: ErrorCode::MethodNotAllowed,
+        },
+        Bad {
             what: "unknown customer",
             method: get.clone(),
             path: "/v1/customers/cus_nobody".into(),
@@ -1134,6 +1144,15 @@ async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<
     assert_eq!(ready.leader, Some(1));
     let health = http.get(format!("{}/healthz", w.node.url)).send().await?;
     assert_eq!(health.status(), 200);
+    let wrong = http
+        .delete(format!("{}/v1/entities", w.node.url))
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(
+        wrong.headers().get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET, POST")
+    );
     // The data directory and everything in it are the owner's alone, and a configured admin
     // token is never printed.
     let mut exposed = Vec::new();
