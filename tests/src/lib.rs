@@ -20,6 +20,7 @@ pub mod browser;
 pub mod chaos;
 pub mod cluster;
 pub mod entity;
+pub mod files;
 pub mod node;
 pub mod poll;
 pub mod receiver;

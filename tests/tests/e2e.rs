@@ -568,26 +568,9 @@ async fn secret_rotation_keeps_the_old_secret_valid_for_the_grace_period() -> an
         .iter()
         .map(|s| s.trim_start_matches("whsec_").to_owned())
         .collect();
-    let mut dirs = vec![w.node.data_dir.clone()];
-    let mut files = 0;
-    while let Some(d) = dirs.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                dirs.push(path);
-                continue;
-            }
-            files += 1;
-            let bytes = std::fs::read(&path)?;
-            for s in &secrets {
-                assert!(
-                    !bytes.windows(s.len()).any(|win| win == s.as_bytes()),
-                    "a signing secret in clear in {}",
-                    path.display()
-                );
-            }
-        }
-    }
+    let files = custos_tests::files::walk(&w.node.data_dir).1.len();
+    let found = custos_tests::files::containing(&w.node.data_dir, &secrets, &[]);
+    assert!(found.is_empty(), "a signing secret in clear: {found:?}");
     assert!(files > 5, "read {files} files");
     Ok(())
 }
@@ -1155,23 +1138,14 @@ async fn operations_endpoints_describe_and_measure_the_node() -> anyhow::Result<
     );
     // The data directory and everything in it are the owner's alone, and a configured admin
     // token is never printed.
-    let mut exposed = Vec::new();
-    let mut dirs = vec![w.node.data_dir.clone()];
-    while let Some(d) = dirs.pop() {
-        use std::os::unix::fs::PermissionsExt;
-        if std::fs::metadata(&d)?.permissions().mode() & 0o077 != 0 {
-            exposed.push(d.clone());
-        }
-        for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                dirs.push(entry.path());
-            } else if meta.permissions().mode() & 0o077 != 0 {
-                exposed.push(entry.path());
-            }
-        }
-    }
+    use std::os::unix::fs::PermissionsExt;
+    let (dirs, files) = custos_tests::files::walk(&w.node.data_dir);
+    assert!(files.len() > 5, "read {} files", files.len());
+    let exposed: Vec<_> = dirs
+        .iter()
+        .chain(&files)
+        .filter(|p| std::fs::metadata(p).map_or(true, |m| m.permissions().mode() & 0o077 != 0))
+        .collect();
     assert!(exposed.is_empty(), "readable by others: {exposed:?}");
     let log = w.node.log();
     assert!(

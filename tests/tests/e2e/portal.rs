@@ -720,43 +720,16 @@ async fn a_failed_delivery_is_retried_from_the_portal_by_its_owner_only() -> any
         "the erased customer gone from disk",
         Duration::from_secs(60),
         || {
-            let found = files_containing(&dir, &needles);
+            let found = custos_tests::files::containing(&dir, &needles, &["node.log"]);
             async move { found.is_empty().then_some(()) }
         },
     )
     .await;
     if let Err(e) = gone {
-        anyhow::bail!("{e}: still in {:?}", files_containing(&dir, &needles));
+        anyhow::bail!(
+            "{e}: still in {:?}",
+            custos_tests::files::containing(&dir, &needles, &["node.log"])
+        );
     }
     Ok(())
-}
-
-/// The files under `dir` (node.log aside) holding any of `needles`, with the needle.
-fn files_containing(dir: &std::path::Path, needles: &[String]) -> Vec<(String, String)> {
-    let mut found = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-                continue;
-            }
-            if path.file_name().is_some_and(|n| n == "node.log") {
-                continue;
-            }
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            for n in needles {
-                if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
-                    found.push((path.display().to_string(), n.clone()));
-                }
-            }
-        }
-    }
-    found
 }
