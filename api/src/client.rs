@@ -326,7 +326,7 @@ impl Client {
         self.get(&format!("/v1/deliveries/{command_id}")).await
     }
 
-    /// Replays a failed delivery (admin).
+    /// Replays a failed delivery, or retries a pending one now (admin).
     pub async fn replay(&self, command_id: &str) -> Result<Delivery, ClientError> {
         self.json(
             Method::POST,

@@ -327,6 +327,18 @@ pub enum ActivityKind {
         /// Command type.
         command_type: String,
     },
+    /// A rule triggered by an event could not be evaluated (an error in its condition or
+    /// mapping, a condition yielding something other than true or false, mapped data
+    /// violating the command schema, over the cost budget): one line per rule, also when
+    /// another rule of the same event matched.
+    RuleFailed {
+        /// The rule.
+        rule_id: String,
+        /// The event.
+        event_id: String,
+        /// What went wrong, values shown as JSON.
+        reason: String,
+    },
     /// An attempt to deliver a command.
     DeliveryAttempt {
         /// The command.

@@ -259,6 +259,11 @@ async fn prepare_and_send(
     let Some((rec, linked)) = found.filter(|(r, _)| r.state == DeliveryState::Pending) else {
         return Ok(None);
     };
+    if rec.next_due_ms.is_some_and(|due| due > unix_now_ms()) {
+        // A stale queue entry (the delivery was rescheduled, e.g. retried now by an
+        // operator): its own entry at the new due time sends it.
+        return Ok(None);
+    }
     worker
         .group
         .in_flight

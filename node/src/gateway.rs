@@ -515,7 +515,7 @@ async fn get_delivery(
     Ok(HttpResponse::Ok().json(vault.delivery(&id).await?))
 }
 
-/// Replays a failed delivery (operators).
+/// Replays a failed delivery, or tries a pending one waiting for its next retry now (operators).
 #[utoipa::path(post, path = "/v1/deliveries/{command_id}/replay", tag = "deliveries", security(("bearer" = [])),
     params(("command_id" = String, Path)),
     responses((status = 200, body = Delivery), (status = 404, body = Problem), (status = 409, body = Problem)))]

@@ -226,9 +226,12 @@ enum ClientCommand {
         target: Target,
         /// Customer id.
         customer: String,
-        /// How many items.
+        /// How many items (1..=500).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Items older than this cursor: the `next` of the page before.
+        #[arg(long)]
+        before: Option<String>,
     },
     /// Print everything the vault holds about a customer (JSON).
     Export {
@@ -252,7 +255,7 @@ enum ClientCommand {
         #[arg(long, default_value = "failed")]
         status: String,
     },
-    /// Replay a failed delivery.
+    /// Replay a failed delivery, or retry a pending one now.
     Replay {
         #[command(flatten)]
         target: Target,
@@ -469,7 +472,12 @@ async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
             target,
             customer,
             limit,
-        } => print(&client(&target)?.activity(&customer, limit, None).await?),
+            before,
+        } => print(
+            &client(&target)?
+                .activity(&customer, limit, before.as_deref())
+                .await?,
+        ),
         ClientCommand::Export { target, customer } => {
             print(&client(&target)?.export(&customer).await?)
         }

@@ -18,7 +18,8 @@ use custos_api::limits::{is_valid_id, is_valid_subject, MAX_NAME_LEN};
 use custos_api::types::{EventReceipt, EventStatus, Link, LinkRequest, Rule, RuleSpec};
 use custos_api::{CloudEvent, ErrorCode};
 use custos_raft::records::{
-    CommandRecord, EventRecord, Ingest, IntentRecord, IntentStep, LinkRecord, RuleRecord,
+    CommandRecord, EventRecord, Ingest, IntentRecord, IntentStep, LinkRecord, RuleFailure,
+    RuleRecord,
 };
 use custos_raft::shard::{slot_of, slot_tag};
 use custos_raft::types::GroupId;
@@ -265,6 +266,19 @@ pub fn command_id(customer: &str, source: &str, event_id: &str, rule_id: &str) -
 struct Plan {
     commands: Vec<CommandRecord>,
     reasons: Vec<String>,
+    /// Rules that could not be evaluated: each gets its own activity line.
+    failures: Vec<RuleFailure>,
+}
+
+impl Plan {
+    fn fail(&mut self, rule: &RuleRecord, event: &CloudEvent, reason: String) {
+        self.reasons.push(format!("rule {}: {reason}", rule.id));
+        self.failures.push(RuleFailure {
+            rule_id: rule.id.clone(),
+            event_id: event.id.clone(),
+            reason,
+        });
+    }
 }
 
 fn plan(
@@ -277,6 +291,7 @@ fn plan(
     let mut out = Plan {
         commands: Vec::new(),
         reasons: Vec::new(),
+        failures: Vec::new(),
     };
     let subject = event.subject.as_deref().unwrap_or_default();
     if profile
@@ -316,17 +331,18 @@ fn plan(
                 continue;
             }
             Err(e) => {
-                out.reasons.push(format!("rule {}: {e}", r.id));
+                out.fail(r, event, e.to_string());
                 continue;
             }
         };
         if let Some(target) = targets.get(&r.then_entity) {
             if let Some(v) = target.command_schema(&r.then_command_type) {
                 if let Err(e) = check_schema(v, &data) {
-                    out.reasons.push(format!(
-                        "rule {}: mapped data violates the {} schema: {e}",
-                        r.id, r.then_command_type
-                    ));
+                    let why = format!(
+                        "mapped data violates the {} schema: {e}",
+                        r.then_command_type
+                    );
+                    out.fail(r, event, why);
                     continue;
                 }
             }
@@ -402,6 +418,7 @@ async fn ingest(
         customer_id: Some(customer.to_owned()),
         commands: plan.commands,
         ignored_reason: reason,
+        rule_failures: plan.failures,
         at_ms: received_ms,
     };
     let outcome = core.propose(group, StateChange::Ingest(ingest)).await?;
@@ -625,6 +642,23 @@ pub fn validate_rule(
             format!("{}: {}", e.field, e.message),
         )
     })?;
+    if let Some(schema) = source
+        .record
+        .event_type(&spec.when.event_type)
+        .and_then(|t| t.schema_json.as_deref())
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+    {
+        if let Some(yielded) = compiled.condition_type_error(&spec.when.event_type, &schema) {
+            return Err(ServiceError::refused(
+                ErrorCode::InvalidRule,
+                format!(
+                    "when.condition: yields {yielded} on {} data as its schema describes, not \
+                     true or false",
+                    spec.when.event_type
+                ),
+            ));
+        }
+    }
     if let Some(schema) = target
         .record
         .command_type(&spec.then.command_type)

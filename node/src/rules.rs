@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
 use cel::common::value::CelVal;
-use cel::{Context, IdedExpr, Program, Value as CelValue};
+use cel::{Context, ExecutionError, IdedExpr, Program, Value as CelValue};
 use custos_api::limits::{MAX_EXPR_LEN, MAX_MAPPING_DEPTH, MAX_MAPPING_FIELDS};
 use custos_api::CloudEvent;
 use custos_raft::records::RuleRecord;
@@ -33,8 +33,8 @@ pub enum EvalError {
     /// The condition failed to evaluate (e.g. a missing field).
     #[error("condition: {0}")]
     Condition(String),
-    /// The condition did not yield a boolean.
-    #[error("condition yielded {0}, not a bool")]
+    /// The condition did not yield a boolean: what it yielded, as JSON.
+    #[error("condition yielded {0}, not true or false")]
     NotBool(String),
     /// The rule would cost more than the budget on this event (estimated before running).
     #[error(
@@ -420,6 +420,12 @@ pub fn compile(record: RuleRecord) -> Result<CompiledRule, RuleError> {
         Some(src) => Some(compile_expr("when.condition", src)?),
         None => None,
     };
+    if let Some(kind) = condition.as_ref().and_then(|c| never_bool(c.expression())) {
+        return Err(RuleError {
+            field: "when.condition".into(),
+            message: format!("yields {kind}, not true or false (compare it, e.g. `... > 0`)"),
+        });
+    }
     let data: Value = serde_json::from_str(&record.data_json).map_err(|e| RuleError {
         field: "then.data".into(),
         message: e.to_string(),
@@ -544,11 +550,109 @@ impl EventScope {
     }
 }
 
+// ---- values and errors as customers read them ---------------------------------------------
+
+/// The longest value quoted in a reason.
+const MAX_SHOWN: usize = 80;
+
+/// A CEL value as JSON text (what the customer wrote and sees), with its CEL type, cut short.
+pub fn shown(v: &CelValue) -> String {
+    let kind = match v {
+        CelValue::Int(_) => "an int",
+        CelValue::UInt(_) => "a uint",
+        CelValue::Float(_) => "a double",
+        CelValue::String(_) => "a string",
+        CelValue::Bytes(_) => "bytes",
+        CelValue::Bool(_) => "a bool",
+        CelValue::Null => "null",
+        CelValue::List(_) => "a list",
+        CelValue::Map(_) => "a map",
+        CelValue::Timestamp(_) => "a timestamp",
+        CelValue::Duration(_) => "a duration",
+        _ => "a value",
+    };
+    let text = match v.json() {
+        Ok(j) => j.to_string(),
+        Err(_) => return kind.to_owned(),
+    };
+    let mut cut = text.len().min(MAX_SHOWN);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let ellipsis = if cut < text.len() { "…" } else { "" };
+    if matches!(v, CelValue::Null) {
+        "null".to_owned()
+    } else {
+        format!("{}{ellipsis} ({kind})", &text[..cut])
+    }
+}
+
+/// The interpreter's error with values shown as JSON, not as Rust debug output.
+fn describe_error(e: &ExecutionError) -> String {
+    use ExecutionError as E;
+    match e {
+        E::ValuesNotComparable(a, b) => {
+            format!("{} can not be compared to {}", shown(a), shown(b))
+        }
+        E::UnsupportedBinaryOperator(op, a, b) => {
+            format!(
+                "operator {op} does not apply to {} and {}",
+                shown(a),
+                shown(b)
+            )
+        }
+        E::UnsupportedUnaryOperator(op, a) => {
+            format!("operator {op} does not apply to {}", shown(a))
+        }
+        E::Overflow(op, a, b) => format!("{} {op} {} overflows", shown(a), shown(b)),
+        E::DivisionByZero(a) => format!("{} divided by zero", shown(a)),
+        E::RemainderByZero(a) => format!("remainder of {} by zero", shown(a)),
+        E::IndexOutOfBounds(i) => format!("index {} is out of bounds", shown(i)),
+        E::UnsupportedIndex(i, t) => format!("{} can not index {}", shown(i), shown(t)),
+        E::UnsupportedMapIndex(i) => format!("{} can not be a map key", shown(i)),
+        E::UnsupportedListIndex(i) => format!("{} can not be a list index", shown(i)),
+        E::UnsupportedKeyType(k) => format!("{} can not be a map key", shown(k)),
+        E::UnsupportedTargetType { target } => format!("not supported on {}", shown(target)),
+        E::NotSupportedAsMethod { method, target } => {
+            format!("{method}() is not a method of {}", shown(target))
+        }
+        E::NoSuchKey(k) => format!("no field '{k}' in the event"),
+        other => other.to_string(),
+    }
+}
+
+/// When an expression's outermost operation can only yield a non-boolean (arithmetic, a
+/// literal, a list or map, a conversion), what it yields: such a condition is refused when saved.
+fn never_bool(e: &IdedExpr) -> Option<&'static str> {
+    match &e.expr {
+        Expr::Literal(CelVal::Boolean(_)) => None,
+        Expr::Literal(CelVal::Null) => Some("null"),
+        Expr::Literal(CelVal::String(_)) => Some("a string"),
+        Expr::Literal(CelVal::Bytes(_)) => Some("bytes"),
+        Expr::Literal(_) => Some("a number"),
+        Expr::List(_) => Some("a list"),
+        Expr::Map(_) | Expr::Struct(_) => Some("a map"),
+        Expr::Call(c) => match c.func_name.as_str() {
+            "_+_" | "_-_" | "_*_" | "_/_" | "_%_" | "-_" => Some("a number, string or list"),
+            "size" | "int" | "uint" | "double" => Some("a number"),
+            "string" => Some("a string"),
+            "timestamp" => Some("a timestamp"),
+            "duration" => Some("a duration"),
+            "_?_:_" => {
+                let (a, b) = (c.args.get(1)?, c.args.get(2)?);
+                never_bool(a).and(never_bool(b))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn run(program: &Program, ctx: &Context<'_>) -> Result<CelValue, String> {
     // Contain panics from the interpreter on odd input, as in compile.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(ctx))) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(describe_error(&e)),
         Err(_) => Err("expression evaluation failed".into()),
     }
 }
@@ -609,10 +713,94 @@ impl CompiledRule {
             match run(cond, &ctx).map_err(EvalError::Condition)? {
                 CelValue::Bool(true) => {}
                 CelValue::Bool(false) => return Ok(None),
-                other => return Err(EvalError::NotBool(format!("{other:?}"))),
+                other => return Err(EvalError::NotBool(shown(&other))),
             }
         }
         eval_mapping("", &self.mapping, &ctx).map(Some)
+    }
+}
+
+impl CompiledRule {
+    /// Runs the condition on an event shaped like the event type's JSON Schema says (see
+    /// [`sample_of_schema`]): when it yields something other than true or false there, what.
+    /// Errors on the sample (a field it lacks) say nothing about real events, so they pass.
+    pub fn condition_type_error(&self, event_type: &str, schema: &Value) -> Option<String> {
+        self.condition.as_ref()?;
+        let mut event = CloudEvent::new("sample", &self.record.when_entity, event_type);
+        event.data = Some(sample_of_schema(schema, 0));
+        match self.evaluate(&EventScope::new(&event), &Context::default()) {
+            Err(EvalError::NotBool(v)) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// A value of the shape a JSON Schema describes (`const`, first `enum` value, `minimum`,
+/// `default`, else a zero value of the declared type; every property of an object), for
+/// type-checking a condition when it is saved.
+pub fn sample_of_schema(schema: &Value, depth: usize) -> Value {
+    if depth > 8 {
+        return Value::Null;
+    }
+    let Some(o) = schema.as_object() else {
+        return Value::Null;
+    };
+    if let Some(v) = o.get("const").or_else(|| o.get("default")) {
+        return v.clone();
+    }
+    if let Some(v) = o
+        .get("enum")
+        .and_then(|e| e.as_array())
+        .and_then(|e| e.first())
+    {
+        return v.clone();
+    }
+    if let Some(first) = ["oneOf", "anyOf", "allOf"]
+        .iter()
+        .find_map(|k| o.get(*k).and_then(|v| v.as_array()).and_then(|v| v.first()))
+    {
+        return sample_of_schema(first, depth + 1);
+    }
+    let ty = match o.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(|t| t.as_str())
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ if o.contains_key("properties") => "object",
+        _ => return Value::Null,
+    };
+    match ty {
+        "object" => Value::Object(
+            o.get("properties")
+                .and_then(|p| p.as_object())
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), sample_of_schema(v, depth + 1)))
+                .collect(),
+        ),
+        "array" => Value::Array(
+            o.get("items")
+                .map(|i| vec![sample_of_schema(i, depth + 1)])
+                .unwrap_or_default(),
+        ),
+        "integer" => o
+            .get("minimum")
+            .and_then(Value::as_i64)
+            .map_or(Value::from(0), Value::from),
+        "number" => o
+            .get("minimum")
+            .cloned()
+            .filter(Value::is_number)
+            .unwrap_or(Value::from(0.5)),
+        "boolean" => Value::Bool(false),
+        "string" => Value::String(match o.get("format").and_then(|f| f.as_str()) {
+            Some("date-time") => "2026-01-01T00:00:00Z".into(),
+            Some("date") => "2026-01-01".into(),
+            _ => "x".into(),
+        }),
+        _ => Value::Null,
     }
 }
 
@@ -811,6 +999,66 @@ mod tests {
             rule.evaluate(&EventScope::new(&event(1)), &f),
             Err(EvalError::NotBool(_))
         ));
+    }
+
+    #[test]
+    fn conditions_that_cannot_yield_a_bool_are_refused_and_reasons_show_json() {
+        for src in [
+            "data.delay_minutes + 1",
+            "'late'",
+            "42",
+            "[1, 2]",
+            "size(data.flight)",
+            "data.delay_minutes > 0 ? 1 : 2",
+        ] {
+            let e = compile(record("r", Some(src), json!({}))).expect_err(src);
+            assert!(e.message.contains("not true or false"), "{src}: {e}");
+        }
+        for src in ["data.delay_minutes > 1 ? true : false", "data.ok", "true"] {
+            compile(record("r", Some(src), json!({}))).expect(src);
+        }
+        let f = Context::default();
+        // A non-boolean field: known only at run time without a schema; shown as JSON.
+        let rule = compile(record("r", Some("data.delay_minutes"), json!({}))).expect("compiles");
+        let e = rule
+            .evaluate(&EventScope::new(&event(31)), &f)
+            .expect_err("not a bool");
+        assert_eq!(
+            e.to_string(),
+            "condition yielded 31 (an int), not true or false"
+        );
+        let rule = compile(record("r", Some("data.flight > 60"), json!({}))).expect("compiles");
+        let e = rule
+            .evaluate(&EventScope::new(&event(31)), &f)
+            .expect_err("not comparable");
+        assert_eq!(
+            e.to_string(),
+            "condition: \"XY123\" (a string) can not be compared to 60 (an int)"
+        );
+        assert!(!e.to_string().contains("String("), "{e}");
+        // With the event type's schema, the same rule is refused when saved.
+        let schema = json!({"type": "object", "properties": {
+            "delay_minutes": {"type": "integer", "minimum": 1},
+            "flight": {"type": "string"},
+            "legs": {"type": "array", "items": {"type": "object", "properties": {"to": {"type": "string"}}}}}});
+        let rule = compile(record("r", Some("data.delay_minutes"), json!({}))).expect("compiles");
+        assert_eq!(
+            rule.condition_type_error("flight.delayed", &schema)
+                .as_deref(),
+            Some("1 (an int)")
+        );
+        for ok in [
+            "data.delay_minutes > 60",
+            "data.legs.exists(l, l.to == 'BCN')",
+            "data.nope",
+        ] {
+            let rule = compile(record("r", Some(ok), json!({}))).expect(ok);
+            assert_eq!(
+                rule.condition_type_error("flight.delayed", &schema),
+                None,
+                "{ok}"
+            );
+        }
     }
 
     /// Ten comprehensions over ten elements nested: 10^10 steps if it ran.

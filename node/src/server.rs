@@ -97,6 +97,17 @@ impl AdminTokenSource {
             ),
         }
     }
+
+    /// The same, on one line for a JSON log event.
+    pub fn banner_field(&self, token: &str) -> String {
+        match self {
+            Self::Generated(p) => format!(
+                "{token} (generated now, kept in {}; not printed again)",
+                p.display()
+            ),
+            _ => self.banner(token),
+        }
+    }
 }
 
 /// Reads the admin token from config, then `<data_dir>/admin-token`, else generates one.
@@ -474,7 +485,11 @@ pub async fn run(
             .configure(crate::gateway::configure)
             .wrap(middleware::from_fn(crate::forward::forward))
             // Path without the query: OAuth codes and states are not written to logs.
-            .wrap(middleware::Logger::new("%m %U %s %Dms").log_target("custos::http"))
+            .wrap(
+                middleware::Logger::new("%{method}xi %U %s %Dms")
+                    .custom_request_replace("method", |req| req.method().to_string())
+                    .log_target("custos::http"),
+            )
     })
     .disable_signals()
     .shutdown_timeout(10);
@@ -561,20 +576,38 @@ pub async fn run(
     };
     let ready_json = serde_json::to_vec_pretty(&ready).unwrap_or_default();
     write_private(&config.data_dir.join("node.json"), &ready_json)?;
-    println!("custos node {id} ready");
-    println!("  client API   {scheme}://{api_addr}");
-    println!("  portal       {public_url}/portal");
-    println!("  peer port    {}", config.peer_address());
-    println!("  data dir     {}", config.data_dir.display());
-    println!("  admin token  {}", admin_source.banner(&admin));
-    if config.cluster_secret.is_none() {
-        println!(
-            "  cluster secret in {} (give it to joining nodes as CUSTOS_CLUSTER_SECRET)",
-            config.data_dir.join("cluster-secret").display()
+    let secret_file = config
+        .cluster_secret
+        .is_none()
+        .then(|| config.data_dir.join("cluster-secret"));
+    if config.log_format == "json" {
+        // Among JSON logs the banner is one JSON event too, so collectors can parse every line.
+        tracing::info!(
+            node = id,
+            client_api = %format!("{scheme}://{api_addr}"),
+            portal = %format!("{public_url}/portal"),
+            peer = %config.peer_address(),
+            data_dir = %config.data_dir.display(),
+            admin_token = %admin_source.banner_field(&admin),
+            cluster_secret_file = ?secret_file,
+            "node ready"
         );
+    } else {
+        println!("custos node {id} ready");
+        println!("  client API   {scheme}://{api_addr}");
+        println!("  portal       {public_url}/portal");
+        println!("  peer port    {}", config.peer_address());
+        println!("  data dir     {}", config.data_dir.display());
+        println!("  admin token  {}", admin_source.banner(&admin));
+        if let Some(f) = &secret_file {
+            println!(
+                "  cluster secret in {} (give it to joining nodes as CUSTOS_CLUSTER_SECRET)",
+                f.display()
+            );
+        }
+        let _ = std::io::stdout().flush();
+        tracing::info!(node = id, api = %api_addr, peer = %config.peer_address(), "node ready");
     }
-    let _ = std::io::stdout().flush();
-    tracing::info!(node = id, api = %api_addr, peer = %config.peer_address(), "node ready");
 
     shutdown.await;
     tracing::info!("stopping");

@@ -8,7 +8,7 @@ use serde::Serialize;
 /// and peer messages). 3: the cluster (meta and data groups, intents, batches) changed the
 /// records and the changes; data written by an earlier version is refused with
 /// `UnknownVersion`, never misread. 4: subject claims carry their claim ids.
-pub const FORMAT_VERSION: u8 = 4;
+pub const FORMAT_VERSION: u8 = 5;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

@@ -439,6 +439,12 @@ fn encode_cursor(bytes: &[u8]) -> String {
     hex::encode(bytes)
 }
 
+/// True when `s` has the shape of a cursor this store hands out (`next`), so a garbage
+/// cursor is refused instead of silently starting from the first page.
+pub fn is_cursor(s: &str) -> bool {
+    !s.is_empty() && decode_cursor(s).is_some()
+}
+
 fn decode_cursor(s: &str) -> Option<Vec<u8>> {
     if s.len() > 1024 {
         return None;

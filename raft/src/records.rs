@@ -411,6 +411,8 @@ pub enum ActivityRecord {
         /// Command type.
         command_type: String,
     },
+    /// A rule triggered by an event could not be evaluated.
+    RuleFailed(RuleFailure),
     /// A delivery attempt.
     DeliveryAttempt {
         /// Command id.
@@ -484,6 +486,11 @@ impl ActivityRecord {
                 target,
                 command_type,
             },
+            ActivityRecord::RuleFailed(f) => K::RuleFailed {
+                rule_id: f.rule_id,
+                event_id: f.event_id,
+                reason: f.reason,
+            },
             ActivityRecord::DeliveryAttempt {
                 command_id,
                 attempt,
@@ -533,8 +540,21 @@ pub struct Ingest {
     pub commands: Vec<CommandRecord>,
     /// Why nothing was triggered.
     pub ignored_reason: Option<String>,
+    /// The rules the event triggered that could not be evaluated, each with why.
+    pub rule_failures: Vec<RuleFailure>,
     /// Receive time.
     pub at_ms: i64,
+}
+
+/// A rule an event triggered that could not be evaluated, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleFailure {
+    /// The rule.
+    pub rule_id: String,
+    /// The event.
+    pub event_id: String,
+    /// Why, values shown as JSON.
+    pub reason: String,
 }
 
 /// What an attempt leads to; decided by the delivery worker, applied by the state machine.
@@ -1062,6 +1082,11 @@ mod tests {
             customer_id: Some("c".into()),
             commands: vec![],
             ignored_reason: Some("no rule".into()),
+            rule_failures: vec![RuleFailure {
+                rule_id: "r".into(),
+                event_id: "e".into(),
+                reason: "condition yielded 31 (an int), not true or false".into(),
+            }],
             at_ms: 5,
         });
         let bytes = codec::encode(&change).expect("encode");

@@ -130,6 +130,7 @@ fn ingest_as(event_id: &str, subject: &str, at_ms: i64) -> StateChange {
             created_ms: at_ms,
         }],
         ignored_reason: None,
+        rule_failures: Vec::new(),
         at_ms,
     })
 }
@@ -771,6 +772,48 @@ async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
         .all(|a| a.error.as_ref().is_some_and(|e| e.len()
             <= custos_api::limits::MAX_ATTEMPT_ERROR_LEN
             && e.starts_with('é'))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pending_delivery_waiting_for_a_retry_can_be_retried_now() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    s.apply(vec![ingest("e1", 100)]).await?;
+    let replay = |at_ms: i64| StateChange::Replay {
+        command_id: "cmd-e1".into(),
+        at_ms,
+    };
+    // Due at once after the ingest: nothing to bring forward.
+    let out = s.apply(vec![replay(150)]).await?;
+    assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+    // The first attempt failed; the next retry is an hour away.
+    s.apply(vec![StateChange::RecordDeliveries(vec![
+        DeliveryUpdate::Attempted {
+            command_id: "cmd-e1".into(),
+            attempt: AttemptRecord {
+                at_ms: 200,
+                status_code: Some(503),
+                error: None,
+                duration_ms: 1,
+            },
+            next: AttemptNext::RetryAt(3_600_200),
+        },
+    ])])
+    .await?;
+    let out = s.apply(vec![replay(300)]).await?;
+    assert_eq!(out[0], ChangeOutcome::Done, "{out:?}");
+    let rec = s.reader.outbox("cmd-e1")?.expect("kept");
+    assert_eq!(rec.state, DeliveryState::Pending);
+    assert_eq!(rec.next_due_ms, Some(300));
+    // Due now, and only once: the hour-away retry is gone from the schedule.
+    let due: Vec<String> = s
+        .reader
+        .due(4_000_000, 10)?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(due, vec!["cmd-e1".to_owned()]);
     Ok(())
 }
 

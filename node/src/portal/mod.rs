@@ -762,7 +762,10 @@ async fn activity(
         kind: q.kind.chars().take(20).collect(),
         entity: q.entity.chars().take(128).collect(),
     };
-    let before = q.before.as_deref().filter(|b| b.len() <= 200);
+    let before = q
+        .before
+        .as_deref()
+        .filter(|b| !b.is_empty() && b.len() <= 200);
     let loaded = async {
         Ok::<_, ServiceError>((
             vault

@@ -404,6 +404,7 @@ impl ActivityFilter {
         let (kind, entity) = match &item.kind {
             ActivityKind::EventReceived { source, .. } => ("events", Some(source.clone())),
             ActivityKind::RuleMatched { target, .. } => ("commands", Some(target.clone())),
+            ActivityKind::RuleFailed { .. } => ("commands", None),
             ActivityKind::DeliveryAttempt { command_id, .. }
             | ActivityKind::DeliveryChanged { command_id, .. } => {
                 ("deliveries", command_target(command_id))
@@ -419,8 +420,8 @@ impl ActivityFilter {
 }
 
 /// The lines of one page of activity that pass the filter, each with whether it carries a
-/// Retry button: the newest line of a delivery whose newest state is failed, and only on the
-/// newest page (an older page may not hold a delivery's latest state).
+/// Retry button: the newest line of a delivery whose newest state is failed or waiting for a
+/// retry, and only on the newest page (an older page may not hold a delivery's latest state).
 pub fn timeline(
     items: Vec<ActivityItem>,
     filter: &ActivityFilter,
@@ -457,7 +458,10 @@ pub fn timeline(
                 | ActivityKind::DeliveryChanged { command_id, .. } => {
                     newest_page
                         && first_seen.insert(command_id.clone())
-                        && latest.get(command_id) == Some(&DeliveryStatus::Failed)
+                        && matches!(
+                            latest.get(command_id),
+                            Some(DeliveryStatus::Failed | DeliveryStatus::Pending)
+                        )
                 }
                 _ => false,
             };
@@ -529,6 +533,14 @@ pub fn activity(
                             " matched: asked " (entity_name(entities, target)) " to “" (plain(command_type)) "”"
                             span.hint { " (command " code { (command_id) } ")" }
                         }
+                        ActivityKind::RuleFailed { rule_id, event_id, reason } => {
+                            @match rules.iter().find(|r| &r.id == rule_id) {
+                                Some(r) => { "Rule “" (r.name) "”" }
+                                None => { "Rule " code { (rule_id) } }
+                            }
+                            " could not run: " (reason) " " span.badge.bad { "error" }
+                            span.hint { " (event " code { (event_id) } ")" }
+                        }
                         ActivityKind::DeliveryAttempt { command_id, attempt, status_code, error, status } => {
                             "Delivery attempt " (attempt) " of " code { (command_id) } ": "
                             @if let Some(c) = status_code { "HTTP " (c) " " }
@@ -552,7 +564,7 @@ pub fn activity(
                         @if let ActivityKind::DeliveryAttempt { command_id, .. } | ActivityKind::DeliveryChanged { command_id, .. } = &item.kind {
                             " "
                             form.inline method="post" action=(format!("/portal/deliveries/{command_id}/retry")) {
-                                (csrf_field(csrf)) button.secondary type="submit" { "Retry" }
+                                (csrf_field(csrf)) button.secondary type="submit" { "Retry now" }
                             }
                         }
                     }
@@ -621,17 +633,19 @@ mod tests {
                 command_type: "room.hold".into(),
             })
         };
-        // Newest first: c1 failed after a pending attempt; c2 was delivered.
+        // Newest first: c3 waits for a retry; c1 failed after a pending attempt; c2 was delivered.
         let items = vec![
+            attempt("c3", DeliveryStatus::Pending),
             attempt("c1", DeliveryStatus::Failed),
             attempt("c2", DeliveryStatus::Delivered),
             attempt("c1", DeliveryStatus::Pending),
             matched("c1", "hotel"),
             matched("c2", "car"),
+            matched("c3", "car"),
         ];
         let all = timeline(items.clone(), &ActivityFilter::default(), true);
         let retry: Vec<bool> = all.iter().map(|(_, r)| *r).collect();
-        assert_eq!(retry, vec![true, false, false, false, false]);
+        assert_eq!(retry, vec![true, true, false, false, false, false, false]);
         assert!(timeline(items.clone(), &ActivityFilter::default(), false)
             .iter()
             .all(|(_, r)| !r));

@@ -1,7 +1,6 @@
 //! Customers: profiles and their API tokens, links (by an operator, or through the entity's
 //! OAuth server), unlinking with token revocation, and the activity timeline.
 
-use custos_api::limits::MAX_PAGE;
 use custos_api::types::*;
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
@@ -9,7 +8,9 @@ use custos_raft::records::{CustomerRecord, PendingLink};
 use custos_raft::shard::{slot_of, slot_tag};
 use custos_raft::{ChangeOutcome, StateChange};
 
-use super::{check_id, sha256, unexpected, Vault, CUSTOMER_TOKEN_PREFIX};
+use super::{
+    check_cursor, check_id, check_page_limit, sha256, unexpected, Vault, CUSTOMER_TOKEN_PREFIX,
+};
 use crate::error::ServiceError;
 use crate::forward::slot_of_token;
 use crate::outbound::{error_chain, read_capped};
@@ -369,7 +370,8 @@ impl Vault {
         limit: usize,
     ) -> Result<ActivityPage, ServiceError> {
         check_id("customer id", customer)?;
-        let limit = limit.clamp(1, MAX_PAGE);
+        let limit = check_page_limit(limit)?;
+        check_cursor("before", before.as_deref())?;
         let owned = customer.to_owned();
         let (exists, (items, next)) = self
             .read_customer(customer, move |r| {

@@ -1,25 +1,32 @@
 //! Deliveries (operators): listed across every data group (each asked through its leader),
 //! read and replayed in the group their command id names.
 
-use custos_api::limits::MAX_PAGE;
 use custos_api::types::*;
 use custos_api::ErrorCode;
 use custos_raft::records::DeliveryState;
 use custos_raft::StateChange;
 
-use super::{check_id, Vault};
+use super::{check_id, check_page_limit, Vault};
 use crate::cluster::wire::{GroupAnswer, GroupQuery};
 use crate::error::ServiceError;
 use crate::forward::slot_of_token;
 
 /// A cursor over every group: `<group>.<the group's own cursor>`.
 fn split_cursor(after: Option<&str>) -> Result<(u32, Option<String>), ServiceError> {
-    let Some(c) = after.filter(|c| !c.is_empty()) else {
+    let Some(c) = after else {
         return Ok((1, None));
     };
-    let bad = || ServiceError::invalid("after", "not a cursor this node issued");
+    let bad = || {
+        ServiceError::invalid(
+            "after",
+            "not a cursor this vault issued (pass the previous page's `next`)",
+        )
+    };
     let (g, inner) = c.split_once('.').ok_or_else(bad)?;
     let g: u32 = g.parse().map_err(|_| bad())?;
+    if g == 0 || (!inner.is_empty() && !custos_raft::reader::is_cursor(inner)) {
+        return Err(bad());
+    }
     Ok((g, (!inner.is_empty()).then(|| inner.to_owned())))
 }
 
@@ -31,7 +38,7 @@ impl Vault {
         after: Option<String>,
         limit: usize,
     ) -> Result<DeliveryPage, ServiceError> {
-        let limit = limit.clamp(1, MAX_PAGE);
+        let limit = check_page_limit(limit)?;
         let state = match status {
             DeliveryStatus::Pending => DeliveryState::Pending,
             DeliveryStatus::Delivered => DeliveryState::Delivered,

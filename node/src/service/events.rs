@@ -117,6 +117,7 @@ impl Vault {
                         "no customer has linked this subject at {}",
                         event.source
                     )),
+                    rule_failures: Vec::new(),
                     at_ms: received_ms,
                 };
                 let outcome = self

@@ -206,6 +206,29 @@ impl Vault {
     }
 }
 
+/// A page size asked for: 1..=MAX_PAGE, else 400 (not silently clamped).
+fn check_page_limit(limit: usize) -> Result<usize, ServiceError> {
+    if (1..=custos_api::limits::MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ServiceError::invalid(
+            "limit",
+            format_args!("must be 1..={}", custos_api::limits::MAX_PAGE),
+        ))
+    }
+}
+
+/// A paging cursor: absent, or one this vault handed out as `next`.
+fn check_cursor(field: &str, cursor: Option<&str>) -> Result<(), ServiceError> {
+    match cursor {
+        Some(c) if !custos_raft::reader::is_cursor(c) => Err(ServiceError::invalid(
+            field,
+            "not a cursor this vault issued (pass the previous page's `next`)",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_id(field: &str, id: &str) -> Result<(), ServiceError> {
     if is_valid_id(id) {
         Ok(())

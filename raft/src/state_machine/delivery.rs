@@ -117,12 +117,26 @@ impl Tx<'_> {
         let Some(mut rec) = self.get::<OutboxRecord>(&key)? else {
             return Ok(not_found("delivery", &command_id));
         };
-        if rec.state != DeliveryState::Failed {
-            return Ok(ChangeOutcome::rejected(
-                ErrorCode::Conflict,
-                "only failed deliveries can be replayed",
-            ));
-        }
+        // A failed delivery is tried again; a pending one waiting for its next retry is tried
+        // now instead (its retry schedule continues from there if this attempt fails too).
+        let waiting_until = match rec.state {
+            DeliveryState::Failed => None,
+            DeliveryState::Pending => match rec.next_due_ms {
+                Some(due) if due > at_ms => Some(due),
+                _ => {
+                    return Ok(ChangeOutcome::rejected(
+                        ErrorCode::Conflict,
+                        "already due: an attempt is under way",
+                    ))
+                }
+            },
+            DeliveryState::Delivered | DeliveryState::Cancelled => {
+                return Ok(ChangeOutcome::rejected(
+                    ErrorCode::Conflict,
+                    "only failed or pending deliveries can be replayed",
+                ))
+            }
+        };
         if rec.attempts.len() >= MAX_ATTEMPTS_PER_COMMAND {
             return Ok(ChangeOutcome::rejected(
                 ErrorCode::Conflict,
@@ -133,10 +147,19 @@ impl Tx<'_> {
                 ),
             ));
         }
+        let reason = match waiting_until {
+            Some(due) => {
+                self.delete(keys::due(self.space, due, &command_id));
+                "retried now by an operator"
+            }
+            None => {
+                self.delete(self.k(keys::FAILED, command_id.as_bytes()));
+                "replayed by an operator"
+            }
+        };
         rec.state = DeliveryState::Pending;
         rec.reason = None;
         rec.next_due_ms = Some(at_ms);
-        self.delete(self.k(keys::FAILED, command_id.as_bytes()));
         self.schedule(at_ms, &command_id)?;
         let customer = rec.command.customer_id.clone();
         self.put(key, &rec)?;
@@ -146,7 +169,7 @@ impl Tx<'_> {
             &ActivityRecord::DeliveryChanged {
                 command_id,
                 state: DeliveryState::Pending,
-                reason: "replayed by an operator".into(),
+                reason: reason.into(),
             },
         )?;
         Ok(ChangeOutcome::Done)

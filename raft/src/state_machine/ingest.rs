@@ -38,6 +38,7 @@ impl Tx<'_> {
         if let Some(customer) = ingest.customer_id.clone() {
             if let Some(why) = self.stale_route(&customer, &ingest.event)? {
                 ingest.commands.clear();
+                ingest.rule_failures.clear();
                 ingest.ignored_reason = Some(why);
                 if !self.exists(&self.k(keys::CUSTOMER, customer.as_bytes()))? {
                     ingest.customer_id = None;
@@ -80,6 +81,11 @@ impl Tx<'_> {
                     reason: ingest.ignored_reason.clone(),
                 },
             )?;
+        }
+        if let Some(customer) = &ingest.customer_id {
+            for failure in ingest.rule_failures {
+                self.activity(customer, at, &ActivityRecord::RuleFailed(failure))?;
+            }
         }
         for command in ingest.commands {
             self.activity(
