@@ -22,22 +22,41 @@ const MAX_EXTENSIONS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloudEvent {
     /// Always `"1.0"`.
+    #[schema(pattern = r"^1\.0$")]
     pub specversion: String,
     /// Unique per source; the vault deduplicates on (source, id).
+    #[schema(pattern = r"^[^\x00]{1,128}$", min_length = 1, max_length = 128)]
     pub id: String,
     /// For events: the sending entity's id. For commands: `custos`.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub source: String,
     /// The event or command type, e.g. `flight.delayed`.
     #[serde(rename = "type")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub event_type: String,
     /// The customer's subject id at the sending (or, for commands, receiving) entity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub subject: Option<String>,
     /// RFC 3339 time of the occurrence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub time: Option<String>,
     /// Media type of `data`; JSON when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^(application/json.*|.*\+json)$")]
     pub datacontenttype: Option<String>,
     /// The payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,7 +106,7 @@ impl CloudEvent {
         if self.specversion != "1.0" {
             return Err(field_err("specversion", "must be \"1.0\""));
         }
-        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.contains('\0') {
+        if self.id.is_empty() || self.id.chars().count() > MAX_ID_LEN || self.id.contains('\0') {
             return Err(field_err("id", format!("must be 1..={MAX_ID_LEN} bytes")));
         }
         if !is_valid_id(&self.source) {

@@ -29,6 +29,14 @@ pub const MAX_ATTEMPTS_PER_COMMAND: usize = 64;
 /// Bytes of an attempt's error message kept in its record.
 pub const MAX_ATTEMPT_ERROR_LEN: usize = 512;
 
+/// The URLs the vault accepts (command endpoints, OAuth endpoints): http(s), a host name or an
+/// IPv4 address, an optional port, path and query; no credentials, no fragment. The OpenAPI
+/// document states this same pattern, and the server checks it.
+pub const URL_PATTERN: &str = r"^https?://(?:[A-Za-z][A-Za-z0-9-]*(?:\.[A-Za-z][A-Za-z0-9-]*)*|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$";
+
+/// The identifiers' pattern, as [`is_valid_id`] checks it.
+pub const ID_PATTERN: &str = r"^[A-Za-z0-9._:-]{1,128}$";
+
 /// True when `s` is a usable identifier: 1..=MAX_ID_LEN characters from
 /// `[A-Za-z0-9._:-]`, so it can be embedded in storage keys and URLs unescaped.
 pub fn is_valid_id(s: &str) -> bool {
@@ -39,9 +47,17 @@ pub fn is_valid_id(s: &str) -> bool {
 }
 
 /// True when `s` is a usable subject (a customer's id at an entity): printable, no
-/// control characters and no NUL (used as a key separator), at most MAX_ID_LEN bytes.
+/// control characters and no NUL (used as a key separator), at most MAX_ID_LEN characters.
 pub fn is_valid_subject(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_ID_LEN && !s.chars().any(char::is_control)
+    !s.is_empty() && s.chars().count() <= MAX_ID_LEN && !s.chars().any(char::is_control)
+}
+
+/// True when `s` is a usable display name: 1..=MAX_NAME_LEN characters, no control
+/// characters, and something other than spaces (the OpenAPI document states the same).
+pub fn is_valid_name(s: &str) -> bool {
+    s.chars().count() <= MAX_NAME_LEN
+        && !s.chars().any(char::is_control)
+        && s.chars().any(|c| c != ' ')
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     SchemaViolation,
     /// A count limit was reached (rules per customer, ...).
     LimitReached,
+    /// A well-formed URL naming an address the vault may not call (loopback, private,
+    /// link-local... unless the operator allows private targets).
+    ForbiddenTarget,
     /// The node cannot serve the request right now (no leader, shutting down); retry after
     /// the `Retry-After` seconds.
     Unavailable,
@@ -59,8 +62,9 @@ impl ErrorCode {
     pub fn status(self) -> u16 {
         use ErrorCode::*;
         match self {
-            MalformedBody | InvalidField | InvalidRule | UnknownType | SchemaViolation
-            | MissingSignature => 400,
+            // 400: the request does not match the documented schema; 422: it does, but what
+            // it says cannot be done (a rule that does not compile, a type the entity lacks...).
+            MalformedBody | InvalidField | MissingSignature => 400,
             Unauthorized | BadSignature | StaleTimestamp => 401,
             Forbidden => 403,
             NotFound => 404,
@@ -68,7 +72,8 @@ impl ErrorCode {
             Conflict => 409,
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
-            EntityNotLinked | UnknownEntity | LimitReached => 422,
+            InvalidRule | UnknownType | SchemaViolation | EntityNotLinked | UnknownEntity
+            | LimitReached | ForbiddenTarget => 422,
             Unavailable => 503,
             Overloaded => 429,
             Internal => 500,
@@ -97,6 +102,7 @@ impl ErrorCode {
             UnknownType => "unknown_type",
             SchemaViolation => "schema_violation",
             LimitReached => "limit_reached",
+            ForbiddenTarget => "forbidden_target",
             Unavailable => "unavailable",
             Overloaded => "overloaded",
             Internal => "internal",
@@ -124,6 +130,7 @@ impl ErrorCode {
             UnknownType => "Unknown type",
             SchemaViolation => "Schema violation",
             LimitReached => "Limit reached",
+            ForbiddenTarget => "Forbidden target address",
             Unavailable => "Service unavailable",
             Overloaded => "Too many requests",
             Internal => "Internal error",

@@ -11,9 +11,15 @@ use utoipa::ToSchema;
 pub struct TypeSpec {
     /// The type name, e.g. `flight.delayed`.
     #[serde(rename = "type")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub type_name: String,
-    /// JSON Schema (draft 2020-12 or earlier) the type's data must satisfy.
+    /// JSON Schema (draft 2020-12 or earlier, as an object) the type's data must satisfy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub schema: Option<Value>,
 }
 
@@ -22,16 +28,28 @@ pub struct TypeSpec {
 #[serde(deny_unknown_fields)]
 pub struct RegisterEntity {
     /// Stable id, `[A-Za-z0-9._:-]{1,128}`; events carry it as `source`.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub id: String,
     /// Display name.
+    #[schema(
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^ \x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$",
+        min_length = 1,
+        max_length = 200
+    )]
     pub name: String,
     /// Where commands for this entity are POSTed.
     pub command_url: String,
     /// Event types the entity sends.
     #[serde(default)]
+    #[schema(max_items = 256)]
     pub event_types: Vec<TypeSpec>,
     /// Command types the entity accepts.
     #[serde(default)]
+    #[schema(max_items = 256)]
     pub command_types: Vec<TypeSpec>,
     /// The entity's OAuth 2.0 authorization server, for customers to link their account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,6 +65,7 @@ pub struct OAuthEndpoints {
     /// Where the vault exchanges the code; its answer carries the customer's `subject` (or `sub`).
     pub token_url: String,
     /// The vault's client id at the entity.
+    #[schema(pattern = r"^[\x20-\x7E]{1,256}$", min_length = 1, max_length = 256)]
     pub client_id: String,
     /// RFC 7009 token revocation endpoint; the vault calls it when the customer unlinks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,6 +85,11 @@ pub struct AuthorizeLink {
 pub struct UpdateEntity {
     /// New display name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^ \x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$",
+        min_length = 1,
+        max_length = 200
+    )]
     pub name: Option<String>,
     /// New command endpoint (re-enables delivery).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,8 +141,18 @@ pub struct CustomerCreated {
 #[serde(deny_unknown_fields)]
 pub struct LinkRequest {
     /// The entity to link.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub entity_id: String,
     /// The customer's subject id at that entity.
+    #[schema(
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub subject: String,
 }
 
@@ -152,11 +186,22 @@ pub struct Customer {
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     /// The entity whose event triggers the rule.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub entity: String,
     /// The event type.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub event_type: String,
     /// Optional CEL condition over `id`, `source`, `type`, `subject`, `time`, `data`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096)]
     pub condition: Option<String>,
 }
 
@@ -165,11 +210,22 @@ pub struct Trigger {
 #[serde(deny_unknown_fields)]
 pub struct Action {
     /// The entity that receives the command.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub entity: String,
     /// The command type.
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub command_type: String,
     /// The command's data: a JSON object whose string leaves are CEL expressions; numbers,
     /// booleans and null are constants (write a string constant as a CEL literal: `"'text'"`).
+    #[schema(value_type = Object)]
     pub data: Value,
 }
 
@@ -178,6 +234,11 @@ pub struct Action {
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     /// Display name.
+    #[schema(
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^ \x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$",
+        min_length = 1,
+        max_length = 200
+    )]
     pub name: String,
     /// The trigger.
     pub when: Trigger,
@@ -393,6 +454,11 @@ pub struct TryRule {
     pub rule: RuleSpec,
     /// A past event of the customer's, by id (at the rule's trigger entity)...
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub event_id: Option<String>,
     /// ...or a sample event's `data` (the other attributes are filled in).
     #[serde(default, skip_serializing_if = "Option::is_none")]

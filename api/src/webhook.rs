@@ -21,8 +21,10 @@ pub const HEADER_SIGNATURE: &str = "webhook-signature";
 
 const SECRET_PREFIX: &str = "whsec_";
 /// Longest signature header we parse; more is an attack, not a key rotation.
-const MAX_SIGNATURE_HEADER: usize = 1024;
-const MAX_WEBHOOK_ID: usize = 256;
+/// Longest `webhook-signature` header read.
+pub const MAX_SIGNATURE_HEADER: usize = 1024;
+/// Longest `webhook-id` accepted.
+pub const MAX_WEBHOOK_ID: usize = 256;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -33,7 +35,7 @@ pub enum WebhookError {
     #[error("missing or malformed header {0}")]
     MissingHeader(&'static str),
     /// The timestamp is outside the tolerance window.
-    #[error("timestamp {0} is more than 5 minutes from now")]
+    #[error("webhook-timestamp {0} is more than 5 minutes from now{hint}", hint = stale_hint(*.0))]
     StaleTimestamp(i64),
     /// No signature matched.
     #[error("no signature matches")]
@@ -107,6 +109,15 @@ pub struct SignedHeaders<'a> {
     pub timestamp: Option<&'a str>,
     /// `webhook-signature`.
     pub signature: Option<&'a str>,
+}
+
+/// A hint for the most common stale timestamp: milliseconds where seconds are wanted.
+fn stale_hint(timestamp: i64) -> &'static str {
+    if timestamp > 100_000_000_000 {
+        " (it looks like milliseconds: send Unix seconds)"
+    } else {
+        " (Unix seconds, from a synchronised clock)"
+    }
 }
 
 /// Verifies a message against any of `secrets` (several during a rotation grace period).

@@ -986,6 +986,17 @@ impl Core {
         }))
     }
 
+    /// An entity a request body names: 422 unknown_entity when there is none (the resource
+    /// the request addresses exists; what it refers to does not).
+    pub async fn entity_named(&self, id: &str) -> Result<Arc<CachedEntity>, ServiceError> {
+        self.entity(id).await?.ok_or_else(|| {
+            ServiceError::refused(
+                ErrorCode::UnknownEntity,
+                format!("no entity {id} is registered"),
+            )
+        })
+    }
+
     /// An entity that must exist.
     pub async fn entity_required(&self, id: &str) -> Result<Arc<CachedEntity>, ServiceError> {
         self.entity(id)

@@ -628,14 +628,57 @@ async fn home(sim: web::Data<Sim>) -> HttpResponse {
     )
 }
 
-/// Registers this entity with the vault (or, if it exists, points it here and rotates its
-/// secret) and keeps the secret for signing and verifying.
+/// Why an entity already registered under the preset's id cannot be taken over as it is:
+/// its types or OAuth endpoints differ from what this simulator serves (e.g. it was
+/// registered by hand, or by a simulator listening elsewhere). `None` when they agree.
+pub fn registration_mismatch(
+    existing: &custos_api::types::Entity,
+    wanted: &custos_api::types::RegisterEntity,
+) -> Option<String> {
+    let names = |t: &[custos_api::types::TypeSpec]| {
+        let mut n: Vec<String> = t.iter().map(|t| t.type_name.clone()).collect();
+        n.sort();
+        n
+    };
+    if names(&existing.event_types) != names(&wanted.event_types) {
+        return Some("its event types differ".into());
+    }
+    if names(&existing.command_types) != names(&wanted.command_types) {
+        return Some("its command types differ".into());
+    }
+    match (&existing.oauth, &wanted.oauth) {
+        (None, Some(_)) => Some("it has no OAuth endpoints, so customers could not link it".into()),
+        (Some(a), Some(b)) if a != b => Some(format!(
+            "its OAuth endpoints point at {} (this simulator serves {})",
+            a.authorize_url, b.authorize_url
+        )),
+        _ => None,
+    }
+}
+
+/// Registers this entity with the vault and keeps the secret for signing and verifying. An
+/// entity registered earlier under the same id is taken over (endpoint pointed here, secret
+/// rotated) only when its types and OAuth endpoints are the ones this simulator serves;
+/// otherwise this stops and says why, rather than leave an entity customers cannot link.
 pub async fn register(sim: &Sim, vault: &str, admin_token: &str, base: &str) -> Result<(), String> {
     let client = custos_api::client::Client::new(vault, Some(admin_token.to_owned()));
     let command_url = format!("{base}/commands");
-    let entity = match client.register_entity(&sim.registration(base)).await {
+    let wanted = sim.registration(base);
+    let entity = match client.register_entity(&wanted).await {
         Ok(e) => e,
         Err(e) if e.code() == Some(custos_api::ErrorCode::Conflict) => {
+            let existing = client
+                .entity(sim.preset.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(why) = registration_mismatch(&existing, &wanted) {
+                return Err(format!(
+                    "entity {id} is already registered in this vault and {why}; the simulator \
+                     will not take it over. Start the vault with a fresh data directory, or run \
+                     the simulator on the address it was registered from",
+                    id = sim.preset.id
+                ));
+            }
             let update = custos_api::types::UpdateEntity {
                 command_url: Some(command_url),
                 ..Default::default()
@@ -675,6 +718,39 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entity_registered_otherwise_is_not_taken_over() {
+        let sim = Sim::new(preset("airline").expect("preset"), None, None);
+        let wanted = sim.registration("http://127.0.0.1:7801");
+        let as_registered = |r: &RegisterEntity| custos_api::types::Entity {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            command_url: r.command_url.clone(),
+            endpoint_enabled: true,
+            event_types: r.event_types.clone(),
+            command_types: r.command_types.clone(),
+            created_at: String::new(),
+            secret: None,
+            previous_secret_valid_until: None,
+            oauth: r.oauth.clone(),
+        };
+        assert_eq!(
+            registration_mismatch(&as_registered(&wanted), &wanted),
+            None
+        );
+        // The README walkthrough's airline: by hand, no OAuth, one event type.
+        let mut by_hand = as_registered(&wanted);
+        by_hand.oauth = None;
+        let why = registration_mismatch(&by_hand, &wanted).expect("refused");
+        assert!(why.contains("no OAuth"), "{why}");
+        by_hand.event_types.truncate(1);
+        assert!(registration_mismatch(&by_hand, &wanted).is_some());
+        // Registered by a simulator on another port: its OAuth endpoints point there.
+        let elsewhere = as_registered(&sim.registration("http://127.0.0.1:9999"));
+        let why = registration_mismatch(&elsewhere, &wanted).expect("refused");
+        assert!(why.contains("9999"), "{why}");
+    }
 
     #[test]
     fn presets_exist() {

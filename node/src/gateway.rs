@@ -94,8 +94,10 @@ impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonOb
 #[serde(deny_unknown_fields)]
 pub struct ActivityQuery {
     /// Items per page (1..=500, default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// The `next` cursor of the previous page.
+    #[param(pattern = r"^([0-9a-fA-F]{2}){1,512}$", max_length = 1024)]
     pub before: Option<String>,
 }
 
@@ -107,8 +109,13 @@ pub struct DeliveryQuery {
     /// pending, delivered, failed or cancelled (default failed).
     pub status: Option<DeliveryStatus>,
     /// Items per page (1..=500, default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// The `next` cursor of the previous page.
+    #[param(
+        pattern = r"^[1-9][0-9]{0,3}\.([0-9a-fA-F]{2}){0,512}$",
+        max_length = 1029
+    )]
     pub after: Option<String>,
 }
 
@@ -144,7 +151,7 @@ async fn metrics(vault: web::Data<Vault>, telemetry: web::Data<Telemetry>) -> Ht
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3.1 description of every route")))]
 async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().json(ApiDoc::openapi())
+    HttpResponse::Ok().json(document())
 }
 
 /// An entity sends an event about a customer (signed per Standard Webhooks).
@@ -305,7 +312,8 @@ async fn unlink(
 /// answers where to send the customer. Customers link through the portal.
 #[utoipa::path(post, path = "/v1/customers/{id}/links/{entity_id}/authorize", tag = "customers",
     security(("bearer" = [])), params(("id" = String, Path), ("entity_id" = String, Path)),
-    responses((status = 200, body = AuthorizeLink), (status = 400, body = Problem), (status = 404, body = Problem)))]
+    responses((status = 200, body = AuthorizeLink), (status = 400, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "the entity does not link through OAuth")))]
 async fn authorize_link(
     vault: web::Data<Vault>,
     req: HttpRequest,
@@ -322,11 +330,14 @@ async fn authorize_link(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
-    /// The authorization code.
+    /// The authorization code (absent when the entity reports an `error`).
+    #[param(min_length = 1, max_length = 1024)]
     pub code: Option<String>,
     /// The state the vault sent.
+    #[param(required = true, min_length = 1, max_length = 256)]
     pub state: Option<String>,
     /// An error the entity reported instead.
+    #[param(max_length = 256)]
     pub error: Option<String>,
 }
 
@@ -613,6 +624,11 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
             format!("no route {} {}", req.method(), req.path()),
         ));
     }
+    Ok(method_not_allowed(&req, &allowed))
+}
+
+/// 405 method_not_allowed, with the methods the path does serve in `Allow`.
+fn method_not_allowed(req: &HttpRequest, allowed: &[&str]) -> HttpResponse {
     let allow = allowed.join(", ");
     let err = ServiceError::refused(
         ErrorCode::MethodNotAllowed,
@@ -626,52 +642,391 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     if let Ok(v) = header::HeaderValue::from_str(&allow) {
         resp.headers_mut().insert(header::ALLOW, v);
     }
-    Ok(resp)
+    resp
 }
 
-/// The methods the API serves on `path`, from the OpenAPI document (one source of truth for
-/// routes and their methods): `{param}` segments match any one segment.
-fn allowed_methods(path: &str) -> Vec<&'static str> {
-    static TABLE: std::sync::OnceLock<Vec<(Vec<String>, Vec<&'static str>)>> =
-        std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-        let methods = ["get", "put", "post", "delete", "patch"];
-        doc["paths"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(template, item)| {
-                let segs = template.split('/').map(str::to_owned).collect();
-                let allowed = methods
-                    .iter()
-                    .filter(|m| item.get(**m).is_some())
-                    .map(|m| match *m {
-                        "get" => "GET",
-                        "put" => "PUT",
-                        "post" => "POST",
-                        "delete" => "DELETE",
-                        _ => "PATCH",
-                    })
-                    .collect();
-                (segs, allowed)
-            })
-            .collect()
-    });
+/// One operation of the OpenAPI document: its path template's segments, method and the
+/// query parameters it declares.
+struct RouteEntry {
+    segments: Vec<String>,
+    method: &'static str,
+    query: Vec<String>,
+}
+
+/// Every operation of the document (one source of truth for routes, methods and parameters).
+fn routes() -> &'static [RouteEntry] {
+    static TABLE: std::sync::OnceLock<Vec<RouteEntry>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let methods = [
+            ("get", "GET"),
+            ("put", "PUT"),
+            ("post", "POST"),
+            ("delete", "DELETE"),
+            ("patch", "PATCH"),
+        ];
+        let mut out = Vec::new();
+        for (template, item) in document()["paths"].as_object().into_iter().flatten() {
+            for (key, method) in methods {
+                let Some(op) = item.get(key) else { continue };
+                out.push(RouteEntry {
+                    segments: template.split('/').map(str::to_owned).collect(),
+                    method,
+                    query: op["parameters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p["in"] == "query")
+                        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                        .collect(),
+                });
+            }
+        }
+        out
+    })
+}
+
+/// The operations of the path template that matches `path` most closely (`{param}` matches
+/// one segment; as in OpenAPI, a literal segment wins over a parameter: `/rules/try` is not
+/// `/rules/{rule_id}`).
+fn routes_at(path: &str) -> Vec<&'static RouteEntry> {
     let segs: Vec<&str> = path.split('/').collect();
-    let mut out: Vec<&'static str> = table
+    let literals = |r: &RouteEntry| -> Option<usize> {
+        if r.segments.len() != segs.len() {
+            return None;
+        }
+        let mut n = 0;
+        for (a, b) in r.segments.iter().zip(&segs) {
+            if a == b {
+                n += 1;
+            } else if !(a.starts_with('{') && a.ends_with('}') && !b.is_empty()) {
+                return None;
+            }
+        }
+        Some(n)
+    };
+    let best = routes().iter().filter_map(literals).max();
+    routes()
         .iter()
-        .filter(|(t, _)| {
-            t.len() == segs.len()
-                && t.iter().zip(&segs).all(|(a, b)| {
-                    (a.starts_with('{') && a.ends_with('}') && !b.is_empty()) || a == b
-                })
-        })
-        .flat_map(|(_, m)| m.iter().copied())
-        .collect();
+        .filter(|r| best.is_some() && literals(r) == best)
+        .collect()
+}
+
+/// The methods the API serves on `path`.
+fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = routes_at(path).into_iter().map(|r| r.method).collect();
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// Where a provider sends the customer back: it may add parameters of its own (`iss`,
+/// `scope`, `session_state`...), so only this route takes query parameters it does not name.
+const OAUTH_CALLBACK_PATH: &str = "/v1/oauth/callback";
+
+/// Refuses a query parameter the operation does not declare (400), the same on every route,
+/// rather than ignoring it on some and refusing it on others.
+pub fn check_query(method: &str, path: &str, query: &str) -> std::result::Result<(), ServiceError> {
+    if query.is_empty() || path == OAUTH_CALLBACK_PATH {
+        return Ok(());
+    }
+    let Some(route) = routes_at(path).into_iter().find(|r| r.method == method) else {
+        // Not an API operation: the 404/405 answer, or the portal's own pages.
+        return Ok(());
+    };
+    for (name, _) in url::form_urlencoded::parse(query.as_bytes()) {
+        if !route.query.iter().any(|q| *q == name) {
+            let takes = if route.query.is_empty() {
+                "none".to_owned()
+            } else {
+                route.query.join(", ")
+            };
+            return Err(ServiceError::invalid(
+                "query",
+                format_args!("unknown parameter '{name:.64}' (this operation takes: {takes})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The middleware around the client API that holds every request to the OpenAPI document:
+/// a method the path does not serve is a 405 with `Allow`, an undeclared query parameter a 400.
+pub async fn refuse_unknown_query(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> std::result::Result<
+    actix_web::dev::ServiceResponse<
+        actix_web::body::EitherBody<impl actix_web::body::MessageBody, actix_web::body::BoxBody>,
+    >,
+    actix_web::Error,
+> {
+    let allowed = allowed_methods(req.path());
+    if !allowed.is_empty() && !allowed.contains(&req.method().as_str()) {
+        let resp = method_not_allowed(req.request(), &allowed);
+        return Ok(req.into_response(resp).map_into_right_body());
+    }
+    if let Err(e) = check_query(req.method().as_str(), req.path(), req.query_string()) {
+        return Ok(req.error_response(e).map_into_right_body());
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}
+
+/// The OpenAPI document as served: [`ApiDoc`] plus what every operation shares, added in one
+/// place so no route can forget it: problems as `application/problem+json`, the statuses the
+/// gateway answers for any route of its kind (401/403 with a bearer token, 400/413/415 with a
+/// JSON body, 400/404 with a path id, 400 with query parameters, 429/500/503 anywhere under
+/// `/v1`), and the id pattern on path ids.
+pub fn document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        complete_document(&mut doc);
+        doc
+    })
+}
+
+const PROBLEM_JSON: &str = "application/problem+json";
+
+/// OpenAPI links: where an answer's ids lead (generated clients and stateful testers follow
+/// them from a created resource to the operations on it).
+const LINKS: &[(&str, &str, &str, &[(&str, &str)])] = &[
+    (
+        "/v1/entities",
+        "post",
+        "201",
+        &[
+            ("get_entity", "id=$response.body#/id"),
+            ("update_entity", "id=$response.body#/id"),
+            ("rotate_secret", "id=$response.body#/id"),
+        ],
+    ),
+    (
+        "/v1/customers",
+        "post",
+        "201",
+        &[
+            ("get_customer", "id=$response.body#/id"),
+            ("link", "id=$response.body#/id"),
+            ("create_rule", "id=$response.body#/id"),
+            ("list_rules", "id=$response.body#/id"),
+            ("try_rule", "id=$response.body#/id"),
+            ("activity", "id=$response.body#/id"),
+            ("export_customer", "id=$response.body#/id"),
+            ("recommendations", "id=$response.body#/id"),
+            ("erase_customer", "id=$response.body#/id"),
+        ],
+    ),
+    (
+        "/v1/customers/{id}/links",
+        "post",
+        "201",
+        &[
+            (
+                "unlink",
+                "id=$request.path.id&entity_id=$response.body#/entity_id",
+            ),
+            (
+                "authorize_link",
+                "id=$request.path.id&entity_id=$response.body#/entity_id",
+            ),
+        ],
+    ),
+    (
+        "/v1/customers/{id}/rules",
+        "post",
+        "201",
+        &[
+            ("get_rule", "id=$request.path.id&rule_id=$response.body#/id"),
+            (
+                "delete_rule",
+                "id=$request.path.id&rule_id=$response.body#/id",
+            ),
+        ],
+    ),
+];
+
+fn add_links(doc: &mut serde_json::Value) {
+    for (path, method, status, links) in LINKS {
+        let response = &mut doc["paths"][*path][*method]["responses"][*status];
+        if response.is_null() {
+            continue;
+        }
+        for (operation, params) in *links {
+            let parameters: serde_json::Map<String, serde_json::Value> = params
+                .split('&')
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v)))
+                .collect();
+            response["links"][*operation] = serde_json::json!({
+                "operationId": operation,
+                "parameters": parameters,
+            });
+        }
+    }
+}
+
+fn complete_document(doc: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    add_links(doc);
+    // URL fields carry the pattern the server checks (one constant for both).
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        for (schema_name, schema) in schemas.iter_mut() {
+            // The URLs given to the vault (and echoed back), not the ones it makes up.
+            if !matches!(
+                schema_name.as_str(),
+                "RegisterEntity" | "UpdateEntity" | "OAuthEndpoints" | "Entity"
+            ) {
+                continue;
+            }
+            let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (name, prop) in props.iter_mut() {
+                if name.ends_with("_url") {
+                    let target = match prop.get_mut("oneOf").and_then(Value::as_array_mut) {
+                        // Option<String>: the string branch.
+                        Some(branches) => branches.iter_mut().find(|b| b["type"] == "string"),
+                        None => Some(prop),
+                    };
+                    let is_string = |t: &&mut Value| {
+                        t["type"] == "string"
+                            || t["type"]
+                                .as_array()
+                                .is_some_and(|a| a.contains(&json!("string")))
+                    };
+                    if let Some(t) = target.filter(is_string) {
+                        t["pattern"] = json!(custos_api::limits::URL_PATTERN);
+                        t["maxLength"] = json!(custos_api::limits::MAX_URL_LEN);
+                    }
+                }
+            }
+        }
+    }
+    let problem = |description: &str| {
+        json!({"description": description,
+               "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    };
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if !matches!(method.as_str(), "get" | "put" | "post" | "delete" | "patch") {
+                continue;
+            }
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let in_ = |place: &str| params.iter().any(|p| p["in"] == place);
+            let bearer = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()));
+            let json_body = op["requestBody"]["content"]
+                .as_object()
+                .is_some_and(|c| c.keys().any(|k| k.ends_with("json")));
+            if let Some(list) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                for p in list.iter_mut() {
+                    // The Standard Webhooks headers: all three required, bounded as checked.
+                    if p["in"] == "header" {
+                        p["required"] = json!(true);
+                        match p["name"].as_str() {
+                            Some(HEADER_ID) => {
+                                p["schema"]["minLength"] = json!(1);
+                                p["schema"]["maxLength"] =
+                                    json!(custos_api::webhook::MAX_WEBHOOK_ID);
+                            }
+                            Some(HEADER_SIGNATURE) => {
+                                p["schema"]["maxLength"] =
+                                    json!(custos_api::webhook::MAX_SIGNATURE_HEADER);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if p["in"] == "path" && p["schema"]["type"] == "string" {
+                        // Recommendation ids are hex; every other id is an id.
+                        let (pattern, max) = if p["name"] == "rec_id" {
+                            ("^([0-9a-fA-F]{2}){1,512}$", 1024)
+                        } else {
+                            ("^[A-Za-z0-9._:-]{1,128}$", custos_api::limits::MAX_ID_LEN)
+                        };
+                        p["schema"]["pattern"] = json!(pattern);
+                        p["schema"]["maxLength"] = json!(max);
+                    }
+                }
+            }
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for r in responses.values_mut() {
+                let Some(content) = r.get_mut("content").and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                let is_problem = content
+                    .get("application/json")
+                    .is_some_and(|c| c["schema"]["$ref"] == "#/components/schemas/Problem");
+                if is_problem {
+                    if let Some(c) = content.remove("application/json") {
+                        content.insert(PROBLEM_JSON.to_owned(), c);
+                    }
+                }
+            }
+            let mut add = |status: &str, description: &str| {
+                let entry = responses.entry(status.to_owned()).or_insert(Value::Null);
+                if entry.is_null() {
+                    *entry = problem(description);
+                }
+            };
+            if bearer {
+                add(
+                    "401",
+                    "missing, malformed or unknown bearer token (unauthorized)",
+                );
+                add("403", "the token may not do this (forbidden)");
+            }
+            if json_body {
+                add(
+                    "400",
+                    "malformed body or an invalid field (malformed_body, invalid_field)",
+                );
+                add("413", "body larger than 256 KiB (body_too_large)");
+                add("415", "not a JSON body (unsupported_media_type)");
+            }
+            if in_("path") {
+                add(
+                    "400",
+                    "an id in the path is not [A-Za-z0-9._:-]{1,128} (invalid_field)",
+                );
+                add("404", "no such resource (not_found)");
+            }
+            if in_("query") {
+                add(
+                    "400",
+                    "an unknown or invalid query parameter (invalid_field)",
+                );
+            }
+            if path.starts_with("/v1/") && matches!(method.as_str(), "post" | "patch" | "delete") {
+                add(
+                    "422",
+                    "well-formed, but it cannot be done: see `code` and `detail`",
+                );
+            }
+            if path.starts_with("/v1/") {
+                add(
+                    "429",
+                    "too many requests in flight; retry later (overloaded)",
+                );
+                add(
+                    "500",
+                    "an internal error; the request may be retried (internal)",
+                );
+                add(
+                    "503",
+                    "no leader or storage unavailable; retry later (unavailable)",
+                );
+            }
+        }
+    }
 }
 
 struct BearerScheme;
@@ -775,4 +1130,58 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/v1/deliveries/{command_id}", web::get().to(get_delivery))
     .route("/v1/deliveries/{command_id}/replay", web::post().to(replay))
     .default_service(web::to(not_found));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_documented_as_problem_json_with_the_shared_statuses() {
+        let doc = document();
+        let mut checked = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                let responses = op["responses"].as_object().expect("responses");
+                for (status, r) in responses {
+                    if let Some(content) = r["content"].as_object() {
+                        let problem = content
+                            .values()
+                            .any(|c| c["schema"]["$ref"] == "#/components/schemas/Problem");
+                        assert!(
+                            !problem || content.contains_key(PROBLEM_JSON),
+                            "{method} {path} {status}: {content:?}"
+                        );
+                    }
+                }
+                if op["security"].as_array().is_some_and(|s| !s.is_empty()) {
+                    assert!(responses.contains_key("401") && responses.contains_key("403"));
+                }
+                if path.starts_with("/v1/") {
+                    for s in ["429", "500", "503"] {
+                        assert!(responses.contains_key(s), "{method} {path} {s}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 25, "{checked}");
+    }
+
+    #[test]
+    fn unknown_query_parameters_are_refused_on_every_operation_but_the_callback() {
+        assert!(check_query("GET", "/v1/customers/c1/activity", "limit=5&before=00").is_ok());
+        let e = check_query("GET", "/v1/customers/c1/activity", "limit=5&color=red")
+            .expect_err("unknown");
+        assert!(e.to_string().contains("color"), "{e}");
+        assert!(check_query("GET", "/v1/entities", "x=1").is_err());
+        assert!(check_query("GET", "/v1/deliveries", "status=failed&after=1.").is_ok());
+        assert!(check_query("GET", "/v1/oauth/callback", "code=a&state=b&iss=x").is_ok());
+        // Not an operation: left to the 404/405 answer and the portal.
+        assert!(check_query("GET", "/portal/activity", "kind=events").is_ok());
+        assert_eq!(
+            allowed_methods("/v1/entities/airline"),
+            vec!["GET", "PATCH"]
+        );
+    }
 }

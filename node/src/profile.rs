@@ -469,7 +469,7 @@ async fn link(
             "must be 1..=128 printable bytes",
         ));
     }
-    core.entity_required(&req.entity_id).await?;
+    core.entity_named(&req.entity_id).await?;
     let now = custos_api::types::unix_now_ms();
     // The subject is claimed in the meta group's routing index first, then linked here; the
     // intent recorded before either step lets the intent worker finish (or undo) a linking
@@ -582,10 +582,10 @@ pub fn validate_rule(
     target: &CachedEntity,
     now_ms: i64,
 ) -> Result<CompiledRule, ServiceError> {
-    if spec.name.trim().is_empty() || spec.name.len() > MAX_NAME_LEN {
+    if !custos_api::limits::is_valid_name(&spec.name) {
         return Err(ServiceError::invalid(
             "name",
-            format!("must be 1..={MAX_NAME_LEN} bytes"),
+            format!("must be 1..={MAX_NAME_LEN} printable characters, not only spaces"),
         ));
     }
     for (field, entity) in [
@@ -727,8 +727,8 @@ async fn save_rule(
             return Err(ServiceError::invalid(field, "must be an entity id"));
         }
     }
-    let source = core.entity_required(&spec.when.entity).await?;
-    let target = core.entity_required(&spec.then.entity).await?;
+    let source = core.entity_named(&spec.when.entity).await?;
+    let target = core.entity_named(&spec.then.entity).await?;
     let now = custos_api::types::unix_now_ms();
     let id = format!("rul_{}", uuid::Uuid::now_v7().simple());
     let compiled = {

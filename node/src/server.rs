@@ -484,6 +484,7 @@ pub async fn run(
             .configure(crate::portal::configure)
             .configure(crate::gateway::configure)
             .wrap(middleware::from_fn(crate::forward::forward))
+            .wrap(middleware::from_fn(crate::gateway::refuse_unknown_query))
             // Path without the query: OAuth codes and states are not written to logs.
             .wrap(
                 middleware::Logger::new("%{method}xi %U %s %Dms")

@@ -500,15 +500,29 @@ async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
         "nothing reached the loopback receiver"
     );
     // IP literals skip the resolver: they are refused when registered, for every URL the
-    // vault itself requests (commands, OAuth token and revocation).
-    for (command_url, token_url) in [
+    // vault itself requests (commands, OAuth token and revocation): IPv4 ones it may not call
+    // as forbidden targets (422), IPv6 ones as outside the URL pattern (400).
+    for (command_url, token_url, code) in [
         (
             "http://169.254.169.254/latest/meta-data",
             "https://bank.example/token",
+            ErrorCode::ForbiddenTarget,
         ),
-        ("http://[::ffff:127.0.0.1]:9/", "https://bank.example/token"),
-        ("http://[64:ff9b::a9fe:a9fe]/", "https://bank.example/token"),
-        ("https://bank.example/commands", "http://10.0.0.1/token"),
+        (
+            "http://[::ffff:127.0.0.1]:9/",
+            "https://bank.example/token",
+            ErrorCode::InvalidField,
+        ),
+        (
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "https://bank.example/token",
+            ErrorCode::InvalidField,
+        ),
+        (
+            "https://bank.example/commands",
+            "http://10.0.0.1/token",
+            ErrorCode::ForbiddenTarget,
+        ),
     ] {
         let err = w
             .node
@@ -528,7 +542,7 @@ async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
             })
             .await
             .expect_err("a forbidden address was registered");
-        assert_eq!(err.code(), Some(ErrorCode::InvalidField), "{err}");
+        assert_eq!(err.code(), Some(code), "{err}");
     }
     Ok(())
 }
@@ -876,7 +890,7 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
     with_event(
         "undeclared event type",
         undeclared,
-        400,
+        422,
         ErrorCode::UnknownType,
         &w.airline,
     );
@@ -885,7 +899,7 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
     with_event(
         "data violating the event schema",
         violating,
-        400,
+        422,
         ErrorCode::SchemaViolation,
         &w.airline,
     );
@@ -939,7 +953,7 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
                 token: cust_token.clone(),
                 headers: vec![("content-type".into(), "application/json".into())],
                 body: serde_json::to_vec(&json!({"rule": spec}))?,
-                status: 400,
+                status: 422,
                 code: ErrorCode::InvalidRule,
             });
         }
@@ -947,25 +961,25 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
             (
                 "rule with ten nested comprehensions",
                 nested,
-                400,
+                422,
                 ErrorCode::InvalidRule,
             ),
             (
                 "rule with a 2,000-term chain",
                 chain,
-                400,
+                422,
                 ErrorCode::InvalidRule,
             ),
             (
                 "rule with a CEL syntax error",
                 syntax,
-                400,
+                422,
                 ErrorCode::InvalidRule,
             ),
             (
                 "rule with an unknown variable",
                 unknown_var,
-                400,
+                422,
                 ErrorCode::InvalidRule,
             ),
             (
@@ -977,13 +991,13 @@ async fn bad_input_gets_a_clear_problem_never_a_500() -> anyhow::Result<()> {
             (
                 "rule with an undeclared command type",
                 bad_type,
-                400,
+                422,
                 ErrorCode::UnknownType,
             ),
             (
                 "rule mapping short of the command schema",
                 schema,
-                400,
+                422,
                 ErrorCode::SchemaViolation,
             ),
         ]
@@ -1496,7 +1510,7 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
     let hotel_subject = link.subject.clone();
     // The same callback again: the state is spent.
     let replay = http.get(&back).send().await?;
-    assert_eq!(replay.status(), 400);
+    assert_eq!(replay.status(), 403);
     // A forged state is refused too.
     let forged = http
         .get(format!(
@@ -1505,7 +1519,7 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
         ))
         .send()
         .await?;
-    assert_eq!(forged.status(), 400);
+    assert_eq!(forged.status(), 403);
     me.create_rule(
         &c.id,
         &RuleSpec {

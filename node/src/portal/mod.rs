@@ -817,7 +817,13 @@ async fn retry(
 }
 
 async fn data(req: HttpRequest, Signed(s): Signed) -> HttpResponse {
-    page(&req, "Your data", &s, Section::Data, pages::data(&s.csrf))
+    page(
+        &req,
+        "Your data",
+        &s,
+        Section::Data,
+        pages::data(&s.csrf, &s.customer_id),
+    )
 }
 
 async fn export(vault: web::Data<Vault>, req: HttpRequest, Signed(s): Signed) -> HttpResponse {

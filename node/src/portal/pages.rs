@@ -578,9 +578,10 @@ pub fn activity(
 }
 
 /// Export, deletion, sessions.
-pub fn data(csrf: &str) -> Markup {
+pub fn data(csrf: &str, customer_id: &str) -> Markup {
     html! {
         h1 { "Your data" }
+        p { "Your customer id is " code id="customer-id" { (customer_id) } ". The vault's API and command line name your profile by it (e.g. " code { "custos activity " (customer_id) } ")." }
         h2 { "Export" }
         p { "Everything the vault holds about you — links, rules, events, commands and every delivery attempt — as one JSON file." }
         p { a href="/portal/export.json" download="custos-export.json" { "Download my data" } }

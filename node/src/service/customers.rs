@@ -200,9 +200,9 @@ impl Vault {
         check_id("entity id", entity_id)?;
         let entity = self.core.entity_required(entity_id).await?;
         let Some(oauth) = entity.record.oauth.clone() else {
-            return Err(ServiceError::invalid(
-                "entity_id",
-                format!("{entity_id} does not link through OAuth"),
+            return Err(ServiceError::refused(
+                ErrorCode::Conflict,
+                format!("{entity_id} does not link through OAuth: link it with a subject"),
             ));
         };
         self.customer_record(customer).await?;
@@ -248,10 +248,17 @@ impl Vault {
         state: &str,
         session: Option<&str>,
     ) -> Result<FinishedLink, ServiceError> {
-        if code.is_empty() || code.len() > 1024 || state.is_empty() || state.len() > 256 {
+        if state.is_empty() || state.len() > 256 || code.len() > 1024 {
             return Err(ServiceError::invalid("code/state", "missing or too long"));
         }
-        let unknown = || ServiceError::invalid("state", "unknown, already used or expired");
+        // Not a malformed request but one this vault will not honour: 403, as for a state
+        // that belongs to another customer's browser.
+        let unknown = || {
+            ServiceError::refused(
+                ErrorCode::Forbidden,
+                "state: unknown, already used or expired; start the linking again",
+            )
+        };
         let slot = slot_of_token(state).ok_or_else(unknown)?;
         let taken = self
             .core
@@ -275,6 +282,12 @@ impl Vault {
         if unix_now_ms() - pending.at_ms > custos_api::oauth::LINK_TTL_MS {
             return Err(unknown());
         }
+        if code.is_empty() {
+            return Err(ServiceError::invalid(
+                "code",
+                "missing: the entity sent the customer back without a code or an error",
+            ));
+        }
         if pending.via_portal && session != Some(pending.customer_id.as_str()) {
             return Err(ServiceError::refused(
                 ErrorCode::Forbidden,
@@ -283,8 +296,8 @@ impl Vault {
         }
         let entity = self.core.entity_required(&pending.entity_id).await?;
         let Some(oauth) = entity.record.oauth.clone() else {
-            return Err(ServiceError::invalid(
-                "entity_id",
+            return Err(ServiceError::refused(
+                ErrorCode::Conflict,
                 "the entity no longer links through OAuth",
             ));
         };

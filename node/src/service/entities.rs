@@ -4,6 +4,7 @@
 use custos_api::limits::{is_valid_id, MAX_SCHEMA_BYTES, MAX_TYPES_PER_ENTITY};
 use custos_api::types::*;
 use custos_api::webhook::Secret;
+use custos_api::ErrorCode;
 use custos_raft::records::{EntityRecord, OAuthRecord, TypeRecord};
 use custos_raft::{StateChange, META_GROUP};
 
@@ -132,10 +133,13 @@ fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), Serv
         if let Some(r) = &o.revoke_url {
             check_outbound_url(outbound, "oauth.revoke_url", r)?;
         }
-        if o.client_id.is_empty() || o.client_id.len() > 256 {
+        if o.client_id.is_empty()
+            || o.client_id.len() > 256
+            || !o.client_id.bytes().all(|b| (0x20..=0x7e).contains(&b))
+        {
             return Err(ServiceError::invalid(
                 "oauth.client_id",
-                "must be 1..=256 bytes",
+                "must be 1..=256 printable ASCII characters",
             ));
         }
     }
@@ -158,22 +162,32 @@ fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), Serv
                 ));
             }
             if !seen.insert(&t.type_name) {
-                return Err(ServiceError::invalid(
-                    field,
-                    format!("{} declared twice", t.type_name),
+                return Err(ServiceError::refused(
+                    ErrorCode::Conflict,
+                    format!("{field}: {} declared twice", t.type_name),
                 ));
             }
             if let Some(schema) = &t.schema {
-                if schema.to_string().len() > MAX_SCHEMA_BYTES {
+                if !schema.is_object() {
                     return Err(ServiceError::invalid(
                         field,
-                        format!("{}: schema too large", t.type_name),
+                        format!("{}: schema must be a JSON Schema object", t.type_name),
                     ));
                 }
+                if schema.to_string().len() > MAX_SCHEMA_BYTES {
+                    return Err(ServiceError::refused(
+                        ErrorCode::LimitReached,
+                        format!(
+                            "{field}: {}: schema over {MAX_SCHEMA_BYTES} bytes",
+                            t.type_name
+                        ),
+                    ));
+                }
+                // An object that is not a JSON Schema: well-formed, but it cannot be used.
                 compile_schema(schema).map_err(|e| {
-                    ServiceError::invalid(
-                        field,
-                        format!("{}: invalid JSON Schema: {e}", t.type_name),
+                    ServiceError::refused(
+                        ErrorCode::SchemaViolation,
+                        format!("{field}: {}: not a valid JSON Schema: {e}", t.type_name),
                     )
                 })?;
             }
@@ -227,11 +241,16 @@ mod tests {
         let mut e = entity();
         e.oauth = Some(OAuthEndpoints {
             authorize_url: "https://bank.example/authorize".into(),
-            token_url: "http://[::ffff:127.0.0.1]:8080/token".into(),
+            token_url: "http://127.0.0.1:8080/token".into(),
             revoke_url: None,
             client_id: "custos".into(),
         });
-        assert!(check(&e).is_err());
+        let refused = check(&e).expect_err("loopback");
+        assert!(refused.to_string().contains("token_url"), "{refused}");
+        // IPv6 literals are outside the documented URL pattern (host name or IPv4).
+        let mut v6 = entity();
+        v6.command_url = "http://[::ffff:127.0.0.1]:8080/c".into();
+        assert!(check(&v6).is_err());
         // ...unless the operator allows private targets.
         let open = Outbound::new(std::time::Duration::from_secs(1), true)?;
         assert!(validate_entity(&e, &open).is_ok());

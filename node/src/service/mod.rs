@@ -241,10 +241,10 @@ fn check_id(field: &str, id: &str) -> Result<(), ServiceError> {
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), ServiceError> {
-    if name.trim().is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+    if !custos_api::limits::is_valid_name(name) {
         return Err(ServiceError::invalid(
             field,
-            format!("must be 1..={MAX_NAME_LEN} printable bytes"),
+            format!("must be 1..={MAX_NAME_LEN} printable characters, not only spaces"),
         ));
     }
     Ok(())
@@ -259,10 +259,10 @@ fn check_outbound_url(
     u: &str,
 ) -> Result<(), ServiceError> {
     check_url(field, u)?;
-    outbound
-        .check(u)
-        .map(|_| ())
-        .map_err(|e| ServiceError::invalid(field, e))
+    outbound.check(u).map(|_| ()).map_err(|e| {
+        // A well-formed URL the vault may not call: not a malformed request, so 422.
+        ServiceError::refused(ErrorCode::ForbiddenTarget, format!("{field}: {e}"))
+    })
 }
 
 fn check_url(field: &str, u: &str) -> Result<(), ServiceError> {
@@ -270,6 +270,15 @@ fn check_url(field: &str, u: &str) -> Result<(), ServiceError> {
         return Err(ServiceError::invalid(
             field,
             format!("longer than {MAX_URL_LEN}"),
+        ));
+    }
+    static PATTERN: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| regex::Regex::new(custos_api::limits::URL_PATTERN).ok());
+    if !pattern.as_ref().is_some_and(|p| p.is_match(u)) {
+        return Err(ServiceError::invalid(
+            field,
+            "must be an http(s) URL: a host name or IPv4 address, optional port, path and query \
+             (no credentials, no fragment)",
         ));
     }
     let parsed = url::Url::parse(u).map_err(|e| ServiceError::invalid(field, e))?;

@@ -412,8 +412,8 @@ impl Vault {
         ] {
             check_id(field, id)?;
         }
-        let source = self.core.entity_required(&spec.when.entity).await?;
-        let target = self.core.entity_required(&spec.then.entity).await?;
+        let source = self.core.entity_named(&spec.when.entity).await?;
+        let target = self.core.entity_named(&spec.then.entity).await?;
         let owned = customer.to_owned();
         let links = self
             .read_customer(customer, move |r| r.links(&owned))

@@ -161,7 +161,7 @@ impl Vault {
         check_id("customer id", customer)?;
         let template = crate::recommend::vault::decode_id(rec_id)
             .filter(|t| t.len() <= 4 * custos_api::limits::MAX_ID_LEN + 3)
-            .ok_or_else(|| ServiceError::invalid("recommendation id", "not a recommendation id"))?;
+            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
         self.core
             .propose(
                 self.group_of(customer)?,

@@ -483,7 +483,7 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
         ))
         .send()
         .await?;
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 403);
     let start1 = admin.authorize_link(&c1.id, "airline").await?;
     let start2 = admin.authorize_link(&c2.id, "airline").await?;
     let back1 = sign_in_at_entity(&start1.authorize_url, "alice", "alice-air").await?;
@@ -535,6 +535,12 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
     assert_eq!(alice_phone.sign_in("alice@example.com").await?, "/portal");
     let (status, _, _) = alice_phone.get("/portal/activity").await?;
     assert_eq!(status, 200);
+    // The data page shows the customer's id (the API and CLI name the profile by it).
+    let (_, _, data_page) = alice_phone.get("/portal/data").await?;
+    assert!(
+        data_page.contains(r#"id="customer-id">cus_"#),
+        "{data_page}"
+    );
     let csrf_phone = alice_phone.csrf("/portal/data").await?;
     alice_phone
         .post("/portal/signout-everywhere", &[("csrf", &csrf_phone)])
