@@ -789,7 +789,15 @@ const PROBLEM_JSON: &str = "application/problem+json";
 
 /// OpenAPI links: where an answer's ids lead (generated clients and stateful testers follow
 /// them from a created resource to the operations on it).
-const LINKS: &[(&str, &str, &str, &[(&str, &str)])] = &[
+/// (path, method, status, [(operation id, `name=expression&...`)]).
+type LinkTable = &'static [(
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+)];
+
+const LINKS: LinkTable = &[
     (
         "/v1/entities",
         "post",
