@@ -60,6 +60,31 @@ pub const PRESETS: &[Preset] = &[
             ("bob", "bob-hotel", "guest-78"),
         ],
     },
+    // Contact centres, the source document's own example (claims 9 and 16). Event and command
+    // names follow Amazon Connect's public contact events (EventBridge "Amazon Connect Contact
+    // Event": `eventType` INITIATED / CONNECTED_TO_AGENT / DISCONNECTED, `contactId`,
+    // `channel`, `queueInfo`, `disconnectReason`, contact attributes) and its Cases and
+    // outbound-contact APIs (case created, a comment on a case, a scheduled callback).
+    Preset {
+        id: "air-contact",
+        name: "Example Air Contact Centre",
+        event_types: &["contact.disconnected", "contact.connected_to_agent", "case.created"],
+        command_types: &["callback.schedule", "case.comment.add", "routing.next_contact"],
+        users: &[
+            ("alice", "alice-aircc", "cust-a-1001"),
+            ("bob", "bob-aircc", "cust-a-1002"),
+        ],
+    },
+    Preset {
+        id: "hotel-contact",
+        name: "Example Hotel Contact Centre",
+        event_types: &["contact.disconnected", "contact.connected_to_agent", "case.created"],
+        command_types: &["callback.schedule", "case.comment.add", "routing.next_contact"],
+        users: &[
+            ("alice", "alice-hotelcc", "profile-77"),
+            ("bob", "bob-hotelcc", "profile-78"),
+        ],
+    },
     Preset {
         id: "car-rental",
         name: "Example Cars",
@@ -754,7 +779,7 @@ mod tests {
 
     #[test]
     fn presets_exist() {
-        for id in ["airline", "hotel", "car-rental"] {
+        for id in ["airline", "hotel", "car-rental", "air-contact", "hotel-contact"] {
             assert!(preset(id).is_some());
         }
     }

@@ -103,7 +103,7 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct EntitySimArgs {
-    /// airline, hotel or car-rental.
+    /// airline, hotel, car-rental, air-contact or hotel-contact (contact centres).
     #[arg(long)]
     preset: String,
     /// Where to serve.
@@ -113,14 +113,14 @@ struct EntitySimArgs {
     #[arg(long, env = "CUSTOS_URL", default_value = "http://127.0.0.1:7700")]
     vault: String,
     /// The entity's `whsec_` secret (or use --register).
-    #[arg(long, env = "CUSTOS_ENTITY_SECRET")]
+    #[arg(long, env = "CUSTOS_ENTITY_SECRET", hide_env_values = true)]
     secret: Option<String>,
     /// Register with the vault (admin token from --token / CUSTOS_TOKEN or
     /// ./custos-data/admin-token) and use the secret it issues.
     #[arg(long)]
     register: bool,
     /// Admin token for --register.
-    #[arg(long, env = "CUSTOS_TOKEN")]
+    #[arg(long, env = "CUSTOS_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Write {"addr": ...} here once serving (tests).
     #[arg(long)]
@@ -138,7 +138,7 @@ struct Target {
     )]
     url: String,
     /// Bearer token (default: ./custos-data/admin-token).
-    #[arg(long, env = "CUSTOS_TOKEN", global = true)]
+    #[arg(long, env = "CUSTOS_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
 }
 
@@ -267,7 +267,7 @@ enum ClientCommand {
         #[command(flatten)]
         target: Target,
         /// The entity's `whsec_` secret.
-        #[arg(long, env = "CUSTOS_ENTITY_SECRET")]
+        #[arg(long, env = "CUSTOS_ENTITY_SECRET", hide_env_values = true)]
         secret: String,
         /// CloudEvent JSON file.
         file: PathBuf,
@@ -324,7 +324,7 @@ fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {
     custos_node::telemetry::init_logging("human", "info");
     let preset = entity_sim::preset(&args.preset).with_context(|| {
         format!(
-            "no preset {:?}: use airline, hotel or car-rental",
+            "no preset {:?}: use airline, hotel, car-rental, air-contact or hotel-contact",
             args.preset
         )
     })?;
