@@ -68,8 +68,16 @@ pub const PRESETS: &[Preset] = &[
     Preset {
         id: "air-contact",
         name: "Example Air Contact Centre",
-        event_types: &["contact.disconnected", "contact.connected_to_agent", "case.created"],
-        command_types: &["callback.schedule", "case.comment.add", "routing.next_contact"],
+        event_types: &[
+            "contact.disconnected",
+            "contact.connected_to_agent",
+            "case.created",
+        ],
+        command_types: &[
+            "callback.schedule",
+            "case.comment.add",
+            "routing.next_contact",
+        ],
         users: &[
             ("alice", "alice-aircc", "cust-a-1001"),
             ("bob", "bob-aircc", "cust-a-1002"),
@@ -78,8 +86,16 @@ pub const PRESETS: &[Preset] = &[
     Preset {
         id: "hotel-contact",
         name: "Example Hotel Contact Centre",
-        event_types: &["contact.disconnected", "contact.connected_to_agent", "case.created"],
-        command_types: &["callback.schedule", "case.comment.add", "routing.next_contact"],
+        event_types: &[
+            "contact.disconnected",
+            "contact.connected_to_agent",
+            "case.created",
+        ],
+        command_types: &[
+            "callback.schedule",
+            "case.comment.add",
+            "routing.next_contact",
+        ],
         users: &[
             ("alice", "alice-hotelcc", "profile-77"),
             ("bob", "bob-hotelcc", "profile-78"),
@@ -779,7 +795,13 @@ mod tests {
 
     #[test]
     fn presets_exist() {
-        for id in ["airline", "hotel", "car-rental", "air-contact", "hotel-contact"] {
+        for id in [
+            "airline",
+            "hotel",
+            "car-rental",
+            "air-contact",
+            "hotel-contact",
+        ] {
             assert!(preset(id).is_some());
         }
     }

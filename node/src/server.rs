@@ -590,7 +590,10 @@ pub async fn run(
             peer = %config.peer_address(),
             data_dir = %config.data_dir.display(),
             admin_token = %admin_source.banner_field(&admin),
-            cluster_secret_file = ?secret_file,
+            cluster_secret_file = %secret_file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
             "node ready"
         );
     } else {
