@@ -17,9 +17,12 @@ async fn the_node_keeps_its_openapi_contract_under_generated_requests() -> anyho
     .await?;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/contract");
     let url = node.url.clone();
+    let scratch = tempfile::tempdir()?;
+    let cwd = scratch.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(script)
             .args([&url, ADMIN_TOKEN, "--max-examples", "25", "--seed", "1"])
+            .current_dir(cwd)
             .output()
     })
     .await??;

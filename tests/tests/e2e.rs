@@ -1562,6 +1562,144 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
     Ok(())
 }
 
+/// The source document's example: an airline's contact centre rebooks a customer onto a late
+/// arrival, and the customer's rule has the hotel's contact centre schedule a callback, with
+/// only the mapped fields (Amazon Connect contact-event shapes, as in the README scenario).
+#[tokio::test(flavor = "multi_thread")]
+async fn contact_centres_hand_a_rebooking_to_the_hotel_as_a_callback() -> anyhow::Result<()> {
+    use custos_tests::entity::EntitySim;
+    let node = Node::start(NodeOptions::default()).await?;
+    let air = EntitySim::start("air-contact", &node).await?;
+    let hotel = EntitySim::start("hotel-contact", &node).await?;
+    let admin = node.admin();
+    let c = admin.create_customer().await?;
+    for (entity, subject) in [
+        ("air-contact", "cust-a-1001"),
+        ("hotel-contact", "profile-77"),
+    ] {
+        let link = LinkRequest {
+            entity_id: entity.into(),
+            subject: subject.into(),
+        };
+        admin.link(&c.id, &link).await?;
+    }
+    admin
+        .create_rule(
+            &c.id,
+            &RuleSpec {
+                name: "Late arrival after a rebooking: the hotel calls me".into(),
+                when: Trigger {
+                    entity: "air-contact".into(),
+                    event_type: "contact.disconnected".into(),
+                    condition: Some(
+                        r#"data.attributes.disposition == "REBOOKED" && data.attributes.arrivalLocal > "22:00""#
+                            .into(),
+                    ),
+                },
+                then: Action {
+                    entity: "hotel-contact".into(),
+                    command_type: "callback.schedule".into(),
+                    data: json!({
+                        "queue": r#""Front desk - late arrivals""#,
+                        "channel": r#""VOICE""#,
+                        "reason": r#""Guest rebooked by the airline, arrives " + data.attributes.arrivalLocal + " on " + data.attributes.newFlight"#,
+                        "airlineContactId": "data.contactId",
+                    }),
+                },
+            },
+        )
+        .await?;
+    let http = reqwest::Client::new();
+    let emit = |disposition: &str, contact: &str| {
+        json!({"username": "alice", "type": "contact.disconnected", "data": {
+            "contactId": contact, "channel": "VOICE", "initiationMethod": "INBOUND",
+            "queueInfo": {"queueName": "Rebooking"}, "agentInfo": {"agentName": "Sam"},
+            "disconnectReason": "AGENT_DISCONNECT",
+            "attributes": {"disposition": disposition, "newFlight": "EA 412", "arrivalLocal": "23:40"}}})
+    };
+    // A contact that ended without a rebooking triggers nothing.
+    let ignored: EventReceipt = http
+        .post(format!("{}/emit", air.url))
+        .json(&emit("INFO_ONLY", "contact-1"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(ignored.status, EventStatus::Ignored, "{ignored:?}");
+    let receipt: EventReceipt = http
+        .post(format!("{}/emit", air.url))
+        .json(&emit("REBOOKED", "contact-2"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(receipt.status, EventStatus::Accepted, "{receipt:?}");
+    let got: Vec<Value> = poll::until("the hotel's contact centre got the callback", WAIT, || {
+        let (http, url) = (http.clone(), format!("{}/commands", hotel.url));
+        async move {
+            let v: Vec<Value> = http.get(url).send().await.ok()?.json().await.ok()?;
+            (!v.is_empty()).then_some(v)
+        }
+    })
+    .await?;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["verified"], true);
+    let command = &got[0]["command"];
+    assert_eq!(command["type"], "callback.schedule");
+    assert_eq!(
+        command["subject"], "profile-77",
+        "the hotel's own id for her"
+    );
+    assert_eq!(
+        command["data"],
+        json!({"queue": "Front desk - late arrivals", "channel": "VOICE",
+               "reason": "Guest rebooked by the airline, arrives 23:40 on EA 412",
+               "airlineContactId": "contact-2"}),
+        "only the mapped fields: no agent, queue or disconnect reason"
+    );
+    Ok(())
+}
+
+/// With `log_format = "json"`, every line the node writes is JSON: the start banner is one
+/// `node ready` event with the addresses, and the access log names the method.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_json_from_the_banner_on() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        log_level: "info,openraft=warn".into(),
+        extra_toml: "log_format = \"json\"\n".into(),
+        ..NodeOptions::default()
+    })
+    .await?;
+    let status = reqwest::get(format!("{}/healthz", node.url))
+        .await?
+        .status();
+    assert_eq!(status, 200);
+    let log = poll::until("the access log line", WAIT, || {
+        let log = node.log();
+        async move { log.contains("/healthz").then_some(log) }
+    })
+    .await?;
+    let mut ready = None;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON ({e}): {line}"))?;
+        assert!(!line.contains('\u{1b}'), "colour codes in a file: {line}");
+        if v["fields"]["message"] == "node ready" {
+            ready = Some(v);
+        }
+    }
+    let ready = ready.ok_or_else(|| anyhow::anyhow!("no node ready event:\n{log}"))?;
+    assert_eq!(ready["fields"]["client_api"], json!(node.url));
+    assert!(ready["fields"]["portal"]
+        .as_str()
+        .is_some_and(|p| p.ends_with("/portal")));
+    assert!(
+        log.lines().any(|l| l.contains("GET /healthz 200")),
+        "the access log names the method:\n{log}"
+    );
+    Ok(())
+}
+
 fn custos_node_pkce(verifier: &str) -> String {
     use base64::Engine as _;
     use sha2::Digest as _;
