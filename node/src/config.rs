@@ -87,6 +87,9 @@ secret_grace_hours = 24
 recommend_threshold = 0.5
 recommend_min_customers = 10
 recommend_interval_secs = 3600
+# Until a model covers recommend_min_customers customers (a young vault), training is retried
+# this often, so the first customers get recommendations within minutes, not an hour.
+recommend_warmup_secs = 60
 recommend_beta = 0.2
 
 [portal]
@@ -309,6 +312,8 @@ pub struct Config {
     pub recommend_min_customers: u32,
     /// Training interval.
     pub recommend_interval_secs: f64,
+    /// Training retry interval while the model is young.
+    pub recommend_warmup_secs: f64,
     /// RP3beta damping.
     pub recommend_beta: f64,
     /// Portal.
@@ -352,6 +357,7 @@ impl Default for Config {
             recommend_threshold: 0.5,
             recommend_min_customers: 10,
             recommend_interval_secs: 3600.0,
+            recommend_warmup_secs: 60.0,
             recommend_beta: 0.2,
             portal: PortalConfig::default(),
             cluster: ClusterConfig::default(),
@@ -496,6 +502,7 @@ impl Config {
             ("profile_idle_secs", self.profile_idle_secs),
             ("secret_grace_hours", self.secret_grace_hours),
             ("recommend_interval_secs", self.recommend_interval_secs),
+            ("recommend_warmup_secs", self.recommend_warmup_secs),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(ConfigError::Invalid(format!("{name} must be > 0")));

@@ -271,6 +271,46 @@ async fn prune(core: Arc<Core>) {
 }
 
 /// Retrains the recommender (on the meta group's leader).
+/// Whether the recommender should be trained now: no model yet, a young one (fewer than
+/// `recommend_min_customers` customers behind it, so a growing vault's first customers are not
+/// left an hour without recommendations), or one older than `recommend_interval_secs`.
+pub fn training_due(
+    model: Option<(u32, i64)>,
+    now_ms: i64,
+    min_customers: u32,
+    interval_secs: f64,
+) -> bool {
+    match model {
+        None => true,
+        Some((customers, trained_ms)) => {
+            customers < min_customers || (now_ms - trained_ms) as f64 >= interval_secs * 1000.0
+        }
+    }
+}
+
+/// Checked every `recommend_warmup_secs` on the meta group's leader: trains when due.
+async fn train_when_due(core: Arc<Core>) {
+    if !core.is_leader(META_GROUP) {
+        return;
+    }
+    let model = match core.read_meta(|r| r.model()).await {
+        Ok(m) => m.map(|m| (m.customers, m.trained_ms)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the recommender model");
+            return;
+        }
+    };
+    let c = &core.config;
+    if training_due(
+        model,
+        unix_now_ms(),
+        c.recommend_min_customers,
+        c.recommend_interval_secs,
+    ) {
+        train(core).await;
+    }
+}
+
 async fn train(core: Arc<Core>) {
     if !core.is_leader(META_GROUP) {
         return;
@@ -563,9 +603,13 @@ pub async fn run(
     ));
     let trainer = raft_rt.spawn(every(
         core.clone(),
-        Duration::from_secs_f64(config.recommend_interval_secs),
+        Duration::from_secs_f64(
+            config
+                .recommend_warmup_secs
+                .min(config.recommend_interval_secs),
+        ),
         stop_rx.clone(),
-        train,
+        train_when_due,
     ));
 
     let ready = Ready {
@@ -672,4 +716,20 @@ async fn start_groups(
     // at the join, by the peer token; this catches a restart with a changed secret).
     cluster::token_keys(core, config, secret).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_is_due_without_a_model_while_young_and_when_old() {
+        let hour = 3600.0;
+        assert!(training_due(None, 0, 10, hour));
+        // Young: fewer customers than k behind it, retried at every check.
+        assert!(training_due(Some((3, 1_000)), 2_000, 10, hour));
+        // Grown and fresh: not before the interval.
+        assert!(!training_due(Some((10, 1_000)), 2_000, 10, hour));
+        assert!(training_due(Some((10, 1_000)), 1_000 + 3_600_000, 10, hour));
+    }
 }

@@ -1199,12 +1199,11 @@ async fn https_when_a_certificate_is_configured() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::Result<()> {
-    let node = Node::start(NodeOptions::default()).await?;
-    let admin = node.admin();
+/// Two entities and 15 customers linked to both: 14 keep the delay rule, 11 of them also the
+/// release rule, the last keeps none.
+async fn recommendation_population(admin: &Client) -> anyhow::Result<Vec<CustomerCreated>> {
     register(
-        &admin,
+        admin,
         "airline",
         "http://127.0.0.1:9/unused",
         vec![
@@ -1215,7 +1214,7 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
     )
     .await?;
     register(
-        &admin,
+        admin,
         "hotel",
         "http://127.0.0.1:9/unused",
         vec![],
@@ -1269,6 +1268,45 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
         }
         customers.push(c);
     }
+    Ok(customers)
+}
+
+/// Nobody asks for training: the first model is trained by the node itself once customers
+/// exist (retried every `recommend_warmup_secs` while it covers fewer than k customers), and
+/// retraining an unchanged population writes nothing new.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_model_is_trained_without_being_asked() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        extra_toml: "recommend_warmup_secs = 0.3\n".into(),
+        ..NodeOptions::default()
+    })
+    .await?;
+    let admin = node.admin();
+    let customers = recommendation_population(&admin).await?;
+    let last = &customers[12];
+    let me = admin.with_token(&last.token);
+    let list = poll::until("a model covering the 15 customers", WAIT, || {
+        let me = me.clone();
+        let id = last.id.clone();
+        async move {
+            let l = me.recommendations(&id).await.ok()?;
+            (!l.items.is_empty()).then_some(l)
+        }
+    })
+    .await?;
+    assert!(list.model_version.is_some());
+    // Trained again by hand with nothing changed: the same model, no new version.
+    let again = admin.train_recommender().await?;
+    assert_eq!(Some(again.version), list.model_version);
+    assert_eq!(again.customers, 15);
+    Ok(())
+}
+
+#[tokio::test]
+async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let admin = node.admin();
+    let customers = recommendation_population(&admin).await?;
     // Before any training: an empty list, not an error.
     let first = &customers[12];
     let me = admin.with_token(&first.token);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use custos_api::types::*;
 use custos_api::ErrorCode;
+use custos_raft::records::ModelRecord;
 use custos_raft::{StateChange, META_GROUP};
 
 use super::{check_id, Vault};
@@ -48,7 +49,7 @@ pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError
     }
     let current = core.read_meta(|r| r.model()).await?;
     let received = recent(all.engagements);
-    let version = current.map(|m| m.version).unwrap_or(0) + 1;
+    let version = current.as_ref().map(|m| m.version).unwrap_or(0) + 1;
     let (beta, k) = (
         core.config.recommend_beta,
         core.config.recommend_min_customers,
@@ -67,17 +68,39 @@ pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError
     })
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))?;
-    let summary = ModelSummary {
+    // A young vault is retrained every few minutes: when nothing changed, nothing is written
+    // (no Raft entry, no new version), unless the model is due by age.
+    if let Some(cur) = current.filter(|cur| {
+        same_content(cur, &model)
+            && ((now - cur.trained_ms) as f64) < core.config.recommend_interval_secs * 1000.0
+    }) {
+        return Ok(summary_of(&cur));
+    }
+    let summary = summary_of(&model);
+    core.propose(META_GROUP, StateChange::PutModel(Box::new(model)))
+        .await?;
+    Ok(summary)
+}
+
+fn summary_of(model: &ModelRecord) -> ModelSummary {
+    ModelSummary {
         version: model.version,
         trained_at: rfc3339_ms(model.trained_ms),
         customers: model.customers,
         templates: model.templates.len() as u32,
         pairs: model.pairs.len() as u32,
         min_support: model.min_support,
-    };
-    core.propose(META_GROUP, StateChange::PutModel(Box::new(model)))
-        .await?;
-    Ok(summary)
+    }
+}
+
+/// Two models that would serve the same recommendations (version and time aside).
+fn same_content(a: &ModelRecord, b: &ModelRecord) -> bool {
+    a.customers == b.customers
+        && a.beta == b.beta
+        && a.min_support == b.min_support
+        && a.templates == b.templates
+        && a.pairs == b.pairs
+        && a.calibration == b.calibration
 }
 
 impl Vault {
