@@ -1325,7 +1325,7 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
         rec.confidence
     );
     assert!(
-        rec.reason.contains("79%") && rec.reason.contains("14 customers"),
+        rec.reason.contains("about 80%") && rec.reason.contains("10+ customers"),
         "{}",
         rec.reason
     );

@@ -143,6 +143,24 @@ pub fn train(
         n_items,
     };
     let (popularity, pairs) = aggregates(&full, min_support);
+    // k-anonymity in what is stored and replicated, not only in what is shown: an item (a
+    // template, a link, an event type) fewer than k customers have is not in the model at all,
+    // neither its name nor its count; pairs already need k customers. Ids are renumbered densely.
+    let mut new_id = vec![u32::MAX; n_items];
+    let mut next = 0u32;
+    for (i, p) in popularity.iter().enumerate() {
+        if *p >= min_support {
+            new_id[i] = next;
+            next += 1;
+        }
+    }
+    let pairs: Vec<(u32, u32, u32, f64)> = pairs
+        .into_iter()
+        .filter_map(|(a, b, n, w)| {
+            let (a, b) = (new_id[a as usize], new_id[b as usize]);
+            (a != u32::MAX && b != u32::MAX).then_some((a, b, n, w))
+        })
+        .collect();
     let mut best_version: HashMap<u32, (u32, Option<String>, String)> = HashMap::new();
     for ((id, cond, data), n) in versions {
         let e = best_version.entry(id).or_insert((0, None, String::new()));
@@ -154,12 +172,18 @@ pub fn train(
     let templates = keys
         .into_iter()
         .enumerate()
+        .filter(|(i, _)| new_id[*i] != u32::MAX)
         .map(|(i, key)| {
             let agreed = best_version
                 .get(&(i as u32))
                 .filter(|(n, _, _)| *n >= min_support);
             TemplateStat {
-                dismissed: dismissals.get(&key).copied().unwrap_or(0),
+                // Dismissals count once k customers dismissed it (no exact small counts).
+                dismissed: dismissals
+                    .get(&key)
+                    .copied()
+                    .filter(|d| *d >= min_support)
+                    .unwrap_or(0),
                 key,
                 customers: popularity[i],
                 condition: agreed.and_then(|(_, c, _)| c.clone()),
@@ -177,6 +201,33 @@ pub fn train(
         pairs,
         calibration,
     }
+}
+
+/// A share rounded to 5%, so a reason does not give away exact counts.
+pub fn coarse_percent(part: u32, whole: u32) -> u32 {
+    let pct = 100.0 * f64::from(part) / f64::from(whole.max(1));
+    ((pct / 5.0).round() * 5.0) as u32
+}
+
+/// A count as a bucket ("10+", "50+", "1,000+"...), so a reason does not give away how many
+/// customers exactly keep something.
+pub fn coarse_count(n: u32) -> String {
+    const BUCKETS: [(u32, &str); 9] = [
+        (100_000, "100,000+"),
+        (10_000, "10,000+"),
+        (1_000, "1,000+"),
+        (500, "500+"),
+        (100, "100+"),
+        (50, "50+"),
+        (20, "20+"),
+        (10, "10+"),
+        (2, "a few"),
+    ];
+    BUCKETS
+        .iter()
+        .find(|(b, _)| n >= *b)
+        .map_or("a few", |(_, label)| label)
+        .to_owned()
 }
 
 /// A stored model ready to serve.
@@ -283,9 +334,9 @@ impl Served {
                 id: encode_id(&t.key),
                 confidence: (confidence * 1000.0).round() / 1000.0,
                 reason: format!(
-                    "kept by {:.0}% of the {} customers who {}",
-                    100.0 * f64::from(support) / f64::from(base.max(1)),
-                    base,
+                    "kept by about {}% of the {} customers who {}",
+                    coarse_percent(support, base),
+                    coarse_count(base),
                     if let Some(entity) = from_key.strip_prefix("link:") {
                         format!("link {entity}")
                     } else if let Some(t) = from_key.strip_prefix("event:") {
@@ -412,8 +463,25 @@ mod tests {
             decode_id(&r.id).as_deref(),
             Some("airline.flight.cancelled>hotel.room.release")
         );
-        // The rare pattern is not in the model at all.
+        assert!(
+            r.reason.contains("about 75% of the 20+ customers"),
+            "{}",
+            r.reason
+        );
+        // The rare pattern is not in the model at all: no pair, no name, no count below k.
         assert!(served.record.pairs.iter().all(|p| p.2 >= 10));
+        assert!(
+            served
+                .record
+                .templates
+                .iter()
+                .all(|t| t.customers >= 10 && !t.key.contains("flight.boarded")),
+            "{:?}",
+            served.record.templates
+        );
+        assert_eq!(coarse_count(14), "10+");
+        assert_eq!(coarse_count(1_234), "1,000+");
+        assert_eq!(coarse_percent(11, 14), 80);
         // Dismissed: gone.
         let dismissed: HashSet<String> =
             [decode_id(&r.id).unwrap_or_default()].into_iter().collect();
