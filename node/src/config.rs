@@ -90,6 +90,9 @@ recommend_interval_secs = 3600
 # Until a model covers recommend_min_customers customers (a young vault), training is retried
 # this often, so the first customers get recommendations within minutes, not an hour.
 recommend_warmup_secs = 60
+# Retrained sooner when this many rules were saved or deleted since the last training (counted
+# on the meta group's leader, in the groups it replicates), checked every recommend_warmup_secs.
+recommend_retrain_changes = 1000
 recommend_beta = 0.2
 
 [portal]
@@ -314,6 +317,8 @@ pub struct Config {
     pub recommend_interval_secs: f64,
     /// Training retry interval while the model is young.
     pub recommend_warmup_secs: f64,
+    /// Rule changes that trigger a retraining before the interval.
+    pub recommend_retrain_changes: u64,
     /// RP3beta damping.
     pub recommend_beta: f64,
     /// Portal.
@@ -358,6 +363,7 @@ impl Default for Config {
             recommend_min_customers: 10,
             recommend_interval_secs: 3600.0,
             recommend_warmup_secs: 60.0,
+            recommend_retrain_changes: 1000,
             recommend_beta: 0.2,
             portal: PortalConfig::default(),
             cluster: ClusterConfig::default(),

@@ -332,6 +332,9 @@ impl ApplyObserver for Observer {
                     self.wake.cluster_changed();
                 }
                 Effect::Erased => self.wake.erased(group),
+                Effect::RuleChanged => {
+                    self.wake.rule_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
                     self.due.invalidate();
@@ -356,6 +359,8 @@ pub struct Wakers {
     pub erased_in: Mutex<BTreeSet<GroupId>>,
     /// The scrubber has groups to rewrite.
     pub scrub: Notify,
+    /// Rules saved or deleted in the groups this node replicates, since it started.
+    pub rule_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Wakers {

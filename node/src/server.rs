@@ -274,19 +274,26 @@ async fn prune(core: Arc<Core>) {
 /// Whether the recommender should be trained now: no model yet, a young one (fewer than
 /// `recommend_min_customers` customers behind it, so a growing vault's first customers are not
 /// left an hour without recommendations), or one older than `recommend_interval_secs`.
+/// Also when `retrain_changes` rules were saved or deleted since the last training.
 pub fn training_due(
     model: Option<(u32, i64)>,
     now_ms: i64,
-    min_customers: u32,
-    interval_secs: f64,
+    rule_changes_since: u64,
+    config: &Config,
 ) -> bool {
     match model {
         None => true,
         Some((customers, trained_ms)) => {
-            customers < min_customers || (now_ms - trained_ms) as f64 >= interval_secs * 1000.0
+            customers < config.recommend_min_customers
+                || (now_ms - trained_ms) as f64 >= config.recommend_interval_secs * 1000.0
+                || rule_changes_since >= config.recommend_retrain_changes
         }
     }
 }
+
+/// The rule-change count at the last training this node started.
+static RULE_CHANGES_AT_TRAINING: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Checked every `recommend_warmup_secs` on the meta group's leader: trains when due.
 async fn train_when_due(core: Arc<Core>) {
@@ -300,13 +307,11 @@ async fn train_when_due(core: Arc<Core>) {
             return;
         }
     };
-    let c = &core.config;
-    if training_due(
-        model,
-        unix_now_ms(),
-        c.recommend_min_customers,
-        c.recommend_interval_secs,
-    ) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let changes = core.wake.rule_changes.load(Relaxed);
+    let since = changes.saturating_sub(RULE_CHANGES_AT_TRAINING.load(Relaxed));
+    if training_due(model, unix_now_ms(), since, &core.config) {
+        RULE_CHANGES_AT_TRAINING.store(changes, Relaxed);
         train(core).await;
     }
 }
@@ -724,12 +729,15 @@ mod tests {
 
     #[test]
     fn training_is_due_without_a_model_while_young_and_when_old() {
-        let hour = 3600.0;
-        assert!(training_due(None, 0, 10, hour));
+        // Defaults: k = 10, every hour, or after 1,000 rule changes.
+        let c = Config::default();
+        assert!(training_due(None, 0, 0, &c));
         // Young: fewer customers than k behind it, retried at every check.
-        assert!(training_due(Some((3, 1_000)), 2_000, 10, hour));
-        // Grown and fresh: not before the interval.
-        assert!(!training_due(Some((10, 1_000)), 2_000, 10, hour));
-        assert!(training_due(Some((10, 1_000)), 1_000 + 3_600_000, 10, hour));
+        assert!(training_due(Some((3, 1_000)), 2_000, 0, &c));
+        // Grown and fresh: not before the interval...
+        assert!(!training_due(Some((10, 1_000)), 2_000, 999, &c));
+        assert!(training_due(Some((10, 1_000)), 1_000 + 3_600_000, 0, &c));
+        // ...unless enough rules changed since.
+        assert!(training_due(Some((10, 1_000)), 2_000, 1_000, &c));
     }
 }

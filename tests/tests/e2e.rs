@@ -1277,7 +1277,7 @@ async fn recommendation_population(admin: &Client) -> anyhow::Result<Vec<Custome
 #[tokio::test(flavor = "multi_thread")]
 async fn the_first_model_is_trained_without_being_asked() -> anyhow::Result<()> {
     let node = Node::start(NodeOptions {
-        extra_toml: "recommend_warmup_secs = 0.3\n".into(),
+        extra_toml: "recommend_warmup_secs = 0.3\nrecommend_retrain_changes = 2\n".into(),
         ..NodeOptions::default()
     })
     .await?;
@@ -1296,9 +1296,25 @@ async fn the_first_model_is_trained_without_being_asked() -> anyhow::Result<()> 
     .await?;
     assert!(list.model_version.is_some());
     // Trained again by hand with nothing changed: the same model, no new version.
+    let settled = admin.train_recommender().await?;
     let again = admin.train_recommender().await?;
-    assert_eq!(Some(again.version), list.model_version);
+    assert_eq!(again.version, settled.version);
     assert_eq!(again.customers, 15);
+    // Two rule changes (recommend_retrain_changes = 2 here): retrained without being asked.
+    let quiet = &customers[14];
+    let them = admin.with_token(&quiet.token);
+    let rule = them.create_rule(&quiet.id, &delay_rule()).await?;
+    them.delete_rule(&quiet.id, &rule.id).await?;
+    them.create_rule(&quiet.id, &delay_rule()).await?;
+    poll::until("a retraining after the rule changes", WAIT, || {
+        let me = me.clone();
+        let id = last.id.clone();
+        async move {
+            let v = me.recommendations(&id).await.ok()?.model_version?;
+            (v > again.version).then_some(())
+        }
+    })
+    .await?;
     Ok(())
 }
 

@@ -207,6 +207,7 @@ impl Tx<'_> {
         let rule_id = rule.id.clone();
         self.put(key, &rule)?;
         self.activity(customer_id, at, &ActivityRecord::RuleSaved { rule_id })?;
+        self.effects.push(super::Effect::RuleChanged);
         Ok(ChangeOutcome::Done)
     }
 
@@ -222,6 +223,7 @@ impl Tx<'_> {
         }
         self.delete(key);
         self.activity(customer_id, at_ms, &ActivityRecord::RuleDeleted { rule_id })?;
+        self.effects.push(super::Effect::RuleChanged);
         Ok(ChangeOutcome::Done)
     }
 

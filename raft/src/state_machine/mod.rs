@@ -68,6 +68,8 @@ pub enum Effect {
     /// A customer's data was erased (or released from the meta group): the group's log and
     /// snapshot, and the store's files, still hold it until they are rewritten.
     Erased,
+    /// A rule was saved or deleted (the recommender retrains after enough of them).
+    RuleChanged,
 }
 
 /// Told about every apply, after its batch is written.
