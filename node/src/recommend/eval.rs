@@ -189,7 +189,8 @@ pub struct Metrics {
     pub ndcg: f64,
 }
 
-fn metrics_for(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> Metrics {
+/// P, R, HR and NDCG of one ranked list against the held-out items, at cut-off `k`.
+pub fn metrics_for(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> Metrics {
     let hits: Vec<bool> = ranked
         .iter()
         .take(k)

@@ -6,10 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger};
 use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
 
-use super::{
-    aggregates, calibration_feature, calibration_samples, holdout, Calibrator, Interactions,
-    Rp3Beta, Scorer,
-};
+use super::{aggregates, calibration_feature, holdout, Calibrator, Interactions, Rp3Beta, Scorer};
 
 /// Fewest validation samples for the isotonic calibration to be used instead of the
 /// conditional frequency.
@@ -113,7 +110,12 @@ pub fn train(
         .into_iter()
         .map(|(n, (mut kept, held))| {
             kept.extend(&link_items[n]);
-            (kept, held)
+            // The entities this customer linked: what is served is filtered by them.
+            let linked: HashSet<&str> = link_items[n]
+                .iter()
+                .filter_map(|i| keys.get(*i as usize)?.strip_prefix("link:"))
+                .collect();
+            (kept, held, linked)
         })
         .collect();
     let val_model = Rp3Beta::fit(
@@ -124,7 +126,7 @@ pub fn train(
         beta,
         min_support,
     );
-    let samples = calibration_samples(&val_model, &val);
+    let samples = served_samples(&val_model, &val, &keys);
     let calibration = if samples.len() >= MIN_CALIBRATION_SAMPLES {
         Calibrator::fit(samples).steps().to_vec()
     } else {
@@ -230,6 +232,37 @@ pub fn coarse_count(n: u32) -> String {
         .to_owned()
 }
 
+/// How many of the walk's best items are looked at before keeping those a customer can use
+/// (between entities they linked).
+const CANDIDATES: usize = 200;
+
+/// (calibration feature, kept) of what would be served to the validation customers: the same
+/// candidates, ranks and linked-entity filter as [`Served::recommend`], ten per customer, so
+/// the confidence is calibrated on the values customers are shown.
+fn served_samples(
+    model: &Rp3Beta,
+    val: &[(Vec<u32>, HashSet<u32>, HashSet<&str>)],
+    keys: &[String],
+) -> Vec<(f64, bool)> {
+    let mut samples = Vec::new();
+    for (kept, held, linked) in val {
+        let top = model.top(kept, CANDIDATES);
+        let best = top.first().map(|t| t.1).unwrap_or(0.0);
+        let usable = top.iter().enumerate().filter(|(_, (i, _))| {
+            keys.get(*i as usize)
+                .and_then(|k| parse_key(k))
+                .is_some_and(|t| {
+                    linked.contains(t.when_entity.as_str())
+                        && linked.contains(t.then_entity.as_str())
+                })
+        });
+        for (rank, (i, score)) in usable.take(10) {
+            samples.push((calibration_feature(*score, best, rank), held.contains(i)));
+        }
+    }
+    samples
+}
+
 /// A stored model ready to serve.
 pub struct Served {
     /// The stored record.
@@ -285,7 +318,7 @@ impl Served {
             .chain(received.iter().map(|t| event_key(t)))
             .filter_map(|k| self.index.get(&k).copied())
             .collect();
-        let top = self.model.top(&items, 40);
+        let top = self.model.top(&items, CANDIDATES);
         let best = top.first().map(|t| t.1).unwrap_or(0.0);
         let mut out = Vec::new();
         for (rank, (j, score)) in top.into_iter().enumerate() {
