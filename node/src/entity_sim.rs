@@ -38,6 +38,19 @@ pub struct Preset {
     pub users: &'static [(&'static str, &'static str, &'static str)],
 }
 
+/// A contact centre's events (Amazon Connect contact events, Cases).
+const CONTACT_EVENTS: &[&str] = &[
+    "contact.disconnected",
+    "contact.connected_to_agent",
+    "case.created",
+];
+/// A contact centre's commands (a scheduled callback, a comment on a case, routing).
+const CONTACT_COMMANDS: &[&str] = &[
+    "callback.schedule",
+    "case.comment.add",
+    "routing.next_contact",
+];
+
 /// The built-in presets.
 pub const PRESETS: &[Preset] = &[
     Preset {
@@ -68,16 +81,8 @@ pub const PRESETS: &[Preset] = &[
     Preset {
         id: "air-contact",
         name: "Example Air Contact Centre",
-        event_types: &[
-            "contact.disconnected",
-            "contact.connected_to_agent",
-            "case.created",
-        ],
-        command_types: &[
-            "callback.schedule",
-            "case.comment.add",
-            "routing.next_contact",
-        ],
+        event_types: CONTACT_EVENTS,
+        command_types: CONTACT_COMMANDS,
         users: &[
             ("alice", "alice-aircc", "cust-a-1001"),
             ("bob", "bob-aircc", "cust-a-1002"),
@@ -86,16 +91,8 @@ pub const PRESETS: &[Preset] = &[
     Preset {
         id: "hotel-contact",
         name: "Example Hotel Contact Centre",
-        event_types: &[
-            "contact.disconnected",
-            "contact.connected_to_agent",
-            "case.created",
-        ],
-        command_types: &[
-            "callback.schedule",
-            "case.comment.add",
-            "routing.next_contact",
-        ],
+        event_types: CONTACT_EVENTS,
+        command_types: CONTACT_COMMANDS,
         users: &[
             ("alice", "alice-hotelcc", "profile-77"),
             ("bob", "bob-hotelcc", "profile-78"),

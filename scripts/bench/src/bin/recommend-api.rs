@@ -62,6 +62,16 @@ fn key_of(t: &Template) -> Key {
     )
 }
 
+/// The key of a template the API served.
+fn served_key(t: &RuleTemplate) -> Key {
+    (
+        t.when_entity.clone(),
+        t.event_type.clone(),
+        t.then_entity.clone(),
+        t.command_type.clone(),
+    )
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -241,24 +251,14 @@ async fn main() -> anyhow::Result<()> {
         let ranked: Vec<u32> = top
             .iter()
             .map(|r| {
-                let t = &r.template;
-                let k = (
-                    t.when_entity.clone(),
-                    t.event_type.clone(),
-                    t.then_entity.clone(),
-                    t.command_type.clone(),
-                );
-                dense.get(&k).copied().unwrap_or(u32::MAX)
+                dense
+                    .get(&served_key(&r.template))
+                    .copied()
+                    .unwrap_or(u32::MAX)
             })
             .collect();
         for r in &top {
-            let t = &r.template;
-            let k = (
-                t.when_entity.clone(),
-                t.event_type.clone(),
-                t.then_entity.clone(),
-                t.command_type.clone(),
-            );
+            let k = served_key(&r.template);
             let b = ((r.confidence * 10.0) as usize).min(9);
             bins[b].0 += 1;
             bins[b].1 += r.confidence;
