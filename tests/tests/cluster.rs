@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use custos_api::types::*;
 use custos_tests::cluster::Cluster;
 use custos_tests::node::{Node, NodeOptions};
@@ -82,12 +83,25 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
         assert_eq!(g.voters.len(), 3, "group {} voters {:?}", g.id, g.voters);
         assert!(g.leader.is_some());
     }
-    // Leaders are spread: no node leads more than ceil(16 / 3) data groups.
-    let mut leads: HashMap<u64, usize> = HashMap::new();
-    for g in status.groups.iter().filter(|g| g.id != 0) {
-        *leads.entry(g.leader.unwrap_or(0)).or_default() += 1;
-    }
-    assert!(leads.values().all(|n| *n <= 6), "{leads:?}");
+    // Leaders are spread: no node leads more than ceil(16 / 3) data groups. The manager moves
+    // leaderships after placement, so this is polled for (a freshly placed cluster may still
+    // have every leader on the first node).
+    let leads_of = |status: &ClusterStatus| {
+        let mut leads: HashMap<u64, usize> = HashMap::new();
+        for g in status.groups.iter().filter(|g| g.id != 0) {
+            *leads.entry(g.leader.unwrap_or(0)).or_default() += 1;
+        }
+        leads
+    };
+    let last = std::sync::Mutex::new(HashMap::new());
+    poll::until("leaders spread over the nodes", WAIT, || async {
+        let leads = leads_of(&c.status().await.ok()?);
+        let spread = leads.values().all(|n| *n <= 6);
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = leads;
+        spread.then_some(())
+    })
+    .await
+    .with_context(|| format!("{:?}", last.lock().map(|l| l.clone()).unwrap_or_default()))?;
 
     // Every event through every node, for every customer: accepted once, delivered.
     let mut expected = Vec::new();
