@@ -266,10 +266,12 @@ impl Client {
         limit: usize,
         before: Option<&str>,
     ) -> Result<ActivityPage, ClientError> {
-        let mut path = format!("/v1/customers/{customer}/activity?limit={limit}");
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query.append_pair("limit", &limit.to_string());
         if let Some(b) = before {
-            path.push_str(&format!("&before={b}"));
+            query.append_pair("before", b);
         }
+        let path = format!("/v1/customers/{customer}/activity?{}", query.finish());
         self.get(&path).await
     }
 

@@ -361,6 +361,8 @@ pub struct Wakers {
     pub scrub: Notify,
     /// Rules saved or deleted in the groups this node replicates, since it started.
     pub rule_changes: std::sync::atomic::AtomicU64,
+    /// `rule_changes` when this node last started a training of the recommender.
+    pub rule_changes_at_training: std::sync::atomic::AtomicU64,
 }
 
 impl Wakers {

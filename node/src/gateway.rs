@@ -711,12 +711,17 @@ fn routes_at(path: &str) -> Vec<&'static RouteEntry> {
         .collect()
 }
 
-/// The methods the API serves on `path`.
-fn allowed_methods(path: &str) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = routes_at(path).into_iter().map(|r| r.method).collect();
+/// The methods the operations `here` serve.
+fn methods_of(here: &[&'static RouteEntry]) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = here.iter().map(|r| r.method).collect();
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// The methods the API serves on `path`.
+fn allowed_methods(path: &str) -> Vec<&'static str> {
+    methods_of(&routes_at(path))
 }
 
 /// Where a provider sends the customer back: it may add parameters of its own (`iss`,
@@ -724,12 +729,18 @@ fn allowed_methods(path: &str) -> Vec<&'static str> {
 const OAUTH_CALLBACK_PATH: &str = "/v1/oauth/callback";
 
 /// Refuses a query parameter the operation does not declare (400), the same on every route,
-/// rather than ignoring it on some and refusing it on others.
-pub fn check_query(method: &str, path: &str, query: &str) -> std::result::Result<(), ServiceError> {
+/// rather than ignoring it on some and refusing it on others. `here` are the operations at
+/// the request's path ([`routes_at`]).
+fn check_query(
+    here: &[&'static RouteEntry],
+    method: &str,
+    path: &str,
+    query: &str,
+) -> std::result::Result<(), ServiceError> {
     if query.is_empty() || path == OAUTH_CALLBACK_PATH {
         return Ok(());
     }
-    let Some(route) = routes_at(path).into_iter().find(|r| r.method == method) else {
+    let Some(route) = here.iter().find(|r| r.method == method) else {
         // Not an API operation: the 404/405 answer, or the portal's own pages.
         return Ok(());
     };
@@ -751,7 +762,7 @@ pub fn check_query(method: &str, path: &str, query: &str) -> std::result::Result
 
 /// The middleware around the client API that holds every request to the OpenAPI document:
 /// a method the path does not serve is a 405 with `Allow`, an undeclared query parameter a 400.
-pub async fn refuse_unknown_query(
+pub async fn hold_to_document(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
 ) -> std::result::Result<
@@ -760,12 +771,14 @@ pub async fn refuse_unknown_query(
     >,
     actix_web::Error,
 > {
-    let allowed = allowed_methods(req.path());
-    if !allowed.is_empty() && !allowed.contains(&req.method().as_str()) {
-        let resp = method_not_allowed(req.request(), &allowed);
+    // One lookup of the path's operations serves both checks.
+    let here = routes_at(req.path());
+    let method = req.method().as_str();
+    if !here.is_empty() && !here.iter().any(|r| r.method == method) {
+        let resp = method_not_allowed(req.request(), &methods_of(&here));
         return Ok(req.into_response(resp).map_into_right_body());
     }
-    if let Err(e) = check_query(req.method().as_str(), req.path(), req.query_string()) {
+    if let Err(e) = check_query(&here, method, req.path(), req.query_string()) {
         return Ok(req.error_response(e).map_into_right_body());
     }
     Ok(next.call(req).await?.map_into_left_body())
@@ -956,7 +969,10 @@ fn complete_document(doc: &mut serde_json::Value) {
                         let (pattern, max) = if p["name"] == "rec_id" {
                             ("^([0-9a-fA-F]{2}){1,512}$", 1024)
                         } else {
-                            ("^[A-Za-z0-9._:-]{1,128}$", custos_api::limits::MAX_ID_LEN)
+                            (
+                                custos_api::limits::ID_PATTERN,
+                                custos_api::limits::MAX_ID_LEN,
+                            )
                         };
                         p["schema"]["pattern"] = json!(pattern);
                         p["schema"]["maxLength"] = json!(max);
@@ -1177,7 +1193,49 @@ mod tests {
     }
 
     #[test]
+    fn id_patterns_in_the_document_are_the_one_the_server_checks() {
+        fn patterns<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(p) = m.get("pattern").and_then(|p| p.as_str()) {
+                        out.push(p);
+                    }
+                    m.values().for_each(|v| patterns(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| patterns(v, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        patterns(document(), &mut found);
+        let ids: Vec<&str> = found
+            .into_iter()
+            .filter(|p| p.starts_with("^[A-Za-z0-9._:-]"))
+            .collect();
+        assert!(ids.len() > 10, "{ids:?}");
+        assert!(
+            ids.iter().all(|p| *p == custos_api::limits::ID_PATTERN),
+            "{ids:?}"
+        );
+        let re = regex::Regex::new(custos_api::limits::ID_PATTERN).expect("pattern");
+        for s in [
+            "airline",
+            "a.b_c:d-e",
+            "",
+            "a b",
+            "a/b",
+            &"x".repeat(128),
+            &"x".repeat(129),
+        ] {
+            assert_eq!(re.is_match(s), custos_api::limits::is_valid_id(s), "{s:?}");
+        }
+    }
+
+    #[test]
     fn unknown_query_parameters_are_refused_on_every_operation_but_the_callback() {
+        let check_query = |method: &str, path: &str, q: &str| {
+            super::check_query(&routes_at(path), method, path, q)
+        };
         assert!(check_query("GET", "/v1/customers/c1/activity", "limit=5&before=00").is_ok());
         let e = check_query("GET", "/v1/customers/c1/activity", "limit=5&color=red")
             .expect_err("unknown");

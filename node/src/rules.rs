@@ -557,6 +557,9 @@ const MAX_SHOWN: usize = 80;
 
 /// A CEL value as JSON text (what the customer wrote and sees), with its CEL type, cut short.
 pub fn shown(v: &CelValue) -> String {
+    if matches!(v, CelValue::Null) {
+        return "null".to_owned();
+    }
     let kind = match v {
         CelValue::Int(_) => "an int",
         CelValue::UInt(_) => "a uint",
@@ -564,7 +567,6 @@ pub fn shown(v: &CelValue) -> String {
         CelValue::String(_) => "a string",
         CelValue::Bytes(_) => "bytes",
         CelValue::Bool(_) => "a bool",
-        CelValue::Null => "null",
         CelValue::List(_) => "a list",
         CelValue::Map(_) => "a map",
         CelValue::Timestamp(_) => "a timestamp",
@@ -580,11 +582,7 @@ pub fn shown(v: &CelValue) -> String {
         cut -= 1;
     }
     let ellipsis = if cut < text.len() { "…" } else { "" };
-    if matches!(v, CelValue::Null) {
-        "null".to_owned()
-    } else {
-        format!("{}{ellipsis} ({kind})", &text[..cut])
-    }
+    format!("{}{ellipsis} ({kind})", &text[..cut])
 }
 
 /// The interpreter's error with values shown as JSON, not as Rust debug output.
@@ -718,9 +716,7 @@ impl CompiledRule {
         }
         eval_mapping("", &self.mapping, &ctx).map(Some)
     }
-}
 
-impl CompiledRule {
     /// Runs the condition on an event shaped like the event type's JSON Schema says (see
     /// [`sample_of_schema`]): when it yields something other than true or false there, what.
     /// Errors on the sample (a field it lacks) say nothing about real events, so they pass.

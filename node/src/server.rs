@@ -270,11 +270,10 @@ async fn prune(core: Arc<Core>) {
     }
 }
 
-/// Retrains the recommender (on the meta group's leader).
 /// Whether the recommender should be trained now: no model yet, a young one (fewer than
 /// `recommend_min_customers` customers behind it, so a growing vault's first customers are not
 /// left an hour without recommendations), or one older than `recommend_interval_secs`.
-/// Also when `retrain_changes` rules were saved or deleted since the last training.
+/// Also when `recommend_retrain_changes` rules were saved or deleted since the last training.
 pub fn training_due(
     model: Option<(u32, i64)>,
     now_ms: i64,
@@ -291,10 +290,6 @@ pub fn training_due(
     }
 }
 
-/// The rule-change count at the last training this node started.
-static RULE_CHANGES_AT_TRAINING: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(0);
-
 /// Checked every `recommend_warmup_secs` on the meta group's leader: trains when due.
 async fn train_when_due(core: Arc<Core>) {
     if !core.is_leader(META_GROUP) {
@@ -309,13 +304,14 @@ async fn train_when_due(core: Arc<Core>) {
     };
     use std::sync::atomic::Ordering::Relaxed;
     let changes = core.wake.rule_changes.load(Relaxed);
-    let since = changes.saturating_sub(RULE_CHANGES_AT_TRAINING.load(Relaxed));
+    let since = changes.saturating_sub(core.wake.rule_changes_at_training.load(Relaxed));
     if training_due(model, unix_now_ms(), since, &core.config) {
-        RULE_CHANGES_AT_TRAINING.store(changes, Relaxed);
+        core.wake.rule_changes_at_training.store(changes, Relaxed);
         train(core).await;
     }
 }
 
+/// Retrains the recommender (on the meta group's leader).
 async fn train(core: Arc<Core>) {
     if !core.is_leader(META_GROUP) {
         return;
@@ -529,7 +525,7 @@ pub async fn run(
             .configure(crate::portal::configure)
             .configure(crate::gateway::configure)
             .wrap(middleware::from_fn(crate::forward::forward))
-            .wrap(middleware::from_fn(crate::gateway::refuse_unknown_query))
+            .wrap(middleware::from_fn(crate::gateway::hold_to_document))
             // Path without the query: OAuth codes and states are not written to logs.
             .wrap(
                 middleware::Logger::new("%{method}xi %U %s %Dms")

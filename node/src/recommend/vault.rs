@@ -235,6 +235,8 @@ pub fn coarse_count(n: u32) -> String {
 /// How many of the walk's best items are looked at before keeping those a customer can use
 /// (between entities they linked).
 const CANDIDATES: usize = 200;
+/// Most recommendations served to one customer: the calibration is fitted on lists this long.
+const SERVED: usize = 10;
 
 /// (calibration feature, kept) of what would be served to the validation customers: the same
 /// candidates, ranks and linked-entity filter as [`Served::recommend`], ten per customer, so
@@ -256,7 +258,7 @@ fn served_samples(
                         && linked.contains(t.then_entity.as_str())
                 })
         });
-        for (rank, (i, score)) in usable.take(10) {
+        for (rank, (i, score)) in usable.take(SERVED) {
             samples.push((calibration_feature(*score, best, rank), held.contains(i)));
         }
     }
@@ -322,10 +324,20 @@ impl Served {
         let best = top.first().map(|t| t.1).unwrap_or(0.0);
         let mut out = Vec::new();
         for (rank, (j, score)) in top.into_iter().enumerate() {
+            if out.len() == SERVED {
+                break;
+            }
             let Some(t) = self.record.templates.get(j as usize) else {
                 continue;
             };
             if dismissed.contains(&t.key) {
+                continue;
+            }
+            // Only what the customer can use, checked before any scoring work.
+            let Some(template) = parse_key(&t.key) else {
+                continue;
+            };
+            if !linked.contains(&template.when_entity) || !linked.contains(&template.then_entity) {
                 continue;
             }
             let Some(from) = self.model.strongest_reason(&items, j) else {
@@ -344,12 +356,6 @@ impl Served {
             let kept_share = f64::from(t.customers + 1) / f64::from(t.customers + t.dismissed + 1);
             let confidence = calibrated * kept_share;
             if confidence < threshold {
-                continue;
-            }
-            let Some(template) = parse_key(&t.key) else {
-                continue;
-            };
-            if !linked.contains(&template.when_entity) || !linked.contains(&template.then_entity) {
                 continue;
             }
             let from_key = self
