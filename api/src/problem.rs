@@ -48,6 +48,9 @@ pub enum ErrorCode {
     /// A well-formed URL naming an address the vault may not call (loopback, private,
     /// link-local... unless the operator allows private targets).
     ForbiddenTarget,
+    /// An entity's OAuth / OpenID Connect provider cannot be used: its metadata could not be
+    /// read, names another issuer, or offers no client authentication the vault can do.
+    ProviderUnusable,
     /// The node cannot serve the request right now (no leader, shutting down); retry after
     /// the `Retry-After` seconds.
     Unavailable,
@@ -73,7 +76,7 @@ impl ErrorCode {
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
             InvalidRule | UnknownType | SchemaViolation | EntityNotLinked | UnknownEntity
-            | LimitReached | ForbiddenTarget => 422,
+            | LimitReached | ForbiddenTarget | ProviderUnusable => 422,
             Unavailable => 503,
             Overloaded => 429,
             Internal => 500,
@@ -103,6 +106,7 @@ impl ErrorCode {
             SchemaViolation => "schema_violation",
             LimitReached => "limit_reached",
             ForbiddenTarget => "forbidden_target",
+            ProviderUnusable => "provider_unusable",
             Unavailable => "unavailable",
             Overloaded => "overloaded",
             Internal => "internal",
@@ -131,6 +135,7 @@ impl ErrorCode {
             SchemaViolation => "Schema violation",
             LimitReached => "Limit reached",
             ForbiddenTarget => "Forbidden target address",
+            ProviderUnusable => "OAuth provider unusable",
             Unavailable => "Service unavailable",
             Overloaded => "Too many requests",
             Internal => "Internal error",

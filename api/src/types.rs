@@ -56,20 +56,59 @@ pub struct RegisterEntity {
     pub oauth: Option<OAuthEndpoints>,
 }
 
-/// An entity's OAuth 2.0 authorization server (authorization code with PKCE S256).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+/// An entity's OAuth 2.0 / OpenID Connect provider (authorization code with PKCE S256).
+///
+/// Either an `issuer`, whose metadata the vault discovers (OpenID Connect discovery, or
+/// RFC 8414), or the explicit `authorize_url` and `token_url`. In answers the endpoints are
+/// the discovered ones, and `client_secret` is never shown.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthEndpoints {
-    /// Where the customer signs in and consents.
-    pub authorize_url: String,
-    /// Where the vault exchanges the code; its answer carries the customer's `subject` (or `sub`).
-    pub token_url: String,
+    /// The provider's issuer identifier; the vault reads its metadata from
+    /// `/.well-known/openid-configuration` (or `/.well-known/oauth-authorization-server`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Where the customer signs in and consents (discovered when an issuer is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize_url: Option<String>,
+    /// Where the vault exchanges the code (discovered when an issuer is given). The customer's
+    /// id there comes from a validated ID token, else the userinfo endpoint, else a `subject`
+    /// (or `sub`) field of the token answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
     /// The vault's client id at the entity.
     #[schema(pattern = r"^[\x20-\x7E]{1,256}$", min_length = 1, max_length = 256)]
     pub client_id: String,
+    /// The vault's client secret there, when the provider wants the client to authenticate.
+    /// Sealed at rest; never returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        write_only,
+        pattern = r"^[\x20-\x7E]{1,512}$",
+        min_length = 1,
+        max_length = 512
+    )]
+    pub client_secret: Option<String>,
     /// RFC 7009 token revocation endpoint; the vault calls it when the customer unlinks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_url: Option<String>,
+    /// OpenID Connect userinfo endpoint (discovered when an issuer is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userinfo_url: Option<String>,
+    /// Scopes asked for; `["openid"]` when the provider speaks OpenID Connect and none are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 16)]
+    pub scopes: Option<Vec<String>>,
+    /// How the vault authenticates at the token endpoint: `client_secret_basic`,
+    /// `client_secret_post` or `none` (chosen from the provider's metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub client_auth: Option<String>,
+    /// The redirect URI to register at the provider for this entity (one per entity, so a
+    /// code from one provider can never be redeemed at another's token endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub redirect_uri: Option<String>,
 }
 
 /// `POST /v1/customers/{id}/links/{entity_id}/authorize` answer.
@@ -97,6 +136,15 @@ pub struct UpdateEntity {
     /// Enable or disable delivery to the endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_enabled: Option<bool>,
+    /// A new client secret for the entity's OAuth provider (rotation); sealed, never returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        write_only,
+        pattern = r"^[\x20-\x7E]{1,512}$",
+        min_length = 1,
+        max_length = 512
+    )]
+    pub oauth_client_secret: Option<String>,
 }
 
 /// An entity as the admin sees it.

@@ -449,6 +449,7 @@ async fn disable_gone_endpoint(worker: &Worker, target: &str) {
         name: None,
         command_url: None,
         endpoint_enabled: Some(false),
+        sealed_client_secret: None,
     };
     match worker.core.propose(META_GROUP, change).await {
         Ok(_) => tracing::warn!(entity = %target, "endpoint answered 410 Gone; disabled"),

@@ -1,7 +1,9 @@
 //! `custos entity-sim`: a reference entity to link against and to watch commands arrive.
 //!
-//! It plays a company's system: its own user accounts and sign-in page, an OAuth 2.0
-//! authorization server (authorization code with PKCE S256, token, userinfo, revocation), a
+//! It plays a company's system: its own user accounts and sign-in page, an OpenID Connect
+//! provider (discovery, a JWKS, ES256-signed ID tokens, a confidential client authenticated
+//! with `client_secret_basic` or `client_secret_post`, authorization code with PKCE S256,
+//! RFC 9207 `iss` on the redirect, refresh tokens, userinfo, revocation), a
 //! command receiver that verifies Standard Webhooks signatures and lists what it received, and
 //! a way to emit signed events about one of its users. Presets: airline, hotel, car-rental.
 //! State is in memory: it is a simulator, restarted freely.
@@ -20,6 +22,8 @@ use sha2::{Digest, Sha256};
 
 /// How long an authorization code may be exchanged.
 const CODE_TTL: Duration = Duration::from_millis(custos_api::oauth::LINK_TTL_MS as u64);
+/// The vault's client id at the simulator.
+const CLIENT_ID: &str = "custos";
 /// Most commands kept for listing.
 const MAX_RECEIVED: usize = 1000;
 
@@ -119,8 +123,52 @@ struct Grant {
     client_id: String,
     redirect_uri: String,
     challenge: String,
+    nonce: Option<String>,
+    openid: bool,
     subject: String,
     issued: Instant,
+}
+
+/// The ES256 key the simulator signs ID tokens with (made at start, published at `/oauth/jwks`).
+struct IdTokenKey {
+    kid: String,
+    pkcs8: Vec<u8>,
+    jwk: serde_json::Value,
+}
+
+impl IdTokenKey {
+    fn generate() -> Self {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+        use base64::Engine as _;
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING as ALG};
+        let rng = ring::rand::SystemRandom::new();
+        // Key generation only fails if the OS has no randomness; nothing works then.
+        #[allow(clippy::expect_used)]
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ALG, &rng)
+            .expect("random key")
+            .as_ref()
+            .to_vec();
+        #[allow(clippy::expect_used)]
+        let pair = EcdsaKeyPair::from_pkcs8(&ALG, &pkcs8, &rng).expect("key just made");
+        let point = pair.public_key().as_ref();
+        let kid = custos_api::oauth::random_token(8);
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+            "x": B64URL.encode(&point[1..33]), "y": B64URL.encode(&point[33..65]),
+        });
+        IdTokenKey { kid, pkcs8, jwk }
+    }
+
+    fn sign(&self, claims: &serde_json::Value) -> Option<String> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8),
+        )
+        .ok()
+    }
 }
 
 /// A command as received.
@@ -137,11 +185,17 @@ pub struct ReceivedCommand {
 /// The simulator's state.
 pub struct Sim {
     preset: &'static Preset,
+    /// Where it is served (`http://host:port`): its issuer identifier.
+    base: String,
     secret: Mutex<Option<Secret>>,
     vault: Option<String>,
+    /// The vault's client secret here (made at start).
+    client_secret: String,
+    id_token_key: IdTokenKey,
     users: Mutex<HashMap<String, (String, String)>>,
     codes: Mutex<HashMap<String, Grant>>,
     tokens: Mutex<HashMap<String, String>>,
+    refresh_tokens: Mutex<HashMap<String, String>>,
     received: Mutex<Vec<ReceivedCommand>>,
 }
 
@@ -187,12 +241,22 @@ fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
 }
 
 impl Sim {
-    /// A simulator for `preset`, verifying and signing with `secret`, sending events to `vault`.
-    pub fn new(preset: &'static Preset, secret: Option<Secret>, vault: Option<String>) -> Self {
+    /// A simulator for `preset` served at `base`, verifying and signing with `secret`, sending
+    /// events to `vault`.
+    pub fn new(
+        preset: &'static Preset,
+        base: &str,
+        secret: Option<Secret>,
+        vault: Option<String>,
+    ) -> Self {
         Sim {
             preset,
+            base: base.trim_end_matches('/').to_owned(),
             secret: Mutex::new(secret),
             vault,
+            client_secret: custos_api::oauth::random_token(24),
+            id_token_key: IdTokenKey::generate(),
+            refresh_tokens: Mutex::new(HashMap::new()),
             users: Mutex::new(
                 preset
                     .users
@@ -206,8 +270,10 @@ impl Sim {
         }
     }
 
-    /// The registration this entity asks the vault for, served at `base` (`http://host:port`).
-    pub fn registration(&self, base: &str) -> RegisterEntity {
+    /// The registration this entity asks the vault for: its OpenID provider by issuer, with
+    /// the client secret the vault authenticates with.
+    pub fn registration(&self) -> RegisterEntity {
+        let base = &self.base;
         let types = |ts: &[&str]| {
             ts.iter()
                 .map(|t| TypeSpec {
@@ -223,12 +289,18 @@ impl Sim {
             event_types: types(self.preset.event_types),
             command_types: types(self.preset.command_types),
             oauth: Some(custos_api::types::OAuthEndpoints {
-                authorize_url: format!("{base}/oauth/authorize"),
-                token_url: format!("{base}/oauth/token"),
-                client_id: "custos".into(),
-                revoke_url: Some(format!("{base}/oauth/revoke")),
+                issuer: Some(base.clone()),
+                client_id: CLIENT_ID.into(),
+                client_secret: Some(self.client_secret.clone()),
+                ..Default::default()
             }),
         }
+    }
+
+    /// Uses `secret` as the vault's client secret here instead of a random one.
+    pub fn with_client_secret(mut self, secret: &str) -> Self {
+        self.client_secret = secret.to_owned();
+        self
     }
 
     /// Sets the signing secret (after registering with the vault).
@@ -246,6 +318,8 @@ struct AuthorizeQuery {
     state: Option<String>,
     code_challenge: Option<String>,
     code_challenge_method: Option<String>,
+    nonce: Option<String>,
+    scope: Option<String>,
 }
 
 /// An OAuth error answer (RFC 6749 §5.2).
@@ -264,6 +338,8 @@ struct AuthRequest {
     redirect: String,
     state: String,
     challenge: String,
+    nonce: String,
+    scope: String,
 }
 
 fn check_authorize(q: &AuthorizeQuery) -> Result<AuthRequest, OAuthError> {
@@ -289,18 +365,26 @@ fn check_authorize(q: &AuthorizeQuery) -> Result<AuthRequest, OAuthError> {
     if q.code_challenge_method.as_deref() != Some("S256") {
         return bad("code_challenge_method must be S256");
     }
+    let (nonce, scope) = (
+        q.nonce.clone().unwrap_or_default(),
+        q.scope.clone().unwrap_or_default(),
+    );
     if url::Url::parse(redirect).is_err()
         || redirect.len() > 2048
         || state.len() > 512
         || client.len() > 256
+        || nonce.len() > 512
+        || scope.len() > 512
     {
-        return bad("malformed redirect_uri, state or client_id");
+        return bad("malformed redirect_uri, state, client_id, nonce or scope");
     }
     Ok(AuthRequest {
         client: client.clone(),
         redirect: redirect.clone(),
         state: state.clone(),
         challenge: challenge.clone(),
+        nonce,
+        scope,
     })
 }
 
@@ -310,6 +394,8 @@ async fn authorize_form(sim: web::Data<Sim>, q: web::Query<AuthorizeQuery>) -> H
         redirect,
         state,
         challenge,
+        nonce,
+        scope,
     } = match check_authorize(&q) {
         Ok(v) => v,
         Err(e) => return e.response(),
@@ -320,7 +406,7 @@ async fn authorize_form(sim: web::Data<Sim>, q: web::Query<AuthorizeQuery>) -> H
         &format!("Sign in to {}", sim.preset.name),
         &format!(
             "<p>{client} asks to link your {name} account.</p>\
-             <form method=\"post\" action=\"/oauth/authorize\">{h1}{h2}{h3}{h4}\
+             <form method=\"post\" action=\"/oauth/authorize\">{h1}{h2}{h3}{h4}{h5}{h6}\
              <label for=\"username\">Username</label><input id=\"username\" name=\"username\" autocomplete=\"username\" required>\
              <label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
              <button type=\"submit\">Sign in and allow</button></form>",
@@ -330,6 +416,8 @@ async fn authorize_form(sim: web::Data<Sim>, q: web::Query<AuthorizeQuery>) -> H
             h2 = hidden("redirect_uri", &redirect),
             h3 = hidden("state", &state),
             h4 = hidden("code_challenge", &challenge),
+            h5 = hidden("nonce", &nonce),
+            h6 = hidden("scope", &scope),
         ),
     )
 }
@@ -343,6 +431,10 @@ struct SignIn {
     redirect_uri: String,
     state: String,
     code_challenge: String,
+    #[serde(default)]
+    nonce: String,
+    #[serde(default)]
+    scope: String,
 }
 
 async fn authorize_submit(sim: web::Data<Sim>, form: web::Form<SignIn>) -> HttpResponse {
@@ -354,23 +446,15 @@ async fn authorize_submit(sim: web::Data<Sim>, form: web::Form<SignIn>) -> HttpR
         state: Some(f.state.clone()),
         code_challenge: Some(f.code_challenge.clone()),
         code_challenge_method: Some("S256".into()),
+        nonce: Some(f.nonce.clone()),
+        scope: Some(f.scope.clone()),
     };
     if let Err(e) = check_authorize(&q) {
         return e.response();
     }
     let subject = lock(&sim.users)
         .get(&f.username)
-        .filter(|(pw, _)| {
-            // Constant-time comparison of the password digests.
-            let (a, b) = (
-                Sha256::digest(pw.as_bytes()),
-                Sha256::digest(f.password.as_bytes()),
-            );
-            a.iter()
-                .zip(b.iter())
-                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-                == 0
-        })
+        .filter(|(pw, _)| same_secret(pw, &f.password))
         .map(|(_, s)| s.clone());
     let Some(subject) = subject else {
         return page(
@@ -387,6 +471,8 @@ async fn authorize_submit(sim: web::Data<Sim>, form: web::Form<SignIn>) -> HttpR
             client_id: f.client_id,
             redirect_uri: f.redirect_uri.clone(),
             challenge: f.code_challenge,
+            nonce: Some(f.nonce).filter(|n| !n.is_empty()),
+            openid: f.scope.split(' ').any(|s| s == "openid"),
             subject,
             issued: Instant::now(),
         },
@@ -398,7 +484,8 @@ async fn authorize_submit(sim: web::Data<Sim>, form: web::Form<SignIn>) -> HttpR
     target
         .query_pairs_mut()
         .append_pair("code", &code)
-        .append_pair("state", &f.state);
+        .append_pair("state", &f.state)
+        .append_pair("iss", &sim.base);
     HttpResponse::Found()
         .insert_header(("location", target.to_string()))
         .finish()
@@ -411,13 +498,59 @@ struct TokenRequest {
     code: Option<String>,
     redirect_uri: Option<String>,
     client_id: Option<String>,
+    client_secret: Option<String>,
     code_verifier: Option<String>,
 }
 
-async fn token(sim: web::Data<Sim>, form: web::Form<TokenRequest>) -> HttpResponse {
+/// The client's id and secret from HTTP Basic (RFC 6749 §2.3.1: each part form-encoded) or
+/// from the form.
+fn client_credentials(req: &HttpRequest, t: &TokenRequest) -> (Option<String>, Option<String>) {
+    use base64::Engine as _;
+    let basic = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    match basic.as_deref().and_then(|b| b.split_once(':')) {
+        Some((id, secret)) => (decode(id), decode(secret)),
+        None => (t.client_id.clone(), t.client_secret.clone()),
+    }
+}
+
+/// Compares two secrets' digests without an early exit.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+async fn token(
+    sim: web::Data<Sim>,
+    req: HttpRequest,
+    form: web::Form<TokenRequest>,
+) -> HttpResponse {
     let t = form.into_inner();
     if t.grant_type != "authorization_code" {
         return oauth_error(400, "unsupported_grant_type", "only authorization_code");
+    }
+    let (client_id, client_secret) = client_credentials(&req, &t);
+    if client_id.as_deref() != Some(CLIENT_ID)
+        || !client_secret.is_some_and(|s| same_secret(&s, &sim.client_secret))
+    {
+        return oauth_error(
+            401,
+            "invalid_client",
+            "unknown client or wrong client secret",
+        );
     }
     // A code is single-use: taken out whatever happens next.
     let grant = t.code.as_deref().and_then(|c| lock(&sim.codes).remove(c));
@@ -425,7 +558,7 @@ async fn token(sim: web::Data<Sim>, form: web::Form<TokenRequest>) -> HttpRespon
         return oauth_error(400, "invalid_grant", "unknown, used or expired code");
     };
     if t.redirect_uri.as_deref() != Some(grant.redirect_uri.as_str())
-        || t.client_id.as_deref() != Some(grant.client_id.as_str())
+        || client_id.as_deref() != Some(grant.client_id.as_str())
     {
         return oauth_error(
             400,
@@ -444,13 +577,56 @@ async fn token(sim: web::Data<Sim>, form: web::Form<TokenRequest>) -> HttpRespon
         );
     }
     let access = random_token("at_");
+    let refresh = random_token("rt_");
     lock(&sim.tokens).insert(access.clone(), grant.subject.clone());
+    lock(&sim.refresh_tokens).insert(refresh.clone(), grant.subject.clone());
+    let mut answer = serde_json::json!({
+        "access_token": access, "token_type": "Bearer", "expires_in": 3600,
+        "refresh_token": refresh,
+    });
+    if grant.openid {
+        let now = webhook::unix_now();
+        let mut claims = serde_json::json!({
+            "iss": sim.base, "sub": grant.subject, "aud": grant.client_id,
+            "iat": now, "exp": now + 300,
+        });
+        if let Some(n) = grant.nonce {
+            claims["nonce"] = n.into();
+        }
+        match sim.id_token_key.sign(&claims) {
+            Some(jwt) => answer["id_token"] = jwt.into(),
+            None => return oauth_error(500, "server_error", "could not sign the ID token"),
+        }
+    }
     HttpResponse::Ok()
         .insert_header(("cache-control", "no-store"))
-        .json(serde_json::json!({
-            "access_token": access, "token_type": "Bearer", "expires_in": 3600,
-            "subject": grant.subject,
-        }))
+        .json(answer)
+}
+
+/// `GET /.well-known/openid-configuration` (OpenID Connect Discovery 1.0).
+async fn discovery(sim: web::Data<Sim>) -> HttpResponse {
+    let b = &sim.base;
+    HttpResponse::Ok().json(serde_json::json!({
+        "issuer": b,
+        "authorization_endpoint": format!("{b}/oauth/authorize"),
+        "token_endpoint": format!("{b}/oauth/token"),
+        "userinfo_endpoint": format!("{b}/oauth/userinfo"),
+        "jwks_uri": format!("{b}/oauth/jwks"),
+        "revocation_endpoint": format!("{b}/oauth/revoke"),
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code"],
+        "subject_types_supported": ["public"],
+        "scopes_supported": ["openid"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": true,
+    }))
+}
+
+/// `GET /oauth/jwks`: the ID token signing key.
+async fn jwks(sim: web::Data<Sim>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "keys": [sim.id_token_key.jwk] }))
 }
 
 fn bearer(req: &HttpRequest) -> Option<String> {
@@ -477,6 +653,10 @@ struct Revoke {
 
 async fn revoke(sim: web::Data<Sim>, form: web::Form<Revoke>) -> HttpResponse {
     lock(&sim.tokens).remove(&form.token);
+    // Revoking a refresh token ends the grant: its subject's access tokens go too.
+    if let Some(subject) = lock(&sim.refresh_tokens).remove(&form.token) {
+        lock(&sim.tokens).retain(|_, s| *s != subject);
+    }
     // RFC 7009: 200 whether or not the token was known.
     HttpResponse::Ok().finish()
 }
@@ -685,10 +865,14 @@ pub fn registration_mismatch(
         return Some("its command types differ".into());
     }
     match (&existing.oauth, &wanted.oauth) {
-        (None, Some(_)) => Some("it has no OAuth endpoints, so customers could not link it".into()),
-        (Some(a), Some(b)) if a != b => Some(format!(
-            "its OAuth endpoints point at {} (this simulator serves {})",
-            a.authorize_url, b.authorize_url
+        (None, Some(_)) => Some("it has no OAuth provider, so customers could not link it".into()),
+        (Some(a), Some(b)) if a.issuer != b.issuer => Some(format!(
+            "its OAuth provider is {} (this simulator is {})",
+            a.issuer
+                .as_deref()
+                .or(a.authorize_url.as_deref())
+                .unwrap_or_default(),
+            b.issuer.as_deref().unwrap_or_default()
         )),
         _ => None,
     }
@@ -698,10 +882,10 @@ pub fn registration_mismatch(
 /// entity registered earlier under the same id is taken over (endpoint pointed here, secret
 /// rotated) only when its types and OAuth endpoints are the ones this simulator serves;
 /// otherwise this stops and says why, rather than leave an entity customers cannot link.
-pub async fn register(sim: &Sim, vault: &str, admin_token: &str, base: &str) -> Result<(), String> {
+pub async fn register(sim: &Sim, vault: &str, admin_token: &str) -> Result<(), String> {
     let client = custos_api::client::Client::new(vault, Some(admin_token.to_owned()));
-    let command_url = format!("{base}/commands");
-    let wanted = sim.registration(base);
+    let command_url = format!("{}/commands", sim.base);
+    let wanted = sim.registration();
     let entity = match client.register_entity(&wanted).await {
         Ok(e) => e,
         Err(e) if e.code() == Some(custos_api::ErrorCode::Conflict) => {
@@ -717,8 +901,10 @@ pub async fn register(sim: &Sim, vault: &str, admin_token: &str, base: &str) -> 
                     id = sim.preset.id
                 ));
             }
+            // This run's client secret replaces the last one (rotation).
             let update = custos_api::types::UpdateEntity {
                 command_url: Some(command_url),
+                oauth_client_secret: Some(sim.client_secret.clone()),
                 ..Default::default()
             };
             client
@@ -741,6 +927,11 @@ pub async fn register(sim: &Sim, vault: &str, admin_token: &str, base: &str) -> 
 /// Registers the simulator's routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(home))
+        .route(
+            "/.well-known/openid-configuration",
+            web::get().to(discovery),
+        )
+        .route("/oauth/jwks", web::get().to(jwks))
         .route("/oauth/authorize", web::get().to(authorize_form))
         .route("/oauth/authorize", web::post().to(authorize_submit))
         .route("/oauth/token", web::post().to(token))
@@ -759,8 +950,9 @@ mod tests {
 
     #[test]
     fn an_entity_registered_otherwise_is_not_taken_over() {
-        let sim = Sim::new(preset("airline").expect("preset"), None, None);
-        let wanted = sim.registration("http://127.0.0.1:7801");
+        let airline = preset("airline").expect("preset");
+        let sim = Sim::new(airline, "http://127.0.0.1:7801", None, None);
+        let wanted = sim.registration();
         let as_registered = |r: &RegisterEntity| custos_api::types::Entity {
             id: r.id.clone(),
             name: r.name.clone(),
@@ -784,8 +976,9 @@ mod tests {
         assert!(why.contains("no OAuth"), "{why}");
         by_hand.event_types.truncate(1);
         assert!(registration_mismatch(&by_hand, &wanted).is_some());
-        // Registered by a simulator on another port: its OAuth endpoints point there.
-        let elsewhere = as_registered(&sim.registration("http://127.0.0.1:9999"));
+        // Registered by a simulator on another port: its issuer is there.
+        let elsewhere =
+            as_registered(&Sim::new(airline, "http://127.0.0.1:9999", None, None).registration());
         let why = registration_mismatch(&elsewhere, &wanted).expect("refused");
         assert!(why.contains("9999"), "{why}");
     }

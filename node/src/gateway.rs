@@ -13,7 +13,7 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::error::{json_error, payload_error, ServiceError};
-use crate::service::Vault;
+use crate::service::{CallbackParams, Vault};
 use crate::telemetry::Telemetry;
 
 type Result<T> = std::result::Result<T, ServiceError>;
@@ -326,7 +326,7 @@ async fn authorize_link(
     Ok(HttpResponse::Ok().json(vault.authorize_link(&id, &entity, false).await?))
 }
 
-/// The OAuth callback query.
+/// The OAuth callback query (RFC 6749 §4.1.2, RFC 9207).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
@@ -336,17 +336,26 @@ pub struct CallbackQuery {
     /// The state the vault sent.
     #[param(required = true, min_length = 1, max_length = 256)]
     pub state: Option<String>,
+    /// The issuer of the authorization response (RFC 9207): must be the entity's.
+    #[param(max_length = 2048)]
+    pub iss: Option<String>,
     /// An error the entity reported instead.
     #[param(max_length = 256)]
     pub error: Option<String>,
+    /// The entity's explanation of its error.
+    #[param(max_length = 1024)]
+    pub error_description: Option<String>,
 }
 
-/// Where the entity sends the customer back: exchanges the code and links the subject.
-#[utoipa::path(get, path = "/v1/oauth/callback", tag = "customers", params(CallbackQuery),
+/// Where the entity's provider sends the customer back (each entity has its own redirect
+/// URI): exchanges the code and links the subject.
+#[utoipa::path(get, path = "/v1/oauth/callback/{entity_id}", tag = "customers",
+    params(("entity_id" = String, Path), CallbackQuery),
     responses((status = 201, body = Link), (status = 400, body = Problem), (status = 403, body = Problem)))]
 async fn oauth_callback(
     vault: web::Data<Vault>,
     req: HttpRequest,
+    entity: web::Path<String>,
     q: web::Query<CallbackQuery>,
 ) -> Result<HttpResponse> {
     let q = q.into_inner();
@@ -354,15 +363,26 @@ async fn oauth_callback(
     let finished = match q.error {
         Some(e) => Err(ServiceError::refused(
             ErrorCode::Forbidden,
-            format!("the entity answered {e:.100}"),
+            match q.error_description {
+                Some(d) => format!(
+                    "{entity} answered {e:.100}: {}",
+                    d.chars()
+                        .filter(|c| !c.is_control())
+                        .take(200)
+                        .collect::<String>()
+                ),
+                None => format!("{entity} answered {e:.100}"),
+            },
         )),
         None => {
             vault
-                .finish_link(
-                    q.code.as_deref().unwrap_or_default(),
-                    q.state.as_deref().unwrap_or_default(),
-                    session.as_ref().map(|s| s.customer_id.as_str()),
-                )
+                .finish_link(CallbackParams {
+                    entity: &entity,
+                    code: q.code.as_deref().unwrap_or_default(),
+                    state: q.state.as_deref().unwrap_or_default(),
+                    iss: q.iss.as_deref(),
+                    session: session.as_ref().map(|s| s.customer_id.as_str()),
+                })
                 .await
         }
     };
@@ -726,7 +746,7 @@ fn allowed_methods(path: &str) -> Vec<&'static str> {
 
 /// Where a provider sends the customer back: it may add parameters of its own (`iss`,
 /// `scope`, `session_state`...), so only this route takes query parameters it does not name.
-const OAUTH_CALLBACK_PATH: &str = "/v1/oauth/callback";
+const OAUTH_CALLBACK_PREFIX: &str = "/v1/oauth/callback/";
 
 /// Refuses a query parameter the operation does not declare (400), the same on every route,
 /// rather than ignoring it on some and refusing it on others. `here` are the operations at
@@ -737,7 +757,7 @@ fn check_query(
     path: &str,
     query: &str,
 ) -> std::result::Result<(), ServiceError> {
-    if query.is_empty() || path == OAUTH_CALLBACK_PATH {
+    if query.is_empty() || path.starts_with(OAUTH_CALLBACK_PREFIX) {
         return Ok(());
     }
     let Some(route) = here.iter().find(|r| r.method == method) else {
@@ -1120,7 +1140,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         "/v1/customers/{id}/links/{entity_id}/authorize",
         web::post().to(authorize_link),
     )
-    .route("/v1/oauth/callback", web::get().to(oauth_callback))
+    .route(
+        "/v1/oauth/callback/{entity_id}",
+        web::get().to(oauth_callback),
+    )
     .route("/v1/customers/{id}/export", web::get().to(export_customer))
     .route("/v1/customers/{id}", web::delete().to(erase_customer))
     .route("/v1/customers/{id}/rules/try", web::post().to(try_rule))
@@ -1242,7 +1265,12 @@ mod tests {
         assert!(e.to_string().contains("color"), "{e}");
         assert!(check_query("GET", "/v1/entities", "x=1").is_err());
         assert!(check_query("GET", "/v1/deliveries", "status=failed&after=1.").is_ok());
-        assert!(check_query("GET", "/v1/oauth/callback", "code=a&state=b&iss=x").is_ok());
+        assert!(check_query(
+            "GET",
+            "/v1/oauth/callback/bank",
+            "code=a&state=b&iss=x&session_state=y"
+        )
+        .is_ok());
         // Not an operation: left to the 404/405 answer and the portal.
         assert!(check_query("GET", "/portal/activity", "kind=events").is_ok());
         assert_eq!(

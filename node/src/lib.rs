@@ -22,6 +22,8 @@
 //! - [`recommend`]: rule recommendations (RP3beta, calibrated) and their offline evaluation.
 //! - [`delivery`]: one outbox worker per data group: signed POSTs, retries, SSRF guard.
 //! - [`outbound`]: the one guarded HTTP client for every request the vault makes.
+//! - [`oidc`]: OAuth 2.0 / OpenID Connect providers: discovery, client authentication, ID
+//!   tokens checked against the provider's keys.
 //! - [`scrub`]: after an erasure, rewrites the logs, snapshots and files that still hold it.
 //! - [`intents`]: finishes operations spanning groups that a call or a crash left half done.
 //! - [`entity_sim`]: `custos entity-sim`, a reference entity (OAuth server, command receiver).
@@ -39,6 +41,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod intents;
+pub mod oidc;
 pub mod outbound;
 pub mod peer;
 pub mod portal;

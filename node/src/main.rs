@@ -122,6 +122,10 @@ struct EntitySimArgs {
     /// Admin token for --register.
     #[arg(long, env = "CUSTOS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The vault's client secret at this entity's OpenID provider (default: a new random one,
+    /// handed to the vault by --register).
+    #[arg(long, env = "CUSTOS_SIM_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
     /// Write {"addr": ...} here once serving (tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -334,20 +338,20 @@ fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {
     };
     let listener = std::net::TcpListener::bind(args.listen)?;
     let addr = listener.local_addr()?;
-    let sim = actix_web::web::Data::new(Sim::new(preset, secret, Some(args.vault.clone())));
+    let mut sim = Sim::new(
+        preset,
+        &format!("http://{addr}"),
+        secret,
+        Some(args.vault.clone()),
+    );
+    if let Some(s) = &args.client_secret {
+        sim = sim.with_client_secret(s);
+    }
+    let sim = actix_web::web::Data::new(sim);
     actix_rt::System::new().block_on(async move {
-        if args.register {
-            let token = match args.token.clone() {
-                Some(t) => t,
-                None => std::fs::read_to_string("custos-data/admin-token")
-                    .map(|t| t.trim().to_owned())
-                    .context("--register needs --token / CUSTOS_TOKEN")?,
-            };
-            entity_sim::register(&sim, &args.vault, &token, &format!("http://{addr}"))
-                .await
-                .map_err(|e| anyhow::anyhow!("registering with {}: {e}", args.vault))?;
-        }
         let data = sim.clone();
+        // Serving before registering: the vault reads the simulator's OpenID metadata while it
+        // registers it.
         let server = actix_web::HttpServer::new(move || {
             actix_web::App::new()
                 .app_data(data.clone())
@@ -356,6 +360,18 @@ fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {
         .workers(1)
         .listen(listener)?
         .run();
+        let serving = actix_rt::spawn(server);
+        if args.register {
+            let token = match args.token.clone() {
+                Some(t) => t,
+                None => std::fs::read_to_string("custos-data/admin-token")
+                    .map(|t| t.trim().to_owned())
+                    .context("--register needs --token / CUSTOS_TOKEN")?,
+            };
+            entity_sim::register(&sim, &args.vault, &token)
+                .await
+                .map_err(|e| anyhow::anyhow!("registering with {}: {e}", args.vault))?;
+        }
         if let Some(f) = &args.ready_file {
             std::fs::write(f, serde_json::json!({"addr": addr.to_string()}).to_string())?;
         }
@@ -363,7 +379,7 @@ fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {
         for (u, p, s) in preset.users {
             println!("  account {u} / {p} (subject {s})");
         }
-        server.await?;
+        serving.await??;
         Ok(())
     })
 }

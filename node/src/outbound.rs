@@ -1,5 +1,5 @@
 //! The one guarded HTTP client for every request the vault makes (deliveries, OAuth token
-//! exchange and revocation): forbidden addresses refused, no redirects, no proxy, timeouts.
+//! exchange and revocation, provider metadata, keys and userinfo): forbidden addresses refused, no redirects, no proxy, timeouts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
@@ -150,21 +150,40 @@ impl Outbound {
     pub fn post(&self, url: &str) -> Result<reqwest::RequestBuilder, OutboundError> {
         Ok(self.client.post(self.check(url)?))
     }
+
+    /// A GET of a checked URL.
+    pub fn get(&self, url: &str) -> Result<reqwest::RequestBuilder, OutboundError> {
+        Ok(self.client.get(self.check(url)?))
+    }
 }
 
-/// Reads at most `max` bytes of a response body; `None` when it is longer (or fails).
-pub async fn read_capped(mut resp: reqwest::Response, max: usize) -> Option<Vec<u8>> {
+/// Why a capped body was not read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Longer than allowed (read no further).
+    TooLarge,
+    /// The connection failed mid-body.
+    Broken(reqwest::Error),
+}
+
+/// Reads at most `max` bytes of a response body.
+pub async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, ReadError> {
     if resp.content_length().is_some_and(|n| n > max as u64) {
-        return None;
+        return Err(ReadError::TooLarge);
     }
     let mut out = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Broken)? {
         if out.len() + chunk.len() > max {
-            return None;
+            return Err(ReadError::TooLarge);
         }
         out.extend_from_slice(&chunk);
     }
-    Some(out)
+    Ok(out)
+}
+
+/// Reads at most `max` bytes of a response body; `None` when it is longer (or fails).
+pub async fn read_capped(resp: reqwest::Response, max: usize) -> Option<Vec<u8>> {
+    read_limited(resp, max).await.ok()
 }
 
 /// The full chain of an error's sources, for logs (never for a customer: the chain says how far

@@ -33,6 +33,15 @@ use crate::rules::{self, CompiledRule, EventScope, RuleSet};
 /// Longest `reason` kept for an ignored event.
 const MAX_REASON: usize = 1000;
 
+/// The tokens an OAuth linking leaves, sealed by the node's key ring.
+#[derive(Debug, Clone, Default)]
+pub struct LinkTokens {
+    /// The access token.
+    pub access: Option<Vec<u8>>,
+    /// The refresh token, when the provider issued one.
+    pub refresh: Option<Vec<u8>>,
+}
+
 /// What a profile is asked to do.
 #[derive(Debug)]
 pub enum ProfileRequest {
@@ -45,8 +54,8 @@ pub enum ProfileRequest {
         /// When the gateway received it.
         received_ms: i64,
     },
-    /// Link an entity, with its sealed access token when linked through OAuth.
-    Link(LinkRequest, Option<Vec<u8>>),
+    /// Link an entity, with its sealed tokens when linked through OAuth.
+    Link(LinkRequest, LinkTokens),
     /// Erase the customer and everything held about it.
     Erase,
     /// Unlink an entity.
@@ -138,11 +147,9 @@ async fn handle(
         } => ingest(core, group, customer, state, *event, raw, received_ms)
             .await
             .map(ProfileReply::Receipt),
-        ProfileRequest::Link(req, sealed_token) => {
-            link(core, group, customer, state, req, sealed_token)
-                .await
-                .map(ProfileReply::Linked)
-        }
+        ProfileRequest::Link(req, tokens) => link(core, group, customer, state, req, tokens)
+            .await
+            .map(ProfileReply::Linked),
         ProfileRequest::FinishClaim(intent) => {
             finish_claim(core, group, customer, state, intent).await?;
             Ok(ProfileReply::Done)
@@ -455,7 +462,7 @@ async fn link(
     customer: &str,
     state: &RefCell<Option<Profile>>,
     req: LinkRequest,
-    sealed_token: Option<Vec<u8>>,
+    tokens: LinkTokens,
 ) -> Result<Link, ServiceError> {
     if !is_valid_id(&req.entity_id) {
         return Err(ServiceError::invalid(
@@ -479,7 +486,8 @@ async fn link(
         entity_id: req.entity_id,
         subject: req.subject,
         linked_ms: now,
-        sealed_token,
+        sealed_token: tokens.access,
+        sealed_refresh_token: tokens.refresh,
         claim: intent_id.clone(),
     };
     let intent = IntentRecord {

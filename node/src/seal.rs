@@ -33,6 +33,12 @@ pub enum SealError {
 /// Stands in for the customer in the associated data of an entity's signing secret (customer
 /// ids start with `cus_`, so the two kinds never open as each other).
 const SIGNING_SECRET: &str = "signing-secret";
+/// Stands in for the customer in the associated data of the vault's client secret at an
+/// entity's OAuth provider.
+const CLIENT_SECRET: &str = "client-secret";
+/// Appended to the entity in the associated data of a refresh token (entity ids never hold
+/// `/`), so an access token and a refresh token cannot be swapped.
+const REFRESH: &str = "/refresh";
 
 /// The node's token keys; the first one seals.
 pub struct KeyRing {
@@ -110,6 +116,36 @@ impl KeyRing {
     /// Opens an entity's signing secret sealed by [`KeyRing::seal_signing_secret`].
     pub fn open_signing_secret(&self, entity: &str, sealed: &[u8]) -> Result<String, SealError> {
         self.open(SIGNING_SECRET, entity, sealed)
+    }
+
+    /// Seals the vault's client secret at `entity`'s OAuth provider.
+    pub fn seal_client_secret(&self, entity: &str, secret: &str) -> Result<Vec<u8>, SealError> {
+        self.seal(CLIENT_SECRET, entity, secret)
+    }
+
+    /// Opens a client secret sealed by [`KeyRing::seal_client_secret`].
+    pub fn open_client_secret(&self, entity: &str, sealed: &[u8]) -> Result<String, SealError> {
+        self.open(CLIENT_SECRET, entity, sealed)
+    }
+
+    /// Seals a refresh token for the link (customer, entity).
+    pub fn seal_refresh_token(
+        &self,
+        customer: &str,
+        entity: &str,
+        token: &str,
+    ) -> Result<Vec<u8>, SealError> {
+        self.seal(customer, &format!("{entity}{REFRESH}"), token)
+    }
+
+    /// Opens a refresh token sealed by [`KeyRing::seal_refresh_token`].
+    pub fn open_refresh_token(
+        &self,
+        customer: &str,
+        entity: &str,
+        sealed: &[u8],
+    ) -> Result<String, SealError> {
+        self.open(customer, &format!("{entity}{REFRESH}"), sealed)
     }
 
     /// Opens a token sealed for the link (customer, entity) by any key of the ring.

@@ -7,8 +7,10 @@ use serde::Serialize;
 /// The current format version, the first byte of every encoded value (and of snapshot files
 /// and peer messages). 3: the cluster (meta and data groups, intents, batches) changed the
 /// records and the changes; data written by an earlier version is refused with
-/// `UnknownVersion`, never misread. 4: subject claims carry their claim ids.
-pub const FORMAT_VERSION: u8 = 5;
+/// `UnknownVersion`, never misread. 4: subject claims carry their claim ids. 5: rule failures
+/// in the activity. 6: OpenID Connect providers (issuer, sealed client secret, refresh tokens,
+/// nonces).
+pub const FORMAT_VERSION: u8 = 6;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

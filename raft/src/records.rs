@@ -45,27 +45,71 @@ pub struct EntityRecord {
     pub oauth: Option<OAuthRecord>,
 }
 
-/// An entity's OAuth 2.0 authorization server.
+/// An entity's OAuth 2.0 / OpenID Connect provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OAuthRecord {
+    /// The issuer the endpoints were discovered from (also what an ID token's `iss` and the
+    /// callback's RFC 9207 `iss` must say); none for explicitly given endpoints.
+    pub issuer: Option<String>,
     /// Where the customer signs in.
     pub authorize_url: String,
     /// Where codes are exchanged.
     pub token_url: String,
     /// The vault's client id there.
     pub client_id: String,
+    /// The vault's client secret there, sealed by the node's token key ring.
+    pub sealed_client_secret: Option<Vec<u8>>,
+    /// How the vault authenticates at the token endpoint.
+    pub client_auth: ClientAuth,
     /// RFC 7009 revocation endpoint, when the entity has one.
     pub revoke_url: Option<String>,
+    /// OpenID Connect userinfo endpoint.
+    pub userinfo_url: Option<String>,
+    /// Where the provider publishes its ID token signing keys.
+    pub jwks_uri: Option<String>,
+    /// Scopes asked for.
+    pub scopes: Vec<String>,
+    /// The provider says it sends `iss` on every authorization response (RFC 9207), so a
+    /// callback without it is refused.
+    pub iss_required: bool,
+}
+
+/// How the vault authenticates at an entity's token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientAuth {
+    /// A public client: PKCE only.
+    None,
+    /// HTTP Basic with the client id and secret.
+    Basic,
+    /// The client id and secret in the form body.
+    Post,
+}
+
+impl ClientAuth {
+    /// The RFC 8414 name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::None => "none",
+            ClientAuth::Basic => "client_secret_basic",
+            ClientAuth::Post => "client_secret_post",
+        }
+    }
 }
 
 impl OAuthRecord {
-    /// The wire view.
+    /// The wire view (never the client secret).
     pub fn to_wire(&self) -> wire::OAuthEndpoints {
         wire::OAuthEndpoints {
-            authorize_url: self.authorize_url.clone(),
-            token_url: self.token_url.clone(),
+            issuer: self.issuer.clone(),
+            authorize_url: Some(self.authorize_url.clone()),
+            token_url: Some(self.token_url.clone()),
             client_id: self.client_id.clone(),
+            client_secret: None,
             revoke_url: self.revoke_url.clone(),
+            userinfo_url: self.userinfo_url.clone(),
+            scopes: Some(self.scopes.clone()),
+            client_auth: Some(self.client_auth.as_str().to_owned()),
+            redirect_uri: None,
         }
     }
 }
@@ -168,6 +212,9 @@ pub struct LinkRecord {
     pub linked_ms: i64,
     /// The entity's access token from OAuth linking, sealed (AES-256-GCM) by the node.
     pub sealed_token: Option<Vec<u8>>,
+    /// The refresh token issued with it, sealed the same way (bound to the link as a refresh
+    /// token, so the two cannot be swapped).
+    pub sealed_refresh_token: Option<Vec<u8>>,
     /// The claim its subject holds in the meta group's routing index (the id of the intent
     /// that made the link): the unlink releases exactly this claim, never a newer one.
     pub claim: String,
@@ -641,6 +688,8 @@ pub struct PendingLink {
     pub entity_id: String,
     /// The PKCE code verifier.
     pub verifier: String,
+    /// The OpenID Connect nonce the ID token must carry.
+    pub nonce: String,
     /// When started.
     pub at_ms: i64,
     /// Started from the portal (the callback then returns the customer there).
@@ -854,6 +903,8 @@ pub enum StateChange {
         command_url: Option<String>,
         /// New enabled flag.
         endpoint_enabled: Option<bool>,
+        /// A new OAuth client secret, sealed (rotation).
+        sealed_client_secret: Option<Vec<u8>>,
     },
     /// Replace an entity's secret, keeping the old one valid until a time.
     RotateSecret {

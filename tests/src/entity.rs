@@ -8,6 +8,11 @@ use anyhow::Context as _;
 use crate::node::{custos_bin, Node, ADMIN_TOKEN};
 use crate::poll;
 
+/// The vault's client secret at the `preset` simulator (tests talk to its token endpoint too).
+pub fn client_secret(preset: &str) -> String {
+    format!("sim-client-secret-{preset}")
+}
+
 /// A running reference entity.
 pub struct EntitySim {
     child: Child,
@@ -37,6 +42,8 @@ impl EntitySim {
         .arg(ADMIN_TOKEN)
         .arg("--ready-file")
         .arg(&ready)
+        .arg("--client-secret")
+        .arg(client_secret(preset))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

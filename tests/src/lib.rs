@@ -13,6 +13,8 @@
 //! - [`node`]: start, kill (-9), stop (SIGTERM) and restart a node process.
 //! - [`receiver`]: an entity's command endpoint that records what it got and answers a script.
 //! - [`poll`]: wait for a condition with a deadline.
+//! - [`provider`]: an OpenID provider whose answers a test makes wrong on purpose.
+//! - [`oidc_mock`]: a third-party OpenID provider (PyPI `oidc-provider-mock`) as a process.
 //! - [`tls`]: a test CA and leaf certificate made with openssl.
 //! - [`scenario`]: the airline -> hotel scenario for many customers, through any node.
 
@@ -22,7 +24,9 @@ pub mod cluster;
 pub mod entity;
 pub mod files;
 pub mod node;
+pub mod oidc_mock;
 pub mod poll;
+pub mod provider;
 pub mod receiver;
 pub mod scenario;
 pub mod tls;

@@ -16,6 +16,9 @@ const WAIT: Duration = Duration::from_secs(20);
 #[path = "e2e/portal.rs"]
 mod portal;
 
+#[path = "e2e/oidc.rs"]
+mod oidc;
+
 /// A node with an airline, a hotel (with a receiver) and a car-rental company registered, one
 /// customer linked to the airline and hotel, and the delay -> room-hold rule.
 struct World {
@@ -534,10 +537,10 @@ async fn private_targets_are_refused_unless_allowed() -> anyhow::Result<()> {
                 event_types: vec![],
                 command_types: vec![],
                 oauth: Some(OAuthEndpoints {
-                    authorize_url: "https://bank.example/authorize".into(),
-                    token_url: token_url.into(),
+                    authorize_url: Some("https://bank.example/authorize".into()),
+                    token_url: Some(token_url.into()),
                     client_id: "custos".into(),
-                    revoke_url: None,
+                    ..Default::default()
                 }),
             })
             .await
@@ -1444,6 +1447,10 @@ async fn exchange(
             ("code", code),
             ("redirect_uri", "http://127.0.0.1:1/callback"),
             ("client_id", "custos"),
+            (
+                "client_secret",
+                &custos_tests::entity::client_secret("airline"),
+            ),
             ("code_verifier", verifier),
         ])
         .send()
@@ -1497,7 +1504,7 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
     let code = code_from(&authorize(&http, &airline.url, "alice", "alice-air", &challenge).await?)?;
     let (status, token) = exchange(&http, &airline.url, &code, verifier).await?;
     assert_eq!(status, 200, "{token}");
-    assert_eq!(token["subject"], "FF-1001");
+    assert!(token["refresh_token"].is_string(), "{token}");
     let at = token["access_token"]
         .as_str()
         .unwrap_or_default()
@@ -1551,9 +1558,15 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
     );
     let back = portal::sign_in_at_entity(&start.authorize_url, "alice", "alice-hotel").await?;
     assert!(
-        back.starts_with(&format!("{}/v1/oauth/callback", node.url)),
-        "{back}"
+        back.starts_with(&format!("{}/v1/oauth/callback/hotel?", node.url)),
+        "each entity has its own redirect URI: {back}"
     );
+    assert_eq!(
+        q.get("scope").map(String::as_str),
+        Some("openid"),
+        "the hotel's provider speaks OpenID Connect"
+    );
+    assert!(q.contains_key("nonce"));
     let linked = http.get(&back).send().await?;
     assert_eq!(linked.status(), 201);
     let link: Link = linked.json().await?;
@@ -1568,7 +1581,7 @@ async fn reference_entities_link_by_oauth_pkce_and_receive_verified_commands() -
     // A forged state is refused too.
     let forged = http
         .get(format!(
-            "{}/v1/oauth/callback?code=x&state=forged",
+            "{}/v1/oauth/callback/hotel?code=x&state=forged",
             node.url
         ))
         .send()

@@ -4,7 +4,7 @@
 use custos_api::types::*;
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
-use custos_raft::records::{CustomerRecord, PendingLink};
+use custos_raft::records::{CustomerRecord, LinkRecord, OAuthRecord, PendingLink};
 use custos_raft::shard::{slot_of, slot_tag};
 use custos_raft::{ChangeOutcome, StateChange};
 
@@ -13,11 +13,23 @@ use super::{
 };
 use crate::error::ServiceError;
 use crate::forward::slot_of_token;
-use crate::outbound::{error_chain, read_capped};
+use crate::oidc::{self, ClientCredentials, IdTokenExpectations, ProviderError};
+use crate::profile::{LinkTokens, ProfileReply, ProfileRequest};
 
-/// The largest token endpoint answer read (a token answer is a few KiB at most).
-const MAX_TOKEN_ANSWER: usize = 64 * 1024;
-use crate::profile::{ProfileReply, ProfileRequest};
+/// What the entity's provider sent the customer back with.
+#[derive(Debug, Clone, Copy)]
+pub struct CallbackParams<'a> {
+    /// The entity whose redirect URI was called.
+    pub entity: &'a str,
+    /// The authorization code.
+    pub code: &'a str,
+    /// The state the vault sent.
+    pub state: &'a str,
+    /// The RFC 9207 issuer, when the provider sends one.
+    pub iss: Option<&'a str>,
+    /// The browser's signed-in customer, if any.
+    pub session: Option<&'a str>,
+}
 
 /// A linking finished through OAuth.
 #[derive(Debug, Clone)]
@@ -90,19 +102,20 @@ impl Vault {
 
     /// Links an entity (operator path; the portal's OAuth flow ends in the same request).
     pub async fn link(&self, customer: &str, req: LinkRequest) -> Result<Link, ServiceError> {
-        self.link_with_token(customer, req, None).await
+        self.link_with_tokens(customer, req, LinkTokens::default())
+            .await
     }
 
-    async fn link_with_token(
+    async fn link_with_tokens(
         &self,
         customer: &str,
         req: LinkRequest,
-        sealed_token: Option<Vec<u8>>,
+        tokens: LinkTokens,
     ) -> Result<Link, ServiceError> {
         check_id("customer id", customer)?;
         match self
             .profiles
-            .send(customer, ProfileRequest::Link(req, sealed_token))
+            .send(customer, ProfileRequest::Link(req, tokens))
             .await?
         {
             ProfileReply::Linked(l) => Ok(l),
@@ -111,7 +124,7 @@ impl Vault {
     }
 
     /// Unlinks an entity at once: its events are ignored and pending commands cancelled;
-    /// then the access token is revoked at the entity, where it offers revocation.
+    /// then the tokens are revoked at the entity, where it offers revocation.
     pub async fn unlink(&self, customer: &str, entity: &str) -> Result<(), ServiceError> {
         check_id("customer id", customer)?;
         check_id("entity id", entity)?;
@@ -127,26 +140,23 @@ impl Vault {
             ProfileReply::Done => {}
             other => return Err(unexpected(other)),
         }
-        if let Some(sealed) = link.and_then(|l| l.sealed_token) {
-            self.revoke_token(customer, entity, &sealed).await;
+        if let Some(link) = link {
+            self.revoke_tokens(customer, &link).await;
         }
         Ok(())
     }
 
-    /// Revokes an access token at the entity (RFC 7009). Best effort: the link is already
-    /// gone, so the vault no longer acts on it whatever the entity answers.
-    pub(crate) async fn revoke_token(&self, customer: &str, entity_id: &str, sealed: &[u8]) {
+    /// Revokes a link's refresh and access tokens at the entity (RFC 7009). Best effort: the
+    /// link is already gone, so the vault no longer acts on it whatever the entity answers.
+    pub(crate) async fn revoke_tokens(&self, customer: &str, link: &LinkRecord) {
+        if link.sealed_token.is_none() && link.sealed_refresh_token.is_none() {
+            return;
+        }
+        let entity_id = link.entity_id.as_str();
         let ring = match self.key_ring().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "no token keys to revoke with");
-                return;
-            }
-        };
-        let token = match ring.open(customer, entity_id, sealed) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(entity = %entity_id, error = %e, "cannot open token to revoke");
                 return;
             }
         };
@@ -159,37 +169,97 @@ impl Vault {
         let Some(url) = oauth.revoke_url.as_deref() else {
             return;
         };
-        let request = match self.core.outbound.post(url) {
-            Ok(r) => r,
+        let secret = match self.client_secret(entity_id, oauth).await {
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(entity = %entity_id, error = %e, "revocation not sent");
                 return;
             }
         };
-        let sent = request
-            .form(&[
-                ("token", token.as_str()),
-                ("token_type_hint", "access_token"),
-                ("client_id", oauth.client_id.as_str()),
-            ])
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().is_success() => {
-                tracing::info!(entity = %entity_id, "access token revoked at the entity");
-            }
-            Ok(r) => {
-                tracing::warn!(entity = %entity_id, status = %r.status(), "revocation refused")
-            }
-            Err(e) => {
-                tracing::warn!(entity = %entity_id, error = %error_chain(&e), "revocation failed")
+        let client = ClientCredentials {
+            id: &oauth.client_id,
+            secret: secret.as_deref(),
+            auth: oauth.client_auth,
+        };
+        // The refresh token first: revoking it ends the grant, access tokens included.
+        let tokens = [
+            (
+                "refresh_token",
+                link.sealed_refresh_token
+                    .as_deref()
+                    .map(|s| ring.open_refresh_token(customer, entity_id, s)),
+            ),
+            (
+                "access_token",
+                link.sealed_token
+                    .as_deref()
+                    .map(|s| ring.open(customer, entity_id, s)),
+            ),
+        ];
+        for (hint, token) in tokens {
+            match token {
+                None => {}
+                Some(Err(e)) => {
+                    tracing::warn!(entity = %entity_id, error = %e, "cannot open token to revoke")
+                }
+                Some(Ok(token)) => {
+                    match oidc::revoke(&self.core.outbound, url, client, &token, hint).await {
+                        Ok(()) => {
+                            tracing::info!(entity = %entity_id, hint, "token revoked at the entity")
+                        }
+                        Err(e) => {
+                            tracing::warn!(entity = %entity_id, hint, error = %e, "revocation failed")
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// Starts linking through the entity's OAuth 2.0 server (authorization code with PKCE):
-    /// remembers the verifier under the state, and answers where to send the customer. The
-    /// state carries the customer's slot, so the callback reaches the customer's group.
+    /// The vault's client secret at `entity`'s provider, opened.
+    async fn client_secret(
+        &self,
+        entity: &str,
+        oauth: &OAuthRecord,
+    ) -> Result<Option<String>, ServiceError> {
+        match &oauth.sealed_client_secret {
+            None => Ok(None),
+            Some(sealed) => self
+                .key_ring()
+                .await?
+                .open_client_secret(entity, sealed)
+                .map(Some)
+                .map_err(|e| ServiceError::Internal(e.to_string())),
+        }
+    }
+
+    /// An entity's provider with its endpoints as its metadata says now (read again hourly,
+    /// so moved endpoints and rotated keys are followed); the registered ones if the metadata
+    /// cannot be read at the moment.
+    async fn current_provider(&self, entity: &str, mut oauth: OAuthRecord) -> OAuthRecord {
+        let Some(issuer) = oauth.issuer.clone() else {
+            return oauth;
+        };
+        match self.providers.metadata(&self.core.outbound, &issuer).await {
+            Ok(m) => {
+                oauth.authorize_url = m.authorization_endpoint.clone();
+                oauth.token_url = m.token_endpoint.clone();
+                if m.jwks_uri.is_some() {
+                    oauth.jwks_uri = m.jwks_uri.clone();
+                }
+                oauth.iss_required |= m.authorization_response_iss_parameter_supported;
+            }
+            Err(e) => {
+                tracing::warn!(entity, error = %e, "provider metadata not refreshed; using the registered endpoints")
+            }
+        }
+        oauth
+    }
+
+    /// Starts linking through the entity's OAuth 2.0 / OpenID Connect provider (authorization
+    /// code with PKCE S256, a nonce for the ID token): remembers the verifier and nonce under
+    /// the state, and answers where to send the customer. The state carries the customer's
+    /// slot, so the callback reaches the customer's group.
     pub async fn authorize_link(
         &self,
         customer: &str,
@@ -205,9 +275,11 @@ impl Vault {
                 format!("{entity_id} does not link through OAuth: link it with a subject"),
             ));
         };
+        let oauth = self.current_provider(entity_id, oauth).await;
         self.customer_record(customer).await?;
         let state = slotted_token(customer);
         let verifier = custos_api::oauth::random_token(48);
+        let nonce = custos_api::oauth::random_token(24);
         let challenge = custos_api::oauth::pkce_challenge(&verifier);
         self.core
             .propose(
@@ -218,6 +290,7 @@ impl Vault {
                         customer_id: customer.to_owned(),
                         entity_id: entity_id.to_owned(),
                         verifier,
+                        nonce: nonce.clone(),
                         at_ms: unix_now_ms(),
                         via_portal,
                     },
@@ -226,39 +299,52 @@ impl Vault {
             .await?;
         let mut url = url::Url::parse(&oauth.authorize_url)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        url.query_pairs_mut()
-            .append_pair("response_type", "code")
-            .append_pair("client_id", &oauth.client_id)
-            .append_pair("redirect_uri", &self.callback_url)
-            .append_pair("state", &state)
-            .append_pair("code_challenge", &challenge)
-            .append_pair("code_challenge_method", "S256");
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("response_type", "code")
+                .append_pair("client_id", &oauth.client_id)
+                .append_pair("redirect_uri", &self.redirect_uri(entity_id))
+                .append_pair("state", &state)
+                .append_pair("code_challenge", &challenge)
+                .append_pair("code_challenge_method", "S256");
+            if !oauth.scopes.is_empty() {
+                q.append_pair("scope", &oauth.scopes.join(" "));
+            }
+            if oauth.scopes.iter().any(|s| s == "openid") {
+                q.append_pair("nonce", &nonce);
+            }
+        }
         Ok(AuthorizeLink {
             authorize_url: url.to_string(),
         })
     }
 
-    /// Finishes linking when the entity sends the customer back: the state is single-use and
-    /// expires; the code is exchanged with the verifier; the subject it yields is linked and
-    /// the access token kept sealed. When the linking started in the portal, `session` (the
-    /// browser's signed-in customer) must be the customer who started it.
+    /// Finishes linking when the entity sends the customer back to its redirect URI: the
+    /// state is single-use, expires, and must have been started for this very entity; an
+    /// `iss` must name the entity's issuer (RFC 9207; required when the provider says it sends
+    /// one); the code is exchanged with the verifier and the client's credentials; the
+    /// customer's subject comes from the validated ID token, else userinfo, else the token
+    /// answer; the tokens are kept sealed. When the linking started in the portal, `session`
+    /// (the browser's signed-in customer) must be the customer who started it.
     pub async fn finish_link(
         &self,
-        code: &str,
-        state: &str,
-        session: Option<&str>,
+        back: CallbackParams<'_>,
     ) -> Result<FinishedLink, ServiceError> {
+        let CallbackParams {
+            entity: entity_in_path,
+            code,
+            state,
+            iss,
+            session,
+        } = back;
         if state.is_empty() || state.len() > 256 || code.len() > 1024 {
             return Err(ServiceError::invalid("code/state", "missing or too long"));
         }
+        let refused = |why: String| ServiceError::refused(ErrorCode::Forbidden, why);
         // Not a malformed request but one this vault will not honour: 403, as for a state
         // that belongs to another customer's browser.
-        let unknown = || {
-            ServiceError::refused(
-                ErrorCode::Forbidden,
-                "state: unknown, already used or expired; start the linking again",
-            )
-        };
+        let unknown =
+            || refused("state: unknown, already used or expired; start the linking again".into());
         let slot = slot_of_token(state).ok_or_else(unknown)?;
         let taken = self
             .core
@@ -282,6 +368,15 @@ impl Vault {
         if unix_now_ms() - pending.at_ms > custos_api::oauth::LINK_TTL_MS {
             return Err(unknown());
         }
+        if pending.entity_id != entity_in_path {
+            // A code from one provider routed into a linking with another (mix-up): it is
+            // sent nowhere.
+            tracing::warn!(started = %pending.entity_id, came_back = %entity_in_path, "authorization came back for another entity");
+            return Err(refused(format!(
+                "this linking was started with {} but came back on {}'s redirect URI; nothing                  was sent to either, start the linking again",
+                pending.entity_id, entity_in_path
+            )));
+        }
         if code.is_empty() {
             return Err(ServiceError::invalid(
                 "code",
@@ -289,9 +384,8 @@ impl Vault {
             ));
         }
         if pending.via_portal && session != Some(pending.customer_id.as_str()) {
-            return Err(ServiceError::refused(
-                ErrorCode::Forbidden,
-                "this linking was started by another signed-in customer",
+            return Err(refused(
+                "this linking was started by another signed-in customer".into(),
             ));
         }
         let entity = self.core.entity_required(&pending.entity_id).await?;
@@ -301,71 +395,90 @@ impl Vault {
                 "the entity no longer links through OAuth",
             ));
         };
-        // What went wrong on the way is logged, not told: the customer learns only that the
-        // entity could not be reached (no oracle for probing the operator's network).
-        let unreachable = |e: &dyn std::fmt::Display| {
-            tracing::warn!(entity = %pending.entity_id, error = %e, "token endpoint unreachable");
-            ServiceError::refused(
-                ErrorCode::Unavailable,
-                "the entity's token endpoint could not be reached; try again later",
-            )
-        };
-        let request = self
-            .core
-            .outbound
-            .post(&oauth.token_url)
-            .map_err(|e| unreachable(&e))?;
-        let resp = request
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", code),
-                ("redirect_uri", &self.callback_url),
-                ("client_id", &oauth.client_id),
-                ("code_verifier", &pending.verifier),
-            ])
-            .send()
-            .await
-            .map_err(|e| unreachable(&error_chain(&e)))?;
-        let status = resp.status();
-        let body: serde_json::Value = read_capped(resp, MAX_TOKEN_ANSWER)
-            .await
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        if !status.is_success() {
-            return Err(ServiceError::refused(
-                ErrorCode::Forbidden,
-                format!(
-                    "the entity refused the code: {}",
-                    body["error"].as_str().unwrap_or("error")
-                ),
-            ));
+        let oauth = self.current_provider(&pending.entity_id, oauth).await;
+        match (iss, oauth.issuer.as_deref()) {
+            (Some(got), Some(expected)) if got != expected => {
+                return Err(refused(format!(
+                    "the authorization response comes from issuer {:?}, not {}'s ({expected});                      the code was sent nowhere",
+                    got.chars().take(200).collect::<String>(),
+                    pending.entity_id
+                )))
+            }
+            (None, Some(_)) if oauth.iss_required => {
+                return Err(refused(
+                    "the authorization response lacks the iss its provider promises (RFC 9207)"
+                        .into(),
+                ))
+            }
+            _ => {}
         }
-        let subject = body["subject"]
-            .as_str()
-            .or_else(|| body["sub"].as_str())
-            .ok_or_else(|| {
-                ServiceError::refused(
-                    ErrorCode::Unavailable,
-                    "the entity's token answer has no subject",
-                )
-            })?;
-        let sealed = match body["access_token"].as_str() {
-            Some(t) if t.len() <= 4096 => Some(
-                self.key_ring()
-                    .await?
-                    .seal(&pending.customer_id, &pending.entity_id, t)
-                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+        let secret = self.client_secret(&pending.entity_id, &oauth).await?;
+        let client = ClientCredentials {
+            id: &oauth.client_id,
+            secret: secret.as_deref(),
+            auth: oauth.client_auth,
+        };
+        let provider_failed = |e: ProviderError| match e {
+            ProviderError::Unreachable { .. } => ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!(
+                    "{} could not be reached; try again later",
+                    pending.entity_id
+                ),
             ),
-            _ => None,
+            ProviderError::Refused { error, description } => refused(format!(
+                "{} refused the sign-in: {error}{}",
+                pending.entity_id,
+                description.map(|d| format!(" ({d})")).unwrap_or_default()
+            )),
+            other => refused(format!(
+                "{} answered something the vault cannot accept: {other}; nothing was linked",
+                pending.entity_id
+            )),
+        };
+        let answer = oidc::exchange_code(
+            &self.core.outbound,
+            &oauth.token_url,
+            client,
+            code,
+            &self.redirect_uri(&pending.entity_id),
+            &pending.verifier,
+        )
+        .await
+        .map_err(provider_failed)?;
+        let subject = self
+            .subject_from(&oauth, &answer, &pending.nonce)
+            .await
+            .map_err(provider_failed)?;
+        if !custos_api::limits::is_valid_subject(&subject) {
+            return Err(refused(format!(
+                "{}'s customer id is not 1..=128 printable characters",
+                pending.entity_id
+            )));
+        }
+        let ring = self.key_ring().await?;
+        let seal = |sealed: Result<Vec<u8>, crate::seal::SealError>| {
+            sealed.map_err(|e| ServiceError::Internal(e.to_string()))
+        };
+        let bounded = |t: &Option<String>| t.clone().filter(|t| !t.is_empty() && t.len() <= 4096);
+        let tokens = LinkTokens {
+            access: bounded(&answer.access_token)
+                .map(|t| seal(ring.seal(&pending.customer_id, &pending.entity_id, &t)))
+                .transpose()?,
+            refresh: bounded(&answer.refresh_token)
+                .map(|t| {
+                    seal(ring.seal_refresh_token(&pending.customer_id, &pending.entity_id, &t))
+                })
+                .transpose()?,
         };
         let link = self
-            .link_with_token(
+            .link_with_tokens(
                 &pending.customer_id,
                 LinkRequest {
                     entity_id: pending.entity_id,
-                    subject: subject.to_owned(),
+                    subject,
                 },
-                sealed,
+                tokens,
             )
             .await?;
         Ok(FinishedLink {
@@ -373,6 +486,56 @@ impl Vault {
             customer_id: pending.customer_id,
             via_portal: pending.via_portal,
         })
+    }
+
+    /// The customer's id at the entity: from the ID token when there is one (validated; it is
+    /// required when `openid` was asked for), else the userinfo endpoint, else the token
+    /// answer's `subject` or `sub`.
+    async fn subject_from(
+        &self,
+        oauth: &OAuthRecord,
+        answer: &oidc::TokenAnswer,
+        nonce: &str,
+    ) -> Result<String, ProviderError> {
+        let openid = oauth.scopes.iter().any(|s| s == "openid");
+        if let Some(id_token) = &answer.id_token {
+            let (Some(issuer), Some(jwks_uri)) = (&oauth.issuer, &oauth.jwks_uri) else {
+                return Err(ProviderError::IdToken(
+                    "the entity was registered without an issuer, so its ID tokens cannot be checked"
+                        .into(),
+                ));
+            };
+            return self
+                .providers
+                .id_token_subject(
+                    &self.core.outbound,
+                    jwks_uri,
+                    id_token,
+                    IdTokenExpectations {
+                        issuer,
+                        client_id: &oauth.client_id,
+                        nonce,
+                        now_secs: unix_now_ms() / 1000,
+                    },
+                )
+                .await;
+        }
+        if openid {
+            return Err(ProviderError::IdToken(
+                "the token answer has none, though openid was asked for".into(),
+            ));
+        }
+        if let (Some(url), Some(token)) = (&oauth.userinfo_url, &answer.access_token) {
+            return oidc::userinfo_subject(&self.core.outbound, url, token).await;
+        }
+        answer
+            .subject
+            .clone()
+            .or_else(|| answer.sub.clone())
+            .ok_or_else(|| ProviderError::BadAnswer {
+                what: "token endpoint",
+                why: "no ID token, no userinfo endpoint, and no subject".into(),
+            })
     }
 
     /// A page of a customer's activity, newest first.

@@ -5,18 +5,23 @@ use custos_api::limits::{is_valid_id, MAX_SCHEMA_BYTES, MAX_TYPES_PER_ENTITY};
 use custos_api::types::*;
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
-use custos_raft::records::{EntityRecord, OAuthRecord, TypeRecord};
+use custos_raft::records::{ClientAuth, EntityRecord, OAuthRecord, TypeRecord};
 use custos_raft::{StateChange, META_GROUP};
 
 use super::{check_id, check_name, check_outbound_url, check_url, Vault};
 use crate::core::compile_schema;
 use crate::error::ServiceError;
+use crate::oidc;
 use crate::outbound::Outbound;
 
 impl Vault {
     /// Registers an entity and issues its signing secret.
     pub async fn register_entity(&self, req: RegisterEntity) -> Result<Entity, ServiceError> {
         validate_entity(&req, &self.core.outbound)?;
+        let oauth = match req.oauth.clone() {
+            Some(o) => Some(self.oauth_record(&req.id, o).await?),
+            None => None,
+        };
         let now = unix_now_ms();
         let types = |ts: &[TypeSpec]| {
             ts.iter()
@@ -43,19 +48,114 @@ impl Vault {
             sealed_previous_secret: None,
             previous_valid_until_ms: 0,
             created_ms: now,
-            oauth: req.oauth.map(|o| OAuthRecord {
-                authorize_url: o.authorize_url,
-                token_url: o.token_url,
-                client_id: o.client_id,
-                revoke_url: o.revoke_url,
-            }),
+            oauth,
         };
         self.core
             .propose(META_GROUP, StateChange::RegisterEntity(record.clone()))
             .await?;
-        let mut wire = record.to_wire();
+        let mut wire = self.entity_view(&record);
         wire.secret = Some(secret);
         Ok(wire)
+    }
+
+    /// What the vault keeps of an entity's OAuth provider: the endpoints discovered from its
+    /// issuer (checked to name that issuer) or given explicitly, the client secret sealed, and
+    /// the client authentication the provider offers.
+    async fn oauth_record(
+        &self,
+        entity_id: &str,
+        o: OAuthEndpoints,
+    ) -> Result<OAuthRecord, ServiceError> {
+        let outbound = &self.core.outbound;
+        let sealed_client_secret = match &o.client_secret {
+            Some(secret) => Some(
+                self.key_ring()
+                    .await?
+                    .seal_client_secret(entity_id, secret)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let unusable = |why: String| ServiceError::refused(ErrorCode::ProviderUnusable, why);
+        let Some(issuer) = o.issuer else {
+            let (Some(authorize_url), Some(token_url)) = (o.authorize_url, o.token_url) else {
+                return Err(ServiceError::invalid(
+                    "oauth",
+                    "give an issuer, or both authorize_url and token_url",
+                ));
+            };
+            return Ok(OAuthRecord {
+                issuer: None,
+                authorize_url,
+                token_url,
+                client_id: o.client_id,
+                client_auth: if sealed_client_secret.is_some() {
+                    ClientAuth::Basic
+                } else {
+                    ClientAuth::None
+                },
+                sealed_client_secret,
+                revoke_url: o.revoke_url,
+                userinfo_url: o.userinfo_url,
+                jwks_uri: None,
+                scopes: o.scopes.unwrap_or_default(),
+                iss_required: false,
+            });
+        };
+        let metadata = self
+            .providers
+            .read_metadata(outbound, &issuer)
+            .await
+            .map_err(|e| unusable(format!("oauth.issuer: {e}")))?;
+        let client_auth = oidc::choose_client_auth(
+            sealed_client_secret.is_some(),
+            metadata.token_endpoint_auth_methods_supported.as_deref(),
+        )
+        .map_err(|why| unusable(format!("oauth: {why}")))?;
+        let openid = metadata.openid && metadata.jwks_uri.is_some();
+        let scopes = o.scopes.unwrap_or_else(|| {
+            if openid {
+                vec!["openid".to_owned()]
+            } else {
+                Vec::new()
+            }
+        });
+        if scopes.iter().any(|s| s == "openid") && metadata.jwks_uri.is_none() {
+            return Err(unusable(
+                "oauth: the openid scope needs ID tokens, and the provider publishes no jwks_uri"
+                    .into(),
+            ));
+        }
+        Ok(OAuthRecord {
+            issuer: Some(issuer),
+            authorize_url: o
+                .authorize_url
+                .unwrap_or_else(|| metadata.authorization_endpoint.clone()),
+            token_url: o
+                .token_url
+                .unwrap_or_else(|| metadata.token_endpoint.clone()),
+            client_id: o.client_id,
+            sealed_client_secret,
+            client_auth,
+            revoke_url: o
+                .revoke_url
+                .or_else(|| metadata.revocation_endpoint.clone()),
+            userinfo_url: o
+                .userinfo_url
+                .or_else(|| metadata.userinfo_endpoint.clone()),
+            jwks_uri: metadata.jwks_uri.clone(),
+            scopes,
+            iss_required: metadata.authorization_response_iss_parameter_supported,
+        })
+    }
+
+    /// The admin's view of an entity, with the redirect URI to register at its provider.
+    pub(crate) fn entity_view(&self, record: &EntityRecord) -> Entity {
+        let mut wire = record.to_wire();
+        if let Some(o) = wire.oauth.as_mut() {
+            o.redirect_uri = Some(self.redirect_uri(&record.id));
+        }
+        wire
     }
 
     /// Changes an entity's name or endpoint.
@@ -66,6 +166,18 @@ impl Vault {
         if let Some(u) = &req.command_url {
             check_outbound_url(&self.core.outbound, "command_url", u)?;
         }
+        let sealed_client_secret = match &req.oauth_client_secret {
+            Some(secret) => {
+                check_client_secret("oauth_client_secret", secret)?;
+                Some(
+                    self.key_ring()
+                        .await?
+                        .seal_client_secret(id, secret)
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
         self.core
             .propose(
                 META_GROUP,
@@ -74,6 +186,7 @@ impl Vault {
                     name: req.name,
                     command_url: req.command_url,
                     endpoint_enabled: req.endpoint_enabled,
+                    sealed_client_secret,
                 },
             )
             .await?;
@@ -108,7 +221,7 @@ impl Vault {
     /// Every entity.
     pub async fn entities(&self) -> Result<Vec<Entity>, ServiceError> {
         let list = self.core.read_meta(|r| r.entities()).await?;
-        Ok(list.iter().map(|e| e.to_wire()).collect())
+        Ok(list.iter().map(|e| self.entity_view(e)).collect())
     }
 
     /// One entity.
@@ -117,9 +230,22 @@ impl Vault {
         self.core
             .read_meta(move |r| r.entity(&owned))
             .await?
-            .map(|e| e.to_wire())
+            .map(|e| self.entity_view(&e))
             .ok_or_else(|| ServiceError::not_found("entity", id))
     }
+}
+
+fn check_client_secret(field: &str, secret: &str) -> Result<(), ServiceError> {
+    if secret.is_empty()
+        || secret.len() > 512
+        || !secret.bytes().all(|b| (0x20..=0x7e).contains(&b))
+    {
+        return Err(ServiceError::invalid(
+            field,
+            "must be 1..=512 printable ASCII characters",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), ServiceError> {
@@ -127,11 +253,39 @@ fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), Serv
     check_name("name", &req.name)?;
     check_outbound_url(outbound, "command_url", &req.command_url)?;
     if let Some(o) = &req.oauth {
-        // The customer's browser opens the authorize URL; the vault requests the other two.
-        check_url("oauth.authorize_url", &o.authorize_url)?;
-        check_outbound_url(outbound, "oauth.token_url", &o.token_url)?;
-        if let Some(r) = &o.revoke_url {
-            check_outbound_url(outbound, "oauth.revoke_url", r)?;
+        // The customer's browser opens the authorize URL; the vault requests the others.
+        if let Some(u) = &o.authorize_url {
+            check_url("oauth.authorize_url", u)?;
+        }
+        if let Some(i) = &o.issuer {
+            check_outbound_url(outbound, "oauth.issuer", i)?;
+        }
+        for (field, url) in [
+            ("oauth.token_url", &o.token_url),
+            ("oauth.revoke_url", &o.revoke_url),
+            ("oauth.userinfo_url", &o.userinfo_url),
+        ] {
+            if let Some(u) = url {
+                check_outbound_url(outbound, field, u)?;
+            }
+        }
+        if let Some(secret) = &o.client_secret {
+            check_client_secret("oauth.client_secret", secret)?;
+        }
+        if let Some(scopes) = &o.scopes {
+            // RFC 6749 §3.3: scope tokens are printable ASCII without space, quote or backslash.
+            let token_ok = |s: &String| {
+                (1..=128).contains(&s.len())
+                    && s.bytes().all(|b| {
+                        b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b)
+                    })
+            };
+            if scopes.len() > 16 || !scopes.iter().all(token_ok) {
+                return Err(ServiceError::invalid(
+                    "oauth.scopes",
+                    "at most 16 scope tokens of 1..=128 printable ASCII characters without spaces, quotes or backslashes",
+                ));
+            }
         }
         if o.client_id.is_empty()
             || o.client_id.len() > 256
@@ -240,10 +394,10 @@ mod tests {
         assert!(check(&e).is_err());
         let mut e = entity();
         e.oauth = Some(OAuthEndpoints {
-            authorize_url: "https://bank.example/authorize".into(),
-            token_url: "http://127.0.0.1:8080/token".into(),
-            revoke_url: None,
+            authorize_url: Some("https://bank.example/authorize".into()),
+            token_url: Some("http://127.0.0.1:8080/token".into()),
             client_id: "custos".into(),
+            ..Default::default()
         });
         let refused = check(&e).expect_err("loopback");
         assert!(refused.to_string().contains("token_url"), "{refused}");

@@ -30,7 +30,7 @@ pub mod portal;
 pub mod recommendations;
 pub mod rules;
 
-pub use customers::FinishedLink;
+pub use customers::{CallbackParams, FinishedLink};
 pub use recommendations::train_recommender;
 
 /// Customer API tokens start with this (so an operator call made with one is told why it
@@ -54,8 +54,11 @@ pub struct Vault {
     admin_token_hash: Arc<[u8; 32]>,
     /// The stored model, rebuilt for serving when its version changes.
     served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
-    /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`).
+    /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`,
+    /// followed by the entity's id: one redirect URI per entity).
     callback_url: Arc<str>,
+    /// Providers' metadata and ID token keys.
+    providers: Arc<crate::oidc::ProviderCache>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -94,7 +97,14 @@ impl Vault {
             profiles,
             admin_token_hash: Arc::new(sha256(admin_token.as_bytes())),
             served: Arc::new(std::sync::Mutex::new(None)),
+            providers: Arc::new(crate::oidc::ProviderCache::default()),
         }
+    }
+
+    /// The redirect URI of `entity`'s OAuth linkings: each entity has its own, so a code its
+    /// provider issues can only come back to a linking with that entity (mix-up defence).
+    pub fn redirect_uri(&self, entity: &str) -> String {
+        format!("{}/{entity}", self.callback_url)
     }
 
     /// The shared node parts.

@@ -394,9 +394,7 @@ impl Vault {
             other => return Err(unexpected(other)),
         }
         for link in links {
-            if let Some(sealed) = link.sealed_token {
-                self.revoke_token(customer, &link.entity_id, &sealed).await;
-            }
+            self.revoke_tokens(customer, &link).await;
         }
         Ok(())
     }

@@ -34,10 +34,25 @@ impl Tx<'_> {
         name: Option<String>,
         command_url: Option<String>,
         endpoint_enabled: Option<bool>,
+        sealed_client_secret: Option<Vec<u8>>,
     ) -> Result<ChangeOutcome, StoreError> {
         let Some(mut entity) = self.entity(&id)? else {
             return Ok(not_found("entity", &id));
         };
+        if let Some(secret) = sealed_client_secret {
+            let Some(oauth) = entity.oauth.as_mut() else {
+                return Ok(ChangeOutcome::rejected(
+                    ErrorCode::Conflict,
+                    format!("{id} does not link through OAuth: it has no client secret"),
+                ));
+            };
+            oauth.sealed_client_secret = Some(secret);
+            // A public client given a secret authenticates from now on; the provider's
+            // preference between basic and post was settled at registration.
+            if oauth.client_auth == ClientAuth::None {
+                oauth.client_auth = ClientAuth::Basic;
+            }
+        }
         if let Some(n) = name {
             entity.name = n;
         }

@@ -277,7 +277,14 @@ impl<'a> Tx<'a> {
                 name,
                 command_url,
                 endpoint_enabled,
-            } => self.update_entity(id, name, command_url, endpoint_enabled),
+                sealed_client_secret,
+            } => self.update_entity(
+                id,
+                name,
+                command_url,
+                endpoint_enabled,
+                sealed_client_secret,
+            ),
             C::RotateSecret {
                 id,
                 sealed_secret,

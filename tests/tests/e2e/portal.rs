@@ -313,6 +313,14 @@ pub(crate) async fn sign_in_at_entity(
             ("redirect_uri", q["redirect_uri"].as_str()),
             ("state", q["state"].as_str()),
             ("code_challenge", q["code_challenge"].as_str()),
+            (
+                "nonce",
+                q.get("nonce").map(String::as_str).unwrap_or_default(),
+            ),
+            (
+                "scope",
+                q.get("scope").map(String::as_str).unwrap_or_default(),
+            ),
         ])
         .send()
         .await?;
@@ -336,11 +344,16 @@ fn with_code_of(callback: &str, other: &str) -> anyhow::Result<String> {
         .query_pairs()
         .find(|(k, _)| k == "code")
         .map(|(_, v)| v.into_owned());
+    let iss = a
+        .query_pairs()
+        .find(|(k, _)| k == "iss")
+        .map(|(_, v)| v.into_owned());
     let mut out = a.clone();
     out.query_pairs_mut()
         .clear()
         .append_pair("code", &code.unwrap_or_default())
-        .append_pair("state", &state.unwrap_or_default());
+        .append_pair("state", &state.unwrap_or_default())
+        .append_pair("iss", &iss.unwrap_or_default());
     Ok(out.to_string())
 }
 
@@ -478,7 +491,7 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
     let c2 = admin.create_customer().await?;
     let r = raw
         .get(format!(
-            "{}/v1/oauth/callback?code=x&state=forged",
+            "{}/v1/oauth/callback/airline?code=x&state=forged",
             node.url
         ))
         .send()
@@ -492,6 +505,12 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
     assert_eq!(r.status(), 403, "bob's code with alice's state fails PKCE");
     let problem: Value = r.json().await?;
     assert_eq!(problem["code"], "forbidden", "{problem}");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("airline refused the sign-in: invalid_grant")
+            && detail.contains("code_verifier does not match"),
+        "the customer is told why: {detail}"
+    );
     let c1_links = admin.customer(&c1.id).await?.links;
     assert!(c1_links.is_empty(), "nothing linked: {c1_links:?}");
     // A token request without the PKCE verifier is refused by the entity.
@@ -501,6 +520,10 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
             ("grant_type", "authorization_code"),
             ("code", "whatever"),
             ("client_id", "custos"),
+            (
+                "client_secret",
+                &custos_tests::entity::client_secret("airline"),
+            ),
         ])
         .send()
         .await?;
