@@ -236,7 +236,8 @@ async fn get_entity(
 /// Changes an entity's name or endpoint, or re-enables its endpoint.
 #[utoipa::path(patch, path = "/v1/entities/{id}", tag = "entities", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = UpdateEntity,
-    responses((status = 200, body = Entity), (status = 404, body = Problem)))]
+    responses((status = 200, body = Entity), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "a client secret for an entity without OAuth")))]
 async fn update_entity(
     vault: web::Data<Vault>,
     req: HttpRequest,
@@ -919,11 +920,34 @@ fn complete_document(doc: &mut serde_json::Value) {
             ) {
                 continue;
             }
+            if schema_name == "OAuthEndpoints" {
+                // A provider is named by its issuer, or by both explicit endpoints.
+                let string = json!({"type": "string"});
+                schema["anyOf"] = json!([
+                    {"required": ["issuer"], "properties": {"issuer": string}},
+                    {"required": ["authorize_url", "token_url"],
+                     "properties": {"authorize_url": string, "token_url": string}},
+                ]);
+            }
             let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
                 continue;
             };
+            if let Some(scopes) = props.get_mut("scopes") {
+                // RFC 6749 §3.3 scope tokens, as the server checks them (Option<Vec>: the
+                // array branch).
+                let array = if scopes.get("oneOf").is_some() {
+                    scopes["oneOf"]
+                        .as_array_mut()
+                        .and_then(|b| b.iter_mut().find(|b| b["type"] == "array"))
+                } else {
+                    Some(scopes)
+                };
+                if let Some(items) = array.and_then(|a| a.get_mut("items")) {
+                    items["pattern"] = json!(r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}$");
+                }
+            }
             for (name, prop) in props.iter_mut() {
-                if name.ends_with("_url") {
+                if name.ends_with("_url") || name == "issuer" || name == "redirect_uri" {
                     let target = match prop.get_mut("oneOf").and_then(Value::as_array_mut) {
                         // Option<String>: the string branch.
                         Some(branches) => branches.iter_mut().find(|b| b["type"] == "string"),

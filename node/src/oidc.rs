@@ -587,6 +587,12 @@ fn id_token_error(e: &jsonwebtoken::errors::Error) -> ProviderError {
     ProviderError::IdToken(why)
 }
 
+/// Whether a cached key set serves as it is: fresh and holding the key an ID token names, or
+/// read too recently to be read again (a forged `kid` then fails against the cached keys).
+fn use_cached_keys(age: Duration, knows_kid: bool) -> bool {
+    (age < REFRESH_AFTER && knows_kid) || age < REFETCH_AT_MOST_EVERY
+}
+
 struct Cached<T> {
     value: Arc<T>,
     fetched: Instant,
@@ -670,8 +676,7 @@ impl ProviderCache {
                     .iter()
                     .any(|j| j.common.key_id.as_deref() == Some(k))
             });
-            let fresh = c.fetched.elapsed() < REFRESH_AFTER;
-            if (fresh && knows) || c.fetched.elapsed() < REFETCH_AT_MOST_EVERY {
+            if use_cached_keys(c.fetched.elapsed(), knows) {
                 return Ok(c.value.clone());
             }
         }
@@ -811,6 +816,15 @@ mod tests {
         .expect("hs256");
         assert!(refused(&hs, &key.jwks).contains("does not accept"));
         assert!(refused("not.a.jwt", &key.jwks).contains("malformed"));
+    }
+
+    #[test]
+    fn key_sets_are_read_again_on_rotation_but_not_hammered() {
+        let s = Duration::from_secs;
+        assert!(use_cached_keys(s(100), true), "fresh, knows the key");
+        assert!(!use_cached_keys(s(100), false), "a rotated key: read again");
+        assert!(use_cached_keys(s(5), false), "read 5 s ago: not again yet");
+        assert!(!use_cached_keys(s(4000), true), "stale after an hour");
     }
 
     #[test]

@@ -292,6 +292,57 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
     outcome
 }
 
+/// A customer links a company that runs a standard OpenID provider, one this project did not
+/// write (oidc-provider-mock), through its own sign-in page in the browser.
+#[tokio::test]
+async fn portal_links_at_a_third_party_openid_provider_in_a_real_browser() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let provider = custos_tests::oidc_mock::OidcMock::start().await?;
+    let (client_id, client_secret) = provider
+        .register_client(&format!("{}/v1/oauth/callback/bank", node.url))
+        .await?;
+    node.admin()
+        .register_entity(&RegisterEntity {
+            id: "bank".into(),
+            name: "Example Bank".into(),
+            command_url: "http://127.0.0.1:9/commands".into(),
+            event_types: vec![],
+            command_types: vec![],
+            oauth: Some(OAuthEndpoints {
+                issuer: Some(provider.issuer.clone()),
+                client_id,
+                client_secret: Some(client_secret),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let driver = ChromeDriver::start().await?;
+    let b = driver.browser().await?;
+    let mut shots = Screenshots::new("portal-screenshots-openid")?;
+    let outcome = async {
+        b.goto(&format!("{}/portal/signup", node.url)).await?;
+        fill(&b, "#email", "bob@example.com").await?;
+        fill(&b, "#password", "another long password").await?;
+        click(&b, "button[type=submit]").await?;
+        wait_text(&b, "Your vault").await?;
+        b.goto(&format!("{}/portal/catalog", node.url)).await?;
+        click(&b, "button[aria-label='Link Example Bank']").await?;
+        // The provider's own page: it takes the subject the customer is at the bank.
+        fill(&b, "input[name=sub]", "bob@bank").await?;
+        shots.take(&b, "signin-openid-provider").await?;
+        click(&b, "button[type=submit]:not([name])").await?;
+        wait_text(&b, "Linked bank as bob@bank").await?;
+        shots.take(&b, "catalog-linked-openid").await?;
+        Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        let _ = shots.take(&b, "failure-openid").await;
+    }
+    b.close().await?;
+    outcome
+}
+
 /// Follows an entity's sign-in for `user`; answers the vault callback URL it redirects to.
 pub(crate) async fn sign_in_at_entity(
     authorize_url: &str,
