@@ -695,6 +695,10 @@ pub struct Recommendation {
     /// The rule accepting creates: the population's agreed condition and mapping, when at
     /// least k customers agree on one.
     pub rule: RuleSpec,
+    /// The entity the customer must link first to use it ("link Z to use it"); absent when
+    /// both entities are linked. The portal links it, then creates the rule, in one flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_link: Option<String>,
     /// The model that made it.
     pub model_version: u64,
 }

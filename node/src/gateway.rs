@@ -391,8 +391,14 @@ async fn oauth_callback(
         (Ok(done), _) if done.via_portal => Ok(crate::portal::see_other_flash(
             "/portal/catalog",
             Ok(format!(
-                "Linked {} as {}.",
-                done.link.entity_id, done.link.subject
+                "Linked {} as {}.{}",
+                done.link.entity_id,
+                done.link.subject,
+                match &done.kept_rule {
+                    None => String::new(),
+                    Some(Ok(name)) => format!(" Added rule “{name}”."),
+                    Some(Err(why)) => format!(" The recommended rule was not added: {why}"),
+                }
             )),
         )),
         (Ok(done), _) => Ok(HttpResponse::Created().json(done.link)),

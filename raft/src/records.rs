@@ -694,6 +694,8 @@ pub struct PendingLink {
     pub at_ms: i64,
     /// Started from the portal (the callback then returns the customer there).
     pub via_portal: bool,
+    /// A recommended rule (JSON) to create once the link is made.
+    pub then_rule_json: Option<String>,
 }
 
 /// A node's standing in the cluster.

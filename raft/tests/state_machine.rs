@@ -560,6 +560,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
                 nonce: "n".into(),
                 at_ms: 1_000,
                 via_portal: true,
+                then_rule_json: None,
             },
         },
     ])
@@ -838,6 +839,7 @@ async fn oauth_linkings_waiting_are_capped_per_customer_and_expire_at_their_ttl(
             nonce: format!("n{n}"),
             at_ms,
             via_portal: false,
+            then_rule_json: None,
         },
     };
     let take = |n: u8| StateChange::TakeLink {

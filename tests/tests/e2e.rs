@@ -1386,6 +1386,36 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
         "{}",
         fresh.items[0].reason
     );
+    // A customer who linked only the airline is offered the rules that need the hotel too,
+    // saying so; accepting one before linking is refused with what to do.
+    let halfway = admin.create_customer().await?;
+    admin
+        .link(
+            &halfway.id,
+            &LinkRequest {
+                entity_id: "airline".into(),
+                subject: "ff-halfway".into(),
+            },
+        )
+        .await?;
+    let recs = admin
+        .with_token(&halfway.token)
+        .recommendations(&halfway.id)
+        .await?;
+    assert!(!recs.items.is_empty(), "{recs:?}");
+    assert!(
+        recs.items
+            .iter()
+            .all(|r| r.needs_link.as_deref() == Some("hotel")),
+        "{recs:?}"
+    );
+    let err = admin
+        .with_token(&halfway.token)
+        .accept_recommendation(&halfway.id, &recs.items[0].id)
+        .await
+        .expect_err("the hotel is not linked");
+    assert_eq!(err.code(), Some(ErrorCode::EntityNotLinked), "{err}");
+    assert!(err.to_string().contains("link it first"), "{err}");
     // One customer cannot read another's recommendations.
     let err = them
         .recommendations(&first.id)

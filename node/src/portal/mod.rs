@@ -875,6 +875,11 @@ async fn recommendation(
             .dismiss_recommendation(&s.customer_id, &rec_id)
             .await
             .map(|()| "Dismissed; it will not be recommended again.".to_owned()),
+        // Needs one more link: the entity's sign-in first, the rule when the customer is back.
+        "link" => match vault.link_then_accept(&s.customer_id, &rec_id).await {
+            Ok(a) => return see_other(&a.authorize_url),
+            Err(e) => Err(e),
+        },
         _ => return HttpResponse::NotFound().finish(),
     };
     see_other_flash("/portal", done.map_err(|e| problem_text(&e)))

@@ -190,8 +190,15 @@ pub fn home(
                                 (entity_name(entities, &r.template.then_entity)) " to “" (plain(&r.template.command_type)) "”." }
                             p.hint { (r.reason) }
                             p { "Confidence " strong { (format!("{:.0}%", r.confidence * 100.0)) } }
-                            form.inline method="post" action=(format!("/portal/recommendations/{}/accept", r.id)) {
-                                (csrf_field(csrf)) button type="submit" { "Add this rule" }
+                            @if let Some(missing) = &r.needs_link {
+                                p { "Needs " (entity_name(entities, missing)) " linked: you sign in there, then the rule is added." }
+                                form.inline method="post" action=(format!("/portal/recommendations/{}/link", r.id)) {
+                                    (csrf_field(csrf)) button type="submit" { "Link " (entity_name(entities, missing)) " and add this rule" }
+                                }
+                            } @else {
+                                form.inline method="post" action=(format!("/portal/recommendations/{}/accept", r.id)) {
+                                    (csrf_field(csrf)) button type="submit" { "Add this rule" }
+                                }
                             }
                             form.inline method="post" action=(format!("/portal/recommendations/{}/dismiss", r.id)) {
                                 (csrf_field(csrf)) button.secondary type="submit" { "Not for me" }

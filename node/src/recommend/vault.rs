@@ -239,7 +239,7 @@ const CANDIDATES: usize = 200;
 const SERVED: usize = 10;
 
 /// (calibration feature, kept) of what would be served to the validation customers: the same
-/// candidates, ranks and linked-entity filter as [`Served::recommend`], ten per customer, so
+/// candidates, ranks and link filter as [`Served::recommend`], ten per customer, so
 /// the confidence is calibrated on the values customers are shown.
 fn served_samples(
     model: &Rp3Beta,
@@ -250,12 +250,17 @@ fn served_samples(
     for (kept, held, linked) in val {
         let top = model.top(kept, CANDIDATES);
         let best = top.first().map(|t| t.1).unwrap_or(0.0);
+        // Served: rules between linked entities, and rules needing one more link (every
+        // entity in the training data is registered, so linkable).
         let usable = top.iter().enumerate().filter(|(_, (i, _))| {
             keys.get(*i as usize)
                 .and_then(|k| parse_key(k))
                 .is_some_and(|t| {
-                    linked.contains(t.when_entity.as_str())
-                        && linked.contains(t.then_entity.as_str())
+                    let unlinked = [&t.when_entity, &t.then_entity]
+                        .iter()
+                        .filter(|e| !linked.contains(e.as_str()))
+                        .count();
+                    unlinked <= 1
                 })
         });
         for (rank, (i, score)) in usable.take(SERVED) {
@@ -309,6 +314,7 @@ impl Served {
         &self,
         kept: &[RuleRecord],
         linked: &[String],
+        linkable: &HashSet<String>,
         received: &[String],
         dismissed: &HashSet<String>,
         threshold: f64,
@@ -337,9 +343,17 @@ impl Served {
             let Some(template) = parse_key(&t.key) else {
                 continue;
             };
-            if !linked.contains(&template.when_entity) || !linked.contains(&template.then_entity) {
-                continue;
-            }
+            // Rules between linked entities, and rules that need one more link to an entity the
+            // customer can link ("link Z to use it").
+            let unlinked: Vec<&String> = [&template.when_entity, &template.then_entity]
+                .into_iter()
+                .filter(|e| !linked.contains(e))
+                .collect();
+            let needs_link = match unlinked.as_slice() {
+                [] => None,
+                [one] if linkable.contains(*one) => Some((*one).clone()),
+                _ => continue,
+            };
             let Some(from) = self.model.strongest_reason(&items, j) else {
                 continue;
             };
@@ -404,6 +418,7 @@ impl Served {
                     },
                 },
                 template,
+                needs_link,
                 model_version: self.record.version,
             });
         }
@@ -488,7 +503,7 @@ mod tests {
         let served = Served::new(model);
         let kept = vec![rule(35, "flight.delayed", "room.hold", None).1];
         let linked = vec!["airline".to_owned(), "hotel".to_owned()];
-        let recs = served.recommend(&kept, &linked, &[], &HashSet::new(), 0.5);
+        let recs = served.recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5);
         assert_eq!(recs.len(), 1, "{recs:?}");
         let r = &recs[0];
         assert_eq!(r.template.event_type, "flight.cancelled");
@@ -525,7 +540,7 @@ mod tests {
         let dismissed: HashSet<String> =
             [decode_id(&r.id).unwrap_or_default()].into_iter().collect();
         assert!(served
-            .recommend(&kept, &linked, &[], &dismissed, 0.5)
+            .recommend(&kept, &linked, &HashSet::new(), &[], &dismissed, 0.5)
             .is_empty());
         // Many other customers dismissed it: its confidence falls below the threshold.
         let many: HashMap<String, u32> =
@@ -542,7 +557,7 @@ mod tests {
             10,
         ));
         assert!(served
-            .recommend(&kept, &linked, &[], &HashSet::new(), 0.5)
+            .recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5)
             .is_empty());
     }
 
@@ -570,12 +585,23 @@ mod tests {
         ));
         let both = vec!["airline".to_owned(), "hotel".to_owned()];
         // No rules yet: recommended from the links alone, with the link as the reason.
-        let recs = served.recommend(&[], &both, &[], &HashSet::new(), 0.5);
+        let none = HashSet::new();
+        let recs = served.recommend(&[], &both, &none, &[], &none, 0.5);
         assert_eq!(recs.len(), 1, "{recs:?}");
         assert!(recs[0].reason.contains("who link"), "{}", recs[0].reason);
-        // Without the hotel linked, a rule targeting it is not recommended.
+        assert_eq!(recs[0].needs_link, None);
+        // Without the hotel linked, a rule targeting it needs one more link: recommended as
+        // such when the hotel can be linked, not at all otherwise.
+        let hotel: HashSet<String> = ["hotel".to_owned()].into();
+        let recs = served.recommend(&[], &both[..1], &hotel, &[], &none, 0.0);
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs[0].needs_link.as_deref(), Some("hotel"));
         assert!(served
-            .recommend(&[], &both[..1], &[], &HashSet::new(), 0.0)
+            .recommend(&[], &both[..1], &none, &[], &none, 0.0)
+            .is_empty());
+        // Two links missing: not recommended.
+        assert!(served
+            .recommend(&[], &[], &hotel, &[], &none, 0.0)
             .is_empty());
     }
 
@@ -599,6 +625,7 @@ mod tests {
         let recs = served.recommend(
             &[],
             &both,
+            &HashSet::new(),
             &["airline.flight.delayed".to_owned()],
             &HashSet::new(),
             0.5,

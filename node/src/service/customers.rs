@@ -40,6 +40,8 @@ pub struct FinishedLink {
     pub customer_id: String,
     /// Started from the portal.
     pub via_portal: bool,
+    /// The rule of a recommendation that needed this link: its name once created, or why not.
+    pub kept_rule: Option<Result<String, String>>,
 }
 
 /// A new customer id.
@@ -266,6 +268,18 @@ impl Vault {
         entity_id: &str,
         via_portal: bool,
     ) -> Result<AuthorizeLink, ServiceError> {
+        self.begin_oauth_link(customer, entity_id, via_portal, None)
+            .await
+    }
+
+    /// [`Vault::authorize_link`], with a rule (JSON) to create once the link is made.
+    pub(crate) async fn begin_oauth_link(
+        &self,
+        customer: &str,
+        entity_id: &str,
+        via_portal: bool,
+        then_rule_json: Option<String>,
+    ) -> Result<AuthorizeLink, ServiceError> {
         check_id("customer id", customer)?;
         check_id("entity id", entity_id)?;
         let entity = self.core.entity_required(entity_id).await?;
@@ -293,6 +307,7 @@ impl Vault {
                         nonce: nonce.clone(),
                         at_ms: unix_now_ms(),
                         via_portal,
+                        then_rule_json,
                     },
                 },
             )
@@ -481,10 +496,23 @@ impl Vault {
                 tokens,
             )
             .await?;
+        // A recommendation that needed this link: its rule now (validated like any rule).
+        let kept_rule = match pending.then_rule_json.as_deref() {
+            None => None,
+            Some(json) => Some(match serde_json::from_str::<RuleSpec>(json) {
+                Ok(spec) => self
+                    .create_rule(&pending.customer_id, spec)
+                    .await
+                    .map(|r| r.name)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }),
+        };
         Ok(FinishedLink {
             link,
             customer_id: pending.customer_id,
             via_portal: pending.via_portal,
+            kept_rule,
         })
     }
 

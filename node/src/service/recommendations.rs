@@ -153,10 +153,19 @@ impl Vault {
             }
         };
         let dismissed: std::collections::HashSet<String> = dismissed.into_iter().collect();
+        // Entities the customer could link to use a recommended rule: registered, delivering.
+        let linkable: std::collections::HashSet<String> = self
+            .core
+            .read_meta(|r| r.entities())
+            .await?
+            .into_iter()
+            .filter(|e| e.endpoint_enabled)
+            .map(|e| e.id)
+            .collect();
         Ok(RecommendationList {
             model_version: Some(served.record.version),
             threshold,
-            items: served.recommend(&rules, &linked, &received, &dismissed, threshold),
+            items: served.recommend(&rules, &linked, &linkable, &received, &dismissed, threshold),
         })
     }
 
@@ -172,7 +181,41 @@ impl Vault {
             .into_iter()
             .find(|r| r.id == rec_id)
             .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
+        if let Some(missing) = rec.needs_link {
+            return Err(ServiceError::refused(
+                ErrorCode::EntityNotLinked,
+                format!(
+                    "this rule needs {missing}: link it first (the portal does both in one step)"
+                ),
+            ));
+        }
         self.create_rule(customer, rec.rule).await
+    }
+
+    /// Starts linking the entity a recommendation needs, carrying its rule: once the customer
+    /// is back from the entity's sign-in and the link is made, the rule is created.
+    pub async fn link_then_accept(
+        &self,
+        customer: &str,
+        rec_id: &str,
+    ) -> Result<AuthorizeLink, ServiceError> {
+        let rec = self
+            .recommendations(customer)
+            .await?
+            .items
+            .into_iter()
+            .find(|r| r.id == rec_id)
+            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
+        let Some(missing) = rec.needs_link else {
+            return Err(ServiceError::refused(
+                ErrorCode::Conflict,
+                "both companies are linked already: add the rule",
+            ));
+        };
+        let rule =
+            serde_json::to_string(&rec.rule).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.begin_oauth_link(customer, &missing, true, Some(rule))
+            .await
     }
 
     /// Dismisses a recommendation; it is not shown again.

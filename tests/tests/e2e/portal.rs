@@ -343,6 +343,84 @@ async fn portal_links_at_a_third_party_openid_provider_in_a_real_browser() -> an
     outcome
 }
 
+/// A recommendation that needs one more link: the portal sends the customer through the
+/// entity's sign-in, links it, then adds the rule, in one flow.
+#[tokio::test]
+async fn a_recommendation_needing_a_link_is_linked_then_added_in_one_flow() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let _airline = EntitySim::start("airline", &node).await?;
+    let _hotel = EntitySim::start("hotel", &node).await?;
+    let admin = node.admin();
+    let rule = RuleSpec {
+        name: "Hold my room".into(),
+        when: Trigger {
+            entity: "airline".into(),
+            event_type: "flight.delayed".into(),
+            condition: None,
+        },
+        then: Action {
+            entity: "hotel".into(),
+            command_type: "room.hold".into(),
+            data: json!({"flight": "data.flight"}),
+        },
+    };
+    for i in 0..12 {
+        let c = admin.create_customer().await?;
+        for (entity, subject) in [("airline", format!("ff-{i}")), ("hotel", format!("g-{i}"))] {
+            admin
+                .link(
+                    &c.id,
+                    &LinkRequest {
+                        entity_id: entity.into(),
+                        subject,
+                    },
+                )
+                .await?;
+        }
+        admin.with_token(&c.token).create_rule(&c.id, &rule).await?;
+    }
+    admin.train_recommender().await?;
+
+    // Bob links only the airline.
+    let mut bob = Browser::new(&node.url)?;
+    bob.sign_up("bob@example.com").await?;
+    let csrf = bob.csrf("/portal/catalog").await?;
+    let (_, authorize_url) = bob.post("/portal/link/airline", &[("csrf", &csrf)]).await?;
+    let back = sign_in_at_entity(&authorize_url, "bob", "bob-air").await?;
+    bob.get(&back).await?;
+    // The overview recommends the rule, saying the hotel must be linked for it.
+    let (_, _, overview) = bob.get("/portal").await?;
+    assert!(
+        overview.contains("Link Example Hotel and add this rule"),
+        "{overview}"
+    );
+    let rec_id = overview
+        .split("/portal/recommendations/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .context("no recommendation")?
+        .to_owned();
+    let csrf = bob.csrf("/portal").await?;
+    let (status, authorize_url) = bob
+        .post(
+            &format!("/portal/recommendations/{rec_id}/link"),
+            &[("csrf", &csrf)],
+        )
+        .await?;
+    assert_eq!(status, 303, "{authorize_url}");
+    let back = sign_in_at_entity(&authorize_url, "bob", "bob-hotel").await?;
+    let (_, to, _) = bob.get(&back).await?;
+    assert_eq!(to, "/portal/catalog");
+    let flash = bob.flash("/portal/catalog").await?;
+    assert!(
+        flash.contains("Linked hotel as guest-78") && flash.contains("Added rule"),
+        "{flash}"
+    );
+    let (_, _, rules) = bob.get("/portal/rules").await?;
+    assert!(rules.contains("room.hold"), "{rules}");
+    Ok(())
+}
+
 /// Follows an entity's sign-in for `user`; answers the vault callback URL it redirects to.
 pub(crate) async fn sign_in_at_entity(
     authorize_url: &str,
