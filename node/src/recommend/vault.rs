@@ -126,7 +126,22 @@ pub fn train(
         beta,
         min_support,
     );
-    let samples = served_samples(&val_model, &val, &keys);
+    // The dismissal factor is part of what is served, so the calibration sees it too.
+    let mut template_customers = vec![0u32; n_items];
+    for (_, items) in &users {
+        for i in items {
+            template_customers[*i as usize] += 1;
+        }
+    }
+    let shares: Vec<f64> = keys
+        .iter()
+        .zip(&template_customers)
+        .map(|(key, n)| {
+            let d = dismissals.get(key).copied().filter(|d| *d >= min_support);
+            kept_share(*n, d.unwrap_or(0))
+        })
+        .collect();
+    let samples = served_samples(&val_model, &val, &keys, &shares);
     let calibration = if samples.len() >= MIN_CALIBRATION_SAMPLES {
         Calibrator::fit(samples).steps().to_vec()
     } else {
@@ -205,6 +220,11 @@ pub fn train(
     }
 }
 
+/// The share of customers who kept a template rather than dismissed it (smoothed).
+fn kept_share(customers: u32, dismissed: u32) -> f64 {
+    f64::from(customers + 1) / f64::from(customers + dismissed + 1)
+}
+
 /// A share rounded to 5%, so a reason does not give away exact counts.
 pub fn coarse_percent(part: u32, whole: u32) -> u32 {
     let pct = 100.0 * f64::from(part) / f64::from(whole.max(1));
@@ -245,6 +265,7 @@ fn served_samples(
     model: &Rp3Beta,
     val: &[(Vec<u32>, HashSet<u32>, HashSet<&str>)],
     keys: &[String],
+    shares: &[f64],
 ) -> Vec<(f64, bool)> {
     let mut samples = Vec::new();
     for (kept, held, linked) in val {
@@ -264,7 +285,11 @@ fn served_samples(
                 })
         });
         for (rank, (i, score)) in usable.take(SERVED) {
-            samples.push((calibration_feature(*score, best, rank), held.contains(i)));
+            let share = shares.get(*i as usize).copied().unwrap_or(1.0);
+            samples.push((
+                calibration_feature(*score, best, rank) * share,
+                held.contains(i),
+            ));
         }
     }
     samples
@@ -359,16 +384,17 @@ impl Served {
             };
             let (support, base) = (self.model.support(from, j), self.model.popularity(from));
             let frequency = f64::from(support) / f64::from(base + 1);
-            let calibrated = if self.calibrator.is_fitted() {
+            // Dismissals are a negative signal: the share of customers who kept the template
+            // rather than dismissed it. It scales the feature before the calibration (which was
+            // fitted on features scaled the same way), so the confidence served is calibrated
+            // after every adjustment.
+            let share = kept_share(t.customers, t.dismissed);
+            let confidence = if self.calibrator.is_fitted() {
                 self.calibrator
-                    .confidence(calibration_feature(score, best, rank))
+                    .confidence(calibration_feature(score, best, rank) * share)
             } else {
-                frequency
+                frequency * share
             };
-            // Dismissals are a negative signal: the share of customers who were shown the
-            // template and kept it rather than dismissed it.
-            let kept_share = f64::from(t.customers + 1) / f64::from(t.customers + t.dismissed + 1);
-            let confidence = calibrated * kept_share;
             if confidence < threshold {
                 continue;
             }
