@@ -95,6 +95,10 @@ recommend_warmup_secs = 60
 # Retrained sooner when this many rules were saved or deleted since the last training (counted
 # on the meta group's leader, in the groups it replicates), checked every recommend_warmup_secs.
 recommend_retrain_changes = 1000
+# Training reads at most about this many customers: beyond it, each data group keeps a
+# deterministic sample (by customer id) of its share, so training time and memory stay bounded
+# (about 1 GiB and 40 s at the default) however many customers there are.
+recommend_max_customers = 200000
 recommend_beta = 0.2
 
 [portal]
@@ -321,6 +325,8 @@ pub struct Config {
     pub recommend_warmup_secs: f64,
     /// Rule changes that trigger a retraining before the interval.
     pub recommend_retrain_changes: u64,
+    /// Customers training reads at most (a deterministic sample beyond).
+    pub recommend_max_customers: u32,
     /// RP3beta damping.
     pub recommend_beta: f64,
     /// Portal.
@@ -366,6 +372,7 @@ impl Default for Config {
             recommend_interval_secs: 3600.0,
             recommend_warmup_secs: 60.0,
             recommend_retrain_changes: 1000,
+            recommend_max_customers: 200_000,
             recommend_beta: 0.2,
             portal: PortalConfig::default(),
             cluster: ClusterConfig::default(),

@@ -203,14 +203,16 @@ pub async fn answer_query(core: &Core, group: u32, q: GroupQuery) -> GroupAnswer
             .read(group, move |r| r.deliveries(state, after.as_deref(), limit))
             .await
             .map(|(items, next)| GroupAnswer::Deliveries(items, next)),
-        GroupQuery::TrainingInput => core
-            .read(group, |r| {
-                Ok(TrainingInput {
+        GroupQuery::TrainingInput { max_customers } => core
+            .read(group, move |r| {
+                let mut input = TrainingInput {
                     rules: r.all_rules()?,
                     links: r.all_links()?,
                     engagements: r.engagements(None)?,
                     dismissals: r.dismissal_counts()?,
-                })
+                };
+                crate::recommend::vault::sample_training(&mut input, max_customers);
+                Ok(input)
             })
             .await
             .map(|t| GroupAnswer::TrainingInput(Box::new(t))),

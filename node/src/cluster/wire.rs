@@ -73,8 +73,12 @@ pub enum GroupQuery {
         /// Page size.
         limit: usize,
     },
-    /// The rows the recommender trains on.
-    TrainingInput,
+    /// The rows the recommender trains on, for at most `max_customers` of the group's
+    /// customers (a deterministic sample beyond).
+    TrainingInput {
+        /// The group's share of the training cap.
+        max_customers: u32,
+    },
 }
 
 /// The answer to a [`GroupQuery`].

@@ -220,6 +220,36 @@ pub fn train(
     }
 }
 
+/// Keeps the rows of at most about `max_customers` of a group's customers: when it has more,
+/// the customers whose id hashes into the first `max_customers / customers` of the range, so
+/// every training picks the same ones and a customer's rules, links and engagement stay
+/// together. k-anonymity holds on the sample (a count of k in it is k in the whole).
+pub fn sample_training(input: &mut crate::cluster::wire::TrainingInput, max_customers: u32) {
+    let customers: HashSet<&str> = input
+        .rules
+        .iter()
+        .map(|(c, _)| c.as_str())
+        .chain(input.links.iter().map(|(c, _)| c.as_str()))
+        .collect();
+    let n = customers.len() as u64;
+    if n <= u64::from(max_customers) {
+        return;
+    }
+    let cut = u64::from(max_customers) * (u64::MAX / n);
+    let keep = |c: &str| {
+        use sha2::Digest as _;
+        let h = sha2::Sha256::digest(c.as_bytes());
+        u64::from_be_bytes(h[..8].try_into().unwrap_or_default()) < cut
+    };
+    input.rules.retain(|(c, _)| keep(c));
+    input.links.retain(|(c, _)| keep(c));
+    input.engagements.retain(|(c, _, _, _)| keep(c));
+    // Dismissal counts are the group's, not per customer: scaled to the sample like the rest.
+    for d in input.dismissals.values_mut() {
+        *d = (u64::from(*d) * u64::from(max_customers) / n) as u32;
+    }
+}
+
 /// The share of customers who kept a template rather than dismissed it (smoothed).
 fn kept_share(customers: u32, dismissed: u32) -> f64 {
     f64::from(customers + 1) / f64::from(customers + dismissed + 1)
@@ -585,6 +615,36 @@ mod tests {
         assert!(served
             .recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5)
             .is_empty());
+    }
+
+    #[test]
+    fn a_large_group_trains_on_a_stable_sample_of_whole_customers() {
+        let mut input = crate::cluster::wire::TrainingInput::default();
+        for c in 0..2000 {
+            let (r, rule) = rule(c, "flight.delayed", "room.hold", None);
+            input.rules.push((r.clone(), rule));
+            input.links.push((r.clone(), "airline".into()));
+            input
+                .engagements
+                .push((r, "airline.flight.delayed".into(), 1, 0));
+        }
+        input.dismissals.insert("t".into(), 400);
+        let mut small = input.clone();
+        sample_training(&mut small, 5000);
+        assert_eq!(small.rules.len(), 2000, "under the cap: everything");
+        let mut sampled = input.clone();
+        sample_training(&mut sampled, 200);
+        let kept: HashSet<&String> = sampled.rules.iter().map(|(c, _)| c).collect();
+        assert!((140..=260).contains(&kept.len()), "{}", kept.len());
+        // Whole customers: their links and engagement come with their rules.
+        assert!(sampled.links.iter().all(|(c, _)| kept.contains(c)));
+        assert_eq!(sampled.links.len(), kept.len());
+        assert_eq!(sampled.engagements.len(), kept.len());
+        assert_eq!(sampled.dismissals["t"], 40);
+        // The same customers every time.
+        let mut again = input;
+        sample_training(&mut again, 200);
+        assert_eq!(again.rules, sampled.rules);
     }
 
     #[test]

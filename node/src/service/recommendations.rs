@@ -28,12 +28,19 @@ fn recent(engagements: Vec<(String, String, u64, i64)>) -> Vec<(String, String)>
 /// Trains the recommender on every customer's rules and stores the model through Raft.
 pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
     let mut all = TrainingInput::default();
-    for group in core.data_groups()? {
-        let answer = crate::peer::ask_group(core, group, GroupQuery::TrainingInput)
-            .await
-            .map_err(|e| {
-                ServiceError::refused(ErrorCode::Unavailable, format!("group {group}: {e}"))
-            })?;
+    let groups = core.data_groups()?;
+    // Each group keeps its share of the cap (customers are spread evenly over the groups).
+    let max_customers = core
+        .config
+        .recommend_max_customers
+        .div_ceil(groups.len().max(1) as u32);
+    for group in groups {
+        let answer =
+            crate::peer::ask_group(core, group, GroupQuery::TrainingInput { max_customers })
+                .await
+                .map_err(|e| {
+                    ServiceError::refused(ErrorCode::Unavailable, format!("group {group}: {e}"))
+                })?;
         let GroupAnswer::TrainingInput(part) = answer else {
             return Err(ServiceError::refused(
                 ErrorCode::Unavailable,

@@ -3,12 +3,17 @@
 //! like the IFTTT data (5 rules each from a long-tailed catalogue, segments of related
 //! templates, links to the rules' entities). Not through the API: loading a million customers
 //! through it is the throughput benchmark's job; this measures the training step alone.
+//!
+//! As in the node, the population arrives one data group at a time and each group keeps a
+//! deterministic sample of its customers when it holds more than its share of
+//! `recommend_max_customers` (`sample_training`), so the whole population is never in memory.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use clap::Parser;
-use custos_node::recommend::vault::{train, Population};
+use custos_node::cluster::wire::TrainingInput;
+use custos_node::recommend::vault::{sample_training, train, Population};
 use custos_raft::records::RuleRecord;
 use rand::{Rng, SeedableRng};
 
@@ -24,6 +29,12 @@ struct Args {
     /// Distinct templates in the catalogue.
     #[arg(long, default_value_t = 2_000)]
     templates: usize,
+    /// The node's `recommend_max_customers` (its default).
+    #[arg(long, default_value_t = 200_000)]
+    max_customers: u32,
+    /// Data groups the customers are spread over (the node's default).
+    #[arg(long, default_value_t = 16)]
+    groups: usize,
 }
 
 /// Peak resident memory of this process so far, in MiB (Linux `VmHWM`).
@@ -52,8 +63,11 @@ fn main() {
         )
     };
     let started = Instant::now();
-    let mut rules = Vec::with_capacity(args.customers * args.rules);
+    let mut rules = Vec::new();
     let mut links = Vec::new();
+    let per_group = args.customers.div_ceil(args.groups.max(1));
+    let group_cap = args.max_customers.div_ceil(args.groups.max(1) as u32);
+    let mut group = TrainingInput::default();
     for c in 0..args.customers {
         let customer = format!("cus_{c:012}");
         // A segment of 50 related templates, drawn long-tailed (a few popular ones).
@@ -65,7 +79,7 @@ fn main() {
             let (we, wt, te, tc) = template(t);
             linked.push(we.clone());
             linked.push(te.clone());
-            rules.push((
+            group.rules.push((
                 customer.clone(),
                 RuleRecord {
                     id: format!("rul_{c}_{r}"),
@@ -82,8 +96,18 @@ fn main() {
         }
         linked.sort();
         linked.dedup();
-        links.extend(linked.into_iter().map(|e| (customer.clone(), e)));
+        group
+            .links
+            .extend(linked.into_iter().map(|e| (customer.clone(), e)));
+        // A group's rows are read, sampled, and handed over before the next group's.
+        if (c + 1) % per_group == 0 || c + 1 == args.customers {
+            sample_training(&mut group, group_cap);
+            rules.append(&mut group.rules);
+            links.append(&mut group.links);
+        }
     }
+    let sampled: std::collections::HashSet<&String> = rules.iter().map(|(c, _)| c).collect();
+    let sampled = sampled.len();
     let built = started.elapsed().as_secs_f64();
     let before = peak_rss_mib();
     let t = Instant::now();
@@ -102,9 +126,10 @@ fn main() {
     let secs = t.elapsed().as_secs_f64();
     let stored = custos_raft::codec::encode(&model).map_or(0, |b| b.len());
     println!(
-        "| {} | {} | {:.1} s | {:.0} MiB | {:.0} MiB | {} | {} | {:.1} MiB | (population built in {built:.1} s)",
+        "| {} | {} | {} | {:.1} s | {:.0} MiB | {:.0} MiB | {} | {} | {:.1} MiB | (population built in {built:.1} s)",
         args.customers,
         args.customers * args.rules,
+        sampled,
         secs,
         before,
         peak_rss_mib(),
