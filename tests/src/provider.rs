@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING as ALG};
@@ -195,33 +195,13 @@ impl Provider {
             metadata_bytes: None,
         }));
         let data = web::Data::from(state.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            actix_rt::System::new().block_on(async move {
-                let server = HttpServer::new(move || {
-                    App::new()
-                        .app_data(data.clone())
-                        .app_data(keys.clone())
-                        .route("/.well-known/openid-configuration", web::get().to(metadata))
-                        .route("/jwks", web::get().to(jwks))
-                        .route("/token", web::post().to(token))
-                })
-                .workers(1)
-                .disable_signals()
-                .listen(listener);
-                match server {
-                    Ok(s) => {
-                        let s = s.run();
-                        let _ = tx.send(Ok(s.handle()));
-                        let _ = s.await;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            });
-        });
-        let handle = rx.recv()??;
+        let handle = crate::receiver::serve_in_thread(listener, move |cfg| {
+            cfg.app_data(data.clone())
+                .app_data(keys.clone())
+                .route("/.well-known/openid-configuration", web::get().to(metadata))
+                .route("/jwks", web::get().to(jwks))
+                .route("/token", web::post().to(token));
+        })?;
         Ok(Provider {
             issuer,
             state,

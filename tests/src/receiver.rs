@@ -8,6 +8,37 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use crate::poll;
 
+/// Serves `configure`'s routes on `listener` from a thread of its own (one worker, no signal
+/// handling, so the test's Ctrl-C still stops the test); answers the handle that stops it.
+pub fn serve_in_thread<F>(
+    listener: std::net::TcpListener,
+    configure: F,
+) -> anyhow::Result<actix_web::dev::ServerHandle>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let server = HttpServer::new(move || App::new().configure(configure.clone()))
+                .workers(1)
+                .disable_signals()
+                .listen(listener);
+            match server {
+                Ok(s) => {
+                    let s = s.run();
+                    let _ = tx.send(Ok(s.handle()));
+                    let _ = s.await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+    });
+    Ok(rx.recv()??)
+}
+
 /// One request as received.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -90,32 +121,10 @@ impl Receiver {
         }));
         let listener = std::net::TcpListener::bind(addr)?;
         let url = format!("http://{}/commands", listener.local_addr()?);
-        let (tx, rx) = std::sync::mpsc::channel();
         let data = web::Data::from(state.clone());
-        std::thread::spawn(move || {
-            let sys = actix_rt::System::new();
-            sys.block_on(async move {
-                let server = HttpServer::new(move || {
-                    App::new()
-                        .app_data(data.clone())
-                        .default_service(web::to(receive))
-                })
-                .workers(1)
-                .disable_signals()
-                .listen(listener);
-                match server {
-                    Ok(s) => {
-                        let s = s.run();
-                        let _ = tx.send(Ok(s.handle()));
-                        let _ = s.await;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            });
-        });
-        let handle = rx.recv()??;
+        let handle = serve_in_thread(listener, move |cfg| {
+            cfg.app_data(data.clone()).default_service(web::to(receive));
+        })?;
         Ok(Receiver { url, state, handle })
     }
 

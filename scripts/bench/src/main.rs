@@ -299,6 +299,36 @@ async fn start_etcd(bin: &str, members: usize) -> anyhow::Result<Etcd> {
     Ok(etcd)
 }
 
+/// Resident memory of the nodes' processes, summed, in bytes (Linux `VmRSS`).
+fn nodes_rss(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        * 1024
+}
+
+/// Profile actors alive on the nodes (`custos_active_profiles`), summed.
+async fn active_profiles(http: &reqwest::Client, urls: &[String]) -> f64 {
+    let mut total = 0.0;
+    for u in urls {
+        let Ok(r) = http.get(format!("{u}/metrics")).send().await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        total += text
+            .lines()
+            .find(|l| l.starts_with("custos_active_profiles "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    total
+}
+
 /// Batching counters summed over the nodes' `/metrics`: (WAL syncs, log appends flushed,
 /// proposer entries, proposer changes).
 async fn batching(http: &reqwest::Client, urls: &[String]) -> (f64, f64, f64, f64) {
@@ -365,6 +395,8 @@ async fn main() -> anyhow::Result<()> {
         args.customers, args.rules
     );
     let t = Instant::now();
+    let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    let rss_empty = nodes_rss(&pids);
     let (secret, subjects) = setup(&admin, &args, &receiver.url).await?;
     eprintln!("setup took {:.1}s", t.elapsed().as_secs_f64());
     if args.down {
@@ -403,6 +435,8 @@ async fn main() -> anyhow::Result<()> {
         args.events, args.concurrency
     );
     let before = batching(&http, &urls).await;
+    let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    let (rss_before, profiles_before) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let custos = load(
         args.events,
         args.concurrency,
@@ -421,6 +455,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let after = batching(&http, &urls).await;
+    let (rss_after, profiles_after) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let sent_at = sent_at.into_inner().unwrap_or_else(|p| p.into_inner());
     let expected = sent_at.len();
     receiver
@@ -549,6 +584,22 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| changes per Raft entry (proposer batches) | {:.1} | |",
             changes / entries
+        );
+    }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "| node memory (RSS) empty / after setup / after the events (MiB) | {:.0} / {:.0} / {:.0} | |",
+        mib(rss_empty),
+        mib(rss_before),
+        mib(rss_after)
+    );
+    println!(
+        "| active (loaded) profiles after setup / after the events | {profiles_before:.0} / {profiles_after:.0} | |"
+    );
+    if profiles_before > 0.0 {
+        println!(
+            "| RSS growth over setup per active profile (bytes; an upper bound: memtables and caches grow too) | {:.0} | |",
+            rss_before.saturating_sub(rss_empty) as f64 / profiles_before
         );
     }
     println!(

@@ -351,19 +351,7 @@ async fn a_recommendation_needing_a_link_is_linked_then_added_in_one_flow() -> a
     let _airline = EntitySim::start("airline", &node).await?;
     let _hotel = EntitySim::start("hotel", &node).await?;
     let admin = node.admin();
-    let rule = RuleSpec {
-        name: "Hold my room".into(),
-        when: Trigger {
-            entity: "airline".into(),
-            event_type: "flight.delayed".into(),
-            condition: None,
-        },
-        then: Action {
-            entity: "hotel".into(),
-            command_type: "room.hold".into(),
-            data: json!({"flight": "data.flight"}),
-        },
-    };
+    let rule = super::delay_rule();
     for i in 0..12 {
         let c = admin.create_customer().await?;
         for (entity, subject) in [("airline", format!("ff-{i}")), ("hotel", format!("g-{i}"))] {
