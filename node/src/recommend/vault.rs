@@ -332,6 +332,8 @@ pub struct Served {
     model: Rp3Beta,
     calibrator: Calibrator,
     index: HashMap<String, u32>,
+    /// The entities the model's templates name.
+    entities: Vec<String>,
 }
 
 impl std::fmt::Debug for Served {
@@ -354,12 +356,25 @@ impl Served {
             .enumerate()
             .map(|(i, t)| (t.key.clone(), i as u32))
             .collect();
+        let entities: std::collections::BTreeSet<String> = record
+            .templates
+            .iter()
+            .filter_map(|t| parse_key(&t.key))
+            .flat_map(|t| [t.when_entity, t.then_entity])
+            .collect();
+        let entities = entities.into_iter().collect();
         Served {
             record,
             model,
             calibrator,
             index,
+            entities,
         }
+    }
+
+    /// The entities the model's templates name (what a recommendation may need linked).
+    pub fn entities(&self) -> impl Iterator<Item = &str> {
+        self.entities.iter().map(String::as_str)
     }
 
     /// Recommendations for a customer who keeps `kept`, links `linked` and recently received

@@ -160,15 +160,22 @@ impl Vault {
             }
         };
         let dismissed: std::collections::HashSet<String> = dismissed.into_iter().collect();
-        // Entities the customer could link to use a recommended rule: registered, delivering.
-        let linkable: std::collections::HashSet<String> = self
-            .core
-            .read_meta(|r| r.entities())
-            .await?
-            .into_iter()
-            .filter(|e| e.endpoint_enabled)
-            .map(|e| e.id)
-            .collect();
+        // Entities the customer could link to use a recommended rule: those the model names
+        // that are registered and delivering (from the entity cache, not a scan per request).
+        let mut linkable = std::collections::HashSet::new();
+        for id in served.entities() {
+            if linked.iter().any(|l| l == id) {
+                continue;
+            }
+            if self
+                .core
+                .entity(id)
+                .await?
+                .is_some_and(|e| e.record.endpoint_enabled)
+            {
+                linkable.insert(id.to_owned());
+            }
+        }
         Ok(RecommendationList {
             model_version: Some(served.record.version),
             threshold,
