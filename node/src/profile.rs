@@ -218,16 +218,22 @@ fn with_profile<T>(
 }
 
 /// Rebuilds a profile from the state machine, once this leader has applied everything
-/// committed before (so no earlier leader's change is missing).
+/// committed before (so no earlier leader's change is missing). Once the leader has applied
+/// an entry of its own term that holds without asking the group (a read-index round per
+/// rebuild was a core round trip, and in a cluster a heartbeat round, on every cold event). A
+/// leader deposed meanwhile cannot commit what it plans from this copy.
 async fn load(
     core: &Core,
     group: GroupId,
     customer: &str,
     term: u64,
 ) -> Result<Profile, ServiceError> {
+    if !core.group(group).is_some_and(|g| g.applied_own_term()) {
+        core.ensure_leader(group).await?;
+    }
     let id = customer.to_owned();
     let (exists, links, rules) = core
-        .read_leader(group, move |r| {
+        .read(group, move |r| {
             Ok((r.customer(&id)?.is_some(), r.links(&id)?, r.rules(&id)?))
         })
         .await?;
@@ -235,20 +241,12 @@ async fn load(
         return Err(ServiceError::not_found("customer", customer));
     }
     let rule_count = rules.len();
-    let compiled = rules.into_iter().filter_map(|r| {
-        let id = r.id.clone();
-        rules::compile(r)
-            .map_err(
-                |e| tracing::warn!(rule = %id, error = %e, "stored rule does not compile; skipped"),
-            )
-            .ok()
-    });
     Ok(Profile {
         links: links
             .into_iter()
             .map(|l| (l.entity_id.clone(), l))
             .collect(),
-        rules: RuleSet::new(compiled),
+        rules: RuleSet::new(rules),
         rule_count,
         functions: cel::Context::default(),
         term,
@@ -382,6 +380,7 @@ async fn ingest(
     // Target entities (for command schemas) come from the cache; gather them before planning
     // so no RefCell borrow is held across an await.
     let target_ids: Vec<String> = with_profile(state, |p| {
+        p.rules.prepare(&event.source, &event.event_type);
         p.rules
             .matching(&event.source, &event.event_type)
             .iter()
@@ -760,8 +759,10 @@ async fn save_rule(
     )
     .await?;
     let wire = compiled.record.to_wire();
+    // Kept as stored: compiled again when an event first triggers it, so a profile that
+    // only had rules saved holds records, not programs.
     with_profile(state, |p| {
-        p.rules.insert(compiled);
+        p.rules.insert_stored(compiled.record);
         p.rule_count += 1;
     });
     Ok(wire)

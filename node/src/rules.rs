@@ -800,30 +800,46 @@ pub fn sample_of_schema(schema: &Value, depth: usize) -> Value {
     }
 }
 
-/// A customer's rules, indexed by (source entity, event type).
+/// A customer's rules, indexed by (source entity, event type). Rules are kept as stored
+/// and compiled when an event first needs them: a profile rebuilt for one event compiles
+/// only the rules that event triggers (parsing CEL was a fifth of a node's CPU when every
+/// rule of every cold profile was compiled), and an idle profile holds records, not programs.
 #[derive(Debug, Default)]
 pub struct RuleSet {
-    /// source entity -> event type -> rules; nested so lookups borrow `&str` keys.
+    /// source entity -> event type -> compiled rules; nested so lookups borrow `&str` keys.
     by_trigger: HashMap<String, HashMap<String, Vec<CompiledRule>>>,
+    /// Rules not compiled yet, indexed the same way.
+    stored: HashMap<String, HashMap<String, Vec<RuleRecord>>>,
 }
 
 impl RuleSet {
-    /// Indexes compiled rules.
-    pub fn new(rules: impl IntoIterator<Item = CompiledRule>) -> Self {
+    /// Indexes stored rules, to be compiled when an event triggers them.
+    pub fn new(rules: impl IntoIterator<Item = RuleRecord>) -> Self {
         let mut set = RuleSet::default();
         for r in rules {
-            set.insert(r);
+            set.insert_stored(r);
         }
         set
     }
 
-    /// Adds or replaces a rule.
+    /// Adds or replaces a compiled rule.
     pub fn insert(&mut self, rule: CompiledRule) {
         self.remove(&rule.record.id);
         self.by_trigger
             .entry(rule.record.when_entity.clone())
             .or_default()
             .entry(rule.record.when_event_type.clone())
+            .or_default()
+            .push(rule);
+    }
+
+    /// Adds or replaces a rule, compiled when an event first triggers it.
+    pub fn insert_stored(&mut self, rule: RuleRecord) {
+        self.remove(&rule.id);
+        self.stored
+            .entry(rule.when_entity.clone())
+            .or_default()
+            .entry(rule.when_event_type.clone())
             .or_default()
             .push(rule);
     }
@@ -837,9 +853,40 @@ impl RuleSet {
             });
             !by_type.is_empty()
         });
+        self.stored.retain(|_, by_type| {
+            by_type.retain(|_, rules| {
+                rules.retain(|r| r.id != rule_id);
+                !rules.is_empty()
+            });
+            !by_type.is_empty()
+        });
     }
 
-    /// The rules triggered by (source, event type).
+    /// Compiles the stored rules triggered by (source, event type). A stored rule that no
+    /// longer compiles (the language's limits tightened since it was saved) is dropped with a
+    /// warning, as if it were not there.
+    pub fn prepare(&mut self, source: &str, event_type: &str) {
+        let Some(by_type) = self.stored.get_mut(source) else {
+            return;
+        };
+        let Some(records) = by_type.remove(event_type) else {
+            return;
+        };
+        if by_type.is_empty() {
+            self.stored.remove(source);
+        }
+        for r in records {
+            let id = r.id.clone();
+            match compile(r) {
+                Ok(c) => self.insert(c),
+                Err(e) => {
+                    tracing::warn!(rule = %id, error = %e, "stored rule does not compile; skipped")
+                }
+            }
+        }
+    }
+
+    /// The compiled rules triggered by (source, event type); [`RuleSet::prepare`] first.
     pub fn matching(&self, source: &str, event_type: &str) -> &[CompiledRule] {
         self.by_trigger
             .get(source)
@@ -850,11 +897,16 @@ impl RuleSet {
 
     /// True when any rule names `entity` as trigger or target.
     pub fn names_entity(&self, entity: &str) -> bool {
-        self.by_trigger
+        let compiled = self
+            .by_trigger
             .values()
             .flat_map(HashMap::values)
             .flatten()
-            .any(|r| r.record.when_entity == entity || r.record.then_entity == entity)
+            .map(|r| &r.record);
+        let stored = self.stored.values().flat_map(HashMap::values).flatten();
+        compiled
+            .chain(stored)
+            .any(|r| r.when_entity == entity || r.then_entity == entity)
     }
 }
 
@@ -1151,10 +1203,9 @@ mod tests {
 
     #[test]
     fn index_by_trigger() {
-        let mut set = RuleSet::new([
-            compile(record("a", None, json!({}))).expect("a"),
-            compile(record("b", None, json!({}))).expect("b"),
-        ]);
+        let mut set = RuleSet::default();
+        set.insert(compile(record("a", None, json!({}))).expect("a"));
+        set.insert(compile(record("b", None, json!({}))).expect("b"));
         let mut other = record("c", None, json!({}));
         other.when_event_type = "flight.cancelled".into();
         set.insert(compile(other).expect("c"));
@@ -1164,5 +1215,33 @@ mod tests {
         set.remove("a");
         assert_eq!(set.matching("airline", "flight.delayed").len(), 1);
         assert!(set.names_entity("hotel"));
+    }
+
+    #[test]
+    fn stored_rules_are_compiled_only_when_triggered() {
+        let mut cancelled = record("c", Some("data.delay_minutes > 1"), json!({}));
+        cancelled.when_event_type = "flight.cancelled".into();
+        let broken = record("x", Some("data.delay_minutes >"), json!({}));
+        let mut set = RuleSet::new([record("a", None, json!({})), cancelled, broken]);
+        assert!(set.matching("airline", "flight.delayed").is_empty());
+        assert!(set.names_entity("hotel"), "stored rules count");
+        set.prepare("airline", "flight.delayed");
+        // The broken one is dropped, the other trigger's rule stays stored.
+        let ids: Vec<&str> = set
+            .matching("airline", "flight.delayed")
+            .iter()
+            .map(|r| r.record.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a"]);
+        assert!(set.matching("airline", "flight.cancelled").is_empty());
+        assert_eq!(set.stored.len(), 1);
+        set.remove("c");
+        set.prepare("airline", "flight.cancelled");
+        assert!(set.matching("airline", "flight.cancelled").is_empty());
+        assert!(set.stored.is_empty());
+        // A stored rule replaced by a compiled one with the same id is not kept twice.
+        set.insert_stored(record("a", None, json!({"v": "1"})));
+        set.prepare("airline", "flight.delayed");
+        assert_eq!(set.matching("airline", "flight.delayed").len(), 1);
     }
 }

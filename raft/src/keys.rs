@@ -148,6 +148,16 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xff; prefix.len() + 1]
 }
 
+/// A raw iterator over `[lo, hi)` only: with the bounds in RocksDB's read options it skips
+/// files outside the range and stops at `hi` instead of stepping over the deleted keys
+/// (pruned activity, settled deliveries) that may lie beyond it.
+pub fn range_iter<'a>(db: &'a rocksdb::DB, lo: &[u8], hi: &[u8]) -> rocksdb::DBRawIterator<'a> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_lower_bound(lo.to_vec());
+    opts.set_iterate_upper_bound(hi.to_vec());
+    db.raw_iterator_opt(opts)
+}
+
 /// Reads a big-endian u64 at `at` in `bytes`.
 pub fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     let slice = bytes.get(at..at + 8)?;

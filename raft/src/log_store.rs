@@ -134,7 +134,7 @@ impl LogStore {
     fn last_log_id(&self) -> Result<Option<LogId>, StoreError> {
         let start = keys::prefix(self.group, keys::LOG);
         let end = keys::prefix_end(&start);
-        let mut it = self.db.raw_iterator();
+        let mut it = keys::range_iter(&self.db, &start, &end);
         it.seek_for_prev(&end);
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k.starts_with(&start) {
@@ -153,7 +153,7 @@ impl LogStore {
             None => keys::prefix_end(&keys::prefix(self.group, keys::LOG)),
         };
         let mut out = Vec::new();
-        let mut it = self.db.raw_iterator();
+        let mut it = keys::range_iter(&self.db, &lo, &hi);
         it.seek(&lo);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k >= hi.as_slice() {

@@ -72,7 +72,7 @@ impl StateReader {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let mut out = Vec::new();
-        let mut it = self.db.raw_iterator();
+        let mut it = keys::range_iter(&self.db, from, end);
         if reverse {
             it.seek_for_prev(end);
             // `end` is exclusive.
@@ -391,9 +391,9 @@ impl StateReader {
             }
             None => p.clone(),
         };
-        let mut it = self.db.raw_iterator();
-        it.seek(&from);
         let end = keys::prefix_end(&p);
+        let mut it = keys::range_iter(&self.db, &from, &end);
+        it.seek(&from);
         let id_at = if keyed_by_due { p.len() + 8 } else { p.len() };
         let mut out = Vec::new();
         let mut last_suffix = None;

@@ -86,22 +86,22 @@ impl<'a> Tx<'a> {
         keys::prefix2(self.space, tag, a)
     }
 
-    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = self.overlay.get(key) {
-            return Ok(v.clone());
-        }
-        Ok(self.db.get(key)?)
-    }
-
+    /// The batch's own write of `key`, else the stored value, decoded in place (no copy).
     pub(crate) fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.get_raw(key)? {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.as_deref().map(codec::decode).transpose()?);
+        }
+        match self.db.get_pinned(key)? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
         }
     }
 
     pub(crate) fn exists(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.get_raw(key)?.is_some())
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.is_some());
+        }
+        Ok(self.db.get_pinned(key)?.is_some())
     }
 
     pub(crate) fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
@@ -173,7 +173,7 @@ impl<'a> Tx<'a> {
     pub(crate) fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let end = keys::prefix_end(prefix);
         let mut found = BTreeMap::new();
-        let mut it = self.db.raw_iterator();
+        let mut it = keys::range_iter(&self.db, prefix, &end);
         it.seek(prefix);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k >= end.as_slice() {
@@ -207,7 +207,7 @@ impl<'a> Tx<'a> {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let mut found = Vec::new();
-        let mut it = self.db.raw_iterator();
+        let mut it = keys::range_iter(&self.db, lo, hi);
         it.seek(lo);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k >= hi || found.len() >= limit {
