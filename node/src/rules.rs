@@ -61,7 +61,7 @@ pub enum EvalError {
 enum Mapping {
     Object(Vec<(String, Mapping)>),
     Array(Vec<Mapping>),
-    Expr(Box<Program>),
+    Expr(Arc<Program>),
     Constant(Value),
 }
 
@@ -70,7 +70,7 @@ enum Mapping {
 pub struct CompiledRule {
     /// The stored rule.
     pub record: RuleRecord,
-    condition: Option<Program>,
+    condition: Option<Arc<Program>>,
     mapping: Mapping,
     /// The longest collection or string in an event this rule stays within the budget for.
     max_collection: u64,
@@ -306,7 +306,38 @@ fn largest_collection(v: &Value) -> u64 {
     largest
 }
 
-fn compile_expr(field: &str, src: &str) -> Result<Program, RuleError> {
+/// Expressions parsed lately, by source text, shared by every profile: customers of one
+/// template or recommendation keep the same texts, and CEL's parser costs far more than the
+/// lookup (it was a tenth of a node's CPU when profiles were rebuilt for their events).
+/// Bounded: emptied when full.
+static PARSED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Arc<Program>>>> =
+    std::sync::LazyLock::new(Default::default);
+/// Most expressions [`PARSED`] holds (each at most [`MAX_EXPR_LEN`] bytes of source).
+const PARSED_CAPACITY: usize = 2048;
+
+/// Checks and parses one expression, or takes it from [`PARSED`]: a text passes or fails the
+/// checks below the same way every time, so only the ones that passed are kept.
+fn compile_expr(field: &str, src: &str) -> Result<Arc<Program>, RuleError> {
+    let cached = PARSED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(src)
+        .cloned();
+    if let Some(p) = cached {
+        return Ok(p);
+    }
+    let program = Arc::new(parse_expr(field, src)?);
+    let mut parsed = PARSED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if parsed.len() >= PARSED_CAPACITY {
+        parsed.clear();
+    }
+    parsed.insert(src.to_owned(), program.clone());
+    Ok(program)
+}
+
+fn parse_expr(field: &str, src: &str) -> Result<Program, RuleError> {
     let err = |message: String| RuleError {
         field: field.to_owned(),
         message,
@@ -385,7 +416,7 @@ fn compile_mapping(
         });
     }
     Ok(match value {
-        Value::String(src) => Mapping::Expr(Box::new(compile_expr(&field, src)?)),
+        Value::String(src) => Mapping::Expr(compile_expr(&field, src)?),
         Value::Object(map) => {
             let mut out = Vec::with_capacity(map.len());
             for (k, v) in map {
@@ -438,7 +469,7 @@ pub fn compile(record: RuleRecord) -> Result<CompiledRule, RuleError> {
     }
     let mut fields = 0;
     let mapping = compile_mapping("", &data, 0, &mut fields)?;
-    let mut programs: Vec<&Program> = condition.iter().collect();
+    let mut programs: Vec<&Program> = condition.iter().map(Arc::as_ref).collect();
     mapping_programs(&mapping, &mut programs);
     let at_save = rule_cost(&programs, SAVE_TIME_COLLECTION);
     if at_save > EVAL_BUDGET {
@@ -699,7 +730,7 @@ impl CompiledRule {
         functions: &Context<'_>,
     ) -> Result<Option<Value>, EvalError> {
         if scope.largest > self.max_collection {
-            let mut programs: Vec<&Program> = self.condition.iter().collect();
+            let mut programs: Vec<&Program> = self.condition.iter().map(Arc::as_ref).collect();
             mapping_programs(&self.mapping, &mut programs);
             return Err(EvalError::OverBudget {
                 estimate: rule_cost(&programs, scope.largest),
@@ -1215,6 +1246,36 @@ mod tests {
         set.remove("a");
         assert_eq!(set.matching("airline", "flight.delayed").len(), 1);
         assert!(set.names_entity("hotel"));
+    }
+
+    #[test]
+    fn one_text_is_parsed_once_and_its_checks_still_apply() {
+        let src = "data.delay_minutes > 61 && data.flight == 'parsed-once'";
+        let a = compile(record(
+            "a",
+            Some(src),
+            json!({"f": "data.flight + '-once'"}),
+        ))
+        .expect("a");
+        let b = compile(record(
+            "b",
+            Some(src),
+            json!({"f": "data.flight + '-once'"}),
+        ))
+        .expect("b");
+        let (ca, cb) = (a.condition.as_ref(), b.condition.as_ref());
+        assert!(ca.zip(cb).is_some_and(|(x, y)| Arc::ptr_eq(x, y)));
+        // A text that failed is not kept: it fails again, with the field it is in.
+        let bad = "data.delay_minutes + unknown_var";
+        for field in ["when.condition", "then.data.f"] {
+            let e = if field == "when.condition" {
+                compile(record("c", Some(bad), json!({})))
+            } else {
+                compile(record("c", None, json!({"f": bad})))
+            }
+            .expect_err("unknown variable");
+            assert_eq!(e.field, field);
+        }
     }
 
     #[test]
