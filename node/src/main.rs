@@ -11,6 +11,11 @@ use custos_api::CloudEvent;
 use custos_node::config::{Config, Overrides, DEFAULT_TOML};
 use custos_node::server::{self, Listeners};
 
+// jemalloc returns the memory of passivated profiles to the system within seconds; glibc's
+// malloc kept it (a node at a million customers held 3.4 GiB, 1.1 GiB after `malloc_trim`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Custos: the customer's data vault.
 #[derive(Debug, Parser)]
 #[command(name = "custos", version, about)]
