@@ -173,7 +173,7 @@ impl<'a> Tx<'a> {
     pub(crate) fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let end = keys::prefix_end(prefix);
         let mut found = BTreeMap::new();
-        let mut it = keys::range_iter(&self.db, prefix, &end);
+        let mut it = keys::range_iter(self.db, prefix, &end);
         it.seek(prefix);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k >= end.as_slice() {
@@ -207,7 +207,7 @@ impl<'a> Tx<'a> {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let mut found = Vec::new();
-        let mut it = keys::range_iter(&self.db, lo, hi);
+        let mut it = keys::range_iter(self.db, lo, hi);
         it.seek(lo);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k >= hi || found.len() >= limit {
