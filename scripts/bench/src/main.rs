@@ -423,6 +423,8 @@ async fn main() -> anyhow::Result<()> {
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
+        // Under the node's 5 s keep-alive, as in `custos_api::client`.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build()?;
     if args.cold {
         eprintln!("waiting for every profile to passivate ...");
