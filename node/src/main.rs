@@ -11,8 +11,8 @@ use custos_api::CloudEvent;
 use custos_node::config::{Config, Overrides, DEFAULT_TOML};
 use custos_node::server::{self, Listeners};
 
-// jemalloc returns the memory of passivated profiles to the system within seconds; glibc's
-// malloc kept it (a node at a million customers held 3.4 GiB, 1.1 GiB after `malloc_trim`).
+// jemalloc returns the memory of passivated profiles to the system; glibc's malloc kept it
+// (50,000 customers, every profile passivated: 957-1,048 MiB resident, 275-366 with jemalloc).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

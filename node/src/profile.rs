@@ -218,9 +218,9 @@ fn with_profile<T>(
 }
 
 /// Rebuilds a profile from the state machine, once this leader has applied everything
-/// committed before (so no earlier leader's change is missing). Once the leader has applied
-/// an entry of its own term that holds without asking the group (a read-index round per
-/// rebuild was a core round trip, and in a cluster a heartbeat round, on every cold event). A
+/// committed before (so no earlier leader's change is missing). After the leader has applied
+/// an entry of its own term that holds without asking the group; a read-index round per
+/// rebuild was a core round trip, and in a cluster a heartbeat round, on every cold event. A
 /// leader deposed meanwhile cannot commit what it plans from this copy.
 async fn load(
     core: &Core,
