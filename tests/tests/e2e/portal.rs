@@ -97,15 +97,23 @@ impl Screenshots {
     }
 }
 
+/// Finds `css`, waiting for it: a click that navigates returns before the next page has loaded.
+async fn find(b: &WebDriver, css: &str) -> anyhow::Result<fantoccini::elements::Element> {
+    Ok(b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(css))
+        .await?)
+}
+
 async fn fill(b: &WebDriver, css: &str, text: &str) -> anyhow::Result<()> {
-    let el = b.find(Locator::Css(css)).await?;
+    let el = find(b, css).await?;
     el.clear().await?;
     el.send_keys(text).await?;
     Ok(())
 }
 
 async fn click(b: &WebDriver, css: &str) -> anyhow::Result<()> {
-    b.find(Locator::Css(css)).await?.click().await?;
+    find(b, css).await?.click().await?;
     Ok(())
 }
 
@@ -171,12 +179,12 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
         // Build the delay -> room-hold rule, try it, save it.
         b.goto(&format!("{}/portal/rules", node.url)).await?;
         fill(&b, "#name", "Hold my room when my flight is late").await?;
-        b.find(Locator::Css("#trigger"))
+        find(&b, "#trigger")
             .await?
             .select_by_value("airline|flight.delayed")
             .await?;
         fill(&b, "#condition", "data.delay_minutes > 60").await?;
-        b.find(Locator::Css("#target"))
+        find(&b, "#target")
             .await?
             .select_by_value("hotel|room.hold")
             .await?;
@@ -193,7 +201,7 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
         shots.take(&b, "rule-builder").await?;
         click(&b, "button[value=try]").await?;
         wait_text(&b, "Try it: result").await?;
-        let tried = b.find(Locator::Css("#try-command")).await?.text().await?;
+        let tried = find(&b, "#try-command").await?.text().await?;
         let command: Value = serde_json::from_str(&tried)?;
         anyhow::ensure!(command["type"] == "room.hold", "{command}");
         anyhow::ensure!(
@@ -216,11 +224,11 @@ async fn portal_in_a_real_browser_from_sign_up_to_a_delivered_command() -> anyho
 
         // The airline emits the event from its own page; the activity shows the delivered command.
         b.goto(&airline.url).await?;
-        b.find(Locator::Css("#username"))
+        find(&b, "#username")
             .await?
             .select_by_value("alice")
             .await?;
-        b.find(Locator::Css("#type"))
+        find(&b, "#type")
             .await?
             .select_by_value("flight.delayed")
             .await?;
