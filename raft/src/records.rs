@@ -675,8 +675,9 @@ pub struct ModelRecord {
     pub templates: Vec<TemplateStat>,
     /// (from, to, customers keeping both, sum over them of 1 / their template count).
     pub pairs: Vec<(u32, u32, u32, f64)>,
-    /// Isotonic calibration steps (feature upper bound, probability), when fitted.
-    pub calibration: Vec<(f64, f64)>,
+    /// The ranker's weights (intercept first: a logistic regression from a candidate's
+    /// features to the probability it is kept); empty when there was too little data to fit it.
+    pub ranker: Vec<f64>,
 }
 
 /// A linking started through the entity's OAuth server, waiting for its callback.

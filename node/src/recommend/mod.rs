@@ -272,6 +272,38 @@ impl Rp3Beta {
         self.popularity.get(item as usize).copied().unwrap_or(0)
     }
 
+    /// What the user's items say of every item they reach, in one pass over their rows: the
+    /// walk's score, the cosine similarity summed, how many of the user's items co-occur with
+    /// it (in at least k customers), and the largest share of an item's customers who also keep
+    /// it. The user's own items are left out.
+    pub fn evidence(&self, user_items: &[u32]) -> HashMap<u32, Evidence> {
+        let mut out: HashMap<u32, Evidence> = HashMap::new();
+        for &i in user_items {
+            let (Some(walk), Some(support)) =
+                (self.walk.get(i as usize), self.support.get(i as usize))
+            else {
+                continue;
+            };
+            let pop_i = f64::from(self.popularity(i).max(1));
+            for (&j, &p) in walk {
+                let c = f64::from(support.get(&j).copied().unwrap_or(0));
+                let e = out.entry(j).or_default();
+                e.walk += p;
+                e.cosine += c / (pop_i * f64::from(self.popularity(j).max(1))).sqrt();
+                e.items += 1;
+                e.frequency = e.frequency.max(c / pop_i);
+            }
+        }
+        out.retain(|j, _| !user_items.contains(j));
+        out
+    }
+
+    /// The cosine similarity of two items' customers (0 for a pair under k customers).
+    pub fn cosine(&self, a: u32, b: u32) -> f64 {
+        let c = f64::from(self.support(a, b));
+        c / (f64::from(self.popularity(a).max(1)) * f64::from(self.popularity(b).max(1))).sqrt()
+    }
+
     /// The user's item that contributes most to `to`'s score: the reason shown.
     pub fn strongest_reason(&self, user_items: &[u32], to: u32) -> Option<u32> {
         user_items
@@ -286,6 +318,160 @@ impl Scorer for Rp3Beta {
     fn top(&self, user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
         sum_rows(&self.walk, user_items, k)
     }
+}
+
+/// What a user's items say of one item they reach (see [`Rp3Beta::evidence`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Evidence {
+    /// RP3beta's score.
+    pub walk: f64,
+    /// Cosine similarities summed.
+    pub cosine: f64,
+    /// How many of the user's items co-occur with it.
+    pub items: u32,
+    /// The largest share of one of the user's items' customers who also keep it.
+    pub frequency: f64,
+}
+
+/// A logistic regression from a candidate's features to the probability that the customer
+/// keeps it: the ranking and the confidence in one, fitted on held-out data, so what is served
+/// is calibrated by construction. Each sample may carry a fixed offset added to its log-odds
+/// (the dismissal signal), which is why this is fitted here (Newton's method with an L2
+/// penalty, on standardised features; a few dozen features) rather than by a library.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ranker {
+    /// Intercept, then one weight per feature, on the features as given.
+    weights: Vec<f64>,
+}
+
+/// One training sample of the [`Ranker`]: features, log-odds offset, kept.
+pub type RankerSample = (Vec<f64>, f64, bool);
+
+impl Ranker {
+    /// A ranker from stored weights (intercept first).
+    pub fn from_weights(weights: Vec<f64>) -> Self {
+        Ranker { weights }
+    }
+
+    /// Its weights, for storing.
+    pub fn weights(&self) -> &[f64] {
+        &self.weights
+    }
+
+    /// True when fitted.
+    pub fn is_fitted(&self) -> bool {
+        !self.weights.is_empty()
+    }
+
+    /// Fits on samples whose features all have `n` values; `l2` penalises the standardised
+    /// weights (not the intercept). None without both kept and not-kept samples.
+    pub fn fit(samples: &[RankerSample], n: usize, l2: f64) -> Option<Self> {
+        let kept = samples.iter().filter(|s| s.2).count();
+        if kept == 0 || kept == samples.len() || samples.iter().any(|s| s.0.len() != n) {
+            return None;
+        }
+        let m = samples.len() as f64;
+        let mut mean = vec![0.0; n];
+        for (f, _, _) in samples {
+            for (a, x) in mean.iter_mut().zip(f) {
+                *a += x / m;
+            }
+        }
+        let mut sd = vec![0.0; n];
+        for (f, _, _) in samples {
+            for ((a, x), mu) in sd.iter_mut().zip(f).zip(&mean) {
+                *a += (x - mu) * (x - mu) / m;
+            }
+        }
+        let sd: Vec<f64> = sd.into_iter().map(|v| v.sqrt().max(1e-9)).collect();
+        let dim = n + 1;
+        let z = |f: &[f64], k: usize| {
+            if k == 0 {
+                1.0
+            } else {
+                (f[k - 1] - mean[k - 1]) / sd[k - 1]
+            }
+        };
+        let mut w = vec![0.0; dim];
+        let mut x = vec![0.0; dim];
+        for _ in 0..50 {
+            let mut grad = vec![0.0; dim];
+            let mut hess = vec![vec![0.0; dim]; dim];
+            for (f, offset, y) in samples {
+                for (k, xk) in x.iter_mut().enumerate() {
+                    *xk = z(f, k);
+                }
+                let logit = offset + x.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>();
+                let p = sigmoid(logit);
+                let r = p - if *y { 1.0 } else { 0.0 };
+                let v = p * (1.0 - p);
+                for ((g, row), xa) in grad.iter_mut().zip(hess.iter_mut()).zip(&x) {
+                    *g += r * xa;
+                    for (h, xb) in row.iter_mut().zip(&x) {
+                        *h += v * xa * xb;
+                    }
+                }
+            }
+            // The penalty, on every weight but the intercept.
+            for (a, (g, row)) in grad.iter_mut().zip(hess.iter_mut()).enumerate().skip(1) {
+                *g += l2 * w[a];
+                row[a] += l2;
+            }
+            let step = solve_symmetric(hess, grad)?;
+            let mut largest: f64 = 0.0;
+            for (wk, d) in w.iter_mut().zip(&step) {
+                *wk -= d;
+                largest = largest.max(d.abs());
+            }
+            if largest < 1e-8 {
+                break;
+            }
+        }
+        // Back to the features as given: w·(f - mean)/sd = Σ (w/sd)·f - Σ w·mean/sd.
+        let mut weights = vec![w[0]];
+        for k in 0..n {
+            weights[0] -= w[k + 1] * mean[k] / sd[k];
+            weights.push(w[k + 1] / sd[k]);
+        }
+        weights
+            .iter()
+            .all(|x| x.is_finite())
+            .then_some(Ranker { weights })
+    }
+
+    /// The probability that a candidate with these features (and log-odds offset) is kept.
+    pub fn probability(&self, features: &[f64], offset: f64) -> f64 {
+        let Some((bias, w)) = self.weights.split_first() else {
+            return 0.0;
+        };
+        sigmoid(bias + offset + w.iter().zip(features).map(|(a, b)| a * b).sum::<f64>())
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Solves `a x = b` for a symmetric positive definite `a` (Cholesky); None if it is not.
+fn solve_symmetric(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
+    let n = b.len();
+    for j in 0..n {
+        let d = a[j][j] - (0..j).map(|k| a[j][k] * a[j][k]).sum::<f64>();
+        if d <= 0.0 || !d.is_finite() {
+            return None;
+        }
+        a[j][j] = d.sqrt();
+        for i in j + 1..n {
+            a[i][j] = (a[i][j] - (0..j).map(|k| a[i][k] * a[j][k]).sum::<f64>()) / a[j][j];
+        }
+    }
+    for i in 0..n {
+        b[i] = (b[i] - (0..i).map(|k| a[i][k] * b[k]).sum::<f64>()) / a[i][i];
+    }
+    for i in (0..n).rev() {
+        b[i] = (b[i] - (i + 1..n).map(|k| a[k][i] * b[k]).sum::<f64>()) / a[i][i];
+    }
+    Some(b)
 }
 
 /// Maps a recommendation's features to a calibrated probability of being right: isotonic
@@ -399,6 +585,39 @@ mod tests {
         let data = population();
         assert_eq!(Popularity::fit(&data).top(&[], 1)[0].0, 0);
         assert_eq!(ItemCosine::fit(&data).top(&[0, 1], 1)[0].0, 2);
+    }
+
+    #[test]
+    fn the_ranker_learns_which_feature_predicts_and_is_calibrated() {
+        // Kept with probability sigmoid(2x - 1); the second feature is noise.
+        let mut samples = Vec::new();
+        for i in 0..4000u32 {
+            let x = f64::from(i % 100) / 50.0 - 1.0;
+            let noise = f64::from((i * 7919) % 97) / 97.0;
+            let p = sigmoid(2.0 * x - 1.0);
+            let kept = f64::from((i * 104_729) % 1000) / 1000.0 < p;
+            samples.push((vec![x, noise], 0.0, kept));
+        }
+        let r = Ranker::fit(&samples, 2, 1.0).expect("fits");
+        let w = r.weights();
+        assert!(
+            (w[1] - 2.0).abs() < 0.4 && (w[0] + 1.0).abs() < 0.4,
+            "{w:?}"
+        );
+        assert!(w[2].abs() < 0.5, "{w:?}");
+        // Calibrated: the mean predicted probability matches the share kept.
+        let predicted: f64 = samples.iter().map(|s| r.probability(&s.0, s.1)).sum();
+        let kept = samples.iter().filter(|s| s.2).count() as f64;
+        assert!(
+            (predicted - kept).abs() / kept < 0.05,
+            "{predicted} vs {kept}"
+        );
+        // An offset moves the log-odds: a negative one (dismissals) lowers the probability.
+        assert!(r.probability(&[0.5, 0.5], -1.0) < r.probability(&[0.5, 0.5], 0.0));
+        // Nothing to learn from one class only.
+        let all_kept: Vec<RankerSample> =
+            samples.iter().map(|s| (s.0.clone(), 0.0, true)).collect();
+        assert!(Ranker::fit(&all_kept, 2, 1.0).is_none());
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn same_content(a: &ModelRecord, b: &ModelRecord) -> bool {
         && a.min_support == b.min_support
         && a.templates == b.templates
         && a.pairs == b.pairs
-        && a.calibration == b.calibration
+        && a.ranker == b.ranker
 }
 
 impl Vault {

@@ -345,5 +345,42 @@ async fn main() -> anyhow::Result<()> {
             *kept as f64 / *n as f64
         );
     }
+    // What a higher threshold would serve: the node serves its most likely ten at or above the
+    // threshold, so at t it serves exactly those of these lists at or above t.
+    let served_at = lists.values().next().map_or(0.0, |l| l.threshold);
+    println!();
+    println!("| threshold | customers with 10+ rules shown one | kept share of shown | shown per customer shown one |");
+    println!("| --- | --- | --- | --- |");
+    for t in [0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6] {
+        if t < served_at {
+            continue;
+        }
+        let (mut rich, mut rich_shown, mut n, mut kept, mut customers) = (0, 0, 0, 0, 0);
+        for (u, _, held) in &users {
+            let Some(list) = lists.get(u) else { continue };
+            let at: Vec<&Recommendation> = list
+                .items
+                .iter()
+                .take(10)
+                .filter(|r| r.confidence >= t)
+                .collect();
+            if data.train.get(u).is_some_and(|r| r.len() >= 10) {
+                rich += 1;
+                rich_shown += usize::from(!at.is_empty());
+            }
+            customers += usize::from(!at.is_empty());
+            n += at.len();
+            kept += at
+                .iter()
+                .filter(|r| held.contains(&served_key(&r.template)))
+                .count();
+        }
+        println!(
+            "| {t} | {:.3} | {:.3} | {:.2} |",
+            rich_shown as f64 / f64::from(rich.max(1)),
+            kept as f64 / n.max(1) as f64,
+            n as f64 / customers.max(1) as f64
+        );
+    }
     Ok(())
 }
