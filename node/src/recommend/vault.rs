@@ -315,7 +315,8 @@ const CANDIDATES: usize = 200;
 /// Most recommendations served to one customer.
 const SERVED: usize = 10;
 /// At most this many validation customers' candidates fit the ranker, so training memory
-/// stays bounded however many customers there are (about 120 bytes per candidate).
+/// stays bounded however many customers there are (about 160 bytes per candidate, so at most
+/// about 100 MB while fitting).
 const RANKER_CUSTOMERS: usize = 3_000;
 /// The ranker's L2 penalty on standardised weights.
 const RANKER_L2: f64 = 1.0;

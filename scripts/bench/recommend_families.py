@@ -1,0 +1,322 @@
+"""Model families for the recommender, compared on the shipped path's shape (not through the API).
+
+Each IFTTT user of the authors' split keeps the templates of their training rules and links
+the entities those rules name; only templates and links at least k = 10 users share exist
+(k-anonymity); a user is offered templates they do not keep whose entities they linked, or
+all but one. Families are compared on validation (a fifth of each user's training templates
+held out, with the links only those templates use); the ranker families are fitted on half of
+the validation users and every family is scored on the other half. The test columns use the
+authors' test split and are reported, never used to choose.
+"""
+
+import collections
+import hashlib
+import math
+import sys
+
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
+K = 10
+DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/ifttt-recrules"
+
+
+def derive_channels(names):
+    """The channel split of node/src/recommend/eval.rs (derive_channels)."""
+    parts = set()
+    for n in names:
+        if n.startswith("trigger_") and "_action_" in n:
+            t, a = n[len("trigger_"):].split("_action_", 1)
+            parts.update((t, a))
+    firsts_before, under_two = collections.defaultdict(set), collections.Counter()
+    for p in parts:
+        w = p.split("_")
+        if len(w) >= 3:
+            firsts_before[w[1]].add(w[0])
+            under_two[(w[0], w[1])] += 1
+    channels = {p.split("_")[0] for p in parts}
+    for (a, b), n in under_two.items():
+        if n >= 2 and len(firsts_before[b]) <= 2:
+            channels.add(a + "_" + b)
+    return channels
+
+
+def split_part(part, channels):
+    w = part.split("_")
+    for n in range(min(2, len(w) - 1), 0, -1):
+        if "_".join(w[:n]) in channels:
+            return "_".join(w[:n]), "_".join(w[n:])
+    return w[0], "_".join(w[1:])
+
+
+def load():
+    names = {}
+    for line in open(f"{DATA}/rules"):
+        i, n = line.rstrip("\n").split("\t")
+        names[int(i)] = n
+    channels = derive_channels(names.values())
+    template = {}
+    for i, n in names.items():
+        t, a = n[len("trigger_"):].split("_action_", 1)
+        template[i] = split_part(t, channels) + split_part(a, channels)
+
+    def pairs(f):
+        d = collections.defaultdict(list)
+        for line in open(f"{DATA}/{f}"):
+            u, r, _ = line.split("\t")
+            d[int(u)].append(int(r))
+        return d
+
+    train, test = pairs("trainset"), pairs("testset")
+    ids = {}
+    users = []
+    for u in sorted(train):
+        tr = sorted({ids.setdefault(template[r], len(ids)) for r in train[u]})
+        te = {ids.setdefault(template[r], len(ids)) for r in test.get(u, [])} - set(tr)
+        users.append((u, tr, te))
+    keys = [None] * len(ids)
+    for k, v in ids.items():
+        keys[v] = k
+    return users, keys
+
+
+def stable(*parts):
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+users, keys = load()
+
+
+def entities(items):
+    return {e for i in items for e in (keys[i][0], keys[i][2])}
+
+
+def without_rss(items):
+    return not any(keys[i][0] == "feed" for i in items)
+
+
+def build(fit, links):
+    """Columns: templates, then links, each kept only when at least K users have it."""
+    pop = collections.Counter(i for it in fit for i in it)
+    lpop = collections.Counter(e for ls in links for e in ls)
+    tcols = [i for i in range(len(keys)) if pop[i] >= K]
+    col = {("t", i): n for n, i in enumerate(tcols)}
+    for e in sorted(e for e, c in lpop.items() if c >= K):
+        col[("l", e)] = len(col)
+    x = np.zeros((len(fit), len(col)))
+    deg = np.zeros(len(fit))
+    for u, (it, ls) in enumerate(zip(fit, links)):
+        for c in [col.get(("t", i)) for i in it] + [col.get(("l", e)) for e in ls]:
+            if c is not None:
+                x[u, c] = 1
+        deg[u] = len(it) + len(ls)
+    return x, tcols, col, deg
+
+
+def row(items, links, col):
+    x = np.zeros(len(col))
+    for c in [col.get(("t", i)) for i in items] + [col.get(("l", e)) for e in links]:
+        if c is not None:
+            x[c] = 1
+    return x
+
+
+def rp3beta(x, deg, beta):
+    c = x.T @ x
+    w = (x / deg[:, None]).T @ x
+    w[c < K] = 0
+    np.fill_diagonal(w, 0)
+    pop = np.maximum(x.sum(0), 1)
+    return w / (pop[:, None] * pop[None, :] ** beta)
+
+
+def ease(x, lam):
+    g = x.T @ x
+    d = np.diag(g).copy()
+    g[g < K] = 0
+    np.fill_diagonal(g, d + lam)
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0)
+    return b
+
+
+def cosine(x):
+    c = x.T @ x
+    pop = np.diag(c).copy()
+    c[c < K] = 0
+    np.fill_diagonal(c, 0)
+    return c / np.sqrt(np.maximum(np.outer(pop, pop), 1))
+
+
+class World:
+    """The models fitted on one population, and each query user's candidates."""
+
+    def __init__(self, fit, links):
+        self.x, self.tcols, self.col, deg = build(fit, links)
+        self.pop = self.x.sum(0)
+        c = self.x.T @ self.x
+        c[c < K] = 0
+        np.fill_diagonal(c, 0)
+        self.support = c
+        self.walk = rp3beta(self.x, deg, 0.6)
+        self.cos = cosine(self.x)
+        self.deg = deg
+        self.cache = {}
+
+    def usable(self, scores, items, linked, limit=200):
+        """Candidates in score order: not kept, at most one entity unlinked."""
+        out = []
+        for c in np.argsort(-scores[: len(self.tcols)], kind="stable"):
+            if scores[c] <= 0 or len(out) == limit:
+                break
+            t = self.tcols[c]
+            if t in items:
+                continue
+            if sum(e not in linked for e in (keys[t][0], keys[t][2])) <= 1:
+                out.append((c, t))
+        return out
+
+    def features(self, items, linked):
+        """The vault's 16 ranker features (node/src/recommend/vault.rs, candidates)."""
+        key = (tuple(items), tuple(sorted(linked)))
+        if key not in self.cache:
+            self.cache[key] = self.compute_features(items, linked)
+        return self.cache[key]
+
+    def compute_features(self, items, linked):
+        x = row(items, linked, self.col)
+        n = len(self.tcols)
+        walk, cos = (x @ self.walk)[:n], (x @ self.cos)[:n]
+        n_items = (x @ (self.support > 0))[:n]
+        freq = ((x[:, None] * self.support) / np.maximum(self.pop, 1)[:, None]).max(0)[:n]
+        mine = [keys[i] for i in items]
+        out = []
+        cands = self.usable(walk, set(items), linked)
+        best_walk = max([walk[c] for c, _ in cands] + [1e-12])
+        best_cos = max([cos[c] for c, _ in cands] + [1e-12])
+        for rank, (c, t) in enumerate(cands):
+            k = keys[t]
+            unlinked = [e for e in (k[0], k[2]) if e not in linked]
+            prior = 0.0
+            if unlinked and ("l", unlinked[0]) in self.col:
+                prior = float(x @ self.cos[:, self.col[("l", unlinked[0])]])
+            count = lambda f: math.log1p(sum(1 for m in mine if f(m)))
+            out.append((t, [
+                math.log(walk[c] + 1e-9), walk[c] / best_walk, math.log(rank + 2),
+                math.log(max(cos[c], 1e-9)), cos[c] / best_cos, math.log1p(self.pop[c]),
+                len(unlinked), prior, math.log1p(n_items[c]), freq[c], math.log1p(len(mine)),
+                count(lambda m: m[:2] == k[:2]), count(lambda m: m[2:] == k[2:]),
+                count(lambda m: m[0] == k[0]), count(lambda m: m[2] == k[2]),
+                count(lambda m: (m[0], m[2]) == (k[0], k[2])),
+            ]))
+        return out
+
+
+def metrics(lists, queries):
+    hr, hr_plain, ndcg = [], [], []
+    for ranked, (items, held) in zip(lists, queries):
+        hits = [t in held for t in ranked[:10]]
+        hr.append(any(hits))
+        if without_rss(list(items) + list(held)):
+            hr_plain.append(any(hits))
+        dcg = sum(1 / math.log2(r + 2) for r, h in enumerate(hits) if h)
+        idcg = sum(1 / math.log2(r + 2) for r in range(min(len(held), 10)))
+        ndcg.append(dcg / idcg if idcg else 0)
+    return np.mean(hr), np.mean(hr_plain), np.mean(ndcg)
+
+
+def ece(lists, queries):
+    bins = collections.defaultdict(lambda: [0, 0.0, 0])
+    for ranked, (_, held) in zip(lists, queries):
+        for t, p in ranked[:10]:
+            b = bins[min(int(p * 10), 9)]
+            b[0] += 1
+            b[1] += p
+            b[2] += t in held
+    n = sum(b[0] for b in bins.values())
+    return sum(abs(b[1] - b[2]) for b in bins.values()) / n
+
+
+# Validation: a fifth of each user's training templates held out, with the links only they use.
+fit, val = [], []
+for u, tr, _ in users:
+    held = [i for i in tr if stable(u, i) % 5 == 0] if len(tr) >= 3 else []
+    kept = [i for i in tr if i not in held]
+    if held and kept:
+        fit.append(kept)
+        val.append((u, kept, set(held)))
+    else:
+        fit.append(tr)
+val_world = World(fit, [entities(f) for f in fit])
+# Ranker families learn on half the validation users; everything is scored on the other half.
+learn = [(k, h) for u, k, h in val if stable("learn", u) % 2 == 0]
+score = [(k, h) for u, k, h in val if stable("learn", u) % 2 == 1]
+full = [tr for _, tr, _ in users]
+test_world = World(full, [entities(f) for f in full])
+test = [(tr, te) for _, tr, te in users]
+
+
+def by_scores(matrix):
+    def rank(world, queries):
+        out = []
+        m = matrix(world)
+        for items, _ in queries:
+            linked = entities(items)
+            s = row(items, linked, world.col) @ m
+            out.append([t for _, t in world.usable(s, set(items), linked, 10)])
+        return out
+    return rank
+
+
+def ranker(make):
+    def fitted(world, queries, model):
+        out = []
+        for items, _ in queries:
+            cands = world.features(items, entities(items))
+            if not cands:
+                out.append([])
+                continue
+            p = model.predict_proba(np.array([f for _, f in cands]))[:, 1]
+            out.append(sorted(zip([t for t, _ in cands], p), key=lambda z: -z[1]))
+        return out
+
+    samples = [(f, t in h) for items, h in learn for t, f in val_world.features(items, entities(items))]
+    x = np.array([f for f, _ in samples])
+    y = np.array([hit for _, hit in samples])
+    model = make().fit(x, y)
+    # The test ranker is fitted the same way on every validation user (as the vault does).
+    every = [(f, t in h) for _, items, h in val for t, f in val_world.features(items, entities(items))]
+    test_model = make().fit(np.array([f for f, _ in every]), np.array([hit for _, hit in every]))
+    return lambda world, queries: fitted(world, queries, model if world is val_world else test_model)
+
+
+families = {}
+for beta in (0.2, 0.4, 0.6, 0.8, 1.0):
+    families[f"RP3beta, beta {beta}"] = by_scores(lambda w, b=beta: rp3beta(w.x, w.deg, b))
+for lam in (50, 200, 500):
+    families[f"EASE, lambda {lam}"] = by_scores(lambda w, lam=lam: ease(w.x, lam))
+families["item co-occurrence (cosine)"] = by_scores(lambda w: cosine(w.x))
+
+
+def standardised_logistic():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+
+
+families["RP3beta candidates + logistic ranker (shipped)"] = ranker(standardised_logistic)
+families["RP3beta candidates + gradient-boosted trees"] = ranker(
+    lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15))
+
+print(f"{len(users)} users, k = {K}; validation: {len(score)} users scored, {len(learn)} to fit rankers")
+print("| family | validation HR@10 | without RSS | NDCG@10 | test HR@10 | without RSS | NDCG@10 | test ECE |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for name, rank in families.items():
+    v, t = rank(val_world, score), rank(test_world, test)
+    calibrated = bool(t) and any(isinstance(r[0], tuple) for r in t if r)
+    e = f"{ece(t, test):.3f}" if calibrated else "-"
+    plain = lambda ls: [[z[0] if isinstance(z, tuple) else z for z in r] for r in ls]
+    (vh, vp, vn), (th, tp, tn) = metrics(plain(v), score), metrics(plain(t), test)
+    print(f"| {name} | {vh:.3f} | {vp:.3f} | {vn:.3f} | {th:.3f} | {tp:.3f} | {tn:.3f} | {e} |", flush=True)
