@@ -308,7 +308,7 @@ def standardised_logistic():
 
 families["RP3beta candidates + logistic ranker (shipped)"] = ranker(standardised_logistic)
 families["RP3beta candidates + gradient-boosted trees"] = ranker(
-    lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15))
+    lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0))
 
 print(f"{len(users)} users, k = {K}; validation: {len(score)} users scored, {len(learn)} to fit rankers")
 print("| family | validation HR@10 | without RSS | NDCG@10 | test HR@10 | without RSS | NDCG@10 | test ECE |")

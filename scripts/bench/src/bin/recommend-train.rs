@@ -111,6 +111,7 @@ fn main() {
     let built = started.elapsed().as_secs_f64();
     let before = peak_rss_mib();
     let t = Instant::now();
+    let shipped = custos_node::config::Config::default();
     let model = train(
         Population {
             rules,
@@ -120,13 +121,13 @@ fn main() {
         },
         1,
         0,
-        0.2,
-        10,
+        shipped.recommend_beta,
+        shipped.recommend_min_customers,
     );
     let secs = t.elapsed().as_secs_f64();
     let stored = custos_raft::codec::encode(&model).map_or(0, |b| b.len());
     println!(
-        "| {} | {} | {} | {:.1} s | {:.0} MiB | {:.0} MiB | {} | {} | {:.1} MiB | (population built in {built:.1} s)",
+        "| {} | {} | {} | {:.1} s | {:.0} MiB | {:.0} MiB | {} | {} | {} | {:.1} MiB | (population built in {built:.1} s)",
         args.customers,
         args.customers * args.rules,
         sampled,
@@ -135,6 +136,7 @@ fn main() {
         peak_rss_mib(),
         model.templates.len(),
         model.pairs.len(),
+        if model.ranker.is_empty() { "no" } else { "yes" },
         stored as f64 / 1048576.0,
     );
 }
