@@ -675,9 +675,21 @@ pub struct ModelRecord {
     pub templates: Vec<TemplateStat>,
     /// (from, to, customers keeping both, sum over them of 1 / their template count).
     pub pairs: Vec<(u32, u32, u32, f64)>,
-    /// The ranker's weights (intercept first: a logistic regression from a candidate's
-    /// features to the probability it is kept); empty when there was too little data to fit it.
-    pub ranker: Vec<f64>,
+    /// The ranker (a logistic regression from a candidate's features to the probability it is
+    /// kept); None when there was too little data to fit it.
+    pub ranker: Option<RankerRecord>,
+}
+
+/// A fitted ranker: features are standardised by `means` and `scales`, expanded with their
+/// pairwise products, and weighted (`weights[0]` the intercept).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankerRecord {
+    /// Mean of each feature in the samples it was fitted on.
+    pub means: Vec<f64>,
+    /// Standard deviation of each feature.
+    pub scales: Vec<f64>,
+    /// Intercept, then one weight per expanded feature.
+    pub weights: Vec<f64>,
 }
 
 /// A linking started through the entity's OAuth server, waiting for its callback.

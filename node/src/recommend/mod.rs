@@ -9,6 +9,8 @@ pub mod eval;
 pub mod vault;
 
 use std::collections::{HashMap, HashSet};
+
+use custos_raft::records::RankerRecord;
 use std::hash::{Hash, Hasher};
 
 /// Users' kept items (rule templates), as dense ids.
@@ -333,83 +335,123 @@ pub struct Evidence {
     pub frequency: f64,
 }
 
-/// A logistic regression from a candidate's features to the probability that the customer
-/// keeps it: the ranking and the confidence in one, fitted on held-out data, so what is served
-/// is calibrated by construction. Each sample may carry a fixed offset added to its log-odds
-/// (the dismissal signal), which is why this is fitted here (Newton's method with an L2
-/// penalty, on standardised features; a few dozen features) rather than by a library.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A logistic regression from a candidate's features and their pairwise products to the
+/// probability that the customer keeps it: the ranking and the confidence in one, fitted on
+/// held-out data, so what is served is calibrated by construction. The products let one
+/// feature's weight depend on another (a strong walk score counts for less when the rule needs
+/// a link); they won over the features alone on validation (see the README). Each sample may
+/// carry a fixed offset added to its log-odds (the dismissal signal) and a weight (not-kept
+/// samples are subsampled), which is why this is fitted here (Newton's method with an L2
+/// penalty on standardised features) rather than by a library.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Ranker {
-    /// Intercept, then one weight per feature, on the features as given.
-    weights: Vec<f64>,
+    record: RankerRecord,
 }
 
-/// One training sample of the [`Ranker`]: features, log-odds offset, kept.
-pub type RankerSample = (Vec<f64>, f64, bool);
+/// One training sample of the [`Ranker`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankerSample {
+    /// The candidate's features.
+    pub features: Vec<f64>,
+    /// Added to the log-odds.
+    pub offset: f64,
+    /// Whether the customer kept it.
+    pub kept: bool,
+    /// How many samples this one stands for.
+    pub weight: f64,
+}
 
 impl Ranker {
-    /// A ranker from stored weights (intercept first).
-    pub fn from_weights(weights: Vec<f64>) -> Self {
-        Ranker { weights }
+    /// A ranker from its stored form.
+    pub fn from_record(record: RankerRecord) -> Self {
+        Ranker { record }
     }
 
-    /// Its weights, for storing.
-    pub fn weights(&self) -> &[f64] {
-        &self.weights
+    /// Its stored form.
+    pub fn record(&self) -> &RankerRecord {
+        &self.record
     }
 
-    /// True when fitted.
-    pub fn is_fitted(&self) -> bool {
-        !self.weights.is_empty()
+    /// The features standardised, then their pairwise products (squares included).
+    fn expand(means: &[f64], scales: &[f64], features: &[f64], out: &mut Vec<f64>) {
+        out.clear();
+        out.extend(
+            features
+                .iter()
+                .zip(means.iter().zip(scales))
+                .map(|(f, (m, s))| (f - m) / s),
+        );
+        let n = out.len();
+        for a in 0..n {
+            for b in a..n {
+                out.push(out[a] * out[b]);
+            }
+        }
     }
 
     /// Fits on samples whose features all have `n` values; `l2` penalises the standardised
     /// weights (not the intercept). None without both kept and not-kept samples.
     pub fn fit(samples: &[RankerSample], n: usize, l2: f64) -> Option<Self> {
-        let kept = samples.iter().filter(|s| s.2).count();
-        if kept == 0 || kept == samples.len() || samples.iter().any(|s| s.0.len() != n) {
+        let kept = samples.iter().filter(|s| s.kept).count();
+        if kept == 0 || kept == samples.len() || samples.iter().any(|s| s.features.len() != n) {
             return None;
         }
-        let m = samples.len() as f64;
-        let mut mean = vec![0.0; n];
-        for (f, _, _) in samples {
-            for (a, x) in mean.iter_mut().zip(f) {
-                *a += x / m;
-            }
-        }
-        let mut sd = vec![0.0; n];
-        for (f, _, _) in samples {
-            for ((a, x), mu) in sd.iter_mut().zip(f).zip(&mean) {
-                *a += (x - mu) * (x - mu) / m;
-            }
-        }
-        let sd: Vec<f64> = sd.into_iter().map(|v| v.sqrt().max(1e-9)).collect();
-        let dim = n + 1;
-        let z = |f: &[f64], k: usize| {
-            if k == 0 {
-                1.0
-            } else {
-                (f[k - 1] - mean[k - 1]) / sd[k - 1]
-            }
-        };
-        let mut w = vec![0.0; dim];
-        let mut x = vec![0.0; dim];
-        for _ in 0..50 {
-            let mut grad = vec![0.0; dim];
-            let mut hess = vec![vec![0.0; dim]; dim];
-            for (f, offset, y) in samples {
-                for (k, xk) in x.iter_mut().enumerate() {
-                    *xk = z(f, k);
+        let total: f64 = samples.iter().map(|s| s.weight).sum();
+        let (means, scales) = moments(
+            samples.iter().map(|s| (s.features.as_slice(), s.weight)),
+            n,
+            total,
+        );
+        // The expanded features are standardised too, so the penalty treats them alike.
+        let mut x = Vec::new();
+        let dim_expanded = n + n * (n + 1) / 2;
+        let (mean2, scale2) = {
+            let mut sum = vec![0.0; dim_expanded];
+            let mut sq = vec![0.0; dim_expanded];
+            for s in samples {
+                Self::expand(&means, &scales, &s.features, &mut x);
+                for ((a, b), v) in sum.iter_mut().zip(sq.iter_mut()).zip(&x) {
+                    *a += s.weight * v;
+                    *b += s.weight * v * v;
                 }
-                let logit = offset + x.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>();
+            }
+            let mean: Vec<f64> = sum.iter().map(|a| a / total).collect();
+            let scale: Vec<f64> = sq
+                .iter()
+                .zip(&mean)
+                .map(|(b, m)| (b / total - m * m).max(0.0).sqrt().max(1e-9))
+                .collect();
+            (mean, scale)
+        };
+        let dim = dim_expanded + 1;
+        let mut w = vec![0.0; dim];
+        let mut z = vec![0.0; dim];
+        for _ in 0..30 {
+            let mut grad = vec![0.0; dim];
+            // Lower triangle only; mirrored before the solve.
+            let mut hess = vec![vec![0.0; dim]; dim];
+            for s in samples {
+                Self::expand(&means, &scales, &s.features, &mut x);
+                z[0] = 1.0;
+                for (k, v) in x.iter().enumerate() {
+                    z[k + 1] = (v - mean2[k]) / scale2[k];
+                }
+                let logit = s.offset + z.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>();
                 let p = sigmoid(logit);
-                let r = p - if *y { 1.0 } else { 0.0 };
-                let v = p * (1.0 - p);
-                for ((g, row), xa) in grad.iter_mut().zip(hess.iter_mut()).zip(&x) {
-                    *g += r * xa;
-                    for (h, xb) in row.iter_mut().zip(&x) {
-                        *h += v * xa * xb;
+                let r = s.weight * (p - if s.kept { 1.0 } else { 0.0 });
+                let v = s.weight * p * (1.0 - p);
+                for (a, (g, row)) in grad.iter_mut().zip(hess.iter_mut()).enumerate() {
+                    *g += r * z[a];
+                    let za = v * z[a];
+                    for (h, zb) in row.iter_mut().zip(&z[..=a]) {
+                        *h += za * zb;
                     }
+                }
+            }
+            for a in 0..dim {
+                let (upper, lower) = hess.split_at_mut(a);
+                for (b, row_b) in upper.iter_mut().enumerate() {
+                    row_b[a] = lower[0][b];
                 }
             }
             // The penalty, on every weight but the intercept.
@@ -423,29 +465,60 @@ impl Ranker {
                 *wk -= d;
                 largest = largest.max(d.abs());
             }
-            if largest < 1e-8 {
+            if largest < 1e-6 {
                 break;
             }
         }
-        // Back to the features as given: w·(f - mean)/sd = Σ (w/sd)·f - Σ w·mean/sd.
+        // The second standardisation folded into the weights.
         let mut weights = vec![w[0]];
-        for k in 0..n {
-            weights[0] -= w[k + 1] * mean[k] / sd[k];
-            weights.push(w[k + 1] / sd[k]);
+        for k in 0..dim_expanded {
+            weights[0] -= w[k + 1] * mean2[k] / scale2[k];
+            weights.push(w[k + 1] / scale2[k]);
         }
-        weights
-            .iter()
-            .all(|x| x.is_finite())
-            .then_some(Ranker { weights })
+        weights.iter().all(|x| x.is_finite()).then_some(Ranker {
+            record: RankerRecord {
+                means,
+                scales,
+                weights,
+            },
+        })
     }
 
     /// The probability that a candidate with these features (and log-odds offset) is kept.
     pub fn probability(&self, features: &[f64], offset: f64) -> f64 {
-        let Some((bias, w)) = self.weights.split_first() else {
+        let r = &self.record;
+        let Some((bias, w)) = r.weights.split_first() else {
             return 0.0;
         };
-        sigmoid(bias + offset + w.iter().zip(features).map(|(a, b)| a * b).sum::<f64>())
+        if features.len() != r.means.len() {
+            return 0.0;
+        }
+        let mut x = Vec::with_capacity(w.len());
+        Self::expand(&r.means, &r.scales, features, &mut x);
+        sigmoid(bias + offset + w.iter().zip(&x).map(|(a, b)| a * b).sum::<f64>())
     }
+}
+
+/// Weighted mean and standard deviation of each of `n` features.
+fn moments<'a>(
+    rows: impl Iterator<Item = (&'a [f64], f64)> + Clone,
+    n: usize,
+    total: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut mean = vec![0.0; n];
+    for (f, w) in rows.clone() {
+        for (a, x) in mean.iter_mut().zip(f) {
+            *a += w * x / total;
+        }
+    }
+    let mut var = vec![0.0; n];
+    for (f, w) in rows {
+        for ((a, x), m) in var.iter_mut().zip(f).zip(&mean) {
+            *a += w * (x - m) * (x - m) / total;
+        }
+    }
+    let scale = var.into_iter().map(|v| v.sqrt().max(1e-9)).collect();
+    (mean, scale)
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -596,27 +669,56 @@ mod tests {
             let noise = f64::from((i * 7919) % 97) / 97.0;
             let p = sigmoid(2.0 * x - 1.0);
             let kept = f64::from((i * 104_729) % 1000) / 1000.0 < p;
-            samples.push((vec![x, noise], 0.0, kept));
+            samples.push(RankerSample {
+                features: vec![x, noise],
+                offset: 0.0,
+                kept,
+                weight: 1.0,
+            });
         }
         let r = Ranker::fit(&samples, 2, 1.0).expect("fits");
-        let w = r.weights();
-        assert!(
-            (w[1] - 2.0).abs() < 0.4 && (w[0] + 1.0).abs() < 0.4,
-            "{w:?}"
-        );
-        assert!(w[2].abs() < 0.5, "{w:?}");
+        let p = |x: f64, noise: f64| r.probability(&[x, noise], 0.0);
+        // What predicts moves the probability as it should; the noise barely does.
+        for x in [-0.8, -0.3, 0.2, 0.7] {
+            assert!(
+                (p(x, 0.5) - sigmoid(2.0 * x - 1.0)).abs() < 0.08,
+                "{x}: {}",
+                p(x, 0.5)
+            );
+            assert!((p(x, 0.1) - p(x, 0.9)).abs() < 0.08);
+        }
         // Calibrated: the mean predicted probability matches the share kept.
-        let predicted: f64 = samples.iter().map(|s| r.probability(&s.0, s.1)).sum();
-        let kept = samples.iter().filter(|s| s.2).count() as f64;
+        let predicted: f64 = samples
+            .iter()
+            .map(|s| r.probability(&s.features, s.offset))
+            .sum();
+        let kept = samples.iter().filter(|s| s.kept).count() as f64;
         assert!(
             (predicted - kept).abs() / kept < 0.05,
             "{predicted} vs {kept}"
         );
         // An offset moves the log-odds: a negative one (dismissals) lowers the probability.
         assert!(r.probability(&[0.5, 0.5], -1.0) < r.probability(&[0.5, 0.5], 0.0));
+        // Half the not-kept samples, each standing for two: the same ranker, near enough.
+        let halved: Vec<RankerSample> = samples
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.kept || i % 2 == 0)
+            .map(|(_, s)| RankerSample {
+                weight: if s.kept { 1.0 } else { 2.0 },
+                ..s.clone()
+            })
+            .collect();
+        let h = Ranker::fit(&halved, 2, 1.0).expect("fits");
+        assert!((h.probability(&[0.2, 0.5], 0.0) - p(0.2, 0.5)).abs() < 0.05);
         // Nothing to learn from one class only.
-        let all_kept: Vec<RankerSample> =
-            samples.iter().map(|s| (s.0.clone(), 0.0, true)).collect();
+        let all_kept: Vec<RankerSample> = samples
+            .iter()
+            .map(|s| RankerSample {
+                kept: true,
+                ..s.clone()
+            })
+            .collect();
         assert!(Ranker::fit(&all_kept, 2, 1.0).is_none());
     }
 

@@ -2,6 +2,7 @@
 //! through Raft so every node serves the same model) and serving them to one customer.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 
 use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger};
 use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
@@ -166,14 +167,11 @@ pub fn train(
     let parsed: Vec<Option<RuleTemplate>> = keys.iter().map(|k| parse_key(k)).collect();
     let link_item = |entity: &str| index.get(&link_key(entity)).copied();
     let samples = ranker_samples(&val_model, &val, &parsed, &link_item, &offsets);
-    let positives = samples.iter().filter(|s| s.2).count();
-    let ranker = if samples.len() >= MIN_RANKER_SAMPLES && positives >= MIN_RANKER_KEPT {
-        Ranker::fit(&samples, FEATURES, RANKER_L2)
-            .map(|r| r.weights().to_vec())
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let positives = samples.iter().filter(|s| s.kept).count();
+    let ranker = (samples.len() >= MIN_RANKER_SAMPLES && positives >= MIN_RANKER_KEPT)
+        .then(|| Ranker::fit(&samples, FEATURES, RANKER_L2))
+        .flatten()
+        .map(|r| r.record().clone());
     drop(samples);
 
     let full = Interactions {
@@ -318,8 +316,11 @@ const SERVED: usize = 10;
 /// stays bounded however many customers there are (about 160 bytes per candidate, so at most
 /// about 100 MB while fitting).
 const RANKER_CUSTOMERS: usize = 3_000;
-/// The ranker's L2 penalty on standardised weights.
-const RANKER_L2: f64 = 1.0;
+/// The ranker's L2 penalty on standardised weights (chosen on validation: 10 against 100).
+const RANKER_L2: f64 = 10.0;
+/// One in this many not-kept candidates fits the ranker (each standing for this many): they
+/// are most of them, and the fit's cost grows with their number.
+const RANKER_NEGATIVE_SAMPLING: u64 = 4;
 /// How many features describe a candidate (see [`candidates`]).
 pub const FEATURES: usize = 16;
 
@@ -434,7 +435,7 @@ fn ranker_samples(
     offsets: &[f64],
 ) -> Vec<RankerSample> {
     let mut samples = Vec::new();
-    for (inputs, held, linked) in val.iter().take(RANKER_CUSTOMERS) {
+    for (n, (inputs, held, linked)) in val.iter().take(RANKER_CUSTOMERS).enumerate() {
         let keeps: Vec<RuleTemplate> = inputs
             .iter()
             .filter_map(|i| templates.get(*i as usize).cloned().flatten())
@@ -445,11 +446,34 @@ fn ranker_samples(
             linked,
         };
         // Every entity in the training data is registered, so linkable.
-        for c in candidates(model, templates, link_item, &customer, &|_| true, &|_| {
-            false
-        }) {
-            let offset = offsets.get(c.item as usize).copied().unwrap_or(0.0);
-            samples.push((c.features, offset, held.contains(&c.item)));
+        let everything = |_: &str| true;
+        let nothing = |_: u32| false;
+        for c in candidates(
+            model,
+            templates,
+            link_item,
+            &customer,
+            &everything,
+            &nothing,
+        ) {
+            let kept = held.contains(&c.item);
+            // Which not-kept candidates are sampled: by a hash of the customer and rule, so
+            // every training picks the same.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (n, c.item).hash(&mut h);
+            if !kept && !h.finish().is_multiple_of(RANKER_NEGATIVE_SAMPLING) {
+                continue;
+            }
+            samples.push(RankerSample {
+                offset: offsets.get(c.item as usize).copied().unwrap_or(0.0),
+                kept,
+                weight: if kept {
+                    1.0
+                } else {
+                    RANKER_NEGATIVE_SAMPLING as f64
+                },
+                features: c.features,
+            });
         }
     }
     samples
@@ -460,7 +484,7 @@ pub struct Served {
     /// The stored record.
     pub record: ModelRecord,
     model: Rp3Beta,
-    ranker: Ranker,
+    ranker: Option<Ranker>,
     index: HashMap<String, u32>,
     /// Each model item's template (None for links and event types).
     templates: Vec<Option<RuleTemplate>>,
@@ -481,7 +505,7 @@ impl Served {
     pub fn new(record: ModelRecord) -> Self {
         let popularity = record.templates.iter().map(|t| t.customers).collect();
         let model = Rp3Beta::from_aggregates(popularity, &record.pairs, record.beta);
-        let ranker = Ranker::from_weights(record.ranker.clone());
+        let ranker = record.ranker.clone().map(Ranker::from_record);
         let index = record
             .templates
             .iter()
@@ -568,8 +592,8 @@ impl Served {
             // rather than dismissed it, as an offset to the log-odds, with which the ranker
             // was fitted, so the confidence served is calibrated after every adjustment.
             let share = kept_share(t.customers, t.dismissed);
-            let confidence = if self.ranker.is_fitted() {
-                self.ranker.probability(&c.features, share.ln())
+            let confidence = if let Some(ranker) = &self.ranker {
+                ranker.probability(&c.features, share.ln())
             } else {
                 // Too little data to fit the ranker: the share of the reason's customers who
                 // keep it, in the walk's order.
@@ -581,7 +605,7 @@ impl Served {
             Some((confidence, c))
         })
         .collect();
-        if self.ranker.is_fitted() {
+        if self.ranker.is_some() {
             scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.item.cmp(&b.1.item)));
         }
         let mut out = Vec::new();
@@ -897,7 +921,8 @@ mod tests {
             0.6,
             10,
         ));
-        assert_eq!(served.record.ranker.len(), FEATURES + 1);
+        let ranker = served.record.ranker.as_ref().expect("fitted");
+        assert_eq!(ranker.means.len(), FEATURES);
         // New customers with about a fifth of their rules held back (as the validation
         // customers had): what they are served at threshold 0 is kept about as often as its
         // confidence says.

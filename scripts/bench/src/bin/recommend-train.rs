@@ -136,7 +136,7 @@ fn main() {
         peak_rss_mib(),
         model.templates.len(),
         model.pairs.len(),
-        if model.ranker.is_empty() { "no" } else { "yes" },
+        if model.ranker.is_some() { "yes" } else { "no" },
         stored as f64 / 1048576.0,
     );
 }
