@@ -338,3 +338,6 @@ reachable = [
     for tr, te in test
 ]
 print(f"\nHR@10 can be at most {np.mean(reachable):.3f} on the test split (k = {K}, one link at most)")
+# How much of that the walk's 200 candidates (what the ranker orders) already hold.
+found = [any(t in te for t, _ in test_world.features(tr, entities(tr))) for tr, te in test]
+print(f"test users with a held-out template among their 200 candidates: {np.mean(found):.3f}")
