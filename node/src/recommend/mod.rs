@@ -70,13 +70,22 @@ pub type Holdout = (Vec<u32>, HashSet<u32>);
 /// fixed hash of user and item) held out. Returns every user's kept items, and
 /// (user's position, (kept, held out)) for the users with both.
 pub fn holdout<K: Hash>(users: &[(K, Vec<u32>)]) -> (Vec<Vec<u32>>, Vec<(usize, Holdout)>) {
+    holdout_salted(users, ())
+}
+
+/// [`holdout`] with the hash salted, so a second split of the kept items holds out other
+/// items than the first (`()` gives the unsalted split).
+pub fn holdout_salted<K: Hash, S: Hash>(
+    users: &[(K, Vec<u32>)],
+    salt: S,
+) -> (Vec<Vec<u32>>, Vec<(usize, Holdout)>) {
     let mut fit = Vec::with_capacity(users.len());
     let mut val = Vec::new();
     for (n, (user, items)) in users.iter().enumerate() {
         let (held, kept): (Vec<u32>, Vec<u32>) = if items.len() >= 3 {
             items.iter().partition(|i| {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                (user, **i).hash(&mut h);
+                (&salt, user, **i).hash(&mut h);
                 h.finish().is_multiple_of(5)
             })
         } else {
@@ -486,17 +495,87 @@ impl Ranker {
 
     /// The probability that a candidate with these features (and log-odds offset) is kept.
     pub fn probability(&self, features: &[f64], offset: f64) -> f64 {
+        sigmoid(self.log_odds(features) + offset)
+    }
+
+    /// The log-odds that a candidate with these features is kept (no offset).
+    pub fn log_odds(&self, features: &[f64]) -> f64 {
         let r = &self.record;
         let Some((bias, w)) = r.weights.split_first() else {
-            return 0.0;
+            return f64::NEG_INFINITY;
         };
         if features.len() != r.means.len() {
-            return 0.0;
+            return f64::NEG_INFINITY;
         }
         let mut x = Vec::with_capacity(w.len());
         Self::expand(&r.means, &r.scales, features, &mut x);
-        sigmoid(bias + offset + w.iter().zip(&x).map(|(a, b)| a * b).sum::<f64>())
+        bias + w.iter().zip(&x).map(|(a, b)| a * b).sum::<f64>()
     }
+
+    /// This ranker with its log-odds mapped to `slope * log_odds + intercept` (offsets are
+    /// still added after): the weights scaled and the intercept moved, so the stored form and
+    /// serving stay the same.
+    pub fn shifted(mut self, slope: f64, intercept: f64) -> Self {
+        for w in &mut self.record.weights {
+            *w *= slope;
+        }
+        if let Some(bias) = self.record.weights.first_mut() {
+            *bias += intercept;
+        }
+        self
+    }
+}
+
+/// One sample of [`fit_log_odds_map`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogOddsSample {
+    /// A ranker's log-odds for the candidate.
+    pub log_odds: f64,
+    /// Added after the map (the dismissal signal).
+    pub offset: f64,
+    /// Whether the customer kept it.
+    pub kept: bool,
+    /// How many samples this one stands for.
+    pub weight: f64,
+}
+
+/// Fits `P(kept) = sigmoid(slope * log_odds + intercept + offset)` to weighted samples (Platt
+/// scaling, Newton's method). None without both kept and not-kept samples, or if the fit does
+/// not settle on a finite, increasing map.
+pub fn fit_log_odds_map(samples: &[LogOddsSample]) -> Option<(f64, f64)> {
+    let usable: Vec<&LogOddsSample> = samples
+        .iter()
+        .filter(|s| s.log_odds.is_finite() && s.offset.is_finite())
+        .collect();
+    if !usable.iter().any(|s| s.kept) || usable.iter().all(|s| s.kept) {
+        return None;
+    }
+    let (mut slope, mut intercept) = (1.0, 0.0);
+    for _ in 0..50 {
+        let (mut g0, mut g1, mut h00, mut h01, mut h11) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for s in &usable {
+            let (z, w) = (s.log_odds, s.weight);
+            let p = sigmoid(slope * z + intercept + s.offset);
+            let r = w * (p - if s.kept { 1.0 } else { 0.0 });
+            let v = w * p * (1.0 - p);
+            g0 += r * z;
+            g1 += r;
+            h00 += v * z * z;
+            h01 += v * z;
+            h11 += v;
+        }
+        // A tiny ridge keeps the step defined when the log-odds hardly vary.
+        let step = solve_symmetric(
+            vec![vec![h00 + 1e-9, h01], vec![h01, h11 + 1e-9]],
+            vec![g0, g1],
+        )?;
+        slope -= step[0];
+        intercept -= step[1];
+        if step[0].abs().max(step[1].abs()) < 1e-9 {
+            break;
+        }
+    }
+    (slope.is_finite() && intercept.is_finite() && slope > 0.0).then_some((slope, intercept))
 }
 
 /// Weighted mean and standard deviation of each of `n` features.
@@ -720,6 +799,53 @@ mod tests {
             })
             .collect();
         assert!(Ranker::fit(&all_kept, 2, 1.0).is_none());
+    }
+
+    #[test]
+    fn a_log_odds_map_is_recovered_and_folded_into_the_ranker() {
+        // Kept with probability sigmoid(1.5 z + 0.5) of a log-odds z the ranker under-rates.
+        let samples: Vec<LogOddsSample> = (0..6000u32)
+            .map(|i| {
+                let z = f64::from(i % 200) / 40.0 - 3.0;
+                let kept = f64::from((i * 104_729) % 1000) / 1000.0 < sigmoid(1.5 * z + 0.5);
+                LogOddsSample {
+                    log_odds: z,
+                    offset: 0.0,
+                    kept,
+                    weight: 1.0,
+                }
+            })
+            .collect();
+        let (slope, intercept) = fit_log_odds_map(&samples).expect("fits");
+        assert!((slope - 1.5).abs() < 0.15, "{slope}");
+        assert!((intercept - 0.5).abs() < 0.15, "{intercept}");
+        // Folded into a ranker, the map applies to its log-odds; offsets still add after.
+        let r = Ranker::from_record(RankerRecord {
+            means: vec![0.0],
+            scales: vec![1.0],
+            weights: vec![0.2, 1.0, 0.0],
+        });
+        let z = r.log_odds(&[0.4]);
+        let shifted = r.clone().shifted(slope, intercept);
+        assert!((shifted.log_odds(&[0.4]) - (slope * z + intercept)).abs() < 1e-12);
+        assert!(
+            (shifted.probability(&[0.4], -1.0) - sigmoid(slope * z + intercept - 1.0)).abs()
+                < 1e-12
+        );
+        // One class only, or a map that would reverse the order: nothing is fitted.
+        let all_kept: Vec<_> = samples
+            .iter()
+            .map(|s| LogOddsSample { kept: true, ..*s })
+            .collect();
+        assert!(fit_log_odds_map(&all_kept).is_none());
+        let reversed: Vec<_> = samples
+            .iter()
+            .map(|s| LogOddsSample {
+                log_odds: -s.log_odds,
+                ..*s
+            })
+            .collect();
+        assert!(fit_log_odds_map(&reversed).is_none());
     }
 
     #[test]
