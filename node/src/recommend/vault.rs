@@ -500,8 +500,8 @@ impl<'a> ValidationSplit<'a> {
 ///
 /// Validation customers miss a fifth of their rules, and so does the population the walk is
 /// fitted on for them, so a ranker fitted there misjudges the stronger evidence of the whole
-/// population (on the IFTTT split, what it showed at 0.54 on average was kept 0.79 of the
-/// time). The same split applied once more, to what the first one left, gives a ranker one
+/// population (through the API on the IFTTT split, what it showed at 0.6-0.7 was kept 86% of
+/// the time; see the README). The same split applied once more, to what the first one left, gives a ranker one
 /// step further down; the map that calibrates its log-odds on the first split's candidates is
 /// applied to the first ranker, for the same step from validation to serving.
 fn fit_ranker(
