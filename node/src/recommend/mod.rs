@@ -9,9 +9,9 @@ pub mod eval;
 pub mod vault;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 
 use custos_raft::records::RankerRecord;
-use std::hash::{Hash, Hasher};
 
 /// Users' kept items (rule templates), as dense ids.
 #[derive(Debug, Clone, Default)]
@@ -644,21 +644,6 @@ pub fn calibration_feature(score: f64, best: f64, rank: usize) -> f64 {
 }
 
 impl Calibrator {
-    /// A calibrator from stored steps.
-    pub fn from_steps(steps: Vec<(f64, f64)>) -> Self {
-        Calibrator { steps }
-    }
-
-    /// Its steps, for storing.
-    pub fn steps(&self) -> &[(f64, f64)] {
-        &self.steps
-    }
-
-    /// True when fitted on enough data to be used.
-    pub fn is_fitted(&self) -> bool {
-        !self.steps.is_empty()
-    }
-
     /// Fits on (feature, hit) pairs.
     pub fn fit(mut samples: Vec<(f64, bool)>) -> Self {
         samples.sort_by(|a, b| a.0.total_cmp(&b.0));
