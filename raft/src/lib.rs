@@ -59,6 +59,9 @@ pub fn compact_all(db: &rocksdb::DB) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// RocksDB's block cache: data, index and filter blocks read back from table files.
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
 /// Opens (or creates) the node's one RocksDB.
 pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
     let mut opts = rocksdb::Options::default();
@@ -67,6 +70,18 @@ pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
     // Log entries and state share one WAL; the log store syncs it once per batch of appends.
     opts.set_max_total_wal_size(256 << 20);
     opts.increase_parallelism(2);
+    // Most point reads miss: a new event's dedup key, a profile's first engagement count.
+    // Bloom filters answer those from memory instead of searching every level's index and
+    // data blocks (a tenth of the node's CPU under load without them).
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    opts.set_block_based_table_factory(&table);
+    // The same for the memtable, which the newest keys (and most misses) go through first.
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.02);
     let db = rocksdb::DB::open(&opts, path).map_err(StoreError::Db)?;
     Ok(Arc::new(db))
 }
