@@ -71,7 +71,12 @@ fn check_deliveries(rx: &Receiver, expected: &[String]) -> anyhow::Result<usize>
 #[tokio::test]
 async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
-    let c = Cluster::start(3, NodeOptions::default(), false).await?;
+    // Sharded over 16 data groups (the default is one): placement and leader spreading.
+    let options = NodeOptions {
+        extra_toml: "[cluster]\ndata_groups = 16".into(),
+        ..NodeOptions::default()
+    };
+    let c = Cluster::start(3, options, false).await?;
     let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
     let s = Scenario::setup(&admins, &rx.url, 6).await?;
 
