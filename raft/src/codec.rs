@@ -9,8 +9,9 @@ use serde::Serialize;
 /// records and the changes; data written by an earlier version is refused with
 /// `UnknownVersion`, never misread. 4: subject claims carry their claim ids. 5: rule failures
 /// in the activity. 6: OpenID Connect providers (issuer, sealed client secret, refresh tokens,
-/// nonces). 7: the recommender's model stores a ranker instead of calibration steps.
-pub const FORMAT_VERSION: u8 = 7;
+/// nonces). 7: the recommender's model stores a ranker instead of calibration steps. 8: a data
+/// group indexes unfinished linkings by customer and entity (`keys::CLAIM_OF`).
+pub const FORMAT_VERSION: u8 = 8;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

@@ -66,6 +66,10 @@ pub const INTENT: u8 = 0x26;
 /// Data group: a customer's OAuth linkings waiting for their callback
 /// (`customer \0 state hash` -> started at), to cap them per customer.
 pub const PENDING_OF: u8 = 0x27;
+/// Data group: the customer's unfinished linkings (intents claiming a subject), by entity:
+/// `| customer \0 entity \0 intent id` -> (). A link or unlink finds the ones it abandons
+/// here instead of reading every intent of the group.
+pub const CLAIM_OF: u8 = 0x28;
 /// End of state machine data tags (exclusive).
 pub const SM_END: u8 = 0x30;
 

@@ -737,6 +737,84 @@ async fn the_last_linking_or_unlinking_wins_over_one_left_unfinished() -> anyhow
 }
 
 #[tokio::test]
+async fn a_linking_abandons_only_the_same_customers_unfinished_linkings_of_that_entity(
+) -> anyhow::Result<()> {
+    let mut s = store(2)?;
+    for c in ["c1", "c2"] {
+        s.apply(vec![StateChange::CreateCustomer {
+            customer: customer(c, None),
+            intent: None,
+        }])
+        .await?;
+    }
+    let record = |customer: &str, entity: &str, id: &str| LinkRecord {
+        entity_id: entity.into(),
+        subject: format!("{customer}-{entity}"),
+        linked_ms: 5,
+        sealed_token: None,
+        sealed_refresh_token: None,
+        claim: id.into(),
+    };
+    let begin = |customer: &str, entity: &str, id: &str| {
+        StateChange::BeginIntent(IntentRecord {
+            id: id.into(),
+            at_ms: 5,
+            step: IntentStep::ClaimSubject {
+                customer_id: customer.into(),
+                link: record(customer, entity, id),
+            },
+        })
+    };
+    // Unfinished: c2's linking of the same entity, c1's of another, c1's of the same.
+    s.apply(vec![
+        begin("c2", "car", "int_1"),
+        begin("c1", "hotel", "int_2"),
+        begin("c1", "car", "int_3"),
+        begin("c1", "car", "int_4"),
+    ])
+    .await?;
+    s.apply(vec![StateChange::Link {
+        customer_id: "c1".into(),
+        link: record("c1", "car", "int_4"),
+        intent: Some("int_4".into()),
+    }])
+    .await?;
+    let mut left: Vec<(String, String)> = s
+        .reader
+        .intents(100)?
+        .into_iter()
+        .map(|i| match i.step {
+            IntentStep::ClaimSubject { .. } => ("claim".to_owned(), i.id),
+            IntentStep::ReleaseSubject { claim, .. } => ("release".to_owned(), claim),
+            _ => ("other".to_owned(), i.id),
+        })
+        .collect();
+    left.sort();
+    let want: Vec<(String, String)> =
+        [("claim", "int_1"), ("claim", "int_2"), ("release", "int_3")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    assert_eq!(left, want);
+    // Erasing c1 abandons its remaining linking, not c2's.
+    s.apply(vec![StateChange::EraseCustomer {
+        customer_id: "c1".into(),
+    }])
+    .await?;
+    let claims: Vec<String> = s
+        .reader
+        .intents(100)?
+        .into_iter()
+        .filter_map(|i| match i.step {
+            IntentStep::ClaimSubject { .. } => Some(i.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(claims, vec!["int_1".to_owned()]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
     let mut s = store(1)?;
     s.apply(setup()).await?;

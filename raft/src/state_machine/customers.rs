@@ -24,18 +24,38 @@ impl Tx<'_> {
         let Some(id) = intent else {
             return Ok(true);
         };
+        Ok(self.remove_intent(id)?.is_some())
+    }
+
+    /// The index key of a linking's claim: `customer \0 entity \0 intent id`.
+    fn claim_key(&self, customer_id: &str, entity_id: &str, intent_id: &str) -> Vec<u8> {
+        let mut k = self.k2(keys::CLAIM_OF, customer_id, entity_id);
+        k.push(0);
+        k.extend_from_slice(intent_id.as_bytes());
+        k
+    }
+
+    /// Deletes an intent (and its claim index entry); answers it if it was recorded.
+    fn remove_intent(&mut self, id: &str) -> Result<Option<IntentRecord>, StoreError> {
         let key = self.k(keys::INTENT, id.as_bytes());
-        if !self.exists(&key)? {
-            return Ok(false);
+        let Some(intent) = self.get::<IntentRecord>(&key)? else {
+            return Ok(None);
+        };
+        if let IntentStep::ClaimSubject { customer_id, link } = &intent.step {
+            self.delete(self.claim_key(customer_id, &link.entity_id, id));
         }
         self.delete(key);
-        Ok(true)
+        Ok(Some(intent))
     }
 
     pub(crate) fn begin_intent(
         &mut self,
         intent: IntentRecord,
     ) -> Result<ChangeOutcome, StoreError> {
+        if let IntentStep::ClaimSubject { customer_id, link } = &intent.step {
+            let claim = self.claim_key(customer_id, &link.entity_id, &intent.id);
+            self.put(claim, &())?;
+        }
         let key = self.k(keys::INTENT, intent.id.as_bytes());
         self.put(key, &intent)?;
         self.effects.push(super::Effect::IntentAdded);
@@ -43,7 +63,7 @@ impl Tx<'_> {
     }
 
     pub(crate) fn end_intent(&mut self, id: &str) -> Result<ChangeOutcome, StoreError> {
-        self.delete(self.k(keys::INTENT, id.as_bytes()));
+        self.remove_intent(id)?;
         Ok(ChangeOutcome::Done)
     }
 
@@ -150,9 +170,25 @@ impl Tx<'_> {
         entity: Option<&str>,
         at_ms: i64,
     ) -> Result<usize, StoreError> {
+        let prefix = match entity {
+            Some(e) => {
+                let mut p = self.k2(keys::CLAIM_OF, customer_id, e);
+                p.push(0);
+                p
+            }
+            None => self.p2(keys::CLAIM_OF, customer_id),
+        };
         let mut abandoned = 0;
-        for (k, v) in self.scan(&self.p(keys::INTENT))? {
-            let intent: IntentRecord = codec::decode(&v)?;
+        for (k, _) in self.scan(&prefix)? {
+            // The intent id follows the last NUL of the index key.
+            let Some(at) = k.iter().rposition(|b| *b == 0) else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(&k[at + 1..]).into_owned();
+            let Some(intent) = self.remove_intent(&id)? else {
+                self.delete(k);
+                continue;
+            };
             let IntentStep::ClaimSubject {
                 customer_id: c,
                 link,
@@ -160,10 +196,6 @@ impl Tx<'_> {
             else {
                 continue;
             };
-            if c != customer_id || entity.is_some_and(|e| e != link.entity_id) {
-                continue;
-            }
-            self.delete(k);
             self.new_intent(
                 at_ms,
                 IntentStep::ReleaseSubject {
