@@ -185,24 +185,34 @@ impl Tx<'_> {
                 continue;
             };
             let id = String::from_utf8_lossy(&k[at + 1..]).into_owned();
-            let Some(intent) = self.remove_intent(&id)? else {
+            // Only the linking the entry names goes; an entry left without it is dropped.
+            let intent_key = self.k(keys::INTENT, id.as_bytes());
+            let Some(IntentRecord {
+                id,
+                step:
+                    IntentStep::ClaimSubject {
+                        customer_id: c,
+                        link,
+                    },
+                ..
+            }) = self.get::<IntentRecord>(&intent_key)?
+            else {
                 self.delete(k);
                 continue;
             };
-            let IntentStep::ClaimSubject {
-                customer_id: c,
-                link,
-            } = intent.step
-            else {
+            if c != customer_id || entity.is_some_and(|e| e != link.entity_id) {
+                self.delete(k);
                 continue;
-            };
+            }
+            self.delete(k);
+            self.delete(intent_key);
             self.new_intent(
                 at_ms,
                 IntentStep::ReleaseSubject {
                     customer_id: c,
                     entity_id: link.entity_id,
                     subject: link.subject,
-                    claim: intent.id,
+                    claim: id,
                 },
             )?;
             abandoned += 1;
