@@ -170,23 +170,24 @@ impl Tx<'_> {
         entity: Option<&str>,
         at_ms: i64,
     ) -> Result<usize, StoreError> {
+        // `claim_key` with an empty intent id is the prefix of that entity's entries.
         let prefix = match entity {
-            Some(e) => {
-                let mut p = self.k2(keys::CLAIM_OF, customer_id, e);
-                p.push(0);
-                p
-            }
+            Some(e) => self.claim_key(customer_id, e, ""),
             None => self.p2(keys::CLAIM_OF, customer_id),
         };
         let mut abandoned = 0;
         for (k, _) in self.scan(&prefix)? {
-            // The intent id follows the last NUL of the index key.
-            let Some(at) = k.iter().rposition(|b| *b == 0) else {
+            // Every entry under the prefix goes: its linking is abandoned here, or already
+            // gone. The intent id follows the entry's last NUL.
+            let id = k
+                .iter()
+                .rposition(|b| *b == 0)
+                .map(|at| String::from_utf8_lossy(&k[at + 1..]).into_owned());
+            self.delete(k);
+            let Some(intent_key) = id.map(|id| self.k(keys::INTENT, id.as_bytes())) else {
                 continue;
             };
-            let id = String::from_utf8_lossy(&k[at + 1..]).into_owned();
-            // Only the linking the entry names goes; an entry left without it is dropped.
-            let intent_key = self.k(keys::INTENT, id.as_bytes());
+            // Only the linking the entry names, and only if it is this customer's of that entity.
             let Some(IntentRecord {
                 id,
                 step:
@@ -197,14 +198,11 @@ impl Tx<'_> {
                 ..
             }) = self.get::<IntentRecord>(&intent_key)?
             else {
-                self.delete(k);
                 continue;
             };
             if c != customer_id || entity.is_some_and(|e| e != link.entity_id) {
-                self.delete(k);
                 continue;
             }
-            self.delete(k);
             self.delete(intent_key);
             self.new_intent(
                 at_ms,
