@@ -10,8 +10,9 @@ use serde::Serialize;
 /// `UnknownVersion`, never misread. 4: subject claims carry their claim ids. 5: rule failures
 /// in the activity. 6: OpenID Connect providers (issuer, sealed client secret, refresh tokens,
 /// nonces). 7: the recommender's model stores a ranker instead of calibration steps. 8: a data
-/// group indexes unfinished linkings by customer and entity (`keys::CLAIM_OF`).
-pub const FORMAT_VERSION: u8 = 8;
+/// group indexes unfinished linkings by customer and entity (`keys::CLAIM_OF`). 9: a retention
+/// entry lists every key one change aged at one time ([`encode_keys`]), not one key each.
+pub const FORMAT_VERSION: u8 = 9;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,9 @@ pub enum CodecError {
     /// Written by a format this build does not know.
     #[error("unknown format version {0}")]
     UnknownVersion(u8),
+    /// A key list ends inside a key.
+    #[error("truncated key list")]
+    Truncated,
     /// bincode refused to encode.
     #[error("encode: {0}")]
     Encode(#[from] bincode::error::EncodeError),
@@ -61,6 +65,39 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// Encodes a list of keys (a retention entry's targets): each as a big-endian `u16` length
+/// and its bytes, after the format byte. Keys are far shorter than 64 KiB (ids and subjects
+/// are bounded); a longer one could not be listed whole, and is left out rather than cut.
+pub fn encode_keys<'a>(keys: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.push(FORMAT_VERSION);
+    for k in keys {
+        let Ok(len) = u16::try_from(k.len()) else {
+            continue;
+        };
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(k);
+    }
+    out
+}
+
+/// Decodes a list written by [`encode_keys`].
+pub fn decode_keys(bytes: &[u8]) -> Result<Vec<&[u8]>, CodecError> {
+    let (&version, mut rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    let mut keys = Vec::with_capacity(4);
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(2).ok_or(CodecError::Truncated)?;
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let (key, tail) = tail.split_at_checked(len).ok_or(CodecError::Truncated)?;
+        keys.push(key);
+        rest = tail;
+    }
+    Ok(keys)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +114,7 @@ mod tests {
             let _ = decode::<crate::records::OutboxRecord>(&bytes);
             let _ = decode::<crate::records::EntityRecord>(&bytes);
             let _ = decode::<crate::ChangeOutcome>(&bytes);
+            let _ = decode_keys(&bytes);
         }
     }
 
@@ -88,11 +126,29 @@ mod tests {
         let back: (u64, String, Option<Vec<u8>>) = decode(&bytes).expect("decode");
         assert_eq!(back, v);
         let mut wrong = bytes.clone();
-        wrong[0] = 9;
+        wrong[0] = 0xee;
         assert!(matches!(
             decode::<(u64, String, Option<Vec<u8>>)>(&wrong),
-            Err(CodecError::UnknownVersion(9))
+            Err(CodecError::UnknownVersion(0xee))
         ));
         assert!(matches!(decode::<u64>(&[]), Err(CodecError::Empty)));
+    }
+
+    #[test]
+    fn key_lists_round_trip_and_refuse_a_truncated_list() {
+        let keys: [&[u8]; 3] = [b"a\0b", b"", &[0, 0, 0, 1, 0x17, 0xff]];
+        let bytes = encode_keys(keys);
+        assert_eq!(decode_keys(&bytes).expect("decode"), keys.to_vec());
+        assert!(matches!(
+            decode_keys(&bytes[..bytes.len() - 1]),
+            Err(CodecError::Truncated)
+        ));
+        assert!(matches!(
+            decode_keys(&[0xee]),
+            Err(CodecError::UnknownVersion(0xee))
+        ));
+        assert!(decode_keys(&[FORMAT_VERSION])
+            .expect("empty list")
+            .is_empty());
     }
 }

@@ -334,11 +334,14 @@ impl StateReader {
             h.update((k.len() as u32).to_be_bytes());
             h.update(k);
             // Retention entries hold full keys, whose space a snapshot install may change.
-            let v = if k.first() == Some(&keys::EXPIRY) {
-                v.get(4..).unwrap_or_default()
-            } else {
-                v
-            };
+            if k.first() == Some(&keys::EXPIRY) {
+                for target in crate::codec::decode_keys(v)? {
+                    let t = target.get(4..).unwrap_or_default();
+                    h.update((t.len() as u32).to_be_bytes());
+                    h.update(t);
+                }
+                return Ok(());
+            }
             h.update((v.len() as u32).to_be_bytes());
             h.update(v);
             Ok(())

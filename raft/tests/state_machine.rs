@@ -7,12 +7,14 @@ use std::sync::Arc;
 use custos_api::ErrorCode;
 use custos_raft::records::*;
 use custos_raft::state_machine::NoObserver;
+use custos_raft::{codec, keys};
 use custos_raft::{ChangeOutcome, StateChange, StateMachineStore, StateReader, TypeConfig};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
 
 struct Store {
     _dir: tempfile::TempDir,
+    db: Arc<custos_raft::DB>,
     sm: StateMachineStore,
     reader: StateReader,
     index: u64,
@@ -22,13 +24,14 @@ fn store(group: u32) -> anyhow::Result<Store> {
     let dir = tempfile::tempdir()?;
     let db = custos_raft::open_db(dir.path())?;
     let sm = StateMachineStore::new(
-        db,
+        db.clone(),
         group,
         Arc::new(NoObserver),
         dir.path().join("snapshots"),
     )?;
     Ok(Store {
         reader: sm.reader(),
+        db,
         sm,
         _dir: dir,
         index: 0,
@@ -48,6 +51,18 @@ impl Store {
             })
             .collect();
         Ok(self.sm.apply(entries).await?)
+    }
+
+    /// The stored values of every key with state machine tag `tag` (any group or space).
+    fn tagged(&self, tag: u8) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut found = Vec::new();
+        for kv in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            if k.get(4) == Some(&tag) {
+                found.push(v.to_vec());
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -438,6 +453,57 @@ async fn retention_prunes_settled_records_but_never_pending_ones() -> anyhow::Re
 }
 
 #[tokio::test]
+async fn an_event_and_its_delivery_each_age_their_records_in_one_retention_entry(
+) -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    let listed = |s: &Store| -> anyhow::Result<usize> {
+        let mut n = 0;
+        for v in s.tagged(keys::EXPIRY)? {
+            n += codec::decode_keys(&v)?.len();
+        }
+        Ok(n)
+    };
+    let before = s.tagged(keys::EXPIRY)?.len();
+    let listed_before = listed(&s)?;
+    // The dedup key and two activity lines (event received, rule matched): one entry.
+    s.apply(vec![ingest("e1", 1_000)]).await?;
+    assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 1);
+    assert_eq!(
+        listed(&s)? - listed_before,
+        3,
+        "dedup key and two activity lines"
+    );
+    // The settled delivery and its activity line: one more.
+    s.apply(vec![delivered("cmd-e1", 1_500)]).await?;
+    assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 2);
+    // Two events in one entry, at different times: one entry each (each ages at its time).
+    s.apply(vec![ingest("e2", 2_000), ingest("e3", 3_000)])
+        .await?;
+    assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 4);
+    // Pruning up to 2.5 s takes the first event, its delivery and the second event, all of
+    // their listed keys, and leaves the third.
+    let out = s
+        .apply(vec![StateChange::Prune {
+            now_ms: 0,
+            before_ms: 2_500,
+            limit: 1000,
+        }])
+        .await?;
+    assert_eq!(out[0], ChangeOutcome::Pruned(before as u32 + 3));
+    assert!(s.reader.outbox("cmd-e1")?.is_none(), "delivered and aged");
+    assert!(s.reader.outbox("cmd-e2")?.is_some(), "pending: kept");
+    let (lines, _) = s.reader.activity("c1", None, 100)?;
+    assert_eq!(
+        lines.iter().map(|(at, _)| *at).collect::<Vec<_>>(),
+        vec![3_000, 3_000],
+        "only the third event's lines are left"
+    );
+    assert_eq!(s.tagged(keys::EXPIRY)?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow::Result<()> {
     let mut a = store(3)?;
     a.apply(setup()).await?;
@@ -597,6 +663,16 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
         "found without its activity line"
     );
     assert!(r.session(&[7; 32])?.is_none());
+    // Retention entries no longer name the customer's records, but still age the dedup keys
+    // of its events (kept for the sources' sake, without the customer).
+    let mut dedup_aged = 0;
+    for v in s.tagged(keys::EXPIRY)? {
+        for k in codec::decode_keys(&v)? {
+            assert!(!k.windows(2).any(|w| w == b"c1"), "{k:?}");
+            dedup_aged += usize::from(k.get(4) == Some(&keys::DEDUP));
+        }
+    }
+    assert!(dedup_aged >= 2, "{dedup_aged}");
     // The routing index entries in the meta group are released by the recorded intents.
     let mut released: Vec<String> = r
         .intents(100)?

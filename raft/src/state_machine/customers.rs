@@ -348,9 +348,18 @@ impl Tx<'_> {
             }
         }
         let id = customer_id.as_bytes();
-        for (k, target) in self.scan(&self.p(keys::EXPIRY))? {
-            if target.windows(id.len()).any(|w| w == id) {
+        for (k, targets) in self.scan(&self.p(keys::EXPIRY))? {
+            let listed = codec::decode_keys(&targets)?;
+            let kept: Vec<&[u8]> = listed
+                .iter()
+                .copied()
+                .filter(|t| !t.windows(id.len()).any(|w| w == id))
+                .collect();
+            if kept.is_empty() {
                 self.delete(k);
+            } else if kept.len() < listed.len() {
+                // An event's entry also lists its dedup key, which outlives the customer.
+                self.put_raw(k, codec::encode_keys(kept));
             }
         }
         if let Some(email) = customer.email {

@@ -22,7 +22,7 @@ pub(crate) mod snapshot;
 mod tx;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use custos_api::ErrorCode;
@@ -46,6 +46,15 @@ type Entry = openraft::Entry<TypeConfig>;
 pub(crate) const APPLIED: &[u8] = b"applied";
 /// `SM_META` key of the last applied membership.
 pub(crate) const MEMBERSHIP: &[u8] = b"membership";
+
+/// Keys written (puts and deletes) by every apply in this process: `/metrics` reports it,
+/// and the benchmark divides it by the events to show what one event costs in writes.
+static KEYS_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// Keys written by the state machines of this process so far.
+pub fn keys_written() -> u64 {
+    KEYS_WRITTEN.load(Ordering::Relaxed)
+}
 
 /// What an apply changed that the node's caches and workers must hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +179,7 @@ impl StateMachineStore {
             tx.put(tx.meta_key(MEMBERSHIP), &m)?;
         }
         let (batch, effects) = tx.finish();
+        KEYS_WRITTEN.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.db.write(batch)?;
         self.observer.applied(self.group, &effects);
         Ok(outcomes)

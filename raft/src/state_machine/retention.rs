@@ -31,26 +31,34 @@ impl Tx<'_> {
         let hi = keys::expiry(self.space, before_ms, 0);
         let found = self.stored_range(&lo, &hi, (limit - n) as usize)?;
         n += found.len() as u32;
-        for (aging_key, target) in found {
+        for (aging_key, targets) in found {
             self.delete(aging_key);
-            // Targets were recorded with the space they were written in; re-base them on
-            // this one (a snapshot install may have moved the group to its other space).
-            let mut target = target;
-            if target.len() >= 4 {
-                target[..4].copy_from_slice(&self.space.to_be_bytes());
+            for target in codec::decode_keys(&targets)? {
+                self.expire(target)?;
             }
-            if target.get(4) == Some(&keys::OUTBOX) {
-                // A delivery replayed after it aged is pending again: keep it.
-                match self.get::<OutboxRecord>(&target)? {
-                    Some(rec) if rec.state == DeliveryState::Pending => continue,
-                    Some(rec) => {
-                        self.delete(self.k(keys::FAILED, rec.command.id.as_bytes()));
-                    }
-                    None => continue,
-                }
-            }
-            self.delete(target);
         }
         Ok(ChangeOutcome::Pruned(n))
+    }
+
+    /// Deletes one aged record, unless it is a delivery that is pending again.
+    fn expire(&mut self, target: &[u8]) -> Result<(), StoreError> {
+        // Targets were recorded with the space they were written in; re-base them on this
+        // one (a snapshot install may have moved the group to its other space).
+        let mut target = target.to_vec();
+        if target.len() >= 4 {
+            target[..4].copy_from_slice(&self.space.to_be_bytes());
+        }
+        if target.get(4) == Some(&keys::OUTBOX) {
+            // A delivery replayed after it aged is pending again: keep it.
+            match self.get::<OutboxRecord>(&target)? {
+                Some(rec) if rec.state == DeliveryState::Pending => return Ok(()),
+                Some(rec) => {
+                    self.delete(self.k(keys::FAILED, rec.command.id.as_bytes()));
+                }
+                None => return Ok(()),
+            }
+        }
+        self.delete(target);
+        Ok(())
     }
 }

@@ -27,6 +27,9 @@ pub struct Tx<'a> {
     pub(crate) space: u32,
     batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Keys the current change aged, with when: written as one retention entry per time
+    /// when the change is done ([`Tx::flush_aging`]), not one entry per key.
+    aging: Vec<(i64, Vec<u8>)>,
     pub(crate) effects: Vec<Effect>,
     /// Unique, increasing per entry (log index << 24, plus one per use).
     seq: u64,
@@ -41,6 +44,7 @@ impl<'a> Tx<'a> {
             space,
             batch: WriteBatch::default(),
             overlay: HashMap::new(),
+            aging: Vec::new(),
             effects: Vec::new(),
             seq: 0,
         }
@@ -52,7 +56,8 @@ impl<'a> Tx<'a> {
     }
 
     /// The batch to write and the effects to report.
-    pub fn finish(self) -> (WriteBatch, Vec<Effect>) {
+    pub fn finish(mut self) -> (WriteBatch, Vec<Effect>) {
+        self.flush_aging();
         (self.batch, self.effects)
     }
 
@@ -111,17 +116,36 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
+    /// Puts bytes already encoded (by [`codec`]).
+    pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.put(&key, &value);
+        self.overlay.insert(key, Some(value));
+    }
+
     pub(crate) fn delete(&mut self, key: Vec<u8>) {
         self.batch.delete(&key);
         self.overlay.insert(key, None);
     }
 
-    /// Records `key` in the retention index as created at `at_ms`.
+    /// Records `key` in the retention index as created at `at_ms` (when the change is done).
     pub(crate) fn age(&mut self, at_ms: i64, key: &[u8]) {
-        let seq = self.next_seq();
-        let k = keys::expiry(self.space, at_ms, seq);
-        self.batch.put(&k, key);
-        self.overlay.insert(k, Some(key.to_vec()));
+        self.aging.push((at_ms, key.to_vec()));
+    }
+
+    /// Writes what the change aged: one retention entry per time, listing its keys. An event
+    /// ages its dedup key and activity lines together, so it costs one entry, not one each.
+    pub(crate) fn flush_aging(&mut self) {
+        if self.aging.is_empty() {
+            return;
+        }
+        let mut aging = std::mem::take(&mut self.aging);
+        aging.sort_by_key(|(at, _)| *at);
+        for same_time in aging.chunk_by(|a, b| a.0 == b.0) {
+            let seq = self.next_seq();
+            let k = keys::expiry(self.space, same_time[0].0, seq);
+            let v = codec::encode_keys(same_time.iter().map(|(_, key)| key.as_slice()));
+            self.put_raw(k, v);
+        }
     }
 
     /// Puts a record and indexes it for retention as created at `at_ms`.
@@ -227,10 +251,15 @@ impl<'a> Tx<'a> {
                 let mut outcomes = Vec::with_capacity(changes.len());
                 for c in changes {
                     outcomes.push(self.apply_one(c)?);
+                    self.flush_aging();
                 }
                 Ok(ChangeOutcome::Batch(outcomes))
             }
-            other => self.apply_one(other),
+            other => {
+                let outcome = self.apply_one(other);
+                self.flush_aging();
+                outcome
+            }
         }
     }
 
@@ -318,6 +347,9 @@ impl<'a> Tx<'a> {
             C::RecordDeliveries(updates) => {
                 for update in updates {
                     self.record_delivery(update)?;
+                    // Each delivery's keys age together, apart from the others' (so one
+                    // retention entry never lists a whole batch's keys).
+                    self.flush_aging();
                 }
                 Ok(ChangeOutcome::Done)
             }

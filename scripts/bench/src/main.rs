@@ -334,10 +334,19 @@ async fn active_profiles(http: &reqwest::Client, urls: &[String]) -> f64 {
     total
 }
 
-/// Batching counters summed over the nodes' `/metrics`: (WAL syncs, log appends flushed,
-/// proposer entries, proposer changes).
-async fn batching(http: &reqwest::Client, urls: &[String]) -> (f64, f64, f64, f64) {
-    let mut totals = (0.0, 0.0, 0.0, 0.0);
+/// Counters summed over the nodes' `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Counters {
+    wal_syncs: f64,
+    log_appends: f64,
+    proposer_entries: f64,
+    proposer_changes: f64,
+    /// Keys the state machines wrote (puts and deletes), on every replica.
+    keys_written: f64,
+}
+
+async fn counters(http: &reqwest::Client, urls: &[String]) -> Counters {
+    let mut totals = Counters::default();
     for u in urls {
         let Ok(r) = http.get(format!("{u}/metrics")).send().await else {
             continue;
@@ -351,17 +360,42 @@ async fn batching(http: &reqwest::Client, urls: &[String]) -> (f64, f64, f64, f6
                     .unwrap_or(0.0)
             };
             if line.starts_with("custos_wal_syncs ") {
-                totals.0 += value();
+                totals.wal_syncs += value();
             } else if line.starts_with("custos_log_appends_flushed ") {
-                totals.1 += value();
+                totals.log_appends += value();
             } else if line.starts_with("custos_proposer_entries{") {
-                totals.2 += value();
+                totals.proposer_entries += value();
             } else if line.starts_with("custos_proposer_changes{") {
-                totals.3 += value();
+                totals.proposer_changes += value();
+            } else if line.starts_with("custos_state_keys_written ") {
+                totals.keys_written += value();
             }
         }
     }
     totals
+}
+
+/// The counters once every replica has applied the deliveries' results: the key count stays
+/// the same over five readings 100 ms apart (nothing else writes after the load).
+async fn settled_counters(http: &reqwest::Client, urls: &[String]) -> anyhow::Result<Counters> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = counters(http, urls).await;
+    let mut unchanged = 0;
+    while unchanged < 5 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the deliveries' results were still being applied after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = counters(http, urls).await;
+        unchanged = if now.keys_written == last.keys_written {
+            unchanged + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    Ok(last)
 }
 
 #[tokio::main]
@@ -448,7 +482,7 @@ async fn main() -> anyhow::Result<()> {
         "sending {} events at concurrency {} ...",
         args.events, args.concurrency
     );
-    let before = batching(&http, &urls).await;
+    let before = counters(&http, &urls).await;
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let (rss_before, profiles_before) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let custos = load(
@@ -468,7 +502,7 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await;
-    let after = batching(&http, &urls).await;
+    let after = counters(&http, &urls).await;
     let (rss_after, profiles_after) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let sent_at = sent_at.into_inner().unwrap_or_else(|p| p.into_inner());
     let expected = sent_at.len();
@@ -486,6 +520,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let exactly_once =
         sent_at.keys().all(|k| per_id.get(k.as_str()) == Some(&1)) && per_id.len() == expected;
+    let settled = settled_counters(&http, &urls).await?;
 
     let etcd = match start_etcd(&args.etcd, args.nodes).await {
         Ok(e) => Some(e),
@@ -583,23 +618,26 @@ async fn main() -> anyhow::Result<()> {
             custos_rate / r
         );
     }
-    let (syncs, appends, entries, changes) = (
-        after.0 - before.0,
-        after.1 - before.1,
-        after.2 - before.2,
-        after.3 - before.3,
-    );
+    let syncs = after.wal_syncs - before.wal_syncs;
+    let entries = after.proposer_entries - before.proposer_entries;
     if syncs > 0.0 && entries > 0.0 {
         println!(
             "| WAL syncs per 1,000 events (all nodes) | {:.1} | |",
             syncs * 1000.0 / custos.ok.max(1) as f64
         );
-        println!("| log appends per WAL sync | {:.1} | |", appends / syncs);
+        println!(
+            "| log appends per WAL sync | {:.1} | |",
+            (after.log_appends - before.log_appends) / syncs
+        );
         println!(
             "| changes per Raft entry (proposer batches) | {:.1} | |",
-            changes / entries
+            (after.proposer_changes - before.proposer_changes) / entries
         );
     }
+    println!(
+        "| state keys written per event, its delivery's record included (per node) | {:.1} | |",
+        (settled.keys_written - before.keys_written) / (custos.ok.max(1) * urls.len()) as f64
+    );
     let mib = |b: u64| b as f64 / 1048576.0;
     println!(
         "| node memory (RSS) empty / after setup / after the events (MiB) | {:.0} / {:.0} / {:.0} | |",
