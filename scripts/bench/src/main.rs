@@ -317,6 +317,33 @@ fn nodes_rss(pids: &[u32]) -> u64 {
         * 1024
 }
 
+/// CPU time (user and system) the processes have used so far, in seconds (Linux
+/// `/proc/<pid>/stat`).
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .unwrap_or(100.0)
+    });
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): utime and stime are the
+            // 12th and 13th.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime = fields.next()?.parse::<f64>().ok()?;
+            let stime = fields.next()?.parse::<f64>().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .sum()
+}
+
 /// Profile actors alive on the nodes (`custos_active_profiles`), summed.
 async fn active_profiles(http: &reqwest::Client, urls: &[String]) -> f64 {
     let mut total = 0.0;
@@ -485,6 +512,7 @@ async fn main() -> anyhow::Result<()> {
     let before = counters(&http, &urls).await;
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let (rss_before, profiles_before) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
+    let cpu_before = cpu_seconds(&pids);
     let custos = load(
         args.events,
         args.concurrency,
@@ -521,6 +549,7 @@ async fn main() -> anyhow::Result<()> {
     let exactly_once =
         sent_at.keys().all(|k| per_id.get(k.as_str()) == Some(&1)) && per_id.len() == expected;
     let settled = settled_counters(&http, &urls).await?;
+    let cpu_custos = cpu_seconds(&pids) - cpu_before;
 
     let etcd = match start_etcd(&args.etcd, args.nodes).await {
         Ok(e) => Some(e),
@@ -537,19 +566,20 @@ async fn main() -> anyhow::Result<()> {
                 "putting {} values of {avg_body} bytes into etcd ...",
                 args.events
             );
-            Some(
-                load(
-                    args.events,
-                    args.concurrency,
-                    |i| {
-                        let key = B64.encode(format!("bench/{i}"));
-                        http.post(&put_urls[i % put_urls.len()])
-                            .json(&json!({"key": key, "value": value}))
-                    },
-                    |_, _, _| {},
-                )
-                .await,
+            let pids: Vec<u32> = e.children.iter().map(Child::id).collect();
+            let cpu_before = cpu_seconds(&pids);
+            let result = load(
+                args.events,
+                args.concurrency,
+                |i| {
+                    let key = B64.encode(format!("bench/{i}"));
+                    http.post(&put_urls[i % put_urls.len()])
+                        .json(&json!({"key": key, "value": value}))
+                },
+                |_, _, _| {},
             )
+            .await;
+            Some((result, cpu_seconds(&pids) - cpu_before))
         }
         None => None,
     };
@@ -567,6 +597,8 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("| measure | {custos_label} | etcd ({members}) |");
     println!("| --- | --- | --- |");
+    let etcd_cpu = etcd_result.as_ref().map(|(r, cpu)| (r.ok, *cpu));
+    let etcd_result = etcd_result.map(|(r, _)| r);
     let etcd_rate = etcd_result.as_ref().map(|r| r.ok as f64 / r.seconds);
     println!(
         "| writes/s (events accepted / puts) | {:.0} | {} |",
@@ -618,6 +650,15 @@ async fn main() -> anyhow::Result<()> {
             custos_rate / r
         );
     }
+    // CPU per write is steadier than writes/s on a shared machine: it does not depend on
+    // what else ran meanwhile. Custos's includes delivering the command.
+    println!(
+        "| CPU per write (ms, all nodes or members; Custos's includes the command's delivery) | {:.3} | {} |",
+        cpu_custos * 1000.0 / custos.ok.max(1) as f64,
+        etcd_cpu
+            .map(|(ok, cpu)| format!("{:.3}", cpu * 1000.0 / ok.max(1) as f64))
+            .unwrap_or("-".into())
+    );
     let syncs = after.wal_syncs - before.wal_syncs;
     let entries = after.proposer_entries - before.proposer_entries;
     if syncs > 0.0 && entries > 0.0 {
