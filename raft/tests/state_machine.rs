@@ -395,6 +395,20 @@ async fn an_event_routed_by_a_stale_index_entry_is_ignored() -> anyhow::Result<(
         "{reason:?}"
     );
     assert!(s.reader.outbox("cmd-e1")?.is_none());
+    // Routed to a customer erased meanwhile (its links went with it): ignored, and the
+    // event is kept for deduplication without naming anyone.
+    s.apply(vec![StateChange::EraseCustomer {
+        customer_id: "c1".into(),
+    }])
+    .await?;
+    let out = s.apply(vec![ingest("e2", 200)]).await?;
+    let ChangeOutcome::Ingested { fate, reason, .. } = &out[0] else {
+        anyhow::bail!("{out:?}");
+    };
+    assert_eq!(*fate, EventFate::Ignored);
+    assert_eq!(reason.as_deref(), Some("the customer no longer exists"));
+    assert!(s.reader.outbox("cmd-e2")?.is_none());
+    assert!(s.reader.activity("c1", None, 10)?.0.is_empty());
     Ok(())
 }
 
