@@ -22,6 +22,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::error::ServiceError;
+use crate::routes::RouteCache;
 use crate::seal::KeyRing;
 
 /// An entity with what the hot path needs precomputed: parsed secrets and compiled schemas.
@@ -315,6 +316,7 @@ impl InFlight {
 /// group's due queue, wakes the intent worker and the cluster manager.
 struct Observer {
     entities: Arc<EntityCache>,
+    routes: Arc<RouteCache>,
     due: Arc<DueQueue>,
     wake: Arc<Wakers>,
 }
@@ -324,6 +326,9 @@ impl ApplyObserver for Observer {
         for e in effects {
             match e {
                 Effect::EntityChanged(id) => self.entities.invalidate(Some(id)),
+                Effect::SubjectChanged { entity_id, subject } => {
+                    self.routes.invalidate(Some((entity_id, subject)))
+                }
                 Effect::DeliveryDue { command_id, due_ms } => {
                     self.due.push(*due_ms, command_id.clone())
                 }
@@ -337,6 +342,7 @@ impl ApplyObserver for Observer {
                 }
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
+                    self.routes.invalidate(None);
                     self.due.invalidate();
                     self.wake.cluster_changed();
                     self.wake.intents.notify_one();
@@ -473,6 +479,8 @@ pub struct Core {
     groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
     /// Entities by id.
     pub entities: Arc<EntityCache>,
+    /// The routing index's answers for the subjects events arrived for.
+    pub routes: Arc<RouteCache>,
     /// Wake-ups from applies.
     pub wake: Arc<Wakers>,
     /// The shard map as last read from the meta group, with the cluster epoch it was read at.
@@ -523,6 +531,7 @@ impl Core {
             raft_config: Arc::new(raft_config),
             groups: RwLock::new(BTreeMap::new()),
             entities: Arc::new(EntityCache::default()),
+            routes: Arc::new(RouteCache::default()),
             wake: Arc::new(Wakers::default()),
             shard_map: RwLock::new(None),
             opened: Mutex::new(None),
@@ -592,6 +601,7 @@ impl Core {
         let due = Arc::new(DueQueue::default());
         let observer = Arc::new(Observer {
             entities: self.entities.clone(),
+            routes: self.routes.clone(),
             due: due.clone(),
             wake: self.wake.clone(),
         });
@@ -777,7 +787,9 @@ impl Core {
         source: &str,
         subject: &str,
     ) -> Result<(Option<String>, GroupId), ServiceError> {
-        let customer = self.meta()?.reader.customer_for_subject(source, subject)?;
+        let customer = self
+            .routes
+            .customer_for_subject(&self.meta()?.reader, source, subject)?;
         let group = match &customer {
             Some(c) => self.group_of(c)?,
             None => self.shard_map()?.group_of(&format!("{source}\0{subject}")),

@@ -12,6 +12,7 @@
 //! - [`cluster`]: the cluster secret, joining, and the manager that moves replicas and
 //!   leaders to where the placement wants them; cluster status.
 //! - [`forward`]: any node takes any call; calls for a group led elsewhere go to its leader.
+//! - [`routes`]: the routing index (entity, subject) -> customer, cached for events.
 //! - [`gateway`]: client API handlers (decode, call one service, encode) and OpenAPI.
 //! - [`peer`]: the peer port: Raft RPCs, forwarded proposals and calls, joins, status.
 //! - [`service`]: the vault's operations, one file per resource.
@@ -47,6 +48,7 @@ pub mod peer;
 pub mod portal;
 pub mod profile;
 pub mod recommend;
+pub mod routes;
 pub mod rules;
 pub mod scrub;
 pub mod seal;

@@ -430,6 +430,47 @@ async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_subject_linked_anew_routes_its_events_to_the_new_customer() -> anyhow::Result<()> {
+    let w = world().await?;
+    let anon = w.node.anonymous();
+    let admin = w.node.admin();
+    // The node now holds FF-1234's route to the first customer in memory.
+    let r = anon
+        .send_event(&w.airline, &delayed("move-1", "FF-1234", 90))
+        .await?;
+    assert_eq!(r.status, EventStatus::Accepted);
+    w.node
+        .admin()
+        .with_token(&w.customer.token)
+        .unlink(&w.customer.id, "airline")
+        .await?;
+    // Another customer links the same frequent-flyer number once the release has landed.
+    let second = admin.create_customer().await?;
+    let link = |entity: &str, subject: &str| LinkRequest {
+        entity_id: entity.into(),
+        subject: subject.into(),
+    };
+    poll::until("FF-1234 released for a new link", WAIT, || {
+        let (admin, id, req) = (admin.clone(), second.id.clone(), link("airline", "FF-1234"));
+        async move { admin.link(&id, &req).await.ok() }
+    })
+    .await?;
+    admin.link(&second.id, &link("hotel", "guest-88")).await?;
+    let me = admin.with_token(&second.token);
+    me.create_rule(&second.id, &delay_rule()).await?;
+    // Routed to the second customer: a stale route would reach the first, who no longer
+    // links the airline, and the event would be ignored.
+    let r = anon
+        .send_event(&w.airline, &delayed("move-2", "FF-1234", 90))
+        .await?;
+    assert_eq!(r.status, EventStatus::Accepted, "{:?}", r.reason);
+    let page = admin.activity(&second.id, 50, None).await?;
+    assert!(page.items.iter().any(|i| matches!(&i.kind,
+        ActivityKind::EventReceived { event_id, .. } if event_id == "move-2")));
+    Ok(())
+}
+
+#[tokio::test]
 async fn nothing_acknowledged_is_lost_across_a_kill_and_pending_deliveries_resume(
 ) -> anyhow::Result<()> {
     let opts = NodeOptions {

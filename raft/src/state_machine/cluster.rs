@@ -156,6 +156,7 @@ impl Tx<'_> {
             held.customer_id = customer_id.to_owned();
             held.claims.push(claim.to_owned());
             self.put(key, &held)?;
+            self.subject_changed(entity_id, subject);
         }
         Ok(ChangeOutcome::Done)
     }
@@ -175,11 +176,20 @@ impl Tx<'_> {
             held.claims.retain(|c| c != claim);
             if held.claims.is_empty() {
                 self.delete(key);
+                self.subject_changed(entity_id, subject);
             } else {
                 self.put(key, &held)?;
             }
         }
         Ok(ChangeOutcome::Done)
+    }
+
+    /// Tells the node's route cache that this subject's claim changed.
+    fn subject_changed(&mut self, entity_id: &str, subject: &str) {
+        self.effects.push(Effect::SubjectChanged {
+            entity_id: entity_id.to_owned(),
+            subject: subject.to_owned(),
+        });
     }
 
     pub(crate) fn claim_email(

@@ -61,6 +61,13 @@ pub fn keys_written() -> u64 {
 pub enum Effect {
     /// An entity was registered or changed.
     EntityChanged(String),
+    /// Meta group: who claims this subject at this entity changed (claimed or released).
+    SubjectChanged {
+        /// The entity.
+        entity_id: String,
+        /// The subject at that entity.
+        subject: String,
+    },
     /// A delivery is pending and due at this time (new, retried or replayed).
     DeliveryDue {
         /// Command id.
