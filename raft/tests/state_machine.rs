@@ -164,6 +164,15 @@ fn delivered(cmd: &str, at_ms: i64) -> StateChange {
     }])
 }
 
+/// A prune of everything aged before `before_ms` (up to 1,000 retention entries).
+fn prune_before(before_ms: i64) -> StateChange {
+    StateChange::Prune {
+        now_ms: 0,
+        before_ms,
+        limit: 1000,
+    }
+}
+
 fn rejected(o: &ChangeOutcome, want: ErrorCode) -> bool {
     matches!(o, ChangeOutcome::Rejected { code, .. } if *code == want)
 }
@@ -423,13 +432,7 @@ async fn retention_prunes_settled_records_but_never_pending_ones() -> anyhow::Re
     ])
     .await?;
     s.apply(vec![ingest("new", 50_000)]).await?;
-    let out = s
-        .apply(vec![StateChange::Prune {
-            now_ms: 0,
-            before_ms: 10_000,
-            limit: 1000,
-        }])
-        .await?;
+    let out = s.apply(vec![prune_before(10_000)]).await?;
     assert!(matches!(out[0], ChangeOutcome::Pruned(n) if n > 0));
     assert!(
         s.reader.outbox("cmd-old")?.is_none(),
@@ -497,13 +500,7 @@ async fn an_event_and_its_delivery_each_age_their_records_in_one_retention_entry
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 4);
     // Pruning up to 2.5 s takes the first event, its delivery and the second event, all of
     // their listed keys, and leaves the third.
-    let out = s
-        .apply(vec![StateChange::Prune {
-            now_ms: 0,
-            before_ms: 2_500,
-            limit: 1000,
-        }])
-        .await?;
+    let out = s.apply(vec![prune_before(2_500)]).await?;
     assert_eq!(out[0], ChangeOutcome::Pruned(before as u32 + 3));
     assert!(s.reader.outbox("cmd-e1")?.is_none(), "delivered and aged");
     assert!(s.reader.outbox("cmd-e2")?.is_some(), "pending: kept");
@@ -559,13 +556,7 @@ async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow:
     assert_eq!(current, Some(snap.meta.clone()));
     // Retention still finds what it indexed before the install moved the key space.
     b.apply(vec![delivered("cmd-e1", 150)]).await?;
-    let out = b
-        .apply(vec![StateChange::Prune {
-            now_ms: 0,
-            before_ms: 10_000,
-            limit: 1000,
-        }])
-        .await?;
+    let out = b.apply(vec![prune_before(10_000)]).await?;
     assert!(matches!(out[0], ChangeOutcome::Pruned(n) if n > 0));
     assert!(
         b.reader.outbox("cmd-e1")?.is_none(),
@@ -608,13 +599,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
     // none of them is under the customer's own prefixes.
     s.apply(vec![ingest("aged", 500)]).await?;
     // Its own apply: pruning reads committed data, not the writes of its own batch.
-    let pruned = s
-        .apply(vec![StateChange::Prune {
-            now_ms: 0,
-            before_ms: 900,
-            limit: 1000,
-        }])
-        .await?;
+    let pruned = s.apply(vec![prune_before(900)]).await?;
     assert!(
         matches!(pruned[0], ChangeOutcome::Pruned(n) if n > 0),
         "{pruned:?}"
