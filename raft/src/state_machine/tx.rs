@@ -251,19 +251,22 @@ impl<'a> Tx<'a> {
                 let mut outcomes = Vec::with_capacity(changes.len());
                 for c in changes {
                     outcomes.push(self.apply_one(c)?);
-                    self.flush_aging();
                 }
                 Ok(ChangeOutcome::Batch(outcomes))
             }
-            other => {
-                let outcome = self.apply_one(other);
-                self.flush_aging();
-                outcome
-            }
+            other => self.apply_one(other),
         }
     }
 
+    /// Applies one change, then writes the retention entries of what it aged, so the next
+    /// change of the batch (an erasure, say) sees them.
     fn apply_one(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
+        let outcome = self.dispatch(change)?;
+        self.flush_aging();
+        Ok(outcome)
+    }
+
+    fn dispatch(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
         if !in_scope(self.group, &change) {
             return Ok(ChangeOutcome::rejected(
                 ErrorCode::Internal,
