@@ -3,14 +3,14 @@
 //! when that is another node), `read` from a local replica, and where a customer lives.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use custos_api::webhook::Secret;
 use custos_api::ErrorCode;
 use custos_raft::network::{PeerNetwork, Peers};
-use custos_raft::records::{ClusterSettings, EntityRecord, GroupReport, NodeRecord};
+use custos_raft::records::{ClusterSettings, CommandRecord, EntityRecord, GroupReport, NodeRecord};
 use custos_raft::types::{GroupId, NodeId};
 use custos_raft::{
     codec, ApplyObserver, ChangeOutcome, Effect, LogStore, ProposeError, Proposer, ProposerLimits,
@@ -147,11 +147,17 @@ impl EntityCache {
 
 /// Pending deliveries by due time, kept in memory so the worker never scans the due index
 /// (a queue in an LSM tree leaves a tombstone per settled entry for every scan to skip).
-/// Fed by the state machine's apply effects; reloaded from storage when this node becomes
-/// the group's leader or installs a snapshot.
+/// Fed by the state machine's apply effects while this node leads the group (a follower
+/// keeps nothing: its worker reloads from storage when it becomes the leader); reloaded from
+/// storage when this node becomes the group's leader or installs a snapshot.
 #[derive(Default)]
 pub struct DueQueue {
-    queue: Mutex<std::collections::BTreeSet<(i64, String)>>,
+    queue: Mutex<Queue>,
+    /// True while this node's worker leads the group.
+    leading: AtomicBool,
+    /// Bumped by every apply that can withdraw consent (an unlink, an erasure, a snapshot):
+    /// a created command handed over before a bump has its link checked again.
+    consent: AtomicU64,
     /// Set when the queue must be reloaded from storage.
     stale: AtomicBool,
     wake: Notify,
@@ -159,32 +165,73 @@ pub struct DueQueue {
     heartbeat_ms: AtomicI64,
 }
 
+#[derive(Default)]
+struct Queue {
+    by_time: BTreeSet<(i64, String)>,
+    /// Commands handed over by the applies that created them, until their first attempt.
+    created: HashMap<String, CreatedCommand>,
+}
+
+/// At most this many created commands are held for their first attempt (about 1 KiB each);
+/// beyond it the attempt reads the command from storage, as a retry does.
+const MAX_CREATED_HELD: usize = 16_384;
+
+/// A command as its creating apply handed it over, with the consent count at that time.
+#[derive(Debug, Clone)]
+pub struct CreatedCommand {
+    /// The command.
+    pub command: Arc<CommandRecord>,
+    consent: u64,
+}
+
 impl DueQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(i64, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a due delivery and wakes the worker.
-    pub fn push(&self, due_ms: i64, command_id: String) {
-        self.lock().insert((due_ms, command_id));
+    /// Starts (true) or stops (false) keeping the queue: only the leader's worker sends. On
+    /// stopping, the queue is emptied; on starting, the worker reloads it from storage (an
+    /// apply seen before this call has written its batch already, so the reload finds it).
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::SeqCst);
+        if !leading {
+            self.clear();
+        }
+    }
+
+    /// Adds a due delivery (with its command when its apply created it) and wakes the worker.
+    pub fn push(&self, due_ms: i64, command_id: String, created: Option<Arc<CommandRecord>>) {
+        if !self.leading.load(Ordering::SeqCst) {
+            return;
+        }
+        let consent = self.consent.load(Ordering::SeqCst);
+        let mut q = self.lock();
+        if let Some(command) = created.filter(|_| q.created.len() < MAX_CREATED_HELD) {
+            q.created
+                .insert(command_id.clone(), CreatedCommand { command, consent });
+        }
+        q.by_time.insert((due_ms, command_id));
+        drop(q);
         self.wake.notify_one();
     }
 
     /// Adds many (a reload from storage).
     pub fn extend(&self, items: impl IntoIterator<Item = (i64, String)>) {
-        self.lock().extend(items);
+        self.lock().by_time.extend(items);
         self.wake.notify_one();
     }
 
-    /// Removes and returns up to `max` deliveries due at `now_ms`.
-    pub fn pop_due(&self, now_ms: i64, max: usize) -> Vec<String> {
+    /// Removes and returns up to `max` deliveries due at `now_ms`, each with its command when
+    /// its apply handed it over.
+    pub fn pop_due(&self, now_ms: i64, max: usize) -> Vec<(String, Option<CreatedCommand>)> {
         let mut q = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
-            match q.first() {
+            match q.by_time.first() {
                 Some((due, _)) if *due <= now_ms => {
-                    if let Some((_, id)) = q.pop_first() {
-                        out.push(id);
+                    if let Some((_, id)) = q.by_time.pop_first() {
+                        let created = q.created.remove(&id);
+                        out.push((id, created));
                     }
                 }
                 _ => break,
@@ -193,32 +240,47 @@ impl DueQueue {
         out
     }
 
+    /// Counts an apply that may have withdrawn consent (an unlink or an erasure).
+    pub fn consent_changed(&self) {
+        self.consent.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// True when no apply has withdrawn consent since `created` was handed over: its target
+    /// is still linked. Ask after the attempt is registered in flight, so an unlink applied
+    /// later waits for it.
+    pub fn still_consented(&self, created: &CreatedCommand) -> bool {
+        self.consent.load(Ordering::SeqCst) == created.consent
+    }
+
     /// The earliest due time queued.
     pub fn next_due(&self) -> Option<i64> {
-        self.lock().first().map(|(d, _)| *d)
+        self.lock().by_time.first().map(|(d, _)| *d)
     }
 
     /// Queued deliveries.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_time.len()
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().by_time.is_empty()
     }
 
-    /// Empties the queue and marks it for a reload (lost leadership, snapshot installed).
+    /// Empties the queue and marks it for a reload (snapshot installed).
     pub fn invalidate(&self) {
-        self.lock().clear();
+        self.consent_changed();
+        self.clear();
         self.stale.store(true, Ordering::SeqCst);
         self.wake.notify_one();
     }
 
     /// Empties the queue without waking the worker (it stops leading); the next leadership
     /// reloads it from storage.
-    pub fn clear(&self) {
-        self.lock().clear();
+    fn clear(&self) {
+        let mut q = self.lock();
+        q.by_time.clear();
+        q.created.clear();
     }
 
     /// True (once) when the queue must be reloaded from storage.
@@ -329,14 +391,20 @@ impl ApplyObserver for Observer {
                 Effect::SubjectChanged { entity_id, subject } => {
                     self.routes.invalidate(Some((entity_id, subject)))
                 }
-                Effect::DeliveryDue { command_id, due_ms } => {
-                    self.due.push(*due_ms, command_id.clone())
-                }
+                Effect::DeliveryDue {
+                    command_id,
+                    due_ms,
+                    created,
+                } => self.due.push(*due_ms, command_id.clone(), created.clone()),
+                Effect::Unlinked => self.due.consent_changed(),
                 Effect::IntentAdded => self.wake.intents.notify_one(),
                 Effect::ClusterChanged => {
                     self.wake.cluster_changed();
                 }
-                Effect::Erased => self.wake.erased(group),
+                Effect::Erased => {
+                    self.due.consent_changed();
+                    self.wake.erased(group)
+                }
                 Effect::RuleChanged => {
                     self.wake.rule_changes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1058,5 +1126,87 @@ fn outcome_result(outcome: ChangeOutcome) -> Result<ChangeOutcome, ServiceError>
     match outcome {
         ChangeOutcome::Rejected { code, detail } => Err(ServiceError::refused(code, detail)),
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(id: &str) -> Arc<CommandRecord> {
+        Arc::new(CommandRecord {
+            id: id.into(),
+            customer_id: "c".into(),
+            target: "hotel".into(),
+            command_type: "room.hold".into(),
+            subject: "guest".into(),
+            data_json: "{}".into(),
+            event_id: "e".into(),
+            event_source: "airline".into(),
+            rule_id: "r".into(),
+            created_ms: 1,
+        })
+    }
+
+    #[test]
+    fn a_follower_keeps_no_queue_and_a_leader_gets_created_commands_once() {
+        let due = DueQueue::default();
+        due.push(1, "cmd_a".into(), Some(command("cmd_a")));
+        assert!(due.is_empty(), "not leading: nothing kept");
+        due.set_leading(true);
+        due.push(1, "cmd_a".into(), Some(command("cmd_a")));
+        due.push(2, "cmd_b".into(), None);
+        // A reload from storage queues the same delivery again: still one entry.
+        due.extend([(1, "cmd_a".to_owned())]);
+        assert_eq!(due.len(), 2);
+        let popped = due.pop_due(5, 10);
+        assert_eq!(popped.len(), 2);
+        let (id, created) = &popped[0];
+        assert_eq!(id, "cmd_a");
+        let created = created.as_ref().map(|c| c.command.id.as_str());
+        assert_eq!(created, Some("cmd_a"));
+        assert!(popped[1].1.is_none(), "a retry or reload reads the store");
+        // Queued again (e.g. requeued): the command is not handed over twice.
+        due.push(3, "cmd_a".into(), None);
+        assert!(due.pop_due(5, 10)[0].1.is_none());
+        due.push(1, "cmd_c".into(), Some(command("cmd_c")));
+        due.set_leading(false);
+        assert!(due.is_empty() && due.pop_due(5, 10).is_empty());
+    }
+
+    #[test]
+    fn an_unlink_after_the_handover_sends_the_attempt_back_to_the_link() {
+        let due = DueQueue::default();
+        due.set_leading(true);
+        due.push(1, "cmd_a".into(), Some(command("cmd_a")));
+        due.push(1, "cmd_b".into(), Some(command("cmd_b")));
+        let popped = due.pop_due(5, 1);
+        let a = popped[0].1.clone().expect("handed over");
+        assert!(due.still_consented(&a));
+        due.consent_changed();
+        assert!(!due.still_consented(&a));
+        let b = due.pop_due(5, 1)[0].1.clone().expect("handed over");
+        assert!(
+            !due.still_consented(&b),
+            "handed over before the unlink too"
+        );
+        // Created after it: consented.
+        due.push(1, "cmd_c".into(), Some(command("cmd_c")));
+        let c = due.pop_due(5, 1)[0].1.clone().expect("handed over");
+        assert!(due.still_consented(&c));
+    }
+
+    #[test]
+    fn created_commands_held_are_bounded() {
+        let due = DueQueue::default();
+        due.set_leading(true);
+        for i in 0..MAX_CREATED_HELD + 10 {
+            let id = format!("cmd_{i}");
+            due.push(1, id.clone(), Some(command(&id)));
+        }
+        let popped = due.pop_due(5, usize::MAX);
+        assert_eq!(popped.len(), MAX_CREATED_HELD + 10, "every delivery queued");
+        let held = popped.iter().filter(|(_, c)| c.is_some()).count();
+        assert_eq!(held, MAX_CREATED_HELD);
     }
 }

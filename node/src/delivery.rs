@@ -1,6 +1,7 @@
 //! The delivery worker: one per data group, sending while this node leads the group. It sends
-//! due commands from the group's outbox to their entities as signed CloudEvents, and records
-//! every attempt through the group's Raft log in batches.
+//! due commands (a new one as its apply handed it over, others read from the group's outbox)
+//! to their entities as signed CloudEvents, and records every attempt through the group's
+//! Raft log in batches.
 //!
 //! At least once, with a stable `webhook-id`: a command is re-sent only if its attempt was
 //! not recorded (the node stopped mid-flight, or leadership moved and the new leader resumed
@@ -17,14 +18,14 @@ use custos_api::types::unix_now_ms;
 use custos_api::webhook::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use custos_api::CloudEvent;
 use custos_raft::records::{
-    AttemptNext, AttemptRecord, DeliveryState, DeliveryUpdate, OutboxRecord,
+    AttemptNext, AttemptRecord, CommandRecord, DeliveryState, DeliveryUpdate,
 };
 use custos_raft::{StateChange, META_GROUP};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::DeliveryConfig;
-use crate::core::{CachedEntity, Core, Group};
+use crate::core::{CachedEntity, Core, CreatedCommand, Group};
 use crate::outbound::{error_chain, OutboundError};
 
 /// Why one attempt did not deliver.
@@ -75,8 +76,7 @@ pub fn parse_retry_after(v: &str, now: std::time::SystemTime) -> Option<Duration
 }
 
 /// The CloudEvent body of a command (stable across retries: its time is the creation time).
-pub fn command_body(rec: &OutboxRecord) -> Vec<u8> {
-    let c = &rec.command;
+pub fn command_body(c: &CommandRecord) -> Vec<u8> {
     let mut ev = CloudEvent::new(c.id.clone(), "custos", c.command_type.clone());
     ev.subject = Some(c.subject.clone());
     ev.time = Some(custos_api::types::rfc3339_ms(c.created_ms));
@@ -124,13 +124,16 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
         }
         let leader_now = group.leads(core.node_id);
         if !leader_now {
-            // Only the leader delivers; a follower's queue would only grow. The new leader
-            // resumes from the outbox with the same command ids.
+            // Only the leader delivers; a follower keeps no queue. The new leader resumes
+            // from the outbox with the same command ids.
             if leading {
-                due.clear();
+                due.set_leading(false);
             }
         } else {
             due.beat(unix_now_ms());
+            if !leading {
+                due.set_leading(true);
+            }
             if !leading || due.take_stale() {
                 match core.read(group.id, |r| r.due(i64::MAX, usize::MAX)).await {
                     Ok(items) => due.extend(items),
@@ -189,11 +192,11 @@ async fn confirm_leadership(core: &Core, group: &Group) -> bool {
 fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
     let in_flight = &worker.group.in_flight;
     let free = concurrency.saturating_sub(in_flight.len());
-    for id in worker.group.due.pop_due(now_ms, free) {
+    for (id, created) in worker.group.due.pop_due(now_ms, free) {
         // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
         if in_flight.insert(&id) {
             let w = worker.clone();
-            tokio::spawn(async move { attempt(w, id).await });
+            tokio::spawn(async move { attempt(w, id, created).await });
         }
     }
 }
@@ -203,11 +206,11 @@ fn finish(worker: &Worker, id: &str) {
 }
 
 fn requeue(worker: &Worker, id: String) {
-    worker.group.due.push(unix_now_ms() + REQUEUE_MS, id);
+    worker.group.due.push(unix_now_ms() + REQUEUE_MS, id, None);
 }
 
-async fn attempt(worker: Arc<Worker>, id: String) {
-    match prepare_and_send(&worker, &id).await {
+async fn attempt(worker: Arc<Worker>, id: String, created: Option<CreatedCommand>) {
+    match prepare_and_send(&worker, &id, created).await {
         Ok(Some((update, target))) => {
             if let DeliveryUpdate::Attempted {
                 next: AttemptNext::Gone,
@@ -232,10 +235,56 @@ async fn attempt(worker: Arc<Worker>, id: String) {
     }
 }
 
+/// What an attempt needs of a pending delivery.
+struct PendingDelivery {
+    command: Arc<CommandRecord>,
+    attempts_made: usize,
+    next_due_ms: Option<i64>,
+    /// Whether the customer still links the command's target.
+    linked: bool,
+}
+
+/// The pending delivery `id`: as its creating apply handed it over, while no unlink or
+/// erasure was applied since (the apply only creates commands to linked targets); else
+/// read from the outbox, with its link. `None` when it is no longer pending.
+fn pending_delivery(
+    worker: &Worker,
+    id: &str,
+    created: Option<CreatedCommand>,
+) -> Result<Option<PendingDelivery>, crate::error::ServiceError> {
+    if let Some(created) = created.filter(|c| worker.group.due.still_consented(c)) {
+        return Ok(Some(PendingDelivery {
+            command: created.command,
+            attempts_made: 0,
+            next_due_ms: None,
+            linked: true,
+        }));
+    }
+    // Two point reads (the record, and whether its target is still linked), inline: they are
+    // served from RocksDB's memtable or block cache, cheaper than a trip to the blocking pool.
+    let reader = &worker.group.reader;
+    let Some(rec) = reader
+        .outbox(id)?
+        .filter(|r| r.state == DeliveryState::Pending)
+    else {
+        return Ok(None);
+    };
+    let linked = reader
+        .link(&rec.command.customer_id, &rec.command.target)?
+        .is_some();
+    Ok(Some(PendingDelivery {
+        attempts_made: rec.attempts.len(),
+        next_due_ms: rec.next_due_ms,
+        command: Arc::new(rec.command),
+        linked,
+    }))
+}
+
 /// Sends one due command; answers its result and its target.
 async fn prepare_and_send(
     worker: &Worker,
     id: &str,
+    created: Option<CreatedCommand>,
 ) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
     let core = &worker.core;
     if !worker.group.leads(core.node_id) {
@@ -244,19 +293,7 @@ async fn prepare_and_send(
         requeue(worker, id.to_owned());
         return Ok(None);
     }
-    // Two point reads (the record, and whether its target is still linked), inline: they are
-    // served from RocksDB's memtable or block cache, cheaper than a trip to the blocking pool.
-    let reader = &worker.group.reader;
-    let found = match reader.outbox(id)? {
-        Some(rec) => {
-            let linked = reader
-                .link(&rec.command.customer_id, &rec.command.target)?
-                .is_some();
-            Some((rec, linked))
-        }
-        None => None,
-    };
-    let Some((rec, linked)) = found.filter(|(r, _)| r.state == DeliveryState::Pending) else {
+    let Some(rec) = pending_delivery(worker, id, created)? else {
         return Ok(None);
     };
     if rec.next_due_ms.is_some_and(|due| due > unix_now_ms()) {
@@ -264,6 +301,7 @@ async fn prepare_and_send(
         // operator): its own entry at the new due time sends it.
         return Ok(None);
     }
+    let linked = rec.linked;
     worker
         .group
         .in_flight
@@ -304,10 +342,10 @@ async fn prepare_and_send(
         )));
     }
     let started = Instant::now();
-    let result = send(worker, &entity, &rec).await;
+    let result = send(worker, &entity, &rec.command).await;
     let duration = started.elapsed();
     metrics::histogram!("custos_delivery_attempt_seconds").record(duration.as_secs_f64());
-    let attempts_made = rec.attempts.len() + 1;
+    let attempts_made = rec.attempts_made + 1;
     let cfg = &core.config.delivery;
     let (status_code, error, next) = match result {
         Ok(code) => {
@@ -359,7 +397,7 @@ async fn prepare_and_send(
 async fn send(
     worker: &Worker,
     entity: &CachedEntity,
-    rec: &OutboxRecord,
+    command: &CommandRecord,
 ) -> Result<u16, (DeliveryError, Option<Duration>)> {
     let request = worker
         .core
@@ -369,19 +407,19 @@ async fn send(
             OutboundError::Forbidden(ip) => (DeliveryError::ForbiddenAddress(ip), None),
             other => (DeliveryError::BadUrl(other.to_string()), None),
         })?;
-    let body = command_body(rec);
+    let body = command_body(command);
     let ts = webhook::unix_now();
     let now_ms = unix_now_ms();
     // Sign with every valid secret, so a target mid-rotation verifies with either.
     let signature = entity
         .valid_secrets(now_ms)
         .iter()
-        .map(|s| s.sign(&rec.command.id, ts, &body))
+        .map(|s| s.sign(&command.id, ts, &body))
         .collect::<Vec<_>>()
         .join(" ");
     let resp = request
         .header("content-type", CLOUDEVENTS_CONTENT_TYPE)
-        .header(HEADER_ID, &rec.command.id)
+        .header(HEADER_ID, &command.id)
         .header(HEADER_TIMESTAMP, ts.to_string())
         .header(HEADER_SIGNATURE, signature)
         .body(body)

@@ -302,7 +302,7 @@ pub struct EventRecord {
 }
 
 /// A command the vault will deliver.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandRecord {
     /// Stable id: the CloudEvent id and the `webhook-id` on every attempt.
     pub id: String,

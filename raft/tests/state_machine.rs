@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use custos_api::ErrorCode;
 use custos_raft::records::*;
-use custos_raft::state_machine::NoObserver;
+use custos_raft::state_machine::{ApplyObserver, Effect, NoObserver};
 use custos_raft::{codec, keys};
 use custos_raft::{ChangeOutcome, StateChange, StateMachineStore, StateReader, TypeConfig};
 use openraft::storage::RaftStateMachine;
@@ -21,14 +21,13 @@ struct Store {
 }
 
 fn store(group: u32) -> anyhow::Result<Store> {
+    store_observed(group, Arc::new(NoObserver))
+}
+
+fn store_observed(group: u32, observer: Arc<dyn ApplyObserver>) -> anyhow::Result<Store> {
     let dir = tempfile::tempdir()?;
     let db = custos_raft::open_db(dir.path())?;
-    let sm = StateMachineStore::new(
-        db.clone(),
-        group,
-        Arc::new(NoObserver),
-        dir.path().join("snapshots"),
-    )?;
+    let sm = StateMachineStore::new(db.clone(), group, observer, dir.path().join("snapshots"))?;
     Ok(Store {
         reader: sm.reader(),
         db,
@@ -418,6 +417,78 @@ async fn an_event_routed_by_a_stale_index_entry_is_ignored() -> anyhow::Result<(
     assert_eq!(reason.as_deref(), Some("the customer no longer exists"));
     assert!(s.reader.outbox("cmd-e2")?.is_none());
     assert!(s.reader.activity("c1", None, 10)?.0.is_empty());
+    Ok(())
+}
+
+/// Keeps every effect reported.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<Effect>>);
+
+impl ApplyObserver for Recorded {
+    fn applied(&self, _group: u32, effects: &[Effect]) {
+        if let Ok(mut all) = self.0.lock() {
+            all.extend_from_slice(effects);
+        }
+    }
+}
+
+impl Recorded {
+    fn take(&self) -> Vec<Effect> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn a_new_command_is_handed_to_the_delivery_worker_only_while_its_target_is_linked(
+) -> anyhow::Result<()> {
+    let seen = Arc::new(Recorded::default());
+    let mut s = store_observed(1, seen.clone())?;
+    s.apply(setup()).await?;
+    s.apply(vec![ingest("e1", 100)]).await?;
+    let due: Vec<Effect> = seen
+        .take()
+        .into_iter()
+        .filter(|e| matches!(e, Effect::DeliveryDue { .. }))
+        .collect();
+    let Some(Effect::DeliveryDue {
+        command_id,
+        due_ms,
+        created: Some(command),
+    }) = due.first()
+    else {
+        anyhow::bail!("{due:?}");
+    };
+    assert_eq!((command_id.as_str(), *due_ms), ("cmd-e1", 100));
+    // What is handed over is what is stored.
+    let stored = s.reader.outbox("cmd-e1")?.map(|r| r.command);
+    assert_eq!(stored.as_ref(), Some(&**command));
+    // The plan was made before the hotel was unlinked, the entry applied after: the command
+    // is stored, but the worker must read it (and find the link gone).
+    s.apply(vec![StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "hotel".into(),
+        at_ms: 150,
+    }])
+    .await?;
+    assert!(seen.take().contains(&Effect::Unlinked));
+    s.apply(vec![ingest("e2", 200)]).await?;
+    let due: Vec<Effect> = seen
+        .take()
+        .into_iter()
+        .filter(|e| matches!(e, Effect::DeliveryDue { .. }))
+        .collect();
+    assert_eq!(
+        due,
+        vec![Effect::DeliveryDue {
+            command_id: "cmd-e2".into(),
+            due_ms: 200,
+            created: None,
+        }]
+    );
+    assert!(s.reader.outbox("cmd-e2")?.is_some());
     Ok(())
 }
 

@@ -101,18 +101,12 @@ impl Tx<'_> {
                     command_type: command.command_type.clone(),
                 },
             )?;
-            self.schedule(at, &command.id)?;
-            let key = self.k(keys::OUTBOX, command.id.as_bytes());
-            self.put(
-                key,
-                &OutboxRecord {
-                    command,
-                    state: DeliveryState::Pending,
-                    attempts: Vec::new(),
-                    next_due_ms: Some(at),
-                    reason: None,
-                },
-            )?;
+            // The worker sends a new command as handed over only if its target is linked now:
+            // the plan may predate an unlink applied before this entry (a proposal forwarded
+            // from a deposed leader), and the worker's consent count only sees later ones.
+            let linked =
+                self.exists(&self.k2(keys::LINK, &command.customer_id, &command.target))?;
+            self.schedule_new(at, command, linked)?;
         }
         Ok(ChangeOutcome::Ingested {
             duplicate: false,

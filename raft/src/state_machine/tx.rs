@@ -165,6 +165,33 @@ impl<'a> Tx<'a> {
         self.effects.push(Effect::DeliveryDue {
             command_id: command_id.to_owned(),
             due_ms,
+            created: None,
+        });
+        Ok(())
+    }
+
+    /// Puts a new command's pending delivery (outbox record and due index entry). When its
+    /// target is `linked`, hands the command itself to the delivery worker, which then need
+    /// not read it back (else the worker reads it, finds the link gone and cancels).
+    pub(crate) fn schedule_new(
+        &mut self,
+        due_ms: i64,
+        command: CommandRecord,
+        linked: bool,
+    ) -> Result<(), StoreError> {
+        self.put(keys::due(self.space, due_ms, &command.id), &())?;
+        let record = OutboxRecord {
+            command,
+            state: DeliveryState::Pending,
+            attempts: Vec::new(),
+            next_due_ms: Some(due_ms),
+            reason: None,
+        };
+        self.put(self.k(keys::OUTBOX, record.command.id.as_bytes()), &record)?;
+        self.effects.push(Effect::DeliveryDue {
+            command_id: record.command.id.clone(),
+            due_ms,
+            created: linked.then(|| std::sync::Arc::new(record.command)),
         });
         Ok(())
     }
