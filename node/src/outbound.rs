@@ -105,16 +105,21 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Builds the client: pooled connections, no redirects, no proxy from the environment
-    /// (`HTTP(S)_PROXY` would carry requests past the guard), the guarded resolver. Fails
-    /// closed: there is no fallback client without the guard.
-    pub fn new(timeout: Duration, allow_private: bool) -> Result<Self, OutboundError> {
+    /// Builds the client: pooled connections (up to `idle_per_host` kept open per target
+    /// between requests), no redirects, no proxy from the environment (`HTTP(S)_PROXY`
+    /// would carry requests past the guard), the guarded resolver. Fails closed: there is no
+    /// fallback client without the guard.
+    pub fn new(
+        timeout: Duration,
+        allow_private: bool,
+        idle_per_host: usize,
+    ) -> Result<Self, OutboundError> {
         let mut b = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(idle_per_host)
             .user_agent(concat!("custos/", env!("CARGO_PKG_VERSION")));
         if !allow_private {
             b = b.dns_resolver(Arc::new(GuardedResolver));
@@ -247,7 +252,7 @@ mod tests {
 
     #[test]
     fn literals_are_checked_before_any_request() -> Result<(), OutboundError> {
-        let guarded = Outbound::new(Duration::from_secs(1), false)?;
+        let guarded = Outbound::new(Duration::from_secs(1), false, 1)?;
         for url in [
             "http://169.254.169.254/latest/meta-data",
             "http://[::ffff:a9fe:a9fe]/",
@@ -265,7 +270,7 @@ mod tests {
             Err(OutboundError::BadUrl(_))
         ));
         assert!(guarded.check("https://bank.example/token").is_ok());
-        let open = Outbound::new(Duration::from_secs(1), true)?;
+        let open = Outbound::new(Duration::from_secs(1), true, 1)?;
         assert!(open.check("http://127.0.0.1:9/").is_ok());
         Ok(())
     }

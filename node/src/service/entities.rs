@@ -370,7 +370,7 @@ mod tests {
 
     #[test]
     fn entity_validation() -> Result<(), crate::outbound::OutboundError> {
-        let guarded = Outbound::new(std::time::Duration::from_secs(1), false)?;
+        let guarded = Outbound::new(std::time::Duration::from_secs(1), false, 1)?;
         let check = |e: &RegisterEntity| validate_entity(e, &guarded);
         assert!(check(&entity()).is_ok());
         let mut e = entity();
@@ -406,7 +406,7 @@ mod tests {
         v6.command_url = "http://[::ffff:127.0.0.1]:8080/c".into();
         assert!(check(&v6).is_err());
         // ...unless the operator allows private targets.
-        let open = Outbound::new(std::time::Duration::from_secs(1), true)?;
+        let open = Outbound::new(std::time::Duration::from_secs(1), true, 1)?;
         assert!(validate_entity(&e, &open).is_ok());
         Ok(())
     }
