@@ -309,58 +309,98 @@ impl DueQueue {
     }
 }
 
-/// Delivery attempts under way in a group, with the (customer, target) of each once known,
-/// so an unlink is acknowledged only after no attempt to the unlinked target is in flight.
+/// Delivery attempts under way in a group, from dispatch until their result is recorded,
+/// with the (customer, target) of each once known, so an unlink is acknowledged only after no
+/// attempt to the unlinked target is still sending.
 #[derive(Default)]
 pub struct InFlight {
-    map: Mutex<HashMap<String, Option<(String, String)>>>,
+    map: Mutex<Attempts>,
+}
+
+#[derive(Default)]
+struct Attempts {
+    by_id: HashMap<String, Attempt>,
+    /// How many are still sending (not yet waiting for their result to be recorded).
+    sending: usize,
+}
+
+struct Attempt {
+    /// The (customer, target), once read.
+    about: Option<(String, String)>,
+    sending: bool,
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<(String, String)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Attempts> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts tracking an attempt (its target not read yet); false when already in flight.
     pub fn insert(&self, command_id: &str) -> bool {
         let mut m = self.lock();
-        if m.contains_key(command_id) {
+        if m.by_id.contains_key(command_id) {
             return false;
         }
-        m.insert(command_id.to_owned(), None);
+        let attempt = Attempt {
+            about: None,
+            sending: true,
+        };
+        m.by_id.insert(command_id.to_owned(), attempt);
+        m.sending += 1;
         true
     }
 
     /// Names the attempt's customer and target, before its link is checked.
     pub fn describe(&self, command_id: &str, customer: &str, target: &str) {
-        if let Some(v) = self.lock().get_mut(command_id) {
-            *v = Some((customer.to_owned(), target.to_owned()));
+        if let Some(a) = self.lock().by_id.get_mut(command_id) {
+            a.about = Some((customer.to_owned(), target.to_owned()));
         }
     }
 
-    /// The attempt is over.
-    pub fn remove(&self, command_id: &str) {
-        self.lock().remove(command_id);
+    /// The attempt has sent (or given up): only its result is left to record. It no longer
+    /// holds a sending slot, nor an unlink of its target.
+    pub fn sent(&self, command_id: &str) {
+        let mut m = self.lock();
+        if let Some(a) = m.by_id.get_mut(command_id).filter(|a| a.sending) {
+            a.sending = false;
+            m.sending -= 1;
+        }
     }
 
-    /// Attempts under way.
+    /// The attempt is over (its result recorded, or dropped).
+    pub fn remove(&self, command_id: &str) {
+        let mut m = self.lock();
+        if m.by_id.remove(command_id).is_some_and(|a| a.sending) {
+            m.sending -= 1;
+        }
+    }
+
+    /// Attempts under way, recording included.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
+    }
+
+    /// Attempts still sending.
+    pub fn sending(&self) -> usize {
+        self.lock().sending
     }
 
     /// True when nothing is in flight.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().by_id.is_empty()
     }
 
     fn busy_for(&self, customer: &str, target: &str) -> bool {
-        self.lock().values().any(|v| match v {
-            None => true,
-            Some((c, t)) => c == customer && t == target,
+        self.lock().by_id.values().any(|a| {
+            a.sending
+                && match &a.about {
+                    None => true,
+                    Some((c, t)) => c == customer && t == target,
+                }
         })
     }
 
-    /// Waits (at most `within`) until no attempt to `target` for `customer` is in flight, nor
+    /// Waits (at most `within`) until no attempt to `target` for `customer` is sending, nor
     /// one whose target is not known yet. False when the wait ran out.
     pub async fn wait_none(&self, customer: &str, target: &str, within: Duration) -> bool {
         let deadline = std::time::Instant::now() + within;
@@ -1194,6 +1234,32 @@ mod tests {
         due.push(1, "cmd_c".into(), Some(command("cmd_c")));
         let c = due.pop_due(5, 1)[0].1.clone().expect("handed over");
         assert!(due.still_consented(&c));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_has_sent_holds_neither_a_slot_nor_an_unlink() {
+        let f = InFlight::default();
+        assert!(f.insert("cmd_a") && f.insert("cmd_b"));
+        assert!(!f.insert("cmd_a"), "one attempt per command at a time");
+        assert_eq!(f.sending(), 2);
+        // cmd_b's target is not known yet: it could be the hotel.
+        let short = Duration::from_millis(30);
+        assert!(!f.wait_none("c", "hotel", short).await);
+        f.describe("cmd_a", "c", "hotel");
+        f.describe("cmd_b", "c", "bank");
+        assert!(!f.wait_none("c", "hotel", short).await);
+        assert!(f.wait_none("c", "spa", short).await);
+        f.sent("cmd_a");
+        f.sent("cmd_a");
+        assert_eq!((f.sending(), f.len()), (1, 2), "recording still");
+        assert!(f.wait_none("c", "hotel", short).await);
+        assert!(
+            !f.insert("cmd_a"),
+            "not attempted again before its result is recorded"
+        );
+        f.remove("cmd_a");
+        f.remove("cmd_b");
+        assert_eq!((f.sending(), f.len()), (0, 0));
     }
 
     #[test]

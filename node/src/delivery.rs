@@ -191,7 +191,11 @@ async fn confirm_leadership(core: &Core, group: &Group) -> bool {
 /// Starts attempts for due deliveries, up to the concurrency limit.
 fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
     let in_flight = &worker.group.in_flight;
-    let free = concurrency.saturating_sub(in_flight.len());
+    // A slot is held while sending, not while the result waits for its Raft entry; those
+    // waiting are bounded too (as many again), should recording stall.
+    let free = concurrency
+        .saturating_sub(in_flight.sending())
+        .min((2 * concurrency).saturating_sub(in_flight.len()));
     for (id, created) in worker.group.due.pop_due(now_ms, free) {
         // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
         if in_flight.insert(&id) {
@@ -212,6 +216,9 @@ fn requeue(worker: &Worker, id: String) {
 async fn attempt(worker: Arc<Worker>, id: String, created: Option<CreatedCommand>) {
     match prepare_and_send(&worker, &id, created).await {
         Ok(Some((update, target))) => {
+            // Sent: the next due delivery may take the slot while this result is recorded.
+            worker.group.in_flight.sent(&id);
+            worker.group.due.wake();
             if let DeliveryUpdate::Attempted {
                 next: AttemptNext::Gone,
                 ..
