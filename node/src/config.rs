@@ -133,7 +133,8 @@ retry_schedule_secs = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
 jitter = 0.1
 # Per-attempt timeout, in seconds (connect, send and read the answer).
 timeout_secs = 15
-# Deliveries in flight at once.
+# Delivery attempts sending at once, per data group (an attempt frees its slot when the
+# target answers; the client keeps as many connections per target open between attempts).
 concurrency = 256
 
 [raft]
