@@ -439,6 +439,14 @@ impl Recorded {
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default()
     }
+
+    /// The delivery effects reported since the last take.
+    fn take_due(&self) -> Vec<Effect> {
+        self.take()
+            .into_iter()
+            .filter(|e| matches!(e, Effect::DeliveryDue { .. }))
+            .collect()
+    }
 }
 
 #[tokio::test]
@@ -448,11 +456,7 @@ async fn a_new_command_is_handed_to_the_delivery_worker_only_while_its_target_is
     let mut s = store_observed(1, seen.clone())?;
     s.apply(setup()).await?;
     s.apply(vec![ingest("e1", 100)]).await?;
-    let due: Vec<Effect> = seen
-        .take()
-        .into_iter()
-        .filter(|e| matches!(e, Effect::DeliveryDue { .. }))
-        .collect();
+    let due = seen.take_due();
     let Some(Effect::DeliveryDue {
         command_id,
         due_ms,
@@ -475,11 +479,7 @@ async fn a_new_command_is_handed_to_the_delivery_worker_only_while_its_target_is
     .await?;
     assert!(seen.take().contains(&Effect::Unlinked));
     s.apply(vec![ingest("e2", 200)]).await?;
-    let due: Vec<Effect> = seen
-        .take()
-        .into_iter()
-        .filter(|e| matches!(e, Effect::DeliveryDue { .. }))
-        .collect();
+    let due = seen.take_due();
     assert_eq!(
         due,
         vec![Effect::DeliveryDue {
