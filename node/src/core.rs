@@ -3,7 +3,7 @@
 //! when that is another node), `read` from a local replica, and where a customer lives.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -155,9 +155,6 @@ pub struct DueQueue {
     queue: Mutex<Queue>,
     /// True while this node's worker leads the group.
     leading: AtomicBool,
-    /// Bumped by every apply that can withdraw consent (an unlink, an erasure, a snapshot):
-    /// a created command handed over before a bump has its link checked again.
-    consent: AtomicU64,
     /// Set when the queue must be reloaded from storage.
     stale: AtomicBool,
     wake: Notify,
@@ -169,20 +166,12 @@ pub struct DueQueue {
 struct Queue {
     by_time: BTreeSet<(i64, String)>,
     /// Commands handed over by the applies that created them, until their first attempt.
-    created: HashMap<String, CreatedCommand>,
+    created: HashMap<String, Arc<CommandRecord>>,
 }
 
 /// At most this many created commands are held for their first attempt (about 1 KiB each);
 /// beyond it the attempt reads the command from storage, as a retry does.
 const MAX_CREATED_HELD: usize = 16_384;
-
-/// A command as its creating apply handed it over, with the consent count at that time.
-#[derive(Debug, Clone)]
-pub struct CreatedCommand {
-    /// The command.
-    pub command: Arc<CommandRecord>,
-    consent: u64,
-}
 
 impl DueQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -204,11 +193,9 @@ impl DueQueue {
         if !self.leading.load(Ordering::SeqCst) {
             return;
         }
-        let consent = self.consent.load(Ordering::SeqCst);
         let mut q = self.lock();
         if let Some(command) = created.filter(|_| q.created.len() < MAX_CREATED_HELD) {
-            q.created
-                .insert(command_id.clone(), CreatedCommand { command, consent });
+            q.created.insert(command_id.clone(), command);
         }
         q.by_time.insert((due_ms, command_id));
         drop(q);
@@ -223,7 +210,7 @@ impl DueQueue {
 
     /// Removes and returns up to `max` deliveries due at `now_ms`, each with its command when
     /// its apply handed it over.
-    pub fn pop_due(&self, now_ms: i64, max: usize) -> Vec<(String, Option<CreatedCommand>)> {
+    pub fn pop_due(&self, now_ms: i64, max: usize) -> Vec<(String, Option<Arc<CommandRecord>>)> {
         let mut q = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
@@ -238,18 +225,6 @@ impl DueQueue {
             }
         }
         out
-    }
-
-    /// Counts an apply that may have withdrawn consent (an unlink or an erasure).
-    pub fn consent_changed(&self) {
-        self.consent.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// True when no apply has withdrawn consent since `created` was handed over: its target
-    /// is still linked. Ask after the attempt is registered in flight, so an unlink applied
-    /// later waits for it.
-    pub fn still_consented(&self, created: &CreatedCommand) -> bool {
-        self.consent.load(Ordering::SeqCst) == created.consent
     }
 
     /// The earliest due time queued.
@@ -269,7 +244,6 @@ impl DueQueue {
 
     /// Empties the queue and marks it for a reload (snapshot installed).
     pub fn invalidate(&self) {
-        self.consent_changed();
         self.clear();
         self.stale.store(true, Ordering::SeqCst);
         self.wake.notify_one();
@@ -436,15 +410,11 @@ impl ApplyObserver for Observer {
                     due_ms,
                     created,
                 } => self.due.push(*due_ms, command_id.clone(), created.clone()),
-                Effect::Unlinked => self.due.consent_changed(),
                 Effect::IntentAdded => self.wake.intents.notify_one(),
                 Effect::ClusterChanged => {
                     self.wake.cluster_changed();
                 }
-                Effect::Erased => {
-                    self.due.consent_changed();
-                    self.wake.erased(group)
-                }
+                Effect::Erased => self.wake.erased(group),
                 Effect::RuleChanged => {
                     self.wake.rule_changes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1203,7 +1173,7 @@ mod tests {
         assert_eq!(popped.len(), 2);
         let (id, created) = &popped[0];
         assert_eq!(id, "cmd_a");
-        let created = created.as_ref().map(|c| c.command.id.as_str());
+        let created = created.as_ref().map(|c| c.id.as_str());
         assert_eq!(created, Some("cmd_a"));
         assert!(popped[1].1.is_none(), "a retry or reload reads the store");
         // Queued again (e.g. requeued): the command is not handed over twice.
@@ -1212,28 +1182,6 @@ mod tests {
         due.push(1, "cmd_c".into(), Some(command("cmd_c")));
         due.set_leading(false);
         assert!(due.is_empty() && due.pop_due(5, 10).is_empty());
-    }
-
-    #[test]
-    fn an_unlink_after_the_handover_sends_the_attempt_back_to_the_link() {
-        let due = DueQueue::default();
-        due.set_leading(true);
-        due.push(1, "cmd_a".into(), Some(command("cmd_a")));
-        due.push(1, "cmd_b".into(), Some(command("cmd_b")));
-        let popped = due.pop_due(5, 1);
-        let a = popped[0].1.clone().expect("handed over");
-        assert!(due.still_consented(&a));
-        due.consent_changed();
-        assert!(!due.still_consented(&a));
-        let b = due.pop_due(5, 1)[0].1.clone().expect("handed over");
-        assert!(
-            !due.still_consented(&b),
-            "handed over before the unlink too"
-        );
-        // Created after it: consented.
-        due.push(1, "cmd_c".into(), Some(command("cmd_c")));
-        let c = due.pop_due(5, 1)[0].1.clone().expect("handed over");
-        assert!(due.still_consented(&c));
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::DeliveryConfig;
-use crate::core::{CachedEntity, Core, CreatedCommand, Group};
+use crate::core::{CachedEntity, Core, Group};
 use crate::outbound::{error_chain, OutboundError};
 
 /// Why one attempt did not deliver.
@@ -213,7 +213,7 @@ fn requeue(worker: &Worker, id: String) {
     worker.group.due.push(unix_now_ms() + REQUEUE_MS, id, None);
 }
 
-async fn attempt(worker: Arc<Worker>, id: String, created: Option<CreatedCommand>) {
+async fn attempt(worker: Arc<Worker>, id: String, created: Option<Arc<CommandRecord>>) {
     match prepare_and_send(&worker, &id, created).await {
         Ok(Some((update, target))) => {
             // Sent: the next due delivery may take the slot while this result is recorded.
@@ -251,38 +251,35 @@ struct PendingDelivery {
     linked: bool,
 }
 
-/// The pending delivery `id`: as its creating apply handed it over, while no unlink or
-/// erasure was applied since (the apply only creates commands to linked targets); else
-/// read from the outbox, with its link. `None` when it is no longer pending.
+/// The pending delivery `id`, with whether its target is still linked (read here, after the
+/// attempt is registered in flight, so an unlink applied later waits for it). A new command
+/// is as its creating apply handed it over; any other is read from the outbox. `None` when it
+/// is no longer pending.
 fn pending_delivery(
     worker: &Worker,
     id: &str,
-    created: Option<CreatedCommand>,
+    created: Option<Arc<CommandRecord>>,
 ) -> Result<Option<PendingDelivery>, crate::error::ServiceError> {
-    if let Some(created) = created.filter(|c| worker.group.due.still_consented(c)) {
-        return Ok(Some(PendingDelivery {
-            command: created.command,
-            attempts_made: 0,
-            next_due_ms: None,
-            linked: true,
-        }));
-    }
-    // Two point reads (the record, and whether its target is still linked), inline: they are
-    // served from RocksDB's memtable or block cache, cheaper than a trip to the blocking pool.
+    // Point reads inline: they are served from RocksDB's memtable or block cache, cheaper
+    // than a trip to the blocking pool.
     let reader = &worker.group.reader;
-    let Some(rec) = reader
-        .outbox(id)?
-        .filter(|r| r.state == DeliveryState::Pending)
-    else {
-        return Ok(None);
+    let (command, attempts_made, next_due_ms) = match created {
+        Some(command) => (command, 0, None),
+        None => match reader
+            .outbox(id)?
+            .filter(|r| r.state == DeliveryState::Pending)
+        {
+            Some(rec) => (Arc::new(rec.command), rec.attempts.len(), rec.next_due_ms),
+            None => return Ok(None),
+        },
     };
     let linked = reader
-        .link(&rec.command.customer_id, &rec.command.target)?
+        .link(&command.customer_id, &command.target)?
         .is_some();
     Ok(Some(PendingDelivery {
-        attempts_made: rec.attempts.len(),
-        next_due_ms: rec.next_due_ms,
-        command: Arc::new(rec.command),
+        command,
+        attempts_made,
+        next_due_ms,
         linked,
     }))
 }
@@ -291,7 +288,7 @@ fn pending_delivery(
 async fn prepare_and_send(
     worker: &Worker,
     id: &str,
-    created: Option<CreatedCommand>,
+    created: Option<Arc<CommandRecord>>,
 ) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
     let core = &worker.core;
     if !worker.group.leads(core.node_id) {

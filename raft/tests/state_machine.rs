@@ -450,7 +450,7 @@ impl Recorded {
 }
 
 #[tokio::test]
-async fn a_new_command_is_handed_to_the_delivery_worker_only_while_its_target_is_linked(
+async fn a_new_command_is_handed_to_the_delivery_worker_as_stored_and_a_retry_is_not(
 ) -> anyhow::Result<()> {
     let seen = Arc::new(Recorded::default());
     let mut s = store_observed(1, seen.clone())?;
@@ -469,26 +469,34 @@ async fn a_new_command_is_handed_to_the_delivery_worker_only_while_its_target_is
     // What is handed over is what is stored.
     let stored = s.reader.outbox("cmd-e1")?.map(|r| r.command);
     assert_eq!(stored.as_ref(), Some(&**command));
-    // The plan was made before the hotel was unlinked, the entry applied after: the command
-    // is stored, but the worker must read it (and find the link gone).
-    s.apply(vec![StateChange::Unlink {
-        customer_id: "c1".into(),
-        entity_id: "hotel".into(),
-        at_ms: 150,
-    }])
+    // A retry is scheduled without the command: its attempt reads the record (and its
+    // attempts so far) back.
+    s.apply(vec![StateChange::RecordDeliveries(vec![
+        DeliveryUpdate::Attempted {
+            command_id: "cmd-e1".into(),
+            attempt: AttemptRecord {
+                at_ms: 150,
+                status_code: Some(503),
+                error: Some("target answered 503".into()),
+                duration_ms: 1,
+            },
+            next: AttemptNext::RetryAt(5_000),
+        },
+    ])])
     .await?;
-    assert!(seen.take().contains(&Effect::Unlinked));
-    s.apply(vec![ingest("e2", 200)]).await?;
     let due = seen.take_due();
     assert_eq!(
         due,
         vec![Effect::DeliveryDue {
-            command_id: "cmd-e2".into(),
-            due_ms: 200,
+            command_id: "cmd-e1".into(),
+            due_ms: 5_000,
             created: None,
         }]
     );
-    assert!(s.reader.outbox("cmd-e2")?.is_some());
+    assert!(s
+        .reader
+        .outbox("cmd-e1")?
+        .is_some_and(|r| r.attempts.len() == 1));
     Ok(())
 }
 

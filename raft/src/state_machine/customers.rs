@@ -143,7 +143,6 @@ impl Tx<'_> {
             });
         };
         self.delete(key);
-        self.effects.push(super::Effect::Unlinked);
         self.new_intent(
             at_ms,
             IntentStep::ReleaseSubject {

@@ -101,12 +101,7 @@ impl Tx<'_> {
                     command_type: command.command_type.clone(),
                 },
             )?;
-            // The worker sends a new command as handed over only if its target is linked now:
-            // the plan may predate an unlink applied before this entry (a proposal forwarded
-            // from a deposed leader), and the worker's consent count only sees later ones.
-            let linked =
-                self.exists(&self.k2(keys::LINK, &command.customer_id, &command.target))?;
-            self.schedule_new(at, command, linked)?;
+            self.schedule_new(at, command)?;
         }
         Ok(ChangeOutcome::Ingested {
             duplicate: false,

@@ -75,11 +75,9 @@ pub enum Effect {
         /// When its next attempt is due.
         due_ms: i64,
         /// The command, when this apply created it: its first attempt needs no read of the
-        /// outbox record (pending, no attempts yet, its target linked when it was applied).
+        /// outbox record (pending, no attempts yet).
         created: Option<Arc<CommandRecord>>,
     },
-    /// A customer unlinked an entity: deliveries already queued must check their link again.
-    Unlinked,
     /// An intent was recorded: the group's intent worker has a step to take.
     IntentAdded,
     /// Nodes, settings, the assignment or a group report changed (meta group).

@@ -161,25 +161,16 @@ impl<'a> Tx<'a> {
 
     /// Puts a pending delivery in the due index and tells the delivery worker.
     pub(crate) fn schedule(&mut self, due_ms: i64, command_id: &str) -> Result<(), StoreError> {
-        self.put(keys::due(self.space, due_ms, command_id), &())?;
-        self.effects.push(Effect::DeliveryDue {
-            command_id: command_id.to_owned(),
-            due_ms,
-            created: None,
-        });
-        Ok(())
+        self.schedule_with(due_ms, command_id.to_owned(), None)
     }
 
-    /// Puts a new command's pending delivery (outbox record and due index entry). When its
-    /// target is `linked`, hands the command itself to the delivery worker, which then need
-    /// not read it back (else the worker reads it, finds the link gone and cancels).
+    /// Puts a new command's pending delivery (outbox record and due index entry), and hands
+    /// the command itself to the delivery worker, which then need not read the record back.
     pub(crate) fn schedule_new(
         &mut self,
         due_ms: i64,
         command: CommandRecord,
-        linked: bool,
     ) -> Result<(), StoreError> {
-        self.put(keys::due(self.space, due_ms, &command.id), &())?;
         let record = OutboxRecord {
             command,
             state: DeliveryState::Pending,
@@ -188,10 +179,21 @@ impl<'a> Tx<'a> {
             reason: None,
         };
         self.put(self.k(keys::OUTBOX, record.command.id.as_bytes()), &record)?;
+        let id = record.command.id.clone();
+        self.schedule_with(due_ms, id, Some(std::sync::Arc::new(record.command)))
+    }
+
+    fn schedule_with(
+        &mut self,
+        due_ms: i64,
+        command_id: String,
+        created: Option<std::sync::Arc<CommandRecord>>,
+    ) -> Result<(), StoreError> {
+        self.put(keys::due(self.space, due_ms, &command_id), &())?;
         self.effects.push(Effect::DeliveryDue {
-            command_id: record.command.id.clone(),
+            command_id,
             due_ms,
-            created: linked.then(|| std::sync::Arc::new(record.command)),
+            created,
         });
         Ok(())
     }
