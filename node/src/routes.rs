@@ -21,7 +21,25 @@ type Routes = HashMap<String, HashMap<String, Option<String>>>;
 /// Routes by entity and subject, with the generation they were read at.
 #[derive(Default)]
 pub struct RouteCache {
-    inner: RwLock<(u64, usize, Routes)>,
+    inner: RwLock<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Bumped by every change of a claim.
+    generation: u64,
+    by_entity: Routes,
+}
+
+impl Held {
+    /// Subjects held (a sum over entities, which are few).
+    fn len(&self) -> usize {
+        self.by_entity.values().map(HashMap::len).sum()
+    }
+
+    fn get(&self, entity: &str, subject: &str) -> Option<&Option<String>> {
+        self.by_entity.get(entity).and_then(|s| s.get(subject))
+    }
 }
 
 impl RouteCache {
@@ -33,11 +51,11 @@ impl RouteCache {
         subject: &str,
     ) -> Result<Option<String>, StoreError> {
         let generation = {
-            let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(found) = g.2.get(entity).and_then(|s| s.get(subject)) {
+            let held = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(found) = held.get(entity, subject) {
                 return Ok(found.clone());
             }
-            g.0
+            held.generation
         };
         let customer = meta.customer_for_subject(entity, subject)?;
         self.insert_if_current(generation, entity, subject, customer.clone());
@@ -51,46 +69,38 @@ impl RouteCache {
         subject: &str,
         customer: Option<String>,
     ) {
-        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.inner.write().unwrap_or_else(|p| p.into_inner());
         // A claim changed while we read: what we read may be stale, so it is not kept.
-        if g.0 != generation {
+        if held.generation != generation {
             return;
         }
-        if g.1 >= MAX_ROUTES {
-            g.2.clear();
-            g.1 = 0;
+        if held.len() >= MAX_ROUTES {
+            held.by_entity.clear();
         }
-        let by_subject = g.2.entry(entity.to_owned()).or_default();
-        if by_subject.insert(subject.to_owned(), customer).is_none() {
-            g.1 += 1;
-        }
+        held.by_entity
+            .entry(entity.to_owned())
+            .or_default()
+            .insert(subject.to_owned(), customer);
     }
 
     /// Drops one subject's route (its claim changed), or every route (`None`: a snapshot
     /// replaced the state).
     pub fn invalidate(&self, subject: Option<(&str, &str)>) {
-        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.0 += 1;
+        let mut held = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        held.generation += 1;
         match subject {
             Some((entity, subject)) => {
-                let removed =
-                    g.2.get_mut(entity)
-                        .and_then(|s| s.remove(subject))
-                        .is_some();
-                if removed {
-                    g.1 -= 1;
+                if let Some(s) = held.by_entity.get_mut(entity) {
+                    s.remove(subject);
                 }
             }
-            None => {
-                g.2.clear();
-                g.1 = 0;
-            }
+            None => held.by_entity.clear(),
         }
     }
 
     /// How many subjects are held.
     pub fn len(&self) -> usize {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).1
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// True when no subject is held.
@@ -104,8 +114,8 @@ mod tests {
     use super::*;
 
     fn held(c: &RouteCache, entity: &str, subject: &str) -> Option<Option<String>> {
-        let g = c.inner.read().unwrap_or_else(|p| p.into_inner());
-        g.2.get(entity).and_then(|s| s.get(subject)).cloned()
+        let held = c.inner.read().unwrap_or_else(|p| p.into_inner());
+        held.get(entity, subject).cloned()
     }
 
     #[test]
