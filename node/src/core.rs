@@ -545,6 +545,8 @@ pub struct Core {
     pub peers: Peers,
     /// The guarded client for every request to an entity.
     pub outbound: crate::outbound::Outbound,
+    /// Relays events to the leaders of groups this node does not lead, in batches.
+    pub relay: crate::relay::EventRelay,
     /// Reverse proxies whose X-Forwarded-For is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Opens the cluster's sealed token keys.
@@ -604,6 +606,11 @@ impl Core {
             node_id,
             wal: WalSyncer::start(&db),
             db,
+            relay: crate::relay::EventRelay::new(
+                peers.clone(),
+                rt.clone(),
+                Duration::from_millis(config.raft.propose_timeout_ms + 2000),
+            ),
             peers,
             rt,
             raft_config: Arc::new(raft_config),

@@ -1,6 +1,7 @@
 //! Forwarding: any node takes any client call. A call for a group this node does not lead
 //! (a customer's group, the meta group for entities) is sent to that group's leader over the
-//! peer port, and the leader's answer comes back as if this node had served it.
+//! peer port (events in batches, by [`crate::relay`]), and the leader's answer comes back as if
+//! this node had served it.
 //!
 //! Where a call goes is decided from what it names, without a lookup elsewhere: the customer
 //! id in the path, the slot carried by a session cookie, an OAuth state or a command id, and
@@ -16,6 +17,7 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use custos_api::limits::MAX_BODY_BYTES;
+use custos_api::webhook::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use custos_api::ErrorCode;
 use custos_raft::network::PEER_AUTH_HEADER;
 use custos_raft::shard::parse_slot_tag;
@@ -31,7 +33,7 @@ pub const HOPS_HEADER: &str = "x-custos-hops";
 /// The client's address, as the first node saw it (trusted only on the peer port).
 pub const CLIENT_IP_HEADER: &str = "x-custos-client-ip";
 /// Most forwards of one call.
-const MAX_HOPS: u32 = 3;
+pub(crate) const MAX_HOPS: u32 = 3;
 /// How long a call waits for a group to elect a leader before 503.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 
@@ -127,6 +129,17 @@ fn event_head(body: &[u8]) -> Option<(String, String)> {
     Some((head.source?, head.subject.unwrap_or_default()))
 }
 
+/// An event body's route: the customer (by the routing index) and the group, when the body
+/// names a source.
+pub(crate) fn event_route(
+    core: &Core,
+    body: &[u8],
+) -> Result<Option<(Option<String>, GroupId)>, ServiceError> {
+    event_head(body)
+        .map(|(source, subject)| core.route_event(&source, &subject))
+        .transpose()
+}
+
 /// Decides where a call goes, from its path, query and cookies (events are routed by their
 /// body, in [`forward`]).
 pub fn route(core: &Core, req: &HttpRequest) -> Result<Route, ServiceError> {
@@ -190,12 +203,10 @@ pub async fn forward(
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         };
         req.set_payload(Payload::from(b.clone()));
-        let found =
-            match event_head(&b).map(|(source, subject)| core.route_event(&source, &subject)) {
-                None => None,
-                Some(Ok(r)) => Some(r),
-                Some(Err(e)) => return Ok(req.error_response(e).map_into_right_body()),
-            };
+        let found = match event_route(&core, &b) {
+            Ok(r) => r,
+            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+        };
         let route = found
             .as_ref()
             .map_or(Route::Local, |(_, g)| Route::Group(*g));
@@ -234,19 +245,37 @@ pub async fn forward(
         );
         return Ok(req.error_response(e).map_into_right_body());
     }
-    let body = match body {
-        Some(b) => b,
-        None => match read_bounded(req.take_payload()).await {
-            Ok(b) => b,
-            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
-        },
+    if let Some(body) = body {
+        // Events go in batches: one peer request carries every event queued for the leader.
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let event = crate::cluster::wire::RelayedEvent {
+            content_type: header("content-type"),
+            webhook_id: header(HEADER_ID),
+            webhook_timestamp: header(HEADER_TIMESTAMP),
+            webhook_signature: header(HEADER_SIGNATURE),
+            hops: hops + 1,
+            body: body.to_vec(),
+        };
+        let answer = core.relay.relay(&leader.1, event).await;
+        return Ok(req
+            .into_response(answer.into_response())
+            .map_into_right_body());
+    }
+    let body = match read_bounded(req.take_payload()).await {
+        Ok(b) => b,
+        Err(e) => return Ok(req.error_response(e).map_into_right_body()),
     };
     let resp = proxy(&core, req.request(), &leader.1, hops + 1, body).await;
     Ok(req.into_response(resp).map_into_right_body())
 }
 
 /// The group's leader, waiting a little while one is being elected.
-async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
+pub(crate) async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
     let started = std::time::Instant::now();
     loop {
         if core.is_leader(group) {
@@ -277,7 +306,7 @@ async fn read_bounded(mut payload: Payload) -> Result<web::Bytes, ServiceError> 
 }
 
 /// Headers that describe one connection, not the message: never passed on.
-fn hop_by_hop(name: &str) -> bool {
+pub(crate) fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"

@@ -154,6 +154,20 @@ async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(document())
 }
 
+/// Refuses (415) an event whose `content-type` is not a structured CloudEvent.
+pub(crate) fn check_event_media(content_type: &str) -> Result<()> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE)
+        && !media.eq_ignore_ascii_case("application/json")
+    {
+        return Err(ServiceError::refused(
+            ErrorCode::UnsupportedMediaType,
+            format!("send {CLOUDEVENTS_CONTENT_TYPE} (structured mode)"),
+        ));
+    }
+    Ok(())
+}
+
 /// An entity sends an event about a customer (signed per Standard Webhooks).
 #[utoipa::path(post, path = "/v1/events", tag = "events",
     request_body(content = CloudEvent, content_type = "application/cloudevents+json"),
@@ -171,16 +185,7 @@ async fn post_event(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let ct = header_str(&req, "content-type").unwrap_or("");
-    let media = ct.split(';').next().unwrap_or("").trim();
-    if !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE)
-        && !media.eq_ignore_ascii_case("application/json")
-    {
-        return Err(ServiceError::refused(
-            ErrorCode::UnsupportedMediaType,
-            format!("send {CLOUDEVENTS_CONTENT_TYPE} (structured mode)"),
-        ));
-    }
+    check_event_media(header_str(&req, "content-type").unwrap_or(""))?;
     // The forwarder already read the body and found its route.
     let read = req.extensions().get::<crate::forward::ReadEvent>().cloned();
     let (body, route) = match read {

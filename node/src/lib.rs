@@ -12,6 +12,7 @@
 //! - [`cluster`]: the cluster secret, joining, and the manager that moves replicas and
 //!   leaders to where the placement wants them; cluster status.
 //! - [`forward`]: any node takes any call; calls for a group led elsewhere go to its leader.
+//! - [`relay`]: events for a group led elsewhere go to its leader in batches.
 //! - [`routes`]: the routing index (entity, subject) -> customer, cached for events.
 //! - [`gateway`]: client API handlers (decode, call one service, encode) and OpenAPI.
 //! - [`peer`]: the peer port: Raft RPCs, forwarded proposals and calls, joins, status.
@@ -48,6 +49,7 @@ pub mod peer;
 pub mod portal;
 pub mod profile;
 pub mod recommend;
+pub mod relay;
 pub mod routes;
 pub mod rules;
 pub mod scrub;

@@ -12,7 +12,7 @@ use custos_raft::network::{encode_reply, PEER_AUTH_HEADER};
 use custos_raft::shard::MAX_DATA_GROUPS;
 use custos_raft::{codec, ProposeError, StateChange};
 
-use crate::cluster::wire::{GroupAnswer, GroupQuery, JoinRequest, TrainingInput};
+use crate::cluster::wire::{GroupAnswer, GroupQuery, JoinRequest, RelayedEvent, TrainingInput};
 use crate::core::{Core, Group};
 
 /// Largest peer message (snapshot chunks are smaller).
@@ -27,12 +27,17 @@ pub enum PeerError {
     /// This node has no such group and will not open it.
     #[error("no group {0} here")]
     NoGroup(u32),
+    /// A batch of relayed events larger than a node sends.
+    #[error("{0} relayed events in one batch (at most {max})", max = crate::relay::MAX_BATCH_EVENTS)]
+    TooMany(usize),
 }
 
 impl ResponseError for PeerError {
     fn status_code(&self) -> actix_web::http::StatusCode {
         match self {
-            PeerError::Decode(_) => actix_web::http::StatusCode::BAD_REQUEST,
+            PeerError::Decode(_) | PeerError::TooMany(_) => {
+                actix_web::http::StatusCode::BAD_REQUEST
+            }
             PeerError::NoGroup(_) => actix_web::http::StatusCode::NOT_FOUND,
         }
     }
@@ -141,6 +146,26 @@ async fn propose(
         }),
     };
     Ok(reply(&result))
+}
+
+/// Events relayed in one batch by a node that does not lead their groups: each served as a
+/// direct POST would be, all at once, answered in order.
+async fn relayed_events(
+    vault: web::Data<crate::service::Vault>,
+    core: web::Data<Arc<Core>>,
+    body: web::Bytes,
+) -> Result<HttpResponse, PeerError> {
+    let events: Vec<RelayedEvent> = codec::decode(&body)?;
+    if events.len() > crate::relay::MAX_BATCH_EVENTS {
+        return Err(PeerError::TooMany(events.len()));
+    }
+    let answers = futures::future::join_all(
+        events
+            .into_iter()
+            .map(|e| crate::relay::serve(&vault, &core, e)),
+    )
+    .await;
+    Ok(reply(&Ok::<_, ()>(answers)))
 }
 
 async fn join(core: web::Data<Arc<Core>>, body: web::Bytes) -> Result<HttpResponse, PeerError> {
@@ -257,5 +282,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/peer/join", web::post().to(join))
         .route("/peer/elect/{group}", web::post().to(elect))
         .route("/peer/status", web::get().to(status))
-        .route("/peer/query/{group}", web::post().to(query));
+        .route("/peer/query/{group}", web::post().to(query))
+        .route(crate::relay::PATH, web::post().to(relayed_events));
 }

@@ -103,6 +103,11 @@ impl Telemetry {
             .set(wal.syncs.load(std::sync::atomic::Ordering::Relaxed) as f64);
         metrics::gauge!("custos_log_appends_flushed")
             .set(wal.appends.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        let relay = core.relay.stats();
+        metrics::gauge!("custos_relayed_event_batches")
+            .set(relay.batches.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        metrics::gauge!("custos_relayed_events")
+            .set(relay.events.load(std::sync::atomic::Ordering::Relaxed) as f64);
         metrics::gauge!("custos_cached_routes").set(core.routes.len() as f64);
         metrics::gauge!("custos_state_keys_written")
             .set(custos_raft::state_machine::keys_written() as f64);

@@ -68,6 +68,21 @@ fn check_deliveries(rx: &Receiver, expected: &[String]) -> anyhow::Result<usize>
     Ok(duplicates)
 }
 
+/// Events this node relayed to other nodes' groups, and the peer requests that carried them
+/// (from its `/metrics`).
+async fn relayed(url: &str) -> anyhow::Result<(f64, f64)> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("custos_relayed_events"),
+        value("custos_relayed_event_batches"),
+    ))
+}
+
 #[tokio::test]
 async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
@@ -116,6 +131,54 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
             expected.extend(send_until_accepted(&c, via, &s, &id, i).await?);
         }
     }
+    // A burst through one node: the events whose group another node leads are relayed to
+    // that leader in batches (fewer peer requests than events), each answered as the leader
+    // would answer it.
+    let relayed_before = relayed(&c.nodes[1].url).await?;
+    const BURST: usize = 120;
+    let burst = (0..BURST).map(|k| {
+        let (s, c) = (&s, &c);
+        async move {
+            let id = format!("burst-{k}");
+            send_until_accepted(c, 2, s, &id, k % s.customers.len()).await
+        }
+    });
+    for commands in futures::future::join_all(burst).await {
+        expected.extend(commands?);
+    }
+    let relayed_after = relayed(&c.nodes[1].url).await?;
+    let (events, batches) = (
+        relayed_after.0 - relayed_before.0,
+        relayed_after.1 - relayed_before.1,
+    );
+    assert!(
+        events > 0.0 && batches < events,
+        "{events} events relayed in {batches} peer requests"
+    );
+    // Through every node, relayed or not, the same answers: a duplicate names the first
+    // one's commands, a bad signature and a wrong media type are refused with their codes.
+    let first = s.event("e-0-1", &s.customers[0]);
+    let wrong_key = s.event("forged", &s.customers[0]);
+    for node in &c.nodes {
+        let client = node.anonymous();
+        let again = client.send_event(&s.airline, &first).await?;
+        assert_eq!(again.status, EventStatus::Duplicate);
+        assert_eq!(again.commands.len(), 1);
+        let refused = client.send_event(&s.hotel, &wrong_key).await;
+        assert_eq!(
+            refused.err().and_then(|e| e.code()),
+            Some(custos_api::ErrorCode::BadSignature)
+        );
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/events", node.url))
+            .header("content-type", "text/plain")
+            .body(serde_json::to_vec(&first)?)
+            .send()
+            .await?;
+        assert_eq!(resp.status().as_u16(), 415);
+        let problem: custos_api::Problem = resp.json().await?;
+        assert_eq!(problem.code, custos_api::ErrorCode::UnsupportedMediaType);
+    }
     rx.wait_delivered(expected.len(), WAIT).await?;
     assert_eq!(
         check_deliveries(&rx, &expected)?,
@@ -133,7 +196,7 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
                 .iter()
                 .filter(|a| matches!(a.kind, ActivityKind::EventReceived { .. }))
                 .count(),
-            3
+            3 + BURST / s.customers.len()
         );
         assert_eq!(me.rules(&cust.id).await?.len(), 1);
     }

@@ -104,3 +104,32 @@ pub struct TrainingInput {
     /// Dismissals per template.
     pub dismissals: std::collections::HashMap<String, u32>,
 }
+
+/// An event POSTed to a node that does not lead its group, relayed to the leader with what
+/// serving it needs (see [`crate::relay`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayedEvent {
+    /// Its `content-type` header.
+    pub content_type: Option<String>,
+    /// Its `webhook-id` header.
+    pub webhook_id: Option<String>,
+    /// Its `webhook-timestamp` header.
+    pub webhook_timestamp: Option<String>,
+    /// Its `webhook-signature` header.
+    pub webhook_signature: Option<String>,
+    /// How many times it has been forwarded, this relay included.
+    pub hops: u32,
+    /// The body, as received.
+    pub body: Vec<u8>,
+}
+
+/// The leader's answer to a relayed event: the HTTP response it would have given.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayedAnswer {
+    /// Status code.
+    pub status: u16,
+    /// Headers (none hop-by-hop).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub body: Vec<u8>,
+}

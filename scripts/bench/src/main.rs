@@ -368,6 +368,9 @@ struct Counters {
     log_appends: f64,
     proposer_entries: f64,
     proposer_changes: f64,
+    /// Peer requests carrying events to their group's leader, and the events in them.
+    relayed_batches: f64,
+    relayed_events: f64,
     /// Keys the state machines wrote (puts and deletes), on every replica.
     keys_written: f64,
 }
@@ -394,6 +397,10 @@ async fn counters(http: &reqwest::Client, urls: &[String]) -> Counters {
                 totals.proposer_entries += value();
             } else if line.starts_with("custos_proposer_changes{") {
                 totals.proposer_changes += value();
+            } else if line.starts_with("custos_relayed_event_batches ") {
+                totals.relayed_batches += value();
+            } else if line.starts_with("custos_relayed_events ") {
+                totals.relayed_events += value();
             } else if line.starts_with("custos_state_keys_written ") {
                 totals.keys_written += value();
             }
@@ -673,6 +680,13 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| changes per Raft entry (proposer batches) | {:.1} | |",
             (after.proposer_changes - before.proposer_changes) / entries
+        );
+    }
+    let relayed = after.relayed_events - before.relayed_events;
+    if relayed > 0.0 {
+        println!(
+            "| events relayed to the leader / per relay request | {relayed:.0} / {:.1} | |",
+            relayed / (after.relayed_batches - before.relayed_batches).max(1.0)
         );
     }
     println!(

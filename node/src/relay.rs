@@ -1,0 +1,307 @@
+//! Events relayed to a group's leader in batches: one peer request carries every event
+//! queued for that leader, and brings back every answer.
+//!
+//! An event POSTed to a node that does not lead its group used to cost one HTTP request to
+//! the leader each (client side here, server side there). Under load a follower has many in
+//! flight at once, so each leader gets a queue: the first event queued is sent at once, and
+//! while [`BATCHES_IN_FLIGHT`] requests are out, the events arriving meanwhile wait and leave
+//! together. The leader serves each with the same service call as a direct POST, so an
+//! answer is the one the entity would have had from the leader (status, headers, body).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::{HttpResponse, ResponseError};
+use custos_api::limits::MAX_BODY_BYTES;
+use custos_api::webhook::SignedHeaders;
+use custos_api::ErrorCode;
+use custos_raft::codec;
+use custos_raft::network::{decode_reply, Peers};
+use custos_raft::types::GroupId;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::cluster::wire::{RelayedAnswer, RelayedEvent};
+use crate::core::Core;
+use crate::error::ServiceError;
+use crate::service::Vault;
+
+/// Peer requests of events one node has out to one leader at a time. More events queue
+/// and leave together when one comes back.
+pub const BATCHES_IN_FLIGHT: usize = 4;
+/// Most events in one peer request.
+pub const MAX_BATCH_EVENTS: usize = 256;
+/// Most body bytes in one peer request (a batch holds at least one event of any size).
+const MAX_BATCH_BYTES: usize = 4 * MAX_BODY_BYTES;
+/// The peer path that serves a batch.
+pub const PATH: &str = "/peer/events";
+
+/// One event waiting to leave, and where its answer goes.
+struct Queued {
+    event: RelayedEvent,
+    answer: oneshot::Sender<RelayedAnswer>,
+}
+
+/// How many batches and events this node relayed (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Peer requests sent.
+    pub batches: AtomicU64,
+    /// Events in them.
+    pub events: AtomicU64,
+}
+
+/// The queues to each leader this node relays events to.
+pub struct EventRelay {
+    peers: Peers,
+    rt: tokio::runtime::Handle,
+    /// How long a batch may take before its events are answered 503.
+    within: Duration,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
+    stats: Arc<RelayStats>,
+}
+
+impl std::fmt::Debug for EventRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventRelay").finish_non_exhaustive()
+    }
+}
+
+/// The answer when the leader could not be asked or did not answer in time.
+fn unavailable() -> RelayedAnswer {
+    let e = ServiceError::refused(
+        ErrorCode::Unavailable,
+        "the node leading this event's group did not answer; retry shortly",
+    );
+    RelayedAnswer::of_error(&e)
+}
+
+impl EventRelay {
+    /// Relays over `peers`; batches are sent from tasks on `rt`.
+    pub fn new(peers: Peers, rt: tokio::runtime::Handle, within: Duration) -> Self {
+        EventRelay {
+            peers,
+            rt,
+            within,
+            queues: Mutex::new(HashMap::new()),
+            stats: Arc::new(RelayStats::default()),
+        }
+    }
+
+    /// Batches and events relayed so far.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Relays `event` to the leader at peer address `addr` and answers what the leader
+    /// answered (503 if it could not be reached).
+    pub async fn relay(&self, addr: &str, event: RelayedEvent) -> RelayedAnswer {
+        let (answer, rx) = oneshot::channel();
+        let mut item = Queued { event, answer };
+        // A queue whose sender task ended (its runtime is stopping) is replaced once.
+        for _ in 0..2 {
+            let tx = self.queue(addr);
+            match tx.send(item) {
+                Ok(()) => return rx.await.unwrap_or_else(|_| unavailable()),
+                Err(mpsc::error::SendError(back)) => {
+                    item = back;
+                    self.queues
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(addr);
+                }
+            }
+        }
+        unavailable()
+    }
+
+    fn queue(&self, addr: &str) -> mpsc::UnboundedSender<Queued> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = queues.get(addr) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.rt.spawn(send_batches(
+            self.peers.clone(),
+            addr.to_owned(),
+            self.within,
+            rx,
+            self.stats.clone(),
+        ));
+        queues.insert(addr.to_owned(), tx.clone());
+        tx
+    }
+}
+
+/// Takes what is queued, up to one batch's bounds, once a request slot is free.
+fn take_batch(first: Queued, rx: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Queued> {
+    let mut bytes = first.event.body.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_EVENTS && bytes < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(q) => {
+                bytes += q.event.body.len();
+                batch.push(q);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// One leader's queue: sends batches, at most [`BATCHES_IN_FLIGHT`] at a time.
+async fn send_batches(
+    peers: Peers,
+    addr: String,
+    within: Duration,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    stats: Arc<RelayStats>,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let batch = take_batch(first, &mut rx);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .events
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (peers, addr) = (peers.clone(), addr.clone());
+        tokio::spawn(async move {
+            send_batch(&peers, &addr, within, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn send_batch(peers: &Peers, addr: &str, within: Duration, batch: Vec<Queued>) {
+    let (events, answers): (Vec<RelayedEvent>, Vec<oneshot::Sender<RelayedAnswer>>) =
+        batch.into_iter().map(|q| (q.event, q.answer)).unzip();
+    let replies = match ask(peers, addr, within, &events).await {
+        Ok(r) if r.len() == answers.len() => r,
+        Ok(r) => {
+            tracing::warn!(
+                addr,
+                sent = answers.len(),
+                answered = r.len(),
+                "relay answer count"
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::debug!(addr, error = %e, "relaying events failed");
+            Vec::new()
+        }
+    };
+    let mut replies = replies.into_iter();
+    for tx in answers {
+        let _ = tx.send(replies.next().unwrap_or_else(unavailable));
+    }
+}
+
+async fn ask(
+    peers: &Peers,
+    addr: &str,
+    within: Duration,
+    events: &[RelayedEvent],
+) -> Result<Vec<RelayedAnswer>, String> {
+    let body = codec::encode(&events).map_err(|e| e.to_string())?;
+    let resp = peers
+        .post(addr, PATH)
+        .timeout(within)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+    decode_reply::<Vec<RelayedAnswer>, ()>(&bytes)
+        .map_err(|e| e.to_string())?
+        .map_err(|()| "refused".to_owned())
+}
+
+/// Serves one relayed event on this node: here if it leads the event's group, else relayed
+/// on to the leader (a bounded number of hops, as leadership moves).
+pub async fn serve(vault: &Vault, core: &Core, event: RelayedEvent) -> RelayedAnswer {
+    let checked = crate::gateway::check_event_media(event.content_type.as_deref().unwrap_or(""))
+        .and_then(|()| crate::forward::event_route(core, &event.body));
+    let route = match checked {
+        Ok(r) => r,
+        Err(e) => return RelayedAnswer::of_error(&e),
+    };
+    if let Some((_, group)) = route {
+        if !core.is_leader(group) {
+            return pass_on(core, event, group).await;
+        }
+    }
+    let headers = SignedHeaders {
+        id: event.webhook_id.as_deref(),
+        timestamp: event.webhook_timestamp.as_deref(),
+        signature: event.webhook_signature.as_deref(),
+    };
+    match vault.ingest_event(headers, &event.body, route).await {
+        Ok(receipt) => RelayedAnswer::of(HttpResponse::Accepted().json(receipt)),
+        Err(e) => RelayedAnswer::of_error(&e),
+    }
+}
+
+/// Leadership of `group` moved since the sender looked: the event goes on to the new leader.
+async fn pass_on(core: &Core, event: RelayedEvent, group: GroupId) -> RelayedAnswer {
+    if event.hops < crate::forward::MAX_HOPS {
+        if let Some((id, addr)) = crate::forward::wait_leader(core, group).await {
+            if id != core.node_id {
+                let hops = event.hops + 1;
+                return core
+                    .relay
+                    .relay(&addr, RelayedEvent { hops, ..event })
+                    .await;
+            }
+        }
+    }
+    RelayedAnswer::of_error(&crate::core::not_leader(group))
+}
+
+impl RelayedAnswer {
+    /// The answer a response carries (hop-by-hop headers left out). Answers to events have
+    /// whole bodies (a receipt or a problem), never streams.
+    pub fn of(resp: HttpResponse) -> RelayedAnswer {
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter(|(n, _)| !crate::forward::hop_by_hop(n.as_str()))
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        let body = resp
+            .into_body()
+            .try_into_bytes()
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        RelayedAnswer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// The answer for an error: its problem+json response.
+    pub fn of_error(e: &ServiceError) -> RelayedAnswer {
+        RelayedAnswer::of(e.error_response())
+    }
+
+    /// This answer as this node's response.
+    pub fn into_response(self) -> HttpResponse {
+        let status = actix_web::http::StatusCode::from_u16(self.status)
+            .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+        let mut out = HttpResponse::build(status);
+        for (name, value) in &self.headers {
+            out.append_header((name.as_str(), value.as_slice()));
+        }
+        out.body(self.body)
+    }
+}
