@@ -549,47 +549,63 @@ async fn retention_prunes_settled_records_but_never_pending_ones() -> anyhow::Re
 }
 
 #[tokio::test]
-async fn an_event_and_its_delivery_each_age_their_records_in_one_retention_entry(
+async fn an_apply_ages_its_records_in_a_few_retention_entries_at_their_latest_time(
 ) -> anyhow::Result<()> {
     let mut s = store(1)?;
     s.apply(setup()).await?;
-    let listed = |s: &Store| -> anyhow::Result<usize> {
-        let mut n = 0;
+    let listed = |s: &Store| -> anyhow::Result<Vec<usize>> {
+        let mut n = Vec::new();
         for v in s.tagged(keys::EXPIRY)? {
-            n += codec::decode_keys(&v)?.len();
+            n.push(codec::decode_keys(&v)?.len());
         }
         Ok(n)
     };
     let before = s.tagged(keys::EXPIRY)?.len();
-    let listed_before = listed(&s)?;
+    let listed_before: usize = listed(&s)?.iter().sum();
     // The dedup key and two activity lines (event received, rule matched): one entry.
     s.apply(vec![ingest("e1", 1_000)]).await?;
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 1);
     assert_eq!(
-        listed(&s)? - listed_before,
+        listed(&s)?.iter().sum::<usize>() - listed_before,
         3,
         "dedup key and two activity lines"
     );
     // The settled delivery and its activity line: one more.
     s.apply(vec![delivered("cmd-e1", 1_500)]).await?;
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 2);
-    // Two events in one entry, at different times: one entry each (each ages at its time).
+    // Two events applied together, at different times: one entry, at the later time.
     s.apply(vec![ingest("e2", 2_000), ingest("e3", 3_000)])
         .await?;
-    assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 4);
-    // Pruning up to 2.5 s takes the first event, its delivery and the second event, all of
-    // their listed keys, and leaves the third.
+    assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 3);
+    // Pruning up to 2.5 s takes the first event and its delivery, all of their listed keys;
+    // the second event waits for the third's time, never going before its own.
     let out = s.apply(vec![prune_before(2_500)]).await?;
-    assert_eq!(out[0], ChangeOutcome::Pruned(before as u32 + 3));
+    assert_eq!(out[0], ChangeOutcome::Pruned(before as u32 + 2));
     assert!(s.reader.outbox("cmd-e1")?.is_none(), "delivered and aged");
-    assert!(s.reader.outbox("cmd-e2")?.is_some(), "pending: kept");
     let (lines, _) = s.reader.activity("c1", None, 100)?;
     assert_eq!(
         lines.iter().map(|(at, _)| *at).collect::<Vec<_>>(),
-        vec![3_000, 3_000],
-        "only the third event's lines are left"
+        vec![3_000, 3_000, 2_000, 2_000],
+        "the second and third events' lines are left"
     );
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), 1);
+    // Twenty events together age 60 keys: two entries, none listing more than 32.
+    s.apply(
+        (0..20)
+            .map(|i| ingest(&format!("b{i}"), 4_000 + i))
+            .collect(),
+    )
+    .await?;
+    assert_eq!(listed(&s)?, vec![6, 32, 28]);
+    // Pruning up to 3.5 s takes the entry at 3 s, with both events it lists.
+    let out = s.apply(vec![prune_before(3_500)]).await?;
+    assert_eq!(out[0], ChangeOutcome::Pruned(1));
+    assert!(s
+        .reader
+        .activity("c1", None, 100)?
+        .0
+        .iter()
+        .all(|(at, _)| *at >= 4_000));
     Ok(())
 }
 

@@ -15,6 +15,9 @@ use crate::keys;
 use crate::records::*;
 use crate::types::GroupId;
 
+/// Most keys one retention entry lists, so one prune step stays bounded.
+pub(crate) const AGING_CHUNK: usize = 32;
+
 /// A raw key and its encoded value.
 pub(crate) type KeyValue = (Vec<u8>, Vec<u8>);
 
@@ -27,8 +30,8 @@ pub struct Tx<'a> {
     pub(crate) space: u32,
     batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Keys the current change aged, with when: written as one retention entry per time
-    /// when the change is done ([`Tx::flush_aging`]), not one entry per key.
+    /// Keys the apply aged, with when: written as a few retention entries when it is done
+    /// ([`Tx::flush_aging`]), not one entry per key or per change.
     aging: Vec<(i64, Vec<u8>)>,
     pub(crate) effects: Vec<Effect>,
     /// Unique, increasing per entry (log index << 24, plus one per use).
@@ -132,18 +135,21 @@ impl<'a> Tx<'a> {
         self.aging.push((at_ms, key.to_vec()));
     }
 
-    /// Writes what the change aged: one retention entry per time, listing its keys. An event
-    /// ages its dedup key and activity lines together, so it costs one entry, not one each.
+    /// Writes what the apply aged as retention entries of at most [`AGING_CHUNK`] keys each,
+    /// oldest first, each at the latest time it lists: a batch of events and their deliveries
+    /// costs a few entries, not one each, and a key is never deleted before its time (at most
+    /// one batch's spread, milliseconds, after it).
     pub(crate) fn flush_aging(&mut self) {
         if self.aging.is_empty() {
             return;
         }
         let mut aging = std::mem::take(&mut self.aging);
         aging.sort_by_key(|(at, _)| *at);
-        for same_time in aging.chunk_by(|a, b| a.0 == b.0) {
+        for chunk in aging.chunks(AGING_CHUNK) {
+            let latest = chunk.iter().map(|(at, _)| *at).max().unwrap_or_default();
             let seq = self.next_seq();
-            let k = keys::expiry(self.space, same_time[0].0, seq);
-            let v = codec::encode_keys(same_time.iter().map(|(_, key)| key.as_slice()));
+            let k = keys::expiry(self.space, latest, seq);
+            let v = codec::encode_keys(chunk.iter().map(|(_, key)| key.as_slice()));
             self.put_raw(k, v);
         }
     }
@@ -279,20 +285,12 @@ impl<'a> Tx<'a> {
             StateChange::Batch(changes) => {
                 let mut outcomes = Vec::with_capacity(changes.len());
                 for c in changes {
-                    outcomes.push(self.apply_one(c)?);
+                    outcomes.push(self.dispatch(c)?);
                 }
                 Ok(ChangeOutcome::Batch(outcomes))
             }
-            other => self.apply_one(other),
+            other => self.dispatch(other),
         }
-    }
-
-    /// Applies one change, then writes the retention entries of what it aged, so the next
-    /// change of the batch (an erasure, say) sees them.
-    fn apply_one(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
-        let outcome = self.dispatch(change)?;
-        self.flush_aging();
-        Ok(outcome)
     }
 
     fn dispatch(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
@@ -379,9 +377,6 @@ impl<'a> Tx<'a> {
             C::RecordDeliveries(updates) => {
                 for update in updates {
                     self.record_delivery(update)?;
-                    // Each delivery's keys age together, apart from the others' (so one
-                    // retention entry never lists a whole batch's keys).
-                    self.flush_aging();
                 }
                 Ok(ChangeOutcome::Done)
             }
