@@ -549,7 +549,7 @@ async fn retention_prunes_settled_records_but_never_pending_ones() -> anyhow::Re
 }
 
 #[tokio::test]
-async fn an_apply_ages_its_records_in_a_few_retention_entries_at_their_latest_time(
+async fn a_log_entry_ages_its_records_in_a_few_retention_entries_at_their_latest_time(
 ) -> anyhow::Result<()> {
     let mut s = store(1)?;
     s.apply(setup()).await?;
@@ -573,9 +573,12 @@ async fn an_apply_ages_its_records_in_a_few_retention_entries_at_their_latest_ti
     // The settled delivery and its activity line: one more.
     s.apply(vec![delivered("cmd-e1", 1_500)]).await?;
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 2);
-    // Two events applied together, at different times: one entry, at the later time.
-    s.apply(vec![ingest("e2", 2_000), ingest("e3", 3_000)])
-        .await?;
+    // Two events in one log entry, at different times: one retention entry, at the later time.
+    s.apply(vec![StateChange::Batch(vec![
+        ingest("e2", 2_000),
+        ingest("e3", 3_000),
+    ])])
+    .await?;
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 3);
     // Pruning up to 2.5 s takes the first event and its delivery, all of their listed keys;
     // the second event waits for the third's time, never going before its own.
@@ -589,12 +592,12 @@ async fn an_apply_ages_its_records_in_a_few_retention_entries_at_their_latest_ti
         "the second and third events' lines are left"
     );
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), 1);
-    // Twenty events together age 60 keys: two entries, none listing more than 32.
-    s.apply(
+    // Twenty events in one log entry age 60 keys: two entries, none listing more than 32.
+    s.apply(vec![StateChange::Batch(
         (0..20)
             .map(|i| ingest(&format!("b{i}"), 4_000 + i))
             .collect(),
-    )
+    )])
     .await?;
     assert_eq!(listed(&s)?, vec![6, 32, 28]);
     // Pruning up to 3.5 s takes the entry at 3 s, with both events it lists.
@@ -606,6 +609,33 @@ async fn an_apply_ages_its_records_in_a_few_retention_entries_at_their_latest_ti
         .0
         .iter()
         .all(|(at, _)| *at >= 4_000));
+    Ok(())
+}
+
+#[tokio::test]
+async fn replicas_write_the_same_state_however_their_entries_are_grouped_into_applies(
+) -> anyhow::Result<()> {
+    // A leader may apply a run of entries in one call where a follower applies them one by
+    // one: the state (retention entries included) must not depend on it.
+    let entries = || {
+        let mut all = setup();
+        for b in 0..4 {
+            all.push(StateChange::Batch(
+                (0..15)
+                    .map(|i| ingest(&format!("e{b}-{i}"), 1_000 * b + i))
+                    .collect(),
+            ));
+            all.push(delivered(&format!("cmd-e{b}-0"), 1_000 * b + 500));
+        }
+        all
+    };
+    let mut together = store(1)?;
+    together.apply(entries()).await?;
+    let mut apart = store(1)?;
+    for e in entries() {
+        apart.apply(vec![e]).await?;
+    }
+    assert_eq!(together.reader.digest()?, apart.reader.digest()?);
     Ok(())
 }
 

@@ -30,8 +30,8 @@ pub struct Tx<'a> {
     pub(crate) space: u32,
     batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Keys the apply aged, with when: written as a few retention entries when it is done
-    /// ([`Tx::flush_aging`]), not one entry per key or per change.
+    /// Keys the log entry aged, with when: written as a few retention entries when it is
+    /// done ([`Tx::flush_aging`]), not one entry per key or per change.
     aging: Vec<(i64, Vec<u8>)>,
     pub(crate) effects: Vec<Effect>,
     /// Unique, increasing per entry (log index << 24, plus one per use).
@@ -135,9 +135,9 @@ impl<'a> Tx<'a> {
         self.aging.push((at_ms, key.to_vec()));
     }
 
-    /// Writes what the apply aged as retention entries of at most [`AGING_CHUNK`] keys each,
-    /// oldest first, each at the latest time it lists: a batch of events and their deliveries
-    /// costs a few entries, not one each, and a key is never deleted before its time (at most
+    /// Writes what the log entry aged as retention entries of at most [`AGING_CHUNK`] keys
+    /// each, oldest first, each at the latest time it lists: a batch of events and their
+    /// deliveries costs a few entries, not one each, and a key is never deleted before its time (at most
     /// one batch's spread, milliseconds, after it).
     pub(crate) fn flush_aging(&mut self) {
         if self.aging.is_empty() {
@@ -279,18 +279,22 @@ impl<'a> Tx<'a> {
         Ok(found)
     }
 
-    /// Applies one log entry's change (a batch: each of its changes, each with an outcome).
+    /// Applies one log entry's change (a batch: each of its changes, each with an outcome),
+    /// then writes the retention entries of what it aged. Per entry, not per apply call:
+    /// replicas group entries into apply calls differently, and must write the same state.
     pub fn apply_top(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
-        match change {
+        let outcome = match change {
             StateChange::Batch(changes) => {
                 let mut outcomes = Vec::with_capacity(changes.len());
                 for c in changes {
                     outcomes.push(self.dispatch(c)?);
                 }
-                Ok(ChangeOutcome::Batch(outcomes))
+                ChangeOutcome::Batch(outcomes)
             }
-            other => self.dispatch(other),
-        }
+            other => self.dispatch(other)?,
+        };
+        self.flush_aging();
+        Ok(outcome)
     }
 
     fn dispatch(&mut self, change: StateChange) -> Result<ChangeOutcome, StoreError> {
