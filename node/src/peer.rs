@@ -253,11 +253,30 @@ pub async fn ask_group(core: &Core, group: u32, q: GroupQuery) -> Result<GroupAn
     let (_, addr) = core
         .leader_of(group)
         .ok_or_else(|| format!("group {group} has no known leader"))?;
-    let body = codec::encode(&q).map_err(|e| e.to_string())?;
-    let r = core
-        .peers
-        .post(&addr, &format!("/peer/query/{group}"))
-        .timeout(std::time::Duration::from_secs(30))
+    let path = format!("/peer/query/{group}");
+    ask(
+        &core.peers,
+        &addr,
+        &path,
+        std::time::Duration::from_secs(30),
+        &q,
+    )
+    .await
+}
+
+/// POSTs `request` to a peer's `path` and decodes its answer (a reply of [`reply`] that
+/// is not an error).
+pub async fn ask<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+    peers: &custos_raft::network::Peers,
+    addr: &str,
+    path: &str,
+    within: std::time::Duration,
+    request: &Q,
+) -> Result<A, String> {
+    let body = codec::encode(request).map_err(|e| e.to_string())?;
+    let r = peers
+        .post(addr, path)
+        .timeout(within)
         .body(body)
         .send()
         .await
@@ -266,7 +285,7 @@ pub async fn ask_group(core: &Core, group: u32, q: GroupQuery) -> Result<GroupAn
         return Err(format!("peer answered {}", r.status()));
     }
     let bytes = r.bytes().await.map_err(|e| e.to_string())?;
-    codec::decode::<Result<GroupAnswer, ()>>(&bytes)
+    codec::decode::<Result<A, ()>>(&bytes)
         .map_err(|e| e.to_string())?
         .map_err(|()| "refused".to_owned())
 }

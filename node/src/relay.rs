@@ -18,8 +18,7 @@ use actix_web::{HttpResponse, ResponseError};
 use custos_api::limits::MAX_BODY_BYTES;
 use custos_api::webhook::SignedHeaders;
 use custos_api::ErrorCode;
-use custos_raft::codec;
-use custos_raft::network::{decode_reply, Peers};
+use custos_raft::network::Peers;
 use custos_raft::types::GroupId;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -180,49 +179,27 @@ async fn send_batches(
 async fn send_batch(peers: &Peers, addr: &str, within: Duration, batch: Vec<Queued>) {
     let (events, answers): (Vec<RelayedEvent>, Vec<oneshot::Sender<RelayedAnswer>>) =
         batch.into_iter().map(|q| (q.event, q.answer)).unzip();
-    let replies = match ask(peers, addr, within, &events).await {
-        Ok(r) if r.len() == answers.len() => r,
-        Ok(r) => {
-            tracing::warn!(
-                addr,
-                sent = answers.len(),
-                answered = r.len(),
-                "relay answer count"
-            );
-            Vec::new()
-        }
-        Err(e) => {
-            tracing::debug!(addr, error = %e, "relaying events failed");
-            Vec::new()
-        }
-    };
+    let replies =
+        match crate::peer::ask::<_, Vec<RelayedAnswer>>(peers, addr, PATH, within, &events).await {
+            Ok(r) if r.len() == answers.len() => r,
+            Ok(r) => {
+                tracing::warn!(
+                    addr,
+                    sent = answers.len(),
+                    answered = r.len(),
+                    "relay answer count"
+                );
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::debug!(addr, error = %e, "relaying events failed");
+                Vec::new()
+            }
+        };
     let mut replies = replies.into_iter();
     for tx in answers {
         let _ = tx.send(replies.next().unwrap_or_else(unavailable));
     }
-}
-
-async fn ask(
-    peers: &Peers,
-    addr: &str,
-    within: Duration,
-    events: &[RelayedEvent],
-) -> Result<Vec<RelayedAnswer>, String> {
-    let body = codec::encode(&events).map_err(|e| e.to_string())?;
-    let resp = peers
-        .post(addr, PATH)
-        .timeout(within)
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("status {}", resp.status()));
-    }
-    let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-    decode_reply::<Vec<RelayedAnswer>, ()>(&bytes)
-        .map_err(|e| e.to_string())?
-        .map_err(|()| "refused".to_owned())
 }
 
 /// Serves one relayed event on this node: here if it leads the event's group, else relayed
