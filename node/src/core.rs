@@ -609,7 +609,7 @@ impl Core {
             relay: crate::relay::EventRelay::new(
                 peers.clone(),
                 rt.clone(),
-                Duration::from_millis(config.raft.propose_timeout_ms + 2000),
+                crate::forward::forward_deadline(&config),
             ),
             peers,
             rt,

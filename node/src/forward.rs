@@ -33,7 +33,7 @@ pub const HOPS_HEADER: &str = "x-custos-hops";
 /// The client's address, as the first node saw it (trusted only on the peer port).
 pub const CLIENT_IP_HEADER: &str = "x-custos-client-ip";
 /// Most forwards of one call.
-pub(crate) const MAX_HOPS: u32 = 3;
+const MAX_HOPS: u32 = 3;
 /// How long a call waits for a group to elect a leader before 503.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 
@@ -258,13 +258,16 @@ pub async fn forward(
             webhook_id: header(HEADER_ID),
             webhook_timestamp: header(HEADER_TIMESTAMP),
             webhook_signature: header(HEADER_SIGNATURE),
-            hops: hops + 1,
             body: body.to_vec(),
         };
-        let answer = core.relay.relay(&leader.1, event).await;
-        return Ok(req
-            .into_response(answer.into_response())
-            .map_into_right_body());
+        if let Some(answer) = core.relay.relay(&leader.1, event).await {
+            return Ok(req
+                .into_response(answer.into_response())
+                .map_into_right_body());
+        }
+        // That leader does not serve relayed events (an older version): proxied.
+        let resp = proxy(&core, req.request(), &leader.1, hops + 1, body).await;
+        return Ok(req.into_response(resp).map_into_right_body());
     }
     let body = match read_bounded(req.take_payload()).await {
         Ok(b) => b,
@@ -275,7 +278,7 @@ pub async fn forward(
 }
 
 /// The group's leader, waiting a little while one is being elected.
-pub(crate) async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
+async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
     let started = std::time::Instant::now();
     loop {
         if core.is_leader(group) {
@@ -322,6 +325,21 @@ pub(crate) fn hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// How long a call forwarded to a group's leader may take: a leader that stopped answering
+/// (paused, cut off) is given the commit deadline and a little more; then the caller is told
+/// to retry, and finds the new leader.
+pub fn forward_deadline(config: &crate::config::Config) -> Duration {
+    Duration::from_millis(config.raft.propose_timeout_ms + 2000)
+}
+
+/// The answer when the leader a call was forwarded to did not answer in time.
+pub(crate) fn leader_silent() -> ServiceError {
+    ServiceError::refused(
+        ErrorCode::Unavailable,
+        "the node leading this call's group did not answer; retry shortly",
+    )
+}
+
 /// Sends the call to `addr` (a peer port) and turns its answer into this node's answer.
 async fn proxy(
     core: &Core,
@@ -337,10 +355,10 @@ async fn proxy(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    // A leader that stopped answering (paused, cut off) is given the commit deadline and a
-    // little more; then the caller is told to retry, and finds the new leader.
-    let within = Duration::from_millis(core.config.raft.propose_timeout_ms + 2000);
-    let mut rb = core.peers.request(method, addr, path).timeout(within);
+    let mut rb = core
+        .peers
+        .request(method, addr, path)
+        .timeout(forward_deadline(&core.config));
     for (name, value) in req.headers() {
         let n = name.as_str();
         if hop_by_hop(n) || n == HOPS_HEADER || n == CLIENT_IP_HEADER || n == PEER_AUTH_HEADER {
@@ -356,11 +374,7 @@ async fn proxy(
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(addr, error = %e, "forwarding failed");
-            let e = ServiceError::refused(
-                ErrorCode::Unavailable,
-                "the node leading this call's group did not answer; retry shortly",
-            );
-            return actix_web::ResponseError::error_response(&e);
+            return actix_web::ResponseError::error_response(&leader_silent());
         }
     };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

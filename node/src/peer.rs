@@ -262,6 +262,18 @@ pub async fn ask_group(core: &Core, group: u32, q: GroupQuery) -> Result<GroupAn
         &q,
     )
     .await
+    .map_err(|e| e.to_string())
+}
+
+/// Why [`ask`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// The peer answered with this HTTP status (404: it does not serve the path).
+    #[error("peer answered {0}")]
+    Status(u16),
+    /// No answer, or one that does not decode, or a refusal.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// POSTs `request` to a peer's `path` and decodes its answer (a reply of [`reply`] that
@@ -272,22 +284,23 @@ pub async fn ask<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
     path: &str,
     within: std::time::Duration,
     request: &Q,
-) -> Result<A, String> {
-    let body = codec::encode(request).map_err(|e| e.to_string())?;
+) -> Result<A, AskError> {
+    let failed = |e: &dyn std::fmt::Display| AskError::Failed(e.to_string());
+    let body = codec::encode(request).map_err(|e| failed(&e))?;
     let r = peers
         .post(addr, path)
         .timeout(within)
         .body(body)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(&e))?;
     if !r.status().is_success() {
-        return Err(format!("peer answered {}", r.status()));
+        return Err(AskError::Status(r.status().as_u16()));
     }
-    let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+    let bytes = r.bytes().await.map_err(|e| failed(&e))?;
     codec::decode::<Result<A, ()>>(&bytes)
-        .map_err(|e| e.to_string())?
-        .map_err(|()| "refused".to_owned())
+        .map_err(|e| failed(&e))?
+        .map_err(|()| AskError::Failed("refused".to_owned()))
 }
 
 /// Registers the peer routes (the client API's routes are added next to them, behind the

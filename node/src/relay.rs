@@ -7,6 +7,10 @@
 //! while [`BATCHES_IN_FLIGHT`] requests are out, the events arriving meanwhile wait and leave
 //! together. The leader serves each with the same service call as a direct POST, so an
 //! answer is the one the entity would have had from the leader (status, headers, body).
+//! Every event is answered within the forwarding deadline, whatever its batch does: 503 when
+//! the leader did not answer in time or leadership moved (the entity's retry is deduplicated
+//! by event id). A leader that does not serve relayed events (an older version, during a
+//! rolling upgrade) gets the event proxied as before.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +21,7 @@ use actix_web::body::MessageBody;
 use actix_web::{HttpResponse, ResponseError};
 use custos_api::limits::MAX_BODY_BYTES;
 use custos_api::webhook::SignedHeaders;
-use custos_api::ErrorCode;
 use custos_raft::network::Peers;
-use custos_raft::types::GroupId;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::cluster::wire::{RelayedAnswer, RelayedEvent};
@@ -37,10 +39,11 @@ const MAX_BATCH_BYTES: usize = 4 * MAX_BODY_BYTES;
 /// The peer path that serves a batch.
 pub const PATH: &str = "/peer/events";
 
-/// One event waiting to leave, and where its answer goes.
+/// One event waiting to leave, and where its answer goes (`None`: the leader does not serve
+/// relayed events).
 struct Queued {
     event: RelayedEvent,
-    answer: oneshot::Sender<RelayedAnswer>,
+    answer: oneshot::Sender<Option<RelayedAnswer>>,
 }
 
 /// How many batches and events this node relayed (for `/metrics`).
@@ -70,11 +73,7 @@ impl std::fmt::Debug for EventRelay {
 
 /// The answer when the leader could not be asked or did not answer in time.
 fn unavailable() -> RelayedAnswer {
-    let e = ServiceError::refused(
-        ErrorCode::Unavailable,
-        "the node leading this event's group did not answer; retry shortly",
-    );
-    RelayedAnswer::of_error(&e)
+    RelayedAnswer::of_error(&crate::forward::leader_silent())
 }
 
 impl EventRelay {
@@ -95,15 +94,22 @@ impl EventRelay {
     }
 
     /// Relays `event` to the leader at peer address `addr` and answers what the leader
-    /// answered (503 if it could not be reached).
-    pub async fn relay(&self, addr: &str, event: RelayedEvent) -> RelayedAnswer {
+    /// answered (503 if it could not be reached in time), or `None` if that leader does not
+    /// serve relayed events.
+    pub async fn relay(&self, addr: &str, event: RelayedEvent) -> Option<RelayedAnswer> {
         let (answer, rx) = oneshot::channel();
         let mut item = Queued { event, answer };
         // A queue whose sender task ended (its runtime is stopping) is replaced once.
         for _ in 0..2 {
             let tx = self.queue(addr);
             match tx.send(item) {
-                Ok(()) => return rx.await.unwrap_or_else(|_| unavailable()),
+                // Waiting for a slot counts against the deadline too.
+                Ok(()) => {
+                    return match tokio::time::timeout(self.within, rx).await {
+                        Ok(Ok(answer)) => answer,
+                        Ok(Err(_)) | Err(_) => Some(unavailable()),
+                    }
+                }
                 Err(mpsc::error::SendError(back)) => {
                     item = back;
                     self.queues
@@ -113,7 +119,7 @@ impl EventRelay {
                 }
             }
         }
-        unavailable()
+        Some(unavailable())
     }
 
     fn queue(&self, addr: &str) -> mpsc::UnboundedSender<Queued> {
@@ -140,6 +146,8 @@ fn take_batch(first: Queued, rx: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Qu
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH_EVENTS && bytes < MAX_BATCH_BYTES {
         match rx.try_recv() {
+            // Its caller stopped waiting (deadline passed): not sent.
+            Ok(q) if q.answer.is_closed() => {}
             Ok(q) => {
                 bytes += q.event.body.len();
                 batch.push(q);
@@ -177,20 +185,21 @@ async fn send_batches(
 }
 
 async fn send_batch(peers: &Peers, addr: &str, within: Duration, batch: Vec<Queued>) {
-    let (events, answers): (Vec<RelayedEvent>, Vec<oneshot::Sender<RelayedAnswer>>) =
+    let (events, answers): (Vec<RelayedEvent>, Vec<_>) =
         batch.into_iter().map(|q| (q.event, q.answer)).unzip();
-    let replies =
+    let replies: Vec<Option<RelayedAnswer>> =
         match crate::peer::ask::<_, Vec<RelayedAnswer>>(peers, addr, PATH, within, &events).await {
-            Ok(r) if r.len() == answers.len() => r,
+            Ok(r) if r.len() == answers.len() => r.into_iter().map(Some).collect(),
             Ok(r) => {
                 tracing::warn!(
                     addr,
                     sent = answers.len(),
                     answered = r.len(),
-                    "relay answer count"
+                    "relay answers"
                 );
                 Vec::new()
             }
+            Err(crate::peer::AskError::Status(404)) => vec![None; answers.len()],
             Err(e) => {
                 tracing::debug!(addr, error = %e, "relaying events failed");
                 Vec::new()
@@ -198,22 +207,33 @@ async fn send_batch(peers: &Peers, addr: &str, within: Duration, batch: Vec<Queu
         };
     let mut replies = replies.into_iter();
     for tx in answers {
-        let _ = tx.send(replies.next().unwrap_or_else(unavailable));
+        let _ = tx.send(replies.next().unwrap_or_else(|| Some(unavailable())));
     }
 }
 
-/// Serves one relayed event on this node: here if it leads the event's group, else relayed
-/// on to the leader (a bounded number of hops, as leadership moves).
+/// Serves one relayed event on this node, which the sender took for its group's leader;
+/// answered within the propose deadline and a second, so the answer is back before the
+/// sender's deadline. If leadership moved, the entity is told to retry (503); its retry
+/// finds the new leader.
 pub async fn serve(vault: &Vault, core: &Core, event: RelayedEvent) -> RelayedAnswer {
-    let checked = crate::gateway::check_event_media(event.content_type.as_deref().unwrap_or(""))
-        .and_then(|()| crate::forward::event_route(core, &event.body));
-    let route = match checked {
-        Ok(r) => r,
-        Err(e) => return RelayedAnswer::of_error(&e),
-    };
+    let within = Duration::from_millis(core.config.raft.propose_timeout_ms + 1000);
+    match tokio::time::timeout(within, serve_here(vault, core, &event)).await {
+        Ok(Ok(receipt)) => RelayedAnswer::of(HttpResponse::Accepted().json(receipt)),
+        Ok(Err(e)) => RelayedAnswer::of_error(&e),
+        Err(_) => unavailable(),
+    }
+}
+
+async fn serve_here(
+    vault: &Vault,
+    core: &Core,
+    event: &RelayedEvent,
+) -> Result<custos_api::types::EventReceipt, ServiceError> {
+    crate::gateway::check_event_media(event.content_type.as_deref().unwrap_or(""))?;
+    let route = crate::forward::event_route(core, &event.body)?;
     if let Some((_, group)) = route {
         if !core.is_leader(group) {
-            return pass_on(core, event, group).await;
+            return Err(crate::core::not_leader(group));
         }
     }
     let headers = SignedHeaders {
@@ -221,26 +241,7 @@ pub async fn serve(vault: &Vault, core: &Core, event: RelayedEvent) -> RelayedAn
         timestamp: event.webhook_timestamp.as_deref(),
         signature: event.webhook_signature.as_deref(),
     };
-    match vault.ingest_event(headers, &event.body, route).await {
-        Ok(receipt) => RelayedAnswer::of(HttpResponse::Accepted().json(receipt)),
-        Err(e) => RelayedAnswer::of_error(&e),
-    }
-}
-
-/// Leadership of `group` moved since the sender looked: the event goes on to the new leader.
-async fn pass_on(core: &Core, event: RelayedEvent, group: GroupId) -> RelayedAnswer {
-    if event.hops < crate::forward::MAX_HOPS {
-        if let Some((id, addr)) = crate::forward::wait_leader(core, group).await {
-            if id != core.node_id {
-                let hops = event.hops + 1;
-                return core
-                    .relay
-                    .relay(&addr, RelayedEvent { hops, ..event })
-                    .await;
-            }
-        }
-    }
-    RelayedAnswer::of_error(&crate::core::not_leader(group))
+    vault.ingest_event(headers, &event.body, route).await
 }
 
 impl RelayedAnswer {

@@ -176,6 +176,12 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
             .send()
             .await?;
         assert_eq!(resp.status().as_u16(), 415);
+        let media = resp.headers().get("content-type").map(|v| v.as_bytes());
+        assert_eq!(
+            media,
+            Some(&b"application/problem+json"[..]),
+            "relayed headers"
+        );
         let problem: custos_api::Problem = resp.json().await?;
         assert_eq!(problem.code, custos_api::ErrorCode::UnsupportedMediaType);
     }

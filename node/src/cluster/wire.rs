@@ -117,8 +117,6 @@ pub struct RelayedEvent {
     pub webhook_timestamp: Option<String>,
     /// Its `webhook-signature` header.
     pub webhook_signature: Option<String>,
-    /// How many times it has been forwarded, this relay included.
-    pub hops: u32,
     /// The body, as received.
     pub body: Vec<u8>,
 }

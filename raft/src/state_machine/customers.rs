@@ -347,7 +347,7 @@ impl Tx<'_> {
                 self.put(k, &rec)?;
             }
         }
-        // What this apply aged so far is written first, so it is cleaned with the rest.
+        // What this log entry aged so far is written first, so it is cleaned with the rest.
         self.flush_aging();
         let id = customer_id.as_bytes();
         for (k, targets) in self.scan(&self.p(keys::EXPIRY))? {

@@ -29,7 +29,7 @@ impl Tx<'_> {
         }
         let lo = self.p(keys::EXPIRY);
         let hi = keys::expiry(self.space, before_ms, 0);
-        let found = self.stored_range(&lo, &hi, (limit - n) as usize)?;
+        let found = self.range(&lo, &hi, (limit - n) as usize)?;
         n += found.len() as u32;
         for (aging_key, targets) in found {
             self.delete(aging_key);

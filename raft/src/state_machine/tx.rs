@@ -59,8 +59,9 @@ impl<'a> Tx<'a> {
     }
 
     /// The batch to write and the effects to report.
-    pub fn finish(mut self) -> (WriteBatch, Vec<Effect>) {
-        self.flush_aging();
+    pub fn finish(self) -> (WriteBatch, Vec<Effect>) {
+        // Each log entry wrote its own retention entries (see `apply_top`).
+        debug_assert!(self.aging.is_empty(), "aging left after the last entry");
         (self.batch, self.effects)
     }
 
@@ -258,8 +259,10 @@ impl<'a> Tx<'a> {
         Ok(self.scan(prefix)?.len())
     }
 
-    /// Keys in `[lo, hi)` as stored (not the batch's own writes), at most `limit`.
-    pub(crate) fn stored_range(
+    /// The first `limit` keys in `[lo, hi)`, the batch's own writes included: what a later
+    /// apply call would see. (Two prune steps a follower applies in one call must take what
+    /// the leader's two calls took, or the replicas' states differ.)
+    pub(crate) fn range(
         &self,
         lo: &[u8],
         hi: &[u8],
@@ -272,10 +275,23 @@ impl<'a> Tx<'a> {
             if k >= hi || found.len() >= limit {
                 break;
             }
-            found.push((k.to_vec(), v.to_vec()));
+            // Deleted or rewritten by this batch: left out here, the overlay's value goes in
+            // below.
+            if !self.overlay.contains_key(k) {
+                found.push((k.to_vec(), v.to_vec()));
+            }
             it.next();
         }
         it.status()?;
+        for (k, v) in &self.overlay {
+            if let Some(v) = v {
+                if k.as_slice() >= lo && k.as_slice() < hi {
+                    found.push((k.clone(), v.clone()));
+                }
+            }
+        }
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(limit);
         Ok(found)
     }
 
