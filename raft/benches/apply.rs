@@ -2,65 +2,38 @@
 //! and one of their 32 delivery results, on a real RocksDB, as every replica applies them.
 //! `cargo bench --bench apply` (criterion); the memtable fills as a node's does under load.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
+
+use common::{customer, entries, link, one_command};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use custos_raft::records::*;
 use custos_raft::state_machine::NoObserver;
 use custos_raft::{StateChange, StateMachineStore};
 use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
 /// Events per log entry: about what the proposer batches at 64 in flight.
 const EVENTS: usize = 32;
 /// Customers the events rotate over.
 const CUSTOMERS: usize = 1000;
 
-fn link(customer: &str, entity: &str, subject: &str) -> StateChange {
-    StateChange::Link {
-        customer_id: customer.into(),
-        link: LinkRecord {
-            entity_id: entity.into(),
-            subject: subject.into(),
-            linked_ms: 10,
-            sealed_token: None,
-            sealed_refresh_token: None,
-            claim: format!("int_{customer}_{entity}"),
-        },
-        intent: None,
-    }
-}
-
 fn ingest(n: usize, at_ms: i64) -> StateChange {
-    let customer = format!("c{}", n % CUSTOMERS);
     let event_id = format!("evt-{n}");
-    StateChange::Ingest(Ingest {
-        event: EventRecord {
-            id: event_id.clone(),
-            source: "airline".into(),
-            event_type: "flight.delayed".into(),
-            subject: format!("ff-{}", n % CUSTOMERS),
-            cloudevent_json: format!(
-                r#"{{"specversion":"1.0","id":"{event_id}","source":"airline","type":"flight.delayed","data":{{"flight":"XY123","delay_minutes":95}}}}"#
-            ),
-        },
-        customer_id: Some(customer.clone()),
-        commands: vec![CommandRecord {
-            id: format!("cmd-{n}"),
-            customer_id: customer,
-            target: "hotel".into(),
-            command_type: "room.hold".into(),
-            subject: format!("g-{}", n % CUSTOMERS),
-            data_json: r#"{"hold_until":"late","flight":"XY123"}"#.into(),
-            event_id,
-            event_source: "airline".into(),
-            rule_id: "r1".into(),
-            created_ms: at_ms,
-        }],
-        ignored_reason: None,
-        rule_failures: Vec::new(),
+    let json = format!(
+        r#"{{"specversion":"1.0","id":"{event_id}","source":"airline","type":"flight.delayed","data":{{"flight":"XY123","delay_minutes":95}}}}"#
+    );
+    one_command(
+        &event_id,
+        &format!("c{}", n % CUSTOMERS),
+        &format!("ff-{}", n % CUSTOMERS),
+        &format!("g-{}", n % CUSTOMERS),
+        json,
+        r#"{"hold_until":"late","flight":"XY123"}"#,
         at_ms,
-    })
+    )
 }
 
 fn delivered(n: usize, at_ms: i64) -> DeliveryUpdate {
@@ -97,13 +70,7 @@ impl Replica {
         for c in 0..CUSTOMERS {
             let id = format!("c{c}");
             setup.push(StateChange::CreateCustomer {
-                customer: CustomerRecord {
-                    id: id.clone(),
-                    created_ms: 0,
-                    token_hash: vec![1; 32],
-                    email: None,
-                    session_epoch: 0,
-                },
+                customer: customer(&id, None),
                 intent: None,
             });
             setup.push(link(&id, "airline", &format!("ff-{c}")));
@@ -114,16 +81,7 @@ impl Replica {
     }
 
     fn apply(&mut self, rt: &tokio::runtime::Runtime, changes: Vec<StateChange>) {
-        let entries: Vec<Entry<custos_raft::TypeConfig>> = changes
-            .into_iter()
-            .map(|c| {
-                self.index += 1;
-                Entry {
-                    log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
-                    payload: EntryPayload::Normal(c),
-                }
-            })
-            .collect();
+        let entries = entries(&mut self.index, changes);
         rt.block_on(self.sm.apply(entries)).expect("applied");
     }
 }

@@ -2,15 +2,19 @@
 //! group's claims, intents, the authoritative link re-check, erasure, and a snapshot streamed
 //! from one store (and group) into another.
 
+mod common;
+
 use std::sync::Arc;
+
+use common::{customer, entries, link, one_command};
 
 use custos_api::ErrorCode;
 use custos_raft::records::*;
 use custos_raft::state_machine::{ApplyObserver, Effect, NoObserver};
 use custos_raft::{codec, keys};
-use custos_raft::{ChangeOutcome, StateChange, StateMachineStore, StateReader, TypeConfig};
+use custos_raft::{ChangeOutcome, StateChange, StateMachineStore, StateReader};
 use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+use openraft::RaftSnapshotBuilder;
 
 struct Store {
     _dir: tempfile::TempDir,
@@ -39,17 +43,7 @@ fn store_observed(group: u32, observer: Arc<dyn ApplyObserver>) -> anyhow::Resul
 
 impl Store {
     async fn apply(&mut self, changes: Vec<StateChange>) -> anyhow::Result<Vec<ChangeOutcome>> {
-        let entries: Vec<Entry<TypeConfig>> = changes
-            .into_iter()
-            .map(|c| {
-                self.index += 1;
-                Entry {
-                    log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
-                    payload: EntryPayload::Normal(c),
-                }
-            })
-            .collect();
-        Ok(self.sm.apply(entries).await?)
+        Ok(self.sm.apply(entries(&mut self.index, changes)).await?)
     }
 
     /// The stored values of every key with state machine tag `tag` (any group or space).
@@ -81,31 +75,6 @@ fn entity(id: &str) -> EntityRecord {
     }
 }
 
-fn customer(id: &str, email: Option<&str>) -> CustomerRecord {
-    CustomerRecord {
-        id: id.into(),
-        created_ms: 0,
-        token_hash: vec![1; 32],
-        email: email.map(str::to_owned),
-        session_epoch: 0,
-    }
-}
-
-fn link(customer: &str, entity: &str, subject: &str) -> StateChange {
-    StateChange::Link {
-        customer_id: customer.into(),
-        link: LinkRecord {
-            entity_id: entity.into(),
-            subject: subject.into(),
-            linked_ms: 10,
-            sealed_token: None,
-            sealed_refresh_token: None,
-            claim: format!("int_{customer}_{entity}"),
-        },
-        intent: None,
-    }
-}
-
 /// A data group with customer c1 linked to the airline (as "ff") and the hotel (as "g").
 fn setup() -> Vec<StateChange> {
     vec![
@@ -123,31 +92,7 @@ fn ingest(event_id: &str, at_ms: i64) -> StateChange {
 }
 
 fn ingest_as(event_id: &str, subject: &str, at_ms: i64) -> StateChange {
-    StateChange::Ingest(Ingest {
-        event: EventRecord {
-            id: event_id.into(),
-            source: "airline".into(),
-            event_type: "flight.delayed".into(),
-            subject: subject.into(),
-            cloudevent_json: "{}".into(),
-        },
-        customer_id: Some("c1".into()),
-        commands: vec![CommandRecord {
-            id: format!("cmd-{event_id}"),
-            customer_id: "c1".into(),
-            target: "hotel".into(),
-            command_type: "room.hold".into(),
-            subject: "g".into(),
-            data_json: "{}".into(),
-            event_id: event_id.into(),
-            event_source: "airline".into(),
-            rule_id: "r1".into(),
-            created_ms: at_ms,
-        }],
-        ignored_reason: None,
-        rule_failures: Vec::new(),
-        at_ms,
-    })
+    one_command(event_id, "c1", subject, "g", "{}".into(), "{}", at_ms)
 }
 
 fn delivered(cmd: &str, at_ms: i64) -> StateChange {
