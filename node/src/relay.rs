@@ -212,11 +212,11 @@ async fn send_batch(peers: &Peers, addr: &str, within: Duration, batch: Vec<Queu
 }
 
 /// Serves one relayed event on this node, which the sender took for its group's leader;
-/// answered within the propose deadline and a second, so the answer is back before the
-/// sender's deadline. If leadership moved, the entity is told to retry (503); its retry
-/// finds the new leader.
+/// answered a second before the sender's deadline, so the answer is back in time. If
+/// leadership moved, the entity is told to retry (503); its retry finds the new leader.
 pub async fn serve(vault: &Vault, core: &Core, event: RelayedEvent) -> RelayedAnswer {
-    let within = Duration::from_millis(core.config.raft.propose_timeout_ms + 1000);
+    let within =
+        crate::forward::forward_deadline(&core.config).saturating_sub(Duration::from_secs(1));
     match tokio::time::timeout(within, serve_here(vault, core, &event)).await {
         Ok(Ok(receipt)) => RelayedAnswer::of(HttpResponse::Accepted().json(receipt)),
         Ok(Err(e)) => RelayedAnswer::of_error(&e),

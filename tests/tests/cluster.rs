@@ -151,6 +151,7 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
         relayed_after.0 - relayed_before.0,
         relayed_after.1 - relayed_before.1,
     );
+    eprintln!("{events} events relayed in {batches} peer requests");
     assert!(
         events > 0.0 && batches < events,
         "{events} events relayed in {batches} peer requests"

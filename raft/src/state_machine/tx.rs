@@ -138,8 +138,8 @@ impl<'a> Tx<'a> {
 
     /// Writes what the log entry aged as retention entries of at most [`AGING_CHUNK`] keys
     /// each, oldest first, each at the latest time it lists: a batch of events and their
-    /// deliveries costs a few entries, not one each, and a key is never deleted before its time (at most
-    /// one batch's spread, milliseconds, after it).
+    /// deliveries costs a few entries, not one each, and a key is never deleted before its
+    /// time (at most one batch's spread, milliseconds, after it).
     pub(crate) fn flush_aging(&mut self) {
         if self.aging.is_empty() {
             return;
@@ -147,7 +147,8 @@ impl<'a> Tx<'a> {
         let mut aging = std::mem::take(&mut self.aging);
         aging.sort_by_key(|(at, _)| *at);
         for chunk in aging.chunks(AGING_CHUNK) {
-            let latest = chunk.iter().map(|(at, _)| *at).max().unwrap_or_default();
+            // Sorted: the chunk's last key is its latest.
+            let latest = chunk.last().map_or(0, |(at, _)| *at);
             let seq = self.next_seq();
             let k = keys::expiry(self.space, latest, seq);
             let v = codec::encode_keys(chunk.iter().map(|(_, key)| key.as_slice()));
