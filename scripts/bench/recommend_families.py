@@ -292,6 +292,59 @@ def ranker(make):
     return lambda world, queries: fitted(world, queries, model if world is val_world else test_model)
 
 
+def listwise(l2):
+    """The pairwise-product ranker fitted with a per-user softmax over each user's candidates
+    (the held-out ones against the rest of that user's list) instead of a logistic loss per
+    candidate, with an L2 penalty `l2` on the standardised weights; a Platt map of its score
+    (fitted on the same samples) gives the probability."""
+    from scipy.optimize import minimize
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
+    def fit(samples):
+        x = np.array([f for f, _, _ in samples])
+        y = np.array([hit for _, hit, _ in samples], dtype=float)
+        g = np.array([u for _, _, u in samples])
+        expand = make_pipeline(StandardScaler(), PolynomialFeatures(2, include_bias=False), StandardScaler())
+        z = expand.fit_transform(x)
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        pos = np.add.reduceat(y, starts)
+
+        def loss(w):
+            s = z @ w
+            m = np.maximum.reduceat(s, starts)
+            e = np.exp(s - np.repeat(m, np.diff(np.r_[starts, len(s)])))
+            total = np.add.reduceat(e, starts)
+            lse = m + np.log(total)
+            value = np.sum(pos * lse) - y @ s + l2 / 2 * w @ w
+            share = e / np.repeat(total, np.diff(np.r_[starts, len(s)]))
+            grad = z.T @ (np.repeat(pos, np.diff(np.r_[starts, len(s)])) * share - y) + l2 * w
+            return value, grad
+
+        w = minimize(loss, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 2000}).x
+        platt = LogisticRegression(C=1e6, max_iter=1000).fit((z @ w)[:, None], y.astype(bool))
+        return lambda f: platt.predict_proba((expand.transform(np.array(f)) @ w)[:, None])[:, 1]
+
+    def fitted(world, queries, model):
+        out = []
+        for items, _ in queries:
+            cands = world.features(items, entities(items))
+            if not cands:
+                out.append([])
+                continue
+            p = model([f for _, f in cands])
+            out.append(sorted(zip([t for t, _ in cands], p), key=lambda z: -z[1]))
+        return out
+
+    def samples(queries):
+        return [(f, t in h, n) for n, (items, h) in enumerate(queries)
+                for t, f in val_world.features(items, entities(items))]
+
+    model = fit(samples(learn))
+    test_model = fit(samples([(items, h) for _, items, h in val]))
+    return lambda world, queries: fitted(world, queries, model if world is val_world else test_model)
+
+
 families = {}
 for beta in (0.2, 0.4, 0.6, 0.8, 1.0):
     families[f"RP3beta, beta {beta}"] = by_scores(lambda w, b=beta: rp3beta(w.x, w.deg, b))
@@ -316,6 +369,8 @@ def pairwise_logistic(c):
 families["RP3beta candidates + logistic ranker, features alone"] = ranker(standardised_logistic)
 families["RP3beta candidates + logistic ranker, pairwise products, L2 100"] = ranker(pairwise_logistic(0.01))
 families["RP3beta candidates + logistic ranker, pairwise products, L2 10 (shipped)"] = ranker(pairwise_logistic(0.1))
+families["RP3beta candidates + pairwise products, per-user softmax, L2 10"] = listwise(10.0)
+families["RP3beta candidates + pairwise products, per-user softmax, L2 100"] = listwise(100.0)
 families["RP3beta candidates + gradient-boosted trees"] = ranker(
     lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0))
 
