@@ -65,6 +65,39 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// A count and when it was last added to: what an engagement key holds, and each addition
+/// to it ([`merge_counts`]).
+pub type Count = (u64, i64);
+
+/// RocksDB's merge of counts (registered by `open_db`): the stored value, if any, and each
+/// operand are a [`Count`]; the counts add up and the last operand's time is kept. An apply
+/// adds to a count without reading it first. Associative, so RocksDB may fold operands in
+/// any grouping (compactions do) and every replica reads the same value. None (RocksDB then
+/// reports corruption) if a value does not decode.
+pub fn merge_counts(
+    _key: &[u8],
+    stored: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut total: Option<Count> = match stored {
+        Some(v) => Some(decode(v).ok()?),
+        None => None,
+    };
+    for operand in operands {
+        total = Some(add_count(total, decode(operand).ok()?));
+    }
+    encode(&total?).ok()
+}
+
+/// Adds `operand` to `stored` as [`merge_counts`] does: for a batch's own reads of a count it
+/// has added to.
+pub fn add_count(stored: Option<Count>, operand: Count) -> Count {
+    match stored {
+        Some((count, _)) => (count.saturating_add(operand.0), operand.1),
+        None => operand,
+    }
+}
+
 /// Encodes a list of keys (a retention entry's targets): each as a big-endian `u16` length
 /// and its bytes, after the format byte. Keys are far shorter than 64 KiB (ids and subjects
 /// are bounded); a longer one could not be listed whole, and is left out rather than cut.

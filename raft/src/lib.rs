@@ -89,6 +89,8 @@ pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
     // The same for the memtable, which the newest keys (and most misses) go through first.
     opts.set_memtable_whole_key_filtering(true);
     opts.set_memtable_prefix_bloom_ratio(0.02);
+    // Engagement counts are added to without a read (`Tx::add_count`).
+    opts.set_merge_operator_associative("custos-counts", codec::merge_counts);
     let db = rocksdb::DB::open(&opts, path).map_err(StoreError::Db)?;
     Ok(Arc::new(db))
 }

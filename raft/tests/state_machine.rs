@@ -803,6 +803,46 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
 }
 
 #[tokio::test]
+async fn engagement_counts_add_up_without_a_read_and_go_with_their_customer() -> anyhow::Result<()>
+{
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    // Counted one entry at a time, several in one entry, and entries in one apply call.
+    s.apply(vec![ingest("e1", 1_000)]).await?;
+    s.apply(vec![
+        StateChange::Batch(vec![ingest("e2", 1_100), ingest("e3", 1_200)]),
+        ingest("e4", 1_300),
+    ])
+    .await?;
+    // A duplicate is not counted.
+    s.apply(vec![ingest("e4", 1_350)]).await?;
+    assert_eq!(
+        s.reader.engagements(Some("c1"))?,
+        vec![("c1".into(), "airline.flight.delayed".into(), 4, 1_300)]
+    );
+    // A type first received in the entry that erases the customer: its count is only the
+    // entry's merge operand when the erasure looks, and goes too.
+    let mut cancelled = ingest("e5", 1_400);
+    if let StateChange::Ingest(i) = &mut cancelled {
+        i.event.event_type = "flight.cancelled".into();
+    }
+    let out = s
+        .apply(vec![StateChange::Batch(vec![
+            cancelled,
+            StateChange::EraseCustomer {
+                customer_id: "c1".into(),
+            },
+        ])])
+        .await?;
+    assert!(
+        matches!(&out[0], ChangeOutcome::Batch(o) if o[1] == ChangeOutcome::Done),
+        "{out:?}"
+    );
+    assert!(s.reader.engagements(Some("c1"))?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_last_linking_or_unlinking_wins_over_one_left_unfinished() -> anyhow::Result<()> {
     let mut s = store(2)?;
     s.apply(vec![StateChange::CreateCustomer {

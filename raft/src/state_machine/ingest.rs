@@ -66,14 +66,14 @@ impl Tx<'_> {
             at,
         )?;
         if let Some(customer) = &ingest.customer_id {
-            // Engagement for recommendations: how often, and when last, this type arrived.
+            // Engagement for recommendations: how often, and when last, this type arrived (a
+            // merge operand: no read on the event's path).
             let key = self.k2(
                 keys::ENGAGEMENT,
                 customer,
                 &format!("{}.{}", ingest.event.source, ingest.event.event_type),
             );
-            let (count, _) = self.get::<(u64, i64)>(&key)?.unwrap_or((0, 0));
-            self.put(key, &(count + 1, at))?;
+            self.add_count(key, at)?;
             self.activity(
                 customer,
                 at,

@@ -30,6 +30,9 @@ pub struct Tx<'a> {
     pub(crate) space: u32,
     batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// What the batch added to counts ([`Tx::add_count`]) since it last wrote them, if it did:
+    /// merge operands, which a read of the count adds to the value under them.
+    counts: HashMap<Vec<u8>, codec::Count>,
     /// Keys the log entry aged, with when: written as a few retention entries when it is
     /// done ([`Tx::flush_aging`]), not one entry per key or per change.
     aging: Vec<(i64, Vec<u8>)>,
@@ -47,6 +50,7 @@ impl<'a> Tx<'a> {
             space,
             batch: WriteBatch::default(),
             overlay: HashMap::new(),
+            counts: HashMap::new(),
             aging: Vec::new(),
             effects: Vec::new(),
             seq: 0,
@@ -97,6 +101,9 @@ impl<'a> Tx<'a> {
 
     /// The batch's own write of `key`, else the stored value, decoded in place (no copy).
     pub(crate) fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        if let Some(added) = self.counts.get(key) {
+            return Ok(Some(codec::decode(&self.counted(key, *added)?)?));
+        }
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.as_deref().map(codec::decode).transpose()?);
         }
@@ -107,6 +114,9 @@ impl<'a> Tx<'a> {
     }
 
     pub(crate) fn exists(&self, key: &[u8]) -> Result<bool, StoreError> {
+        if self.counts.contains_key(key) {
+            return Ok(true);
+        }
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.is_some());
         }
@@ -115,20 +125,59 @@ impl<'a> Tx<'a> {
 
     pub(crate) fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
         let v = codec::encode(value)?;
-        self.batch.put(&key, &v);
-        self.overlay.insert(key, Some(v));
+        self.put_raw(key, v);
         Ok(())
     }
 
     /// Puts bytes already encoded (by [`codec`]).
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.batch.put(&key, &value);
+        self.counts.remove(&key);
         self.overlay.insert(key, Some(value));
     }
 
     pub(crate) fn delete(&mut self, key: Vec<u8>) {
         self.batch.delete(&key);
+        self.counts.remove(&key);
         self.overlay.insert(key, None);
+    }
+
+    /// Adds one to the count at `key`, received at `at_ms`: a merge operand
+    /// ([`codec::merge_counts`]), so the apply writes without reading the count first.
+    pub(crate) fn add_count(&mut self, key: Vec<u8>, at_ms: i64) -> Result<(), StoreError> {
+        let one: codec::Count = (1, at_ms);
+        self.batch.merge(&key, codec::encode(&one)?);
+        let added = codec::add_count(self.counts.get(&key).copied(), one);
+        self.counts.insert(key, added);
+        Ok(())
+    }
+
+    /// The count at `key` (the batch's own write, else the stored value) with `added` added,
+    /// encoded.
+    fn counted(&self, key: &[u8], added: codec::Count) -> Result<Vec<u8>, StoreError> {
+        let stored = match self.overlay.get(key) {
+            Some(v) => v.clone(),
+            None => self.db.get_pinned(key)?.map(|v| v.to_vec()),
+        };
+        with_added(stored.as_deref(), added)
+    }
+
+    /// The batch's counts in `[lo, hi)` added to what `found` holds for them (the stored
+    /// value or the batch's own write; None if deleted).
+    fn add_counts(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        found: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        for (k, added) in &self.counts {
+            if k.as_slice() >= lo && k.as_slice() < hi {
+                let stored = found.get(k).cloned().flatten();
+                let count = with_added(stored.as_deref(), *added)?;
+                found.insert(k.clone(), Some(count));
+            }
+        }
+        Ok(())
     }
 
     /// Records `key` in the retention index as created at `at_ms` (when the change is done).
@@ -249,6 +298,7 @@ impl<'a> Tx<'a> {
                 found.insert(k.clone(), v.clone());
             }
         }
+        self.add_counts(prefix, &end, &mut found)?;
         Ok(found
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -276,9 +326,9 @@ impl<'a> Tx<'a> {
             if k >= hi || found.len() >= limit {
                 break;
             }
-            // Deleted or rewritten by this batch: left out here, the overlay's value goes in
-            // below.
-            if !self.overlay.contains_key(k) {
+            // Deleted, rewritten or added to by this batch: left out here, the batch's value
+            // goes in below.
+            if !self.overlay.contains_key(k) && !self.counts.contains_key(k) {
                 found.push((k.to_vec(), v.to_vec()));
             }
             it.next();
@@ -286,9 +336,14 @@ impl<'a> Tx<'a> {
         it.status()?;
         for (k, v) in &self.overlay {
             if let Some(v) = v {
-                if k.as_slice() >= lo && k.as_slice() < hi {
+                if k.as_slice() >= lo && k.as_slice() < hi && !self.counts.contains_key(k) {
                     found.push((k.clone(), v.clone()));
                 }
+            }
+        }
+        for (k, added) in &self.counts {
+            if k.as_slice() >= lo && k.as_slice() < hi {
+                found.push((k.clone(), self.counted(k, *added)?));
             }
         }
         found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -423,4 +478,10 @@ impl<'a> Tx<'a> {
             } => self.prune(before_ms, now_ms, limit),
         }
     }
+}
+
+/// A stored count (encoded; None if there is none) with `added` added, encoded.
+fn with_added(stored: Option<&[u8]>, added: codec::Count) -> Result<Vec<u8>, StoreError> {
+    let stored: Option<codec::Count> = stored.map(codec::decode).transpose()?;
+    Ok(codec::encode(&codec::add_count(stored, added))?)
 }
