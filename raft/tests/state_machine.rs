@@ -117,6 +117,23 @@ fn prune_before(before_ms: i64) -> StateChange {
     }
 }
 
+/// Applies `change` and the erasure of c1 in one log entry; the erasure must succeed.
+async fn erase_c1_after(s: &mut Store, change: StateChange) -> anyhow::Result<()> {
+    let out = s
+        .apply(vec![StateChange::Batch(vec![
+            change,
+            StateChange::EraseCustomer {
+                customer_id: "c1".into(),
+            },
+        ])])
+        .await?;
+    anyhow::ensure!(
+        matches!(&out[0], ChangeOutcome::Batch(o) if o[1] == ChangeOutcome::Done),
+        "{out:?}"
+    );
+    Ok(())
+}
+
 fn rejected(o: &ChangeOutcome, want: ErrorCode) -> bool {
     matches!(o, ChangeOutcome::Rejected { code, .. } if *code == want)
 }
@@ -719,18 +736,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
     }
     // An event and the erasure in one log entry: the erasure sees the entry's own writes,
     // retention entries not yet written included.
-    let out = s
-        .apply(vec![StateChange::Batch(vec![
-            ingest("pending", 2_000),
-            StateChange::EraseCustomer {
-                customer_id: "c1".into(),
-            },
-        ])])
-        .await?;
-    assert!(
-        matches!(&out[0], ChangeOutcome::Batch(o) if o[1] == ChangeOutcome::Done),
-        "{out:?}"
-    );
+    erase_c1_after(&mut s, ingest("pending", 2_000)).await?;
     let r = &s.reader;
     assert!(r.customer("c1")?.is_none());
     assert!(r.links("c1")?.is_empty());
@@ -826,18 +832,7 @@ async fn engagement_counts_add_up_without_a_read_and_go_with_their_customer() ->
     if let StateChange::Ingest(i) = &mut cancelled {
         i.event.event_type = "flight.cancelled".into();
     }
-    let out = s
-        .apply(vec![StateChange::Batch(vec![
-            cancelled,
-            StateChange::EraseCustomer {
-                customer_id: "c1".into(),
-            },
-        ])])
-        .await?;
-    assert!(
-        matches!(&out[0], ChangeOutcome::Batch(o) if o[1] == ChangeOutcome::Done),
-        "{out:?}"
-    );
+    erase_c1_after(&mut s, cancelled).await?;
     assert!(s.reader.engagements(Some("c1"))?.is_empty());
     Ok(())
 }

@@ -270,17 +270,22 @@ def by_scores(matrix):
     return rank
 
 
+def ranked(world, queries, probability):
+    """Each query user's candidates with their probability (from their features), best first."""
+    out = []
+    for items, _ in queries:
+        cands = world.features(items, entities(items))
+        if not cands:
+            out.append([])
+            continue
+        p = probability([f for _, f in cands])
+        out.append(sorted(zip([t for t, _ in cands], p), key=lambda z: -z[1]))
+    return out
+
+
 def ranker(make):
     def fitted(world, queries, model):
-        out = []
-        for items, _ in queries:
-            cands = world.features(items, entities(items))
-            if not cands:
-                out.append([])
-                continue
-            p = model.predict_proba(np.array([f for _, f in cands]))[:, 1]
-            out.append(sorted(zip([t for t, _ in cands], p), key=lambda z: -z[1]))
-        return out
+        return ranked(world, queries, lambda fs: model.predict_proba(np.array(fs))[:, 1])
 
     samples = [(f, t in h) for items, h in learn for t, f in val_world.features(items, entities(items))]
     x = np.array([f for f, _ in samples])
@@ -325,24 +330,13 @@ def listwise(l2):
         platt = LogisticRegression(C=1e6, max_iter=1000).fit((z @ w)[:, None], y.astype(bool))
         return lambda f: platt.predict_proba((expand.transform(np.array(f)) @ w)[:, None])[:, 1]
 
-    def fitted(world, queries, model):
-        out = []
-        for items, _ in queries:
-            cands = world.features(items, entities(items))
-            if not cands:
-                out.append([])
-                continue
-            p = model([f for _, f in cands])
-            out.append(sorted(zip([t for t, _ in cands], p), key=lambda z: -z[1]))
-        return out
-
     def samples(queries):
         return [(f, t in h, n) for n, (items, h) in enumerate(queries)
                 for t, f in val_world.features(items, entities(items))]
 
     model = fit(samples(learn))
     test_model = fit(samples([(items, h) for _, items, h in val]))
-    return lambda world, queries: fitted(world, queries, model if world is val_world else test_model)
+    return lambda world, queries: ranked(world, queries, model if world is val_world else test_model)
 
 
 families = {}
