@@ -12,6 +12,10 @@ use serde::Serialize;
 /// nonces). 7: the recommender's model stores a ranker instead of calibration steps. 8: a data
 /// group indexes unfinished linkings by customer and entity (`keys::CLAIM_OF`). 9: a retention
 /// entry lists every key one change aged at one time ([`encode_keys`]), not one key each.
+///
+/// A bump must keep [`merge_counts`] reading the counts and operands of the version before:
+/// RocksDB folds them in flushes and compactions, and a merge that fails stops those (and so
+/// the whole database) rather than one read.
 pub const FORMAT_VERSION: u8 = 9;
 
 /// Why bytes could not be encoded or decoded.

@@ -70,7 +70,7 @@ pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
     // Log entries and state share one WAL; the log store syncs it once per batch of appends.
     opts.set_max_total_wal_size(256 << 20);
     opts.increase_parallelism(2);
-    // Most point reads miss: a new event's dedup key, a profile's first engagement count.
+    // Most point reads miss: a new event's dedup key, a rule's or link's first write.
     // Bloom filters answer those from memory instead of searching every level's index and
     // data blocks (a tenth of the node's CPU under load without them).
     let mut table = rocksdb::BlockBasedOptions::default();
