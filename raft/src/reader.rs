@@ -261,20 +261,50 @@ impl StateReader {
         limit: usize,
     ) -> Result<ActivitySlice, StoreError> {
         let p = keys::prefix2(self.space(), keys::ACTIVITY, customer);
-        let end = match before.and_then(decode_cursor) {
-            Some(suffix) => [p.as_slice(), &suffix].concat(),
-            None => keys::prefix_end(&p),
+        // A cursor is the suffix of the key to read before, and, when a page ended inside a
+        // stored record of several lines, how many of its lines (newest first) were read.
+        let cursor = before.and_then(decode_cursor);
+        let (end, read_at) = match &cursor {
+            Some(c) if c.len() == ACTIVITY_SUFFIX + 2 => {
+                let (suffix, read) = c.split_at(ACTIVITY_SUFFIX);
+                let mut end = [p.as_slice(), suffix].concat();
+                end.push(0);
+                let read = usize::from(u16::from_be_bytes([read[0], read[1]]));
+                (end, Some((suffix, read)))
+            }
+            Some(suffix) => ([p.as_slice(), suffix].concat(), None),
+            None => (keys::prefix_end(&p), None),
         };
+        // Every stored record is at least one line, so limit + 1 records are enough.
         let rows: Vec<(Vec<u8>, ActivityRecord)> = self.scan(&p, &end, true, limit + 1)?;
-        let more = rows.len() > limit;
         let mut items = Vec::with_capacity(limit);
         let mut next = None;
-        for (k, v) in rows.into_iter().take(limit) {
+        let mut last_read: Option<Vec<u8>> = None;
+        for (k, v) in rows {
             let at = keys::read_u64(&k, p.len()).unwrap_or(0) as i64;
-            if more {
-                next = Some(encode_cursor(&k[p.len()..]));
+            let suffix = &k[p.len()..];
+            if items.len() == limit {
+                next = last_read.map(|s| encode_cursor(&activity_cursor(&s, 0)));
+                break;
             }
-            items.push((at, v));
+            // Lines the previous page read of this record (unless it went meanwhile).
+            let read_before = match read_at {
+                Some((s, read)) if s == suffix && last_read.is_none() => read,
+                _ => 0,
+            };
+            let lines: Vec<ActivityRecord> =
+                v.lines().into_iter().rev().skip(read_before).collect();
+            let room = limit - items.len();
+            let whole = lines.len() <= room;
+            for line in lines.into_iter().take(room) {
+                items.push((at, line));
+            }
+            if !whole {
+                let read = u16::try_from(read_before + room).unwrap_or(u16::MAX);
+                next = Some(encode_cursor(&activity_cursor(suffix, read)));
+                break;
+            }
+            last_read = Some(suffix.to_vec());
         }
         Ok((items, next))
     }
@@ -436,6 +466,19 @@ fn split_key2(key: &[u8], at: usize) -> Option<(String, String)> {
         String::from_utf8_lossy(&rest[..sep]).into_owned(),
         String::from_utf8_lossy(&rest[sep + 1..]).into_owned(),
     ))
+}
+
+/// An activity key's suffix after the customer's prefix: `at_ms u64 | seq u64`.
+const ACTIVITY_SUFFIX: usize = 16;
+
+/// The activity cursor before `suffix`'s record, or, with `read` > 0, at that record with
+/// its first `read` lines (newest first) read.
+fn activity_cursor(suffix: &[u8], read: u16) -> Vec<u8> {
+    let mut c = suffix.to_vec();
+    if read > 0 {
+        c.extend_from_slice(&read.to_be_bytes());
+    }
+    c
 }
 
 fn encode_cursor(bytes: &[u8]) -> String {

@@ -502,17 +502,92 @@ pub enum ActivityRecord {
         /// Rule.
         rule_id: String,
     },
+    /// An event arrived and its rules made commands: stored as one line (one key fewer per
+    /// event), read as the event's line and one [`ActivityRecord::RuleMatched`] per command
+    /// ([`ActivityRecord::lines`]). Last, so the variants before keep their encoding.
+    EventMatched {
+        /// The event.
+        event: EventRecord,
+        /// Accepted or ignored.
+        fate: EventFate,
+        /// Why ignored.
+        reason: Option<String>,
+        /// What each matched rule made, in the order the commands were made.
+        matched: Vec<RuleMatch>,
+    },
+}
+
+/// One rule an event matched and the command it made (see [`ActivityRecord::EventMatched`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleMatch {
+    /// Rule id.
+    pub rule_id: String,
+    /// Command id.
+    pub command_id: String,
+    /// Target.
+    pub target: String,
+    /// Command type.
+    pub command_type: String,
 }
 
 impl ActivityRecord {
+    /// The lines this stored record reads as, oldest first: an
+    /// [`ActivityRecord::EventMatched`] is the event's line, then one line per command; any
+    /// other record is one line.
+    pub fn lines(self) -> Vec<ActivityRecord> {
+        match self {
+            ActivityRecord::EventMatched {
+                event,
+                fate,
+                reason,
+                matched,
+            } => {
+                let mut out = Vec::with_capacity(1 + matched.len());
+                let event_id = event.id.clone();
+                out.push(ActivityRecord::EventReceived {
+                    event,
+                    fate,
+                    reason,
+                });
+                out.extend(matched.into_iter().map(|m| ActivityRecord::RuleMatched {
+                    rule_id: m.rule_id,
+                    event_id: event_id.clone(),
+                    command_id: m.command_id,
+                    target: m.target,
+                    command_type: m.command_type,
+                }));
+                out
+            }
+            line => vec![line],
+        }
+    }
+
+    /// The commands this record names as made by a rule (erasure forgets them).
+    pub fn commands_made(&self) -> Vec<&str> {
+        match self {
+            ActivityRecord::RuleMatched { command_id, .. } => vec![command_id.as_str()],
+            ActivityRecord::EventMatched { matched, .. } => {
+                matched.iter().map(|m| m.command_id.as_str()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The wire view.
     pub fn to_wire(&self) -> wire::ActivityKind {
         use wire::ActivityKind as K;
         match self.clone() {
+            // Read as its lines (`lines`); alone, it is its event's line.
             ActivityRecord::EventReceived {
                 event,
                 fate,
                 reason,
+            }
+            | ActivityRecord::EventMatched {
+                event,
+                fate,
+                reason,
+                ..
             } => K::EventReceived {
                 event_id: event.id,
                 source: event.source,

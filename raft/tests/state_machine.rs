@@ -524,13 +524,13 @@ async fn a_log_entry_ages_its_records_in_a_few_retention_entries_at_their_latest
     };
     let before = s.tagged(keys::EXPIRY)?.len();
     let listed_before: usize = listed(&s)?.iter().sum();
-    // The dedup key and two activity lines (event received, rule matched): one entry.
+    // The dedup key and the activity line (the event's, naming its rule match): one entry.
     s.apply(vec![ingest("e1", 1_000)]).await?;
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), before + 1);
     assert_eq!(
         listed(&s)?.iter().sum::<usize>() - listed_before,
-        3,
-        "dedup key and two activity lines"
+        2,
+        "dedup key and the activity line"
     );
     // The settled delivery and its activity line: one more.
     s.apply(vec![delivered("cmd-e1", 1_500)]).await?;
@@ -554,14 +554,14 @@ async fn a_log_entry_ages_its_records_in_a_few_retention_entries_at_their_latest
         "the second and third events' lines are left"
     );
     assert_eq!(s.tagged(keys::EXPIRY)?.len(), 1);
-    // Twenty events in one log entry age 60 keys: two entries, none listing more than 32.
+    // Twenty events in one log entry age 40 keys: two entries, none listing more than 32.
     s.apply(vec![StateChange::Batch(
         (0..20)
             .map(|i| ingest(&format!("b{i}"), 4_000 + i))
             .collect(),
     )])
     .await?;
-    assert_eq!(listed(&s)?, vec![6, 32, 28]);
+    assert_eq!(listed(&s)?, vec![4, 32, 8]);
     // Pruning up to 3.5 s takes the entry at 3 s, with both events it lists.
     let out = s.apply(vec![prune_before(3_500)]).await?;
     assert_eq!(out[0], ChangeOutcome::Pruned(1));
@@ -834,6 +834,61 @@ async fn engagement_counts_add_up_without_a_read_and_go_with_their_customer() ->
     }
     erase_c1_after(&mut s, cancelled).await?;
     assert!(s.reader.engagements(Some("c1"))?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_event_and_its_matches_are_one_stored_line_read_and_paged_as_several(
+) -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    let lines_before = s.tagged(keys::ACTIVITY)?.len();
+    for (i, id) in ["e1", "e2", "e3"].into_iter().enumerate() {
+        s.apply(vec![ingest(id, 1_000 + i as i64)]).await?;
+    }
+    // One key per event, though each reads as two lines.
+    assert_eq!(s.tagged(keys::ACTIVITY)?.len(), lines_before + 3);
+    let (all, next) = s.reader.activity("c1", None, 100)?;
+    assert!(next.is_none());
+    let kinds: Vec<String> = all
+        .iter()
+        .take(6)
+        .map(|(_, l)| match l {
+            ActivityRecord::EventReceived { event, .. } => format!("event {}", event.id),
+            ActivityRecord::RuleMatched {
+                event_id,
+                command_id,
+                ..
+            } => format!("match {event_id} {command_id}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "match e3 cmd-e3",
+            "event e3",
+            "match e2 cmd-e2",
+            "event e2",
+            "match e1 cmd-e1",
+            "event e1"
+        ]
+    );
+    // Any page size walks the same lines, a page ending inside a stored record included.
+    for limit in [1, 2, 3, 4, 5] {
+        let mut walked = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let (page, next) = s.reader.activity("c1", before.as_deref(), limit)?;
+            assert!(page.len() <= limit, "{limit}: {}", page.len());
+            walked.extend(page);
+            match next {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(walked, all, "page size {limit}");
+    }
     Ok(())
 }
 

@@ -305,8 +305,9 @@ impl Tx<'_> {
             )?;
         }
         for (k, v) in self.scan(&self.p2(keys::ACTIVITY, customer_id))? {
-            if let ActivityRecord::RuleMatched { command_id, .. } = codec::decode(&v)? {
-                self.forget_command(&command_id)?;
+            let line: ActivityRecord = codec::decode(&v)?;
+            for command_id in line.commands_made() {
+                self.forget_command(command_id)?;
             }
             self.delete(k);
         }

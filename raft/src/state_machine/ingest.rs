@@ -74,15 +74,33 @@ impl Tx<'_> {
                 &format!("{}.{}", ingest.event.source, ingest.event.event_type),
             );
             self.add_count(key, at)?;
-            self.activity(
-                customer,
-                at,
-                &ActivityRecord::EventReceived {
-                    event: ingest.event.clone(),
+            // The event's line names the commands its rules made: one key, not one per line.
+            let event = ingest.event.clone();
+            let reason = ingest.ignored_reason.clone();
+            let line = if ingest.commands.is_empty() {
+                ActivityRecord::EventReceived {
+                    event,
                     fate,
-                    reason: ingest.ignored_reason.clone(),
-                },
-            )?;
+                    reason,
+                }
+            } else {
+                ActivityRecord::EventMatched {
+                    event,
+                    fate,
+                    reason,
+                    matched: ingest
+                        .commands
+                        .iter()
+                        .map(|c| RuleMatch {
+                            rule_id: c.rule_id.clone(),
+                            command_id: c.id.clone(),
+                            target: c.target.clone(),
+                            command_type: c.command_type.clone(),
+                        })
+                        .collect(),
+                }
+            };
+            self.activity(customer, at, &line)?;
         }
         if let Some(customer) = &ingest.customer_id {
             for failure in ingest.rule_failures {
@@ -90,17 +108,6 @@ impl Tx<'_> {
             }
         }
         for command in ingest.commands {
-            self.activity(
-                &command.customer_id,
-                at,
-                &ActivityRecord::RuleMatched {
-                    rule_id: command.rule_id.clone(),
-                    event_id: command.event_id.clone(),
-                    command_id: command.id.clone(),
-                    target: command.target.clone(),
-                    command_type: command.command_type.clone(),
-                },
-            )?;
             self.schedule_new(at, command)?;
         }
         Ok(ChangeOutcome::Ingested {
