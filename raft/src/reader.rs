@@ -287,13 +287,17 @@ impl StateReader {
                 next = last_read.map(|s| encode_cursor(&activity_cursor(&s, 0)));
                 break;
             }
-            // Lines the previous page read of this record (unless it went meanwhile).
+            let mut lines = v.lines();
+            // Lines the previous page read of this record (unless it went meanwhile), fewer
+            // than all of them: a cursor is only issued inside a record.
             let read_before = match read_at {
-                Some((s, read)) if s == suffix && last_read.is_none() => read,
+                Some((s, read)) if s == suffix && last_read.is_none() => {
+                    read.min(lines.len().saturating_sub(1))
+                }
                 _ => 0,
             };
-            let lines: Vec<ActivityRecord> =
-                v.lines().into_iter().rev().skip(read_before).collect();
+            lines.reverse();
+            let lines: Vec<ActivityRecord> = lines.into_iter().skip(read_before).collect();
             let room = limit - items.len();
             let whole = lines.len() <= room;
             for line in lines.into_iter().take(room) {

@@ -889,6 +889,13 @@ async fn an_event_and_its_matches_are_one_stored_line_read_and_paged_as_several(
         }
         assert_eq!(walked, all, "page size {limit}");
     }
+    // A cursor claiming every line of a record read still leaves a page and a way on.
+    let (_, inside) = s.reader.activity("c1", None, 1)?;
+    let inside = inside.expect("a cursor inside the newest record");
+    let claimed = format!("{}ffff", &inside[..inside.len() - 4]);
+    let (page, next) = s.reader.activity("c1", Some(&claimed), 2)?;
+    assert_eq!(page.len(), 2);
+    assert!(next.is_some());
     Ok(())
 }
 
