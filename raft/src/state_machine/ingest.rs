@@ -75,7 +75,8 @@ impl Tx<'_> {
             );
             self.add_count(key, at)?;
             // The event's line names the commands its rules made: one key, not one per line.
-            let event = ingest.event.clone();
+            // The event is not needed after it, so it moves into the line (no copy).
+            let event = ingest.event;
             let reason = ingest.ignored_reason.clone();
             let line = if ingest.commands.is_empty() {
                 ActivityRecord::EventReceived {
@@ -101,8 +102,6 @@ impl Tx<'_> {
                 }
             };
             self.activity(customer, at, &line)?;
-        }
-        if let Some(customer) = &ingest.customer_id {
             for failure in ingest.rule_failures {
                 self.activity(customer, at, &ActivityRecord::RuleFailed(failure))?;
             }

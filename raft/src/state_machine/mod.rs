@@ -47,8 +47,9 @@ pub(crate) const APPLIED: &[u8] = b"applied";
 /// `SM_META` key of the last applied membership.
 pub(crate) const MEMBERSHIP: &[u8] = b"membership";
 
-/// Keys written (puts, deletes and merge operands) by every apply in this process: `/metrics` reports it,
-/// and the benchmark divides it by the events to show what one event costs in writes.
+/// Keys written (puts, deletes and merge operands) by every apply in this process: `/metrics`
+/// reports it, and the benchmark divides it by the events to show what one event costs in
+/// writes.
 static KEYS_WRITTEN: AtomicU64 = AtomicU64::new(0);
 
 /// Keys written by the state machines of this process so far.
