@@ -140,6 +140,17 @@ pub(crate) fn event_route(
         .transpose()
 }
 
+/// The group of an event this node will relay, found without the routing index: with one
+/// data group every event goes to it, whoever its customer is, so a node that does not lead
+/// that group leaves the lookup (a read on a cold route cache) to the leader, which makes it
+/// anyway. `None`: look the route up here (several groups, this node leads, or no source).
+fn relay_route(core: &Core, body: &[u8]) -> Result<Option<GroupId>, ServiceError> {
+    match core.shard_map()?.sole_group() {
+        Some(group) if !core.is_leader(group) && event_head(body).is_some() => Ok(Some(group)),
+        _ => Ok(None),
+    }
+}
+
 /// Decides where a call goes, from its path, query and cookies (events are routed by their
 /// body, in [`forward`]).
 pub fn route(core: &Core, req: &HttpRequest) -> Result<Route, ServiceError> {
@@ -203,13 +214,19 @@ pub async fn forward(
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         };
         req.set_payload(Payload::from(b.clone()));
-        let found = match event_route(&core, &b) {
-            Ok(r) => r,
+        let (route, found) = match relay_route(&core, &b) {
+            Ok(Some(group)) => (Route::Group(group), None),
+            Ok(None) => match event_route(&core, &b) {
+                Ok(found) => (
+                    found
+                        .as_ref()
+                        .map_or(Route::Local, |(_, g)| Route::Group(*g)),
+                    found,
+                ),
+                Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+            },
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         };
-        let route = found
-            .as_ref()
-            .map_or(Route::Local, |(_, g)| Route::Group(*g));
         req.extensions_mut().insert(ReadEvent {
             body: b.clone(),
             route: found,

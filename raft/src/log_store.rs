@@ -4,12 +4,16 @@
 //! without syncing; the node's one [`WalSyncer`] thread then syncs the WAL once for every
 //! append that queued up meanwhile, from every group, and only after that reports them flushed
 //! to openraft. All groups share one RocksDB and so one WAL: one fsync serves them all.
+//! The entries last appended are also kept decoded ([`RecentEntries`]): replication and the
+//! apply read them just after they are written, and would otherwise read them back from
+//! RocksDB and decode them again, on every replica.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader, Vote};
@@ -25,6 +29,80 @@ type Entry = openraft::Entry<TypeConfig>;
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
+/// At most this many encoded bytes of recent entries are kept decoded, per group.
+const RECENT_BYTES: usize = 16 << 20;
+
+/// The last entries appended, in index order with no gap, and their encoded sizes. A read is
+/// served from here only when every entry it asks for is here; anything else reads RocksDB.
+#[derive(Debug, Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let next = self.first_index().map(|f| f + self.entries.len() as u64);
+        if next.is_some_and(|n| n != entry.log_id.index) {
+            // Not the next index (a truncated tail rewritten elsewhere): start afresh.
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.bytes > RECENT_BYTES && self.entries.len() > 1 {
+            if let Some((_, n)) = self.entries.pop_front() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Clones of the entries `start..end`, if all of them are here.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        let stop = first + self.entries.len() as u64;
+        if start < first || end > stop || start > end {
+            return None;
+        }
+        let (from, to) = ((start - first) as usize, (end - first) as usize);
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+
+    /// Forgets the entries at `index` and after.
+    fn truncate(&mut self, index: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index >= index)
+        {
+            if let Some((_, n)) = self.entries.pop_back() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Forgets the entries up to and including `index`.
+    fn purge(&mut self, index: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.log_id.index <= index)
+        {
+            if let Some((_, n)) = self.entries.pop_front() {
+                self.bytes -= n;
+            }
+        }
+    }
+}
 
 /// Counts of the WAL syncer's work, so group commit can be measured (appends per sync).
 #[derive(Debug, Default)]
@@ -78,6 +156,7 @@ pub struct LogStore {
     db: Arc<DB>,
     group: GroupId,
     syncer: WalSyncer,
+    recent: Arc<Mutex<RecentEntries>>,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -91,11 +170,17 @@ impl std::fmt::Debug for LogStore {
 impl LogStore {
     /// The log of `group` in `db`, synced by `syncer` (the node's one syncer for `db`).
     pub fn new(db: Arc<DB>, group: GroupId, syncer: WalSyncer) -> Self {
-        LogStore { db, group, syncer }
+        LogStore {
+            db,
+            group,
+            syncer,
+            recent: Arc::default(),
+        }
     }
 
     /// Removes every log entry and the vote of this group (the node no longer holds it).
     pub fn destroy(&self) -> Result<(), StoreError> {
+        *self.recent() = RecentEntries::default();
         let mut batch = WriteBatch::default();
         for tag in [keys::LOG, keys::RAFT_META] {
             let p = keys::prefix(self.group, tag);
@@ -103,6 +188,10 @@ impl LogStore {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn meta_key(&self, name: &[u8]) -> Vec<u8> {
@@ -147,6 +236,10 @@ impl LogStore {
     }
 
     fn read_range(&self, start: u64, end_exclusive: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+        // An open-ended read goes to RocksDB: an append may have written there and not here yet.
+        if let Some(found) = end_exclusive.and_then(|end| self.recent().get(start, end)) {
+            return Ok(found);
+        }
         let lo = keys::log(self.group, start);
         let hi = match end_exclusive {
             Some(e) => keys::log(self.group, e),
@@ -271,13 +364,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut batch = WriteBatch::default();
+        let mut written = Vec::new();
         for entry in entries {
             let v = codec::encode(&entry).map_err(|e| StoreError::from(e).into_raft_write())?;
-            batch.put(keys::log(self.group, entry.log_id.index), v);
+            batch.put(keys::log(self.group, entry.log_id.index), &v);
+            written.push((entry, v.len()));
         }
         self.db
             .write(batch)
             .map_err(|e| StoreError::from(e).into_raft_write())?;
+        let mut recent = self.recent();
+        for (entry, size) in written {
+            recent.push(entry, size);
+        }
+        drop(recent);
         if let Err(mpsc::SendError(cb)) = self.syncer.tx.send(callback) {
             // The syncer is gone (thread failed to start): sync here instead.
             let r = self.db.flush_wal(true).map_err(std::io::Error::other);
@@ -287,6 +387,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent().truncate(log_id.index);
         let from = keys::log(self.group, log_id.index);
         let to = keys::prefix_end(&keys::prefix(self.group, keys::LOG));
         let mut batch = WriteBatch::default();
@@ -299,6 +400,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent().purge(log_id.index);
         let mut batch = WriteBatch::default();
         let marker = codec::encode(&log_id).map_err(|e| StoreError::from(e).into_raft_write())?;
         batch.put(self.meta_key(PURGED), marker);
@@ -309,5 +411,75 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .write(batch)
             .map_err(|e| StoreError::from(e).into_raft_write())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        entries.map(|es| es.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn recent_entries_serve_only_ranges_they_hold_whole() {
+        let mut recent = RecentEntries::default();
+        assert_eq!(indexes(recent.get(1, 2)), None, "empty");
+        for i in 5..=9 {
+            recent.push(entry(i), 10);
+        }
+        assert_eq!(indexes(recent.get(5, 10)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(recent.get(7, 7)), Some(vec![]));
+        assert_eq!(
+            indexes(recent.get(4, 6)),
+            None,
+            "starts before the first held"
+        );
+        assert_eq!(indexes(recent.get(8, 11)), None, "ends after the last held");
+
+        // A truncated tail is forgotten, and the new entries at those indexes replace it.
+        recent.truncate(8);
+        assert_eq!(indexes(recent.get(7, 9)), None);
+        recent.push(entry(8), 10);
+        assert_eq!(indexes(recent.get(5, 9)), Some(vec![5, 6, 7, 8]));
+        assert_eq!(recent.bytes, 40);
+
+        // A gap (an entry that does not follow the last) starts afresh.
+        recent.push(entry(20), 10);
+        assert_eq!(indexes(recent.get(5, 9)), None);
+        assert_eq!(indexes(recent.get(20, 21)), Some(vec![20]));
+        assert_eq!(recent.bytes, 10);
+
+        recent.purge(20);
+        assert_eq!(recent.first_index(), None);
+        assert_eq!(recent.bytes, 0);
+    }
+
+    #[test]
+    fn recent_entries_keep_a_bounded_number_of_bytes() {
+        let mut recent = RecentEntries::default();
+        let size = RECENT_BYTES / 4;
+        for i in 1..=10 {
+            recent.push(entry(i), size);
+        }
+        assert_eq!(recent.bytes, 4 * size);
+        assert_eq!(indexes(recent.get(7, 11)), Some(vec![7, 8, 9, 10]));
+        assert_eq!(
+            indexes(recent.get(6, 11)),
+            None,
+            "evicted, read from RocksDB"
+        );
+        // One entry larger than the bound is still held until the next arrives.
+        recent.push(entry(11), RECENT_BYTES * 2);
+        assert_eq!(indexes(recent.get(11, 12)), Some(vec![11]));
     }
 }

@@ -69,6 +69,12 @@ impl ShardMap {
         self.group_of_slot(slot_of(key))
     }
 
+    /// The one data group every slot maps to, when there is only one.
+    pub fn sole_group(&self) -> Option<GroupId> {
+        let first = *self.groups.first()?;
+        self.groups.iter().all(|g| *g == first).then_some(first)
+    }
+
     /// How many data groups the map uses (the highest group id).
     pub fn data_groups(&self) -> u32 {
         self.groups.iter().copied().max().unwrap_or(0)
@@ -98,5 +104,10 @@ mod tests {
         assert_eq!(parse_slot_tag("zz1"), None);
         assert_eq!(map.data_groups(), 16);
         assert_eq!(ShardMap::initial(1).group_of("x"), 1);
+        assert_eq!(map.sole_group(), None);
+        assert_eq!(ShardMap::initial(1).sole_group(), Some(1));
+        let mut moved = ShardMap::initial(2);
+        moved.groups.iter_mut().for_each(|g| *g = 2);
+        assert_eq!(moved.sole_group(), Some(2), "every slot moved to group 2");
     }
 }
