@@ -5,7 +5,8 @@
 //!
 //! Where a call goes is decided from what it names, without a lookup elsewhere: the customer
 //! id in the path, the slot carried by a session cookie, an OAuth state or a command id, and
-//! for an event the routing index (entity, subject) -> customer in the local meta replica.
+//! for an event the routing index (entity, subject) -> customer in the local meta replica
+//! (with one data group, only that group's leader looks it up: the group is known anyway).
 //! Hops are counted and bounded, so a call never loops while leadership moves.
 
 use std::net::IpAddr;
@@ -98,7 +99,9 @@ pub fn forwarded_client(
 pub struct ReadEvent {
     /// The body.
     pub body: web::Bytes,
-    /// The customer (by the routing index) and the group, when the body named a source.
+    /// The customer (by the routing index) and the group, when the body named a source and
+    /// this node looked it up; `None` also when it did not (an event it relays), so the
+    /// handler looks it up itself: `None` never means "no customer".
     pub route: Option<(Option<String>, GroupId)>,
 }
 
@@ -143,11 +146,13 @@ pub(crate) fn event_route(
 /// The group of an event this node will relay, found without the routing index: with one
 /// data group every event goes to it, whoever its customer is, so a node that does not lead
 /// that group leaves the lookup (a read on a cold route cache) to the leader, which makes it
-/// anyway. `None`: look the route up here (several groups, this node leads, or no source).
-fn relay_route(core: &Core, body: &[u8]) -> Result<Option<GroupId>, ServiceError> {
-    match core.shard_map()?.sole_group() {
-        Some(group) if !core.is_leader(group) && event_head(body).is_some() => Ok(Some(group)),
-        _ => Ok(None),
+/// anyway. `None`: look the route up here (several groups, this node leads, no source, or
+/// no cluster yet).
+fn relay_route(core: &Core, body: &[u8]) -> Option<GroupId> {
+    // A cluster not initialised yet is answered by the lookup's path, as before.
+    match core.shard_map().ok().and_then(|m| m.sole_group()) {
+        Some(group) if !core.is_leader(group) && event_head(body).is_some() => Some(group),
+        _ => None,
     }
 }
 
@@ -215,8 +220,8 @@ pub async fn forward(
         };
         req.set_payload(Payload::from(b.clone()));
         let (route, found) = match relay_route(&core, &b) {
-            Ok(Some(group)) => (Route::Group(group), None),
-            Ok(None) => match event_route(&core, &b) {
+            Some(group) => (Route::Group(group), None),
+            None => match event_route(&core, &b) {
                 Ok(found) => (
                     found
                         .as_ref()
@@ -225,7 +230,6 @@ pub async fn forward(
                 ),
                 Err(e) => return Ok(req.error_response(e).map_into_right_body()),
             },
-            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         };
         req.extensions_mut().insert(ReadEvent {
             body: b.clone(),

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -29,18 +29,29 @@ type Entry = openraft::Entry<TypeConfig>;
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
-/// At most this many encoded bytes of recent entries are kept decoded, per group.
-const RECENT_BYTES: usize = 16 << 20;
+/// At most this many encoded bytes of recent entries are kept decoded, over all of a node's
+/// groups (a group keeps at least its last entry).
+const RECENT_BYTES: usize = 32 << 20;
 
-/// The last entries appended, in index order with no gap, and their encoded sizes. A read is
-/// served from here only when every entry it asks for is here; anything else reads RocksDB.
+/// The last entries appended to one group's log, in index order with no gap, and their
+/// encoded sizes. A read is served from here only when every entry it asks for is here;
+/// anything else reads RocksDB. `node_bytes` is shared by the node's groups, for the budget.
 #[derive(Debug, Default)]
 struct RecentEntries {
-    entries: VecDeque<(Entry, usize)>,
+    entries: VecDeque<(Arc<Entry>, usize)>,
     bytes: usize,
+    node_bytes: Arc<AtomicUsize>,
 }
 
 impl RecentEntries {
+    fn new(node_bytes: Arc<AtomicUsize>) -> Self {
+        RecentEntries {
+            entries: VecDeque::new(),
+            bytes: 0,
+            node_bytes,
+        }
+    }
+
     fn first_index(&self) -> Option<u64> {
         self.entries.front().map(|(e, _)| e.log_id.index)
     }
@@ -49,20 +60,37 @@ impl RecentEntries {
         let next = self.first_index().map(|f| f + self.entries.len() as u64);
         if next.is_some_and(|n| n != entry.log_id.index) {
             // Not the next index (a truncated tail rewritten elsewhere): start afresh.
-            self.entries.clear();
-            self.bytes = 0;
+            self.pop_front_while(|_| true);
         }
-        self.entries.push_back((entry, size));
+        self.entries.push_back((Arc::new(entry), size));
         self.bytes += size;
-        while self.bytes > RECENT_BYTES && self.entries.len() > 1 {
-            if let Some((_, n)) = self.entries.pop_front() {
-                self.bytes -= n;
-            }
+        self.node_bytes.fetch_add(size, Ordering::Relaxed);
+        while self.node_bytes.load(Ordering::Relaxed) > RECENT_BYTES && self.entries.len() > 1 {
+            self.pop_front();
         }
     }
 
-    /// Clones of the entries `start..end`, if all of them are here.
-    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+    fn pop_front(&mut self) {
+        if let Some((_, n)) = self.entries.pop_front() {
+            self.bytes -= n;
+            self.node_bytes.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets entries from the front while `forget` says so of their index.
+    fn pop_front_while(&mut self, forget: impl Fn(u64) -> bool) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| forget(e.log_id.index))
+        {
+            self.pop_front();
+        }
+    }
+
+    /// The entries `start..end`, if all of them are here (shared: the caller clones them
+    /// after letting go of the lock).
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Arc<Entry>>> {
         let first = self.first_index()?;
         let stop = first + self.entries.len() as u64;
         if start < first || end > stop || start > end {
@@ -86,21 +114,20 @@ impl RecentEntries {
         {
             if let Some((_, n)) = self.entries.pop_back() {
                 self.bytes -= n;
+                self.node_bytes.fetch_sub(n, Ordering::Relaxed);
             }
         }
     }
 
     /// Forgets the entries up to and including `index`.
     fn purge(&mut self, index: u64) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|(e, _)| e.log_id.index <= index)
-        {
-            if let Some((_, n)) = self.entries.pop_front() {
-                self.bytes -= n;
-            }
-        }
+        self.pop_front_while(|i| i <= index);
+    }
+}
+
+impl Drop for RecentEntries {
+    fn drop(&mut self) {
+        self.node_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -119,6 +146,8 @@ pub struct WalStats {
 pub struct WalSyncer {
     tx: mpsc::Sender<LogFlushed<TypeConfig>>,
     stats: Arc<WalStats>,
+    /// Encoded bytes of the entries the node's groups keep decoded ([`RecentEntries`]).
+    recent_bytes: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for WalSyncer {
@@ -141,7 +170,11 @@ impl WalSyncer {
             .spawn(move || sync_loop(&sync_db, &rx, &thread_stats))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot start WAL syncer: {e}"));
-        WalSyncer { tx, stats }
+        WalSyncer {
+            tx,
+            stats,
+            recent_bytes: Arc::default(),
+        }
     }
 
     /// What the syncer has done so far.
@@ -173,14 +206,16 @@ impl LogStore {
         LogStore {
             db,
             group,
+            recent: Arc::new(Mutex::new(RecentEntries::new(syncer.recent_bytes.clone()))),
             syncer,
-            recent: Arc::default(),
         }
     }
 
     /// Removes every log entry and the vote of this group (the node no longer holds it).
     pub fn destroy(&self) -> Result<(), StoreError> {
-        *self.recent() = RecentEntries::default();
+        let mut recent = self.recent();
+        recent.truncate(0);
+        drop(recent);
         let mut batch = WriteBatch::default();
         for tag in [keys::LOG, keys::RAFT_META] {
             let p = keys::prefix(self.group, tag);
@@ -238,7 +273,7 @@ impl LogStore {
     fn read_range(&self, start: u64, end_exclusive: Option<u64>) -> Result<Vec<Entry>, StoreError> {
         // An open-ended read goes to RocksDB: an append may have written there and not here yet.
         if let Some(found) = end_exclusive.and_then(|end| self.recent().get(start, end)) {
-            return Ok(found);
+            return Ok(found.iter().map(|e| Entry::clone(e)).collect());
         }
         let lo = keys::log(self.group, start);
         let hi = match end_exclusive {
@@ -426,7 +461,7 @@ mod tests {
         }
     }
 
-    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+    fn indexes(entries: Option<Vec<Arc<Entry>>>) -> Option<Vec<u64>> {
         entries.map(|es| es.iter().map(|e| e.log_id.index).collect())
     }
 
@@ -465,21 +500,33 @@ mod tests {
     }
 
     #[test]
-    fn recent_entries_keep_a_bounded_number_of_bytes() {
-        let mut recent = RecentEntries::default();
+    fn recent_entries_keep_a_bounded_number_of_bytes_over_the_node() {
+        let node = Arc::new(AtomicUsize::new(0));
+        let mut busy = RecentEntries::new(node.clone());
         let size = RECENT_BYTES / 4;
         for i in 1..=10 {
-            recent.push(entry(i), size);
+            busy.push(entry(i), size);
         }
-        assert_eq!(recent.bytes, 4 * size);
-        assert_eq!(indexes(recent.get(7, 11)), Some(vec![7, 8, 9, 10]));
+        assert_eq!(node.load(Ordering::Relaxed), 4 * size);
+        assert_eq!(indexes(busy.get(7, 11)), Some(vec![7, 8, 9, 10]));
+        assert_eq!(indexes(busy.get(6, 11)), None, "evicted, read from RocksDB");
+
+        // Another group of the node shares the budget: its entries push the first group's out.
+        let mut other = RecentEntries::new(node.clone());
+        other.push(entry(1), 2 * size);
         assert_eq!(
-            indexes(recent.get(6, 11)),
-            None,
-            "evicted, read from RocksDB"
+            node.load(Ordering::Relaxed),
+            6 * size,
+            "over the budget: a group keeps at least its last entry"
         );
-        // One entry larger than the bound is still held until the next arrives.
-        recent.push(entry(11), RECENT_BYTES * 2);
-        assert_eq!(indexes(recent.get(11, 12)), Some(vec![11]));
+        busy.push(entry(11), size);
+        assert_eq!(indexes(busy.get(10, 12)), Some(vec![10, 11]));
+        assert_eq!(indexes(busy.get(9, 12)), None);
+        // A group keeps its last entry, however large, until the next arrives.
+        busy.push(entry(12), RECENT_BYTES * 2);
+        assert_eq!(indexes(busy.get(12, 13)), Some(vec![12]));
+        // A closed group's entries leave the budget.
+        drop(busy);
+        assert_eq!(node.load(Ordering::Relaxed), 2 * size);
     }
 }

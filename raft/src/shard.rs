@@ -72,7 +72,8 @@ impl ShardMap {
     /// The one data group every slot maps to, when there is only one.
     pub fn sole_group(&self) -> Option<GroupId> {
         let first = *self.groups.first()?;
-        self.groups.iter().all(|g| *g == first).then_some(first)
+        (self.groups.len() == usize::from(SLOTS) && self.groups.iter().all(|g| *g == first))
+            .then_some(first)
     }
 
     /// How many data groups the map uses (the highest group id).
