@@ -72,9 +72,14 @@ impl RecentEntries {
 
     fn pop_front(&mut self) {
         if let Some((_, n)) = self.entries.pop_front() {
-            self.bytes -= n;
-            self.node_bytes.fetch_sub(n, Ordering::Relaxed);
+            self.forget(n);
         }
+    }
+
+    /// Takes `size` bytes of dropped entries off this group's count and the node's.
+    fn forget(&mut self, size: usize) {
+        self.bytes -= size;
+        self.node_bytes.fetch_sub(size, Ordering::Relaxed);
     }
 
     /// Forgets entries from the front while `forget` says so of their index.
@@ -113,8 +118,7 @@ impl RecentEntries {
             .is_some_and(|(e, _)| e.log_id.index >= index)
         {
             if let Some((_, n)) = self.entries.pop_back() {
-                self.bytes -= n;
-                self.node_bytes.fetch_sub(n, Ordering::Relaxed);
+                self.forget(n);
             }
         }
     }
@@ -209,20 +213,6 @@ impl LogStore {
             recent: Arc::new(Mutex::new(RecentEntries::new(syncer.recent_bytes.clone()))),
             syncer,
         }
-    }
-
-    /// Removes every log entry and the vote of this group (the node no longer holds it).
-    pub fn destroy(&self) -> Result<(), StoreError> {
-        let mut recent = self.recent();
-        recent.truncate(0);
-        drop(recent);
-        let mut batch = WriteBatch::default();
-        for tag in [keys::LOG, keys::RAFT_META] {
-            let p = keys::prefix(self.group, tag);
-            batch.delete_range(p.clone(), keys::prefix_end(&p));
-        }
-        self.db.write(batch)?;
-        Ok(())
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
