@@ -569,6 +569,25 @@ pub struct Core {
     opened: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Arc<Group>>>>,
     /// Set when the node is stopping: no group is opened any more.
     closing: AtomicBool,
+    /// Groups whose replica is being deleted: not opened again until their keys are gone, or
+    /// a peer's request in between would open a Raft on a log the delete then wipes.
+    deleting: Arc<Mutex<BTreeSet<GroupId>>>,
+}
+
+/// Marks a group as being deleted for as long as it lives (see `Core::deleting`).
+#[derive(Debug)]
+struct DeletingMark {
+    group: GroupId,
+    set: Arc<Mutex<BTreeSet<GroupId>>>,
+}
+
+impl Drop for DeletingMark {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.group);
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -577,6 +596,14 @@ impl std::fmt::Debug for Core {
             .field("node_id", &self.node_id)
             .finish_non_exhaustive()
     }
+}
+
+/// The answer to opening a group whose replica is being deleted (a peer retries).
+fn deleting_refusal() -> ServiceError {
+    ServiceError::refused(
+        ErrorCode::Unavailable,
+        "this node is deleting its replica of the group",
+    )
 }
 
 /// How long a proposal waits for its outcome before the caller is told to retry.
@@ -621,6 +648,7 @@ impl Core {
             shard_map: RwLock::new(None),
             opened: Mutex::new(None),
             closing: AtomicBool::new(false),
+            deleting: Arc::default(),
             config,
         }
     }
@@ -683,6 +711,9 @@ impl Core {
                 "the node is stopping",
             ));
         }
+        if self.is_deleting(group) {
+            return Err(deleting_refusal());
+        }
         let due = Arc::new(DueQueue::default());
         let observer = Arc::new(Observer {
             entities: self.entities.clone(),
@@ -726,17 +757,24 @@ impl Core {
             in_flight: InFlight::default(),
             stop,
         });
-        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
-        // Two callers may have raced to open it: keep the first, stop ours.
-        if let Some(existing) = groups.get(&group) {
+        // Two callers may have raced to open it: keep the first, stop ours. A delete that
+        // began while ours was being built wins too (checked under the lock it marks under).
+        let refused = {
+            let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+            match groups.get(&group) {
+                Some(existing) => Some(Ok(existing.clone())),
+                None if self.is_deleting(group) => Some(Err(deleting_refusal())),
+                None => {
+                    groups.insert(group, g.clone());
+                    None
+                }
+            }
+        };
+        if let Some(answer) = refused {
             let extra = g.raft.clone();
-            self.rt.spawn(async move {
-                let _ = extra.shutdown().await;
-            });
-            return Ok(existing.clone());
+            let _ = self.rt.spawn(async move { extra.shutdown().await }).await;
+            return answer;
         }
-        groups.insert(group, g.clone());
-        drop(groups);
         if let Some(tx) = &*self.opened.lock().unwrap_or_else(|p| p.into_inner()) {
             let _ = tx.send(g.clone());
         }
@@ -745,25 +783,65 @@ impl Core {
     }
 
     /// Stops this node's replica of `group`; with `destroy`, deletes its data too (the group's
-    /// leader removed this node from it).
+    /// leader removed this node from it). The group is not opened again until the delete is
+    /// done.
     pub async fn close_group(&self, group: GroupId, destroy: bool) -> Result<(), ServiceError> {
-        let removed = self
-            .groups
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&group);
+        let (removed, mark) = self.detach_group(group, destroy);
+        self.finish_close(group, removed, mark).await
+    }
+
+    /// Takes `group` out of the node's map; with `destroy`, marks it as being deleted under
+    /// the same lock `open_group` inserts under, so no open slips in between.
+    fn detach_group(
+        &self,
+        group: GroupId,
+        destroy: bool,
+    ) -> (Option<Arc<Group>>, Option<DeletingMark>) {
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        let mark = destroy.then(|| {
+            self.deleting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(group);
+            DeletingMark {
+                group,
+                set: self.deleting.clone(),
+            }
+        });
+        (groups.remove(&group), mark)
+    }
+
+    /// Stops a detached replica's Raft, then deletes its keys if marked; the mark goes with
+    /// the delete (which runs to its end even if this future is dropped).
+    async fn finish_close(
+        &self,
+        group: GroupId,
+        removed: Option<Arc<Group>>,
+        mark: Option<DeletingMark>,
+    ) -> Result<(), ServiceError> {
         if let Some(g) = removed {
             let _ = g.stop.send(true);
             let raft = g.raft.clone();
             let _ = self.rt.spawn(async move { raft.shutdown().await }).await;
         }
-        if destroy {
+        if let Some(mark) = mark {
             let db = self.db.clone();
-            tokio::task::spawn_blocking(move || custos_raft::destroy_group(&db, group))
-                .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            tokio::task::spawn_blocking(move || {
+                let deleted = custos_raft::destroy_group(&db, group);
+                drop(mark);
+                deleted
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))??;
         }
         Ok(())
+    }
+
+    fn is_deleting(&self, group: GroupId) -> bool {
+        self.deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&group)
     }
 
     /// Stops every group (node shutdown).
@@ -1215,6 +1293,73 @@ mod tests {
         f.remove("cmd_a");
         f.remove("cmd_b");
         assert_eq!((f.sending(), f.len()), (0, 0));
+    }
+
+    /// A node on an empty store in `dir`, in no cluster, with no peer reachable.
+    fn lone_core(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> Core {
+        let config = Arc::new(Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        });
+        let db = custos_raft::open_db(&dir.join("db")).expect("db");
+        let peers = Peers::new("token".into(), None).expect("peers");
+        let outbound =
+            crate::outbound::Outbound::new(Duration::from_secs(1), false, 1).expect("client");
+        let raft_config = crate::server::raft_config(&config).expect("raft config");
+        Core::new(
+            config,
+            1,
+            db,
+            peers,
+            outbound,
+            "secret",
+            rt.handle().clone(),
+            raft_config,
+        )
+    }
+
+    #[test]
+    fn a_replica_being_deleted_is_not_reopened_before_its_keys_are_gone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let core = lone_core(dir.path(), &rt);
+        rt.block_on(async {
+            let g = core.open_group(7).await.expect("open");
+            let me = openraft::BasicNode {
+                addr: "127.0.0.1:9".into(),
+            };
+            g.raft
+                .initialize(BTreeMap::from([(1, me)]))
+                .await
+                .expect("initialize");
+            g.raft
+                .wait(Some(Duration::from_secs(10)))
+                .metrics(|m| m.current_leader == Some(1), "leads")
+                .await
+                .expect("leads");
+            assert_eq!(core.stored_groups().expect("stored"), vec![7]);
+
+            let (removed, mark) = core.detach_group(7, true);
+            assert!(removed.is_some() && core.group(7).is_none());
+            // A peer's request in this window must not open a Raft on the log about to go.
+            match core.open_group(7).await {
+                Err(ServiceError::Refused { code, .. }) => {
+                    assert_eq!(code, ErrorCode::Unavailable);
+                }
+                other => panic!("opened while deleting: {other:?}"),
+            }
+            assert!(core.group(7).is_none());
+            core.finish_close(7, removed, mark).await.expect("deleted");
+            assert!(core.stored_groups().expect("stored").is_empty());
+            // Deleted: it opens again, empty, as for a node the group takes back.
+            let g = core.open_group(7).await.expect("reopened");
+            assert!(!g.raft.is_initialized().await.expect("asked"));
+            core.close_all().await;
+        });
     }
 
     #[test]

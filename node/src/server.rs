@@ -176,7 +176,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-fn raft_config(config: &Config) -> Result<openraft::Config, NodeError> {
+pub(crate) fn raft_config(config: &Config) -> Result<openraft::Config, NodeError> {
     let r = &config.raft;
     openraft::Config {
         cluster_name: "custos".into(),
