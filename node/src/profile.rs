@@ -232,14 +232,11 @@ async fn load(
         core.ensure_leader(group).await?;
     }
     let id = customer.to_owned();
-    let (exists, links, rules) = core
-        .read(group, move |r| {
-            Ok((r.customer(&id)?.is_some(), r.links(&id)?, r.rules(&id)?))
-        })
-        .await?;
-    if !exists {
+    let Some(custos_raft::reader::StoredProfile { links, rules, .. }) =
+        core.read(group, move |r| r.profile(&id)).await?
+    else {
         return Err(ServiceError::not_found("customer", customer));
-    }
+    };
     let rule_count = rules.len();
     Ok(Profile {
         links: links

@@ -11,12 +11,13 @@ use serde::Serialize;
 /// in the activity. 6: OpenID Connect providers (issuer, sealed client secret, refresh tokens,
 /// nonces). 7: the recommender's model stores a ranker instead of calibration steps. 8: a data
 /// group indexes unfinished linkings by customer and entity (`keys::CLAIM_OF`). 9: a retention
-/// entry lists every key one change aged at one time ([`encode_keys`]), not one key each.
+/// entry lists every key one change aged at one time ([`encode_keys`]), not one key each. 10: a
+/// customer's record, links and rules share one key prefix (`keys::PROFILE`).
 ///
 /// A bump must keep [`merge_counts`] reading the counts and operands of the version before:
 /// RocksDB folds them in flushes and compactions, and a merge that fails stops those (and so
 /// the whole database) rather than one read.
-pub const FORMAT_VERSION: u8 = 9;
+pub const FORMAT_VERSION: u8 = 10;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +85,24 @@ pub fn merge_counts(
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
     let mut total: Option<Count> = match stored {
-        Some(v) => Some(decode(v).ok()?),
+        Some(v) => Some(decode_count(v)?),
         None => None,
     };
     for operand in operands {
-        total = Some(add_count(total, decode(operand).ok()?));
+        total = Some(add_count(total, decode_count(operand)?));
     }
     encode(&total?).ok()
+}
+
+/// A stored count or an operand, of this format or the one before (a count is encoded the
+/// same in both): see [`FORMAT_VERSION`] on why merges must read the version before.
+fn decode_count(bytes: &[u8]) -> Option<Count> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != FORMAT_VERSION && version != FORMAT_VERSION - 1 {
+        return None;
+    }
+    let (count, _) = bincode::serde::decode_from_slice(rest, config()).ok()?;
+    Some(count)
 }
 
 /// Adds `operand` to `stored` as [`merge_counts`] does: for a batch's own reads of a count it
@@ -169,6 +181,17 @@ mod tests {
             Err(CodecError::UnknownVersion(0xee))
         ));
         assert!(matches!(decode::<u64>(&[]), Err(CodecError::Empty)));
+    }
+
+    #[test]
+    fn counts_merge_from_this_format_and_the_one_before() {
+        let now = encode(&(3u64, 7i64)).expect("encode");
+        assert_eq!(decode_count(&now), Some((3, 7)));
+        let mut before = now.clone();
+        before[0] = FORMAT_VERSION - 1;
+        assert_eq!(decode_count(&before), Some((3, 7)));
+        before[0] = FORMAT_VERSION - 2;
+        assert_eq!(decode_count(&before), None);
     }
 
     #[test]

@@ -128,7 +128,40 @@ impl StateReader {
 
     /// One customer.
     pub fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
-        self.get(&keys::key(self.space(), keys::CUSTOMER, id.as_bytes()))
+        self.get(&keys::customer(self.space(), id))
+    }
+
+    /// A customer's profile as stored, read with one seek: its links and rules (by entity
+    /// and rule id), or None if there is no such customer.
+    pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
+        let p = keys::profile(self.space(), id);
+        let end = keys::prefix_end(&p);
+        let mut it = keys::range_iter(&self.db, &p, &end);
+        it.seek(&p);
+        let mut found: Option<StoredProfile> = None;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some((_, part, _)) = keys::split_profile(k) else {
+                it.next();
+                continue;
+            };
+            match (part, found.as_mut()) {
+                (keys::ProfilePart::Customer, None) => {
+                    found = Some(StoredProfile {
+                        customer: codec::decode(v)?,
+                        links: Vec::new(),
+                        rules: Vec::new(),
+                    });
+                }
+                (keys::ProfilePart::Link, Some(p)) => p.links.push(codec::decode(v)?),
+                (keys::ProfilePart::Rule, Some(p)) => p.rules.push(codec::decode(v)?),
+                // The record is the range's first key: without it there is no customer, and
+                // what lies under its prefix is not read.
+                _ => break,
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(found)
     }
 
     /// A portal account by (normalised) email.
@@ -154,7 +187,7 @@ impl StateReader {
 
     /// A customer's links, by entity id.
     pub fn links(&self, customer: &str) -> Result<Vec<LinkRecord>, StoreError> {
-        let p = keys::prefix2(self.space(), keys::LINK, customer);
+        let p = keys::profile_part(self.space(), customer, keys::ProfilePart::Link);
         Ok(self
             .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -164,12 +197,12 @@ impl StateReader {
 
     /// One link.
     pub fn link(&self, customer: &str, entity: &str) -> Result<Option<LinkRecord>, StoreError> {
-        self.get(&keys::key2(self.space(), keys::LINK, customer, entity))
+        self.get(&keys::link(self.space(), customer, entity))
     }
 
     /// A customer's rules, by id.
     pub fn rules(&self, customer: &str) -> Result<Vec<RuleRecord>, StoreError> {
-        let p = keys::prefix2(self.space(), keys::RULE, customer);
+        let p = keys::profile_part(self.space(), customer, keys::ProfilePart::Rule);
         Ok(self
             .scan(&p, &keys::prefix_end(&p), false, usize::MAX)?
             .into_iter()
@@ -177,30 +210,41 @@ impl StateReader {
             .collect())
     }
 
+    /// One part of every profile, as (customer id, value), by customer: every key of the
+    /// group's profiles is stepped over, and only `part`'s values decoded.
+    fn every_profile<T: DeserializeOwned>(
+        &self,
+        part: keys::ProfilePart,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let p = keys::prefix(self.space(), keys::PROFILE);
+        let end = keys::prefix_end(&p);
+        let mut it = keys::range_iter(&self.db, &p, &end);
+        it.seek(&p);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if let Some((customer, found, _)) = keys::split_profile(k) {
+                if found == part {
+                    let customer = String::from_utf8_lossy(customer).into_owned();
+                    out.push((customer, codec::decode(v)?));
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
     /// Every customer's rules, grouped by customer id (for training the recommender).
     pub fn all_rules(&self) -> Result<Vec<(String, RuleRecord)>, StoreError> {
-        let p = keys::prefix(self.space(), keys::RULE);
-        Ok(self
-            .scan::<RuleRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
-            .into_iter()
-            .filter_map(|(k, v)| Some((split_key2(&k, p.len())?.0, v)))
-            .collect())
+        self.every_profile(keys::ProfilePart::Rule)
     }
 
     /// Every link, as (customer id, entity id) (for training the recommender).
     pub fn all_links(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let p = keys::prefix(self.space(), keys::LINK);
         Ok(self
-            .scan::<LinkRecord>(&p, &keys::prefix_end(&p), false, usize::MAX)?
+            .every_profile::<LinkRecord>(keys::ProfilePart::Link)?
             .into_iter()
-            .filter_map(|(k, v)| {
-                let rest = k.get(p.len()..)?;
-                let end = rest.iter().position(|b| *b == 0)?;
-                Some((
-                    String::from_utf8_lossy(&rest[..end]).into_owned(),
-                    v.entity_id,
-                ))
-            })
+            .map(|(customer, link)| (customer, link.entity_id))
             .collect())
     }
 
@@ -463,6 +507,17 @@ impl StateReader {
 }
 
 /// The two parts of a `key2` key (`a \0 b`), read from `at` (the prefix length).
+/// A customer's record, links and rules as stored (see [`StateReader::profile`]).
+#[derive(Debug, Clone)]
+pub struct StoredProfile {
+    /// The customer's record.
+    pub customer: CustomerRecord,
+    /// Its links, by entity id.
+    pub links: Vec<LinkRecord>,
+    /// Its rules, by rule id.
+    pub rules: Vec<RuleRecord>,
+}
+
 fn split_key2(key: &[u8], at: usize) -> Option<(String, String)> {
     let rest = key.get(at..)?;
     let sep = rest.iter().position(|b| *b == 0)?;

@@ -660,6 +660,80 @@ async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow:
     Ok(())
 }
 
+fn rule(customer: &str, id: &str) -> StateChange {
+    StateChange::PutRule {
+        customer_id: customer.into(),
+        rule: RuleRecord {
+            id: id.into(),
+            name: id.into(),
+            when_entity: "airline".into(),
+            when_event_type: "flight.booked".into(),
+            condition: None,
+            then_entity: "hotel".into(),
+            then_command_type: "room.hold".into(),
+            data_json: "{}".into(),
+            created_ms: 5,
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_profile_is_read_back_whole_from_its_own_range() -> anyhow::Result<()> {
+    let mut s = store(4)?;
+    s.apply(setup()).await?;
+    // "c1x" shares c1's first bytes: its keys must not be read as c1's.
+    s.apply(vec![
+        StateChange::CreateCustomer {
+            customer: customer("c1x", None),
+            intent: None,
+        },
+        link("c1x", "airline", "fx"),
+        link("c1x", "hotel", "gx"),
+        rule("c1", "r2"),
+        rule("c1", "r1"),
+        rule("c1x", "r9"),
+    ])
+    .await?;
+    let p = s
+        .reader
+        .profile("c1")?
+        .ok_or_else(|| anyhow::anyhow!("no profile"))?;
+    assert_eq!(p.customer.id, "c1");
+    let linked: Vec<&str> = p.links.iter().map(|l| l.entity_id.as_str()).collect();
+    assert_eq!(linked, ["airline", "hotel"]);
+    let rules: Vec<&str> = p.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(rules, ["r1", "r2"]);
+    assert!(s.reader.profile("c")?.is_none());
+    assert_eq!(s.reader.rules("c1x")?.len(), 1);
+    // Training's reads of every profile take each part, and only it.
+    let all: Vec<(String, String)> = s
+        .reader
+        .all_rules()?
+        .into_iter()
+        .map(|(c, r)| (c, r.id))
+        .collect();
+    let want = [("c1", "r1"), ("c1", "r2"), ("c1x", "r9")];
+    assert_eq!(all, want.map(|(c, r)| (c.to_owned(), r.to_owned())));
+    assert_eq!(s.reader.all_links()?.len(), 4);
+    // A rule deleted and the customer erased leave nothing of the profile behind.
+    s.apply(vec![StateChange::DeleteRule {
+        customer_id: "c1".into(),
+        rule_id: "r1".into(),
+        at_ms: 6,
+    }])
+    .await?;
+    assert_eq!(s.reader.rules("c1")?.len(), 1);
+    s.apply(vec![StateChange::EraseCustomer {
+        customer_id: "c1".into(),
+    }])
+    .await?;
+    assert!(s.reader.profile("c1")?.is_none());
+    assert!(s.reader.rules("c1")?.is_empty() && s.reader.links("c1")?.is_empty());
+    let left: Vec<String> = s.reader.all_rules()?.into_iter().map(|(c, _)| c).collect();
+    assert_eq!(left, ["c1x"]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() -> anyhow::Result<()>
 {

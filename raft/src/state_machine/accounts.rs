@@ -69,7 +69,7 @@ impl Tx<'_> {
         token_hash: Vec<u8>,
         session: SessionRecord,
     ) -> Result<ChangeOutcome, StoreError> {
-        if !self.exists(&self.k(keys::CUSTOMER, session.customer_id.as_bytes()))? {
+        if !self.exists(&keys::customer(self.space, &session.customer_id))? {
             return Ok(not_found("customer", &session.customer_id));
         }
         // Sessions expire long before retention; this removes the record itself.
@@ -79,7 +79,7 @@ impl Tx<'_> {
     }
 
     pub(crate) fn end_sessions(&mut self, customer_id: &str) -> Result<ChangeOutcome, StoreError> {
-        let key = self.k(keys::CUSTOMER, customer_id.as_bytes());
+        let key = keys::customer(self.space, customer_id);
         let Some(mut customer) = self.get::<CustomerRecord>(&key)? else {
             return Ok(not_found("customer", customer_id));
         };

@@ -11,11 +11,11 @@ use crate::records::*;
 
 impl Tx<'_> {
     fn customer_exists(&self, id: &str) -> Result<bool, StoreError> {
-        self.exists(&self.k(keys::CUSTOMER, id.as_bytes()))
+        self.exists(&keys::customer(self.space, id))
     }
 
     fn linked(&self, customer: &str, entity: &str) -> Result<bool, StoreError> {
-        self.exists(&self.k2(keys::LINK, customer, entity))
+        self.exists(&keys::link(self.space, customer, entity))
     }
 
     /// Ends `intent` if given: `Ok(false)` when it is no longer recorded (done or abandoned),
@@ -75,7 +75,7 @@ impl Tx<'_> {
         if !self.take_intent(intent.as_deref())? {
             return Ok(not_found("sign-up", "in progress"));
         }
-        let key = self.k(keys::CUSTOMER, customer.id.as_bytes());
+        let key = keys::customer(self.space, &customer.id);
         if self.exists(&key)? {
             // Completing an intent twice is done; creating an id twice is a conflict.
             return Ok(match intent {
@@ -102,7 +102,7 @@ impl Tx<'_> {
         if !self.take_intent(intent.as_deref())? {
             return Ok(not_found("linking", "in progress"));
         }
-        let link_key = self.k2(keys::LINK, &customer_id, &link.entity_id);
+        let link_key = keys::link(self.space, &customer_id, &link.entity_id);
         let at = link.linked_ms;
         if let Some(old) = self.get::<LinkRecord>(&link_key)? {
             // Linked again: the old link's claim goes (the new one holds its own).
@@ -134,7 +134,7 @@ impl Tx<'_> {
         // An unlink also cancels linkings of this entity still under way (a call that timed
         // out): what the customer asked last wins, and the intent worker must not link later.
         let abandoned = self.abandon_claims(customer_id, Some(entity_id), at_ms)?;
-        let key = self.k2(keys::LINK, customer_id, entity_id);
+        let key = keys::link(self.space, customer_id, entity_id);
         let Some(link) = self.get::<LinkRecord>(&key)? else {
             return Ok(if abandoned > 0 {
                 ChangeOutcome::Done
@@ -234,9 +234,13 @@ impl Tx<'_> {
                 ));
             }
         }
-        let key = self.k2(keys::RULE, customer_id, &rule.id);
+        let key = keys::rule(self.space, customer_id, &rule.id);
         if !self.exists(&key)?
-            && self.count_prefix(&self.p2(keys::RULE, customer_id))? >= MAX_RULES_PER_CUSTOMER
+            && self.count_prefix(&keys::profile_part(
+                self.space,
+                customer_id,
+                keys::ProfilePart::Rule,
+            ))? >= MAX_RULES_PER_CUSTOMER
         {
             return Ok(ChangeOutcome::rejected(
                 ErrorCode::LimitReached,
@@ -257,7 +261,7 @@ impl Tx<'_> {
         rule_id: String,
         at_ms: i64,
     ) -> Result<ChangeOutcome, StoreError> {
-        let key = self.k2(keys::RULE, customer_id, &rule_id);
+        let key = keys::rule(self.space, customer_id, &rule_id);
         if !self.exists(&key)? {
             return Ok(not_found("rule", &rule_id));
         }
@@ -285,13 +289,17 @@ impl Tx<'_> {
         &mut self,
         customer_id: &str,
     ) -> Result<ChangeOutcome, StoreError> {
-        let customer_key = self.k(keys::CUSTOMER, customer_id.as_bytes());
+        let customer_key = keys::customer(self.space, customer_id);
         let Some(customer) = self.get::<CustomerRecord>(&customer_key)? else {
             return Ok(not_found("customer", customer_id));
         };
         // The releases need no grace period: the intent worker takes them at once.
         let now = 0;
-        for (k, v) in self.scan(&self.p2(keys::LINK, customer_id))? {
+        for (k, v) in self.scan(&keys::profile_part(
+            self.space,
+            customer_id,
+            keys::ProfilePart::Link,
+        ))? {
             let link: LinkRecord = codec::decode(&v)?;
             self.delete(k);
             self.new_intent(
@@ -311,8 +319,13 @@ impl Tx<'_> {
             }
             self.delete(k);
         }
-        for tag in [keys::RULE, keys::ENGAGEMENT, keys::DISMISSED] {
-            for (k, _) in self.scan(&self.p2(tag, customer_id))? {
+        let rules = keys::profile_part(self.space, customer_id, keys::ProfilePart::Rule);
+        for prefix in [
+            rules,
+            self.p2(keys::ENGAGEMENT, customer_id),
+            self.p2(keys::DISMISSED, customer_id),
+        ] {
+            for (k, _) in self.scan(&prefix)? {
                 self.delete(k);
             }
         }

@@ -15,9 +15,9 @@ impl Tx<'_> {
         customer: &str,
         event: &EventRecord,
     ) -> Result<Option<String>, StoreError> {
-        match self.get::<LinkRecord>(&self.k2(keys::LINK, customer, &event.source))? {
+        match self.get::<LinkRecord>(&keys::link(self.space, customer, &event.source))? {
             Some(l) if l.subject == event.subject => Ok(None),
-            _ if !self.exists(&self.k(keys::CUSTOMER, customer.as_bytes()))? => {
+            _ if !self.exists(&keys::customer(self.space, customer))? => {
                 Ok(Some("the customer no longer exists".into()))
             }
             _ => Ok(Some(format!(
@@ -42,7 +42,7 @@ impl Tx<'_> {
                 ingest.commands.clear();
                 ingest.rule_failures.clear();
                 ingest.ignored_reason = Some(why);
-                if !self.exists(&self.k(keys::CUSTOMER, customer.as_bytes()))? {
+                if !self.exists(&keys::customer(self.space, &customer))? {
                     ingest.customer_id = None;
                 }
             }
