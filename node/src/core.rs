@@ -791,22 +791,23 @@ impl Core {
     }
 
     /// Takes `group` out of the node's map; with `destroy`, marks it as being deleted under
-    /// the same lock `open_group` inserts under, so no open slips in between.
+    /// the same lock `open_group` inserts under, so no open slips in between. No mark when a
+    /// delete of it is already under way: that one deletes it, and ends the mark when done.
     fn detach_group(
         &self,
         group: GroupId,
         destroy: bool,
     ) -> (Option<Arc<Group>>, Option<DeletingMark>) {
         let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
-        let mark = destroy.then(|| {
-            self.deleting
+        let first = destroy
+            && self
+                .deleting
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(group);
-            DeletingMark {
-                group,
-                set: self.deleting.clone(),
-            }
+        let mark = first.then(|| DeletingMark {
+            group,
+            set: self.deleting.clone(),
         });
         (groups.remove(&group), mark)
     }
@@ -1345,6 +1346,8 @@ mod tests {
 
             let (removed, mark) = core.detach_group(7, true);
             assert!(removed.is_some() && core.group(7).is_none());
+            let (again, second) = core.detach_group(7, true);
+            assert!(again.is_none() && second.is_none(), "one delete at a time");
             // A peer's request in this window must not open a Raft on the log about to go.
             match core.open_group(7).await {
                 Err(ServiceError::Refused { code, .. }) => {
