@@ -317,6 +317,20 @@ fn nodes_rss(pids: &[u32]) -> u64 {
         * 1024
 }
 
+/// Read system calls the processes have made so far (Linux `/proc/<pid>/io`, `syscr`): the
+/// node reads files only for RocksDB's table blocks missing from its block cache (sockets are
+/// read with `recv`, which this does not count).
+fn read_syscalls(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/io")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("syscr:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// CPU time (user and system) the processes have used so far, in seconds (Linux
 /// `/proc/<pid>/stat`).
 fn cpu_seconds(pids: &[u32]) -> f64 {
@@ -520,6 +534,7 @@ async fn main() -> anyhow::Result<()> {
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let (rss_before, profiles_before) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let cpu_before = cpu_seconds(&pids);
+    let reads_before = read_syscalls(&pids);
     let custos = load(
         args.events,
         args.concurrency,
@@ -537,6 +552,7 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await;
+    let file_reads = read_syscalls(&pids).saturating_sub(reads_before);
     let after = counters(&http, &urls).await;
     let (rss_after, profiles_after) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let sent_at = sent_at.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -665,6 +681,10 @@ async fn main() -> anyhow::Result<()> {
         etcd_cpu
             .map(|(ok, cpu)| format!("{:.3}", cpu * 1000.0 / ok.max(1) as f64))
             .unwrap_or("-".into())
+    );
+    println!(
+        "| file reads per event (all nodes; table blocks not in RocksDB's block cache) | {:.1} | |",
+        file_reads as f64 / custos.ok.max(1) as f64
     );
     let syncs = after.wal_syncs - before.wal_syncs;
     let entries = after.proposer_entries - before.proposer_entries;
