@@ -861,7 +861,7 @@ impl Core {
     /// The groups whose state this node's RocksDB holds (to reopen at start).
     pub fn stored_groups(&self) -> Result<Vec<GroupId>, StoreError> {
         let mut found = Vec::new();
-        let mut it = self.db.raw_iterator();
+        let mut it = self.db.raw_iterator_opt(custos_raft::keys::total_order());
         let mut next: u64 = 0;
         while next <= u64::from(custos_raft::keys::SPACE_BIT - 1) {
             it.seek((next as u32).to_be_bytes());
@@ -876,7 +876,7 @@ impl Core {
             let vote = custos_raft::keys::key(group, custos_raft::keys::RAFT_META, b"vote");
             let has_log = {
                 let p = custos_raft::keys::prefix(group, custos_raft::keys::LOG);
-                let mut li = self.db.raw_iterator();
+                let mut li = self.db.raw_iterator_opt(custos_raft::keys::total_order());
                 li.seek(&p);
                 li.key().is_some_and(|lk| lk.starts_with(&p))
             };
@@ -1302,7 +1302,8 @@ mod tests {
             data_dir: dir.to_path_buf(),
             ..Config::default()
         });
-        let db = custos_raft::open_db(&dir.join("db")).expect("db");
+        let db =
+            custos_raft::open_db(&dir.join("db"), custos_raft::DbOptions::default()).expect("db");
         let peers = Peers::new("token".into(), None).expect("peers");
         let outbound =
             crate::outbound::Outbound::new(Duration::from_secs(1), false, 1).expect("client");

@@ -441,7 +441,7 @@ pub async fn run(
     };
     let peers =
         Peers::new(cluster::peer_token(&secret), peer_ca.as_deref()).map_err(NodeError::Tls)?;
-    let db = custos_raft::open_db(&config.data_dir.join("db"))?;
+    let db = custos_raft::open_db(&config.data_dir.join("db"), config.storage.db_options())?;
     let telemetry = Telemetry::install();
     let api_addr = listeners.api.local_addr()?;
     let peer_addr = listeners.peer.local_addr()?;

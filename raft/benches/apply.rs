@@ -58,7 +58,8 @@ struct Replica {
 impl Replica {
     fn new(rt: &tokio::runtime::Runtime) -> Replica {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let db = custos_raft::open_db(dir.path()).expect("RocksDB");
+        let db =
+            custos_raft::open_db(dir.path(), custos_raft::DbOptions::default()).expect("RocksDB");
         let sm = StateMachineStore::new(db, 1, Arc::new(NoObserver), dir.path().join("snap"))
             .expect("state machine");
         let mut r = Replica {

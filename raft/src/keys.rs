@@ -209,13 +209,48 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xff; prefix.len() + 1]
 }
 
+/// The name RocksDB records with the prefix filters [`filter_prefix`] builds; a table file
+/// written under another name (or none) is read without them.
+pub const FILTER_PREFIX_NAME: &str = "custos.profile-prefix.1";
+
+/// The prefix RocksDB's prefix filters hold for `key`: `group | PROFILE | customer \0` for a
+/// key of a profile, so a profile's rebuild (one seek over that prefix) skips every table
+/// file holding none of its keys instead of reading a block from each; `None` for every
+/// other key, which only the whole-key filters cover.
+pub fn filter_prefix(key: &[u8]) -> Option<&[u8]> {
+    if key.get(HEADER - 1) != Some(&PROFILE) {
+        return None;
+    }
+    let end = key.get(HEADER..)?.iter().position(|b| *b == 0)?;
+    key.get(..HEADER + end + 1)
+}
+
+/// Read options for a scan that may cross prefixes: RocksDB's prefix filters are not
+/// consulted (with them, a seek to a profile's key could skip a table file holding the keys
+/// after that profile).
+pub fn total_order() -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_total_order_seek(true);
+    opts
+}
+
 /// A raw iterator over `[lo, hi)` only: with the bounds in RocksDB's read options it skips
 /// files outside the range and stops at `hi` instead of stepping over the deleted keys
 /// (pruned activity, settled deliveries) that may lie beyond it.
 pub fn range_iter<'a>(db: &'a rocksdb::DB, lo: &[u8], hi: &[u8]) -> rocksdb::DBRawIterator<'a> {
-    let mut opts = rocksdb::ReadOptions::default();
+    let mut opts = total_order();
     opts.set_iterate_lower_bound(lo.to_vec());
     opts.set_iterate_upper_bound(hi.to_vec());
+    db.raw_iterator_opt(opts)
+}
+
+/// A raw iterator over the keys of one profile (`prefix` is [`profile`]'s): table files
+/// whose prefix filter says they hold none are skipped.
+pub fn profile_iter<'a>(db: &'a rocksdb::DB, prefix: &[u8]) -> rocksdb::DBRawIterator<'a> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_prefix_same_as_start(true);
+    opts.set_iterate_lower_bound(prefix.to_vec());
+    opts.set_iterate_upper_bound(prefix_end(prefix));
     db.raw_iterator_opt(opts)
 }
 
@@ -265,6 +300,28 @@ mod tests {
             Some((&b"c"[..], ProfilePart::Customer, &b""[..]))
         );
         assert_eq!(split_profile(&whole), None);
+    }
+
+    #[test]
+    fn every_key_of_a_profile_has_that_profile_as_its_filter_prefix() {
+        let whole = profile(3, "c");
+        for k in [
+            customer(3, "c"),
+            link(3, "c", "a"),
+            rule(3, "c", "a\0b"),
+            whole.clone(),
+        ] {
+            assert_eq!(filter_prefix(&k), Some(whole.as_slice()));
+        }
+        assert_eq!(
+            filter_prefix(&customer(3, "cd")),
+            Some(profile(3, "cd").as_slice())
+        );
+        // Scans over many profiles seek to keys outside the filters' domain.
+        assert_eq!(filter_prefix(&prefix(3, PROFILE)), None);
+        assert_eq!(filter_prefix(&prefix2(3, ACTIVITY, "c")), None);
+        assert_eq!(filter_prefix(&log(3, 7)), None);
+        assert_eq!(filter_prefix(&[]), None);
     }
 
     #[test]

@@ -59,11 +59,33 @@ pub fn compact_all(db: &rocksdb::DB) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// RocksDB's block cache: data, index and filter blocks read back from table files.
-const BLOCK_CACHE_BYTES: usize = 32 << 20;
+/// How the node's RocksDB is tuned where the right value depends on the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbOptions {
+    /// RocksDB's block cache: data, index and filter blocks read back from table files,
+    /// uncompressed. Filled as blocks are read, so a small data set never uses all of it.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            block_cache_bytes: 1 << 30,
+        }
+    }
+}
+
+/// RocksDB asks for a key's prefix only when [`in_filter_domain`] said it has one.
+fn filter_prefix_or_key(key: &[u8]) -> &[u8] {
+    keys::filter_prefix(key).unwrap_or(key)
+}
+
+fn in_filter_domain(key: &[u8]) -> bool {
+    keys::filter_prefix(key).is_some()
+}
 
 /// Opens (or creates) the node's one RocksDB.
-pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
+pub fn open_db(path: &Path, options: DbOptions) -> Result<Arc<rocksdb::DB>, StoreError> {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -79,13 +101,21 @@ pub fn open_db(path: &Path) -> Result<Arc<rocksdb::DB>, StoreError> {
     // load than keeping them with the table readers. They are partitioned, so a lookup whose
     // partition was evicted reads back a few KiB, not a table's whole index block (pread,
     // LZ4, checksum), which took most of a cold profile rebuild's time unpartitioned.
-    table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(options.block_cache_bytes));
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
     table.set_partition_filters(true);
     table.set_pin_top_level_index_and_filter(true);
     opts.set_block_based_table_factory(&table);
+    // A profile's rebuild is a seek over its prefix: prefix filters let it skip the table
+    // files (one or more per level) that hold none of that profile's keys. Every other scan
+    // reads in total order (`keys::total_order`).
+    opts.set_prefix_extractor(rocksdb::SliceTransform::create(
+        keys::FILTER_PREFIX_NAME,
+        filter_prefix_or_key,
+        Some(in_filter_domain),
+    ));
     // The same for the memtable, which the newest keys (and most misses) go through first.
     opts.set_memtable_whole_key_filtering(true);
     opts.set_memtable_prefix_bloom_ratio(0.02);

@@ -135,8 +135,7 @@ impl StateReader {
     /// and rule id), or None if there is no such customer.
     pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
         let p = keys::profile(self.space(), id);
-        let end = keys::prefix_end(&p);
-        let mut it = keys::range_iter(&self.db, &p, &end);
+        let mut it = keys::profile_iter(&self.db, &p);
         it.seek(&p);
         let mut found: Option<StoredProfile> = None;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {

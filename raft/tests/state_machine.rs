@@ -30,7 +30,7 @@ fn store(group: u32) -> anyhow::Result<Store> {
 
 fn store_observed(group: u32, observer: Arc<dyn ApplyObserver>) -> anyhow::Result<Store> {
     let dir = tempfile::tempdir()?;
-    let db = custos_raft::open_db(dir.path())?;
+    let db = custos_raft::open_db(dir.path(), custos_raft::DbOptions::default())?;
     let sm = StateMachineStore::new(db.clone(), group, observer, dir.path().join("snapshots"))?;
     Ok(Store {
         reader: sm.reader(),
@@ -694,27 +694,44 @@ async fn a_profile_is_read_back_whole_from_its_own_range() -> anyhow::Result<()>
         rule("c1x", "r9"),
     ])
     .await?;
-    let p = s
-        .reader
-        .profile("c1")?
-        .ok_or_else(|| anyhow::anyhow!("no profile"))?;
-    assert_eq!(p.customer.id, "c1");
-    let linked: Vec<&str> = p.links.iter().map(|l| l.entity_id.as_str()).collect();
-    assert_eq!(linked, ["airline", "hotel"]);
-    let rules: Vec<&str> = p.rules.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(rules, ["r1", "r2"]);
-    assert!(s.reader.profile("c")?.is_none());
-    assert_eq!(s.reader.rules("c1x")?.len(), 1);
-    // Training's reads of every profile take each part, and only it.
-    let all: Vec<(String, String)> = s
-        .reader
-        .all_rules()?
-        .into_iter()
-        .map(|(c, r)| (c, r.id))
-        .collect();
-    let want = [("c1", "r1"), ("c1", "r2"), ("c1x", "r9")];
-    assert_eq!(all, want.map(|(c, r)| (c.to_owned(), r.to_owned())));
-    assert_eq!(s.reader.all_links()?.len(), 4);
+    // Read from the memtable, then from table files with their prefix filters; c2, written
+    // to a later file than c1's, is what a seek over c1's prefix must skip, not end at.
+    for round in 0..2 {
+        let p = s
+            .reader
+            .profile("c1")?
+            .ok_or_else(|| anyhow::anyhow!("no profile"))?;
+        assert_eq!(p.customer.id, "c1");
+        let linked: Vec<&str> = p.links.iter().map(|l| l.entity_id.as_str()).collect();
+        assert_eq!(linked, ["airline", "hotel"]);
+        let rules: Vec<&str> = p.rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(rules, ["r1", "r2"]);
+        assert!(s.reader.profile("c")?.is_none());
+        assert_eq!(s.reader.rules("c1x")?.len(), 1);
+        // Training's reads of every profile take each part, and only it.
+        let all: Vec<(String, String)> = s
+            .reader
+            .all_rules()?
+            .into_iter()
+            .map(|(c, r)| (c, r.id))
+            .collect();
+        let want = [("c1", "r1"), ("c1", "r2"), ("c1x", "r9")];
+        assert_eq!(all, want.map(|(c, r)| (c.to_owned(), r.to_owned())));
+        assert_eq!(s.reader.all_links()?.len(), 4 + round);
+        if round == 0 {
+            s.db.flush()?;
+            s.apply(vec![
+                StateChange::CreateCustomer {
+                    customer: customer("c2", None),
+                    intent: None,
+                },
+                link("c2", "airline", "f2"),
+            ])
+            .await?;
+            s.db.flush()?;
+            assert!(s.reader.profile("c2")?.is_some_and(|p| p.links.len() == 1));
+        }
+    }
     // A rule deleted and the customer erased leave nothing of the profile behind.
     s.apply(vec![StateChange::DeleteRule {
         customer_id: "c1".into(),

@@ -14,7 +14,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
-        let db = custos_raft::open_db(dir.path()).map_err(|e| e.into_raft_write())?;
+        let db = custos_raft::open_db(dir.path(), custos_raft::DbOptions::default())
+            .map_err(|e| e.into_raft_write())?;
         // Group 7, not 0, so a key built without the group prefix would be caught.
         let log = LogStore::new(db.clone(), 7, WalSyncer::start(&db));
         let sm = StateMachineStore::new(db, 7, Arc::new(NoObserver), dir.path().join("snapshots"))
