@@ -304,31 +304,28 @@ async fn start_etcd(bin: &str, members: usize) -> anyhow::Result<Etcd> {
     Ok(etcd)
 }
 
-/// Resident memory of the nodes' processes, summed, in bytes (Linux `VmRSS`).
-fn nodes_rss(pids: &[u32]) -> u64 {
+/// The number after `field` (e.g. "VmRSS:") in each process's `/proc/<pid>/<file>`, summed.
+fn proc_sum(pids: &[u32], file: &str, field: &str) -> u64 {
     pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok())
         .filter_map(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
-        .sum::<u64>()
-        * 1024
+        .sum()
+}
+
+/// Resident memory of the nodes' processes, summed, in bytes (Linux `VmRSS`).
+fn nodes_rss(pids: &[u32]) -> u64 {
+    proc_sum(pids, "status", "VmRSS:") * 1024
 }
 
 /// Read system calls the processes have made so far (Linux `/proc/<pid>/io`, `syscr`): the
 /// node reads files only for RocksDB's table blocks missing from its block cache (sockets are
 /// read with `recv`, which this does not count).
 fn read_syscalls(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/io")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("syscr:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
+    proc_sum(pids, "io", "syscr:")
 }
 
 /// CPU time (user and system) the processes have used so far, in seconds (Linux
