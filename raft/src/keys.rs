@@ -234,6 +234,15 @@ pub fn total_order() -> rocksdb::ReadOptions {
     opts
 }
 
+/// Read options for a scan over a whole group (a snapshot, training): in total order, and
+/// not kept in the block cache, which would otherwise trade the blocks events keep reading
+/// for blocks read once.
+pub fn bulk_scan() -> rocksdb::ReadOptions {
+    let mut opts = total_order();
+    opts.fill_cache(false);
+    opts
+}
+
 /// A raw iterator over `[lo, hi)` only: with the bounds in RocksDB's read options it skips
 /// files outside the range and stops at `hi` instead of stepping over the deleted keys
 /// (pruned activity, settled deliveries) that may lie beyond it.

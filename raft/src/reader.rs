@@ -216,8 +216,9 @@ impl StateReader {
         part: keys::ProfilePart,
     ) -> Result<Vec<(String, T)>, StoreError> {
         let p = keys::prefix(self.space(), keys::PROFILE);
-        let end = keys::prefix_end(&p);
-        let mut it = keys::range_iter(&self.db, &p, &end);
+        let mut opts = keys::bulk_scan();
+        opts.set_iterate_upper_bound(keys::prefix_end(&p));
+        let mut it = self.db.raw_iterator_opt(opts);
         it.seek(&p);
         let mut out = Vec::new();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {

@@ -130,7 +130,7 @@ pub(crate) fn each_pair(
 ) -> Result<(), StoreError> {
     let lo = keys::prefix(space, keys::SM_FIRST);
     let hi = keys::prefix(space, keys::SM_END);
-    let mut it = snap.raw_iterator_opt(keys::total_order());
+    let mut it = snap.raw_iterator_opt(keys::bulk_scan());
     it.seek(&lo);
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         if k >= hi.as_slice() {
