@@ -62,8 +62,14 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a value written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_since(bytes, FORMAT_VERSION)
+}
+
+/// Decodes a value written by [`encode`] of this format or one since `oldest`, for the few
+/// values encoded the same in each of them.
+fn decode_since<T: DeserializeOwned>(bytes: &[u8], oldest: u8) -> Result<T, CodecError> {
     let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if version != FORMAT_VERSION {
+    if !(oldest..=FORMAT_VERSION).contains(&version) {
         return Err(CodecError::UnknownVersion(version));
     }
     let (value, _) = bincode::serde::decode_from_slice(rest, config())?;
@@ -97,12 +103,7 @@ pub fn merge_counts(
 /// A stored count or an operand, of this format or the one before (a count is encoded the
 /// same in both): see [`FORMAT_VERSION`] on why merges must read the version before.
 fn decode_count(bytes: &[u8]) -> Option<Count> {
-    let (&version, rest) = bytes.split_first()?;
-    if version != FORMAT_VERSION && version != FORMAT_VERSION - 1 {
-        return None;
-    }
-    let (count, _) = bincode::serde::decode_from_slice(rest, config()).ok()?;
-    Some(count)
+    decode_since(bytes, FORMAT_VERSION - 1).ok()
 }
 
 /// Adds `operand` to `stored` as [`merge_counts`] does: for a batch's own reads of a count it

@@ -506,7 +506,6 @@ impl StateReader {
     }
 }
 
-/// The two parts of a `key2` key (`a \0 b`), read from `at` (the prefix length).
 /// A customer's record, links and rules as stored (see [`StateReader::profile`]).
 #[derive(Debug, Clone)]
 pub struct StoredProfile {
@@ -518,6 +517,7 @@ pub struct StoredProfile {
     pub rules: Vec<RuleRecord>,
 }
 
+/// The two parts of a `key2` key (`a \0 b`), read from `at` (the prefix length).
 fn split_key2(key: &[u8], at: usize) -> Option<(String, String)> {
     let rest = key.get(at..)?;
     let sep = rest.iter().position(|b| *b == 0)?;

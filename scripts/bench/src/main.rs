@@ -321,9 +321,10 @@ fn nodes_rss(pids: &[u32]) -> u64 {
     proc_sum(pids, "status", "VmRSS:") * 1024
 }
 
-/// Read system calls the processes have made so far (Linux `/proc/<pid>/io`, `syscr`): the
-/// node reads files only for RocksDB's table blocks missing from its block cache (sockets are
-/// read with `recv`, which this does not count).
+/// Read system calls the processes have made so far (Linux `/proc/<pid>/io`, `syscr`): during
+/// the event phase nearly all are RocksDB reading table blocks missing from its block cache
+/// (sockets are read with `recv`, which this does not count; a snapshot sent to a follower is
+/// a file read too).
 fn read_syscalls(pids: &[u32]) -> u64 {
     proc_sum(pids, "io", "syscr:")
 }
