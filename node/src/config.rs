@@ -144,9 +144,14 @@ concurrency = 256
 heartbeat_ms = 100
 election_timeout_min_ms = 400
 election_timeout_max_ms = 800
-# Build a snapshot (and compact the log) after this many entries, keeping this many entries
-# before it (a follower that lags less than that catches up from the log, not a snapshot).
+# Build a snapshot of a group (and compact its log) once at least this many entries, and at
+# least snapshot_log_to_state bytes of log per byte of its last snapshot, were added since that
+# one. A snapshot copies the group's whole state: with 1.0 the copying costs at most one byte
+# per byte of log however large the group grows, and the log stays about as large as the state.
+# The log keeps keep_logs_after_snapshot entries before the snapshot (a follower that lags less
+# than that catches up from the log, not from a snapshot).
 snapshot_every = 20000
+snapshot_log_to_state = 1.0
 keep_logs_after_snapshot = 1000
 # How long a write waits to be committed (no quorum: 503 with Retry-After after this).
 propose_timeout_ms = 5000
@@ -258,8 +263,10 @@ pub struct RaftConfig {
     pub election_timeout_min_ms: u64,
     /// Election timeout, high end.
     pub election_timeout_max_ms: u64,
-    /// Entries between snapshots.
+    /// Entries between snapshots, at least.
     pub snapshot_every: u64,
+    /// Bytes of log between snapshots per byte of the last snapshot, at least.
+    pub snapshot_log_to_state: f64,
     /// Entries kept before the last snapshot.
     pub keep_logs_after_snapshot: u64,
     /// Commit deadline of a write.
@@ -275,6 +282,7 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
             snapshot_every: 20000,
+            snapshot_log_to_state: 1.0,
             keep_logs_after_snapshot: 1000,
             propose_timeout_ms: 5000,
             proposal_queue: 8192,
@@ -509,6 +517,14 @@ impl Config {
             .collect()
     }
 
+    /// When a group builds a snapshot.
+    pub fn snapshot_policy(&self) -> custos_raft::SnapshotPolicy {
+        custos_raft::SnapshotPolicy {
+            min_entries: self.raft.snapshot_every,
+            log_per_state_byte: self.raft.snapshot_log_to_state,
+        }
+    }
+
     /// Rejects values that cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
@@ -528,6 +544,12 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.raft.proposal_queue) {
             return bad("raft.proposal_queue must be in 1..=1000000");
+        }
+        if self.raft.snapshot_every == 0 {
+            return bad("raft.snapshot_every must be at least 1");
+        }
+        if !(0.0..=100.0).contains(&self.raft.snapshot_log_to_state) {
+            return bad("raft.snapshot_log_to_state must be between 0 and 100");
         }
         if !(8..=1 << 20).contains(&self.storage.block_cache_mib) {
             return bad("storage.block_cache_mib must be in 8..=1048576");

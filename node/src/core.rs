@@ -14,8 +14,8 @@ use custos_raft::records::{ClusterSettings, CommandRecord, EntityRecord, GroupRe
 use custos_raft::types::{GroupId, NodeId};
 use custos_raft::{
     codec, ApplyObserver, ChangeOutcome, Effect, LogStore, ProposeError, Proposer, ProposerLimits,
-    Raft, ShardMap, StateChange, StateMachineStore, StateReader, StoreError, WalSyncer, DB,
-    META_GROUP,
+    Raft, ShardMap, SnapshotPacer, SnapshotPolicy, StateChange, StateMachineStore, StateReader,
+    StoreError, WalSyncer, DB, META_GROUP,
 };
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
@@ -475,6 +475,8 @@ pub struct Group {
     pub proposer: Proposer,
     /// Reads of the local replica.
     pub reader: StateReader,
+    /// What decides when the replica builds a snapshot.
+    pub pacer: Arc<SnapshotPacer>,
     /// Pending deliveries (data groups, while this node leads).
     pub due: Arc<DueQueue>,
     /// Delivery attempts under way.
@@ -511,6 +513,21 @@ impl Group {
                 .membership()
                 .voter_ids()
                 .any(|v| v == me)
+    }
+
+    /// Whether this replica should build a snapshot now under `policy`.
+    pub fn snapshot_due(&self, policy: &SnapshotPolicy) -> bool {
+        let m = self.raft.metrics();
+        let (applied, snapshot) = {
+            let m = m.borrow();
+            (m.last_applied.map(|l| l.index), m.snapshot.map(|l| l.index))
+        };
+        let entries = match (applied, snapshot) {
+            (None, _) => 0,
+            (Some(a), None) => a + 1,
+            (Some(a), Some(s)) => a.saturating_sub(s),
+        };
+        self.pacer.due(policy, entries)
     }
 
     /// The current term.
@@ -721,13 +738,14 @@ impl Core {
             due: due.clone(),
             wake: self.wake.clone(),
         });
-        let log = LogStore::new(self.db.clone(), group, self.wal.clone());
         let sm = StateMachineStore::new(
             self.db.clone(),
             group,
             observer,
             self.config.data_dir.join("snapshots"),
         )?;
+        let pacer = sm.pacer();
+        let log = LogStore::new(self.db.clone(), group, self.wal.clone()).paced_by(pacer.clone());
         let reader = sm.reader();
         let network = PeerNetwork::new(group, self.peers.clone());
         let (node_id, rc) = (self.node_id, self.raft_config.clone());
@@ -753,6 +771,7 @@ impl Core {
             raft,
             proposer,
             reader,
+            pacer,
             due,
             in_flight: InFlight::default(),
             stop,

@@ -183,7 +183,9 @@ pub(crate) fn raft_config(config: &Config) -> Result<openraft::Config, NodeError
         heartbeat_interval: r.heartbeat_ms,
         election_timeout_min: r.election_timeout_min_ms,
         election_timeout_max: r.election_timeout_max_ms,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        // The node decides when to snapshot (see `pace_snapshots`): openraft's own policy
+        // counts entries only.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
         ..Default::default()
     }
@@ -233,6 +235,23 @@ async fn every<F, Fut>(
             _ = shutdown.changed() => return,
         }
         task(core.clone()).await;
+    }
+}
+
+/// How often each replica is checked for a snapshot to build (cheap: two counters and the
+/// group's metrics).
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
+
+/// Starts a snapshot of every local replica whose policy says one is due (openraft builds it
+/// in the background, then compacts the log).
+async fn pace_snapshots(core: Arc<Core>) {
+    let policy = core.config.snapshot_policy();
+    for g in core.groups() {
+        if g.snapshot_due(&policy) {
+            if let Err(e) = g.raft.trigger().snapshot().await {
+                tracing::warn!(group = g.id, error = %e, "could not start a snapshot");
+            }
+        }
     }
 }
 
@@ -618,6 +637,13 @@ pub async fn run(
         train_when_due,
     ));
 
+    let snapshots = raft_rt.spawn(every(
+        core.clone(),
+        SNAPSHOT_CHECK,
+        stop_rx.clone(),
+        pace_snapshots,
+    ));
+
     let ready = Ready {
         node_id: id,
         api: api_addr,
@@ -671,7 +697,9 @@ pub async fn run(
     let _ = api_task.await;
     let _ = peer_task.await;
     let _ = stop_tx.send(true);
-    for task in [manager, intents, scrubber, pruner, trainer, workers] {
+    for task in [
+        manager, intents, scrubber, pruner, trainer, snapshots, workers,
+    ] {
         let _ = task.await;
     }
     core.close_all().await;

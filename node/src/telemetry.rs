@@ -97,6 +97,16 @@ impl Telemetry {
                 "custos_proposer_changes",
                 stats.changes.load(std::sync::atomic::Ordering::Relaxed) as f64,
             );
+            set("custos_snapshots_built", g.pacer.builds() as f64);
+            set(
+                "custos_snapshot_bytes_written",
+                g.pacer.bytes_built() as f64,
+            );
+            set("custos_snapshot_bytes", g.pacer.state_bytes() as f64);
+            set(
+                "custos_log_bytes_since_snapshot",
+                g.pacer.log_bytes() as f64,
+            );
         }
         let wal = core.wal.stats();
         metrics::gauge!("custos_wal_syncs")
@@ -109,6 +119,10 @@ impl Telemetry {
         metrics::gauge!("custos_relayed_events")
             .set(relay.events.load(std::sync::atomic::Ordering::Relaxed) as f64);
         metrics::gauge!("custos_cached_routes").set(core.routes.len() as f64);
+        let mem = custos_raft::db_memory(&core.db);
+        metrics::gauge!("custos_rocksdb_block_cache_bytes").set(mem.block_cache as f64);
+        metrics::gauge!("custos_rocksdb_memtable_bytes").set(mem.memtables as f64);
+        metrics::gauge!("custos_rocksdb_table_readers_bytes").set(mem.table_readers as f64);
         metrics::gauge!("custos_state_keys_written")
             .set(custos_raft::state_machine::keys_written() as f64);
         match &self.handle {

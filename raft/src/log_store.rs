@@ -22,6 +22,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use crate::codec;
 use crate::error::StoreError;
 use crate::keys;
+use crate::pacing::SnapshotPacer;
 use crate::types::{GroupId, LogId, NodeId, StorageError, TypeConfig};
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -194,6 +195,7 @@ pub struct LogStore {
     group: GroupId,
     syncer: WalSyncer,
     recent: Arc<Mutex<RecentEntries>>,
+    pacer: Arc<SnapshotPacer>,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -212,7 +214,14 @@ impl LogStore {
             group,
             recent: Arc::new(Mutex::new(RecentEntries::new(syncer.recent_bytes.clone()))),
             syncer,
+            pacer: Arc::default(),
         }
+    }
+
+    /// This log, counting what it appends in `pacer` (the group's state machine's).
+    pub fn paced_by(mut self, pacer: Arc<SnapshotPacer>) -> Self {
+        self.pacer = pacer;
+        self
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
@@ -398,6 +407,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .write(batch)
             .map_err(|e| StoreError::from(e).into_raft_write())?;
+        self.pacer
+            .appended(written.iter().map(|(_, size)| *size as u64).sum());
         let mut recent = self.recent();
         for (entry, size) in written {
             recent.push(entry, size);

@@ -17,7 +17,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::RaftSnapshotBuilder;
 
 struct Store {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     db: Arc<custos_raft::DB>,
     sm: StateMachineStore,
     reader: StateReader,
@@ -36,7 +36,7 @@ fn store_observed(group: u32, observer: Arc<dyn ApplyObserver>) -> anyhow::Resul
         reader: sm.reader(),
         db,
         sm,
-        _dir: dir,
+        dir,
         index: 0,
     })
 }
@@ -621,6 +621,16 @@ async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow:
             .await?
             .ok_or_else(|| anyhow::anyhow!("no current snapshot"))?;
     assert_eq!(snap.meta, built.meta);
+    // The snapshot's size is what the next one is paced against.
+    let size =
+        tokio::io::AsyncSeekExt::seek(&mut *snap.snapshot, std::io::SeekFrom::End(0)).await?;
+    tokio::io::AsyncSeekExt::rewind(&mut *snap.snapshot).await?;
+    let pacer = a.sm.pacer();
+    assert!(size > 0);
+    assert_eq!(
+        (pacer.state_bytes(), pacer.builds(), pacer.bytes_built()),
+        (size, 1, size)
+    );
     // Writes after the snapshot are not in it.
     a.apply(vec![ingest("e2", 200)]).await?;
 
@@ -649,6 +659,18 @@ async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow:
     assert_eq!(b.reader.applied()?, snap.meta.last_log_id);
     let current = b.sm.get_current_snapshot().await?.map(|s| s.meta);
     assert_eq!(current, Some(snap.meta.clone()));
+    assert_eq!(
+        (b.sm.pacer().state_bytes(), b.sm.pacer().builds()),
+        (size, 0)
+    );
+    // Reopened, the group paces against its current snapshot's size.
+    let reopened = StateMachineStore::new(
+        b.db.clone(),
+        9,
+        Arc::new(NoObserver),
+        b.dir.path().join("snapshots"),
+    )?;
+    assert_eq!(reopened.pacer().state_bytes(), size);
     // Retention still finds what it indexed before the install moved the key space.
     b.apply(vec![delivered("cmd-e1", 150)]).await?;
     let out = b.apply(vec![prune_before(10_000)]).await?;

@@ -156,6 +156,7 @@ impl Node {
              [raft]\n\
              {timings}\
              snapshot_every = {}\n\
+             snapshot_log_to_state = {}\n\
              keep_logs_after_snapshot = {}\n",
             join.join(", "),
             o.allow_private_targets,
@@ -163,6 +164,8 @@ impl Node {
             o.extra_toml,
             schedule.join(", "),
             o.snapshot_every,
+            // A test asking for frequent snapshots wants them after its entries alone.
+            if o.snapshot_every < 20_000 { 0.0 } else { 1.0 },
             if o.snapshot_every < 20_000 { 0 } else { 1000 }
         );
         let path = self.data_dir.join("custos.toml");

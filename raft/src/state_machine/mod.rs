@@ -33,6 +33,7 @@ use rocksdb::{WriteBatch, DB};
 use crate::codec;
 use crate::error::StoreError;
 use crate::keys;
+use crate::pacing::SnapshotPacer;
 use crate::reader::StateReader;
 use crate::records::*;
 use crate::shard::META_GROUP;
@@ -117,6 +118,8 @@ pub struct StateMachineStore {
     snapshots: Arc<PathBuf>,
     /// The file a snapshot is being received into.
     receiving: Arc<Mutex<Option<PathBuf>>>,
+    /// Told each snapshot's size; shared with the group's log (see [`Self::pacer`]).
+    pacer: Arc<SnapshotPacer>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -142,6 +145,9 @@ impl StateMachineStore {
         };
         let (lo, hi) = keys::sm_range(keys::space(group, !generation));
         delete_range(&db, &lo, &hi)?;
+        let pacer = Arc::new(SnapshotPacer::new(snapshot::current_size(
+            &db, group, &snapshots,
+        )?));
         Ok(StateMachineStore {
             db,
             group,
@@ -149,7 +155,14 @@ impl StateMachineStore {
             observer,
             snapshots: Arc::new(snapshots),
             receiving: Arc::new(Mutex::new(None)),
+            pacer,
         })
+    }
+
+    /// What decides when this group builds a snapshot: give it to the group's log
+    /// ([`crate::LogStore::paced_by`]) so that it counts the log's bytes too.
+    pub fn pacer(&self) -> Arc<SnapshotPacer> {
+        self.pacer.clone()
     }
 
     /// A reader of this group's applied state (it follows snapshot installs).
@@ -279,11 +292,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             self.store.space(),
             self.store.snapshots.clone(),
         );
-        let (meta, path) =
+        let log_bytes_at_start = self.store.pacer.log_bytes();
+        let (meta, path, size) =
             tokio::task::spawn_blocking(move || snapshot::build(&db, group, space, &dir))
                 .await
                 .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?
                 .map_err(StoreError::into_raft_write)?;
+        self.store.pacer.built(log_bytes_at_start, size);
         let file = snapshot::open(&path)
             .await
             .map_err(StoreError::into_raft_read)?;
@@ -340,6 +355,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (store, meta) = (self.clone(), meta.clone());
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             store.install(&meta, file.try_clone().map_err(StoreError::io)?)?;
+            store
+                .pacer
+                .installed(file.metadata().map_err(StoreError::io)?.len());
             // The installed state becomes this node's current snapshot, as received.
             snapshot::keep_received(
                 &store.db,

@@ -47,6 +47,14 @@ pub(crate) fn current(db: &DB, group: GroupId) -> Result<Option<StoredSnapshot>,
     }
 }
 
+/// Size of the group's current snapshot file in `dir`, bytes (0 when it has none).
+pub(crate) fn current_size(db: &DB, group: GroupId, dir: &Path) -> Result<u64, StoreError> {
+    Ok(match current(db, group)? {
+        Some(stored) => std::fs::metadata(dir.join(stored.file)).map_or(0, |m| m.len()),
+        None => 0,
+    })
+}
+
 /// Records `file` as the group's current snapshot and removes the group's older files.
 fn record(
     db: &DB,
@@ -73,13 +81,13 @@ fn record(
 }
 
 /// Writes the snapshot of `space` (the group's current key space) to a new file in `dir` and
-/// records it as the group's current snapshot.
+/// records it as the group's current snapshot. Returns its metadata, path and size.
 pub(crate) fn build(
     db: &DB,
     group: GroupId,
     space: u32,
     dir: &Path,
-) -> Result<(SnapshotMeta, PathBuf), StoreError> {
+) -> Result<(SnapshotMeta, PathBuf, u64), StoreError> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let snap = db.snapshot();
     let last_log_id: Option<LogId> = match snap.get(keys::key(space, keys::SM_META, APPLIED))? {
@@ -99,7 +107,7 @@ pub(crate) fn build(
     let name = format!("g{group}-{now}.snap");
     let path = dir.join(&name);
     let tmp = path.with_extension("part");
-    {
+    let size = {
         let f = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         w.write_all(MAGIC).map_err(io)?;
@@ -110,7 +118,8 @@ pub(crate) fn build(
         })?;
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
-    }
+        f.metadata().map_err(io)?.len()
+    };
     std::fs::rename(&tmp, &path).map_err(io)?;
     let meta = SnapshotMeta {
         last_log_id,
@@ -118,7 +127,7 @@ pub(crate) fn build(
         snapshot_id,
     };
     record(db, group, dir, &meta, &name)?;
-    Ok((meta, path))
+    Ok((meta, path, size))
 }
 
 /// Calls `f` with every state machine data pair of `space` in `snap`, in key order, keys

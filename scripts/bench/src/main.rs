@@ -385,6 +385,11 @@ struct Counters {
     relayed_events: f64,
     /// Keys the state machines wrote (puts and deletes), on every replica.
     keys_written: f64,
+    /// Snapshots the replicas built, and the bytes they wrote.
+    snapshots_built: f64,
+    snapshot_bytes: f64,
+    /// RocksDB's memory (gauges, bytes): block cache, memtables, table readers.
+    rocksdb_memory: [f64; 3],
 }
 
 async fn counters(http: &reqwest::Client, urls: &[String]) -> Counters {
@@ -415,6 +420,16 @@ async fn counters(http: &reqwest::Client, urls: &[String]) -> Counters {
                 totals.relayed_events += value();
             } else if line.starts_with("custos_state_keys_written ") {
                 totals.keys_written += value();
+            } else if line.starts_with("custos_snapshots_built{") {
+                totals.snapshots_built += value();
+            } else if line.starts_with("custos_snapshot_bytes_written{") {
+                totals.snapshot_bytes += value();
+            } else if line.starts_with("custos_rocksdb_block_cache_bytes ") {
+                totals.rocksdb_memory[0] += value();
+            } else if line.starts_with("custos_rocksdb_memtable_bytes ") {
+                totals.rocksdb_memory[1] += value();
+            } else if line.starts_with("custos_rocksdb_table_readers_bytes ") {
+                totals.rocksdb_memory[2] += value();
             }
         }
     }
@@ -482,8 +497,10 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let rss_empty = nodes_rss(&pids);
+    let cpu_empty = cpu_seconds(&pids);
     let (secret, subjects) = setup(&admin, &args, &receiver.url).await?;
-    eprintln!("setup took {:.1}s", t.elapsed().as_secs_f64());
+    let (setup_secs, setup_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds(&pids) - cpu_empty);
+    eprintln!("setup took {setup_secs:.1}s");
     if args.down {
         anyhow::ensure!(args.nodes >= 3, "--down needs a cluster");
         let last = cluster.nodes.len() - 1;
@@ -712,11 +729,34 @@ async fn main() -> anyhow::Result<()> {
         (settled.keys_written - before.keys_written) / (custos.ok.max(1) * urls.len()) as f64
     );
     let mib = |b: u64| b as f64 / 1048576.0;
+    // Counters start at zero with the nodes: what they held before the events is the setup's.
+    println!(
+        "| setup: seconds / node CPU seconds (all nodes) | {setup_secs:.0} / {setup_cpu:.0} | |"
+    );
+    println!(
+        "| snapshots built, setup / events (all nodes) | {:.0} / {:.0} | |",
+        before.snapshots_built,
+        settled.snapshots_built - before.snapshots_built
+    );
+    println!(
+        "| snapshot MiB written, setup / events (all nodes) | {:.0} / {:.0} | |",
+        before.snapshot_bytes / 1048576.0,
+        (settled.snapshot_bytes - before.snapshot_bytes) / 1048576.0
+    );
     println!(
         "| node memory (RSS) empty / after setup / after the events (MiB) | {:.0} / {:.0} / {:.0} | |",
         mib(rss_empty),
         mib(rss_before),
         mib(rss_after)
+    );
+    let rocks = |c: &Counters| {
+        let [cache, mem, readers] = c.rocksdb_memory.map(|b| b / 1048576.0);
+        format!("{cache:.0} / {mem:.0} / {readers:.0}")
+    };
+    println!(
+        "| of which RocksDB block cache / memtables / table readers, after setup; after the events (MiB) | {}; {} | |",
+        rocks(&before),
+        rocks(&settled)
     );
     println!(
         "| active (loaded) profiles after setup / after the events | {profiles_before:.0} / {profiles_after:.0} | |"
