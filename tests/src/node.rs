@@ -43,8 +43,10 @@ pub struct NodeOptions {
     pub retry_schedule_secs: Vec<f64>,
     /// Log filter.
     pub log_level: String,
-    /// Raft entries between snapshots.
+    /// Raft entries between snapshots, at least.
     pub snapshot_every: u64,
+    /// Bytes of log between snapshots per byte of the last snapshot, at least (0: entries alone).
+    pub snapshot_log_to_state: f64,
     /// Extra top-level TOML keys for the config file.
     pub extra_toml: String,
     /// Peer addresses of members to join (empty: a cluster of its own).
@@ -64,6 +66,7 @@ impl Default for NodeOptions {
             retry_schedule_secs: vec![0.0, 0.2, 0.2, 0.2],
             log_level: "info,openraft=warn,custos::http=warn".into(),
             snapshot_every: 20_000,
+            snapshot_log_to_state: 1.0,
             extra_toml: String::new(),
             join: Vec::new(),
             cluster_secret: None,
@@ -164,8 +167,7 @@ impl Node {
             o.extra_toml,
             schedule.join(", "),
             o.snapshot_every,
-            // A test asking for frequent snapshots wants them after its entries alone.
-            if o.snapshot_every < 20_000 { 0.0 } else { 1.0 },
+            o.snapshot_log_to_state,
             if o.snapshot_every < 20_000 { 0 } else { 1000 }
         );
         let path = self.data_dir.join("custos.toml");

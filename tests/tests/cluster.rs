@@ -294,10 +294,11 @@ async fn a_killed_leader_fails_over_and_a_full_restart_converges() -> anyhow::Re
 async fn a_removed_node_hands_over_its_replicas_and_a_restarted_member_rejoins(
 ) -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
-    // Snapshots every few entries and no log kept behind them: a joining node catches up from
-    // streamed snapshots.
+    // Snapshots every few entries (whatever their bytes) and no log kept behind them: a
+    // joining node catches up from streamed snapshots.
     let opts = NodeOptions {
         snapshot_every: 20,
+        snapshot_log_to_state: 0.0,
         ..NodeOptions::default()
     };
     let mut c = Cluster::start(3, opts.clone(), false).await?;

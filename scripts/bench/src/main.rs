@@ -477,6 +477,10 @@ async fn main() -> anyhow::Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(20_000),
+        snapshot_log_to_state: std::env::var("BENCH_SNAPSHOT_LOG_TO_STATE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1.0),
         // The shipped Raft timings, as a user gets them.
         raft_timings: None,
         ..NodeOptions::default()
@@ -771,6 +775,17 @@ async fn main() -> anyhow::Result<()> {
         "\n{} customers x {} rules, {} events of {} bytes at concurrency {}",
         args.customers, args.rules, args.events, avg_body, args.concurrency
     );
+    let non_default: Vec<String> = [
+        "BENCH_EXTRA_TOML",
+        "BENCH_SNAPSHOT_EVERY",
+        "BENCH_SNAPSHOT_LOG_TO_STATE",
+    ]
+    .iter()
+    .filter_map(|k| Some(format!("{k}={:?}", std::env::var(k).ok()?)))
+    .collect();
+    if !non_default.is_empty() {
+        println!("non-default settings: {}", non_default.join(", "));
+    }
     anyhow::ensure!(
         exactly_once,
         "some commands were not delivered exactly once"
