@@ -146,8 +146,9 @@ election_timeout_min_ms = 400
 election_timeout_max_ms = 800
 # Build a snapshot of a group (and compact its log) once at least this many entries, and at
 # least snapshot_log_to_state bytes of log per byte of its last snapshot, were added since that
-# one. A snapshot copies the group's whole state: with 1.0 the copying costs at most one byte
-# per byte of log however large the group grows, and the log stays about as large as the state.
+# one. A snapshot copies the group's whole state: with 1.0 the copying stays in proportion to
+# the log (about a byte per byte of log) however large the group grows, and the log stays about
+# as large as the state.
 # The log keeps keep_logs_after_snapshot entries before the snapshot (a follower that lags less
 # than that catches up from the log, not from a snapshot).
 snapshot_every = 20000

@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// When a group builds a snapshot (and then compacts its log).
 ///
 /// A snapshot copies the group's whole state to a file. After a fixed number of entries, a
-/// group of a million customers would copy its gigabytes every few seconds under load, and the
-/// copying would cost more per event the larger the group grows. Asking for as many bytes of log
-/// as the last snapshot held keeps the copying to at most one byte written per byte of log,
-/// whatever the group's size; the log stays at most about as large as the state.
+/// group of a million customers copies its gigabytes every half minute or so under load, and the
+/// copying costs more per event the larger the group grows. Asking for as many bytes of log as
+/// the last snapshot held keeps the copying in proportion to the log whatever the group's size
+/// (about a byte per byte of log; more while the state grows faster than its log, as when
+/// customers are created); the log stays about as large as the state.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SnapshotPolicy {
     /// At least this many entries applied since the last snapshot.
