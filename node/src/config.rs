@@ -648,6 +648,14 @@ mod tests {
         let mut c = Config::default();
         c.storage.block_cache_mib = 0;
         assert!(c.check().is_err());
+        for ratio in [-1.0, f64::NAN, 101.0] {
+            let mut c = Config::default();
+            c.raft.snapshot_log_to_state = ratio;
+            assert!(c.check().is_err(), "snapshot_log_to_state = {ratio}");
+        }
+        let mut c = Config::default();
+        c.raft.snapshot_every = 0;
+        assert!(c.check().is_err());
         assert!(Config::default().check().is_ok());
     }
 }
