@@ -24,6 +24,9 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::json;
 
+mod procfs;
+use procfs::{cpu_seconds, nodes_rss, read_syscalls, thread_cpu, thread_cpu_between};
+
 /// Benchmark Custos against a one-member etcd.
 #[derive(Debug, Parser)]
 struct Args {
@@ -304,58 +307,6 @@ async fn start_etcd(bin: &str, members: usize) -> anyhow::Result<Etcd> {
     Ok(etcd)
 }
 
-/// The number after `field` (e.g. "VmRSS:") in each process's `/proc/<pid>/<file>`, summed.
-fn proc_sum(pids: &[u32], file: &str, field: &str) -> u64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .sum()
-}
-
-/// Resident memory of the nodes' processes, summed, in bytes (Linux `VmRSS`).
-fn nodes_rss(pids: &[u32]) -> u64 {
-    proc_sum(pids, "status", "VmRSS:") * 1024
-}
-
-/// Read system calls the processes have made so far (Linux `/proc/<pid>/io`, `syscr`): during
-/// the event phase nearly all are RocksDB reading table blocks missing from its block cache
-/// (sockets are read with `recv`, which this does not count; a snapshot sent to a follower is
-/// a file read too).
-fn read_syscalls(pids: &[u32]) -> u64 {
-    proc_sum(pids, "io", "syscr:")
-}
-
-/// CPU time (user and system) the processes have used so far, in seconds (Linux
-/// `/proc/<pid>/stat`).
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let ticks = *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .unwrap_or(100.0)
-    });
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // Fields after the command name (which may hold spaces): utime and stime are the
-            // 12th and 13th.
-            let rest = &stat[stat.rfind(')')? + 1..];
-            let mut fields = rest.split_whitespace().skip(11);
-            let utime = fields.next()?.parse::<f64>().ok()?;
-            let stime = fields.next()?.parse::<f64>().ok()?;
-            Some((utime + stime) / ticks)
-        })
-        .sum()
-}
-
 /// Profile actors alive on the nodes (`custos_active_profiles`), summed.
 async fn active_profiles(http: &reqwest::Client, urls: &[String]) -> f64 {
     let mut total = 0.0;
@@ -553,6 +504,7 @@ async fn main() -> anyhow::Result<()> {
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let (rss_before, profiles_before) = (nodes_rss(&pids), active_profiles(&http, &urls).await);
     let cpu_before = cpu_seconds(&pids);
+    let threads_before = thread_cpu(&pids);
     let reads_before = read_syscalls(&pids);
     let custos = load(
         args.events,
@@ -592,6 +544,7 @@ async fn main() -> anyhow::Result<()> {
         sent_at.keys().all(|k| per_id.get(k.as_str()) == Some(&1)) && per_id.len() == expected;
     let settled = settled_counters(&http, &urls).await?;
     let cpu_custos = cpu_seconds(&pids) - cpu_before;
+    let by_thread = thread_cpu_between(&threads_before, &thread_cpu(&pids), cpu_custos);
 
     let etcd = match start_etcd(&args.etcd, args.nodes).await {
         Ok(e) => Some(e),
@@ -700,6 +653,19 @@ async fn main() -> anyhow::Result<()> {
         etcd_cpu
             .map(|(ok, cpu)| format!("{:.3}", cpu * 1000.0 / ok.max(1) as f64))
             .unwrap_or("-".into())
+    );
+    let by_thread: Vec<String> = by_thread
+        .iter()
+        .map(|(kind, secs)| {
+            format!(
+                "{kind} {secs:.1} s ({:.0}%)",
+                secs * 100.0 / cpu_custos.max(f64::EPSILON)
+            )
+        })
+        .collect();
+    println!(
+        "| node CPU by thread over the events and their deliveries | {} | |",
+        by_thread.join("; ")
     );
     println!(
         "| file reads per event (all nodes; table blocks not in RocksDB's block cache) | {:.1} | |",
