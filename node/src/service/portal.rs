@@ -483,11 +483,9 @@ impl Vault {
         }
         // Customer-written CEL runs off the event loop (its cost is bounded: see rules.rs).
         let scope = EventScope::new(&event);
-        let evaluated = tokio::task::spawn_blocking(move || {
-            compiled.evaluate(&scope, &cel::Context::default())
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let evaluated = tokio::task::spawn_blocking(move || compiled.evaluate(&scope))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let data = match evaluated {
             Ok(Some(data)) => data,
             Ok(None) => return Ok(miss("the condition is false for this event".into())),
