@@ -1131,20 +1131,32 @@ impl Core {
         T: Send + 'static,
         F: FnOnce(&StateReader) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self
-            .group(group)
-            .ok_or_else(|| {
-                ServiceError::refused(
-                    ErrorCode::Unavailable,
-                    format!("this node holds no replica of group {group}; retry"),
-                )
-            })?
-            .reader
-            .clone();
+        let reader = self.replica(group)?.reader.clone();
         tokio::task::spawn_blocking(move || f(&reader))
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?
             .map_err(ServiceError::from)
+    }
+
+    /// Reads the local replica of `group` on the calling thread, for bounded reads of a few
+    /// adjacent keys on the event path (as the route lookup before it): there a trip to the
+    /// blocking pool costs more than the read.
+    pub fn read_here<T>(
+        &self,
+        group: GroupId,
+        f: impl FnOnce(&StateReader) -> Result<T, StoreError>,
+    ) -> Result<T, ServiceError> {
+        f(&self.replica(group)?.reader).map_err(ServiceError::from)
+    }
+
+    /// This node's replica of `group`, or a retryable refusal.
+    fn replica(&self, group: GroupId) -> Result<Arc<Group>, ServiceError> {
+        self.group(group).ok_or_else(|| {
+            ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!("this node holds no replica of group {group}; retry"),
+            )
+        })
     }
 
     /// Like [`Core::read`], after making sure this node leads `group` and has applied

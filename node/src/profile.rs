@@ -230,9 +230,12 @@ async fn load(
     if !core.group(group).is_some_and(|g| g.applied_own_term()) {
         core.ensure_leader(group).await?;
     }
-    let id = customer.to_owned();
+    // Read here, not on the blocking pool: a profile is one key range, usually one data
+    // block, and its size is bounded (rules and links per customer). Handing it to the pool
+    // and back (waking a thread, parking it, waking this one) cost more than the read: 8% of
+    // the node's CPU when events find their profiles cold.
     let Some(custos_raft::reader::StoredProfile { links, rules, .. }) =
-        core.read(group, move |r| r.profile(&id)).await?
+        core.read_here(group, |r| r.profile(customer))?
     else {
         return Err(ServiceError::not_found("customer", customer));
     };
