@@ -316,32 +316,12 @@ fn largest_collection(v: &Value) -> u64 {
 /// Expressions parsed lately, by source text, shared by every profile: customers of one
 /// template or recommendation keep the same texts, and CEL's parser costs far more than the
 /// lookup (11% of a node's CPU on cold profiles, with only the triggered rules compiled).
-/// Bounded: emptied when full.
-static PARSED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Arc<Program>>>> =
-    std::sync::LazyLock::new(Default::default);
-/// Most expressions [`PARSED`] holds (each at most [`MAX_EXPR_LEN`] bytes of source).
-const PARSED_CAPACITY: usize = 2048;
+static PARSED: SharedCache<String, Program> = SharedCache::new(2048);
 
 /// Checks and parses one expression, or takes it from [`PARSED`]: a text passes or fails the
 /// checks below the same way every time, so only the ones that passed are kept.
 fn compile_expr(field: &str, src: &str) -> Result<Arc<Program>, RuleError> {
-    let cached = PARSED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(src)
-        .cloned();
-    if let Some(p) = cached {
-        return Ok(p);
-    }
-    let program = Arc::new(parse_expr(field, src)?);
-    let mut parsed = PARSED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if parsed.len() >= PARSED_CAPACITY {
-        parsed.clear();
-    }
-    parsed.insert(src.to_owned(), program.clone());
-    Ok(program)
+    PARSED.get_or_try_insert(src, || parse_expr(field, src))
 }
 
 fn parse_expr(field: &str, src: &str) -> Result<Program, RuleError> {
@@ -463,43 +443,82 @@ pub fn functions() -> &'static Context<'static> {
 
 /// Rule bodies compiled lately, by their texts (condition, data), shared by every profile:
 /// customers of one template keep the same texts, and a cold profile compiles the rule its
-/// event triggers, whose cost bound alone is a bisection of about 24 estimates. Bounded:
-/// emptied when full. Only texts that compiled are kept, so a text fails the same way again.
-static COMPILED: std::sync::LazyLock<std::sync::Mutex<HashMap<RuleTexts, Arc<RuleBody>>>> =
-    std::sync::LazyLock::new(Default::default);
+/// event triggers, whose cost bound alone is a bisection of about 24 estimates. Everything in a
+/// body depends on those two texts alone (the field names in its errors included).
+static COMPILED: SharedCache<RuleTexts, RuleBody> = SharedCache::new(1024);
 /// A rule's condition and data, as stored.
 type RuleTexts = (Option<String>, String);
-/// Most bodies [`COMPILED`] holds (each from at most a rule's bounded texts).
-const COMPILED_CAPACITY: usize = 1024;
 
 /// Compiles a stored rule: its condition and every expression of its mapping, or takes them
 /// from [`COMPILED`].
-pub fn compile(record: RuleRecord) -> Result<CompiledRule, RuleError> {
-    let texts = (record.condition.clone(), record.data_json.clone());
-    let cached = COMPILED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&texts)
-        .cloned();
-    let body = match cached {
-        Some(body) => body,
-        None => {
-            let body = Arc::new(compile_body(&record)?);
-            let mut compiled = COMPILED
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if compiled.len() >= COMPILED_CAPACITY {
-                compiled.clear();
-            }
-            compiled.insert(texts, body.clone());
-            body
-        }
-    };
-    Ok(CompiledRule { record, body })
+pub fn compile(mut record: RuleRecord) -> Result<CompiledRule, RuleError> {
+    // The texts are lent to the lookup and given back, so a hit copies nothing.
+    let texts: RuleTexts = (
+        record.condition.take(),
+        std::mem::take(&mut record.data_json),
+    );
+    let body = COMPILED.get_or_try_insert(&texts, || compile_body(&texts));
+    (record.condition, record.data_json) = texts;
+    Ok(CompiledRule {
+        record,
+        body: body?,
+    })
 }
 
-fn compile_body(record: &RuleRecord) -> Result<RuleBody, RuleError> {
-    let condition = match &record.condition {
+/// A map of values made from keys, shared by every profile and bounded by `capacity` entries
+/// (emptied when full: the texts it holds repeat across customers, so the few made again after
+/// a clear cost less than tracking recency on every hit). Only values that were made are kept:
+/// making one is deterministic in its key, so a key that failed fails the same way again.
+struct SharedCache<K, V> {
+    entries: std::sync::LazyLock<std::sync::Mutex<HashMap<K, Arc<V>>>>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V> SharedCache<K, V> {
+    const fn new(capacity: usize) -> Self {
+        Self {
+            entries: std::sync::LazyLock::new(Default::default),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<V>>> {
+        // A panic elsewhere cannot leave the map half-written: every change is one call.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The value for `key`, made by `make` (outside the lock) when it is not held.
+    fn get_or_try_insert<Q, E>(
+        &self,
+        key: &Q,
+        make: impl FnOnce() -> Result<V, E>,
+    ) -> Result<Arc<V>, E>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(value) = self.lock().get(key).cloned() {
+            return Ok(value);
+        }
+        let value = Arc::new(make()?);
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity {
+            entries.clear();
+        }
+        entries.insert(key.to_owned(), value.clone());
+        Ok(value)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+fn compile_body((condition, data_json): &RuleTexts) -> Result<RuleBody, RuleError> {
+    let condition = match condition {
         Some(src) => Some(compile_expr("when.condition", src)?),
         None => None,
     };
@@ -509,7 +528,7 @@ fn compile_body(record: &RuleRecord) -> Result<RuleBody, RuleError> {
             message: format!("yields {kind}, not true or false (compare it, e.g. `... > 0`)"),
         });
     }
-    let data: Value = serde_json::from_str(&record.data_json).map_err(|e| RuleError {
+    let data: Value = serde_json::from_str(data_json).map_err(|e| RuleError {
         field: "then.data".into(),
         message: e.to_string(),
     })?;
@@ -1311,6 +1330,11 @@ mod tests {
         assert!(ca.zip(cb).is_some_and(|(x, y)| Arc::ptr_eq(x, y)));
         // The same texts share their whole compiled body; other data does not.
         assert!(Arc::ptr_eq(&a.body, &b.body));
+        // The texts lent to the lookup are back in the record, on a miss (a) and a hit (b).
+        for rule in [&a, &b] {
+            assert_eq!(rule.record.condition.as_deref(), Some(src));
+            assert_eq!(rule.record.data_json, r#"{"f":"data.flight + '-once'"}"#);
+        }
         let c = compile(record("c", Some(src), json!({"f": "data.flight"}))).expect("c");
         assert!(!Arc::ptr_eq(&a.body, &c.body));
         assert!(c
@@ -1329,6 +1353,44 @@ mod tests {
             .expect_err("unknown variable");
             assert_eq!(e.field, field);
         }
+    }
+
+    #[test]
+    fn a_shared_cache_keeps_what_was_made_and_is_emptied_when_full() {
+        let cache: SharedCache<String, usize> = SharedCache::new(2);
+        let made = std::cell::Cell::new(0);
+        let make = |v: usize| {
+            made.set(made.get() + 1);
+            Ok::<_, ()>(v)
+        };
+        let one = cache.get_or_try_insert("one", || make(1));
+        assert_eq!(one.as_deref(), Ok(&1));
+        // Held: not made again, the same value shared.
+        let again = cache.get_or_try_insert("one", || make(10));
+        assert!(matches!((&one, &again), (Ok(x), Ok(y)) if Arc::ptr_eq(x, y)));
+        assert_eq!(made.get(), 1);
+        // A failure is not kept.
+        assert_eq!(
+            cache.get_or_try_insert("bad", || Err::<usize, _>(())),
+            Err(())
+        );
+        assert_eq!(cache.len(), 1);
+        assert_eq!(
+            cache.get_or_try_insert("two", || make(2)).as_deref(),
+            Ok(&2)
+        );
+        assert_eq!(cache.len(), 2);
+        // Full: emptied before the third goes in.
+        assert_eq!(
+            cache.get_or_try_insert("three", || make(3)).as_deref(),
+            Ok(&3)
+        );
+        assert_eq!(cache.len(), 1);
+        assert_eq!(
+            cache.get_or_try_insert("one", || make(4)).as_deref(),
+            Ok(&4)
+        );
+        assert_eq!(made.get(), 4);
     }
 
     #[test]
