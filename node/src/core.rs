@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::error::ServiceError;
-use crate::routes::RouteCache;
+use crate::read_cache::ReadCache;
 use crate::seal::KeyRing;
 
 /// An entity with what the hot path needs precomputed: parsed secrets and compiled schemas.
@@ -388,11 +388,25 @@ impl InFlight {
     }
 }
 
-/// Hears about one group's applies: drops changed entities from the cache, feeds the
-/// group's due queue, wakes the intent worker and the cluster manager.
+/// The routing index (entity, subject) -> customer for the subjects events arrive for, so an
+/// event's route costs no RocksDB read once its subject has been seen.
+pub type RouteCache = ReadCache<Option<String>>;
+/// Most subjects a [`RouteCache`] holds.
+const MAX_ROUTES: usize = 65_536;
+
+/// Whether a customer links an entity (customer, entity) -> linked, for one data group: every
+/// delivery attempt asks, after it is registered in flight (so an unlink whose apply this
+/// cache has not yet seen waits for it, as it would for a read of the replica).
+pub type LinkCache = ReadCache<bool>;
+/// Most links a group's [`LinkCache`] holds.
+const MAX_LINKS: usize = 65_536;
+
+/// Hears about one group's applies: drops changed entities, routes and links from the
+/// caches, feeds the group's due queue, wakes the intent worker and the cluster manager.
 struct Observer {
     entities: Arc<EntityCache>,
     routes: Arc<RouteCache>,
+    links: Arc<LinkCache>,
     due: Arc<DueQueue>,
     wake: Arc<Wakers>,
 }
@@ -405,6 +419,10 @@ impl ApplyObserver for Observer {
                 Effect::SubjectChanged { entity_id, subject } => {
                     self.routes.invalidate(Some((entity_id, subject)))
                 }
+                Effect::LinkChanged {
+                    customer_id,
+                    entity_id,
+                } => self.links.invalidate(Some((customer_id, entity_id))),
                 Effect::DeliveryDue {
                     command_id,
                     due_ms,
@@ -414,13 +432,18 @@ impl ApplyObserver for Observer {
                 Effect::ClusterChanged => {
                     self.wake.cluster_changed();
                 }
-                Effect::Erased => self.wake.erased(group),
+                Effect::Erased => {
+                    // A customer's links went with its data (rare: drop them all).
+                    self.links.invalidate(None);
+                    self.wake.erased(group);
+                }
                 Effect::RuleChanged => {
                     self.wake.rule_changes.fetch_add(1, Ordering::Relaxed);
                 }
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
                     self.routes.invalidate(None);
+                    self.links.invalidate(None);
                     self.due.invalidate();
                     self.wake.cluster_changed();
                     self.wake.intents.notify_one();
@@ -481,6 +504,8 @@ pub struct Group {
     pub due: Arc<DueQueue>,
     /// Delivery attempts under way.
     pub in_flight: InFlight,
+    /// Which customers link which entities, as the replica says.
+    pub links: Arc<LinkCache>,
     /// Turns true when the group is closed on this node.
     pub stop: watch::Sender<bool>,
 }
@@ -660,7 +685,7 @@ impl Core {
             raft_config: Arc::new(raft_config),
             groups: RwLock::new(BTreeMap::new()),
             entities: Arc::new(EntityCache::default()),
-            routes: Arc::new(RouteCache::default()),
+            routes: Arc::new(RouteCache::new(MAX_ROUTES)),
             wake: Arc::new(Wakers::default()),
             shard_map: RwLock::new(None),
             opened: Mutex::new(None),
@@ -732,9 +757,11 @@ impl Core {
             return Err(deleting_refusal());
         }
         let due = Arc::new(DueQueue::default());
+        let links = Arc::new(LinkCache::new(MAX_LINKS));
         let observer = Arc::new(Observer {
             entities: self.entities.clone(),
             routes: self.routes.clone(),
+            links: links.clone(),
             due: due.clone(),
             wake: self.wake.clone(),
         });
@@ -774,6 +801,7 @@ impl Core {
             pacer,
             due,
             in_flight: InFlight::default(),
+            links,
             stop,
         });
         // Two callers may have raced to open it: keep the first, stop ours. A delete that
@@ -970,9 +998,10 @@ impl Core {
         source: &str,
         subject: &str,
     ) -> Result<(Option<String>, GroupId), ServiceError> {
-        let customer = self
-            .routes
-            .customer_for_subject(&self.meta()?.reader, source, subject)?;
+        let meta = self.meta()?;
+        let customer = self.routes.get_or_read(source, subject, || {
+            meta.reader.customer_for_subject(source, subject)
+        })?;
         let group = match &customer {
             Some(c) => self.group_of(c)?,
             None => self.shard_map()?.group_of(&format!("{source}\0{subject}")),

@@ -251,7 +251,7 @@ struct PendingDelivery {
     linked: bool,
 }
 
-/// The pending delivery `id`, with whether its target is still linked (read here, after the
+/// The pending delivery `id`, with whether its target is still linked (asked here, after the
 /// attempt is registered in flight, so an unlink applied later waits for it). A new command
 /// is as its creating apply handed it over; any other is read from the outbox. `None` when it
 /// is no longer pending.
@@ -273,9 +273,16 @@ fn pending_delivery(
             None => return Ok(None),
         },
     };
-    let linked = reader
-        .link(&command.customer_id, &command.target)?
-        .is_some();
+    // From the group's link cache: the same answer as the replica's (an apply drops a link's
+    // answer before its outcome is returned), without a RocksDB read per attempt.
+    let linked = worker
+        .group
+        .links
+        .get_or_read(&command.customer_id, &command.target, || {
+            reader
+                .link(&command.customer_id, &command.target)
+                .map(|l| l.is_some())
+        })?;
     Ok(Some(PendingDelivery {
         command,
         attempts_made,

@@ -13,7 +13,8 @@
 //!   leaders to where the placement wants them; cluster status.
 //! - [`forward`]: any node takes any call; calls for a group led elsewhere go to its leader.
 //! - [`relay`]: events for a group led elsewhere go to its leader in batches.
-//! - [`routes`]: the routing index (entity, subject) -> customer, cached for events.
+//! - [`read_cache`]: answers read from a replica (routes of events, customers' links), kept
+//!   in memory until an apply changes them.
 //! - [`gateway`]: client API handlers (decode, call one service, encode) and OpenAPI.
 //! - [`peer`]: the peer port: Raft RPCs, forwarded proposals and calls, joins, status.
 //! - [`service`]: the vault's operations, one file per resource.
@@ -48,9 +49,9 @@ pub mod outbound;
 pub mod peer;
 pub mod portal;
 pub mod profile;
+pub mod read_cache;
 pub mod recommend;
 pub mod relay;
-pub mod routes;
 pub mod rules;
 pub mod scrub;
 pub mod seal;

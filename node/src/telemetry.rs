@@ -88,6 +88,7 @@ impl Telemetry {
                 m.current_leader.map(|l| l as f64).unwrap_or(0.0),
             );
             set("custos_pending_deliveries", g.due.len() as f64);
+            set("custos_cached_links", g.links.len() as f64);
             let stats = g.proposer.stats();
             set(
                 "custos_proposer_entries",

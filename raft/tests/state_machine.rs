@@ -412,6 +412,40 @@ impl Recorded {
 }
 
 #[tokio::test]
+async fn linking_and_unlinking_are_reported_so_caches_of_links_drop_them() -> anyhow::Result<()> {
+    let seen = Arc::new(Recorded::default());
+    let mut s = store_observed(1, seen.clone())?;
+    let changed = |seen: &Recorded| -> Vec<(String, String)> {
+        seen.take()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::LinkChanged {
+                    customer_id,
+                    entity_id,
+                } => Some((customer_id, entity_id)),
+                _ => None,
+            })
+            .collect()
+    };
+    s.apply(setup()).await?;
+    let pair = |c: &str, e: &str| (c.to_owned(), e.to_owned());
+    assert_eq!(changed(&seen), [pair("c1", "airline"), pair("c1", "hotel")]);
+    // Linked again (a new subject), unlinked, and an unlink of nothing linked.
+    s.apply(vec![link("c1", "hotel", "g2")]).await?;
+    assert_eq!(changed(&seen), [pair("c1", "hotel")]);
+    let unlink = |entity: &str| StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: entity.into(),
+        at_ms: 20,
+    };
+    s.apply(vec![unlink("hotel")]).await?;
+    assert_eq!(changed(&seen), [pair("c1", "hotel")]);
+    s.apply(vec![unlink("hotel")]).await?;
+    assert_eq!(changed(&seen), []);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_new_command_is_handed_to_the_delivery_worker_as_stored_and_a_retry_is_not(
 ) -> anyhow::Result<()> {
     let seen = Arc::new(Recorded::default());

@@ -121,6 +121,10 @@ impl Tx<'_> {
         self.abandon_claims(&customer_id, Some(&link.entity_id), at)?;
         let entity_id = link.entity_id.clone();
         self.put(link_key, &link)?;
+        self.effects.push(super::Effect::LinkChanged {
+            customer_id: customer_id.clone(),
+            entity_id: entity_id.clone(),
+        });
         self.activity(&customer_id, at, &ActivityRecord::Linked { entity_id })?;
         Ok(ChangeOutcome::Done)
     }
@@ -143,6 +147,10 @@ impl Tx<'_> {
             });
         };
         self.delete(key);
+        self.effects.push(super::Effect::LinkChanged {
+            customer_id: customer_id.to_owned(),
+            entity_id: entity_id.to_owned(),
+        });
         self.new_intent(
             at_ms,
             IntentStep::ReleaseSubject {

@@ -70,6 +70,13 @@ pub enum Effect {
         /// The subject at that entity.
         subject: String,
     },
+    /// Data group: a customer linked an entity, linked it again or unlinked it.
+    LinkChanged {
+        /// The customer.
+        customer_id: String,
+        /// The entity.
+        entity_id: String,
+    },
     /// A delivery is pending and due at this time (new, retried or replayed).
     DeliveryDue {
         /// Command id.
