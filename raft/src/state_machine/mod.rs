@@ -241,10 +241,12 @@ impl StateMachineStore {
         opts.set_sync(true);
         self.db.write_opt(last, &opts)?;
         self.generation.store(!current, Ordering::SeqCst);
-        let (old, old_end) = keys::sm_range(keys::space(self.group, current));
-        delete_range(&self.db, &old, &old_end)?;
+        // Caches of the old state go as soon as readers see the new one (not after the old
+        // space is cleared, which may fail and leaves nothing any reader uses).
         self.observer
             .applied(self.group, &[Effect::SnapshotInstalled]);
+        let (old, old_end) = keys::sm_range(keys::space(self.group, current));
+        delete_range(&self.db, &old, &old_end)?;
         Ok(())
     }
 }
