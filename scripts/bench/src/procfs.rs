@@ -76,7 +76,7 @@ pub fn thread_kind(name: &str) -> &'static str {
     } else if name.starts_with("tokio-rt-worker") {
         // tokio's default name: the actix runtimes' blocking pool (the Raft runtime's is
         // named after it).
-        "blocking pool (profile rebuilds, reads off the event loop)"
+        "blocking pool (API reads, rule previews, work off the event loop)"
     } else {
         OTHER
     }
