@@ -653,6 +653,12 @@ fn propose_deadline(config: &Config) -> Duration {
     Duration::from_millis(config.raft.propose_timeout_ms)
 }
 
+/// The longest an unlink waits for delivery attempts already sending to the entity: one
+/// attempt's timeout and a second to record it.
+fn unlink_drain(config: &Config) -> Duration {
+    Duration::from_secs_f64(config.delivery.timeout_secs + 1.0)
+}
+
 impl Core {
     /// The shared parts, holding no group yet.
     // Each argument is a separate thing the server opened or read; a struct would only rename them.
@@ -1078,9 +1084,9 @@ impl Core {
                 .take()
                 .or_else(|| self.leader_of(group).map(|(id, a)| (id, Some(a))));
             let result = match (local, leader) {
-                (Some(g), None) => g.proposer.propose(change.clone(), deadline).await,
+                (Some(g), None) => self.propose_here(&g, &change, deadline).await,
                 (Some(g), Some((id, _))) if id == self.node_id => {
-                    g.proposer.propose(change.clone(), deadline).await
+                    self.propose_here(&g, &change, deadline).await
                 }
                 (_, Some((id, addr))) => match addr.or_else(|| self.node_addr(id)) {
                     Some(addr) => self.propose_remote(&addr, group, &change, deadline).await,
@@ -1124,6 +1130,40 @@ impl Core {
         ))
     }
 
+    /// Proposes `change` to this node's replica of a group (its proposer answers
+    /// `NotLeader` unless this node leads it), then waits for what the change settles here:
+    /// an unlink is answered once no delivery attempt this node's worker started to the
+    /// entity for the customer is still sending. The wait runs where the change was
+    /// committed, since that leader's worker is the one that was sending; a node that
+    /// forwarded the unlink to another leader has nothing of its own to wait for.
+    pub async fn propose_here(
+        &self,
+        g: &Group,
+        change: &StateChange,
+        deadline: Duration,
+    ) -> Result<ChangeOutcome, ProposeError> {
+        let outcome = g.proposer.propose(change.clone(), deadline).await?;
+        if let (
+            StateChange::Unlink {
+                customer_id,
+                entity_id,
+                ..
+            },
+            ChangeOutcome::Done,
+        ) = (change, &outcome)
+        {
+            // No attempt started from the apply on sends to it (each checks the link first).
+            if !g
+                .in_flight
+                .wait_none(customer_id, entity_id, unlink_drain(&self.config))
+                .await
+            {
+                tracing::warn!(customer = %customer_id, entity = %entity_id, "a delivery attempt outlived the unlink's wait");
+            }
+        }
+        Ok(outcome)
+    }
+
     async fn propose_remote(
         &self,
         addr: &str,
@@ -1132,10 +1172,15 @@ impl Core {
         deadline: Duration,
     ) -> Result<ChangeOutcome, ProposeError> {
         let body = codec::encode(change).map_err(|e| ProposeError::Stopped(e.to_string()))?;
+        // The leader answers an unlink only after its own in-flight attempts drained.
+        let settle = match change {
+            StateChange::Unlink { .. } => unlink_drain(&self.config),
+            _ => Duration::ZERO,
+        };
         let resp = self
             .peers
             .post(addr, &format!("/peer/propose/{group}"))
-            .timeout(deadline + Duration::from_secs(1))
+            .timeout(deadline + settle + Duration::from_secs(1))
             .body(body)
             .send()
             .await

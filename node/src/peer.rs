@@ -139,7 +139,7 @@ async fn propose(
     let change: StateChange = codec::decode(&body)?;
     let deadline = std::time::Duration::from_millis(core.config.raft.propose_timeout_ms);
     let result = match core.group(*group) {
-        Some(g) => g.proposer.propose(change, deadline).await,
+        Some(g) => core.propose_here(&g, &change, deadline).await,
         None => Err(ProposeError::NotLeader {
             leader: None,
             addr: None,

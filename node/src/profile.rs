@@ -176,15 +176,11 @@ async fn handle(
                 },
             )
             .await?;
+            // The proposal returned once the leader that committed it had no attempt to the
+            // entity for this customer still sending (Core::propose_here).
             with_profile(state, |p| {
                 p.links.remove(&entity_id);
             });
-            // No attempt started from now on sends to it (each checks the link first); the
-            // unlink is acknowledged once none already under way is left either.
-            let within = Duration::from_secs_f64(core.config.delivery.timeout_secs + 1.0);
-            if !g.in_flight.wait_none(customer, &entity_id, within).await {
-                tracing::warn!(customer, entity = %entity_id, "a delivery attempt outlived the unlink's wait");
-            }
             Ok(ProfileReply::Done)
         }
         ProfileRequest::SaveRule(spec) => save_rule(core, group, customer, state, spec)

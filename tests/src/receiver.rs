@@ -56,6 +56,8 @@ pub struct Received {
     pub answered: u16,
     /// When it arrived.
     pub at: std::time::Instant,
+    /// When the answer was sent (after any hold; None while held).
+    pub replied: Option<std::time::Instant>,
 }
 
 impl Received {
@@ -70,6 +72,8 @@ struct State {
     script: VecDeque<u16>,
     default_status: u16,
     received: Vec<Received>,
+    /// How long each request is held before it is answered.
+    hold: Duration,
 }
 
 /// A running receiver; stops when dropped.
@@ -92,17 +96,32 @@ async fn receive(
             .unwrap_or_default()
             .to_owned()
     };
-    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-    let status = s.script.pop_front().unwrap_or(s.default_status);
-    s.received.push(Received {
-        webhook_id: h("webhook-id"),
-        timestamp: h("webhook-timestamp"),
-        signature: h("webhook-signature"),
-        content_type: h("content-type"),
-        body: body.to_vec(),
-        answered: status,
-        at: std::time::Instant::now(),
-    });
+    let (status, index, hold) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let status = s.script.pop_front().unwrap_or(s.default_status);
+        s.received.push(Received {
+            webhook_id: h("webhook-id"),
+            timestamp: h("webhook-timestamp"),
+            signature: h("webhook-signature"),
+            content_type: h("content-type"),
+            body: body.to_vec(),
+            answered: status,
+            at: std::time::Instant::now(),
+            replied: None,
+        });
+        (status, s.received.len() - 1, s.hold)
+    };
+    if !hold.is_zero() {
+        actix_rt::time::sleep(hold).await;
+    }
+    if let Some(r) = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .received
+        .get_mut(index)
+    {
+        r.replied = Some(std::time::Instant::now());
+    }
     HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default()).finish()
 }
 
@@ -118,6 +137,7 @@ impl Receiver {
             script: script.into(),
             default_status,
             received: Vec::new(),
+            hold: Duration::ZERO,
         }));
         let listener = std::net::TcpListener::bind(addr)?;
         let url = format!("http://{}/commands", listener.local_addr()?);
@@ -143,6 +163,11 @@ impl Receiver {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .default_status = status;
+    }
+
+    /// Holds each request from now on for `hold` before answering it (a slow target).
+    pub fn set_hold(&self, hold: Duration) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).hold = hold;
     }
 
     /// Waits until at least `n` requests were answered with 2xx.

@@ -430,6 +430,31 @@ async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn an_unlink_is_answered_once_the_attempt_already_sending_has_finished() -> anyhow::Result<()>
+{
+    let hotel_rx = Receiver::start(vec![], 200)?;
+    // A slow hotel: the attempt is still sending when the customer unlinks it.
+    hotel_rx.set_hold(Duration::from_secs(2));
+    let w = world_with(NodeOptions::default(), hotel_rx).await?;
+    w.node
+        .anonymous()
+        .send_event(&w.airline, &delayed("slow-1", "FF-1234", 90))
+        .await?;
+    w.hotel_rx.wait_received(1, WAIT).await?;
+    let me = w.node.admin().with_token(&w.customer.token);
+    me.unlink(&w.customer.id, "hotel").await?;
+    let acknowledged = std::time::Instant::now();
+    // Nothing is sent to the hotel for this customer after the unlink is acknowledged, not
+    // even the end of an attempt that began before it.
+    let replied = w.hotel_rx.received()[0].replied;
+    assert!(
+        replied.is_some_and(|r| r <= acknowledged),
+        "the unlink was acknowledged while the attempt was still sending"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_subject_linked_anew_routes_its_events_to_the_new_customer() -> anyhow::Result<()> {
     let w = world().await?;
     let anon = w.node.anonymous();
