@@ -209,7 +209,7 @@ impl StateMachineStore {
         if let Some(m) = membership {
             tx.put(tx.meta_key(MEMBERSHIP), &m)?;
         }
-        let (batch, effects) = tx.finish();
+        let (batch, effects) = tx.finish()?;
         KEYS_WRITTEN.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.db.write(batch)?;
         self.observer.applied(self.group, &effects);

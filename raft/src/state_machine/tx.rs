@@ -28,7 +28,8 @@ pub struct Tx<'a> {
     pub(crate) group: GroupId,
     /// The key space its state lives in.
     pub(crate) space: u32,
-    batch: WriteBatch,
+    /// The last value the batch wrote to each key (None: deleted): what [`Tx::finish`]
+    /// writes, and what the batch's own reads see.
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// What the batch added to counts ([`Tx::add_count`]) since it last wrote them, if it did:
     /// merge operands, which a read of the count adds to the value under them.
@@ -48,7 +49,6 @@ impl<'a> Tx<'a> {
             db,
             group,
             space,
-            batch: WriteBatch::default(),
             overlay: HashMap::new(),
             counts: HashMap::new(),
             aging: Vec::new(),
@@ -62,11 +62,31 @@ impl<'a> Tx<'a> {
         self.seq = index << 24;
     }
 
-    /// The batch to write and the effects to report.
-    pub fn finish(self) -> (WriteBatch, Vec<Effect>) {
+    /// The batch to write and the effects to report: each key written once, with its last
+    /// value (a key rewritten by several changes of the batch costs one memtable insert, not
+    /// one per change), then the counts added to it since, as one merge operand. In key
+    /// order: each memtable insert starts from where the previous one left the skiplist, and
+    /// sorted keys leave less of it to search again (the apply bench: about 5% less apply
+    /// time sorted, none unsorted). Values are held once, here, not also in a batch.
+    pub fn finish(self) -> Result<(WriteBatch, Vec<Effect>), StoreError> {
         // Each log entry wrote its own retention entries (see `apply_top`).
         debug_assert!(self.aging.is_empty(), "aging left after the last entry");
-        (self.batch, self.effects)
+        let mut keys: Vec<&Vec<u8>> = self.overlay.keys().chain(self.counts.keys()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut batch = WriteBatch::default();
+        for key in keys {
+            match self.overlay.get(key) {
+                Some(Some(value)) => batch.put(key, value),
+                Some(None) => batch.delete(key),
+                None => {}
+            }
+            // A put or delete clears the key's counts, so what is left was added after it.
+            if let Some(added) = self.counts.get(key) {
+                batch.merge(key, codec::encode(added)?);
+            }
+        }
+        Ok((batch, self.effects))
     }
 
     /// A state machine metadata key.
@@ -131,13 +151,11 @@ impl<'a> Tx<'a> {
 
     /// Puts bytes already encoded (by [`codec`]).
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.put(&key, &value);
         self.counts.remove(&key);
         self.overlay.insert(key, Some(value));
     }
 
     pub(crate) fn delete(&mut self, key: Vec<u8>) {
-        self.batch.delete(&key);
         self.counts.remove(&key);
         self.overlay.insert(key, None);
     }
@@ -146,7 +164,6 @@ impl<'a> Tx<'a> {
     /// ([`codec::merge_counts`]), so the apply writes without reading the count first.
     pub(crate) fn add_count(&mut self, key: Vec<u8>, at_ms: i64) -> Result<(), StoreError> {
         let one: codec::Count = (1, at_ms);
-        self.batch.merge(&key, codec::encode(&one)?);
         let added = codec::add_count(self.counts.get(&key).copied(), one);
         self.counts.insert(key, added);
         Ok(())
@@ -484,4 +501,74 @@ impl<'a> Tx<'a> {
 fn with_added(stored: Option<&[u8]>, added: codec::Count) -> Result<Vec<u8>, StoreError> {
     let stored: Option<codec::Count> = stored.map(codec::decode).transpose()?;
     Ok(codec::encode(&codec::add_count(stored, added))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The puts and deletes of a batch, in its order (RocksDB does not list merges).
+    #[derive(Default)]
+    struct Written(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+    impl rocksdb::WriteBatchIterator for Written {
+        fn put(&mut self, key: Box<[u8]>, value: Box<[u8]>) {
+            self.0.push((key.into(), Some(value.into())));
+        }
+        fn delete(&mut self, key: Box<[u8]>) {
+            self.0.push((key.into(), None));
+        }
+    }
+
+    fn count(db: &DB, key: &[u8]) -> anyhow::Result<Option<codec::Count>> {
+        Ok(db.get(key)?.map(|v| codec::decode(&v)).transpose()?)
+    }
+
+    #[test]
+    fn a_batch_writes_each_key_once_in_key_order_and_its_counts_after() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let db = crate::open_db(dir.path(), crate::DbOptions::default())?;
+        let mut before = WriteBatch::default();
+        before.put(b"k4", codec::encode(&(5u64, 1i64))?);
+        before.put(b"k5", b"stored");
+        db.write(before)?;
+
+        let mut tx = Tx::new(&db, 1, 1);
+        tx.put_raw(b"k2".to_vec(), b"first".to_vec());
+        tx.put_raw(b"k1".to_vec(), b"one".to_vec());
+        tx.put_raw(b"k2".to_vec(), b"last".to_vec());
+        // Counted, then overwritten: the put wins, as it did written in order.
+        tx.add_count(b"k3".to_vec(), 10)?;
+        tx.put(b"k3".to_vec(), &(7u64, 11i64))?;
+        tx.add_count(b"k3".to_vec(), 12)?;
+        // Added to a stored count twice: one operand.
+        tx.add_count(b"k4".to_vec(), 20)?;
+        tx.add_count(b"k4".to_vec(), 21)?;
+        tx.delete(b"k5".to_vec());
+        tx.put_raw(b"k0".to_vec(), b"gone".to_vec());
+        tx.delete(b"k0".to_vec());
+        let (batch, _) = tx.finish()?;
+
+        let mut written = Written::default();
+        batch.iterate(&mut written);
+        let k = |s: &str| s.as_bytes().to_vec();
+        assert_eq!(
+            written.0,
+            vec![
+                (k("k0"), None),
+                (k("k1"), Some(k("one"))),
+                (k("k2"), Some(k("last"))),
+                (k("k3"), Some(codec::encode(&(7u64, 11i64))?)),
+                (k("k5"), None),
+            ]
+        );
+        // Five puts and deletes, and one merge each for k3 and k4.
+        assert_eq!(batch.len(), 7);
+        db.write(batch)?;
+        assert_eq!(count(&db, b"k3")?, Some((8, 12)));
+        assert_eq!(count(&db, b"k4")?, Some((7, 21)));
+        assert_eq!(db.get(b"k5")?, None);
+        assert_eq!(db.get(b"k2")?, Some(k("last")));
+        Ok(())
+    }
 }
