@@ -331,6 +331,94 @@ class HalvesWorld(World):
                 for t, f in super().compute_features(items, linked)]
 
 
+
+def als_items(x, factors, reg, alpha, iters=15):
+    """Item factors of implicit-feedback matrix factorisation (alternating least squares, each
+    kept entry weighted 1 + alpha, every other 1), from the k-anonymous columns only."""
+    rng = np.random.default_rng(0)
+    users_f = rng.normal(0, 0.01, (x.shape[0], factors))
+    items_f = rng.normal(0, 0.01, (x.shape[1], factors))
+
+    def solve(a, b):
+        gram = b.T @ b + reg * np.eye(factors)
+        out = np.zeros((a.shape[0], factors))
+        for r in range(a.shape[0]):
+            kept = b[np.flatnonzero(a[r])]
+            out[r] = np.linalg.solve(gram + alpha * kept.T @ kept, (1 + alpha) * kept.sum(0))
+        return out
+
+    for _ in range(iters):
+        users_f = solve(x, items_f)
+        items_f = solve(x.T, users_f)
+    return items_f
+
+
+class FactorWorld(World):
+    """The vault's 16 features and three more (not shipped): the user's matrix-factorisation
+    score of the candidate (the user's factors solved from their items against fixed item
+    factors, as a node would at serving time), that score less the best candidate's, and its
+    rank among the candidates."""
+
+    def __init__(self, fit, links, factors=32, reg=10.0, alpha=10.0):
+        super().__init__(fit, links)
+        self.items_f = als_items(self.x, factors, reg, alpha)
+        self.gram = self.items_f.T @ self.items_f + reg * np.eye(factors)
+        self.alpha = alpha
+
+    def compute_features(self, items, linked):
+        base = super().compute_features(items, linked)
+        if not base:
+            return base
+        kept = self.items_f[np.flatnonzero(row(items, linked, self.col))]
+        user = np.linalg.solve(self.gram + self.alpha * kept.T @ kept, (1 + self.alpha) * kept.sum(0))
+        index = {t: c for c, t in enumerate(self.tcols)}
+        s = {t: float(self.items_f[index[t]] @ user) for t, _ in base}
+        best = max(s.values())
+        rank = {t: r for r, t in enumerate(sorted(s, key=lambda t: -s[t]))}
+        return [(t, f + [s[t], s[t] - best, math.log(rank[t] + 2)]) for t, f in base]
+
+
+STOP = {"new", "a", "an", "the", "to", "by", "you", "your", "any", "from", "in", "on", "of", "with",
+        "for", "is", "at", "or", "and", "my", "me", "i", "it", "as", "up"}
+
+
+def name_vectors():
+    """Each template's event and command type names as TF-IDF vectors of their words (the
+    entity catalogue is public: no customer's data)."""
+    vocab, counts = {}, []
+    for k in keys:
+        words = [w for part in (k[1], k[3]) for w in part.split("_") if w and w not in STOP]
+        counts.append(collections.Counter(vocab.setdefault(w, len(vocab)) for w in words))
+    m = np.zeros((len(keys), len(vocab)))
+    for i, c in enumerate(counts):
+        for w, n in c.items():
+            m[i, w] = n
+    m *= np.log((len(keys) + 1) / ((m > 0).sum(0) + 1)) + 1
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
+NAMES = name_vectors()
+
+
+class NamesWorld(FactorWorld):
+    """FactorWorld's features (or only the vault's 16, `factors=None`) and two more (not
+    shipped): the most and the mean name similarity of the candidate to the user's rules."""
+
+    def __init__(self, fit, links, factors=32):
+        if factors:
+            super().__init__(fit, links, factors)
+        else:
+            World.__init__(self, fit, links)
+        self.factors = factors
+
+    def compute_features(self, items, linked):
+        base = (super().compute_features(items, linked) if self.factors
+                else World.compute_features(self, items, linked))
+        if not base:
+            return base
+        sims = NAMES[[t for t, _ in base]] @ NAMES[list(items)].T
+        return [(t, f + [float(sims[j].max()), float(sims[j].mean())]) for j, (t, f) in enumerate(base)]
+
 def listwise(l2):
     """The pairwise-product ranker fitted with a per-user softmax over each user's candidates
     (the held-out ones against the rest of that user's list) instead of a logistic loss per
@@ -401,6 +489,11 @@ families["RP3beta candidates + pairwise products, per-user softmax, L2 10"] = li
 families["RP3beta candidates + pairwise products, per-user softmax, L2 100"] = listwise(100.0)
 families["RP3beta candidates + logistic ranker, pairwise products, L2 10, with trigger and action scores"] = ranker(
     pairwise_logistic(0.1), (HalvesWorld(fit, [entities(f) for f in fit]), HalvesWorld(full, [entities(f) for f in full])))
+for label, world in (("matrix-factorisation scores (ALS, 32 factors)", FactorWorld),
+                     ("rule-name similarity", lambda f, l: NamesWorld(f, l, None)),
+                     ("both", NamesWorld)):
+    families[f"RP3beta candidates + logistic ranker, pairwise products, L2 10, with {label}"] = ranker(
+        pairwise_logistic(0.1), (world(fit, [entities(f) for f in fit]), world(full, [entities(f) for f in full])))
 families["RP3beta candidates + gradient-boosted trees"] = ranker(
     lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0))
 
