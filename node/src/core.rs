@@ -1088,8 +1088,17 @@ impl Core {
                 (Some(g), Some((id, _))) if id == self.node_id => {
                     self.propose_here(&g, &change, deadline).await
                 }
-                (_, Some((id, addr))) => match addr.or_else(|| self.node_addr(id)) {
-                    Some(addr) => self.propose_remote(&addr, group, &change, deadline).await,
+                (local, Some((id, addr))) => match addr.or_else(|| self.node_addr(id)) {
+                    Some(addr) => {
+                        // The leader that committed it waited for its own attempts; this
+                        // node may have led the group until moments ago, and attempts its
+                        // worker started then may still be sending.
+                        let result = self.propose_remote(&addr, group, &change, deadline).await;
+                        if let (Ok(outcome), Some(g)) = (&result, &local) {
+                            self.settle(g, &change, outcome).await;
+                        }
+                        result
+                    }
                     None => Err(ProposeError::NotLeader {
                         leader: None,
                         addr: None,
@@ -1131,11 +1140,8 @@ impl Core {
     }
 
     /// Proposes `change` to this node's replica of a group (its proposer answers
-    /// `NotLeader` unless this node leads it), then waits for what the change settles here:
-    /// an unlink is answered once no delivery attempt this node's worker started to the
-    /// entity for the customer is still sending. The wait runs where the change was
-    /// committed, since that leader's worker is the one that was sending; a node that
-    /// forwarded the unlink to another leader has nothing of its own to wait for.
+    /// `NotLeader` unless this node leads it), then waits for what the change settles here
+    /// ([`Core::settle`]).
     pub async fn propose_here(
         &self,
         g: &Group,
@@ -1143,6 +1149,17 @@ impl Core {
         deadline: Duration,
     ) -> Result<ChangeOutcome, ProposeError> {
         let outcome = g.proposer.propose(change.clone(), deadline).await?;
+        self.settle(g, change, &outcome).await;
+        Ok(outcome)
+    }
+
+    /// What a committed change waits for on this node before it is answered: an unlink,
+    /// until no delivery attempt this node's worker started to the entity for the customer
+    /// is still sending (at most one attempt's timeout). It runs on the leader that
+    /// committed the unlink and, when another node forwarded it there, on that node too:
+    /// leadership moved between the two, and either worker may have an attempt under way.
+    /// No attempt started after the apply sends (each checks the link first).
+    async fn settle(&self, g: &Group, change: &StateChange, outcome: &ChangeOutcome) {
         if let (
             StateChange::Unlink {
                 customer_id,
@@ -1150,9 +1167,8 @@ impl Core {
                 ..
             },
             ChangeOutcome::Done,
-        ) = (change, &outcome)
+        ) = (change, outcome)
         {
-            // No attempt started from the apply on sends to it (each checks the link first).
             if !g
                 .in_flight
                 .wait_none(customer_id, entity_id, unlink_drain(&self.config))
@@ -1161,7 +1177,6 @@ impl Core {
                 tracing::warn!(customer = %customer_id, entity = %entity_id, "a delivery attempt outlived the unlink's wait");
             }
         }
-        Ok(outcome)
     }
 
     async fn propose_remote(
