@@ -176,8 +176,9 @@ async fn handle(
                 },
             )
             .await?;
-            // The proposal returned once the leader that committed it had no attempt to the
-            // entity for this customer still sending (Core::propose_here).
+            // The proposal returned once no attempt to the entity for this customer was still
+            // sending on the leader that committed it, nor on this node if it forwarded the
+            // unlink there (Core::settle).
             with_profile(state, |p| {
                 p.links.remove(&entity_id);
             });
