@@ -400,24 +400,25 @@ def name_vectors():
 NAMES = name_vectors()
 
 
-class NamesWorld(FactorWorld):
-    """FactorWorld's features (or only the vault's 16, `factors=None`) and two more (not
-    shipped): the most and the mean name similarity of the candidate to the user's rules."""
-
-    def __init__(self, fit, links, factors=32):
-        if factors:
-            super().__init__(fit, links, factors)
-        else:
-            World.__init__(self, fit, links)
-        self.factors = factors
+class NameSimilarity:
+    """Two more features (not shipped) after a world's own: the largest and the mean name
+    similarity of the candidate to the user's rules."""
 
     def compute_features(self, items, linked):
-        base = (super().compute_features(items, linked) if self.factors
-                else World.compute_features(self, items, linked))
+        base = super().compute_features(items, linked)
         if not base:
             return base
         sims = NAMES[[t for t, _ in base]] @ NAMES[list(items)].T
         return [(t, f + [float(sims[j].max()), float(sims[j].mean())]) for j, (t, f) in enumerate(base)]
+
+
+class NamesWorld(NameSimilarity, World):
+    """The vault's 16 features and the name similarities."""
+
+
+class FactorNamesWorld(NameSimilarity, FactorWorld):
+    """FactorWorld's features and the name similarities."""
+
 
 def listwise(l2):
     """The pairwise-product ranker fitted with a per-user softmax over each user's candidates
@@ -490,8 +491,8 @@ families["RP3beta candidates + pairwise products, per-user softmax, L2 100"] = l
 families["RP3beta candidates + logistic ranker, pairwise products, L2 10, with trigger and action scores"] = ranker(
     pairwise_logistic(0.1), (HalvesWorld(fit, [entities(f) for f in fit]), HalvesWorld(full, [entities(f) for f in full])))
 for label, world in (("matrix-factorisation scores (ALS, 32 factors)", FactorWorld),
-                     ("rule-name similarity", lambda f, l: NamesWorld(f, l, None)),
-                     ("both", NamesWorld)):
+                     ("rule-name similarity", NamesWorld),
+                     ("both", FactorNamesWorld)):
     families[f"RP3beta candidates + logistic ranker, pairwise products, L2 10, with {label}"] = ranker(
         pairwise_logistic(0.1), (world(fit, [entities(f) for f in fit]), world(full, [entities(f) for f in full])))
 families["RP3beta candidates + gradient-boosted trees"] = ranker(
