@@ -537,6 +537,54 @@ mod tests {
         );
     }
 
+    /// Finite doubles spread over every exponent (a fixed sequence, the same every run).
+    fn doubles(n: usize) -> Vec<f64> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut out = vec![3e30, 0.1, 1e23, 2.2250738585072014e-308, 123_456.789];
+        while out.len() < n {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let f = f64::from_bits(x);
+            if f.is_finite() {
+                out.push(f);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_command_carries_every_number_exactly_as_its_rule_computed_it() {
+        for f in doubles(20_000) {
+            let data = serde_json::json!({ "x": f });
+            let command = CommandRecord {
+                id: "cmd_1".into(),
+                customer_id: "c".into(),
+                target: "hotel".into(),
+                command_type: "room.hold".into(),
+                subject: "guest".into(),
+                data_json: data.to_string(),
+                event_id: "e".into(),
+                event_source: "airline".into(),
+                rule_id: "r".into(),
+                created_ms: 1,
+            };
+            let body = command_body(&command);
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                text.contains(&format!("\"data\":{}", command.data_json)),
+                "{f:e}: stored {} but sent {text}",
+                command.data_json
+            );
+            let sent: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+            assert_eq!(
+                sent["data"]["x"].as_f64(),
+                Some(f),
+                "{f:e} arrives as itself"
+            );
+        }
+    }
+
     #[test]
     fn retry_after_forms() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);

@@ -1120,6 +1120,40 @@ mod tests {
     }
 
     #[test]
+    fn numbers_reach_the_mapping_and_leave_it_exactly_as_sent() {
+        // Each text reads back as one double; a parser that rounds one of them wrongly (as
+        // serde_json's default did with 3e30) hands the rule a neighbouring number.
+        let rule = compile(record(
+            "r",
+            None,
+            json!({"x": "data.x", "scaled": "data.x * 1.0", "literal": 0.30000000000000004}),
+        ))
+        .expect("compiles");
+        for text in [
+            "3e30",
+            "1e23",
+            "8.98846567431158e307",
+            "2.2250738585072014e-308",
+            "0.1",
+        ] {
+            let exact: f64 = text.parse().expect("a number");
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"e1","source":"airline","type":"flight.delayed","data":{{"x":{text}}}}}"#
+            );
+            let event: CloudEvent = serde_json::from_str(&body).expect("an event");
+            let out = rule
+                .evaluate(&EventScope::new(&event))
+                .expect("evaluates")
+                .expect("no condition");
+            assert_eq!(out["x"].as_f64(), Some(exact), "{text}");
+            assert_eq!(out["scaled"].as_f64(), Some(exact), "{text}");
+            assert_eq!(out["literal"].as_f64(), Some(0.30000000000000004));
+            let sent = format!(r#""x":{}"#, Value::from(exact));
+            assert!(out.to_string().contains(&sent), "{out}");
+        }
+    }
+
+    #[test]
     fn compile_errors_name_field_and_position() {
         let e = compile(record("r", Some("data.delay_minutes >"), json!({}))).expect_err("bad");
         assert_eq!(e.field, "when.condition");
