@@ -120,7 +120,7 @@ sign_in_per_minute = 10
 # min(3, nodes) voters; customers hash to 1024 slots, dealt over the groups. A group batches
 # only its own writes and every entry has a fixed cost (an openraft round, a log append, a
 # WAL sync request, an apply), so each group a node leads costs throughput: one group gave
-# 0.77-0.94x etcd's puts/s on one node where 16 gave 0.46-0.56 (README, Benchmark). More
+# 0.77-0.94x etcd's puts/s on one node where 16 gave 0.46-0.56 (docs/benchmark-log.md). More
 # groups spread the leaders, and with them the work, over the nodes: choose about one per node
 # you will run when the cluster must use more than one node's CPU for writes.
 data_groups = 1

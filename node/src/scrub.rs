@@ -4,7 +4,7 @@
 //!
 //! Runs on every node for the groups it holds a replica of, so every replica forgets, not only
 //! the leader. Bounded: a scrub starts [`SETTLE`] after the last erasure seen and takes a few
-//! seconds (README, "Erasure").
+//! seconds (README, "The portal", the row "your data").
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

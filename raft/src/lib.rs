@@ -8,8 +8,8 @@
 //! - [`codec`]: every encode and decode of stored or peer-sent bytes, behind a format byte.
 //! - [`keys`]: the RocksDB key layout; every key starts with the group id.
 //! - [`records`]: what the state machine stores, and the [`StateChange`]s proposed to it.
-//! - [`log_store`]: the Raft log on RocksDB, with group commit (one WAL sync per batch of
-//!   appends, shared by every group of the node).
+//! - [`log_store`]: the Raft log on RocksDB; one WAL sync serves every append queued meanwhile,
+//!   from every group of the node (with one group that is one append: the proposer batches).
 //! - [`proposer`]: one per group; drains queued changes into one log entry.
 //! - [`pacing`]: when a group builds a snapshot (log since the last one against state size).
 //! - [`state_machine`]: applies committed changes to RocksDB in one write batch per apply call,

@@ -1,9 +1,11 @@
-//! The Raft log on RocksDB with group commit.
+//! The Raft log on RocksDB, synced by one thread for every group of the node.
 //!
 //! `append` writes the entries to RocksDB at once (so they are readable for replication) but
 //! without syncing; the node's one [`WalSyncer`] thread then syncs the WAL once for every
 //! append that queued up meanwhile, from every group, and only after that reports them flushed
-//! to openraft. All groups share one RocksDB and so one WAL: one fsync serves them all.
+//! to openraft. All groups share one RocksDB and so one WAL: one fsync serves them all. With
+//! one data group (the default) a sync serves one append, since openraft appends a group's
+//! entries one at a time: there the batching is the proposer's, many changes per entry.
 //! The entries last appended are also kept decoded ([`RecentEntries`]): replication and the
 //! apply read them just after they are written, and would otherwise read them back from
 //! RocksDB and decode them again, on every replica.
@@ -136,7 +138,7 @@ impl Drop for RecentEntries {
     }
 }
 
-/// Counts of the WAL syncer's work, so group commit can be measured (appends per sync).
+/// Counts of the WAL syncer's work, so its batching can be measured (appends per sync).
 #[derive(Debug, Default)]
 pub struct WalStats {
     /// `flush_wal(sync)` calls.
