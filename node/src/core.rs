@@ -504,6 +504,8 @@ pub struct Group {
     pub due: Arc<DueQueue>,
     /// Delivery attempts under way.
     pub in_flight: InFlight,
+    /// The term this node leads the group in and when it first saw itself leading it.
+    took_over: Mutex<Option<(u64, std::time::Instant)>>,
     /// Which customers link which entities, as the replica says.
     pub links: Arc<LinkCache>,
     /// Turns true when the group is closed on this node.
@@ -538,6 +540,33 @@ impl Group {
                 .membership()
                 .voter_ids()
                 .any(|v| v == me)
+    }
+
+    /// When node `me` took the group over, if it leads it now and other voters exist (one
+    /// of which may have led before it and still be sending a delivery attempt it started
+    /// then). The time is when this node first saw itself leading in the current term, so it
+    /// is never earlier than the election; the delivery worker asks as soon as it sees it.
+    pub fn took_over_at(&self, me: NodeId) -> Option<std::time::Instant> {
+        let term = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let others = membership.voter_ids().any(|v| v != me);
+            let leads = m.current_leader == Some(me) && membership.voter_ids().any(|v| v == me);
+            if !(leads && others) {
+                return None;
+            }
+            m.current_term
+        };
+        let mut took = self.took_over.lock().unwrap_or_else(|p| p.into_inner());
+        match *took {
+            Some((t, at)) if t == term => Some(at),
+            _ => {
+                let now = std::time::Instant::now();
+                *took = Some((term, now));
+                Some(now)
+            }
+        }
     }
 
     /// Whether this replica should build a snapshot now under `policy`.
@@ -655,7 +684,7 @@ fn propose_deadline(config: &Config) -> Duration {
 
 /// The longest an unlink waits for delivery attempts already sending to the entity: one
 /// attempt's timeout and a second to record it.
-fn unlink_drain(config: &Config) -> Duration {
+pub(crate) fn unlink_drain(config: &Config) -> Duration {
     Duration::from_secs_f64(config.delivery.timeout_secs + 1.0)
 }
 
@@ -807,6 +836,7 @@ impl Core {
             pacer,
             due,
             in_flight: InFlight::default(),
+            took_over: Mutex::new(None),
             links,
             stop,
         });
@@ -1169,11 +1199,14 @@ impl Core {
             ChangeOutcome::Done,
         ) = (change, outcome)
         {
-            if !g
-                .in_flight
-                .wait_none(customer_id, entity_id, unlink_drain(&self.config))
-                .await
-            {
+            let drain = unlink_drain(&self.config);
+            // A leader this node took over from confirmed its leadership before each batch of
+            // attempts it started, so nothing it started is still sending one drain after the
+            // election; its attempts are not in this node's `in_flight`.
+            if let Some(took_over) = g.took_over_at(self.node_id) {
+                tokio::time::sleep_until((took_over + drain).into()).await;
+            }
+            if !g.in_flight.wait_none(customer_id, entity_id, drain).await {
                 tracing::warn!(customer = %customer_id, entity = %entity_id, "a delivery attempt outlived the unlink's wait");
             }
         }
@@ -1187,9 +1220,10 @@ impl Core {
         deadline: Duration,
     ) -> Result<ChangeOutcome, ProposeError> {
         let body = codec::encode(change).map_err(|e| ProposeError::Stopped(e.to_string()))?;
-        // The leader answers an unlink only after its own in-flight attempts drained.
+        // The leader answers an unlink only after its own in-flight attempts drained, and
+        // those of a leader it took over from (`Core::settle`).
         let settle = match change {
-            StateChange::Unlink { .. } => unlink_drain(&self.config),
+            StateChange::Unlink { .. } => 2 * unlink_drain(&self.config),
             _ => Duration::ZERO,
         };
         let resp = self

@@ -133,6 +133,8 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
             due.beat(unix_now_ms());
             if !leading {
                 due.set_leading(true);
+                // Stamped now, not at the first unlink: an unlink waits one drain from it.
+                let _ = group.took_over_at(core.node_id);
             }
             if !leading || due.take_stale() {
                 match core.read(group.id, |r| r.due(i64::MAX, usize::MAX)).await {

@@ -353,6 +353,20 @@ pub fn forward_deadline(config: &crate::config::Config) -> Duration {
     Duration::from_millis(config.raft.propose_timeout_ms + 2000)
 }
 
+/// True for the calls that unlink an entity (the API's and the portal's). The leader answers
+/// one only after the attempts still sending to the entity have finished (`Core::settle`: up
+/// to one drain for a leader it took over from, one for its own), so a node forwarding it
+/// waits that much longer: given only the commit deadline it would answer 503 for an unlink
+/// that was committed.
+fn unlinks(method: &actix_web::http::Method, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "v1", "customers", _, "links", _] => method == actix_web::http::Method::DELETE,
+        ["", "portal", "unlink", _] => method == actix_web::http::Method::POST,
+        _ => false,
+    }
+}
+
 /// The answer when the leader a call was forwarded to did not answer in time.
 pub(crate) fn leader_silent() -> ServiceError {
     ServiceError::refused(
@@ -376,10 +390,11 @@ async fn proxy(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let mut rb = core
-        .peers
-        .request(method, addr, path)
-        .timeout(forward_deadline(&core.config));
+    let mut deadline = forward_deadline(&core.config);
+    if unlinks(req.method(), req.path()) {
+        deadline += 2 * crate::core::unlink_drain(&core.config);
+    }
+    let mut rb = core.peers.request(method, addr, path).timeout(deadline);
     for (name, value) in req.headers() {
         let n = name.as_str();
         if hop_by_hop(n) || n == HOPS_HEADER || n == CLIENT_IP_HEADER || n == PEER_AUTH_HEADER {
@@ -412,6 +427,20 @@ async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unlinks_are_told_from_other_calls() {
+        use actix_web::http::Method;
+        assert!(unlinks(&Method::DELETE, "/v1/customers/cus_1/links/hotel"));
+        assert!(unlinks(&Method::POST, "/portal/unlink/hotel"));
+        assert!(!unlinks(&Method::GET, "/v1/customers/cus_1/links/hotel"));
+        assert!(!unlinks(
+            &Method::POST,
+            "/v1/customers/cus_1/links/hotel/authorize"
+        ));
+        assert!(!unlinks(&Method::DELETE, "/v1/customers/cus_1"));
+        assert!(!unlinks(&Method::POST, "/v1/events"));
+    }
 
     #[test]
     fn the_client_behind_trusted_proxies_only() {

@@ -178,7 +178,7 @@ async fn handle(
             .await?;
             // The proposal returned once no attempt to the entity for this customer was still
             // sending on the leader that committed it, nor on this node if it forwarded the
-            // unlink there (Core::settle).
+            // unlink there, nor on a leader the committing one took over from (Core::settle).
             with_profile(state, |p| {
                 p.links.remove(&entity_id);
             });

@@ -55,6 +55,8 @@ pub struct NodeOptions {
     pub cluster_secret: Option<String>,
     /// Raft heartbeat and election timeout range (ms); `None`: the shipped defaults.
     pub raft_timings: Option<(u64, u64, u64)>,
+    /// How long a proposal may take to commit (ms); `None`: the shipped default.
+    pub propose_timeout_ms: Option<u64>,
     /// Run inside this network namespace, listening on this address (ports 7700 and 7701).
     pub netns: Option<(String, std::net::Ipv4Addr)>,
 }
@@ -71,6 +73,7 @@ impl Default for NodeOptions {
             join: Vec::new(),
             cluster_secret: None,
             raft_timings: Some((50, 150, 300)),
+            propose_timeout_ms: None,
             netns: None,
         }
     }
@@ -138,12 +141,15 @@ impl Node {
             ),
             None => ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
         };
-        let timings = match o.raft_timings {
+        let mut timings = match o.raft_timings {
             Some((hb, lo, hi)) => format!(
                 "heartbeat_ms = {hb}\nelection_timeout_min_ms = {lo}\nelection_timeout_max_ms = {hi}\n"
             ),
             None => String::new(),
         };
+        if let Some(ms) = o.propose_timeout_ms {
+            timings.push_str(&format!("propose_timeout_ms = {ms}\n"));
+        }
         let join: Vec<String> = o.join.iter().map(|j| format!("{j:?}")).collect();
         let text = format!(
             "listen = \"{listen}\"\n\

@@ -238,6 +238,78 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
 }
 
 #[tokio::test]
+async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_finished(
+) -> anyhow::Result<()> {
+    let rx = Receiver::start(vec![], 200)?;
+    // A forwarded call is given the commit deadline and 2 s (3 s here); the hotel takes 5 s
+    // to answer each command (the test nodes' delivery timeout), so the leader's wait for its
+    // attempt outlasts that deadline.
+    let options = NodeOptions {
+        propose_timeout_ms: Some(1000),
+        ..NodeOptions::default()
+    };
+    let c = Cluster::start(3, options, false).await?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 1).await?;
+    let leader = c.leader_of(1).await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    rx.set_hold(Duration::from_secs(5));
+    send_until_accepted(&c, leader, &s, "slow-1", 0).await?;
+    rx.wait_received(1, WAIT).await?;
+    let cust = &s.customers[0];
+    let me = c.nodes[follower - 1].admin().with_token(&cust.token);
+    me.unlink(&cust.id, "hotel").await?;
+    let acknowledged = Instant::now();
+    let replied = rx.received()[0].replied;
+    assert!(
+        replied.is_some_and(|r| r <= acknowledged),
+        "the unlink was acknowledged while the leader's attempt was still sending"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unlink_after_a_failover_waits_for_the_attempt_the_old_leader_was_sending(
+) -> anyhow::Result<()> {
+    let rx = Receiver::start(vec![], 200)?;
+    let c = Cluster::start(3, NodeOptions::default(), false).await?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 1).await?;
+    c.wait_placed(WAIT).await?;
+    let old = c.leader_of(1).await?;
+    // The hotel holds the old leader's attempt 4 s; it answers later ones at once.
+    rx.set_hold(Duration::from_secs(4));
+    send_until_accepted(&c, old, &s, "held-1", 0).await?;
+    rx.wait_received(1, WAIT).await?;
+    rx.set_hold(Duration::ZERO);
+    // The old leader stops with its attempt under way, and another node takes the group over
+    // (its worker sends the command again, answered at once).
+    c.nodes[old - 1].signal("STOP")?;
+    let live = if old == 1 { 2 } else { 1 };
+    let old_id = c.nodes[old - 1].id;
+    let new = poll::until("another leader of the data group", WAIT, || async {
+        let status = c.nodes[live - 1].admin().cluster_status().await.ok()?;
+        let group = status.groups.iter().find(|g| g.id == 1)?;
+        c.index_of(group.leader.filter(|l| *l != old_id)?)
+    })
+    .await?;
+    let cust = &s.customers[0];
+    let me = c.nodes[new - 1].admin().with_token(&cust.token);
+    let unlinked = me.unlink(&cust.id, "hotel").await;
+    let acknowledged = Instant::now();
+    c.nodes[old - 1].signal("CONT")?;
+    unlinked?;
+    // The new leader never saw the old one's attempt, yet it answered only after that attempt
+    // could no longer be sending.
+    let replied = rx.received()[0].replied;
+    assert!(
+        replied.is_some_and(|r| r <= acknowledged),
+        "the unlink was acknowledged while the old leader's attempt was still sending"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_killed_leader_fails_over_and_a_full_restart_converges() -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
     let mut c = Cluster::start(3, NodeOptions::default(), false).await?;
