@@ -542,22 +542,16 @@ impl Group {
                 .any(|v| v == me)
     }
 
-    /// When node `me` took the group over, if it leads it now and other voters exist (one
-    /// of which may have led before it and still be sending a delivery attempt it started
-    /// then). The time is when this node first saw itself leading in the current term, so it
-    /// is never earlier than the election; the delivery worker asks as soon as it sees it.
+    /// When node `me` took the group over, if it leads it now: a leader before it (another
+    /// node, or this one before a restart) may still be sending a delivery attempt it
+    /// started then. The time is when this node first saw itself leading in the current
+    /// term, so it is never earlier than the election; the delivery worker asks as soon as it
+    /// sees it.
     pub fn took_over_at(&self, me: NodeId) -> Option<std::time::Instant> {
-        let term = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let membership = m.membership_config.membership();
-            let others = membership.voter_ids().any(|v| v != me);
-            let leads = m.current_leader == Some(me) && membership.voter_ids().any(|v| v == me);
-            if !(leads && others) {
-                return None;
-            }
-            m.current_term
-        };
+        if !self.leads(me) {
+            return None;
+        }
+        let term = self.raft.metrics().borrow().current_term;
         let mut took = self.took_over.lock().unwrap_or_else(|p| p.into_inner());
         match *took {
             Some((t, at)) if t == term => Some(at),
@@ -686,6 +680,14 @@ fn propose_deadline(config: &Config) -> Duration {
 /// attempt's timeout and a second to record it.
 pub(crate) fn unlink_drain(config: &Config) -> Duration {
     Duration::from_secs_f64(config.delivery.timeout_secs + 1.0)
+}
+
+/// The longest an unlink's answer may take beyond its commit on the node that serves it:
+/// `Core::settle` there (a takeover's drain, then its own attempts'), again on a node that
+/// forwarded the proposal there, and the token revocations after it (two requests of at most
+/// one delivery timeout each).
+pub(crate) fn unlink_answer_bound(config: &Config) -> Duration {
+    4 * unlink_drain(config) + 2 * Duration::from_secs_f64(config.delivery.timeout_secs)
 }
 
 impl Core {
@@ -1124,8 +1126,8 @@ impl Core {
                         // node may have led the group until moments ago, and attempts its
                         // worker started then may still be sending.
                         let result = self.propose_remote(&addr, group, &change, deadline).await;
-                        if let (Ok(outcome), Some(g)) = (&result, &local) {
-                            self.settle(g, &change, outcome).await;
+                        if let (Ok(_), Some(g)) = (&result, &local) {
+                            self.settle(g, &change).await;
                         }
                         result
                     }
@@ -1179,29 +1181,31 @@ impl Core {
         deadline: Duration,
     ) -> Result<ChangeOutcome, ProposeError> {
         let outcome = g.proposer.propose(change.clone(), deadline).await?;
-        self.settle(g, change, &outcome).await;
+        self.settle(g, change).await;
         Ok(outcome)
     }
 
-    /// What a committed change waits for on this node before it is answered: an unlink,
-    /// until no delivery attempt this node's worker started to the entity for the customer
-    /// is still sending (at most one attempt's timeout). It runs on the leader that
-    /// committed the unlink and, when another node forwarded it there, on that node too:
-    /// leadership moved between the two, and either worker may have an attempt under way.
-    /// No attempt started after the apply sends (each checks the link first).
-    async fn settle(&self, g: &Group, change: &StateChange, outcome: &ChangeOutcome) {
-        if let (
-            StateChange::Unlink {
-                customer_id,
-                entity_id,
-                ..
-            },
-            ChangeOutcome::Done,
-        ) = (change, outcome)
+    /// What a proposed change waits for on this node before it is answered: an unlink, until
+    /// one drain has passed since this node took the group over (if it leads it: the
+    /// attempts of the leader before it are not in its books) and then until no delivery
+    /// attempt this node's worker started to the entity for the customer is still sending
+    /// (at most one attempt's timeout each). It runs on the leader that committed the unlink
+    /// and, when another node forwarded it there, on that node too: leadership moved between
+    /// the two, and either worker may have an attempt under way. No attempt started after
+    /// the apply sends (each checks the link first).
+    async fn settle(&self, g: &Group, change: &StateChange) {
+        // Whatever the outcome: an unlink refused as not linked may be a retry of one that
+        // was committed while its answer was lost, with attempts still sending.
+        if let StateChange::Unlink {
+            customer_id,
+            entity_id,
+            ..
+        } = change
         {
             let drain = unlink_drain(&self.config);
             // A leader this node took over from confirmed its leadership before each batch of
-            // attempts it started, so nothing it started is still sending one drain after the
+            // attempts it started, and started none more than a second after (delivery's
+            // CONFIRMED_FOR), so nothing it started is still sending one drain after the
             // election; its attempts are not in this node's `in_flight`.
             if let Some(took_over) = g.took_over_at(self.node_id) {
                 tokio::time::sleep_until((took_over + drain).into()).await;

@@ -164,8 +164,9 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
             let now = unix_now_ms();
             // A read-index round first: a leader that was paused or cut off learns it was
             // deposed before it sends anything its successor may also send.
+            let asked = Instant::now();
             if due.next_due().is_some_and(|d| d <= now) && confirm_leadership(&core, &group).await {
-                dispatch_due(&worker, now, cfg.concurrency);
+                dispatch_due(&worker, now, cfg.concurrency, asked);
             }
             if let Some(next) = due.next_due().filter(|d| *d > now) {
                 wait = wait.min(Duration::from_millis((next - now) as u64));
@@ -190,8 +191,15 @@ async fn confirm_leadership(core: &Core, group: &Group) -> bool {
     )
 }
 
-/// Starts attempts for due deliveries, up to the concurrency limit.
-fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
+/// How long after its leadership was last confirmed an attempt may still start sending. A
+/// successor is elected only after that confirmation, and an unlink it commits waits one
+/// attempt timeout and this long from its election (`Core::settle`, `unlink_drain`): an
+/// attempt that starts later might outlast that wait, so it is put back instead.
+const CONFIRMED_FOR: Duration = Duration::from_secs(1);
+
+/// Starts attempts for due deliveries, up to the concurrency limit; `confirmed` is when the
+/// leadership check they rely on began.
+fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize, confirmed: Instant) {
     let in_flight = &worker.group.in_flight;
     // A slot is held while sending, not while the result waits for its Raft entry; those
     // waiting are bounded too (as many again), should recording stall.
@@ -202,7 +210,7 @@ fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize) {
         // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
         if in_flight.insert(&id) {
             let w = worker.clone();
-            tokio::spawn(async move { attempt(w, id, created).await });
+            tokio::spawn(async move { attempt(w, id, created, confirmed).await });
         }
     }
 }
@@ -215,8 +223,13 @@ fn requeue(worker: &Worker, id: String) {
     worker.group.due.push(unix_now_ms() + REQUEUE_MS, id, None);
 }
 
-async fn attempt(worker: Arc<Worker>, id: String, created: Option<Arc<CommandRecord>>) {
-    match prepare_and_send(&worker, &id, created).await {
+async fn attempt(
+    worker: Arc<Worker>,
+    id: String,
+    created: Option<Arc<CommandRecord>>,
+    confirmed: Instant,
+) {
+    match prepare_and_send(&worker, &id, created, confirmed).await {
         Ok(Some((update, target))) => {
             // Sent: the next due delivery may take the slot while this result is recorded.
             worker.group.in_flight.sent(&id);
@@ -298,6 +311,7 @@ async fn prepare_and_send(
     worker: &Worker,
     id: &str,
     created: Option<Arc<CommandRecord>>,
+    confirmed: Instant,
 ) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
     let core = &worker.core;
     if !worker.group.leads(core.node_id) {
@@ -353,6 +367,12 @@ async fn prepare_and_send(
             },
             target,
         )));
+    }
+    if confirmed.elapsed() > CONFIRMED_FOR {
+        // Too long since the leadership check (a slow read, a busy machine): checked again
+        // before it is sent.
+        requeue(worker, id.to_owned());
+        return Ok(None);
     }
     let started = Instant::now();
     let result = send(worker, &entity, &rec.command).await;

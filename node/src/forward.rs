@@ -354,10 +354,9 @@ pub fn forward_deadline(config: &crate::config::Config) -> Duration {
 }
 
 /// True for the calls that unlink an entity (the API's and the portal's). The leader answers
-/// one only after the attempts still sending to the entity have finished (`Core::settle`: up
-/// to one drain for a leader it took over from, one for its own), so a node forwarding it
-/// waits that much longer: given only the commit deadline it would answer 503 for an unlink
-/// that was committed.
+/// one only after the attempts still sending to the entity have finished and the tokens are
+/// revoked (`core::unlink_answer_bound`), so a node forwarding it waits that much longer:
+/// given only the commit deadline it would answer 503 for an unlink that was committed.
 fn unlinks(method: &actix_web::http::Method, path: &str) -> bool {
     let parts: Vec<&str> = path.split('/').collect();
     match parts.as_slice() {
@@ -392,7 +391,7 @@ async fn proxy(
         .unwrap_or("/");
     let mut deadline = forward_deadline(&core.config);
     if unlinks(req.method(), req.path()) {
-        deadline += 2 * crate::core::unlink_drain(&core.config);
+        deadline += crate::core::unlink_answer_bound(&core.config);
     }
     let mut rb = core.peers.request(method, addr, path).timeout(deadline);
     for (name, value) in req.headers() {

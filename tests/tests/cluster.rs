@@ -241,9 +241,9 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
 async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_finished(
 ) -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
-    // A forwarded call is given the commit deadline and 2 s (3 s here); the hotel takes 5 s
-    // to answer each command (the test nodes' delivery timeout), so the leader's wait for its
-    // attempt outlasts that deadline.
+    // A forwarded call is given the commit deadline and 2 s (3 s here); the hotel takes 4 s
+    // to answer each command (within the test nodes' 5 s delivery timeout, so the attempt ends
+    // with the hotel's answer), so the leader's wait for its attempt outlasts that deadline.
     let options = NodeOptions {
         propose_timeout_ms: Some(1000),
         ..NodeOptions::default()
@@ -253,7 +253,7 @@ async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_f
     let s = Scenario::setup(&admins, &rx.url, 1).await?;
     let leader = c.leader_of(1).await?;
     let follower = if leader == 1 { 2 } else { 1 };
-    rx.set_hold(Duration::from_secs(5));
+    rx.set_hold(Duration::from_secs(4));
     send_until_accepted(&c, leader, &s, "slow-1", 0).await?;
     rx.wait_received(1, WAIT).await?;
     let cust = &s.customers[0];
