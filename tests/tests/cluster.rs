@@ -237,6 +237,22 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
     Ok(())
 }
 
+/// The first customer unlinks the hotel through node `via`; with when the answer came.
+async fn unlink_hotel(c: &Cluster, via: usize, s: &Scenario) -> (anyhow::Result<()>, Instant) {
+    let cust = &s.customers[0];
+    let me = c.nodes[via - 1].admin().with_token(&cust.token);
+    let unlinked = me.unlink(&cust.id, "hotel").await.map_err(Into::into);
+    (unlinked, Instant::now())
+}
+
+/// True when the hotel had answered its first request by `at` (so that attempt had finished).
+fn first_answered_before(rx: &Receiver, at: Instant) -> bool {
+    rx.received()
+        .first()
+        .and_then(|r| r.replied)
+        .is_some_and(|r| r <= at)
+}
+
 #[tokio::test]
 async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_finished(
 ) -> anyhow::Result<()> {
@@ -256,13 +272,10 @@ async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_f
     rx.set_hold(Duration::from_secs(4));
     send_until_accepted(&c, leader, &s, "slow-1", 0).await?;
     rx.wait_received(1, WAIT).await?;
-    let cust = &s.customers[0];
-    let me = c.nodes[follower - 1].admin().with_token(&cust.token);
-    me.unlink(&cust.id, "hotel").await?;
-    let acknowledged = Instant::now();
-    let replied = rx.received()[0].replied;
+    let (unlinked, acknowledged) = unlink_hotel(&c, follower, &s).await;
+    unlinked?;
     assert!(
-        replied.is_some_and(|r| r <= acknowledged),
+        first_answered_before(&rx, acknowledged),
         "the unlink was acknowledged while the leader's attempt was still sending"
     );
     Ok(())
@@ -293,17 +306,13 @@ async fn an_unlink_after_a_failover_waits_for_the_attempt_the_old_leader_was_sen
         c.index_of(group.leader.filter(|l| *l != old_id)?)
     })
     .await?;
-    let cust = &s.customers[0];
-    let me = c.nodes[new - 1].admin().with_token(&cust.token);
-    let unlinked = me.unlink(&cust.id, "hotel").await;
-    let acknowledged = Instant::now();
+    let (unlinked, acknowledged) = unlink_hotel(&c, new, &s).await;
     c.nodes[old - 1].signal("CONT")?;
     unlinked?;
     // The new leader never saw the old one's attempt, yet it answered only after that attempt
     // could no longer be sending.
-    let replied = rx.received()[0].replied;
     assert!(
-        replied.is_some_and(|r| r <= acknowledged),
+        first_answered_before(&rx, acknowledged),
         "the unlink was acknowledged while the old leader's attempt was still sending"
     );
     Ok(())
