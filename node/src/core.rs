@@ -364,19 +364,20 @@ impl InFlight {
         self.lock().by_id.is_empty()
     }
 
-    fn busy_for(&self, customer: &str, target: &str) -> bool {
+    fn busy_for(&self, customer: &str, target: Option<&str>) -> bool {
         self.lock().by_id.values().any(|a| {
             a.sending
                 && match &a.about {
                     None => true,
-                    Some((c, t)) => c == customer && t == target,
+                    Some((c, t)) => c == customer && target.is_none_or(|target| t == target),
                 }
         })
     }
 
-    /// Waits (at most `within`) until no attempt to `target` for `customer` is sending, nor
-    /// one whose target is not known yet. False when the wait ran out.
-    pub async fn wait_none(&self, customer: &str, target: &str, within: Duration) -> bool {
+    /// Waits (at most `within`) until no attempt to `target` (any target: `None`) for
+    /// `customer` is sending, nor one whose target is not known yet. False when the wait ran
+    /// out.
+    pub async fn wait_none(&self, customer: &str, target: Option<&str>, within: Duration) -> bool {
         let deadline = std::time::Instant::now() + within;
         while self.busy_for(customer, target) {
             if std::time::Instant::now() > deadline {
@@ -1185,7 +1186,8 @@ impl Core {
         Ok(outcome)
     }
 
-    /// What a proposed change waits for on this node before it is answered: an unlink, until
+    /// What a proposed change waits for on this node before it is answered: an unlink (an
+    /// erasure: for every target of the customer), until
     /// one drain has passed since this node took the group over (if it leads it: the
     /// attempts of the leader before it are not in its books) and then until no delivery
     /// attempt this node's worker started to the entity for the customer is still sending
@@ -1195,24 +1197,27 @@ impl Core {
     /// the apply sends (each checks the link first).
     async fn settle(&self, g: &Group, change: &StateChange) {
         // Whatever the outcome: an unlink refused as not linked may be a retry of one that
-        // was committed while its answer was lost, with attempts still sending.
-        if let StateChange::Unlink {
-            customer_id,
-            entity_id,
-            ..
-        } = change
-        {
-            let drain = unlink_drain(&self.config);
-            // A leader this node took over from confirmed its leadership before each batch of
-            // attempts it started, and started none more than a second after (delivery's
-            // CONFIRMED_FOR), so nothing it started is still sending one drain after the
-            // election; its attempts are not in this node's `in_flight`.
-            if let Some(took_over) = g.took_over_at(self.node_id) {
-                tokio::time::sleep_until((took_over + drain).into()).await;
-            }
-            if !g.in_flight.wait_none(customer_id, entity_id, drain).await {
-                tracing::warn!(customer = %customer_id, entity = %entity_id, "a delivery attempt outlived the unlink's wait");
-            }
+        // was committed while its answer was lost, with attempts still sending. An erasure
+        // ends every link of the customer at once.
+        let (customer_id, entity_id) = match change {
+            StateChange::Unlink {
+                customer_id,
+                entity_id,
+                ..
+            } => (customer_id, Some(entity_id.as_str())),
+            StateChange::EraseCustomer { customer_id } => (customer_id, None),
+            _ => return,
+        };
+        let drain = unlink_drain(&self.config);
+        // A leader this node took over from confirmed its leadership before each batch of
+        // attempts it started, and started none more than a second after (delivery's
+        // CONFIRMED_FOR), so nothing it started is still sending one drain after the
+        // election; its attempts are not in this node's `in_flight`.
+        if let Some(took_over) = g.took_over_at(self.node_id) {
+            tokio::time::sleep_until((took_over + drain).into()).await;
+        }
+        if !g.in_flight.wait_none(customer_id, entity_id, drain).await {
+            tracing::warn!(customer = %customer_id, entity = ?entity_id, "a delivery attempt outlived the wait");
         }
     }
 
@@ -1227,7 +1232,9 @@ impl Core {
         // The leader answers an unlink only after its own in-flight attempts drained, and
         // those of a leader it took over from (`Core::settle`).
         let settle = match change {
-            StateChange::Unlink { .. } => 2 * unlink_drain(&self.config),
+            StateChange::Unlink { .. } | StateChange::EraseCustomer { .. } => {
+                2 * unlink_drain(&self.config)
+            }
             _ => Duration::ZERO,
         };
         let resp = self
@@ -1436,15 +1443,18 @@ mod tests {
         assert_eq!(f.sending(), 2);
         // cmd_b's target is not known yet: it could be the hotel.
         let short = Duration::from_millis(30);
-        assert!(!f.wait_none("c", "hotel", short).await);
+        assert!(!f.wait_none("c", Some("hotel"), short).await);
         f.describe("cmd_a", "c", "hotel");
         f.describe("cmd_b", "c", "bank");
-        assert!(!f.wait_none("c", "hotel", short).await);
-        assert!(f.wait_none("c", "spa", short).await);
+        assert!(!f.wait_none("c", Some("hotel"), short).await);
+        assert!(f.wait_none("c", Some("spa"), short).await);
         f.sent("cmd_a");
         f.sent("cmd_a");
         assert_eq!((f.sending(), f.len()), (1, 2), "recording still");
-        assert!(f.wait_none("c", "hotel", short).await);
+        assert!(f.wait_none("c", Some("hotel"), short).await);
+        // An erasure waits for every target of the customer, and for no other customer's.
+        assert!(!f.wait_none("c", None, short).await, "bank still sending");
+        assert!(f.wait_none("d", None, short).await);
         assert!(
             !f.insert("cmd_a"),
             "not attempted again before its result is recorded"

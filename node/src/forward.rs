@@ -353,15 +353,20 @@ pub fn forward_deadline(config: &crate::config::Config) -> Duration {
     Duration::from_millis(config.raft.propose_timeout_ms + 2000)
 }
 
-/// True for the calls that unlink an entity (the API's and the portal's). The leader answers
-/// one only after the attempts still sending to the entity have finished and the tokens are
-/// revoked (`core::unlink_answer_bound`), so a node forwarding it waits that much longer:
-/// given only the commit deadline it would answer 503 for an unlink that was committed.
+/// True for the calls that unlink an entity or erase a customer (the API's and the
+/// portal's). The leader answers one only after the attempts still sending to the entity
+/// (to any, for an erasure) have finished and the tokens are revoked
+/// (`core::unlink_answer_bound`), so a node forwarding it waits that much longer: given only
+/// the commit deadline it would answer 503 for a change that was committed.
 fn unlinks(method: &actix_web::http::Method, path: &str) -> bool {
     let parts: Vec<&str> = path.split('/').collect();
     match parts.as_slice() {
-        ["", "v1", "customers", _, "links", _] => method == actix_web::http::Method::DELETE,
-        ["", "portal", "unlink", _] => method == actix_web::http::Method::POST,
+        ["", "v1", "customers", _, "links", _] | ["", "v1", "customers", _] => {
+            method == actix_web::http::Method::DELETE
+        }
+        ["", "portal", "unlink", _] | ["", "portal", "delete"] => {
+            method == actix_web::http::Method::POST
+        }
         _ => false,
     }
 }
@@ -437,7 +442,12 @@ mod tests {
             &Method::POST,
             "/v1/customers/cus_1/links/hotel/authorize"
         ));
-        assert!(!unlinks(&Method::DELETE, "/v1/customers/cus_1"));
+        assert!(
+            unlinks(&Method::DELETE, "/v1/customers/cus_1"),
+            "an erasure"
+        );
+        assert!(unlinks(&Method::POST, "/portal/delete"));
+        assert!(!unlinks(&Method::GET, "/v1/customers/cus_1"));
         assert!(!unlinks(&Method::POST, "/v1/events"));
     }
 

@@ -455,6 +455,31 @@ async fn an_unlink_is_answered_once_the_attempt_already_sending_has_finished() -
 }
 
 #[tokio::test]
+async fn an_erasure_is_answered_once_the_attempt_already_sending_has_finished() -> anyhow::Result<()>
+{
+    let hotel_rx = Receiver::start(vec![], 200)?;
+    hotel_rx.set_hold(Duration::from_secs(2));
+    let w = world_with(NodeOptions::default(), hotel_rx).await?;
+    // A node waits out one drain (the test nodes' 5 s delivery timeout and 1 s) after it
+    // took its groups over at start before it answers an erasure; past it, only the attempt
+    // under way can make the erasure wait, which is what this checks.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    w.node
+        .anonymous()
+        .send_event(&w.airline, &delayed("erase-1", "FF-1234", 90))
+        .await?;
+    w.hotel_rx.wait_received(1, WAIT).await?;
+    w.node.admin().erase_customer(&w.customer.id).await?;
+    let acknowledged = std::time::Instant::now();
+    let replied = w.hotel_rx.received()[0].replied;
+    assert!(
+        replied.is_some_and(|r| r <= acknowledged),
+        "the erasure was acknowledged while an attempt to the hotel was still sending"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_subject_linked_anew_routes_its_events_to_the_new_customer() -> anyhow::Result<()> {
     let w = world().await?;
     let anon = w.node.anonymous();
