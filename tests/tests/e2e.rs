@@ -429,6 +429,13 @@ async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node waits out one drain (the test nodes' 5 s delivery timeout and 1 s) after it took
+/// its groups over at start before it answers an unlink or an erasure; past it, only an
+/// attempt under way can make them wait, which is what the tests after this check.
+async fn past_the_start_drain() {
+    tokio::time::sleep(Duration::from_secs(7)).await;
+}
+
 #[tokio::test]
 async fn an_unlink_is_answered_once_the_attempt_already_sending_has_finished() -> anyhow::Result<()>
 {
@@ -436,6 +443,7 @@ async fn an_unlink_is_answered_once_the_attempt_already_sending_has_finished() -
     // A slow hotel: the attempt is still sending when the customer unlinks it.
     hotel_rx.set_hold(Duration::from_secs(2));
     let w = world_with(NodeOptions::default(), hotel_rx).await?;
+    past_the_start_drain().await;
     w.node
         .anonymous()
         .send_event(&w.airline, &delayed("slow-1", "FF-1234", 90))
@@ -460,10 +468,7 @@ async fn an_erasure_is_answered_once_the_attempt_already_sending_has_finished() 
     let hotel_rx = Receiver::start(vec![], 200)?;
     hotel_rx.set_hold(Duration::from_secs(2));
     let w = world_with(NodeOptions::default(), hotel_rx).await?;
-    // A node waits out one drain (the test nodes' 5 s delivery timeout and 1 s) after it
-    // took its groups over at start before it answers an erasure; past it, only the attempt
-    // under way can make the erasure wait, which is what this checks.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    past_the_start_drain().await;
     w.node
         .anonymous()
         .send_event(&w.airline, &delayed("erase-1", "FF-1234", 90))
