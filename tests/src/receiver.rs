@@ -165,6 +165,15 @@ impl Receiver {
             .default_status = status;
     }
 
+    /// True when the first request was answered by `at` (so an attempt that sent it had
+    /// finished sending).
+    pub fn first_answered_by(&self, at: std::time::Instant) -> bool {
+        self.received()
+            .first()
+            .and_then(|r| r.replied)
+            .is_some_and(|r| r <= at)
+    }
+
     /// Holds each request from now on for `hold` before answering it (a slow target).
     pub fn set_hold(&self, hold: Duration) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).hold = hold;

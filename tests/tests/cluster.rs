@@ -245,14 +245,6 @@ async fn unlink_hotel(c: &Cluster, via: usize, s: &Scenario) -> (anyhow::Result<
     (unlinked, Instant::now())
 }
 
-/// True when the hotel had answered its first request by `at` (so that attempt had finished).
-fn first_answered_before(rx: &Receiver, at: Instant) -> bool {
-    rx.received()
-        .first()
-        .and_then(|r| r.replied)
-        .is_some_and(|r| r <= at)
-}
-
 #[tokio::test]
 async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_finished(
 ) -> anyhow::Result<()> {
@@ -275,7 +267,7 @@ async fn an_unlink_through_a_follower_is_answered_once_the_leaders_attempt_has_f
     let (unlinked, acknowledged) = unlink_hotel(&c, follower, &s).await;
     unlinked?;
     assert!(
-        first_answered_before(&rx, acknowledged),
+        rx.first_answered_by(acknowledged),
         "the unlink was acknowledged while the leader's attempt was still sending"
     );
     Ok(())
@@ -312,7 +304,7 @@ async fn an_unlink_after_a_failover_waits_for_the_attempt_the_old_leader_was_sen
     // The new leader never saw the old one's attempt, yet it answered only after that attempt
     // could no longer be sending.
     assert!(
-        first_answered_before(&rx, acknowledged),
+        rx.first_answered_by(acknowledged),
         "the unlink was acknowledged while the old leader's attempt was still sending"
     );
     Ok(())

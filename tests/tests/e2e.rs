@@ -429,34 +429,33 @@ async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A node waits out one drain (the test nodes' 5 s delivery timeout and 1 s) after it took
-/// its groups over at start before it answers an unlink or an erasure; past it, only an
-/// attempt under way can make them wait, which is what the tests after this check.
-async fn past_the_start_drain() {
+/// A world whose hotel holds each command 2 s, with one attempt under way to it. The node
+/// waits out one drain (the test nodes' 5 s delivery timeout and 1 s) after it took its
+/// groups over at start before it answers an unlink or an erasure; this waits past it, so
+/// only the attempt under way can make them wait, which is what the tests check.
+async fn world_with_an_attempt_under_way(event_id: &str) -> anyhow::Result<World> {
+    let hotel_rx = Receiver::start(vec![], 200)?;
+    hotel_rx.set_hold(Duration::from_secs(2));
+    let w = world_with(NodeOptions::default(), hotel_rx).await?;
     tokio::time::sleep(Duration::from_secs(7)).await;
+    w.node
+        .anonymous()
+        .send_event(&w.airline, &delayed(event_id, "FF-1234", 90))
+        .await?;
+    w.hotel_rx.wait_received(1, WAIT).await?;
+    Ok(w)
 }
 
 #[tokio::test]
 async fn an_unlink_is_answered_once_the_attempt_already_sending_has_finished() -> anyhow::Result<()>
 {
-    let hotel_rx = Receiver::start(vec![], 200)?;
-    // A slow hotel: the attempt is still sending when the customer unlinks it.
-    hotel_rx.set_hold(Duration::from_secs(2));
-    let w = world_with(NodeOptions::default(), hotel_rx).await?;
-    past_the_start_drain().await;
-    w.node
-        .anonymous()
-        .send_event(&w.airline, &delayed("slow-1", "FF-1234", 90))
-        .await?;
-    w.hotel_rx.wait_received(1, WAIT).await?;
+    let w = world_with_an_attempt_under_way("slow-1").await?;
     let me = w.node.admin().with_token(&w.customer.token);
     me.unlink(&w.customer.id, "hotel").await?;
-    let acknowledged = std::time::Instant::now();
     // Nothing is sent to the hotel for this customer after the unlink is acknowledged, not
     // even the end of an attempt that began before it.
-    let replied = w.hotel_rx.received()[0].replied;
     assert!(
-        replied.is_some_and(|r| r <= acknowledged),
+        w.hotel_rx.first_answered_by(std::time::Instant::now()),
         "the unlink was acknowledged while the attempt was still sending"
     );
     Ok(())
@@ -465,20 +464,10 @@ async fn an_unlink_is_answered_once_the_attempt_already_sending_has_finished() -
 #[tokio::test]
 async fn an_erasure_is_answered_once_the_attempt_already_sending_has_finished() -> anyhow::Result<()>
 {
-    let hotel_rx = Receiver::start(vec![], 200)?;
-    hotel_rx.set_hold(Duration::from_secs(2));
-    let w = world_with(NodeOptions::default(), hotel_rx).await?;
-    past_the_start_drain().await;
-    w.node
-        .anonymous()
-        .send_event(&w.airline, &delayed("erase-1", "FF-1234", 90))
-        .await?;
-    w.hotel_rx.wait_received(1, WAIT).await?;
+    let w = world_with_an_attempt_under_way("erase-1").await?;
     w.node.admin().erase_customer(&w.customer.id).await?;
-    let acknowledged = std::time::Instant::now();
-    let replied = w.hotel_rx.received()[0].replied;
     assert!(
-        replied.is_some_and(|r| r <= acknowledged),
+        w.hotel_rx.first_answered_by(std::time::Instant::now()),
         "the erasure was acknowledged while an attempt to the hotel was still sending"
     );
     Ok(())
