@@ -20,6 +20,8 @@ from sklearn.linear_model import LogisticRegression
 
 K = 10
 DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/ifttt-recrules"
+# Only the families whose name contains this (all when empty): each row takes minutes.
+ONLY = sys.argv[2] if len(sys.argv) > 2 else ""
 
 
 def derive_channels(names):
@@ -332,6 +334,89 @@ class HalvesWorld(World):
 
 
 
+class ComposedWorld(World):
+    """The shipped candidates and features (node/src/recommend/vault.rs, candidates): the
+    walk's candidates, then up to 50 composed ones (a trigger part the user keeps with any
+    action part, or any trigger part with an action part they keep, each part kept by at least
+    K users, as a template fewer than K users keep), and four more features: whether it is
+    composed, how strongly the user's items go with its trigger part and with its action part
+    (cosines summed), and how strongly the two parts go together."""
+
+    COMPOSED = 50
+
+    def __init__(self, fit, links):
+        super().__init__(fit, links)
+        self.part_index = []
+        has = []
+        for part in (lambda k: k[:2], lambda k: k[2:]):
+            users = collections.Counter(h for it in fit for h in {part(keys[i]) for i in it})
+            index = {h: n for n, h in enumerate(sorted(h for h, c in users.items() if c >= K))}
+            m = np.zeros((len(fit), len(index)))
+            for u, it in enumerate(fit):
+                for i in it:
+                    if part(keys[i]) in index:
+                        m[u, index[part(keys[i])]] = 1
+            self.part_index.append(index)
+            has.append(m)
+
+        def cosines(a, b):
+            c = a.T @ b
+            c[c < K] = 0
+            return c / np.sqrt(np.maximum(np.outer(a.sum(0), b.sum(0)), 1))
+
+        self.to_trigger, self.to_action = cosines(self.x, has[0]), cosines(self.x, has[1])
+        self.together = cosines(has[0], has[1])
+        self.triggers = sorted(self.part_index[0], key=self.part_index[0].get)
+        self.actions = sorted(self.part_index[1], key=self.part_index[1].get)
+        self.template_id = {k: i for i, k in enumerate(keys)}
+        self.kept_by = collections.Counter(i for it in fit for i in it)
+
+    def compute_features(self, items, linked):
+        base = super().compute_features(items, linked)
+        x = row(items, linked, self.col)
+        sums = (x @ self.to_trigger, x @ self.to_action)
+        strength = lambda side, h: math.log(max(sums[side][self.part_index[side][h]], 1e-6)) \
+            if h in self.part_index[side] else math.log(1e-6)
+        together = lambda t, a: math.log(max(self.together[self.part_index[0][t], self.part_index[1][a]], 1e-6)) \
+            if t in self.part_index[0] and a in self.part_index[1] else math.log(1e-6)
+        out = [(t, f + [0.0, strength(0, keys[t][:2]), strength(1, keys[t][2:]),
+                        together(keys[t][:2], keys[t][2:])]) for t, f in base]
+        mine = [keys[i] for i in items]
+        own = ({m[:2] for m in mine}, {m[2:] for m in mine})
+        pairs = []
+        for ti, t in enumerate(self.triggers):
+            for ai, a in enumerate(self.actions):
+                if t in own[0] or a in own[1]:
+                    pairs.append((-(math.log(sums[0][ti] + 1e-6) + math.log(sums[1][ai] + 1e-6)
+                                    + together(t, a)), ti, ai))
+        pairs.sort()
+        count = lambda f: math.log1p(sum(1 for m in mine if f(m)))
+        composed = 0
+        for _, ti, ai in pairs:
+            if composed == self.COMPOSED:
+                break
+            k = self.triggers[ti] + self.actions[ai]
+            t = self.template_id.get(k, k)
+            if t in items or (isinstance(t, int) and self.kept_by[t] >= K):
+                continue
+            unlinked = [e for e in (k[0], k[2]) if e not in linked]
+            if len(unlinked) > 1:
+                continue
+            prior = 0.0
+            if unlinked and ("l", unlinked[0]) in self.col:
+                prior = float(x @ self.cos[:, self.col[("l", unlinked[0])]])
+            out.append((t, [
+                math.log(1e-9), 0.0, math.log(200 + composed + 2), math.log(1e-9), 0.0, 0.0,
+                len(unlinked), prior, 0.0, 0.0, math.log1p(len(mine)),
+                count(lambda m: m[:2] == k[:2]), count(lambda m: m[2:] == k[2:]),
+                count(lambda m: m[0] == k[0]), count(lambda m: m[2] == k[2]),
+                count(lambda m: (m[0], m[2]) == (k[0], k[2])),
+                1.0, strength(0, k[:2]), strength(1, k[2:]), together(k[:2], k[2:]),
+            ]))
+            composed += 1
+        return out
+
+
 def als_items(x, factors, reg, alpha, iters=15):
     """Item factors of implicit-feedback matrix factorisation (alternating least squares, each
     kept entry weighted 1 + alpha, every other 1), from the k-anonymous columns only."""
@@ -463,11 +548,19 @@ def listwise(l2):
 
 
 families = {}
+
+
+def add(name, make):
+    """Adds a family (built only when selected by ONLY)."""
+    if ONLY in name:
+        families[name] = make()
+
+
 for beta in (0.2, 0.4, 0.6, 0.8, 1.0):
-    families[f"RP3beta, beta {beta}"] = by_scores(lambda w, b=beta: rp3beta(w.x, w.deg, b))
+    add(f"RP3beta, beta {beta}", lambda: by_scores(lambda w, b=beta: rp3beta(w.x, w.deg, b)))
 for lam in (50, 200, 500):
-    families[f"EASE, lambda {lam}"] = by_scores(lambda w, lam=lam: ease(w.x, lam))
-families["item co-occurrence (cosine)"] = by_scores(lambda w: cosine(w.x))
+    add(f"EASE, lambda {lam}", lambda: by_scores(lambda w, lam=lam: ease(w.x, lam)))
+add("item co-occurrence (cosine)", lambda: by_scores(lambda w: cosine(w.x)))
 
 
 def standardised_logistic():
@@ -483,20 +576,22 @@ def pairwise_logistic(c):
                                  StandardScaler(), LogisticRegression(C=c, max_iter=5000))
 
 
-families["RP3beta candidates + logistic ranker, features alone"] = ranker(standardised_logistic)
-families["RP3beta candidates + logistic ranker, pairwise products, L2 100"] = ranker(pairwise_logistic(0.01))
-families["RP3beta candidates + logistic ranker, pairwise products, L2 10 (shipped)"] = ranker(pairwise_logistic(0.1))
-families["RP3beta candidates + pairwise products, per-user softmax, L2 10"] = listwise(10.0)
-families["RP3beta candidates + pairwise products, per-user softmax, L2 100"] = listwise(100.0)
-families["RP3beta candidates + logistic ranker, pairwise products, L2 10, with trigger and action scores"] = ranker(
-    pairwise_logistic(0.1), (HalvesWorld(fit, [entities(f) for f in fit]), HalvesWorld(full, [entities(f) for f in full])))
+add("RP3beta candidates + logistic ranker, features alone", lambda: ranker(standardised_logistic))
+add("RP3beta candidates + logistic ranker, pairwise products, L2 100", lambda: ranker(pairwise_logistic(0.01)))
+add("RP3beta candidates + logistic ranker, pairwise products, L2 10 (shipped)", lambda: ranker(pairwise_logistic(0.1)))
+add("RP3beta candidates + pairwise products, per-user softmax, L2 10", lambda: listwise(10.0))
+add("RP3beta candidates + pairwise products, per-user softmax, L2 100", lambda: listwise(100.0))
+add("RP3beta candidates + logistic ranker, pairwise products, L2 10, with trigger and action scores", lambda: ranker(
+    pairwise_logistic(0.1), (HalvesWorld(fit, [entities(f) for f in fit]), HalvesWorld(full, [entities(f) for f in full]))))
 for label, world in (("matrix-factorisation scores (ALS, 32 factors)", FactorWorld),
                      ("rule-name similarity", NamesWorld),
                      ("both", FactorNamesWorld)):
-    families[f"RP3beta candidates + logistic ranker, pairwise products, L2 10, with {label}"] = ranker(
-        pairwise_logistic(0.1), (world(fit, [entities(f) for f in fit]), world(full, [entities(f) for f in full])))
-families["RP3beta candidates + gradient-boosted trees"] = ranker(
-    lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0))
+    add(f"RP3beta candidates + logistic ranker, pairwise products, L2 10, with {label}", lambda: ranker(
+        pairwise_logistic(0.1), (world(fit, [entities(f) for f in fit]), world(full, [entities(f) for f in full]))))
+add("RP3beta candidates and composed candidates + logistic ranker, pairwise products, L2 10", lambda: ranker(
+    pairwise_logistic(0.1), (ComposedWorld(fit, [entities(f) for f in fit]), ComposedWorld(full, [entities(f) for f in full]))))
+add("RP3beta candidates + gradient-boosted trees", lambda: ranker(
+    lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0)))
 
 print(f"{len(users)} users, k = {K}; validation: {len(score)} users scored, {len(learn)} to fit rankers")
 print("| family | validation HR@10 | without RSS | NDCG@10 | test HR@10 | without RSS | NDCG@10 | test ECE |")
@@ -517,6 +612,16 @@ reachable = [
     for tr, te in test
 ]
 print(f"\nHR@10 can be at most {np.mean(reachable):.3f} on the test split (k = {K}, one link at most)")
+# With composed candidates: also held-out templates fewer than K users keep whose trigger part
+# and action part at least K users keep each.
+part_users = [collections.Counter(h for tr in full for h in {side(keys[i]) for i in tr})
+              for side in (lambda k: k[:2], lambda k: k[2:])]
+composable = [
+    any((popular[t] >= K or (part_users[0][keys[t][:2]] >= K and part_users[1][keys[t][2:]] >= K))
+        and sum(e not in entities(tr) for e in (keys[t][0], keys[t][2])) <= 1 for t in te)
+    for tr, te in test
+]
+print(f"with composed candidates: at most {np.mean(composable):.3f}")
 # How much of that the walk's 200 candidates (what the ranker orders) already hold.
 found = [any(t in te for t, _ in test_world.features(tr, entities(tr))) for tr, te in test]
 print(f"test users with a held-out template among their 200 candidates: {np.mean(found):.3f}")

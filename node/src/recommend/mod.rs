@@ -257,8 +257,11 @@ impl Rp3Beta {
             else {
                 continue;
             };
-            let p = w / (f64::from((*pi).max(1)) * f64::from((*pj).max(1)).powf(beta));
-            walk[i as usize].insert(j, p);
+            // A pair without walk weight (a rule part's, see `vault`) counts customers only.
+            if w > 0.0 {
+                let p = w / (f64::from((*pi).max(1)) * f64::from((*pj).max(1)).powf(beta));
+                walk[i as usize].insert(j, p);
+            }
             support[i as usize].insert(j, c);
         }
         Rp3Beta {
@@ -313,6 +316,39 @@ impl Rp3Beta {
     pub fn cosine(&self, a: u32, b: u32) -> f64 {
         let c = f64::from(self.support(a, b));
         c / (f64::from(self.popularity(a).max(1)) * f64::from(self.popularity(b).max(1))).sqrt()
+    }
+
+    /// The cosine similarities of the user's items to every item `wanted` accepts, summed
+    /// (items reached only through pairs of at least k customers).
+    pub fn cosine_sums(
+        &self,
+        user_items: &[u32],
+        wanted: &dyn Fn(u32) -> bool,
+    ) -> HashMap<u32, f64> {
+        let mut out: HashMap<u32, f64> = HashMap::new();
+        for &i in user_items {
+            let Some(row) = self.support.get(i as usize) else {
+                continue;
+            };
+            let pop_i = f64::from(self.popularity(i).max(1));
+            for (&j, &c) in row {
+                if wanted(j) {
+                    *out.entry(j).or_default() +=
+                        f64::from(c) / (pop_i * f64::from(self.popularity(j).max(1))).sqrt();
+                }
+            }
+        }
+        out
+    }
+
+    /// The user's item whose customers go most with `to` (highest cosine), if any does.
+    pub fn closest(&self, user_items: &[u32], to: u32) -> Option<u32> {
+        user_items
+            .iter()
+            .map(|&i| (i, self.cosine(i, to)))
+            .filter(|(_, c)| *c > 0.0)
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+            .map(|(i, _)| i)
     }
 
     /// The user's item that contributes most to `to`'s score: the reason shown.

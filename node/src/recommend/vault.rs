@@ -8,8 +8,8 @@ use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger}
 use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
 
 use super::{
-    aggregates, fit_log_odds_map, holdout_salted, Evidence, Interactions, LogOddsSample, Ranker,
-    RankerSample, Rp3Beta,
+    aggregates, fit_log_odds_map, holdout_salted, Evidence, Interactions, LogOddsSample, Pair,
+    Ranker, RankerSample, Rp3Beta,
 };
 
 /// Fewest validation candidates, and fewest of them kept, for the ranker to be fitted and used
@@ -33,6 +33,113 @@ fn link_key(entity: &str) -> String {
 /// The model item of an event type a customer receives (`source.type`): an engagement input.
 fn event_key(source_type: &str) -> String {
     format!("event:{source_type}")
+}
+
+/// The template key of a rule template (see [`template_key`]).
+fn key_of(t: &RuleTemplate) -> String {
+    format!(
+        "{}.{}>{}.{}",
+        t.when_entity, t.event_type, t.then_entity, t.command_type
+    )
+}
+
+/// The model item of a rule's trigger part (`when:source.event_type`): one half of a composed
+/// recommendation, never recommended itself.
+fn trigger_key(entity: &str, event_type: &str) -> String {
+    format!("when:{entity}.{event_type}")
+}
+
+/// The model item of a rule's action part (`then:target.command_type`).
+fn action_key(entity: &str, command_type: &str) -> String {
+    format!("then:{entity}.{command_type}")
+}
+
+/// Adds the rule parts' aggregates to a population's (`popularity` and `pairs` from
+/// [`aggregates`] over the same `inputs`): how many customers keep a rule with each trigger
+/// part and each action part (`parts_of` gives a template item's two parts), and, counted only
+/// where at least `min_support` customers share them, how many customers with each input item
+/// keep each part, and how many keep both a trigger part and an action part (in any of their
+/// rules). These pairs carry no walk weight: they say how well a trigger and an action a
+/// customer does not yet keep together go with them, never which rare combination anyone keeps.
+fn add_part_aggregates(
+    inputs: &[Vec<u32>],
+    parts_of: &[Option<(u32, u32)>],
+    popularity: &mut [u32],
+    pairs: &mut Vec<Pair>,
+    min_support: u32,
+) {
+    let mut counts: HashMap<(u32, u32), u32> = HashMap::new();
+    for items in inputs {
+        let mut triggers: Vec<u32> = Vec::new();
+        let mut actions: Vec<u32> = Vec::new();
+        for (t, a) in items
+            .iter()
+            .filter_map(|i| parts_of.get(*i as usize).copied().flatten())
+        {
+            if !triggers.contains(&t) {
+                triggers.push(t);
+            }
+            if !actions.contains(&a) {
+                actions.push(a);
+            }
+        }
+        for &part in triggers.iter().chain(&actions) {
+            if let Some(p) = popularity.get_mut(part as usize) {
+                *p += 1;
+            }
+            for &i in items {
+                *counts.entry((i, part)).or_default() += 1;
+            }
+        }
+        for &t in &triggers {
+            for &a in &actions {
+                *counts.entry((t, a)).or_default() += 1;
+            }
+        }
+    }
+    pairs.extend(
+        counts
+            .into_iter()
+            .filter(|(_, c)| *c >= min_support)
+            .map(|((a, b), c)| (a, b, c, 0.0)),
+    );
+    pairs.sort_by_key(|p| (p.0, p.1));
+}
+
+/// The rule parts a model holds (each kept by at least k customers), which composed
+/// candidates are made from.
+#[derive(Debug, Default)]
+struct Parts {
+    /// (item, entity, event type) of each trigger part.
+    triggers: Vec<(u32, String, String)>,
+    /// (item, entity, command type) of each action part.
+    actions: Vec<(u32, String, String)>,
+    /// Every part's item.
+    items: HashSet<u32>,
+}
+
+impl Parts {
+    /// The parts among `keys` (item, key) that `keep` accepts.
+    fn new<'k>(keys: impl Iterator<Item = (u32, &'k str)>, keep: &dyn Fn(u32) -> bool) -> Self {
+        let mut parts = Parts::default();
+        for (i, key) in keys {
+            let (list, rest) = if let Some(rest) = key.strip_prefix("when:") {
+                (&mut parts.triggers, rest)
+            } else if let Some(rest) = key.strip_prefix("then:") {
+                (&mut parts.actions, rest)
+            } else {
+                continue;
+            };
+            let Some((entity, kind)) = rest.split_once('.') else {
+                continue;
+            };
+            if keep(i) {
+                list.push((i, entity.to_owned(), kind.to_owned()));
+                parts.items.insert(i);
+            }
+        }
+        parts
+    }
 }
 
 /// Events received longer ago than this no longer count as engagement.
@@ -93,6 +200,9 @@ pub fn train(
         let mut items: Vec<u32> = Vec::new();
         for r in rules {
             let id = intern(template_key(r));
+            // Its parts are model items too (see `add_part_aggregates`).
+            intern(trigger_key(&r.when_entity, &r.when_event_type));
+            intern(action_key(&r.then_entity, &r.then_command_type));
             if !items.contains(&id) {
                 items.push(id);
                 *versions
@@ -122,12 +232,23 @@ pub fn train(
         })
         .collect();
     let parsed: Vec<Option<RuleTemplate>> = keys.iter().map(|k| parse_key(k)).collect();
-    let link_item = |entity: &str| index.get(&link_key(entity)).copied();
+    let parts_of: Vec<Option<(u32, u32)>> = parsed
+        .iter()
+        .map(|t| {
+            let t = t.as_ref()?;
+            Some((
+                *index.get(&trigger_key(&t.when_entity, &t.event_type))?,
+                *index.get(&action_key(&t.then_entity, &t.command_type))?,
+            ))
+        })
+        .collect();
+    let lookup = |key: &str| index.get(key).copied();
     let ranker = fit_ranker(
         &RankerInputs {
             keys: &keys,
             templates: &parsed,
-            link_item: &link_item,
+            lookup: &lookup,
+            parts_of: &parts_of,
             offsets: &offsets,
             beta,
             min_support,
@@ -148,7 +269,14 @@ pub fn train(
             .collect(),
         n_items,
     };
-    let (popularity, pairs) = aggregates(&full, min_support);
+    let (mut popularity, mut pairs) = aggregates(&full, min_support);
+    add_part_aggregates(
+        &full.users,
+        &parts_of,
+        &mut popularity,
+        &mut pairs,
+        min_support,
+    );
     // k-anonymity in what is stored and replicated, not only in what is shown: an item (a
     // template, a link, an event type) fewer than k customers have is not in the model at all,
     // neither its name nor its count; pairs already need k customers. Ids are renumbered densely.
@@ -273,11 +401,13 @@ pub fn coarse_count(n: u32) -> String {
 
 /// How many candidates a customer can use (in the walk's order) the ranker scores.
 const CANDIDATES: usize = 200;
+/// How many composed candidates (see [`candidates`]) the ranker scores besides.
+const COMPOSED: usize = 50;
 /// Most recommendations served to one customer.
 const SERVED: usize = 10;
 /// At most this many validation customers' candidates fit the ranker, so training memory
-/// stays bounded however many customers there are (about 160 bytes per candidate, so at most
-/// about 100 MB while fitting).
+/// stays bounded however many customers there are (about 220 bytes per candidate, so at most
+/// about 170 MB while fitting).
 const RANKER_CUSTOMERS: usize = 3_000;
 /// The ranker's L2 penalty on standardised weights (chosen on validation: 10 against 100).
 const RANKER_L2: f64 = 10.0;
@@ -285,11 +415,15 @@ const RANKER_L2: f64 = 10.0;
 /// are most of them, and the fit's cost grows with their number.
 const RANKER_NEGATIVE_SAMPLING: u64 = 4;
 /// How many features describe a candidate (see [`candidates`]).
-pub const FEATURES: usize = 16;
+pub const FEATURES: usize = 20;
 
 /// One rule a customer could be recommended, with what the ranker scores it on.
 struct Candidate {
-    item: u32,
+    /// Its model item: None for a composed rule the model does not hold.
+    item: Option<u32>,
+    template: RuleTemplate,
+    /// For a composed rule, the part to explain it by (the one the customer does not keep).
+    composed_from: Option<u32>,
     /// The entity it needs linked first, if any.
     needs_link: Option<String>,
     features: Vec<f64>,
@@ -304,26 +438,46 @@ struct Customer<'a> {
     linked: &'a HashSet<&'a str>,
 }
 
-/// The customer's candidates, in the walk's order, with their features: rules between linked
-/// entities and rules needing one more link to an entity `linkable` accepts, at most
-/// [`CANDIDATES`], leaving out what `skip` names. Training (on validation customers) and
-/// serving both call this, so the ranker is fitted on exactly what it later scores.
+/// What a model offers candidates from: the walk and the co-occurrences, each item's
+/// template, the rule parts, and items by key.
+struct Catalogue<'a> {
+    model: &'a Rp3Beta,
+    templates: &'a [Option<RuleTemplate>],
+    parts: &'a Parts,
+    lookup: &'a dyn Fn(&str) -> Option<u32>,
+    min_support: u32,
+}
+
+/// The customer's candidates with their features, leaving out what `skip` names (by template
+/// key). Training (on validation customers) and serving both call this, so the ranker is
+/// fitted on exactly what it later scores.
+///
+/// First the walk's: rules between linked entities and rules needing one more link to an
+/// entity `linkable` accepts, in the walk's order, at most [`CANDIDATES`]. Then, with
+/// `compose`, at most [`COMPOSED`] composed rules: a trigger part the customer keeps with an
+/// action part they do not (or the other way round), each part kept by at least k customers,
+/// as a rule fewer than k customers keep (so not one the walk could offer); ordered by how
+/// well each part goes with the customer's items and how often customers keep both parts.
+/// On the IFTTT split a fifth of the held-out rules are such rules (README).
 ///
 /// Features: the walk's score (log, and relative to the best), the rank, the cosine score (log,
 /// relative), the candidate's popularity, whether it needs a link, how strongly the customer's
 /// items go with that link, how many of the customer's items support it and the strongest
-/// share among them (the customer's evidence), how many rules they keep, and how many of their
-/// rules share its trigger, action, source, target, or both entities.
+/// share among them (the customer's evidence), how many rules they keep, how many of their
+/// rules share its trigger, action, source, target, or both entities; whether it is composed,
+/// how strongly the customer's items go with its trigger part and with its action part, and how
+/// strongly the two parts go together. A composed rule has no walk, cosine or popularity of its
+/// own: those features are at their floor.
 fn candidates(
-    model: &Rp3Beta,
-    templates: &[Option<RuleTemplate>],
-    link_item: &dyn Fn(&str) -> Option<u32>,
+    cat: &Catalogue<'_>,
     customer: &Customer<'_>,
     linkable: &dyn Fn(&str) -> bool,
-    skip: &dyn Fn(u32) -> bool,
+    skip: &dyn Fn(&str) -> bool,
+    compose: bool,
 ) -> Vec<Candidate> {
+    let model = cat.model;
     let evidence = model.evidence(customer.inputs);
-    let template = |j: u32| templates.get(j as usize).and_then(Option::as_ref);
+    let template = |j: u32| cat.templates.get(j as usize).and_then(Option::as_ref);
     let mut scored: Vec<(u32, Evidence)> = evidence
         .into_iter()
         .filter(|(j, e)| e.walk > 0.0 && template(*j).is_some())
@@ -338,28 +492,69 @@ fn candidates(
     let keeps = customer.keeps;
     let count =
         |f: &dyn Fn(&RuleTemplate) -> bool| (keeps.iter().filter(|k| f(k)).count() as f64).ln_1p();
+    let shares = |t: &RuleTemplate| {
+        vec![
+            (keeps.len() as f64).ln_1p(),
+            count(&|k| k.when_entity == t.when_entity && k.event_type == t.event_type),
+            count(&|k| k.then_entity == t.then_entity && k.command_type == t.command_type),
+            count(&|k| k.when_entity == t.when_entity),
+            count(&|k| k.then_entity == t.then_entity),
+            count(&|k| k.when_entity == t.when_entity && k.then_entity == t.then_entity),
+        ]
+    };
+    // How strongly the customer's items go with each rule part, and the parts' own items.
+    let part_sums = model.cosine_sums(customer.inputs, &|j| cat.parts.items.contains(&j));
+    let part_of = |t: &RuleTemplate| {
+        (
+            (cat.lookup)(&trigger_key(&t.when_entity, &t.event_type)),
+            (cat.lookup)(&action_key(&t.then_entity, &t.command_type)),
+        )
+    };
+    let strength = |p: Option<u32>| {
+        p.and_then(|p| part_sums.get(&p).copied())
+            .unwrap_or(0.0)
+            .max(1e-6)
+            .ln()
+    };
+    let together = |t: Option<u32>, a: Option<u32>| match (t, a) {
+        (Some(t), Some(a)) => model.cosine(t, a).max(1e-6).ln(),
+        _ => 1e-6f64.ln(),
+    };
+    // The entity a rule needs linked first: None when both are linked; no candidate when both
+    // are missing or the one missing cannot be linked.
+    let link_needed = |t: &RuleTemplate| -> Option<Option<String>> {
+        let unlinked: Vec<&String> = [&t.when_entity, &t.then_entity]
+            .into_iter()
+            .filter(|e| !customer.linked.contains(e.as_str()))
+            .collect();
+        match unlinked.as_slice() {
+            [] => Some(None),
+            [one] if linkable(one) => Some(Some((*one).clone())),
+            _ => None,
+        }
+    };
+    let link_prior = |needs_link: &Option<String>| {
+        needs_link
+            .as_deref()
+            .and_then(|e| (cat.lookup)(&link_key(e)))
+            .map_or(0.0, |l| {
+                customer.inputs.iter().map(|&i| model.cosine(i, l)).sum()
+            })
+    };
     let mut out = Vec::new();
     for (j, e) in scored {
         if out.len() == CANDIDATES {
             break;
         }
         let Some(t) = template(j) else { continue };
-        if skip(j) {
+        if skip(&key_of(t)) {
             continue;
         }
-        let unlinked: Vec<&String> = [&t.when_entity, &t.then_entity]
-            .into_iter()
-            .filter(|e| !customer.linked.contains(e.as_str()))
-            .collect();
-        let needs_link = match unlinked.as_slice() {
-            [] => None,
-            [one] if linkable(one) => Some((*one).clone()),
-            _ => continue,
+        let Some(needs_link) = link_needed(t) else {
+            continue;
         };
-        let link_prior = needs_link.as_deref().and_then(link_item).map_or(0.0, |l| {
-            customer.inputs.iter().map(|&i| model.cosine(i, l)).sum()
-        });
-        let features = vec![
+        let (tp, ap) = part_of(t);
+        let mut features = vec![
             (e.walk + 1e-9).ln(),
             e.walk / best_walk,
             (out.len() as f64 + 2.0).ln(),
@@ -367,19 +562,96 @@ fn candidates(
             e.cosine / best_cosine,
             f64::from(model.popularity(j)).ln_1p(),
             if needs_link.is_some() { 1.0 } else { 0.0 },
-            link_prior,
+            link_prior(&needs_link),
             f64::from(e.items).ln_1p(),
             e.frequency,
-            (keeps.len() as f64).ln_1p(),
-            count(&|k| k.when_entity == t.when_entity && k.event_type == t.event_type),
-            count(&|k| k.then_entity == t.then_entity && k.command_type == t.command_type),
-            count(&|k| k.when_entity == t.when_entity),
-            count(&|k| k.then_entity == t.then_entity),
-            count(&|k| k.when_entity == t.when_entity && k.then_entity == t.then_entity),
         ];
+        features.extend(shares(t));
+        features.extend([0.0, strength(tp), strength(ap), together(tp, ap)]);
         debug_assert_eq!(features.len(), FEATURES);
         out.push(Candidate {
-            item: j,
+            item: Some(j),
+            template: t.clone(),
+            composed_from: None,
+            needs_link,
+            features,
+        });
+    }
+    if !compose {
+        return out;
+    }
+    // Composed: the customer's own trigger parts with every action part, and every trigger
+    // part with their own action parts, best first.
+    let (mut own_triggers, mut own_actions) = (HashSet::new(), HashSet::new());
+    for k in keeps {
+        let (t, a) = part_of(k);
+        own_triggers.extend(t);
+        own_actions.extend(a);
+    }
+    let sum = |p: u32| part_sums.get(&p).copied().unwrap_or(0.0);
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+    for (ti, (t, _, _)) in cat.parts.triggers.iter().enumerate() {
+        let own = own_triggers.contains(t);
+        for (ai, (a, _, _)) in cat.parts.actions.iter().enumerate() {
+            if !own && !own_actions.contains(a) {
+                continue;
+            }
+            let score =
+                (sum(*t) + 1e-6).ln() + (sum(*a) + 1e-6).ln() + together(Some(*t), Some(*a));
+            pairs.push((score, ti, ai));
+        }
+    }
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    let mut composed = 0;
+    for (_, ti, ai) in pairs {
+        if composed == COMPOSED {
+            break;
+        }
+        let ((tp, te, tk), (ap, ae, ak)) = (&cat.parts.triggers[ti], &cat.parts.actions[ai]);
+        let t = RuleTemplate {
+            when_entity: te.clone(),
+            event_type: tk.clone(),
+            then_entity: ae.clone(),
+            command_type: ak.clone(),
+        };
+        let key = key_of(&t);
+        let item = (cat.lookup)(&key);
+        // A rule k customers keep is the walk's to offer (or not); one the customer keeps or
+        // dismissed is left out.
+        if item.is_some_and(|j| model.popularity(j) >= cat.min_support)
+            || keeps.contains(&t)
+            || skip(&key)
+        {
+            continue;
+        }
+        let Some(needs_link) = link_needed(&t) else {
+            continue;
+        };
+        let mut features = vec![
+            1e-9f64.ln(),
+            0.0,
+            ((CANDIDATES + composed) as f64 + 2.0).ln(),
+            1e-9f64.ln(),
+            0.0,
+            0.0,
+            if needs_link.is_some() { 1.0 } else { 0.0 },
+            link_prior(&needs_link),
+            0.0,
+            0.0,
+        ];
+        features.extend(shares(&t));
+        features.extend([
+            1.0,
+            strength(Some(*tp)),
+            strength(Some(*ap)),
+            together(Some(*tp), Some(*ap)),
+        ]);
+        debug_assert_eq!(features.len(), FEATURES);
+        composed += 1;
+        out.push(Candidate {
+            item,
+            template: t,
+            composed_from: Some(if own_triggers.contains(tp) { *ap } else { *tp }),
             needs_link,
             features,
         });
@@ -391,7 +663,10 @@ fn candidates(
 struct RankerInputs<'a> {
     keys: &'a [String],
     templates: &'a [Option<RuleTemplate>],
-    link_item: &'a dyn Fn(&str) -> Option<u32>,
+    /// Items by key (every template, part and link of the population).
+    lookup: &'a dyn Fn(&str) -> Option<u32>,
+    /// Each template item's trigger and action parts.
+    parts_of: &'a [Option<(u32, u32)>],
     offsets: &'a [f64],
     beta: f64,
     min_support: u32,
@@ -401,6 +676,8 @@ struct RankerInputs<'a> {
 /// is left, the validation customers, and what is left of everyone (for a further split).
 struct ValidationSplit<'a> {
     model: Rp3Beta,
+    /// The parts at least k of what is left keep.
+    parts: Parts,
     /// (inputs, held-out templates, linked entities) per validation customer.
     val: Vec<(Vec<u32>, HashSet<u32>, HashSet<&'a str>)>,
     /// Every customer's templates left.
@@ -452,17 +729,28 @@ impl<'a> ValidationSplit<'a> {
                 (kept, held, linked)
             })
             .collect();
-        let model = Rp3Beta::fit(
-            &Interactions {
-                users: fit_templates
-                    .iter()
-                    .zip(&links)
-                    .map(|(items, links)| items.iter().chain(links).copied().collect())
-                    .collect(),
-                n_items: keys.len(),
-            },
-            inputs.beta,
+        let left = Interactions {
+            users: fit_templates
+                .iter()
+                .zip(&links)
+                .map(|(items, links)| items.iter().chain(links).copied().collect())
+                .collect(),
+            n_items: keys.len(),
+        };
+        let (mut popularity, mut pairs) = aggregates(&left, inputs.min_support);
+        add_part_aggregates(
+            &left.users,
+            inputs.parts_of,
+            &mut popularity,
+            &mut pairs,
             inputs.min_support,
+        );
+        drop(left);
+        let model = Rp3Beta::from_aggregates(popularity, &pairs, inputs.beta);
+        drop(pairs);
+        let parts = Parts::new(
+            keys.iter().enumerate().map(|(i, k)| (i as u32, k.as_str())),
+            &|i| model.popularity(i) >= inputs.min_support,
         );
         let users = users
             .iter()
@@ -471,6 +759,7 @@ impl<'a> ValidationSplit<'a> {
             .collect();
         ValidationSplit {
             model,
+            parts,
             val,
             users,
             links,
@@ -480,13 +769,14 @@ impl<'a> ValidationSplit<'a> {
     /// The ranker fitted on this split's validation customers, and its samples; no ranker
     /// with too few of them.
     fn fit(&self, inputs: &RankerInputs<'_>) -> (Option<Ranker>, Vec<RankerSample>) {
-        let samples = ranker_samples(
-            &self.model,
-            &self.val,
-            inputs.templates,
-            inputs.link_item,
-            inputs.offsets,
-        );
+        let catalogue = Catalogue {
+            model: &self.model,
+            templates: inputs.templates,
+            parts: &self.parts,
+            lookup: inputs.lookup,
+            min_support: inputs.min_support,
+        };
+        let samples = ranker_samples(&catalogue, &self.val, inputs.offsets);
         let positives = samples.iter().filter(|s| s.kept).count();
         let ranker = (samples.len() >= MIN_RANKER_SAMPLES && positives >= MIN_RANKER_KEPT)
             .then(|| Ranker::fit(&samples, FEATURES, RANKER_L2))
@@ -538,12 +828,11 @@ fn fit_ranker(
 /// [`RANKER_CUSTOMERS`] customers), each with its dismissal offset and whether it was one of
 /// the customer's held-out rules.
 fn ranker_samples(
-    model: &Rp3Beta,
+    catalogue: &Catalogue<'_>,
     val: &[(Vec<u32>, HashSet<u32>, HashSet<&str>)],
-    templates: &[Option<RuleTemplate>],
-    link_item: &dyn Fn(&str) -> Option<u32>,
     offsets: &[f64],
 ) -> Vec<RankerSample> {
+    let templates = catalogue.templates;
     let mut samples = Vec::new();
     for (n, (inputs, held, linked)) in val.iter().take(RANKER_CUSTOMERS).enumerate() {
         let keeps: Vec<RuleTemplate> = inputs
@@ -557,25 +846,22 @@ fn ranker_samples(
         };
         // Every entity in the training data is registered, so linkable.
         let everything = |_: &str| true;
-        let nothing = |_: u32| false;
-        for c in candidates(
-            model,
-            templates,
-            link_item,
-            &customer,
-            &everything,
-            &nothing,
-        ) {
-            let kept = held.contains(&c.item);
+        let nothing = |_: &str| false;
+        for c in candidates(catalogue, &customer, &everything, &nothing, true) {
+            let kept = c.item.is_some_and(|i| held.contains(&i));
             // Which not-kept candidates are sampled: by a hash of the customer and rule, so
             // every training picks the same.
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (n, c.item).hash(&mut h);
+            (n, key_of(&c.template)).hash(&mut h);
             if !kept && !h.finish().is_multiple_of(RANKER_NEGATIVE_SAMPLING) {
                 continue;
             }
             samples.push(RankerSample {
-                offset: offsets.get(c.item as usize).copied().unwrap_or(0.0),
+                // A composed rule is not in the served model, so no dismissals count for it.
+                offset: match (c.item, c.composed_from) {
+                    (Some(i), None) => offsets.get(i as usize).copied().unwrap_or(0.0),
+                    _ => 0.0,
+                },
                 kept,
                 weight: if kept {
                     1.0
@@ -596,8 +882,10 @@ pub struct Served {
     model: Rp3Beta,
     ranker: Option<Ranker>,
     index: HashMap<String, u32>,
-    /// Each model item's template (None for links and event types).
+    /// Each model item's template (None for links, event types and rule parts).
     templates: Vec<Option<RuleTemplate>>,
+    /// The rule parts, for composed recommendations.
+    parts: Parts,
     /// The entities the model's templates name.
     entities: Vec<String>,
 }
@@ -624,10 +912,20 @@ impl Served {
             .collect();
         let templates: Vec<Option<RuleTemplate>> =
             record.templates.iter().map(|t| parse_key(&t.key)).collect();
+        let parts = Parts::new(
+            record
+                .templates
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i as u32, t.key.as_str())),
+            &|_| true,
+        );
         let entities: std::collections::BTreeSet<String> = templates
             .iter()
             .flatten()
             .flat_map(|t| [t.when_entity.clone(), t.then_entity.clone()])
+            .chain(parts.triggers.iter().map(|p| p.1.clone()))
+            .chain(parts.actions.iter().map(|p| p.1.clone()))
             .collect();
         let entities = entities.into_iter().collect();
         Served {
@@ -636,11 +934,13 @@ impl Served {
             ranker,
             index,
             templates,
+            parts,
             entities,
         }
     }
 
-    /// The entities the model's templates name (what a recommendation may need linked).
+    /// The entities the model's templates and rule parts name (what a recommendation may need
+    /// linked).
     pub fn entities(&self) -> impl Iterator<Item = &str> {
         self.entities.iter().map(String::as_str)
     }
@@ -648,7 +948,7 @@ impl Served {
     /// Recommendations for a customer who keeps `kept`, links `linked` and recently received
     /// `received` (`source.type`), at or above `threshold`, most likely kept first: rules
     /// between entities the customer linked, and rules needing one more link to an entity in
-    /// `linkable`.
+    /// `linkable`; with a ranker, also composed rules (see [`candidates`]).
     pub fn recommend(
         &self,
         kept: &[RuleRecord],
@@ -680,43 +980,47 @@ impl Served {
             keeps: &keeps,
             linked: &linked_set,
         };
-        let link_item = |entity: &str| self.index.get(&link_key(entity)).copied();
-        let skip = |j: u32| {
-            self.record
-                .templates
-                .get(j as usize)
-                .is_none_or(|t| dismissed.contains(&t.key))
+        let lookup = |key: &str| self.index.get(key).copied();
+        let catalogue = Catalogue {
+            model: &self.model,
+            templates: &self.templates,
+            parts: &self.parts,
+            lookup: &lookup,
+            min_support: self.record.min_support,
         };
+        // Composed rules have no walk of their own to fall back on: only a ranker scores them.
         let mut scored: Vec<(f64, Candidate)> = candidates(
-            &self.model,
-            &self.templates,
-            &link_item,
+            &catalogue,
             &customer,
             &|e| linkable.contains(e),
-            &skip,
+            &|key| dismissed.contains(key),
+            self.ranker.is_some(),
         )
         .into_iter()
         .filter_map(|c| {
-            let t = self.record.templates.get(c.item as usize)?;
+            let stat = c.item.and_then(|j| self.record.templates.get(j as usize));
             // Dismissals are a negative signal: the share of customers who kept the template
             // rather than dismissed it, as an offset to the log-odds, with which the ranker
             // was fitted, so the confidence served is calibrated after every adjustment.
-            let share = kept_share(t.customers, t.dismissed);
+            let share = stat.map_or(1.0, |t| kept_share(t.customers, t.dismissed));
             let confidence = if let Some(ranker) = &self.ranker {
                 ranker.probability(&c.features, share.ln())
             } else {
                 // Too little data to fit the ranker: the share of the reason's customers who
                 // keep it, in the walk's order.
-                let from = self.model.strongest_reason(&items, c.item)?;
-                f64::from(self.model.support(from, c.item))
-                    / f64::from(self.model.popularity(from) + 1)
+                let j = c.item?;
+                let from = self.model.strongest_reason(&items, j)?;
+                f64::from(self.model.support(from, j)) / f64::from(self.model.popularity(from) + 1)
                     * share
             };
             Some((confidence, c))
         })
         .collect();
         if self.ranker.is_some() {
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.item.cmp(&b.1.item)));
+            scored.sort_by(|a, b| {
+                b.0.total_cmp(&a.0)
+                    .then_with(|| key_of(&a.1.template).cmp(&key_of(&b.1.template)))
+            });
         }
         let mut out = Vec::new();
         for (confidence, c) in scored {
@@ -726,44 +1030,25 @@ impl Served {
             if confidence < threshold {
                 continue;
             }
-            let j = c.item;
-            let (Some(t), Some(template)) = (
-                self.record.templates.get(j as usize),
-                self.templates.get(j as usize).cloned().flatten(),
-            ) else {
+            let Some(reason) = self.reason(&items, &c) else {
                 continue;
             };
-            let needs_link = c.needs_link;
-            let Some(from) = self.model.strongest_reason(&items, j) else {
-                continue;
+            let key = key_of(&c.template);
+            // A composed rule has no agreed condition or data: the customer's rule starts with
+            // none, and they add them.
+            let stat = match c.composed_from {
+                None => c.item.and_then(|j| self.record.templates.get(j as usize)),
+                Some(_) => None,
             };
-            let (support, base) = (self.model.support(from, j), self.model.popularity(from));
-            let from_key = self
-                .record
-                .templates
-                .get(from as usize)
-                .map(|f| f.key.as_str())
-                .unwrap_or("");
-            let data = t
-                .data_json
-                .as_deref()
+            let data = stat
+                .and_then(|t| t.data_json.as_deref())
                 .and_then(|d| serde_json::from_str(d).ok())
                 .unwrap_or_else(|| serde_json::json!({}));
+            let template = c.template;
             out.push(Recommendation {
-                id: encode_id(&t.key),
+                id: encode_id(&key),
                 confidence: (confidence * 1000.0).round() / 1000.0,
-                reason: format!(
-                    "kept by about {}% of the {} customers who {}",
-                    coarse_percent(support, base),
-                    coarse_count(base),
-                    if let Some(entity) = from_key.strip_prefix("link:") {
-                        format!("link {entity}")
-                    } else if let Some(t) = from_key.strip_prefix("event:") {
-                        format!("receive {t}")
-                    } else {
-                        format!("keep {}", from_key.replace('>', " -> "))
-                    }
-                ),
+                reason,
                 rule: RuleSpec {
                     name: format!(
                         "{} {} -> {} {}",
@@ -775,7 +1060,7 @@ impl Served {
                     when: Trigger {
                         entity: template.when_entity.clone(),
                         event_type: template.event_type.clone(),
-                        condition: t.condition.clone(),
+                        condition: stat.and_then(|t| t.condition.clone()),
                     },
                     then: Action {
                         entity: template.then_entity.clone(),
@@ -784,11 +1069,70 @@ impl Served {
                     },
                 },
                 template,
-                needs_link,
+                needs_link: c.needs_link,
                 model_version: self.record.version,
             });
         }
         out
+    }
+
+    /// Why a candidate is recommended, in shares rounded to 5% and counts in buckets: the
+    /// customer's item whose customers keep it most (the walk's strongest reason), or, for a
+    /// composed rule, the customer's item whose customers go most with the part they do not
+    /// keep yet. None when no item of theirs says anything of it.
+    fn reason(&self, items: &[u32], c: &Candidate) -> Option<String> {
+        let describe = |from: u32| {
+            let key = self
+                .record
+                .templates
+                .get(from as usize)
+                .map_or("", |f| f.key.as_str());
+            if let Some(entity) = key.strip_prefix("link:") {
+                format!("link {entity}")
+            } else if let Some(t) = key.strip_prefix("event:") {
+                format!("receive {t}")
+            } else {
+                format!("keep {}", key.replace('>', " -> "))
+            }
+        };
+        let share = |from: u32, to: u32| {
+            let base = self.model.popularity(from);
+            (
+                coarse_percent(self.model.support(from, to), base),
+                coarse_count(base),
+            )
+        };
+        let t = &c.template;
+        match c.composed_from {
+            None => {
+                let j = c.item?;
+                let from = self.model.strongest_reason(items, j)?;
+                let (percent, count) = share(from, j);
+                Some(format!(
+                    "kept by about {percent}% of the {count} customers who {}",
+                    describe(from)
+                ))
+            }
+            Some(part) => {
+                let from = self.model.closest(items, part)?;
+                let (percent, count) = share(from, part);
+                let (theirs, yours) = if self.parts.triggers.iter().any(|p| p.0 == part) {
+                    (
+                        format!("start a rule with {}.{}", t.when_entity, t.event_type),
+                        format!("{}.{}", t.then_entity, t.command_type),
+                    )
+                } else {
+                    (
+                        format!("end a rule with {}.{}", t.then_entity, t.command_type),
+                        format!("{}.{}", t.when_entity, t.event_type),
+                    )
+                };
+                Some(format!(
+                    "about {percent}% of the {count} customers who {} {theirs}; your rules use {yours}",
+                    describe(from)
+                ))
+            }
+        }
     }
 }
 
@@ -1068,6 +1412,93 @@ mod tests {
             (expected - kept).abs() / kept < 0.25,
             "confidence summed {expected:.0}, kept {kept}"
         );
+    }
+
+    #[test]
+    fn a_rule_fewer_than_k_keep_is_composed_from_parts_many_keep_and_leaves_no_trace() {
+        let (mut rules, mut links) = (Vec::new(), Vec::new());
+        for c in 0..1500 {
+            for k in 0..6 {
+                if keeps(c, k) {
+                    rules.push(rule(c, &format!("event{k}"), &format!("command{k}"), None));
+                }
+            }
+            // A few customers each keep one crossed rule: five per combination, under k.
+            if c < 150 {
+                let (a, b) = (c % 6, (c / 6 + c % 6 + 1) % 6);
+                if a != b {
+                    rules.push(rule(c, &format!("event{a}"), &format!("command{b}"), None));
+                }
+            }
+            links.push((format!("c{c}"), "airline".to_owned()));
+            links.push((format!("c{c}"), "hotel".to_owned()));
+        }
+        let served = Served::new(train(
+            Population {
+                rules,
+                links,
+                ..Default::default()
+            },
+            1,
+            0,
+            0.6,
+            10,
+        ));
+        let record = &served.record;
+        assert_eq!(
+            record.ranker.as_ref().expect("fitted").means.len(),
+            FEATURES
+        );
+        // The parts are in the model with their counts; no crossed rule is, nor any pair or
+        // count under k.
+        assert!(record
+            .templates
+            .iter()
+            .any(|t| t.key == "when:airline.event0" && t.customers >= 10));
+        assert!(record
+            .templates
+            .iter()
+            .any(|t| t.key == "then:hotel.command1" && t.customers >= 10));
+        let crossed = |key: &str| {
+            (0..6).any(|a| {
+                (0..6).any(|b| a != b && key == format!("airline.event{a}>hotel.command{b}"))
+            })
+        };
+        assert!(record
+            .templates
+            .iter()
+            .all(|t| t.customers >= 10 && !crossed(&t.key)));
+        assert!(record.pairs.iter().all(|p| p.2 >= 10));
+        // A customer keeping two rules is offered crossed rules too, composed from a trigger
+        // they keep and an action others keep, with no agreed condition or data.
+        let kept = vec![
+            rule(9_999, "event0", "command0", None).1,
+            rule(9_999, "event1", "command1", None).1,
+        ];
+        let linked = vec!["airline".to_owned(), "hotel".to_owned()];
+        let none = HashSet::new();
+        let recs = served.recommend(&kept, &linked, &none, &[], &none, 0.0);
+        let composed: Vec<&Recommendation> = recs
+            .iter()
+            .filter(|r| crossed(&decode_id(&r.id).unwrap_or_default()))
+            .collect();
+        assert!(!composed.is_empty(), "{recs:?}");
+        for r in &composed {
+            assert!(r.reason.contains("; your rules use "), "{}", r.reason);
+            assert!(r.reason.contains("% of the "), "{}", r.reason);
+            assert_eq!(r.rule.when.condition, None);
+            assert_eq!(r.rule.then.data, serde_json::json!({}));
+            assert!(
+                ["event0", "event1"].contains(&r.template.event_type.as_str())
+                    || ["command0", "command1"].contains(&r.template.command_type.as_str())
+            );
+        }
+        // Dismissed: not offered again.
+        let gone: HashSet<String> = [decode_id(&composed[0].id).unwrap_or_default()].into();
+        assert!(served
+            .recommend(&kept, &linked, &none, &[], &gone, 0.0)
+            .iter()
+            .all(|r| r.id != composed[0].id));
     }
 
     #[test]

@@ -229,6 +229,9 @@ async fn main() -> anyhow::Result<()> {
     let mut shown_users = 0usize;
     let mut rich_users = (0usize, 0usize);
     let mut bins = [(0usize, 0.0f64, 0usize); 10];
+    // Composed recommendations (rules fewer than k customers keep, made from a trigger and an
+    // action many keep; their reason says "your rules use"): shown, kept, and users they hit.
+    let mut composed = (0usize, 0usize, 0usize);
     for (u, _, held) in &users {
         let Some(list) = lists.get(u) else { continue };
         let top: Vec<&Recommendation> = list.items.iter().take(10).collect();
@@ -264,6 +267,16 @@ async fn main() -> anyhow::Result<()> {
             bins[b].1 += r.confidence;
             bins[b].2 += usize::from(held.contains(&k));
         }
+        let is_composed = |r: &Recommendation| r.reason.contains("; your rules use ");
+        composed.0 += top.iter().filter(|r| is_composed(r)).count();
+        composed.1 += top
+            .iter()
+            .filter(|r| is_composed(r) && held.contains(&served_key(&r.template)))
+            .count();
+        composed.2 += usize::from(
+            top.iter()
+                .any(|r| is_composed(r) && held.contains(&served_key(&r.template))),
+        );
         let m = eval::metrics_for(&ranked, &relevant, 10);
         for (slot, counted) in [(0, true), (1, !rss(u))] {
             if counted {
@@ -332,6 +345,10 @@ async fn main() -> anyhow::Result<()> {
         } else {
             format!("{ece:.3}")
         },
+    );
+    println!(
+        "\ncomposed (rules fewer than k keep): {} shown, {} of them kept (held out), {} customers with one kept",
+        composed.0, composed.1, composed.2
     );
     println!();
     println!("| confidence shown | recommendations | mean confidence | kept (held out) |");
