@@ -336,9 +336,10 @@ class HalvesWorld(World):
 
 class ComposedWorld(World):
     """The shipped candidates and features (node/src/recommend/vault.rs, candidates): the
-    walk's candidates, then up to 50 composed ones (a trigger part the user keeps with any
-    action part, or any trigger part with an action part they keep, each part kept by at least
-    K users, as a template fewer than K users keep), and four more features: whether it is
+    walk's candidates, then up to 50 composed ones (a trigger part the user keeps with an
+    action part, or a trigger part with an action part they keep, each part kept by at least
+    K users and both by at least K users together, as a template fewer than K users keep), and
+    four more features: whether it is
     composed, how strongly the user's items go with its trigger part and with its action part
     (cosines summed), and how strongly the two parts go together."""
 
@@ -386,7 +387,7 @@ class ComposedWorld(World):
         pairs = []
         for ti, t in enumerate(self.triggers):
             for ai, a in enumerate(self.actions):
-                if t in own[0] or a in own[1]:
+                if (t in own[0] or a in own[1]) and self.together[ti, ai] > 0:
                     pairs.append((-(math.log(sums[0][ti] + 1e-6) + math.log(sums[1][ai] + 1e-6)
                                     + together(t, a)), ti, ai))
         pairs.sort()
@@ -613,11 +614,14 @@ reachable = [
 ]
 print(f"\nHR@10 can be at most {np.mean(reachable):.3f} on the test split (k = {K}, one link at most)")
 # With composed candidates: also held-out templates fewer than K users keep whose trigger part
-# and action part at least K users keep each.
+# and action part at least K users keep each, and both together.
 part_users = [collections.Counter(h for tr in full for h in {side(keys[i]) for i in tr})
               for side in (lambda k: k[:2], lambda k: k[2:])]
+both_parts = collections.Counter((a, b) for tr in full for a in {keys[i][:2] for i in tr}
+                                 for b in {keys[i][2:] for i in tr})
 composable = [
-    any((popular[t] >= K or (part_users[0][keys[t][:2]] >= K and part_users[1][keys[t][2:]] >= K))
+    any((popular[t] >= K or (part_users[0][keys[t][:2]] >= K and part_users[1][keys[t][2:]] >= K
+                             and both_parts[(keys[t][:2], keys[t][2:])] >= K))
         and sum(e not in entities(tr) for e in (keys[t][0], keys[t][2])) <= 1 for t in te)
     for tr, te in test
 ]

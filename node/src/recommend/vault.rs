@@ -106,27 +106,40 @@ fn add_part_aggregates(
     pairs.sort_by_key(|p| (p.0, p.1));
 }
 
+/// A rule part: a trigger (entity and event type) or an action (entity and command type).
+#[derive(Debug)]
+struct Part {
+    trigger: bool,
+    entity: String,
+    kind: String,
+}
+
 /// The rule parts a model holds (each kept by at least k customers), which composed
-/// candidates are made from.
+/// candidates are made from, and which trigger and action parts at least k customers keep
+/// together (in any of their rules).
 #[derive(Debug, Default)]
 struct Parts {
-    /// (item, entity, event type) of each trigger part.
-    triggers: Vec<(u32, String, String)>,
-    /// (item, entity, command type) of each action part.
-    actions: Vec<(u32, String, String)>,
-    /// Every part's item.
-    items: HashSet<u32>,
+    parts: HashMap<u32, Part>,
+    /// Trigger part -> the action parts kept with it.
+    actions_with: HashMap<u32, Vec<u32>>,
+    /// Action part -> the trigger parts kept with it.
+    triggers_with: HashMap<u32, Vec<u32>>,
 }
 
 impl Parts {
-    /// The parts among `keys` (item, key) that `keep` accepts.
-    fn new<'k>(keys: impl Iterator<Item = (u32, &'k str)>, keep: &dyn Fn(u32) -> bool) -> Self {
+    /// The parts among `keys` (item, key) that `keep` accepts, and those of `pairs` that join
+    /// a trigger part to an action part.
+    fn new<'k>(
+        keys: impl Iterator<Item = (u32, &'k str)>,
+        keep: &dyn Fn(u32) -> bool,
+        pairs: &[Pair],
+    ) -> Self {
         let mut parts = Parts::default();
         for (i, key) in keys {
-            let (list, rest) = if let Some(rest) = key.strip_prefix("when:") {
-                (&mut parts.triggers, rest)
+            let (trigger, rest) = if let Some(rest) = key.strip_prefix("when:") {
+                (true, rest)
             } else if let Some(rest) = key.strip_prefix("then:") {
-                (&mut parts.actions, rest)
+                (false, rest)
             } else {
                 continue;
             };
@@ -134,11 +147,30 @@ impl Parts {
                 continue;
             };
             if keep(i) {
-                list.push((i, entity.to_owned(), kind.to_owned()));
-                parts.items.insert(i);
+                parts.parts.insert(
+                    i,
+                    Part {
+                        trigger,
+                        entity: entity.to_owned(),
+                        kind: kind.to_owned(),
+                    },
+                );
+            }
+        }
+        for &(a, b, _, _) in pairs {
+            let (Some(t), Some(x)) = (parts.parts.get(&a), parts.parts.get(&b)) else {
+                continue;
+            };
+            if t.trigger && !x.trigger {
+                parts.actions_with.entry(a).or_default().push(b);
+                parts.triggers_with.entry(b).or_default().push(a);
             }
         }
         parts
+    }
+
+    fn is_trigger(&self, item: u32) -> bool {
+        self.parts.get(&item).is_some_and(|p| p.trigger)
     }
 }
 
@@ -455,9 +487,11 @@ struct Catalogue<'a> {
 /// First the walk's: rules between linked entities and rules needing one more link to an
 /// entity `linkable` accepts, in the walk's order, at most [`CANDIDATES`]. Then, with
 /// `compose`, at most [`COMPOSED`] composed rules: a trigger part the customer keeps with an
-/// action part they do not (or the other way round), each part kept by at least k customers,
-/// as a rule fewer than k customers keep (so not one the walk could offer); ordered by how
-/// well each part goes with the customer's items and how often customers keep both parts.
+/// action part (or the other way round), each part kept by at least k customers and both
+/// together (in any of their rules) by at least k, as a rule fewer than k customers keep (so
+/// not one the walk could offer); ordered by how well each part goes with the customer's items
+/// and how often customers keep both parts. Only pairs k customers share are looked at, so the
+/// cost stays with the customer's few parts, not with the catalogue.
 /// On the IFTTT split a fifth of the held-out rules are such rules (README).
 ///
 /// Features: the walk's score (log, and relative to the best), the rank, the cosine score (log,
@@ -503,7 +537,7 @@ fn candidates(
         ]
     };
     // How strongly the customer's items go with each rule part, and the parts' own items.
-    let part_sums = model.cosine_sums(customer.inputs, &|j| cat.parts.items.contains(&j));
+    let part_sums = model.cosine_sums(customer.inputs, &|j| cat.parts.parts.contains_key(&j));
     let part_of = |t: &RuleTemplate| {
         (
             (cat.lookup)(&trigger_key(&t.when_entity, &t.event_type)),
@@ -580,39 +614,46 @@ fn candidates(
     if !compose {
         return out;
     }
-    // Composed: the customer's own trigger parts with every action part, and every trigger
-    // part with their own action parts, best first.
-    let (mut own_triggers, mut own_actions) = (HashSet::new(), HashSet::new());
+    // Composed: the customer's own trigger parts with the action parts k customers keep with
+    // them, and their own action parts with such trigger parts, best first.
+    let (mut own_triggers, mut own_actions) = (Vec::new(), HashSet::new());
     for k in keeps {
         let (t, a) = part_of(k);
-        own_triggers.extend(t);
+        own_triggers.extend(t.filter(|t| !own_triggers.contains(t)));
         own_actions.extend(a);
     }
     let sum = |p: u32| part_sums.get(&p).copied().unwrap_or(0.0);
-    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
-    for (ti, (t, _, _)) in cat.parts.triggers.iter().enumerate() {
-        let own = own_triggers.contains(t);
-        for (ai, (a, _, _)) in cat.parts.actions.iter().enumerate() {
-            if !own && !own_actions.contains(a) {
-                continue;
+    let score =
+        |t: u32, a: u32| (sum(t) + 1e-6).ln() + (sum(a) + 1e-6).ln() + together(Some(t), Some(a));
+    let none = Vec::new();
+    let mut pairs: Vec<(f64, u32, u32)> = Vec::new();
+    for &t in &own_triggers {
+        for &a in cat.parts.actions_with.get(&t).unwrap_or(&none) {
+            pairs.push((score(t, a), t, a));
+        }
+    }
+    for &a in &own_actions {
+        for &t in cat.parts.triggers_with.get(&a).unwrap_or(&none) {
+            if !own_triggers.contains(&t) {
+                pairs.push((score(t, a), t, a));
             }
-            let score =
-                (sum(*t) + 1e-6).ln() + (sum(*a) + 1e-6).ln() + together(Some(*t), Some(*a));
-            pairs.push((score, ti, ai));
         }
     }
     pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
     let mut composed = 0;
-    for (_, ti, ai) in pairs {
+    for (_, tp, ap) in pairs {
         if composed == COMPOSED {
             break;
         }
-        let ((tp, te, tk), (ap, ae, ak)) = (&cat.parts.triggers[ti], &cat.parts.actions[ai]);
+        let (Some(trigger), Some(action)) = (cat.parts.parts.get(&tp), cat.parts.parts.get(&ap))
+        else {
+            continue;
+        };
         let t = RuleTemplate {
-            when_entity: te.clone(),
-            event_type: tk.clone(),
-            then_entity: ae.clone(),
-            command_type: ak.clone(),
+            when_entity: trigger.entity.clone(),
+            event_type: trigger.kind.clone(),
+            then_entity: action.entity.clone(),
+            command_type: action.kind.clone(),
         };
         let key = key_of(&t);
         let item = (cat.lookup)(&key);
@@ -642,16 +683,16 @@ fn candidates(
         features.extend(shares(&t));
         features.extend([
             1.0,
-            strength(Some(*tp)),
-            strength(Some(*ap)),
-            together(Some(*tp), Some(*ap)),
+            strength(Some(tp)),
+            strength(Some(ap)),
+            together(Some(tp), Some(ap)),
         ]);
         debug_assert_eq!(features.len(), FEATURES);
         composed += 1;
         out.push(Candidate {
             item,
             template: t,
-            composed_from: Some(if own_triggers.contains(tp) { *ap } else { *tp }),
+            composed_from: Some(if own_triggers.contains(&tp) { ap } else { tp }),
             needs_link,
             features,
         });
@@ -747,11 +788,12 @@ impl<'a> ValidationSplit<'a> {
         );
         drop(left);
         let model = Rp3Beta::from_aggregates(popularity, &pairs, inputs.beta);
-        drop(pairs);
         let parts = Parts::new(
             keys.iter().enumerate().map(|(i, k)| (i as u32, k.as_str())),
             &|i| model.popularity(i) >= inputs.min_support,
+            &pairs,
         );
+        drop(pairs);
         let users = users
             .iter()
             .zip(fit_templates)
@@ -919,13 +961,13 @@ impl Served {
                 .enumerate()
                 .map(|(i, t)| (i as u32, t.key.as_str())),
             &|_| true,
+            &record.pairs,
         );
         let entities: std::collections::BTreeSet<String> = templates
             .iter()
             .flatten()
             .flat_map(|t| [t.when_entity.clone(), t.then_entity.clone()])
-            .chain(parts.triggers.iter().map(|p| p.1.clone()))
-            .chain(parts.actions.iter().map(|p| p.1.clone()))
+            .chain(parts.parts.values().map(|p| p.entity.clone()))
             .collect();
         let entities = entities.into_iter().collect();
         Served {
@@ -1116,7 +1158,7 @@ impl Served {
             Some(part) => {
                 let from = self.model.closest(items, part)?;
                 let (percent, count) = share(from, part);
-                let (theirs, yours) = if self.parts.triggers.iter().any(|p| p.0 == part) {
+                let (theirs, yours) = if self.parts.is_trigger(part) {
                     (
                         format!("start a rule with {}.{}", t.when_entity, t.event_type),
                         format!("{}.{}", t.then_entity, t.command_type),
