@@ -310,13 +310,24 @@ pub fn training_due(
     }
 }
 
+/// What [`training_due`] reads of a stored model: its customers and when it was trained; None
+/// (train at once, as if there were none) for a model whose ranker reads another number of
+/// features than this build computes (trained by an earlier build).
+pub fn schedule_of(model: &custos_raft::records::ModelRecord) -> Option<(u32, i64)> {
+    model
+        .ranker
+        .as_ref()
+        .is_none_or(|r| r.means.len() == crate::recommend::vault::FEATURES)
+        .then_some((model.customers, model.trained_ms))
+}
+
 /// Checked every `recommend_warmup_secs` on the meta group's leader: trains when due.
 async fn train_when_due(core: Arc<Core>) {
     if !core.is_leader(META_GROUP) {
         return;
     }
     let model = match core.read_meta(|r| r.model()).await {
-        Ok(m) => m.map(|m| (m.customers, m.trained_ms)),
+        Ok(m) => m.as_ref().and_then(schedule_of),
         Err(e) => {
             tracing::warn!(error = %e, "could not read the recommender model");
             return;
@@ -768,5 +779,25 @@ mod tests {
         assert!(training_due(Some((10, 1_000)), 1_000 + 3_600_000, 0, &c));
         // ...unless enough rules changed since.
         assert!(training_due(Some((10, 1_000)), 2_000, 1_000, &c));
+        // A fresh model whose ranker reads fewer features than this build's: retrained.
+        let mut model = custos_raft::records::ModelRecord {
+            version: 1,
+            trained_ms: 1_000,
+            customers: 10,
+            beta: 0.6,
+            min_support: 10,
+            templates: Vec::new(),
+            pairs: Vec::new(),
+            ranker: Some(custos_raft::records::RankerRecord {
+                means: vec![0.0; crate::recommend::vault::FEATURES],
+                scales: vec![1.0; crate::recommend::vault::FEATURES],
+                weights: Vec::new(),
+            }),
+        };
+        assert!(!training_due(schedule_of(&model), 2_000, 0, &c));
+        if let Some(r) = model.ranker.as_mut() {
+            r.means.truncate(16);
+        }
+        assert!(training_due(schedule_of(&model), 2_000, 0, &c));
     }
 }

@@ -945,7 +945,13 @@ impl Served {
     pub fn new(record: ModelRecord) -> Self {
         let popularity = record.templates.iter().map(|t| t.customers).collect();
         let model = Rp3Beta::from_aggregates(popularity, &record.pairs, record.beta);
-        let ranker = record.ranker.clone().map(Ranker::from_record);
+        // A ranker of another number of features (from an earlier build, until the next
+        // training) is not used: the walk's order serves meanwhile.
+        let ranker = record
+            .ranker
+            .clone()
+            .filter(|r| r.means.len() == FEATURES)
+            .map(Ranker::from_record);
         let index = record
             .templates
             .iter()
@@ -1535,6 +1541,19 @@ mod tests {
                     || ["command0", "command1"].contains(&r.template.command_type.as_str())
             );
         }
+        // A model from a build whose ranker read fewer features: served in the walk's order
+        // (no composed rules) until it is retrained, not with every confidence at zero.
+        let mut older = served.record.clone();
+        if let Some(r) = older.ranker.as_mut() {
+            r.means.truncate(16);
+            r.scales.truncate(16);
+        }
+        let older = Served::new(older);
+        let recs = older.recommend(&kept, &linked, &none, &[], &none, 0.0);
+        assert!(!recs.is_empty());
+        assert!(recs
+            .iter()
+            .all(|r| !crossed(&decode_id(&r.id).unwrap_or_default()) && r.confidence > 0.0));
         // Dismissed: not offered again.
         let gone: HashSet<String> = [decode_id(&composed[0].id).unwrap_or_default()].into();
         assert!(served
