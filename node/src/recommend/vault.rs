@@ -1400,8 +1400,10 @@ mod tests {
         (u64::from(c) * 2_654_435_761 + u64::from(k) * 40_503) % 1000 < RATES[k as usize]
     }
 
-    #[test]
-    fn the_ranker_is_fitted_on_validation_customers_and_its_confidence_is_calibrated() {
+    /// A model trained on 1,500 customers keeping the six rules as [`keeps`] draws them, all
+    /// linking the airline and the hotel; with `crossed`, the first 150 also keep one crossed
+    /// rule each (`event{a}` -> `command{b}`, a != b): five customers per combination, under k.
+    fn trained_on_six_rules(crossed: bool) -> Served {
         let (mut rules, mut links) = (Vec::new(), Vec::new());
         for c in 0..1500 {
             for k in 0..6 {
@@ -1409,10 +1411,14 @@ mod tests {
                     rules.push(rule(c, &format!("event{k}"), &format!("command{k}"), None));
                 }
             }
+            let (a, b) = (c % 6, (c / 6 + c % 6 + 1) % 6);
+            if crossed && c < 150 && a != b {
+                rules.push(rule(c, &format!("event{a}"), &format!("command{b}"), None));
+            }
             links.push((format!("c{c}"), "airline".to_owned()));
             links.push((format!("c{c}"), "hotel".to_owned()));
         }
-        let served = Served::new(train(
+        Served::new(train(
             Population {
                 rules,
                 links,
@@ -1422,7 +1428,12 @@ mod tests {
             0,
             0.6,
             10,
-        ));
+        ))
+    }
+
+    #[test]
+    fn the_ranker_is_fitted_on_validation_customers_and_its_confidence_is_calibrated() {
+        let served = trained_on_six_rules(false);
         let ranker = served.record.ranker.as_ref().expect("fitted");
         assert_eq!(ranker.means.len(), FEATURES);
         // New customers with about a fifth of their rules held back (as the validation
@@ -1464,34 +1475,7 @@ mod tests {
 
     #[test]
     fn a_rule_fewer_than_k_keep_is_composed_from_parts_many_keep_and_leaves_no_trace() {
-        let (mut rules, mut links) = (Vec::new(), Vec::new());
-        for c in 0..1500 {
-            for k in 0..6 {
-                if keeps(c, k) {
-                    rules.push(rule(c, &format!("event{k}"), &format!("command{k}"), None));
-                }
-            }
-            // A few customers each keep one crossed rule: five per combination, under k.
-            if c < 150 {
-                let (a, b) = (c % 6, (c / 6 + c % 6 + 1) % 6);
-                if a != b {
-                    rules.push(rule(c, &format!("event{a}"), &format!("command{b}"), None));
-                }
-            }
-            links.push((format!("c{c}"), "airline".to_owned()));
-            links.push((format!("c{c}"), "hotel".to_owned()));
-        }
-        let served = Served::new(train(
-            Population {
-                rules,
-                links,
-                ..Default::default()
-            },
-            1,
-            0,
-            0.6,
-            10,
-        ));
+        let served = trained_on_six_rules(true);
         let record = &served.record;
         assert_eq!(
             record.ranker.as_ref().expect("fitted").means.len(),
