@@ -579,7 +579,7 @@ def pairwise_logistic(c):
 
 add("RP3beta candidates + logistic ranker, features alone", lambda: ranker(standardised_logistic))
 add("RP3beta candidates + logistic ranker, pairwise products, L2 100", lambda: ranker(pairwise_logistic(0.01)))
-add("RP3beta candidates + logistic ranker, pairwise products, L2 10 (shipped)", lambda: ranker(pairwise_logistic(0.1)))
+add("RP3beta candidates + logistic ranker, pairwise products, L2 10 (shipped until 2026-12-06)", lambda: ranker(pairwise_logistic(0.1)))
 add("RP3beta candidates + pairwise products, per-user softmax, L2 10", lambda: listwise(10.0))
 add("RP3beta candidates + pairwise products, per-user softmax, L2 100", lambda: listwise(100.0))
 add("RP3beta candidates + logistic ranker, pairwise products, L2 10, with trigger and action scores", lambda: ranker(
@@ -589,7 +589,7 @@ for label, world in (("matrix-factorisation scores (ALS, 32 factors)", FactorWor
                      ("both", FactorNamesWorld)):
     add(f"RP3beta candidates + logistic ranker, pairwise products, L2 10, with {label}", lambda: ranker(
         pairwise_logistic(0.1), (world(fit, [entities(f) for f in fit]), world(full, [entities(f) for f in full]))))
-add("RP3beta candidates and composed candidates + logistic ranker, pairwise products, L2 10", lambda: ranker(
+add("RP3beta candidates and composed candidates + logistic ranker, pairwise products, L2 10 (shipped)", lambda: ranker(
     pairwise_logistic(0.1), (ComposedWorld(fit, [entities(f) for f in fit]), ComposedWorld(full, [entities(f) for f in full]))))
 add("RP3beta candidates + gradient-boosted trees", lambda: ranker(
     lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0)))

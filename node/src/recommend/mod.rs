@@ -447,7 +447,8 @@ impl Standardised<'_> {
 
 /// Newton's method for the penalised logistic loss on the standardised expansion, from `w`,
 /// each step halved until the loss does not grow (a start far from the optimum can overshoot),
-/// until no weight moves by 1e-6 (at most 30 steps). None if a step cannot be solved.
+/// until Newton's step moves no weight by 1e-6 (at most 30 steps). None if a step cannot be
+/// solved.
 fn newton(samples: &[RankerSample], st: &Standardised<'_>, l2: f64, w: &mut [f64]) -> Option<()> {
     let dim = w.len();
     let mut x = Vec::new();
@@ -501,13 +502,10 @@ fn newton(samples: &[RankerSample], st: &Standardised<'_>, l2: f64, w: &mut [f64
             // No step lowers the loss: at the optimum, to rounding.
             break;
         }
-        let largest = w
-            .iter()
-            .zip(&next)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
         w.copy_from_slice(&next);
-        if largest < 1e-6 {
+        // Converged when Newton's own step is tiny, not when a step shortened by the line
+        // search happens to be.
+        if step.iter().fold(0.0f64, |m, d| m.max(d.abs())) < 1e-6 {
             break;
         }
     }
@@ -596,7 +594,10 @@ impl Ranker {
                     ..s.clone()
                 })
                 .collect();
-            newton(&every_eighth, &standard, l2, &mut w)?;
+            // Should the subsample's fit fail, all the samples start from zero.
+            if newton(&every_eighth, &standard, l2, &mut w).is_none() {
+                w.iter_mut().for_each(|v| *v = 0.0);
+            }
         }
         newton(samples, &standard, l2, &mut w)?;
         // The second standardisation folded into the weights.

@@ -136,6 +136,11 @@ impl Parts {
     ) -> Self {
         let mut parts = Parts::default();
         for (i, key) in keys {
+            // A template key (`source.event>target.command`) is never a part, even when its
+            // entity's id starts like one.
+            if key.contains('>') {
+                continue;
+            }
             let (trigger, rest) = if let Some(rest) = key.strip_prefix("when:") {
                 (true, rest)
             } else if let Some(rest) = key.strip_prefix("then:") {
@@ -449,13 +454,22 @@ const RANKER_NEGATIVE_SAMPLING: u64 = 4;
 /// How many features describe a candidate (see [`candidates`]).
 pub const FEATURES: usize = 20;
 
+/// What a composed rule is explained by in its reason.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Composed {
+    /// The part (trigger or action) the customer does not use yet.
+    NewPart(u32),
+    /// The customer uses both parts, in different rules: (trigger part, action part).
+    BothParts(u32, u32),
+}
+
 /// One rule a customer could be recommended, with what the ranker scores it on.
 struct Candidate {
     /// Its model item: None for a composed rule the model does not hold.
     item: Option<u32>,
     template: RuleTemplate,
-    /// For a composed rule, the part to explain it by (the one the customer does not keep).
-    composed_from: Option<u32>,
+    /// For a composed rule, how it is explained.
+    composed_from: Option<Composed>,
     /// The entity it needs linked first, if any.
     needs_link: Option<String>,
     features: Vec<f64>,
@@ -660,7 +674,7 @@ fn candidates(
         // A rule k customers keep is the walk's to offer (or not); one the customer keeps or
         // dismissed is left out.
         if item.is_some_and(|j| model.popularity(j) >= cat.min_support)
-            || keeps.contains(&t)
+            || keeps.iter().any(|k| key_of(k) == key)
             || skip(&key)
         {
             continue;
@@ -692,7 +706,13 @@ fn candidates(
         out.push(Candidate {
             item,
             template: t,
-            composed_from: Some(if own_triggers.contains(&tp) { ap } else { tp }),
+            composed_from: Some(
+                match (own_triggers.contains(&tp), own_actions.contains(&ap)) {
+                    (true, true) => Composed::BothParts(tp, ap),
+                    (true, false) => Composed::NewPart(ap),
+                    _ => Composed::NewPart(tp),
+                },
+            ),
             needs_link,
             features,
         });
@@ -1006,15 +1026,21 @@ impl Served {
         dismissed: &HashSet<String>,
         threshold: f64,
     ) -> Vec<Recommendation> {
+        // Each item and template once, as in training: two rules of one template (with other
+        // conditions) are one template kept.
+        let mut seen = HashSet::new();
         let items: Vec<u32> = kept
             .iter()
             .map(template_key)
             .chain(linked.iter().map(|e| link_key(e)))
             .chain(received.iter().map(|t| event_key(t)))
             .filter_map(|k| self.index.get(&k).copied())
+            .filter(|i| seen.insert(*i))
             .collect();
+        let mut seen = HashSet::new();
         let keeps: Vec<RuleTemplate> = kept
             .iter()
+            .filter(|r| seen.insert(template_key(r)))
             .map(|r| RuleTemplate {
                 when_entity: r.when_entity.clone(),
                 event_type: r.when_event_type.clone(),
@@ -1127,7 +1153,9 @@ impl Served {
     /// Why a candidate is recommended, in shares rounded to 5% and counts in buckets: the
     /// customer's item whose customers keep it most (the walk's strongest reason), or, for a
     /// composed rule, the customer's item whose customers go most with the part they do not
-    /// keep yet. None when no item of theirs says anything of it.
+    /// use yet, or (when they use both parts, in different rules) how many of the customers
+    /// who start a rule with its trigger end one with its action. None when nothing k
+    /// customers share says anything of it.
     fn reason(&self, items: &[u32], c: &Candidate) -> Option<String> {
         let describe = |from: u32| {
             let key = self
@@ -1161,7 +1189,17 @@ impl Served {
                     describe(from)
                 ))
             }
-            Some(part) => {
+            Some(Composed::BothParts(trigger, action)) => {
+                let (percent, count) = share(trigger, action);
+                (self.model.support(trigger, action) > 0).then(|| {
+                    format!(
+                        "about {percent}% of the {count} customers who start a rule with {}.{} \
+                         end one with {}.{}; your rules use both",
+                        t.when_entity, t.event_type, t.then_entity, t.command_type
+                    )
+                })
+            }
+            Some(Composed::NewPart(part)) => {
                 let from = self.model.closest(items, part)?;
                 let (percent, count) = share(from, part);
                 let (theirs, yours) = if self.parts.is_trigger(part) {
@@ -1515,6 +1553,47 @@ mod tests {
             .filter(|r| crossed(&decode_id(&r.id).unwrap_or_default()))
             .collect();
         assert!(!composed.is_empty(), "{recs:?}");
+        // A part they do not use yet: explained by what their rules have in common with it.
+        let r = composed
+            .iter()
+            .find(|r| r.template.event_type == "event0" && r.template.command_type == "command5")
+            .expect("event0 -> command5 offered");
+        assert!(
+            r.reason
+                .contains(" end a rule with hotel.command5; your rules use airline.event0"),
+            "{}",
+            r.reason
+        );
+        // Both its parts their own (in different rules): explained by the pair, not by a rule
+        // of theirs that already has the part.
+        let item = |k: &str| served.index.get(k).copied().expect("in the model");
+        let both = Candidate {
+            item: None,
+            template: RuleTemplate {
+                when_entity: "airline".into(),
+                event_type: "event0".into(),
+                then_entity: "hotel".into(),
+                command_type: "command1".into(),
+            },
+            composed_from: Some(Composed::BothParts(
+                item("when:airline.event0"),
+                item("then:hotel.command1"),
+            )),
+            needs_link: None,
+            features: Vec::new(),
+        };
+        let items = [
+            item("airline.event0>hotel.command0"),
+            item("airline.event1>hotel.command1"),
+        ];
+        let reason = served.reason(&items, &both).expect("explained");
+        assert!(
+            reason.contains(
+                "customers who start a rule with airline.event0 end one with hotel.command1; \
+                 your rules use both"
+            ),
+            "{reason}"
+        );
         for r in &composed {
             assert!(r.reason.contains("; your rules use "), "{}", r.reason);
             assert!(r.reason.contains("% of the "), "{}", r.reason);
