@@ -317,7 +317,7 @@ pub fn schedule_of(model: &custos_raft::records::ModelRecord) -> Option<(u32, i6
     model
         .ranker
         .as_ref()
-        .is_none_or(|r| r.means.len() == crate::recommend::vault::FEATURES)
+        .is_none_or(crate::recommend::vault::ranker_is_current)
         .then_some((model.customers, model.trained_ms))
 }
 

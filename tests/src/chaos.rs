@@ -466,13 +466,12 @@ async fn rule_ops(
             }
         } else {
             history.push(Step::Invoke(thread, RuleOp::Read));
-            let read = me.rules(&customer.id).await.ok();
-            if read.is_none() {
+            let Ok(rules) = me.rules(&customer.id).await else {
                 history.retract(thread);
                 tokio::time::sleep(every).await;
                 continue;
-            }
-            read.map(|rules| RuleRet::Names(rules.into_iter().map(|r| r.name).collect()))
+            };
+            Some(RuleRet::Names(rules.into_iter().map(|r| r.name).collect()))
         };
         match ret {
             Some(r) => history.push(Step::Return(thread, r)),
@@ -501,13 +500,14 @@ async fn link_ops(
         let read = rand::thread_rng().gen_bool(0.4);
         let ret: Option<LinkRet> = if read {
             history.push(Step::Invoke(thread, LinkOp::Read));
-            let answer = admin.customer(&customer.id).await.ok();
-            if answer.is_none() {
+            let Ok(c) = admin.customer(&customer.id).await else {
                 history.retract(thread);
                 tokio::time::sleep(pace.every).await;
                 continue;
-            }
-            answer.map(|c| LinkRet::Linked(c.links.iter().any(|l| l.entity_id == "car")))
+            };
+            Some(LinkRet::Linked(
+                c.links.iter().any(|l| l.entity_id == "car"),
+            ))
         } else if linked_next {
             history.push(Step::Invoke(thread, LinkOp::Link));
             shared.mark(&customer.id, true);

@@ -19,10 +19,17 @@ const MIN_RANKER_KEPT: usize = 20;
 
 /// The template key of a rule: `source.event_type>target.command_type`.
 pub fn template_key(r: &RuleRecord) -> String {
-    format!(
-        "{}.{}>{}.{}",
-        r.when_entity, r.when_event_type, r.then_entity, r.then_command_type
+    join_key(
+        &r.when_entity,
+        &r.when_event_type,
+        &r.then_entity,
+        &r.then_command_type,
     )
+}
+
+/// A template key from its four names.
+fn join_key(when_entity: &str, event_type: &str, then_entity: &str, command_type: &str) -> String {
+    format!("{when_entity}.{event_type}>{then_entity}.{command_type}")
 }
 
 /// The model item of a customer's link to an entity: an engagement input, never recommended.
@@ -37,10 +44,18 @@ fn event_key(source_type: &str) -> String {
 
 /// The template key of a rule template (see [`template_key`]).
 fn key_of(t: &RuleTemplate) -> String {
-    format!(
-        "{}.{}>{}.{}",
-        t.when_entity, t.event_type, t.then_entity, t.command_type
+    join_key(
+        &t.when_entity,
+        &t.event_type,
+        &t.then_entity,
+        &t.command_type,
     )
+}
+
+/// Whether a stored ranker reads the features this build computes ([`FEATURES`]); one from
+/// an earlier build with another count is neither served nor kept past the next check.
+pub fn ranker_is_current(r: &custos_raft::records::RankerRecord) -> bool {
+    r.means.len() == FEATURES
 }
 
 /// The model item of a rule's trigger part (`when:source.event_type`): one half of a composed
@@ -230,6 +245,8 @@ pub fn train(
             (keys.len() - 1) as u32
         })
     };
+    // Each template item's trigger and action parts, as its rules name them.
+    let mut parts_by_template: HashMap<u32, (u32, u32)> = HashMap::new();
     // Per customer: its template items, and its link items (engagement inputs).
     let mut users: Vec<(String, Vec<u32>)> = Vec::new();
     let mut link_items: Vec<Vec<u32>> = Vec::new();
@@ -238,8 +255,9 @@ pub fn train(
         for r in rules {
             let id = intern(template_key(r));
             // Its parts are model items too (see `add_part_aggregates`).
-            intern(trigger_key(&r.when_entity, &r.when_event_type));
-            intern(action_key(&r.then_entity, &r.then_command_type));
+            let trigger = intern(trigger_key(&r.when_entity, &r.when_event_type));
+            let action = intern(action_key(&r.then_entity, &r.then_command_type));
+            parts_by_template.insert(id, (trigger, action));
             if !items.contains(&id) {
                 items.push(id);
                 *versions
@@ -269,15 +287,8 @@ pub fn train(
         })
         .collect();
     let parsed: Vec<Option<RuleTemplate>> = keys.iter().map(|k| parse_key(k)).collect();
-    let parts_of: Vec<Option<(u32, u32)>> = parsed
-        .iter()
-        .map(|t| {
-            let t = t.as_ref()?;
-            Some((
-                *index.get(&trigger_key(&t.when_entity, &t.event_type))?,
-                *index.get(&action_key(&t.then_entity, &t.command_type))?,
-            ))
-        })
+    let parts_of: Vec<Option<(u32, u32)>> = (0..n_items as u32)
+        .map(|i| parts_by_template.get(&i).copied())
         .collect();
     let lookup = |key: &str| index.get(key).copied();
     let ranker = fit_ranker(
@@ -589,6 +600,7 @@ fn candidates(
                 customer.inputs.iter().map(|&i| model.cosine(i, l)).sum()
             })
     };
+    let kept_keys: HashSet<String> = keeps.iter().map(key_of).collect();
     let mut out = Vec::new();
     for (j, e) in scored {
         if out.len() == CANDIDATES {
@@ -674,7 +686,7 @@ fn candidates(
         // A rule k customers keep is the walk's to offer (or not); one the customer keeps or
         // dismissed is left out.
         if item.is_some_and(|j| model.popularity(j) >= cat.min_support)
-            || keeps.iter().any(|k| key_of(k) == key)
+            || kept_keys.contains(&key)
             || skip(&key)
         {
             continue;
@@ -970,7 +982,7 @@ impl Served {
         let ranker = record
             .ranker
             .clone()
-            .filter(|r| r.means.len() == FEATURES)
+            .filter(ranker_is_current)
             .map(Ranker::from_record);
         let index = record
             .templates
