@@ -311,14 +311,10 @@ pub fn training_due(
 }
 
 /// What [`training_due`] reads of a stored model: its customers and when it was trained; None
-/// (train at once, as if there were none) for a model whose ranker reads another number of
-/// features than this build computes (trained by an earlier build).
+/// (train at once, as if there were none) for a model an earlier build trained in another
+/// form (its ranker's features or its keys).
 pub fn schedule_of(model: &custos_raft::records::ModelRecord) -> Option<(u32, i64)> {
-    model
-        .ranker
-        .as_ref()
-        .is_none_or(crate::recommend::vault::ranker_is_current)
-        .then_some((model.customers, model.trained_ms))
+    crate::recommend::vault::model_is_current(model).then_some((model.customers, model.trained_ms))
 }
 
 /// Checked every `recommend_warmup_secs` on the meta group's leader: trains when due.

@@ -17,7 +17,9 @@ use super::{
 const MIN_RANKER_SAMPLES: usize = 200;
 const MIN_RANKER_KEPT: usize = 20;
 
-/// The template key of a rule: `source.event_type>target.command_type`.
+/// The template key of a rule: `source/event_type>target/command_type`. Entity ids and types
+/// may hold dots but never `/` or `>` ([`custos_api::limits::is_valid_id`]), so a key reads
+/// back into the same four names.
 pub fn template_key(r: &RuleRecord) -> String {
     join_key(
         &r.when_entity,
@@ -29,7 +31,32 @@ pub fn template_key(r: &RuleRecord) -> String {
 
 /// A template key from its four names.
 fn join_key(when_entity: &str, event_type: &str, then_entity: &str, command_type: &str) -> String {
-    format!("{when_entity}.{event_type}>{then_entity}.{command_type}")
+    format!("{when_entity}/{event_type}>{then_entity}/{command_type}")
+}
+
+/// A template or rule-part key as this build writes it, from one an earlier build stored
+/// (with `.` between entity and type, read back at the first dot, which misreads an entity
+/// id holding a dot, as that build did): models and dismissals stored before the change are
+/// read through this. Any other key is returned as it is.
+pub fn upgrade_key(key: &str) -> String {
+    if !is_legacy_key(key) {
+        return key.to_owned();
+    }
+    let part = |s: &str| match s.split_once('.') {
+        Some((entity, kind)) => format!("{entity}/{kind}"),
+        None => s.to_owned(),
+    };
+    match key.split_once('>') {
+        Some((when, then)) => format!("{}>{}", part(when), part(then)),
+        None => part(key),
+    }
+}
+
+/// Whether `key` is a template or rule-part key in the earlier build's form (no `/`, which
+/// ids cannot hold and this build's keys always do).
+fn is_legacy_key(key: &str) -> bool {
+    !key.contains('/')
+        && (key.contains('>') || key.starts_with("when:") || key.starts_with("then:"))
 }
 
 /// The model item of a customer's link to an entity: an engagement input, never recommended.
@@ -54,19 +81,27 @@ fn key_of(t: &RuleTemplate) -> String {
 
 /// Whether a stored ranker reads the features this build computes ([`FEATURES`]); one from
 /// an earlier build with another count is neither served nor kept past the next check.
-pub fn ranker_is_current(r: &custos_raft::records::RankerRecord) -> bool {
+fn ranker_is_current(r: &custos_raft::records::RankerRecord) -> bool {
     r.means.len() == FEATURES
 }
 
-/// The model item of a rule's trigger part (`when:source.event_type`): one half of a composed
-/// recommendation, never recommended itself.
-fn trigger_key(entity: &str, event_type: &str) -> String {
-    format!("when:{entity}.{event_type}")
+/// Whether a stored model is in this build's form: its ranker (if any) reads this build's
+/// features and its keys are in this build's form. One that is not is served as well as it
+/// can be and retrained at the meta leader's next check.
+pub fn model_is_current(model: &ModelRecord) -> bool {
+    model.ranker.as_ref().is_none_or(ranker_is_current)
+        && !model.templates.iter().any(|t| is_legacy_key(&t.key))
 }
 
-/// The model item of a rule's action part (`then:target.command_type`).
+/// The model item of a rule's trigger part (`when:source/event_type`): one half of a composed
+/// recommendation, never recommended itself.
+fn trigger_key(entity: &str, event_type: &str) -> String {
+    format!("when:{entity}/{event_type}")
+}
+
+/// The model item of a rule's action part (`then:target/command_type`).
 fn action_key(entity: &str, command_type: &str) -> String {
-    format!("then:{entity}.{command_type}")
+    format!("then:{entity}/{command_type}")
 }
 
 /// Adds the rule parts' aggregates to a population's (`popularity` and `pairs` from
@@ -151,7 +186,7 @@ impl Parts {
     ) -> Self {
         let mut parts = Parts::default();
         for (i, key) in keys {
-            // A template key (`source.event>target.command`) is never a part, even when its
+            // A template key (`source/event>target/command`) is never a part, even when its
             // entity's id starts like one.
             if key.contains('>') {
                 continue;
@@ -163,7 +198,7 @@ impl Parts {
             } else {
                 continue;
             };
-            let Some((entity, kind)) = rest.split_once('.') else {
+            let Some((entity, kind)) = rest.split_once('/') else {
                 continue;
             };
             if keep(i) {
@@ -223,8 +258,13 @@ pub fn train(
         rules,
         links,
         received,
-        dismissals,
+        dismissals: stored_dismissals,
     } = pop;
+    // Dismissals stored by an earlier build name templates in its key form.
+    let mut dismissals: HashMap<String, u32> = HashMap::new();
+    for (key, n) in stored_dismissals {
+        *dismissals.entry(upgrade_key(&key)).or_default() += n;
+    }
     let mut by_customer: BTreeMap<String, (Vec<RuleRecord>, Vec<String>)> = BTreeMap::new();
     for (c, r) in rules {
         by_customer.entry(c).or_default().0.push(r);
@@ -924,9 +964,16 @@ fn ranker_samples(
         for c in candidates(catalogue, &customer, &everything, &nothing, true) {
             let kept = c.item.is_some_and(|i| held.contains(&i));
             // Which not-kept candidates are sampled: by a hash of the customer and rule, so
-            // every training picks the same.
+            // every training picks the same. The rule's names are joined as the template key
+            // was before its separator changed, so the sample, and the ranker fitted on it,
+            // are those of the build before.
+            let t = &c.template;
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (n, key_of(&c.template)).hash(&mut h);
+            let names = format!(
+                "{}.{}>{}.{}",
+                t.when_entity, t.event_type, t.then_entity, t.command_type
+            );
+            (n, names).hash(&mut h);
             if !kept && !h.finish().is_multiple_of(RANKER_NEGATIVE_SAMPLING) {
                 continue;
             }
@@ -974,7 +1021,14 @@ impl std::fmt::Debug for Served {
 
 impl Served {
     /// Rebuilds the scorer from the stored aggregates.
-    pub fn new(record: ModelRecord) -> Self {
+    pub fn new(mut record: ModelRecord) -> Self {
+        // A model an earlier build stored is read in this build's key form until it is
+        // retrained ([`model_is_current`]).
+        for t in &mut record.templates {
+            if is_legacy_key(&t.key) {
+                t.key = upgrade_key(&t.key);
+            }
+        }
         let popularity = record.templates.iter().map(|t| t.customers).collect();
         let model = Rp3Beta::from_aggregates(popularity, &record.pairs, record.beta);
         // A ranker of another number of features (from an earlier build, until the next
@@ -1179,8 +1233,13 @@ impl Served {
                 format!("link {entity}")
             } else if let Some(t) = key.strip_prefix("event:") {
                 format!("receive {t}")
+            } else if let Some(Some(t)) = self.templates.get(from as usize) {
+                format!(
+                    "keep {}.{} -> {}.{}",
+                    t.when_entity, t.event_type, t.then_entity, t.command_type
+                )
             } else {
-                format!("keep {}", key.replace('>', " -> "))
+                format!("keep {key}")
             }
         };
         let share = |from: u32, to: u32| {
@@ -1236,8 +1295,8 @@ impl Served {
 
 fn parse_key(key: &str) -> Option<RuleTemplate> {
     let (when, then) = key.split_once('>')?;
-    let (we, wt) = when.split_once('.')?;
-    let (te, tc) = then.split_once('.')?;
+    let (we, wt) = when.split_once('/')?;
+    let (te, tc) = then.split_once('/')?;
     Some(RuleTemplate {
         when_entity: we.into(),
         event_type: wt.into(),
@@ -1323,7 +1382,7 @@ mod tests {
         assert!(r.reason.contains("75%"), "{}", r.reason);
         assert_eq!(
             decode_id(&r.id).as_deref(),
-            Some("airline.flight.cancelled>hotel.room.release")
+            Some("airline/flight.cancelled>hotel/room.release")
         );
         assert!(
             r.reason.contains("about 75% of the 20+ customers"),
@@ -1350,7 +1409,20 @@ mod tests {
         assert!(served
             .recommend(&kept, &linked, &HashSet::new(), &[], &dismissed, 0.5)
             .is_empty());
-        // Many other customers dismissed it: its confidence falls below the threshold.
+        // A model an earlier build stored (entity and type joined by a dot) is served the same
+        // until it is retrained.
+        assert!(model_is_current(&served.record));
+        let mut earlier = served.record.clone();
+        for t in &mut earlier.templates {
+            t.key = t.key.replace('/', ".");
+        }
+        assert!(!model_is_current(&earlier));
+        assert_eq!(
+            Served::new(earlier).recommend(&kept, &linked, &HashSet::new(), &[], &dismissed, 0.0),
+            served.recommend(&kept, &linked, &HashSet::new(), &[], &dismissed, 0.0)
+        );
+        // Many other customers dismissed it (stored by an earlier build, in its key form): its
+        // confidence falls below the threshold.
         let many: HashMap<String, u32> =
             [("airline.flight.cancelled>hotel.room.release".to_owned(), 30)].into();
         let served = Served::new(train(
@@ -1367,6 +1439,76 @@ mod tests {
         assert!(served
             .recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5)
             .is_empty());
+    }
+
+    #[test]
+    fn entity_ids_and_types_with_dots_are_read_back_as_they_were_written() {
+        let rule = |c: u32, event: &str, command: &str| RuleRecord {
+            id: format!("r{c}{event}"),
+            name: "n".into(),
+            when_entity: "acme.air".into(),
+            when_event_type: event.into(),
+            condition: None,
+            then_entity: "hotel.eu".into(),
+            then_command_type: command.into(),
+            data_json: "{}".into(),
+            created_ms: 0,
+        };
+        let mut rules = Vec::new();
+        for c in 0..40 {
+            rules.push((format!("c{c}"), rule(c, "flight.delayed", "room.hold")));
+            if c < 30 {
+                rules.push((format!("c{c}"), rule(c, "flight.cancelled", "room.release")));
+            }
+        }
+        let served = Served::new(train(
+            Population {
+                rules,
+                ..Default::default()
+            },
+            1,
+            0,
+            0.2,
+            10,
+        ));
+        let kept = vec![rule(35, "flight.delayed", "room.hold")];
+        let linked = vec!["acme.air".to_owned(), "hotel.eu".to_owned()];
+        let recs = served.recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5);
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        let t = &recs[0].template;
+        assert_eq!(
+            (
+                &*t.when_entity,
+                &*t.event_type,
+                &*t.then_entity,
+                &*t.command_type
+            ),
+            ("acme.air", "flight.cancelled", "hotel.eu", "room.release")
+        );
+        assert_eq!(
+            served.entities().collect::<Vec<_>>(),
+            vec!["acme.air", "hotel.eu"]
+        );
+        // Keys an earlier build stored are read in this build's form; others are left alone.
+        for (earlier, now) in [
+            (
+                "airline.flight.cancelled>hotel.room.release",
+                "airline/flight.cancelled>hotel/room.release",
+            ),
+            ("when:airline.flight.delayed", "when:airline/flight.delayed"),
+            ("then:hotel.room.hold", "then:hotel/room.hold"),
+            (
+                "acme.air/flight.delayed>hotel.eu/room.hold",
+                "acme.air/flight.delayed>hotel.eu/room.hold",
+            ),
+            ("link:acme.air", "link:acme.air"),
+            (
+                "event:acme.air.flight.delayed",
+                "event:acme.air.flight.delayed",
+            ),
+        ] {
+            assert_eq!(upgrade_key(earlier), now);
+        }
     }
 
     #[test]
@@ -1536,14 +1678,14 @@ mod tests {
         assert!(record
             .templates
             .iter()
-            .any(|t| t.key == "when:airline.event0" && t.customers >= 10));
+            .any(|t| t.key == "when:airline/event0" && t.customers >= 10));
         assert!(record
             .templates
             .iter()
-            .any(|t| t.key == "then:hotel.command1" && t.customers >= 10));
+            .any(|t| t.key == "then:hotel/command1" && t.customers >= 10));
         let crossed = |key: &str| {
             (0..6).any(|a| {
-                (0..6).any(|b| a != b && key == format!("airline.event{a}>hotel.command{b}"))
+                (0..6).any(|b| a != b && key == format!("airline/event{a}>hotel/command{b}"))
             })
         };
         assert!(record
@@ -1588,15 +1730,15 @@ mod tests {
                 command_type: "command1".into(),
             },
             composed_from: Some(Composed::BothParts(
-                item("when:airline.event0"),
-                item("then:hotel.command1"),
+                item("when:airline/event0"),
+                item("then:hotel/command1"),
             )),
             needs_link: None,
             features: Vec::new(),
         };
         let items = [
-            item("airline.event0>hotel.command0"),
-            item("airline.event1>hotel.command1"),
+            item("airline/event0>hotel/command0"),
+            item("airline/event1>hotel/command1"),
         ];
         let reason = served.reason(&items, &both).expect("explained");
         assert!(
