@@ -791,6 +791,19 @@ mod tests {
             }),
         };
         assert!(!training_due(schedule_of(&model), 2_000, 0, &c));
+        // One whose keys are in the earlier form (entity and type joined by a dot): retrained.
+        let stat = |key: &str| custos_raft::records::TemplateStat {
+            key: key.to_owned(),
+            customers: 10,
+            dismissed: 0,
+            condition: None,
+            data_json: None,
+        };
+        model.templates = vec![stat("link:airline"), stat("airline/delayed>hotel/hold")];
+        assert!(!training_due(schedule_of(&model), 2_000, 0, &c));
+        model.templates.push(stat("airline.delayed>hotel.hold"));
+        assert!(training_due(schedule_of(&model), 2_000, 0, &c));
+        model.templates.pop();
         if let Some(r) = model.ranker.as_mut() {
             r.means.truncate(16);
         }

@@ -720,7 +720,9 @@ pub enum DeliveryUpdate {
 /// One rule template in the recommendation model, with what the population agrees on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TemplateStat {
-    /// `source.event_type>target.command_type`.
+    /// The model item: a template (`source/event_type>target/command_type`; builds before
+    /// 2026-12-06 joined entity and type with a dot), a rule part (`when:`/`then:`), a link
+    /// (`link:`) or an event type received (`event:`).
     pub key: String,
     /// Customers keeping it.
     pub customers: u32,
