@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::{
-    calibration_feature, calibration_samples, holdout, Calibrator, Interactions, ItemCosine,
+    calibration_feature, calibration_samples, holdout, Calibrator, IdSet, Interactions, ItemCosine,
     Popularity, Rp3Beta, Scorer,
 };
 
@@ -190,7 +190,7 @@ pub struct Metrics {
 }
 
 /// P, R, HR and NDCG of one ranked list against the held-out items, at cut-off `k`.
-pub fn metrics_for(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> Metrics {
+pub fn metrics_for(ranked: &[u32], relevant: &IdSet, k: usize) -> Metrics {
     let hits: Vec<bool> = ranked
         .iter()
         .take(k)
@@ -219,7 +219,7 @@ pub fn metrics_for(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> Metrics
 }
 
 /// Mean metrics of a scorer over users, at cut-offs 5 and 10.
-fn evaluate(scorer: &dyn Scorer, users: &[(Vec<u32>, HashSet<u32>)]) -> [Metrics; 2] {
+fn evaluate(scorer: &dyn Scorer, users: &[(Vec<u32>, IdSet)]) -> [Metrics; 2] {
     let mut sums = [Metrics::default(); 2];
     for (train, test) in users {
         let ranked: Vec<u32> = scorer.top(train, 10).into_iter().map(|(i, _)| i).collect();
@@ -321,7 +321,7 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
         users: train.iter().map(|(_, i)| i.clone()).collect(),
         n_items,
     };
-    let mut users: Vec<(u64, Vec<u32>, HashSet<u32>)> = train
+    let mut users: Vec<(u64, Vec<u32>, IdSet)> = train
         .iter()
         .filter_map(|(u, items)| {
             let t = test.get(u)?;
@@ -331,7 +331,7 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
     if opts.max_users > 0 {
         users.truncate(opts.max_users);
     }
-    let no_rss: Vec<(Vec<u32>, HashSet<u32>)> = users
+    let no_rss: Vec<(Vec<u32>, IdSet)> = users
         .iter()
         .filter(|(u, _, _)| {
             let all = data
@@ -344,7 +344,7 @@ pub fn run(data: &Dataset, opts: &EvalOptions) -> Report {
         })
         .map(|(_, a, b)| (a.clone(), b.clone()))
         .collect();
-    let all: Vec<(Vec<u32>, HashSet<u32>)> = users
+    let all: Vec<(Vec<u32>, IdSet)> = users
         .iter()
         .map(|(_, a, b)| (a.clone(), b.clone()))
         .collect();
@@ -501,7 +501,7 @@ mod tests {
 
     #[test]
     fn metrics_by_hand() {
-        let rel: HashSet<u32> = [1, 9].into_iter().collect();
+        let rel: IdSet = [1, 9].into_iter().collect();
         let m = metrics_for(&[1, 2, 3, 4, 5], &rel, 5);
         assert!((m.p - 0.2).abs() < 1e-9);
         assert!((m.r - 0.5).abs() < 1e-9);

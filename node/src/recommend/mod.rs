@@ -8,10 +8,17 @@
 pub mod eval;
 pub mod vault;
 
-use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use custos_raft::records::RankerRecord;
+
+/// A map keyed by dense item id. FxHash rather than the default SipHash: several times
+/// faster on `u32` keys, and the ids are the trainer's own (never chosen by a caller), so
+/// hash flooding does not apply.
+pub type IdMap<V> = rustc_hash::FxHashMap<u32, V>;
+
+/// A set of dense item ids (see [`IdMap`]).
+pub type IdSet = rustc_hash::FxHashSet<u32>;
 
 /// Users' kept items (rule templates), as dense ids.
 #[derive(Debug, Clone, Default)]
@@ -41,7 +48,7 @@ pub trait Scorer {
     fn top(&self, user_items: &[u32], k: usize) -> Vec<(u32, f64)>;
 }
 
-fn top_k(scores: HashMap<u32, f64>, user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
+fn top_k(scores: IdMap<f64>, user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
     let mut v: Vec<(u32, f64)> = scores
         .into_iter()
         .filter(|(i, s)| *s > 0.0 && !user_items.contains(i))
@@ -53,8 +60,8 @@ fn top_k(scores: HashMap<u32, f64>, user_items: &[u32], k: usize) -> Vec<(u32, f
 }
 
 /// Sums the rows of the user's items: the shared step of the co-occurrence scorers.
-fn sum_rows(rows: &[HashMap<u32, f64>], user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
-    let mut scores: HashMap<u32, f64> = HashMap::new();
+fn sum_rows(rows: &[IdMap<f64>], user_items: &[u32], k: usize) -> Vec<(u32, f64)> {
+    let mut scores: IdMap<f64> = IdMap::default();
     for &i in user_items {
         for (&j, &w) in &rows[i as usize] {
             *scores.entry(j).or_insert(0.0) += w;
@@ -64,7 +71,7 @@ fn sum_rows(rows: &[HashMap<u32, f64>], user_items: &[u32], k: usize) -> Vec<(u3
 }
 
 /// One validation user: the items kept for fitting, and those held out.
-pub type Holdout = (Vec<u32>, HashSet<u32>);
+pub type Holdout = (Vec<u32>, IdSet);
 
 /// A held-out split: each user with at least 3 items has about a fifth of them (chosen by a
 /// fixed hash of user and item) held out. Returns every user's kept items, and
@@ -102,10 +109,7 @@ pub fn holdout_salted<K: Hash, S: Hash>(
 }
 
 /// (calibration feature, hit) of every top-10 recommendation for the held-out users.
-pub fn calibration_samples(
-    model: &dyn Scorer,
-    val: &[(Vec<u32>, HashSet<u32>)],
-) -> Vec<(f64, bool)> {
+pub fn calibration_samples(model: &dyn Scorer, val: &[(Vec<u32>, IdSet)]) -> Vec<(f64, bool)> {
     let mut samples = Vec::new();
     for (kept, held) in val {
         let top = model.top(kept, 10);
@@ -149,50 +153,49 @@ impl Scorer for Popularity {
     }
 }
 
-/// Sparse item x item co-occurrence counts.
-#[derive(Debug, Clone)]
-struct Cooccurrence {
-    rows: Vec<HashMap<u32, f64>>,
-}
-
-impl Cooccurrence {
-    /// `weight(user_degree)` is added for every ordered pair of a user's items.
-    fn fit(data: &Interactions, weight: impl Fn(usize) -> f64) -> Self {
-        let mut rows = vec![HashMap::new(); data.n_items];
-        for items in &data.users {
-            let w = weight(items.len());
-            for &i in items {
-                let row = &mut rows[i as usize];
-                for &j in items {
-                    if i != j {
-                        *row.entry(j).or_insert(0.0) += w;
-                    }
+/// Every ordered pair of items the users keep together: per item, each other item with how
+/// many users keep both and the sum over them of 1 / their item count.
+fn pair_sums(data: &Interactions) -> Vec<IdMap<(u32, f64)>> {
+    let mut rows: Vec<IdMap<(u32, f64)>> = vec![IdMap::default(); data.n_items];
+    for items in &data.users {
+        let w = 1.0 / items.len().max(1) as f64;
+        for &i in items {
+            let row = &mut rows[i as usize];
+            for &j in items {
+                if i != j {
+                    let e = row.entry(j).or_insert((0, 0.0));
+                    e.0 += 1;
+                    e.1 += w;
                 }
             }
         }
-        Cooccurrence { rows }
     }
+    rows
 }
 
 /// Baseline: item co-occurrence, cosine-normalised, summed over the user's items.
 #[derive(Debug)]
 pub struct ItemCosine {
-    sim: Vec<HashMap<u32, f64>>,
+    sim: Vec<IdMap<f64>>,
 }
 
 impl ItemCosine {
     /// Builds cosine similarities from co-occurrence counts.
     pub fn fit(data: &Interactions) -> Self {
         let pop = data.popularity();
-        let mut co = Cooccurrence::fit(data, |_| 1.0);
-        for (i, row) in co.rows.iter_mut().enumerate() {
-            for (j, c) in row.iter_mut() {
-                *c /= (f64::from(pop[i]) * f64::from(pop[*j as usize]))
-                    .sqrt()
-                    .max(1.0);
-            }
-        }
-        ItemCosine { sim: co.rows }
+        let sim = pair_sums(data)
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                row.into_iter()
+                    .map(|(j, (c, _))| {
+                        let norm = (f64::from(pop[i]) * f64::from(pop[j as usize])).sqrt();
+                        (j, f64::from(c) / norm.max(1.0))
+                    })
+                    .collect()
+            })
+            .collect();
+        ItemCosine { sim }
     }
 }
 
@@ -208,8 +211,8 @@ impl Scorer for ItemCosine {
 /// recommendation never rests on fewer than `min_support` other customers (k-anonymity).
 #[derive(Debug)]
 pub struct Rp3Beta {
-    walk: Vec<HashMap<u32, f64>>,
-    support: Vec<HashMap<u32, u32>>,
+    walk: Vec<IdMap<f64>>,
+    support: Vec<IdMap<u32>>,
     popularity: Vec<u32>,
     /// Popularity damping.
     pub beta: f64,
@@ -221,14 +224,11 @@ pub type Pair = (u32, u32, u32, f64);
 /// Aggregates of a population: item popularity and the pairs kept by at least `min_support`
 /// users.
 pub fn aggregates(data: &Interactions, min_support: u32) -> (Vec<u32>, Vec<Pair>) {
-    let weighted = Cooccurrence::fit(data, |deg| 1.0 / deg.max(1) as f64);
-    let counts = Cooccurrence::fit(data, |_| 1.0);
     let mut pairs = Vec::new();
-    for (i, row) in counts.rows.iter().enumerate() {
-        for (&j, &c) in row {
-            if c >= f64::from(min_support) {
-                let w = weighted.rows[i].get(&j).copied().unwrap_or(0.0);
-                pairs.push((i as u32, j, c as u32, w));
+    for (i, row) in pair_sums(data).iter().enumerate() {
+        for (&j, &(c, w)) in row {
+            if c >= min_support {
+                pairs.push((i as u32, j, c, w));
             }
         }
     }
@@ -250,8 +250,8 @@ impl Rp3Beta {
         beta: f64,
     ) -> Self {
         let n = popularity.len();
-        let mut walk = vec![HashMap::new(); n];
-        let mut support = vec![HashMap::new(); n];
+        let mut walk = vec![IdMap::default(); n];
+        let mut support = vec![IdMap::default(); n];
         for &(i, j, c, w) in pairs {
             let (Some(pi), Some(pj)) = (popularity.get(i as usize), popularity.get(j as usize))
             else {
@@ -290,8 +290,8 @@ impl Rp3Beta {
     /// walk's score, the cosine similarity summed, how many of the user's items co-occur with
     /// it (in at least k customers), and the largest share of an item's customers who also keep
     /// it. The user's own items are left out.
-    pub fn evidence(&self, user_items: &[u32]) -> HashMap<u32, Evidence> {
-        let mut out: HashMap<u32, Evidence> = HashMap::new();
+    pub fn evidence(&self, user_items: &[u32]) -> IdMap<Evidence> {
+        let mut out: IdMap<Evidence> = IdMap::default();
         for &i in user_items {
             let (Some(walk), Some(support)) =
                 (self.walk.get(i as usize), self.support.get(i as usize))
@@ -320,12 +320,8 @@ impl Rp3Beta {
 
     /// The cosine similarities of the user's items to every item `wanted` accepts, summed
     /// (items reached only through pairs of at least k customers).
-    pub fn cosine_sums(
-        &self,
-        user_items: &[u32],
-        wanted: &dyn Fn(u32) -> bool,
-    ) -> HashMap<u32, f64> {
-        let mut out: HashMap<u32, f64> = HashMap::new();
+    pub fn cosine_sums(&self, user_items: &[u32], wanted: &dyn Fn(u32) -> bool) -> IdMap<f64> {
+        let mut out: IdMap<f64> = IdMap::default();
         for &i in user_items {
             let Some(row) = self.support.get(i as usize) else {
                 continue;

@@ -8,8 +8,8 @@ use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger}
 use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
 
 use super::{
-    aggregates, fit_log_odds_map, holdout_salted, Evidence, Interactions, LogOddsSample, Pair,
-    Ranker, RankerSample, Rp3Beta,
+    aggregates, fit_log_odds_map, holdout_salted, Evidence, IdMap, IdSet, Interactions,
+    LogOddsSample, Pair, Ranker, RankerSample, Rp3Beta,
 };
 
 /// Fewest validation candidates, and fewest of them kept, for the ranker to be fitted and used
@@ -118,7 +118,7 @@ fn add_part_aggregates(
     pairs: &mut Vec<Pair>,
     min_support: u32,
 ) {
-    let mut counts: HashMap<(u32, u32), u32> = HashMap::new();
+    let mut counts: rustc_hash::FxHashMap<(u32, u32), u32> = Default::default();
     for items in inputs {
         let mut triggers: Vec<u32> = Vec::new();
         let mut actions: Vec<u32> = Vec::new();
@@ -169,11 +169,11 @@ struct Part {
 /// together (in any of their rules).
 #[derive(Debug, Default)]
 struct Parts {
-    parts: HashMap<u32, Part>,
+    parts: IdMap<Part>,
     /// Trigger part -> the action parts kept with it.
-    actions_with: HashMap<u32, Vec<u32>>,
+    actions_with: IdMap<Vec<u32>>,
     /// Action part -> the trigger parts kept with it.
-    triggers_with: HashMap<u32, Vec<u32>>,
+    triggers_with: IdMap<Vec<u32>>,
 }
 
 impl Parts {
@@ -286,7 +286,7 @@ pub fn train(
         })
     };
     // Each template item's trigger and action parts, as its rules name them.
-    let mut parts_by_template: HashMap<u32, (u32, u32)> = HashMap::new();
+    let mut parts_by_template: IdMap<(u32, u32)> = IdMap::default();
     // Per customer: its template items, and its link items (engagement inputs).
     let mut users: Vec<(String, Vec<u32>)> = Vec::new();
     let mut link_items: Vec<Vec<u32>> = Vec::new();
@@ -383,7 +383,7 @@ pub fn train(
             (a != u32::MAX && b != u32::MAX).then_some((a, b, n, w))
         })
         .collect();
-    let mut best_version: HashMap<u32, (u32, Option<String>, String)> = HashMap::new();
+    let mut best_version: IdMap<(u32, Option<String>, String)> = IdMap::default();
     for ((id, cond, data), n) in versions {
         let e = best_version.entry(id).or_insert((0, None, String::new()));
         // Most customers first; ties broken by text so every node picks the same.
@@ -792,7 +792,7 @@ struct ValidationSplit<'a> {
     /// The parts at least k of what is left keep.
     parts: Parts,
     /// (inputs, held-out templates, linked entities) per validation customer.
-    val: Vec<(Vec<u32>, HashSet<u32>, HashSet<&'a str>)>,
+    val: Vec<(Vec<u32>, IdSet, HashSet<&'a str>)>,
     /// Every customer's templates left.
     users: Vec<(String, Vec<u32>)>,
     /// Every customer's links (and event types) left.
@@ -943,7 +943,7 @@ fn fit_ranker(
 /// the customer's held-out rules.
 fn ranker_samples(
     catalogue: &Catalogue<'_>,
-    val: &[(Vec<u32>, HashSet<u32>, HashSet<&str>)],
+    val: &[(Vec<u32>, IdSet, HashSet<&str>)],
     offsets: &[f64],
 ) -> Vec<RankerSample> {
     let templates = catalogue.templates;

@@ -250,7 +250,7 @@ async fn main() -> anyhow::Result<()> {
             let n = dense.len() as u32;
             dense.entry(k.clone()).or_insert(n);
         }
-        let relevant: HashSet<u32> = dense.values().copied().collect();
+        let relevant: custos_node::recommend::IdSet = dense.values().copied().collect();
         let ranked: Vec<u32> = top
             .iter()
             .map(|r| {
