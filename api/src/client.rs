@@ -52,6 +52,9 @@ pub struct Client {
 /// once did).
 const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(4);
 
+/// How long [`Client::train_recommender`] waits for the node to train.
+pub const TRAINING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Client {
     /// A client for the node at `base` (e.g. `http://127.0.0.1:7700`).
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
@@ -316,9 +319,12 @@ impl Client {
         .await
     }
 
-    /// Trains the recommender now (admin).
+    /// Trains the recommender now (admin). Waits up to [`TRAINING_TIMEOUT`], not the
+    /// default 30 s: training takes most of a minute at the default cap of 200,000 customers
+    /// on two cores.
     pub async fn train_recommender(&self) -> Result<ModelSummary, ClientError> {
-        self.json(Method::POST, "/v1/recommendations/train", &())
+        self.with_timeout(TRAINING_TIMEOUT)
+            .json(Method::POST, "/v1/recommendations/train", &())
             .await
     }
 
