@@ -81,6 +81,10 @@ pub struct Report {
     pub after_unlink: u64,
     /// Rule and link operations recorded for the linearizability check.
     pub history_ops: u64,
+    /// Of those, rule adds that got no answer and no read saw, left out of the check.
+    pub dropped_adds: u64,
+    /// Calls without an answer the checker still had to place (each multiplies its search).
+    pub open_calls: u64,
     /// Whether every history was linearizable (`None`: the checker did not finish in time).
     pub linearizable: Option<bool>,
     /// Whether the cluster converged after healing.
@@ -109,7 +113,8 @@ impl Report {
         format!(
             "chaos {}: nodes={} seconds={} faults=[{}] events={} accepted={} unconfirmed={} \
              commands={} cancelled_by_unlink={} undelivered={} duplicates={} conflicting={} after_unlink={} \
-             history_ops={} linearizable={} converged={} failover_ms={:?} heal_s={}",
+             history_ops={} dropped_adds={} open_calls={} linearizable={} converged={} \
+             failover_ms={:?} heal_s={}",
             if self.ok() { "PASS" } else { "FAIL" },
             self.nodes,
             self.seconds,
@@ -124,6 +129,8 @@ impl Report {
             self.conflicting,
             self.after_unlink,
             self.history_ops,
+            self.dropped_adds,
+            self.open_calls,
             match self.linearizable {
                 Some(true) => "yes",
                 Some(false) => "no",
@@ -283,18 +290,28 @@ impl<Op, Ret> History<Op, Ret> {
     }
 }
 
+/// Which steps are calls that got no answer: a thread's call is answered by the next return
+/// of that thread (a thread has one call open at a time, and one left unanswered is its last).
+fn unanswered<Op, Ret>(steps: &[Step<Op, Ret>]) -> Vec<bool> {
+    let mut returns_later: HashSet<u64> = HashSet::new();
+    let mut open = vec![false; steps.len()];
+    for (k, s) in steps.iter().enumerate().rev() {
+        match s {
+            Step::Return(t, _) => {
+                returns_later.insert(*t);
+            }
+            Step::Invoke(t, _) => open[k] = !returns_later.remove(t),
+        }
+    }
+    open
+}
+
 /// `steps` without the rule adds that got no answer and whose name no read returned. Such an
 /// add may be placed after everything else (it never returned), where it changes no answer:
 /// names are unique and only answered adds are deleted. Like a retracted read it constrains
 /// nothing, and each open call multiplies the checker's search.
 fn without_unseen_adds(steps: Vec<Step<RuleOp, RuleRet>>) -> Vec<Step<RuleOp, RuleRet>> {
-    let answered: HashSet<u64> = steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Return(t, _) => Some(*t),
-            Step::Invoke(..) => None,
-        })
-        .collect();
+    let open = unanswered(&steps);
     let seen: HashSet<String> = steps
         .iter()
         .filter_map(|s| match s {
@@ -305,11 +322,28 @@ fn without_unseen_adds(steps: Vec<Step<RuleOp, RuleRet>>) -> Vec<Step<RuleOp, Ru
         .collect();
     steps
         .into_iter()
-        .filter(|s| {
-            !matches!(s, Step::Invoke(t, RuleOp::Add(name))
-                if !answered.contains(t) && !seen.contains(name))
+        .zip(open)
+        .filter(|(s, open)| {
+            !(*open && matches!(s, Step::Invoke(_, RuleOp::Add(name)) if !seen.contains(name)))
         })
+        .map(|(s, _)| s)
         .collect()
+}
+
+/// How many calls `steps` holds, and how many of them got no answer.
+fn calls<Op, Ret>(steps: &[Step<Op, Ret>]) -> (u64, u64) {
+    let open = unanswered(steps);
+    steps
+        .iter()
+        .zip(open)
+        .fold((0, 0), |(all, left), (s, open)| match s {
+            Step::Invoke(..) => (all + 1, left + u64::from(open)),
+            Step::Return(..) => (all, left),
+        })
+}
+
+fn add(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0 + b.0, a.1 + b.1)
 }
 
 /// Whether `steps` is a linearizable history of `init` (unreturned calls may or may not
@@ -927,22 +961,19 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<Report> {
     // search is exponential in the worst case: a run it cannot finish fails).
     let rule_steps: Vec<_> = rule_histories.iter().map(|h| h.take()).collect();
     let link_steps: Vec<_> = link_histories.iter().map(|h| h.take()).collect();
-    report.history_ops = rule_steps
-        .iter()
-        .flatten()
-        .filter(|s| matches!(s, Step::Invoke(..)))
-        .count() as u64
-        + link_steps
-            .iter()
-            .flatten()
-            .filter(|s| matches!(s, Step::Invoke(..)))
-            .count() as u64;
+    let rule_ops: u64 = rule_steps.iter().map(|s| calls(s).0).sum();
+    let rule_steps: Vec<_> = rule_steps.into_iter().map(without_unseen_adds).collect();
+    let (rule_left, rule_open) = rule_steps.iter().map(|s| calls(s)).fold((0, 0), add);
+    let (link_ops, link_open) = link_steps.iter().map(|s| calls(s)).fold((0, 0), add);
+    report.history_ops = rule_ops + link_ops;
+    report.dropped_adds = rule_ops - rule_left;
+    report.open_calls = rule_open + link_open;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lin: Result<bool, String> = Ok(true);
         for steps in rule_steps {
             let init = Rules(BTreeSet::from(["Hold my room".to_owned()]));
-            lin = lin.and_then(|ok| Ok(ok && linearizable(init, without_unseen_adds(steps))?));
+            lin = lin.and_then(|ok| Ok(ok && linearizable(init, steps)?));
         }
         for steps in link_steps {
             lin = lin.and_then(|ok| Ok(ok && linearizable(CarLink(true), steps)?));
@@ -1018,6 +1049,8 @@ mod tests {
             Step::Invoke(2, RuleOp::Add("b".into())),
             Step::Invoke(3, RuleOp::Add("c".into())),
             Step::Return(3, RuleRet::Added),
+            // Thread 3's next call gets no answer, though its first did.
+            Step::Invoke(3, RuleOp::Add("d".into())),
             Step::Invoke(4, RuleOp::Read),
             Step::Return(4, RuleRet::Names(BTreeSet::from(["b".into(), "c".into()]))),
             // A read after one that saw b misses it: not linearizable, pruned or not.
@@ -1025,11 +1058,17 @@ mod tests {
             Step::Return(4, RuleRet::Names(BTreeSet::from(["c".into()]))),
         ];
         assert_eq!(linearizable(Rules::default(), steps.clone()), Ok(false));
+        assert_eq!(calls(&steps), (6, 3));
         let pruned = without_unseen_adds(steps);
-        assert_eq!(pruned.len(), 7, "only the unanswered, unseen add of a goes");
+        assert_eq!(
+            pruned.len(),
+            7,
+            "only the unanswered, unseen adds of a and d go"
+        );
         assert!(!pruned
             .iter()
-            .any(|s| matches!(s, Step::Invoke(_, RuleOp::Add(n)) if n == "a")));
+            .any(|s| matches!(s, Step::Invoke(_, RuleOp::Add(n)) if n == "a" || n == "d")));
+        assert_eq!(calls(&pruned), (4, 1));
         assert_eq!(linearizable(Rules::default(), pruned), Ok(false));
         // Without the stale read, the pruned history is linearizable, as the whole one is.
         let fine = vec![
