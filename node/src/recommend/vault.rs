@@ -36,8 +36,8 @@ fn join_key(when_entity: &str, event_type: &str, then_entity: &str, command_type
 
 /// A template or rule-part key as this build writes it, from one an earlier build stored
 /// (with `.` between entity and type, read back at the first dot, which misreads an entity
-/// id holding a dot, as that build did): models and dismissals stored before the change are
-/// read through this. Any other key is returned as it is.
+/// id holding a dot, as that build did): a model stored before the change is read through
+/// this until it is retrained. Any other key is returned as it is.
 pub fn upgrade_key(key: &str) -> String {
     if !is_legacy_key(key) {
         return key.to_owned();
@@ -50,6 +50,20 @@ pub fn upgrade_key(key: &str) -> String {
         Some((when, then)) => format!("{}>{}", part(when), part(then)),
         None => part(key),
     }
+}
+
+/// A template or rule-part key as an earlier build wrote it (`.` for `/`; unambiguous, as ids
+/// cannot hold `/`), or None for a key it wrote the same: what a dismissal stored by that
+/// build names.
+fn earlier_key(key: &str) -> Option<String> {
+    key.contains('/').then(|| key.replace('/', "."))
+}
+
+/// Customers who dismissed the template `key`, under its key or (stored by an earlier build)
+/// its earlier one.
+fn dismissals_of(dismissals: &HashMap<String, u32>, key: &str) -> u32 {
+    let earlier = earlier_key(key).and_then(|k| dismissals.get(&k).copied());
+    dismissals.get(key).copied().unwrap_or(0) + earlier.unwrap_or(0)
 }
 
 /// Whether `key` is a template or rule-part key in the earlier build's form (no `/`, which
@@ -258,13 +272,8 @@ pub fn train(
         rules,
         links,
         received,
-        dismissals: stored_dismissals,
+        dismissals,
     } = pop;
-    // Dismissals stored by an earlier build name templates in its key form.
-    let mut dismissals: HashMap<String, u32> = HashMap::new();
-    for (key, n) in stored_dismissals {
-        *dismissals.entry(upgrade_key(&key)).or_default() += n;
-    }
     let mut by_customer: BTreeMap<String, (Vec<RuleRecord>, Vec<String>)> = BTreeMap::new();
     for (c, r) in rules {
         by_customer.entry(c).or_default().0.push(r);
@@ -322,7 +331,7 @@ pub fn train(
         .iter()
         .zip(&template_customers)
         .map(|(key, n)| {
-            let d = dismissals.get(key).copied().filter(|d| *d >= min_support);
+            let d = Some(dismissals_of(&dismissals, key)).filter(|d| *d >= min_support);
             kept_share(*n, d.unwrap_or(0)).ln()
         })
         .collect();
@@ -401,9 +410,7 @@ pub fn train(
                 .filter(|(n, _, _)| *n >= min_support);
             TemplateStat {
                 // Dismissals count once k customers dismissed it (no exact small counts).
-                dismissed: dismissals
-                    .get(&key)
-                    .copied()
+                dismissed: Some(dismissals_of(&dismissals, &key))
                     .filter(|d| *d >= min_support)
                     .unwrap_or(0),
                 key,
@@ -1133,7 +1140,10 @@ impl Served {
             &catalogue,
             &customer,
             &|e| linkable.contains(e),
-            &|key| dismissed.contains(key),
+            // Under its key, or the earlier one a dismissal by an earlier build stored.
+            &|key| {
+                dismissed.contains(key) || earlier_key(key).is_some_and(|k| dismissed.contains(&k))
+            },
             self.ranker.is_some(),
         )
         .into_iter()
@@ -1489,6 +1499,16 @@ mod tests {
             served.entities().collect::<Vec<_>>(),
             vec!["acme.air", "hotel.eu"]
         );
+        // Dismissed under its key, or under the one an earlier build gave it: gone.
+        for key in [
+            "acme.air/flight.cancelled>hotel.eu/room.release",
+            "acme.air.flight.cancelled>hotel.eu.room.release",
+        ] {
+            let dismissed: HashSet<String> = [key.to_owned()].into();
+            assert!(served
+                .recommend(&kept, &linked, &HashSet::new(), &[], &dismissed, 0.5)
+                .is_empty());
+        }
         // Keys an earlier build stored are read in this build's form; others are left alone.
         for (earlier, now) in [
             (

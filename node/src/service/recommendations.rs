@@ -159,11 +159,7 @@ impl Vault {
                 }
             }
         };
-        // Dismissals stored by an earlier build name templates in its key form.
-        let dismissed: std::collections::HashSet<String> = dismissed
-            .iter()
-            .map(|k| crate::recommend::vault::upgrade_key(k))
-            .collect();
+        let dismissed: std::collections::HashSet<String> = dismissed.into_iter().collect();
         // Entities the customer could link to use a recommended rule: those the model names
         // that are registered and delivering (from the entity cache, not a scan per request).
         let mut linkable = std::collections::HashSet::new();
@@ -243,10 +239,10 @@ impl Vault {
         rec_id: &str,
     ) -> Result<(), ServiceError> {
         check_id("customer id", customer)?;
-        // An id served by an earlier build is stored in this build's key form.
+        // An id served by an earlier build names the template in its key form, which serving
+        // and training also look for.
         let template = crate::recommend::vault::decode_id(rec_id)
             .filter(|t| t.len() <= 4 * custos_api::limits::MAX_ID_LEN + 3)
-            .map(|t| crate::recommend::vault::upgrade_key(&t))
             .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
         self.core
             .propose(
