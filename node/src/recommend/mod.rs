@@ -424,6 +424,12 @@ impl Standardised<'_> {
         }
     }
 
+    /// A sample's log-odds under weights `w` (its expansion left in `z`).
+    fn logit(&self, s: &RankerSample, w: &[f64], x: &mut Vec<f64>, z: &mut [f64]) -> f64 {
+        self.expand(s, x, z);
+        s.offset + z.iter().zip(w).map(|(a, b)| a * b).sum::<f64>()
+    }
+
     /// The gradient and Hessian of the unpenalised loss at `w` (the Hessian whole, though
     /// summed on its lower triangle).
     fn gradient_and_hessian(
@@ -442,9 +448,7 @@ impl Standardised<'_> {
             // each sample's curvature), so each Hessian entry takes a whole block in one dot
             // product instead of being read and written once per sample.
             for (k, s) in block.iter().enumerate() {
-                self.expand(s, &mut x, &mut z);
-                let logit = s.offset + z.iter().zip(w.iter()).map(|(a, b)| a * b).sum::<f64>();
-                let p = sigmoid(logit);
+                let p = sigmoid(self.logit(s, w, &mut x, &mut z));
                 let r = s.weight * (p - if s.kept { 1.0 } else { 0.0 });
                 let root = (s.weight * p * (1.0 - p)).sqrt();
                 for (a, (g, za)) in grad.iter_mut().zip(&z).enumerate() {
@@ -480,8 +484,7 @@ impl Standardised<'_> {
         let data: f64 = samples
             .iter()
             .map(|s| {
-                self.expand(s, &mut x, &mut z);
-                let logit = s.offset + z.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
+                let logit = self.logit(s, w, &mut x, &mut z);
                 // -log sigmoid(logit) if kept, -log(1 - sigmoid(logit)) if not.
                 let signed = if s.kept { -logit } else { logit };
                 s.weight * (signed.max(0.0) + (-signed.abs()).exp().ln_1p())

@@ -971,16 +971,11 @@ fn ranker_samples(
         for c in candidates(catalogue, &customer, &everything, &nothing, true) {
             let kept = c.item.is_some_and(|i| held.contains(&i));
             // Which not-kept candidates are sampled: by a hash of the customer and rule, so
-            // every training picks the same. The rule's names are joined as the template key
-            // was before its separator changed, so the sample, and the ranker fitted on it,
-            // are those of the build before.
-            let t = &c.template;
+            // every training picks the same. The key is hashed in its earlier form
+            // ([`earlier_key`]), so the sample, and the ranker fitted on it, are those of the
+            // build before the separator changed.
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            let names = format!(
-                "{}.{}>{}.{}",
-                t.when_entity, t.event_type, t.then_entity, t.command_type
-            );
-            (n, names).hash(&mut h);
+            (n, key_of(&c.template).replace('/', ".")).hash(&mut h);
             if !kept && !h.finish().is_multiple_of(RANKER_NEGATIVE_SAMPLING) {
                 continue;
             }
@@ -1032,9 +1027,7 @@ impl Served {
         // A model an earlier build stored is read in this build's key form until it is
         // retrained ([`model_is_current`]).
         for t in &mut record.templates {
-            if is_legacy_key(&t.key) {
-                t.key = upgrade_key(&t.key);
-            }
+            t.key = upgrade_key(&t.key);
         }
         let popularity = record.templates.iter().map(|t| t.customers).collect();
         let model = Rp3Beta::from_aggregates(popularity, &record.pairs, record.beta);
