@@ -468,22 +468,40 @@ STOP = {"new", "a", "an", "the", "to", "by", "you", "your", "any", "from", "in",
         "for", "is", "at", "or", "and", "my", "me", "i", "it", "as", "up"}
 
 
+def name_words(k):
+    return [w for part in (k[1], k[3]) for w in part.split("_") if w and w not in STOP]
+
+
 def name_vectors():
     """Each template's event and command type names as TF-IDF vectors of their words (the
-    entity catalogue is public: no customer's data)."""
+    entity catalogue is public: no customer's data), and the vocabulary and weights that make
+    them (for rules that are not templates: composed ones)."""
     vocab, counts = {}, []
     for k in keys:
-        words = [w for part in (k[1], k[3]) for w in part.split("_") if w and w not in STOP]
-        counts.append(collections.Counter(vocab.setdefault(w, len(vocab)) for w in words))
+        counts.append(collections.Counter(vocab.setdefault(w, len(vocab)) for w in name_words(k)))
     m = np.zeros((len(keys), len(vocab)))
     for i, c in enumerate(counts):
         for w, n in c.items():
             m[i, w] = n
-    m *= np.log((len(keys) + 1) / ((m > 0).sum(0) + 1)) + 1
-    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    idf = np.log((len(keys) + 1) / ((m > 0).sum(0) + 1)) + 1
+    m *= idf
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12), vocab, idf
 
 
-NAMES = name_vectors()
+NAMES, NAME_VOCAB, NAME_IDF = name_vectors()
+
+
+def name_vector(t):
+    """A candidate's name vector: a template's row, or a composed rule's (a key tuple) made
+    the same way."""
+    if not isinstance(t, tuple):
+        return NAMES[t]
+    v = np.zeros(len(NAME_VOCAB))
+    for w in name_words(t):
+        if w in NAME_VOCAB:
+            v[NAME_VOCAB[w]] += 1
+    v *= NAME_IDF
+    return v / max(np.linalg.norm(v), 1e-12)
 
 
 class NameSimilarity:
@@ -494,8 +512,37 @@ class NameSimilarity:
         base = super().compute_features(items, linked)
         if not base:
             return base
-        sims = NAMES[[t for t, _ in base]] @ NAMES[list(items)].T
+        sims = np.array([name_vector(t) for t, _ in base]) @ NAMES[list(items)].T
         return [(t, f + [float(sims[j].max()), float(sims[j].mean())]) for j, (t, f) in enumerate(base)]
+
+
+class ComposedFactorWorld(ComposedWorld):
+    """The shipped candidates and features (ComposedWorld) and FactorWorld's three; a composed
+    rule, which no user in the factors keeps, gets the lowest score of the user's list."""
+
+    def __init__(self, fit, links, factors=32, reg=10.0, alpha=10.0):
+        super().__init__(fit, links)
+        self.items_f = als_items(self.x, factors, reg, alpha)
+        self.gram = self.items_f.T @ self.items_f + reg * np.eye(factors)
+        self.alpha = alpha
+        self.factor_index = {t: c for c, t in enumerate(self.tcols)}
+
+    def compute_features(self, items, linked):
+        base = super().compute_features(items, linked)
+        if not base:
+            return base
+        kept = self.items_f[np.flatnonzero(row(items, linked, self.col))]
+        user = np.linalg.solve(self.gram + self.alpha * kept.T @ kept, (1 + self.alpha) * kept.sum(0))
+        s = {t: float(self.items_f[self.factor_index[t]] @ user) for t, _ in base if t in self.factor_index}
+        floor = min(s.values(), default=0.0)
+        s = {t: s.get(t, floor) for t, _ in base}
+        best = max(s.values())
+        rank = {t: r for r, t in enumerate(sorted(s, key=lambda t: -s[t]))}
+        return [(t, f + [s[t], s[t] - best, math.log(rank[t] + 2)]) for t, f in base]
+
+
+class ComposedFactorNamesWorld(NameSimilarity, ComposedFactorWorld):
+    """Composed candidates, factors and names together."""
 
 
 class NamesWorld(NameSimilarity, World):
@@ -591,6 +638,9 @@ for label, world in (("matrix-factorisation scores (ALS, 32 factors)", FactorWor
         pairwise_logistic(0.1), (world(fit, [entities(f) for f in fit]), world(full, [entities(f) for f in full]))))
 add("RP3beta candidates and composed candidates + logistic ranker, pairwise products, L2 10 (shipped)", lambda: ranker(
     pairwise_logistic(0.1), (ComposedWorld(fit, [entities(f) for f in fit]), ComposedWorld(full, [entities(f) for f in full]))))
+add("RP3beta candidates and composed candidates + logistic ranker, pairwise products, L2 10, with factors and names", lambda: ranker(
+    pairwise_logistic(0.1), (ComposedFactorNamesWorld(fit, [entities(f) for f in fit]),
+                             ComposedFactorNamesWorld(full, [entities(f) for f in full]))))
 add("RP3beta candidates + gradient-boosted trees", lambda: ranker(
     lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0)))
 
