@@ -439,17 +439,19 @@ def als_items(x, factors, reg, alpha, iters=15):
     return items_f
 
 
-class FactorWorld(World):
-    """The vault's 16 features and three more (not shipped): the user's matrix-factorisation
+class FactorScores:
+    """Three more features after a world's own (not shipped): the user's matrix-factorisation
     score of the candidate (the user's factors solved from their items against fixed item
     factors, as a node would at serving time), that score less the best candidate's, and its
-    rank among the candidates."""
+    rank among the candidates. A candidate no user keeps (a composed rule) has no factors: it
+    gets the lowest score of the user's list."""
 
     def __init__(self, fit, links, factors=32, reg=10.0, alpha=10.0):
         super().__init__(fit, links)
         self.items_f = als_items(self.x, factors, reg, alpha)
         self.gram = self.items_f.T @ self.items_f + reg * np.eye(factors)
         self.alpha = alpha
+        self.factor_index = {t: c for c, t in enumerate(self.tcols)}
 
     def compute_features(self, items, linked):
         base = super().compute_features(items, linked)
@@ -457,11 +459,16 @@ class FactorWorld(World):
             return base
         kept = self.items_f[np.flatnonzero(row(items, linked, self.col))]
         user = np.linalg.solve(self.gram + self.alpha * kept.T @ kept, (1 + self.alpha) * kept.sum(0))
-        index = {t: c for c, t in enumerate(self.tcols)}
-        s = {t: float(self.items_f[index[t]] @ user) for t, _ in base}
+        s = {t: float(self.items_f[self.factor_index[t]] @ user) for t, _ in base if t in self.factor_index}
+        floor = min(s.values(), default=0.0)
+        s = {t: s.get(t, floor) for t, _ in base}
         best = max(s.values())
         rank = {t: r for r, t in enumerate(sorted(s, key=lambda t: -s[t]))}
         return [(t, f + [s[t], s[t] - best, math.log(rank[t] + 2)]) for t, f in base]
+
+
+class FactorWorld(FactorScores, World):
+    """The vault's 16 features and the factors' three."""
 
 
 STOP = {"new", "a", "an", "the", "to", "by", "you", "your", "any", "from", "in", "on", "of", "with",
@@ -516,29 +523,8 @@ class NameSimilarity:
         return [(t, f + [float(sims[j].max()), float(sims[j].mean())]) for j, (t, f) in enumerate(base)]
 
 
-class ComposedFactorWorld(ComposedWorld):
-    """The shipped candidates and features (ComposedWorld) and FactorWorld's three; a composed
-    rule, which no user in the factors keeps, gets the lowest score of the user's list."""
-
-    def __init__(self, fit, links, factors=32, reg=10.0, alpha=10.0):
-        super().__init__(fit, links)
-        self.items_f = als_items(self.x, factors, reg, alpha)
-        self.gram = self.items_f.T @ self.items_f + reg * np.eye(factors)
-        self.alpha = alpha
-        self.factor_index = {t: c for c, t in enumerate(self.tcols)}
-
-    def compute_features(self, items, linked):
-        base = super().compute_features(items, linked)
-        if not base:
-            return base
-        kept = self.items_f[np.flatnonzero(row(items, linked, self.col))]
-        user = np.linalg.solve(self.gram + self.alpha * kept.T @ kept, (1 + self.alpha) * kept.sum(0))
-        s = {t: float(self.items_f[self.factor_index[t]] @ user) for t, _ in base if t in self.factor_index}
-        floor = min(s.values(), default=0.0)
-        s = {t: s.get(t, floor) for t, _ in base}
-        best = max(s.values())
-        rank = {t: r for r, t in enumerate(sorted(s, key=lambda t: -s[t]))}
-        return [(t, f + [s[t], s[t] - best, math.log(rank[t] + 2)]) for t, f in base]
+class ComposedFactorWorld(FactorScores, ComposedWorld):
+    """The shipped candidates and features (ComposedWorld) and the factors' three."""
 
 
 class ComposedFactorNamesWorld(NameSimilarity, ComposedFactorWorld):
