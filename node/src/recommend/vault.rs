@@ -59,11 +59,17 @@ fn earlier_key(key: &str) -> Option<String> {
     key.contains('/').then(|| key.replace('/', "."))
 }
 
-/// Customers who dismissed the template `key`, under its key or (stored by an earlier build)
-/// its earlier one.
+/// The names a dismissal of the template `key` may be stored under: its key, and the earlier
+/// one a dismissal made with an earlier build's recommendation id names.
+fn dismissal_names(key: &str) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+    std::iter::once(std::borrow::Cow::Borrowed(key)).chain(earlier_key(key).map(Into::into))
+}
+
+/// Customers who dismissed the template `key` (under either of its names).
 fn dismissals_of(dismissals: &HashMap<String, u32>, key: &str) -> u32 {
-    let earlier = earlier_key(key).and_then(|k| dismissals.get(&k).copied());
-    dismissals.get(key).copied().unwrap_or(0) + earlier.unwrap_or(0)
+    dismissal_names(key)
+        .filter_map(|k| dismissals.get(k.as_ref()).copied())
+        .sum()
 }
 
 /// Whether `key` is a template or rule-part key in the earlier build's form (no `/`, which
@@ -327,13 +333,17 @@ pub fn train(
             template_customers[*i as usize] += 1;
         }
     }
-    let offsets: Vec<f64> = keys
+    // Dismissals count once k customers dismissed a template (no exact small counts), in the
+    // offsets and in the stored model alike.
+    let dismissed: Vec<u32> = keys
         .iter()
-        .zip(&template_customers)
-        .map(|(key, n)| {
-            let d = Some(dismissals_of(&dismissals, key)).filter(|d| *d >= min_support);
-            kept_share(*n, d.unwrap_or(0)).ln()
-        })
+        .map(|key| Some(dismissals_of(&dismissals, key)).filter(|d| *d >= min_support))
+        .map(Option::unwrap_or_default)
+        .collect();
+    let offsets: Vec<f64> = template_customers
+        .iter()
+        .zip(&dismissed)
+        .map(|(n, d)| kept_share(*n, *d).ln())
         .collect();
     let parsed: Vec<Option<RuleTemplate>> = keys.iter().map(|k| parse_key(k)).collect();
     let parts_of: Vec<Option<(u32, u32)>> = (0..n_items as u32)
@@ -409,10 +419,7 @@ pub fn train(
                 .get(&(i as u32))
                 .filter(|(n, _, _)| *n >= min_support);
             TemplateStat {
-                // Dismissals count once k customers dismissed it (no exact small counts).
-                dismissed: Some(dismissals_of(&dismissals, &key))
-                    .filter(|d| *d >= min_support)
-                    .unwrap_or(0),
+                dismissed: dismissed[i],
                 key,
                 customers: popularity[i],
                 condition: agreed.and_then(|(_, c, _)| c.clone()),
@@ -1140,9 +1147,9 @@ impl Served {
             &catalogue,
             &customer,
             &|e| linkable.contains(e),
-            // Under its key, or the earlier one a dismissal by an earlier build stored.
             &|key| {
-                dismissed.contains(key) || earlier_key(key).is_some_and(|k| dismissed.contains(&k))
+                !dismissed.is_empty()
+                    && dismissal_names(key).any(|k| dismissed.contains(k.as_ref()))
             },
             self.ranker.is_some(),
         )
