@@ -546,7 +546,7 @@ pub struct CustomerExport {
     pub events: Vec<serde_json::Value>,
     /// Every command made for it and its delivery.
     pub deliveries: Vec<Delivery>,
-    /// Engagement counts: `source.type` -> events received.
+    /// Engagement counts: `source/type` (the event's source entity and type) -> events received.
     pub engagement: std::collections::BTreeMap<String, u64>,
     /// Recommendation templates it dismissed.
     pub dismissed: Vec<String>,

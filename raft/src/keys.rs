@@ -40,7 +40,8 @@ pub const EXPIRY: u8 = 0x1b;
 pub const MODEL: u8 = 0x1c;
 /// Dismissed recommendations: `| customer \0 template`.
 pub const DISMISSED: u8 = 0x1d;
-/// Engagement: events received per customer and type: `| customer \0 source.type`.
+/// Engagement: events received per customer and type: `| customer \0 source/type`
+/// ([`engagement_name`]; `source.type` before 2026-12-07, [`upgrade_engagement_name`]).
 pub const ENGAGEMENT: u8 = 0x1e;
 /// Pending OAuth linkings: `| sha256(state)`.
 pub const PENDING_LINK: u8 = 0x1f;
@@ -287,6 +288,27 @@ pub fn space(group: GroupId, generation: bool) -> u32 {
     }
 }
 
+/// What an engagement is stored and named by: the event's source entity and its type joined
+/// by `/`, which ids cannot hold, so a source id with a dot (`acme.air` and `flight.delayed`)
+/// is not the same name as another source's type (`acme` and `air.flight.delayed`).
+pub fn engagement_name(source: &str, event_type: &str) -> String {
+    format!("{source}/{event_type}")
+}
+
+/// An engagement name as [`engagement_name`] makes it, from one a build before 2026-12-07
+/// stored (`source.type`, without a `/`): split at the first dot, as that build's readers
+/// read it (so a dotted source id is misread there, as it was then). A current name is
+/// returned as it is.
+pub fn upgrade_engagement_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('/') {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    match name.split_once('.') {
+        Some((source, event_type)) => engagement_name(source, event_type).into(),
+        None => std::borrow::Cow::Borrowed(name),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +353,20 @@ mod tests {
         assert_eq!(filter_prefix(&prefix2(3, ACTIVITY, "c")), None);
         assert_eq!(filter_prefix(&log(3, 7)), None);
         assert_eq!(filter_prefix(&[]), None);
+    }
+
+    #[test]
+    fn engagement_names_keep_a_dotted_source_apart_and_read_the_earlier_form() {
+        assert_ne!(
+            engagement_name("acme.air", "flight.delayed"),
+            engagement_name("acme", "air.flight.delayed")
+        );
+        assert_eq!(
+            upgrade_engagement_name("airline.flight.delayed"),
+            engagement_name("airline", "flight.delayed")
+        );
+        let current = engagement_name("acme.air", "flight.delayed");
+        assert_eq!(upgrade_engagement_name(&current), current);
     }
 
     #[test]

@@ -248,8 +248,11 @@ impl StateReader {
             .collect())
     }
 
-    /// Event types received, as (customer id, `source.type`, count, last received ms): the
-    /// whole group's when `customer` is `None` (for training), else one customer's.
+    /// Event types received, as (customer id, `source/type`, count, last received ms), in
+    /// key order: the whole group's when `customer` is `None` (for training), else one
+    /// customer's. A count an earlier build stored under `source.type` is read under its
+    /// current name and added to the count stored since ([`keys::upgrade_engagement_name`]),
+    /// so each type is one engagement.
     pub fn engagements(
         &self,
         customer: Option<&str>,
@@ -258,13 +261,22 @@ impl StateReader {
             Some(c) => keys::prefix2(self.space(), keys::ENGAGEMENT, c),
             None => keys::prefix(self.space(), keys::ENGAGEMENT),
         };
-        Ok(self
-            .scan::<(u64, i64)>(&p, &keys::prefix_end(&p), false, usize::MAX)?
+        let mut merged: std::collections::BTreeMap<(String, String), (u64, i64)> =
+            std::collections::BTreeMap::new();
+        for (k, (count, last)) in
+            self.scan::<(u64, i64)>(&p, &keys::prefix_end(&p), false, usize::MAX)?
+        {
+            let Some((customer, name)) = split_key2(&k, keys::HEADER) else {
+                continue;
+            };
+            let name = keys::upgrade_engagement_name(&name).into_owned();
+            let seen = merged.entry((customer, name)).or_insert((0, i64::MIN));
+            seen.0 = seen.0.saturating_add(count);
+            seen.1 = seen.1.max(last);
+        }
+        Ok(merged
             .into_iter()
-            .filter_map(|(k, (count, last))| {
-                let (customer, source_type) = split_key2(&k, keys::HEADER)?;
-                Some((customer, source_type, count, last))
-            })
+            .map(|((customer, name), (count, last))| (customer, name, count, last))
             .collect())
     }
 

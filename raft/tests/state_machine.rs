@@ -971,10 +971,29 @@ async fn engagement_counts_add_up_without_a_read_and_go_with_their_customer() ->
     s.apply(vec![ingest("e4", 1_350)]).await?;
     assert_eq!(
         s.reader.engagements(Some("c1"))?,
-        vec![("c1".into(), "airline.flight.delayed".into(), 4, 1_300)]
+        vec![("c1".into(), "airline/flight.delayed".into(), 4, 1_300)]
+    );
+    // A count an earlier build stored under `source.type` (written here as that build wrote
+    // it: the same key with the dotted name) is read under the current name and added to it.
+    let mut legacy = None;
+    for kv in s.db.iterator(rocksdb::IteratorMode::Start) {
+        let (k, v) = kv?;
+        if k.get(4) == Some(&keys::ENGAGEMENT) {
+            let at = k.len() - "airline/flight.delayed".len();
+            let mut earlier = k[..at].to_vec();
+            earlier.extend_from_slice(b"airline.flight.delayed");
+            legacy = Some((earlier, v.to_vec()));
+        }
+    }
+    let (earlier, value) = legacy.ok_or_else(|| anyhow::anyhow!("no engagement key"))?;
+    s.db.put(&earlier, value)?;
+    assert_eq!(
+        s.reader.engagements(Some("c1"))?,
+        vec![("c1".into(), "airline/flight.delayed".into(), 8, 1_300)]
     );
     // A type first received in the entry that erases the customer: its count is only the
-    // entry's merge operand when the erasure looks, and goes too.
+    // entry's merge operand when the erasure looks, and goes too (as does the earlier
+    // build's key).
     let mut cancelled = ingest("e5", 1_400);
     if let StateChange::Ingest(i) = &mut cancelled {
         i.event.event_type = "flight.cancelled".into();

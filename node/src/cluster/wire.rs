@@ -99,7 +99,7 @@ pub struct TrainingInput {
     pub rules: Vec<(String, custos_raft::records::RuleRecord)>,
     /// (customer, entity).
     pub links: Vec<(String, String)>,
-    /// (customer, `source.type`, count, last received ms).
+    /// (customer, `source/type`, count, last received ms).
     pub engagements: Vec<(String, String, u64, i64)>,
     /// Dismissals per template.
     pub dismissals: std::collections::HashMap<String, u32>,

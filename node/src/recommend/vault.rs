@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use custos_api::types::{Action, Recommendation, RuleSpec, RuleTemplate, Trigger};
+use custos_raft::keys::upgrade_engagement_name;
 use custos_raft::records::{ModelRecord, RuleRecord, TemplateStat};
 
 use super::{
@@ -72,11 +73,14 @@ fn dismissals_of(dismissals: &HashMap<String, u32>, key: &str) -> u32 {
         .sum()
 }
 
-/// Whether `key` is a template or rule-part key in the earlier build's form (no `/`, which
-/// ids cannot hold and this build's keys always do).
+/// Whether `key` is a template, rule-part or received-event key in the earlier build's form
+/// (no `/`, which ids cannot hold and this build's keys always do).
 fn is_legacy_key(key: &str) -> bool {
     !key.contains('/')
-        && (key.contains('>') || key.starts_with("when:") || key.starts_with("then:"))
+        && (key.contains('>')
+            || key.starts_with("when:")
+            || key.starts_with("then:")
+            || key.starts_with("event:"))
 }
 
 /// The model item of a customer's link to an entity: an engagement input, never recommended.
@@ -84,9 +88,11 @@ fn link_key(entity: &str) -> String {
     format!("link:{entity}")
 }
 
-/// The model item of an event type a customer receives (`source.type`): an engagement input.
+/// The model item of an event type a customer receives (`source/type`): an engagement input.
+/// A name in the earlier `source.type` form (from a data group's leader still on an earlier
+/// build, during a rolling upgrade) is read in the current one.
 fn event_key(source_type: &str) -> String {
-    format!("event:{source_type}")
+    format!("event:{}", upgrade_engagement_name(source_type))
 }
 
 /// The template key of a rule template (see [`template_key`]).
@@ -253,14 +259,14 @@ impl Parts {
 pub const ENGAGEMENT_RECENCY_MS: i64 = 90 * 86_400_000;
 
 /// What the recommender learns from: every customer's rules, links and recently received
-/// event types (`source.type`), and how many customers dismissed each template.
+/// event types (`source/type`), and how many customers dismissed each template.
 #[derive(Debug, Default)]
 pub struct Population {
     /// (customer, rule).
     pub rules: Vec<(String, RuleRecord)>,
     /// (customer, entity).
     pub links: Vec<(String, String)>,
-    /// (customer, `source.type`).
+    /// (customer, `source/type`).
     pub received: Vec<(String, String)>,
     /// Template key -> customers who dismissed it.
     pub dismissals: HashMap<String, u32>,
@@ -1094,7 +1100,7 @@ impl Served {
     }
 
     /// Recommendations for a customer who keeps `kept`, links `linked` and recently received
-    /// `received` (`source.type`), at or above `threshold`, most likely kept first: rules
+    /// `received` (`source/type`), at or above `threshold`, most likely kept first: rules
     /// between entities the customer linked, and rules needing one more link to an entity in
     /// `linkable`; with a ranker, also composed rules (see [`candidates`]).
     pub fn recommend(
@@ -1249,7 +1255,8 @@ impl Served {
             if let Some(entity) = key.strip_prefix("link:") {
                 format!("link {entity}")
             } else if let Some(t) = key.strip_prefix("event:") {
-                format!("receive {t}")
+                // Written as rules are: `source.type`.
+                format!("receive {}", t.replacen('/', ".", 1))
             } else if let Some(Some(t)) = self.templates.get(from as usize) {
                 format!(
                     "keep {}.{} -> {}.{}",
@@ -1529,9 +1536,14 @@ mod tests {
                 "acme.air/flight.delayed>hotel.eu/room.hold",
             ),
             ("link:acme.air", "link:acme.air"),
+            // A received event type: split at the first dot, as the earlier build's reader did.
             (
-                "event:acme.air.flight.delayed",
-                "event:acme.air.flight.delayed",
+                "event:airline.flight.delayed",
+                "event:airline/flight.delayed",
+            ),
+            (
+                "event:acme.air/flight.delayed",
+                "event:acme.air/flight.delayed",
             ),
         ] {
             assert_eq!(upgrade_key(earlier), now);
@@ -1823,7 +1835,13 @@ mod tests {
         let mut rules = Vec::new();
         let mut received = Vec::new();
         for c in 0..20 {
-            received.push((format!("c{c}"), "airline.flight.delayed".to_owned()));
+            // Six named as an earlier build's data group answers during a rolling upgrade.
+            let name = if c < 6 {
+                "airline.flight.delayed"
+            } else {
+                "airline/flight.delayed"
+            };
+            received.push((format!("c{c}"), name.to_owned()));
             if c < 16 {
                 rules.push(rule(c, "flight.delayed", "room.hold", None));
             }
@@ -1833,23 +1851,52 @@ mod tests {
             received,
             ..Default::default()
         };
-        let served = Served::new(train(pop, 1, 0, 0.2, 10));
+        let model = train(pop, 1, 0, 0.2, 10);
+        let received_by: Vec<u32> = model
+            .templates
+            .iter()
+            .filter(|t| t.key.starts_with("event:"))
+            .map(|t| t.customers)
+            .collect();
+        assert_eq!(received_by, vec![20], "one item under its current name");
+        assert!(model
+            .templates
+            .iter()
+            .any(|t| t.key == "event:airline/flight.delayed"));
+        // A model an earlier build stored names it `event:airline.flight.delayed`: not
+        // current (retrained at the next check), and read under the current name meanwhile.
+        let mut earlier = model.clone();
+        for t in &mut earlier.templates {
+            if t.key.starts_with("event:") {
+                t.key = t.key.replace('/', ".");
+            }
+        }
+        assert!(model_is_current(&model) && !model_is_current(&earlier));
+        assert_eq!(
+            Served::new(earlier).record.templates,
+            Served::new(model.clone()).record.templates
+        );
+        let served = Served::new(model);
         let both = vec!["airline".to_owned(), "hotel".to_owned()];
-        let recs = served.recommend(
-            &[],
-            &both,
-            &HashSet::new(),
-            &["airline.flight.delayed".to_owned()],
-            &HashSet::new(),
-            0.5,
-        );
-        assert_eq!(recs.len(), 1, "{recs:?}");
-        assert!(
-            recs[0]
-                .reason
-                .contains("who receive airline.flight.delayed"),
-            "{}",
-            recs[0].reason
-        );
+        // Named as this build stores it, or as an earlier build did (a data group's leader
+        // still on it during a rolling upgrade): the same input.
+        for received in ["airline/flight.delayed", "airline.flight.delayed"] {
+            let recs = served.recommend(
+                &[],
+                &both,
+                &HashSet::new(),
+                &[received.to_owned()],
+                &HashSet::new(),
+                0.5,
+            );
+            assert_eq!(recs.len(), 1, "{recs:?}");
+            assert!(
+                recs[0]
+                    .reason
+                    .contains("who receive airline.flight.delayed"),
+                "{}",
+                recs[0].reason
+            );
+        }
     }
 }

@@ -15,7 +15,7 @@ use crate::core::Core;
 use crate::error::ServiceError;
 use crate::recommend::vault::Served;
 
-/// The (customer, `source.type`) pairs received within the engagement window.
+/// The (customer, `source/type`) pairs received within the engagement window.
 fn recent(engagements: Vec<(String, String, u64, i64)>) -> Vec<(String, String)> {
     let since = unix_now_ms() - crate::recommend::vault::ENGAGEMENT_RECENCY_MS;
     engagements

@@ -71,7 +71,7 @@ impl Tx<'_> {
             let key = self.k2(
                 keys::ENGAGEMENT,
                 customer,
-                &format!("{}.{}", ingest.event.source, ingest.event.event_type),
+                &keys::engagement_name(&ingest.event.source, &ingest.event.event_type),
             );
             self.add_count(key, at)?;
             // The event's line names the commands its rules made: one key, not one per line.
