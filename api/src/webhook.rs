@@ -140,7 +140,9 @@ pub fn verify<'a>(
         .signature
         .filter(|s| s.len() <= MAX_SIGNATURE_HEADER)
         .ok_or(WebhookError::MissingHeader(HEADER_SIGNATURE))?;
-    if (now - timestamp).abs() > SIGNATURE_TOLERANCE_SECS {
+    // `abs_diff`: a timestamp near i64::MIN or MAX must not overflow the subtraction (which
+    // panics in a debug build and, wrapped, passes the check in a release one).
+    if now.abs_diff(timestamp) > SIGNATURE_TOLERANCE_SECS.unsigned_abs() {
         return Err(WebhookError::StaleTimestamp(timestamp));
     }
     // One HMAC over the body per secret, however many signatures the header lists; the
@@ -250,6 +252,16 @@ mod tests {
             verify(&[&s], headers("m", "1000", &sig), b"a", 1000 + 301),
             Err(WebhookError::StaleTimestamp(1000))
         );
+        // Timestamps at the ends of i64 are stale, not an overflow (a wrapped difference of
+        // i64::MIN has a negative absolute value, which passed the check before).
+        let now = 1_700_000_000;
+        for far in [i64::MIN, now + i64::MIN, i64::MAX] {
+            let sig = s.sign("m", far, b"a");
+            assert_eq!(
+                verify(&[&s], headers("m", &far.to_string(), &sig), b"a", now),
+                Err(WebhookError::StaleTimestamp(far))
+            );
+        }
         assert_eq!(
             verify(&[&s], headers("m", "1000", &sig), b"b", 1000),
             Err(WebhookError::BadSignature)
