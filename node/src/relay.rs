@@ -13,7 +13,7 @@
 //! rolling upgrade) gets the event proxied as before.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,12 +38,47 @@ pub const MAX_BATCH_EVENTS: usize = 256;
 const MAX_BATCH_BYTES: usize = 4 * MAX_BODY_BYTES;
 /// The peer path that serves a batch.
 pub const PATH: &str = "/peer/events";
+/// Most body bytes a node holds queued for its leaders. Events are queued before the leader
+/// checks their signatures, so without a bound anyone could make a follower of a slow or
+/// unreachable leader hold whatever they send until each event's deadline; past it, an event
+/// is answered 503 at once (the entity retries it).
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// One event waiting to leave, and where its answer goes (`None`: the leader does not serve
 /// relayed events).
 struct Queued {
     event: RelayedEvent,
     answer: oneshot::Sender<Option<RelayedAnswer>>,
+    /// Its share of the queued bytes, given back when it leaves the queue (sent, skipped, or
+    /// dropped with its queue).
+    _held: Held,
+}
+
+/// Body bytes counted against [`MAX_QUEUED_BYTES`] until dropped.
+struct Held {
+    bytes: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Held {
+    /// Counts `bytes` against `budget`, or None when they would exceed it.
+    fn take(queued: &Arc<AtomicUsize>, bytes: usize, budget: usize) -> Option<Held> {
+        let before = queued.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > budget {
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+            return None;
+        }
+        Some(Held {
+            bytes,
+            queued: queued.clone(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// How many batches and events this node relayed (for `/metrics`).
@@ -53,6 +88,8 @@ pub struct RelayStats {
     pub batches: AtomicU64,
     /// Events in them.
     pub events: AtomicU64,
+    /// Events answered 503 at once because the queued bytes were at their bound.
+    pub refused: AtomicU64,
 }
 
 /// The queues to each leader this node relays events to.
@@ -63,6 +100,9 @@ pub struct EventRelay {
     within: Duration,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
     stats: Arc<RelayStats>,
+    /// Body bytes queued for every leader, and their bound.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
 }
 
 impl std::fmt::Debug for EventRelay {
@@ -79,12 +119,23 @@ fn unavailable() -> RelayedAnswer {
 impl EventRelay {
     /// Relays over `peers`; batches are sent from tasks on `rt`.
     pub fn new(peers: Peers, rt: tokio::runtime::Handle, within: Duration) -> Self {
+        Self::with_bound(peers, rt, within, MAX_QUEUED_BYTES)
+    }
+
+    fn with_bound(
+        peers: Peers,
+        rt: tokio::runtime::Handle,
+        within: Duration,
+        max_queued: usize,
+    ) -> Self {
         EventRelay {
             peers,
             rt,
             within,
             queues: Mutex::new(HashMap::new()),
             stats: Arc::new(RelayStats::default()),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued,
         }
     }
 
@@ -97,8 +148,16 @@ impl EventRelay {
     /// answered (503 if it could not be reached in time), or `None` if that leader does not
     /// serve relayed events.
     pub async fn relay(&self, addr: &str, event: RelayedEvent) -> Option<RelayedAnswer> {
+        let Some(held) = Held::take(&self.queued, event.body.len(), self.max_queued) else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return Some(unavailable());
+        };
         let (answer, rx) = oneshot::channel();
-        let mut item = Queued { event, answer };
+        let mut item = Queued {
+            event,
+            answer,
+            _held: held,
+        };
         // A queue whose sender task ended (its runtime is stopping) is replaced once.
         for _ in 0..2 {
             let tx = self.queue(addr);
@@ -281,5 +340,74 @@ impl RelayedAnswer {
             out.append_header((name.as_str(), value.as_slice()));
         }
         out.body(self.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(bytes: usize) -> RelayedEvent {
+        RelayedEvent {
+            content_type: None,
+            webhook_id: None,
+            webhook_timestamp: None,
+            webhook_signature: None,
+            body: vec![b'x'; bytes],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_holds_at_most_its_bound_of_events_for_a_silent_leader() {
+        // A leader that takes connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = silent
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"))
+            .to_string();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                open.push(conn);
+            }
+        });
+        let peers = Peers::new("token".into(), None).unwrap_or_else(|e| panic!("peers: {e}"));
+        let bound = 10_000;
+        let relay = Arc::new(EventRelay::with_bound(
+            peers,
+            tokio::runtime::Handle::current(),
+            Duration::from_secs(2),
+            bound,
+        ));
+        let calls: Vec<_> = (0..200)
+            .map(|_| {
+                let (relay, addr) = (relay.clone(), addr.clone());
+                tokio::spawn(async move {
+                    let answer = relay.relay(&addr, event(1_000)).await;
+                    assert!(relay.queued.load(Ordering::Acquire) <= bound);
+                    answer
+                })
+            })
+            .collect();
+        for call in calls {
+            let answer = call.await.unwrap_or_else(|e| panic!("relay call: {e}"));
+            assert_eq!(answer.map(|a| a.status), Some(503));
+        }
+        // Each of the four batches out takes at most what the bound lets queue (10 events),
+        // and 10 more may wait: the other 150 or more are refused at once.
+        let refused = relay.stats().refused.load(Ordering::Relaxed);
+        assert!((150..=200).contains(&refused), "{refused}");
+        // What is still queued goes once the batches out time out and free their slots.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while relay.queued.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "queued bytes given back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        held.abort();
     }
 }

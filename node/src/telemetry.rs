@@ -119,6 +119,8 @@ impl Telemetry {
             .set(relay.batches.load(std::sync::atomic::Ordering::Relaxed) as f64);
         metrics::gauge!("custos_relayed_events")
             .set(relay.events.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        metrics::gauge!("custos_relay_refused_events")
+            .set(relay.refused.load(std::sync::atomic::Ordering::Relaxed) as f64);
         metrics::gauge!("custos_cached_routes").set(core.routes.len() as f64);
         let mem = custos_raft::db_memory(&core.db);
         metrics::gauge!("custos_rocksdb_block_cache_bytes").set(mem.block_cache as f64);
