@@ -28,21 +28,51 @@ use crate::config::DeliveryConfig;
 use crate::core::{CachedEntity, Core, Group};
 use crate::outbound::{error_chain, OutboundError};
 
-/// Why one attempt did not deliver.
+/// Why one attempt did not deliver. Its text is stored with the attempt and shown to the
+/// customer (portal, deliveries API), so it names a kind of failure only: never the entity's
+/// URL (its query may hold a token) nor how far a connection got (an oracle for probing the
+/// operator's network). The detail goes to the node's log.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     /// The endpoint resolves to an address the operator did not allow.
-    #[error("target address {0} is not allowed (loopback, private or link-local)")]
-    ForbiddenAddress(String),
+    #[error("the target's address is not allowed (loopback, private or link-local)")]
+    ForbiddenAddress,
     /// The endpoint URL cannot be used.
-    #[error("bad endpoint URL: {0}")]
-    BadUrl(String),
+    #[error("the entity's endpoint URL cannot be used")]
+    BadUrl,
     /// Connect, TLS, timeout or other transport failure.
     #[error("transport: {0}")]
-    Transport(String),
+    Transport(TransportFailure),
     /// The target answered a non-2xx status.
     #[error("target answered {0}")]
     Status(u16),
+}
+
+/// The kind of a transport failure, as much of it as a customer is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TransportFailure {
+    /// No answer within the attempt's timeout.
+    #[error("timed out")]
+    Timeout,
+    /// No connection (refused, unreachable, DNS, TLS handshake).
+    #[error("could not connect")]
+    Connect,
+    /// The connection failed during the request or its answer.
+    #[error("the request failed")]
+    Other,
+}
+
+impl TransportFailure {
+    /// The kind of `e`.
+    pub fn of(e: &reqwest::Error) -> Self {
+        if e.is_timeout() {
+            TransportFailure::Timeout
+        } else if e.is_connect() {
+            TransportFailure::Connect
+        } else {
+            TransportFailure::Other
+        }
+    }
 }
 
 /// The wait before the attempt after attempt `attempts_made`, or `None` when exhausted.
@@ -436,9 +466,12 @@ async fn send(
         .core
         .outbound
         .post(&entity.record.command_url)
-        .map_err(|e| match e {
-            OutboundError::Forbidden(ip) => (DeliveryError::ForbiddenAddress(ip), None),
-            other => (DeliveryError::BadUrl(other.to_string()), None),
+        .map_err(|e| {
+            tracing::warn!(entity = %entity.record.id, command = %command.id, error = %e, "delivery not attempted");
+            match e {
+                OutboundError::Forbidden(_) => (DeliveryError::ForbiddenAddress, None),
+                _ => (DeliveryError::BadUrl, None),
+            }
         })?;
     let body = command_body(command);
     let ts = webhook::unix_now();
@@ -459,14 +492,13 @@ async fn send(
         .send()
         .await
         .map_err(|e| {
+            // The whole chain for the operator; a kind of failure for the customer.
             let msg = error_chain(&e);
+            tracing::warn!(entity = %entity.record.id, command = %command.id, error = %msg, "delivery attempt failed");
             if msg.contains("is not allowed") {
-                (
-                    DeliveryError::ForbiddenAddress(entity.record.command_url.clone()),
-                    None,
-                )
+                (DeliveryError::ForbiddenAddress, None)
             } else {
-                (DeliveryError::Transport(msg), None)
+                (DeliveryError::Transport(TransportFailure::of(&e)), None)
             }
         })?;
     let status = resp.status();
@@ -481,11 +513,48 @@ async fn send(
     Err((DeliveryError::Status(status.as_u16()), retry_after))
 }
 
+/// How many times results that could not be recorded are proposed again, `REQUEUE_MS` apart,
+/// while this node leads the group, before their commands are put back to be sent again.
+const RECORD_TRIES: u32 = 5;
+
+/// When a command whose result could not be recorded is sent again: not before the retry the
+/// result itself scheduled (a failing target keeps its backoff), and not within `REQUEUE_MS`.
+fn resend_at(update: &DeliveryUpdate, now_ms: i64) -> i64 {
+    let soonest = now_ms + REQUEUE_MS;
+    match update {
+        DeliveryUpdate::Attempted {
+            next: AttemptNext::RetryAt(due),
+            ..
+        } => soonest.max(*due),
+        _ => soonest,
+    }
+}
+
 /// Commits attempt results in batches: one Raft entry for everything that finished meanwhile.
+/// A batch that could not be recorded (the group overloaded, a proposal timed out) is proposed
+/// again with what finished since, its commands still in flight: an attempt made is recorded,
+/// not made again. Only when the node no longer leads the group, or after [`RECORD_TRIES`], are
+/// they put back to be sent again (same webhook-id; targets deduplicate).
 async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<DeliveryUpdate>) {
     const MAX_BATCH: usize = 512;
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut unrecorded: Vec<DeliveryUpdate> = Vec::new();
+    let mut tries = 0;
+    loop {
+        if unrecorded.is_empty() {
+            if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(REQUEUE_MS as u64)).await;
+            batch.append(&mut unrecorded);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(u) => batch.push(u),
+                    Err(_) => break,
+                }
+            }
+        }
         let ids: Vec<String> = batch
             .iter()
             .map(|u| match u {
@@ -493,19 +562,31 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
                 | DeliveryUpdate::Cancelled { command_id, .. } => command_id.clone(),
             })
             .collect();
-        let change = StateChange::RecordDeliveries(std::mem::take(&mut batch));
+        let change = StateChange::RecordDeliveries(batch.clone());
         let recorded = worker.core.propose(worker.group.id, change).await;
-        for id in &ids {
-            finish(&worker, id);
-        }
         match recorded {
-            // Retries come back through the apply's DeliveryDue effects; wake for free slots.
-            Ok(_) => worker.group.due.wake(),
+            Ok(_) => {
+                tries = 0;
+                batch.clear();
+                for id in &ids {
+                    finish(&worker, id);
+                }
+                // Retries come back through the apply's DeliveryDue effects; wake for free
+                // slots.
+                worker.group.due.wake();
+            }
+            Err(e) if tries < RECORD_TRIES && worker.group.leads(worker.core.node_id) => {
+                tries += 1;
+                tracing::warn!(error = %e, n = ids.len(), tries, "could not record delivery attempts; proposing them again");
+                unrecorded = std::mem::take(&mut batch);
+            }
             Err(e) => {
-                // Not recorded: attempt again later (same webhook-id; targets deduplicate).
-                tracing::warn!(error = %e, n = ids.len(), "could not record delivery attempts");
-                for id in ids {
-                    requeue(&worker, id);
+                tracing::warn!(error = %e, n = ids.len(), "could not record delivery attempts; they will be sent again");
+                tries = 0;
+                let now = unix_now_ms();
+                for (id, update) in ids.into_iter().zip(batch.drain(..)) {
+                    finish(&worker, &id);
+                    worker.group.due.push(resend_at(&update, now), id, None);
                 }
             }
         }
@@ -531,6 +612,93 @@ async fn disable_gone_endpoint(worker: &Worker, target: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a customer is shown of a transport failure at `url` (a real request).
+    async fn shown_for(url: &str, timeout: Duration) -> (TransportFailure, String) {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .unwrap_or_else(|e| panic!("client: {e}"));
+        let err = match client.post(url).body("{}").send().await {
+            Ok(r) => panic!("answered {}", r.status()),
+            Err(e) => e,
+        };
+        assert!(
+            error_chain(&err).contains(url),
+            "the log's text names the URL"
+        );
+        let kind = TransportFailure::of(&err);
+        (kind, DeliveryError::Transport(kind).to_string())
+    }
+
+    #[tokio::test]
+    async fn a_customer_is_shown_the_kind_of_a_transport_failure_never_the_url() {
+        // Refused: a port nobody listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let refused = format!("http://127.0.0.1:{port}/in?token=s3cret");
+        let (kind, shown) = shown_for(&refused, Duration::from_secs(5)).await;
+        assert_eq!(kind, TransportFailure::Connect);
+        assert_eq!(shown, "transport: could not connect");
+        // Silent: a listener that accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let url = format!(
+            "http://{}/in?token=s3cret",
+            silent.local_addr().unwrap_or_else(|e| panic!("addr: {e}"))
+        );
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                open.push(conn);
+            }
+        });
+        let (kind, shown) = shown_for(&url, Duration::from_millis(300)).await;
+        held.abort();
+        assert_eq!(kind, TransportFailure::Timeout);
+        assert_eq!(shown, "transport: timed out");
+        for text in [
+            DeliveryError::ForbiddenAddress.to_string(),
+            DeliveryError::BadUrl.to_string(),
+        ] {
+            assert!(
+                !text.contains("127.0.0.1") && !text.contains("token"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_command_whose_result_was_not_recorded_keeps_its_backoff() {
+        let attempted = |next| DeliveryUpdate::Attempted {
+            command_id: "c".into(),
+            attempt: AttemptRecord {
+                at_ms: 0,
+                status_code: Some(503),
+                error: None,
+                duration_ms: 1,
+            },
+            next,
+        };
+        let now = 1_000_000;
+        // A failing target is not asked again before its retry...
+        assert_eq!(
+            resend_at(&attempted(AttemptNext::RetryAt(now + 60_000)), now),
+            now + 60_000
+        );
+        // ...nor anything within a second.
+        assert_eq!(
+            resend_at(&attempted(AttemptNext::RetryAt(now)), now),
+            now + REQUEUE_MS
+        );
+        assert_eq!(
+            resend_at(&attempted(AttemptNext::Delivered), now),
+            now + REQUEUE_MS
+        );
+    }
 
     #[test]
     fn schedule_with_jitter_and_retry_after() {

@@ -1235,6 +1235,43 @@ async fn a_linking_abandons_only_the_same_customers_unfinished_linkings_of_that_
 }
 
 #[tokio::test]
+async fn a_result_proposed_again_is_recorded_once() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    s.apply(vec![ingest("e1", 100)]).await?;
+    let failed = |at_ms: i64| DeliveryUpdate::Attempted {
+        command_id: "cmd-e1".into(),
+        attempt: AttemptRecord {
+            at_ms,
+            status_code: Some(503),
+            error: Some("target answered 503".into()),
+            duration_ms: 7,
+        },
+        next: AttemptNext::RetryAt(at_ms + 5_000),
+    };
+    // The delivery worker proposes a batch again when its proposal failed; one that timed
+    // out may have been committed too: in one entry, then in a later one.
+    s.apply(vec![StateChange::RecordDeliveries(vec![
+        failed(200),
+        failed(200),
+    ])])
+    .await?;
+    s.apply(vec![StateChange::RecordDeliveries(vec![failed(200)])])
+        .await?;
+    let rec = s.reader.outbox("cmd-e1")?.expect("kept");
+    assert_eq!(rec.attempts.len(), 1);
+    assert_eq!(rec.next_due_ms, Some(5_200));
+    assert_eq!(s.reader.due(i64::MAX, usize::MAX)?.len(), 1);
+    // The next attempt (another time) is recorded.
+    s.apply(vec![StateChange::RecordDeliveries(vec![failed(5_300)])])
+        .await?;
+    let rec = s.reader.outbox("cmd-e1")?.expect("kept");
+    assert_eq!(rec.attempts.len(), 2);
+    assert_eq!(s.reader.due(i64::MAX, usize::MAX)?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
     let mut s = store(1)?;
     s.apply(setup()).await?;

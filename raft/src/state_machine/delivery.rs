@@ -28,6 +28,16 @@ impl Tx<'_> {
             // A late result for a delivery already settled (e.g. cancelled meanwhile).
             return Ok(());
         }
+        if let DeliveryUpdate::Attempted { attempt, .. } = &update {
+            // The same result again: the delivery worker proposes a batch again when its
+            // proposal failed, and one that timed out may have been committed after all.
+            if rec.attempts.last().is_some_and(|last| {
+                (last.at_ms, last.duration_ms, last.status_code)
+                    == (attempt.at_ms, attempt.duration_ms, attempt.status_code)
+            }) {
+                return Ok(());
+            }
+        }
         if let Some(due) = rec.next_due_ms.take() {
             self.delete(keys::due(self.space, due, &command_id));
         }
