@@ -130,6 +130,8 @@ struct Worker {
 
 /// How long a delivery whose attempt could not be prepared or recorded waits to be retried.
 const REQUEUE_MS: i64 = 1000;
+/// How long a due delivery found still in flight waits before it is looked at again.
+const IN_FLIGHT_RECHECK_MS: i64 = 100;
 /// How often a leader's worker reloads its queue from the outbox (a safety net).
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
@@ -237,10 +239,17 @@ fn dispatch_due(worker: &Arc<Worker>, now_ms: i64, concurrency: usize, confirmed
         .saturating_sub(in_flight.sending())
         .min((2 * concurrency).saturating_sub(in_flight.len()));
     for (id, created) in worker.group.due.pop_due(now_ms, free) {
-        // Already in flight (e.g. replayed meanwhile): its own result reschedules it.
         if in_flight.insert(&id) {
             let w = worker.clone();
             tokio::spawn(async move { attempt(w, id, created, confirmed).await });
+        } else {
+            // Still in flight: a retry due at once is handed over by the apply that records
+            // the attempt before that attempt is finished here. Looked at again shortly (read
+            // from the outbox then, which skips it if it is not due).
+            worker
+                .group
+                .due
+                .push(now_ms + IN_FLIGHT_RECHECK_MS, id, None);
         }
     }
 }

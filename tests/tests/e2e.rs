@@ -341,6 +341,40 @@ async fn failing_receiver_is_retried_until_it_succeeds() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn retries_due_at_once_are_not_lost_while_their_attempt_is_recorded() -> anyhow::Result<()> {
+    // Every retry due at once: the apply recording an attempt hands its retry over before the
+    // attempt is finished on the worker's side. Delivered well before the outbox's periodic
+    // reload (30 s) would find a retry that was dropped.
+    let opts = NodeOptions {
+        retry_schedule_secs: vec![0.0; 6],
+        ..NodeOptions::default()
+    };
+    let w = world_with(opts, Receiver::start(vec![500, 503, 500, 503], 200)?).await?;
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("retry-now-1", "FF-1234", 90))
+        .await?;
+    let id = &r.commands[0];
+    let d = poll::until(
+        &format!("delivery {id} delivered"),
+        Duration::from_secs(15),
+        || async {
+            w.node
+                .admin()
+                .delivery(id)
+                .await
+                .ok()
+                .filter(|d| d.status == DeliveryStatus::Delivered)
+        },
+    )
+    .await?;
+    assert_eq!(d.attempts.len(), 5);
+    assert_eq!(w.hotel_rx.received().len(), 5);
+    Ok(())
+}
+
+#[tokio::test]
 async fn gone_endpoint_is_disabled_and_can_be_replayed_after_reenabling() -> anyhow::Result<()> {
     let w = world_with(NodeOptions::default(), Receiver::start(vec![410], 200)?).await?;
     let admin = w.node.admin();
