@@ -63,11 +63,13 @@ struct Held {
 impl Held {
     /// Counts `bytes` against `budget`, or None when they would exceed it.
     fn take(queued: &Arc<AtomicUsize>, bytes: usize, budget: usize) -> Option<Held> {
-        let before = queued.fetch_add(bytes, Ordering::AcqRel);
-        if before + bytes > budget {
-            queued.fetch_sub(bytes, Ordering::AcqRel);
-            return None;
-        }
+        // Added only if it fits, so the count itself never passes the budget (adding first
+        // and taking back would let others see it over, and refuse what fits).
+        queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                q.checked_add(bytes).filter(|after| *after <= budget)
+            })
+            .ok()?;
         Some(Held {
             bytes,
             queued: queued.clone(),
@@ -116,6 +118,14 @@ fn unavailable() -> RelayedAnswer {
     RelayedAnswer::of_error(&crate::forward::leader_silent())
 }
 
+/// The answer when this node already holds its bound of events for its leaders.
+fn queue_full() -> RelayedAnswer {
+    RelayedAnswer::of_error(&ServiceError::refused(
+        custos_api::ErrorCode::Unavailable,
+        "this node holds as many events for its group's leader as it may; retry shortly",
+    ))
+}
+
 impl EventRelay {
     /// Relays over `peers`; batches are sent from tasks on `rt`.
     pub fn new(peers: Peers, rt: tokio::runtime::Handle, within: Duration) -> Self {
@@ -150,7 +160,7 @@ impl EventRelay {
     pub async fn relay(&self, addr: &str, event: RelayedEvent) -> Option<RelayedAnswer> {
         let Some(held) = Held::take(&self.queued, event.body.len(), self.max_queued) else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            return Some(unavailable());
+            return Some(queue_full());
         };
         let (answer, rx) = oneshot::channel();
         let mut item = Queued {
@@ -391,14 +401,22 @@ mod tests {
                 })
             })
             .collect();
+        let mut told_full = 0;
         for call in calls {
-            let answer = call.await.unwrap_or_else(|e| panic!("relay call: {e}"));
-            assert_eq!(answer.map(|a| a.status), Some(503));
+            let answer = call
+                .await
+                .unwrap_or_else(|e| panic!("relay call: {e}"))
+                .unwrap_or_else(|| panic!("no answer"));
+            assert_eq!(answer.status, 503);
+            if String::from_utf8_lossy(&answer.body).contains("as many events") {
+                told_full += 1;
+            }
         }
         // Each of the four batches out takes at most what the bound lets queue (10 events),
-        // and 10 more may wait: the other 150 or more are refused at once.
+        // and 10 more may wait: the other 150 or more are refused at once, and told why.
         let refused = relay.stats().refused.load(Ordering::Relaxed);
         assert!((150..=200).contains(&refused), "{refused}");
+        assert_eq!(told_full, refused);
         // What is still queued goes once the batches out time out and free their slots.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while relay.queued.load(Ordering::Acquire) > 0 {
