@@ -149,12 +149,23 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
     let due = &group.due;
     let mut leading = false;
+    // The term this worker last saw itself leading in.
+    let mut led_term = None;
     let mut last_reload = Instant::now();
     loop {
         if *shutdown.borrow() || *closed.borrow() {
             break;
         }
         let leader_now = group.leads(core.node_id);
+        let term = group.term();
+        if leading && leader_now && led_term != Some(term) {
+            // Leading again in a later term, the step in between unseen (A -> B -> A within
+            // one wait): the queue may hold commands another leader has sent and recorded
+            // since (handed over by this replica's applies as created), so the group is
+            // taken over afresh, from the outbox.
+            due.set_leading(false);
+            leading = false;
+        }
         if !leader_now {
             // Only the leader delivers; a follower keeps no queue. The new leader resumes
             // from the outbox with the same command ids.
@@ -190,6 +201,7 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
             last_reload = Instant::now();
         }
         leading = leader_now;
+        led_term = leader_now.then_some(term);
         // A follower looks for leadership often: deliveries resume soon after a failover.
         let mut wait = Duration::from_millis(if leading { 1000 } else { 200 });
         if leading {
