@@ -121,7 +121,11 @@ pub fn slot_of_token(token: &str) -> Option<u16> {
     parse_slot_tag(t)
 }
 
-/// An event body's `source` and `subject` (empty when absent), if it names a source.
+/// An event body's `source` and `subject` (empty when absent), if it names a source and both
+/// are well-formed. This runs before the signature is checked, and the route it yields is
+/// looked up and cached: an id or subject outside their bounds (128 characters) gets no route,
+/// so nobody can fill the route cache with large keys; the event is then refused where it
+/// landed.
 fn event_head(body: &[u8]) -> Option<(String, String)> {
     #[derive(serde::Deserialize)]
     struct Head {
@@ -129,7 +133,10 @@ fn event_head(body: &[u8]) -> Option<(String, String)> {
         subject: Option<String>,
     }
     let head: Head = serde_json::from_slice(body).ok()?;
-    Some((head.source?, head.subject.unwrap_or_default()))
+    let source = head.source.filter(|s| custos_api::limits::is_valid_id(s))?;
+    let subject = head.subject.unwrap_or_default();
+    (subject.is_empty() || custos_api::limits::is_valid_subject(&subject))
+        .then_some((source, subject))
 }
 
 /// An event body's route: the customer (by the routing index) and the group, when the body
@@ -159,33 +166,54 @@ fn relay_route(core: &Core, body: &[u8]) -> Option<GroupId> {
 /// Decides where a call goes, from its path, query and cookies (events are routed by their
 /// body, in [`forward`]).
 pub fn route(core: &Core, req: &HttpRequest) -> Result<Route, ServiceError> {
-    let path = req.path();
+    let session = req.cookie(crate::portal::SESSION_COOKIE);
+    match routed_by(
+        req.path(),
+        req.query_string(),
+        session.as_ref().map(|c| c.value()),
+    ) {
+        RoutedBy::Customer(id) => Ok(Route::Group(core.group_of(id)?)),
+        RoutedBy::Meta => Ok(Route::Group(META_GROUP)),
+        RoutedBy::Slot(slot) => core.group_of_slot(slot).map(Route::Group),
+        RoutedBy::Local => Ok(Route::Local),
+    }
+}
+
+/// What in a call names the group that serves it.
+#[derive(Debug, PartialEq)]
+enum RoutedBy<'a> {
+    /// A customer id in the path.
+    Customer(&'a str),
+    /// The meta group's calls.
+    Meta,
+    /// The slot in a token the vault issued (a command id, an OAuth state, a session).
+    Slot(u16),
+    /// Nothing: served here.
+    Local,
+}
+
+/// The part of [`route`] that reads the call: its path, query and session cookie.
+fn routed_by<'a>(path: &'a str, query: &str, session: Option<&str>) -> RoutedBy<'a> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let by_slot = |slot: u16| core.group_of_slot(slot).map(Route::Group);
+    let by_token = |token: Option<&str>| {
+        token
+            .and_then(slot_of_token)
+            .map_or(RoutedBy::Local, RoutedBy::Slot)
+    };
     match segs.as_slice() {
-        ["v1", "customers", id, ..] if !id.is_empty() => Ok(Route::Group(core.group_of(id)?)),
-        ["v1", "entities", ..] | ["v1", "recommendations", "train"] => Ok(Route::Group(META_GROUP)),
-        ["v1", "deliveries", id, ..] => match slot_of_token(id) {
-            Some(slot) => by_slot(slot),
-            None => Ok(Route::Local),
-        },
-        ["v1", "oauth", "callback"] => {
-            let state = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        ["v1", "customers", id, ..] if !id.is_empty() => RoutedBy::Customer(id),
+        ["v1", "entities", ..] | ["v1", "recommendations", "train"] => RoutedBy::Meta,
+        ["v1", "deliveries", id, ..] => by_token(Some(id)),
+        // `/v1/oauth/callback/{entity}`: the state names the group of the customer linking,
+        // where the linking and the portal session are.
+        ["v1", "oauth", "callback", ..] => {
+            let state = web::Query::<Vec<(String, String)>>::from_query(query)
                 .ok()
                 .and_then(|q| q.0.into_iter().find(|(k, _)| k == "state").map(|(_, v)| v));
-            match state.as_deref().and_then(slot_of_token) {
-                Some(slot) => by_slot(slot),
-                None => Ok(Route::Local),
-            }
+            by_token(state.as_deref())
         }
-        ["portal", ..] => {
-            let session = req.cookie(crate::portal::SESSION_COOKIE);
-            match session.as_ref().and_then(|c| slot_of_token(c.value())) {
-                Some(slot) => by_slot(slot),
-                None => Ok(Route::Local),
-            }
-        }
-        _ => Ok(Route::Local),
+        ["portal", ..] => by_token(session),
+        _ => RoutedBy::Local,
     }
 }
 
@@ -431,6 +459,59 @@ async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_well_formed_event_heads_are_routed() {
+        assert_eq!(
+            event_head(br#"{"source":"airline","subject":"FF-1"}"#),
+            Some(("airline".into(), "FF-1".into()))
+        );
+        assert_eq!(
+            event_head(br#"{"source":"airline"}"#),
+            Some(("airline".into(), String::new()))
+        );
+        let long = "x".repeat(100_000);
+        for body in [
+            format!(r#"{{"source":"{long}","subject":"FF-1"}}"#),
+            format!(r#"{{"source":"airline","subject":"{long}"}}"#),
+            r#"{"source":"air line","subject":"FF-1"}"#.to_owned(),
+            r#"{"subject":"FF-1"}"#.to_owned(),
+        ] {
+            assert_eq!(event_head(body.as_bytes()), None);
+        }
+    }
+
+    #[test]
+    fn calls_are_routed_by_what_names_their_group() {
+        let token = crate::service::customers::slotted_token("cus_1");
+        let slot = slot_of_token(&token).unwrap_or_else(|| panic!("{token} has no slot"));
+        assert_eq!(
+            routed_by("/v1/customers/cus_1/rules", "", None),
+            RoutedBy::Customer("cus_1")
+        );
+        assert_eq!(routed_by("/v1/entities/hotel", "", None), RoutedBy::Meta);
+        // The entity's provider sends the customer back to `/v1/oauth/callback/{entity}`: the
+        // state routes it (it was served wherever it landed before, where the customer's
+        // group may have no replica).
+        assert_eq!(
+            routed_by(
+                "/v1/oauth/callback/bank",
+                &format!("code=c&state={token}"),
+                None
+            ),
+            RoutedBy::Slot(slot)
+        );
+        assert_eq!(
+            routed_by("/v1/oauth/callback/bank", "error=access_denied", None),
+            RoutedBy::Local
+        );
+        assert_eq!(
+            routed_by("/portal/catalog", "", Some(&token)),
+            RoutedBy::Slot(slot)
+        );
+        assert_eq!(routed_by("/portal/catalog", "", None), RoutedBy::Local);
+        assert_eq!(routed_by("/v1/events", "", None), RoutedBy::Local);
+    }
 
     #[test]
     fn unlinks_are_told_from_other_calls() {
