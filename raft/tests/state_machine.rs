@@ -1235,6 +1235,33 @@ async fn a_linking_abandons_only_the_same_customers_unfinished_linkings_of_that_
 }
 
 #[tokio::test]
+async fn a_session_belongs_to_its_customers_current_epoch() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    // "Sign out everywhere", then a sign-in made by a node that could not read the epoch.
+    s.apply(vec![StateChange::EndSessions {
+        customer_id: "c1".into(),
+    }])
+    .await?;
+    s.apply(vec![StateChange::PutSession {
+        token_hash: vec![7; 32],
+        session: SessionRecord {
+            email: "one@example.com".into(),
+            customer_id: "c1".into(),
+            epoch: 0,
+            csrf: "x".into(),
+            created_ms: 1_000,
+            expires_ms: 9_000,
+        },
+    }])
+    .await?;
+    let customer = s.reader.customer("c1")?.expect("c1");
+    assert_eq!(customer.session_epoch, 1);
+    assert_eq!(s.reader.session(&[7; 32])?.map(|x| x.epoch), Some(1));
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_result_proposed_again_is_recorded_once() -> anyhow::Result<()> {
     let mut s = store(1)?;
     s.apply(setup()).await?;

@@ -218,20 +218,13 @@ impl Vault {
         ttl_ms: i64,
     ) -> Result<SignedIn, ServiceError> {
         let group = self.group_of(&account.customer_id)?;
-        let owned = account.customer_id.clone();
-        let epoch = self
-            .core
-            .read_leader(group, move |r| r.customer(&owned))
-            .await
-            .ok()
-            .flatten()
-            .map(|c| c.session_epoch);
         let token = super::customers::slotted_token(&account.customer_id);
         let now = unix_now_ms();
         let session = SessionRecord {
             email: account.email.clone(),
             customer_id: account.customer_id.clone(),
-            epoch: epoch.unwrap_or(0),
+            // Set by the apply to the customer's current epoch.
+            epoch: 0,
             csrf: custos_api::oauth::random_token(24),
             created_ms: now,
             expires_ms: now + ttl_ms,

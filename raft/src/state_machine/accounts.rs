@@ -67,11 +67,17 @@ impl Tx<'_> {
     pub(crate) fn put_session(
         &mut self,
         token_hash: Vec<u8>,
-        session: SessionRecord,
+        mut session: SessionRecord,
     ) -> Result<ChangeOutcome, StoreError> {
-        if !self.exists(&keys::customer(self.space, &session.customer_id))? {
+        let Some(customer) =
+            self.get::<CustomerRecord>(&keys::customer(self.space, &session.customer_id))?
+        else {
             return Ok(not_found("customer", &session.customer_id));
-        }
+        };
+        // The session belongs to the customer's current epoch, whatever the node that signed
+        // in read: a node that does not lead the group cannot read it linearizably, and a
+        // session of an earlier epoch (after "sign out everywhere") would never work.
+        session.epoch = customer.session_epoch;
         // Sessions expire long before retention; this removes the record itself.
         let at = session.created_ms;
         self.put_aged(self.k(keys::SESSION, &token_hash), &session, at)?;
