@@ -367,19 +367,30 @@ async fn oauth_callback(
     let q = q.into_inner();
     let session = crate::portal::session_of(&vault, &req).await;
     let finished = match q.error {
-        Some(e) => Err(ServiceError::refused(
-            ErrorCode::Forbidden,
-            match q.error_description {
-                Some(d) => format!(
-                    "{entity} answered {e:.100}: {}",
-                    d.chars()
-                        .filter(|c| !c.is_control())
-                        .take(200)
-                        .collect::<String>()
-                ),
-                None => format!("{entity} answered {e:.100}"),
-            },
-        )),
+        // Anyone can send a customer here with an `error`: no state is checked on this path, so
+        // what is shown (the portal shows it in an alert) must not be text of their choosing.
+        // An RFC 6749 error code and a well-formed entity id are shown; the description only
+        // goes to the log.
+        Some(e) => {
+            tracing::info!(entity = %entity.chars().take(128).collect::<String>(), error = %e, description = ?q.error_description, "the entity reported an error at the OAuth callback");
+            let code = if !e.is_empty()
+                && e.len() <= 64
+                && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            {
+                e.as_str()
+            } else {
+                "an error"
+            };
+            let who = if custos_api::limits::is_valid_id(&entity) {
+                entity.as_str()
+            } else {
+                "the entity"
+            };
+            Err(ServiceError::refused(
+                ErrorCode::Forbidden,
+                format!("{who} answered {code}"),
+            ))
+        }
         None => {
             vault
                 .finish_link(CallbackParams {

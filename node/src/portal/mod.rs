@@ -318,9 +318,15 @@ async fn account_page(req: HttpRequest, signup: bool) -> HttpResponse {
         &req,
         pages::layout(title, &chrome, pages::account_form(signup, &csrf, "")),
     );
+    // Secure on HTTPS: else a network attacker could set it over plain HTTP, and with it
+    // sign the customer into the attacker's account (login CSRF).
+    let secure = req
+        .app_data::<web::Data<Portal>>()
+        .is_some_and(|p| p.secure);
     let cookie = Cookie::build(FORM_COOKIE, csrf)
         .path("/portal")
         .http_only(true)
+        .secure(secure)
         .same_site(SameSite::Strict)
         .finish();
     let _ = resp.add_cookie(&cookie);
