@@ -138,7 +138,8 @@ async fn handle(
         let loaded = load(core, group, customer, term).await?;
         *state.borrow_mut() = Some(loaded);
     }
-    match req {
+    let changes = !matches!(req, ProfileRequest::Ingest { .. });
+    let reply = match req {
         ProfileRequest::Ingest {
             event,
             raw,
@@ -203,7 +204,15 @@ async fn handle(
             });
             Ok(ProfileReply::Done)
         }
+    };
+    if changes && reply.is_err() {
+        // A change that failed may commit all the same (a proposal that timed out), or may
+        // find the store already changed (a rule deleted by such a proposal answers 404): this
+        // copy may differ from what is stored, so the next request rebuilds it. Else a rule
+        // deleted that way would go on firing from this copy.
+        *state.borrow_mut() = None;
     }
+    reply
 }
 
 fn with_profile<T>(
