@@ -504,6 +504,20 @@ async fn an_erasure_is_answered_once_the_attempt_already_sending_has_finished() 
         w.hotel_rx.first_answered_by(std::time::Instant::now()),
         "the erasure was acknowledged while an attempt to the hotel was still sending"
     );
+    // An event for the erased customer's subject, sent before the subject is released (the
+    // routing index still names the customer): ignored as unclaimed, not a 404 naming the
+    // erased customer.
+    let r = w
+        .node
+        .anonymous()
+        .send_event(&w.airline, &delayed("erase-2", "FF-1234", 90))
+        .await?;
+    assert_eq!(r.status, EventStatus::Ignored, "{r:?}");
+    assert!(r.commands.is_empty());
+    assert!(
+        !format!("{r:?}").contains(&w.customer.id),
+        "the erased customer's id is not told: {r:?}"
+    );
     Ok(())
 }
 

@@ -15,6 +15,40 @@ use crate::error::ServiceError;
 use crate::profile::{receipt, ProfileReply, ProfileRequest};
 
 impl Vault {
+    /// Records an event no customer has linked the subject of: nothing is triggered, but the
+    /// event is still deduplicated and recorded as ignored.
+    async fn ignore_unclaimed(
+        &self,
+        group: custos_raft::GroupId,
+        event: CloudEvent,
+        subject: String,
+        raw: String,
+        received_ms: i64,
+    ) -> Result<EventReceipt, ServiceError> {
+        let ingest = Ingest {
+            event: EventRecord {
+                id: event.id.clone(),
+                source: event.source.clone(),
+                event_type: event.event_type.clone(),
+                subject,
+                cloudevent_json: raw,
+            },
+            customer_id: None,
+            commands: Vec::new(),
+            ignored_reason: Some(format!(
+                "no customer has linked this subject at {}",
+                event.source
+            )),
+            rule_failures: Vec::new(),
+            at_ms: received_ms,
+        };
+        let outcome = self
+            .core
+            .propose(group, StateChange::Ingest(ingest))
+            .await?;
+        receipt(event.id, outcome)
+    }
+
     /// Verifies, decodes and ingests an entity's event; answers once it is committed.
     /// `route` is the (customer, group) the forwarder found for this body, if it looked.
     pub async fn ingest_event(
@@ -95,36 +129,30 @@ impl Vault {
                     raw,
                     received_ms,
                 };
-                match self.profiles.send(&customer, req).await? {
-                    ProfileReply::Receipt(r) => Ok(r),
-                    other => Err(unexpected(other)),
+                match self.profiles.send(&customer, req).await {
+                    Ok(ProfileReply::Receipt(r)) => Ok(r),
+                    Ok(other) => Err(unexpected(other)),
+                    // Erased since the routing index named it (its subjects are released
+                    // after the erasure): as if nobody had linked the subject, and without
+                    // telling the entity the erased customer's id. The event went into the
+                    // request; it is read again from the body on this rare path.
+                    Err(ServiceError::Refused {
+                        code: ErrorCode::NotFound,
+                        ..
+                    }) => {
+                        let event: CloudEvent = serde_json::from_slice(body).map_err(|e| {
+                            ServiceError::Internal(format!("event read again: {e}"))
+                        })?;
+                        let raw = String::from_utf8_lossy(body).into_owned();
+                        self.ignore_unclaimed(group, event, subject, raw, received_ms)
+                            .await
+                    }
+                    Err(e) => Err(e),
                 }
             }
             None => {
-                // No customer has linked this subject: nothing is triggered, but the event is
-                // still deduplicated and recorded as ignored.
-                let ingest = Ingest {
-                    event: EventRecord {
-                        id: event.id.clone(),
-                        source: event.source.clone(),
-                        event_type: event.event_type.clone(),
-                        subject,
-                        cloudevent_json: raw,
-                    },
-                    customer_id: None,
-                    commands: Vec::new(),
-                    ignored_reason: Some(format!(
-                        "no customer has linked this subject at {}",
-                        event.source
-                    )),
-                    rule_failures: Vec::new(),
-                    at_ms: received_ms,
-                };
-                let outcome = self
-                    .core
-                    .propose(group, StateChange::Ingest(ingest))
-                    .await?;
-                receipt(event.id, outcome)
+                self.ignore_unclaimed(group, event, subject, raw, received_ms)
+                    .await
             }
         };
         if let Ok(r) = &result {
