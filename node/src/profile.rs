@@ -290,6 +290,31 @@ impl Plan {
     }
 }
 
+/// Most bytes of one command's data: no more than an event's body may hold.
+const MAX_COMMAND_DATA_BYTES: usize = custos_api::limits::MAX_BODY_BYTES;
+/// Most bytes of data all the commands of one event hold together: they travel in one Raft
+/// entry with the event (entries are bounded), and a mapping can copy the event's data many
+/// times over, in each of many rules.
+const MAX_EVENT_COMMANDS_BYTES: usize = 4 * MAX_COMMAND_DATA_BYTES;
+
+/// A command's data as stored and sent, when it fits its bound and, with the `so_far` bytes of
+/// the event's commands before it, the event's; else why not (the rule's failure).
+fn command_data(data: &serde_json::Value, so_far: usize) -> Result<String, String> {
+    let json = data.to_string();
+    if json.len() > MAX_COMMAND_DATA_BYTES {
+        return Err(format!(
+            "the mapped data is {} bytes, more than a command may hold ({MAX_COMMAND_DATA_BYTES})",
+            json.len()
+        ));
+    }
+    if so_far + json.len() > MAX_EVENT_COMMANDS_BYTES {
+        return Err(format!(
+            "the event's commands would hold more than {MAX_EVENT_COMMANDS_BYTES} bytes of data"
+        ));
+    }
+    Ok(json)
+}
+
 fn plan(
     profile: &Profile,
     customer: &str,
@@ -356,13 +381,21 @@ fn plan(
                 }
             }
         }
+        let so_far = out.commands.iter().map(|c| c.data_json.len()).sum();
+        let data_json = match command_data(&data, so_far) {
+            Ok(json) => json,
+            Err(why) => {
+                out.fail(r, event, why);
+                continue;
+            }
+        };
         out.commands.push(CommandRecord {
             id: command_id(customer, &event.source, &event.id, &r.id),
             customer_id: customer.to_owned(),
             target: r.then_entity.clone(),
             command_type: r.then_command_type.clone(),
             subject: target_link.subject.clone(),
-            data_json: data.to_string(),
+            data_json,
             event_id: event.id.clone(),
             event_source: event.source.clone(),
             rule_id: r.id.clone(),
@@ -950,6 +983,28 @@ impl ProfileRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commands_data_is_bounded_alone_and_with_the_events_other_commands() {
+        // A mapping copying a large event's data several times over.
+        let big = serde_json::json!({ "copy": "x".repeat(100_000) });
+        let thrice = serde_json::json!([big, big, big]);
+        assert!(command_data(&big, 0).is_ok());
+        let too_big = command_data(&thrice, 0).err().unwrap_or_default();
+        assert!(
+            too_big.contains("more than a command may hold"),
+            "{too_big}"
+        );
+        // Many rules, each within the bound: the event's commands together are bounded too.
+        let mut so_far = 0;
+        let mut made = 0;
+        while let Ok(json) = command_data(&big, so_far) {
+            so_far += json.len();
+            made += 1;
+        }
+        assert_eq!(made, MAX_EVENT_COMMANDS_BYTES / big.to_string().len());
+        assert!(so_far <= MAX_EVENT_COMMANDS_BYTES);
+    }
 
     #[test]
     fn command_ids_are_stable_and_distinct() {
