@@ -847,17 +847,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
         "{pruned:?}"
     );
     s.apply(vec![
-        StateChange::PutSession {
-            token_hash: vec![7; 32],
-            session: SessionRecord {
-                email: "one@example.com".into(),
-                customer_id: "c1".into(),
-                epoch: 0,
-                csrf: "x".into(),
-                created_ms: 1_000,
-                expires_ms: 9_000,
-            },
-        },
+        c1_signs_in(),
         StateChange::BeginLink {
             state_hash: vec![8; 32],
             pending: PendingLink {
@@ -1234,16 +1224,10 @@ async fn a_linking_abandons_only_the_same_customers_unfinished_linkings_of_that_
     Ok(())
 }
 
-#[tokio::test]
-async fn a_session_belongs_to_its_customers_current_epoch() -> anyhow::Result<()> {
-    let mut s = store(1)?;
-    s.apply(setup()).await?;
-    // "Sign out everywhere", then a sign-in made by a node that could not read the epoch.
-    s.apply(vec![StateChange::EndSessions {
-        customer_id: "c1".into(),
-    }])
-    .await?;
-    s.apply(vec![StateChange::PutSession {
+/// Customer c1 signs in: a session under the hash `[7; 32]`, stamped with epoch 0 (the apply
+/// sets the customer's own).
+fn c1_signs_in() -> StateChange {
+    StateChange::PutSession {
         token_hash: vec![7; 32],
         session: SessionRecord {
             email: "one@example.com".into(),
@@ -1253,8 +1237,46 @@ async fn a_session_belongs_to_its_customers_current_epoch() -> anyhow::Result<()
             created_ms: 1_000,
             expires_ms: 9_000,
         },
+    }
+}
+
+/// A data group where customer c1's event e1 made command `cmd-e1`.
+async fn with_command_e1() -> anyhow::Result<Store> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    s.apply(vec![ingest("e1", 100)]).await?;
+    Ok(s)
+}
+
+/// An attempt of `cmd-e1` at `at_ms` that failed (with `error`), and what comes next.
+fn attempt_on_e1(
+    at_ms: i64,
+    status_code: Option<u16>,
+    error: Option<String>,
+    next: AttemptNext,
+) -> DeliveryUpdate {
+    DeliveryUpdate::Attempted {
+        command_id: "cmd-e1".into(),
+        attempt: AttemptRecord {
+            at_ms,
+            status_code,
+            error,
+            duration_ms: 7,
+        },
+        next,
+    }
+}
+
+#[tokio::test]
+async fn a_session_belongs_to_its_customers_current_epoch() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    // "Sign out everywhere", then a sign-in made by a node that could not read the epoch.
+    s.apply(vec![StateChange::EndSessions {
+        customer_id: "c1".into(),
     }])
     .await?;
+    s.apply(vec![c1_signs_in()]).await?;
     let customer = s.reader.customer("c1")?.expect("c1");
     assert_eq!(customer.session_epoch, 1);
     assert_eq!(s.reader.session(&[7; 32])?.map(|x| x.epoch), Some(1));
@@ -1263,18 +1285,14 @@ async fn a_session_belongs_to_its_customers_current_epoch() -> anyhow::Result<()
 
 #[tokio::test]
 async fn a_result_proposed_again_is_recorded_once() -> anyhow::Result<()> {
-    let mut s = store(1)?;
-    s.apply(setup()).await?;
-    s.apply(vec![ingest("e1", 100)]).await?;
-    let failed = |at_ms: i64| DeliveryUpdate::Attempted {
-        command_id: "cmd-e1".into(),
-        attempt: AttemptRecord {
+    let mut s = with_command_e1().await?;
+    let failed = |at_ms: i64| {
+        attempt_on_e1(
             at_ms,
-            status_code: Some(503),
-            error: Some("target answered 503".into()),
-            duration_ms: 7,
-        },
-        next: AttemptNext::RetryAt(at_ms + 5_000),
+            Some(503),
+            Some("target answered 503".into()),
+            AttemptNext::RetryAt(at_ms + 5_000),
+        )
     };
     // The delivery worker proposes a batch again when its proposal failed; one that timed
     // out may have been committed too: in one entry, then in a later one.
@@ -1300,20 +1318,14 @@ async fn a_result_proposed_again_is_recorded_once() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
-    let mut s = store(1)?;
-    s.apply(setup()).await?;
-    s.apply(vec![ingest("e1", 100)]).await?;
+    let mut s = with_command_e1().await?;
     let fail = |at_ms: i64| {
-        StateChange::RecordDeliveries(vec![DeliveryUpdate::Attempted {
-            command_id: "cmd-e1".into(),
-            attempt: AttemptRecord {
-                at_ms,
-                status_code: None,
-                error: Some("é".repeat(10_000)),
-                duration_ms: 1,
-            },
-            next: AttemptNext::Exhausted,
-        }])
+        StateChange::RecordDeliveries(vec![attempt_on_e1(
+            at_ms,
+            None,
+            Some("é".repeat(10_000)),
+            AttemptNext::Exhausted,
+        )])
     };
     let replay = |at_ms: i64| StateChange::Replay {
         command_id: "cmd-e1".into(),
@@ -1346,9 +1358,7 @@ async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_pending_delivery_waiting_for_a_retry_can_be_retried_now() -> anyhow::Result<()> {
-    let mut s = store(1)?;
-    s.apply(setup()).await?;
-    s.apply(vec![ingest("e1", 100)]).await?;
+    let mut s = with_command_e1().await?;
     let replay = |at_ms: i64| StateChange::Replay {
         command_id: "cmd-e1".into(),
         at_ms,
@@ -1357,18 +1367,12 @@ async fn a_pending_delivery_waiting_for_a_retry_can_be_retried_now() -> anyhow::
     let out = s.apply(vec![replay(150)]).await?;
     assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
     // The first attempt failed; the next retry is an hour away.
-    s.apply(vec![StateChange::RecordDeliveries(vec![
-        DeliveryUpdate::Attempted {
-            command_id: "cmd-e1".into(),
-            attempt: AttemptRecord {
-                at_ms: 200,
-                status_code: Some(503),
-                error: None,
-                duration_ms: 1,
-            },
-            next: AttemptNext::RetryAt(3_600_200),
-        },
-    ])])
+    s.apply(vec![StateChange::RecordDeliveries(vec![attempt_on_e1(
+        200,
+        Some(503),
+        None,
+        AttemptNext::RetryAt(3_600_200),
+    )])])
     .await?;
     let out = s.apply(vec![replay(300)]).await?;
     assert_eq!(out[0], ChangeOutcome::Done, "{out:?}");
