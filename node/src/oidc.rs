@@ -495,6 +495,21 @@ enum Audience {
     One(serde::de::IgnoredAny),
 }
 
+/// The keys of a published key set this vault can read (at most [`MAX_KEYS`]): a key with an
+/// algorithm, curve or type the JWT library does not know is left out, not the whole set
+/// (providers publish keys for other uses, and new algorithms, beside their signing keys).
+fn usable_keys(raw: serde_json::Value) -> JwkSet {
+    let keys = match raw.get("keys") {
+        Some(serde_json::Value::Array(keys)) => keys
+            .iter()
+            .take(MAX_KEYS)
+            .filter_map(|k| serde_json::from_value(k.clone()).ok())
+            .collect(),
+        _ => Vec::new(),
+    };
+    JwkSet { keys }
+}
+
 /// Validates an ID token against a key set and answers its `sub`: the signature (an
 /// asymmetric algorithm, the key named by `kid`), `iss`, `aud` (and `azp`), `exp`, `iat`,
 /// `nbf` and `nonce`.
@@ -541,7 +556,13 @@ pub fn validate_id_token(
             Ok(data) => return check_claims(data.claims, expect),
             Err(e) => {
                 last = id_token_error(&e);
-                if !matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) {
+                // A key of another type (an RSA key for an ES256 token, a token without
+                // `kid`) is not this token's: the next one may be.
+                if !matches!(
+                    e.kind(),
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature
+                        | jsonwebtoken::errors::ErrorKind::InvalidAlgorithm
+                ) {
                     return Err(last);
                 }
             }
@@ -680,9 +701,9 @@ impl ProviderCache {
                 return Ok(c.value.clone());
             }
         }
-        let mut set: JwkSet = get_json(outbound, "key set", jwks_uri, None, MAX_KEY_SET).await?;
-        set.keys.truncate(MAX_KEYS);
-        let set = Arc::new(set);
+        let raw: serde_json::Value =
+            get_json(outbound, "key set", jwks_uri, None, MAX_KEY_SET).await?;
+        let set = Arc::new(usable_keys(raw));
         remember(&mut lock(&self.key_sets), jwks_uri, set.clone());
         Ok(set)
     }
@@ -767,6 +788,44 @@ mod tests {
             Ok(sub) => panic!("accepted as {sub}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_key_set_with_keys_of_other_kinds_still_validates_with_the_signing_key() {
+        let key = test_key("k1");
+        let signing = serde_json::to_value(&key.jwks.keys[0]).expect("jwk");
+        let mut unkeyed = signing.clone();
+        unkeyed.as_object_mut().expect("object").remove("kid");
+        // An RSA key first (a token without `kid` is tried against every key), a key with an
+        // algorithm the library does not know, an encryption curve, then the signing key.
+        let raw = serde_json::json!({"keys": [
+            {"kty": "RSA", "alg": "RS256", "use": "sig", "n": B64URL.encode([0xc3; 256]),
+             "e": "AQAB"},
+            {"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "new", "x": "AA", "y": "AA"},
+            {"kty": "OKP", "crv": "X25519", "kid": "enc", "x": "AA"},
+            unkeyed,
+        ]});
+        let set = usable_keys(raw);
+        assert!(
+            !set.keys.is_empty() && set.keys.len() < 4,
+            "{}",
+            set.keys.len()
+        );
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = None;
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims(),
+            &jsonwebtoken::EncodingKey::from_ec_der(&key.der),
+        )
+        .expect("sign");
+        assert_eq!(
+            validate_id_token(&token, &set, expect()).expect("valid"),
+            "alice"
+        );
+        assert!(usable_keys(serde_json::json!({"keys": "none"}))
+            .keys
+            .is_empty());
     }
 
     #[test]
