@@ -348,6 +348,8 @@ fn plan(
         return out;
     }
     let scope = EventScope::new(event);
+    // The data bytes of the commands planned so far (bounded per event).
+    let mut data_bytes = 0;
     for rule in matching {
         let r = &rule.record;
         let Some(target_link) = profile.links.get(&r.then_entity) else {
@@ -381,9 +383,11 @@ fn plan(
                 }
             }
         }
-        let so_far = out.commands.iter().map(|c| c.data_json.len()).sum();
-        let data_json = match command_data(&data, so_far) {
-            Ok(json) => json,
+        let data_json = match command_data(&data, data_bytes) {
+            Ok(json) => {
+                data_bytes += json.len();
+                json
+            }
             Err(why) => {
                 out.fail(r, event, why);
                 continue;
