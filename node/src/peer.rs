@@ -15,8 +15,8 @@ use custos_raft::{codec, ProposeError, StateChange};
 use crate::cluster::wire::{GroupAnswer, GroupQuery, JoinRequest, RelayedEvent, TrainingInput};
 use crate::core::{Core, Group};
 
-/// Largest peer message (snapshot chunks are smaller).
-pub const MAX_PEER_BODY: usize = 64 << 20;
+/// Largest peer message (snapshot chunks are smaller; appends are cut to fit).
+pub const MAX_PEER_BODY: usize = custos_raft::network::MAX_PEER_MESSAGE;
 
 /// Why a peer request was refused.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,8 @@
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -24,6 +25,12 @@ use serde::Serialize;
 
 use crate::codec::{self, CodecError};
 use crate::types::{GroupId, NodeId, TypeConfig};
+
+/// Largest peer message a node accepts (snapshot chunks are smaller). An append that would
+/// encode larger is not sent: openraft is told to send fewer entries at a time instead (it
+/// sends up to 300, and entries hold up to 4 MiB), else a replica that fell that far behind
+/// would be refused the same batch for ever.
+pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 
 /// Peer RPC path for a group and verb.
 pub fn rpc_path(group: GroupId, verb: &str) -> String {
@@ -146,6 +153,19 @@ impl PeerClient {
         E: DeserializeOwned + std::error::Error,
     {
         let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send(verb, body, option).await
+    }
+
+    async fn send<Resp, E>(
+        &self,
+        verb: &str,
+        body: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
         let resp = self
             .peers
             .post(&self.addr, &rpc_path(self.group, verb))
@@ -175,13 +195,27 @@ impl PeerClient {
     }
 }
 
+/// How many of `entries` entries that encoded to `bytes` openraft should send at a time so a
+/// message fits [`MAX_PEER_MESSAGE`] (with room for entries larger than their average).
+fn fewer_entries(entries: usize, bytes: usize) -> PayloadTooLarge {
+    let fit = entries.saturating_mul(MAX_PEER_MESSAGE / 2) / bytes.max(1);
+    PayloadTooLarge::new_entries_hint(fit.clamp(1, entries.saturating_sub(1).max(1)) as u64)
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("append", &rpc, &option).await
+        let body = codec::encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if body.len() > MAX_PEER_MESSAGE {
+            return Err(RPCError::PayloadTooLarge(fewer_entries(
+                rpc.entries.len(),
+                body.len(),
+            )));
+        }
+        self.send("append", body, &option).await
     }
 
     async fn install_snapshot(
@@ -201,5 +235,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call("vote", &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_too_large_for_a_peer_asks_for_fewer_entries_that_fit() {
+        const MIB: usize = 1 << 20;
+        // openraft's 300 entries of 4 MiB each: 8 at a time (32 MiB).
+        assert_eq!(fewer_entries(300, 300 * 4 * MIB).entries_hint(), 8);
+        // Just over the limit: about half.
+        assert_eq!(fewer_entries(300, 65 * MIB).entries_hint(), 147);
+        // Never zero, and always fewer than were tried.
+        assert_eq!(fewer_entries(1, 100 * MIB).entries_hint(), 1);
+        assert_eq!(fewer_entries(2, 65 * MIB).entries_hint(), 1);
     }
 }

@@ -28,6 +28,41 @@ use crate::core::{Core, Group};
 const CAUGHT_UP_SLACK: u64 = 64;
 /// Least time between two leadership hand-overs of one group.
 const TRANSFER_EVERY: Duration = Duration::from_secs(10);
+/// Longest the manager waits for one membership change to commit: a leader without a quorum
+/// does not step down, and one such group must not stop the loop for every other group.
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for a membership change at most [`CHANGE_WAIT`] (one that runs longer goes on inside
+/// openraft; the next round sees where it got).
+async fn bounded<T, E: std::fmt::Display>(
+    change: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CHANGE_WAIT, change).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("not committed within {CHANGE_WAIT:?}")),
+    }
+}
+
+/// Finishes a membership change its leader left joint: openraft 0.9 commits one in two steps
+/// and a leader elected in between does not take the second, so without this the group would
+/// stay joint (both configurations' majorities needed) and never move again. Answers whether
+/// the membership was joint.
+async fn finish_joint(
+    g: &Group,
+    membership: &openraft::Membership<NodeId, BasicNode>,
+    retain: bool,
+) -> bool {
+    let configs = membership.get_joint_config();
+    let Some(last) = configs.last().filter(|_| configs.len() > 1) else {
+        return false;
+    };
+    // Called on the group's leader only (another node's call would be refused anyway).
+    tracing::info!(group = g.id, to = ?last, "finishing a membership change left joint");
+    if let Err(e) = bounded(g.raft.change_membership(last.clone(), retain)).await {
+        tracing::debug!(group = g.id, error = %e, "finish joint membership");
+    }
+    true
+}
 
 /// Runs the manager until shutdown.
 pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
@@ -111,7 +146,7 @@ async fn ensure_learners(g: &Group, wanted: &BTreeSet<NodeId>, nodes: &[NodeReco
             addr: rec.peer_addr.clone(),
         };
         match membership.get_node(id).map(|n| n.addr.clone()) {
-            None => match g.raft.add_learner(*id, node, false).await {
+            None => match bounded(g.raft.add_learner(*id, node, false)).await {
                 Ok(_) => {
                     tracing::info!(group = g.id, node = id, addr = %rec.peer_addr, "replica added as learner")
                 }
@@ -121,7 +156,7 @@ async fn ensure_learners(g: &Group, wanted: &BTreeSet<NodeId>, nodes: &[NodeReco
             // the new one. Addresses are unique per node in the registry, so no two ids share one.
             Some(addr) if addr != rec.peer_addr => {
                 let change = ChangeMembers::SetNodes(BTreeMap::from([(*id, node)]));
-                match g.raft.change_membership(change, true).await {
+                match bounded(g.raft.change_membership(change, true)).await {
                     Ok(_) => {
                         tracing::info!(group = g.id, node = id, addr = %rec.peer_addr, "replica address updated")
                     }
@@ -148,17 +183,14 @@ async fn meta_duties(
     ensure_learners(meta, &present, nodes).await;
     let m = meta.metrics();
     let membership = m.membership_config.membership().clone();
-    let joint = membership.get_joint_config().len() > 1;
+    let joint = finish_joint(meta, &membership, true).await;
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let desired = placement::meta_voters(&active);
     if !desired.is_empty() && !desired.contains(&core.node_id) {
         // Leaving the meta group's voters: hand over first; the successor changes them.
-        if let Some(to) = desired
-            .iter()
-            .copied()
-            .find(|n| voters.contains(n) && caught_up(&m, *n))
-        {
-            hand_over(core, state, meta, to, nodes);
+        if !joint {
+            let desired: Vec<NodeId> = desired.iter().copied().collect();
+            make_way(core, state, meta, &m, &desired, nodes, true).await;
         }
         return Ok(());
     }
@@ -168,7 +200,7 @@ async fn meta_duties(
         && desired.iter().all(|n| caught_up(&m, *n))
     {
         tracing::info!(from = ?voters, to = ?desired, "meta group voters change");
-        if let Err(e) = meta.raft.change_membership(desired.clone(), true).await {
+        if let Err(e) = bounded(meta.raft.change_membership(desired.clone(), true)).await {
             tracing::warn!(error = %e, "meta membership change");
         }
         return Ok(());
@@ -181,10 +213,11 @@ async fn meta_duties(
         .copied()
         .collect();
     if !joint && !gone.is_empty() {
-        if let Err(e) = meta
-            .raft
-            .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
-            .await
+        if let Err(e) = bounded(
+            meta.raft
+                .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false),
+        )
+        .await
         {
             tracing::debug!(error = %e, "meta: remove learners");
         }
@@ -298,26 +331,20 @@ async fn move_replicas(
     ensure_learners(g, &wanted, nodes).await;
     let m = g.metrics();
     let membership = m.membership_config.membership().clone();
-    if membership.get_joint_config().len() > 1 {
+    if finish_joint(g, &membership, false).await {
         return;
     }
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     if !wanted.contains(&core.node_id) {
         // A leader never removes itself (openraft 0.9 would let it go on leading a group it
         // left): it hands leadership to a wanted voter, which then makes the change.
-        if let Some(to) = desired
-            .iter()
-            .copied()
-            .find(|n| voters.contains(n) && caught_up(&m, *n))
-        {
-            hand_over(core, state, g, to, nodes);
-        }
+        make_way(core, state, g, &m, desired, nodes, false).await;
         return;
     }
     if voters != wanted {
         if wanted.iter().all(|n| caught_up(&m, *n)) {
             tracing::info!(group = g.id, from = ?voters, to = ?wanted, "replicas move");
-            if let Err(e) = g.raft.change_membership(wanted.clone(), false).await {
+            if let Err(e) = bounded(g.raft.change_membership(wanted.clone(), false)).await {
                 tracing::debug!(group = g.id, error = %e, "membership change");
             }
         }
@@ -328,10 +355,11 @@ async fn move_replicas(
         .filter(|l| !wanted.contains(l))
         .collect();
     if !extra.is_empty() {
-        if let Err(e) = g
-            .raft
-            .change_membership(ChangeMembers::RemoveNodes(extra), false)
-            .await
+        if let Err(e) = bounded(
+            g.raft
+                .change_membership(ChangeMembers::RemoveNodes(extra), false),
+        )
+        .await
         {
             tracing::debug!(group = g.id, error = %e, "remove learners");
         }
@@ -343,6 +371,72 @@ async fn move_replicas(
         return;
     }
     hand_over(core, state, g, preferred, nodes);
+}
+
+/// A leader the placement no longer wants (`desired` leaves it out) hands leadership to a
+/// wanted voter that caught up. When no wanted node is a voter yet (every voter was removed
+/// before the move finished, e.g. a one-node cluster's node removed right after a second
+/// joined), it first makes the caught-up wanted nodes voters beside the current ones, else
+/// the group would wait for a hand-over that can never happen.
+async fn make_way(
+    core: &Arc<Core>,
+    state: &Arc<ManagerState>,
+    g: &Arc<Group>,
+    m: &openraft::RaftMetrics<NodeId, BasicNode>,
+    desired: &[NodeId],
+    nodes: &[NodeRecord],
+    retain: bool,
+) {
+    let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+    match way_out(&voters, desired, |n| caught_up(m, n)) {
+        WayOut::HandOver(to) => hand_over(core, state, g, to, nodes),
+        WayOut::Wait => {}
+        WayOut::AddVoters(ready) => {
+            tracing::info!(group = g.id, add = ?ready, "wanted replicas become voters before the hand-over");
+            if let Err(e) = bounded(
+                g.raft
+                    .change_membership(ChangeMembers::AddVoterIds(ready), retain),
+            )
+            .await
+            {
+                tracing::debug!(group = g.id, error = %e, "add voters");
+            }
+        }
+    }
+}
+
+/// What a leader the placement no longer wants does next.
+#[derive(Debug, PartialEq, Eq)]
+enum WayOut {
+    /// Hand leadership to this wanted voter.
+    HandOver(NodeId),
+    /// Wait (a wanted voter is catching up, or no wanted node has).
+    Wait,
+    /// Make these caught-up wanted nodes voters first: none is one yet.
+    AddVoters(BTreeSet<NodeId>),
+}
+
+fn way_out(
+    voters: &BTreeSet<NodeId>,
+    desired: &[NodeId],
+    caught_up: impl Fn(NodeId) -> bool,
+) -> WayOut {
+    if let Some(to) = desired
+        .iter()
+        .copied()
+        .find(|n| voters.contains(n) && caught_up(*n))
+    {
+        return WayOut::HandOver(to);
+    }
+    if desired.iter().any(|n| voters.contains(n)) {
+        return WayOut::Wait;
+    }
+    let ready: BTreeSet<NodeId> = desired.iter().copied().filter(|n| caught_up(*n)).collect();
+    if ready.is_empty() {
+        WayOut::Wait
+    } else {
+        WayOut::AddVoters(ready)
+    }
 }
 
 /// Starts a hand-over of `g`'s leadership to `to` (at most one per group per 10 s).
@@ -449,5 +543,35 @@ async fn replicas(
                 tracing::warn!(group = g.id, error = %e, "closing replica");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_with_no_wanted_voter_makes_the_caught_up_ones_voters_first() {
+        let set = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<_>>();
+        let all_caught_up = |_| true;
+        // {1} leads, the placement wants {2}: 2 is only a learner, so it becomes a voter first
+        // (before, the leader waited for a voter to hand over to that could never appear).
+        assert_eq!(
+            way_out(&set(&[1]), &[2], all_caught_up),
+            WayOut::AddVoters(set(&[2]))
+        );
+        // {1, 2, 3} to {4, 5, 6}, removed back to back: the caught-up ones join first.
+        assert_eq!(
+            way_out(&set(&[1, 2, 3]), &[4, 5, 6], |n| n != 6),
+            WayOut::AddVoters(set(&[4, 5]))
+        );
+        // Then a wanted voter that caught up takes over.
+        assert_eq!(
+            way_out(&set(&[1, 2]), &[2], all_caught_up),
+            WayOut::HandOver(2)
+        );
+        // A wanted voter still catching up is waited for; so is a learner.
+        assert_eq!(way_out(&set(&[1, 2]), &[2], |n| n != 2), WayOut::Wait);
+        assert_eq!(way_out(&set(&[1]), &[2], |n| n != 2), WayOut::Wait);
     }
 }

@@ -41,10 +41,28 @@ impl Tx<'_> {
         let known = if node.id != 0 {
             nodes.iter().find(|n| n.id == node.id)
         } else {
-            // A restart without its id file but at the same address is the same node.
-            nodes
+            // A node without its id file at a registered address: one that crashed before it
+            // kept the id it was given is that node; one whose data directory was lost must
+            // not come back under the id of a replica it no longer has, since it would vote
+            // without the entries it acknowledged (a committed change could be lost).
+            let same = nodes
                 .iter()
-                .find(|n| n.peer_addr == node.peer_addr && n.state != NodeState::Removed)
+                .find(|n| n.peer_addr == node.peer_addr && n.state != NodeState::Removed);
+            if let Some(n) = same {
+                if self.holds_replicas(n.id)? {
+                    return Ok(ChangeOutcome::rejected(
+                        ErrorCode::Conflict,
+                        format!(
+                            "node {} at {} holds replicas, and this node has no node id in its \
+                             data directory (was it lost?): it cannot rejoin as node {}; \
+                             remove node {} (`custos cluster remove {}`) and start this one \
+                             once it is removed, or start it at another peer address",
+                            n.id, n.peer_addr, n.id, n.id, n.id
+                        ),
+                    ));
+                }
+            }
+            same
         };
         match known {
             Some(n) if n.state == NodeState::Removed => {
@@ -83,6 +101,18 @@ impl Tx<'_> {
         self.put(self.k(keys::NODE, &id.to_be_bytes()), &node)?;
         self.effects.push(Effect::ClusterChanged);
         Ok(ChangeOutcome::NodeRegistered(id))
+    }
+
+    /// Whether the latest reports of the groups (the meta group's included) name `node` as a
+    /// voter or learner.
+    fn holds_replicas(&self, node: u64) -> Result<bool, StoreError> {
+        for (_, v) in self.scan(&self.p(keys::GROUP_REPORT))? {
+            let r: GroupReport = crate::codec::decode(&v)?;
+            if r.voters.contains(&node) || r.learners.contains(&node) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub(crate) fn set_node_state(
