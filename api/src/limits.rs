@@ -18,6 +18,9 @@ pub const MAX_MAPPING_DEPTH: usize = 8;
 pub const MAX_TYPES_PER_ENTITY: usize = 256;
 /// Most rules one customer keeps.
 pub const MAX_RULES_PER_CUSTOMER: usize = 1000;
+/// Most recommendations one customer keeps dismissed (each is stored, replicated, and read
+/// when recommendations are served and the model trained).
+pub const MAX_DISMISSALS_PER_CUSTOMER: usize = 1000;
 /// Largest JSON Schema accepted for an event or command type, in bytes of JSON.
 pub const MAX_SCHEMA_BYTES: usize = 32 * 1024;
 /// How far a signature timestamp may be from the node's clock, in seconds.

@@ -321,6 +321,11 @@ pub enum EventStatus {
     Duplicate,
 }
 
+/// The `reason` an entity is given for its event about a customer that made no command: why
+/// the customer's rules did not act (which rule, which condition, which other entity is not
+/// linked) is the customer's, in their activity only.
+pub const IGNORED_BY_RULES: &str = "none of the customer's rules made a command from it";
+
 /// `POST /v1/events` answer, sent once the event and its commands are durably committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventReceipt {

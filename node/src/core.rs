@@ -423,7 +423,10 @@ impl ApplyObserver for Observer {
                 Effect::LinkChanged {
                     customer_id,
                     entity_id,
-                } => self.links.invalidate(Some((customer_id, entity_id))),
+                } => {
+                    self.links.invalidate(Some((customer_id, entity_id)));
+                    self.wake.profile_changes.changed(customer_id);
+                }
                 Effect::DeliveryDue {
                     command_id,
                     due_ms,
@@ -436,15 +439,18 @@ impl ApplyObserver for Observer {
                 Effect::Erased => {
                     // A customer's links went with its data (rare: drop them all).
                     self.links.invalidate(None);
+                    self.wake.profile_changes.all_changed();
                     self.wake.erased(group);
                 }
-                Effect::RuleChanged => {
+                Effect::RuleChanged { customer_id } => {
                     self.wake.rule_changes.fetch_add(1, Ordering::Relaxed);
+                    self.wake.profile_changes.changed(customer_id);
                 }
                 Effect::SnapshotInstalled => {
                     self.entities.invalidate(None);
                     self.routes.invalidate(None);
                     self.links.invalidate(None);
+                    self.wake.profile_changes.all_changed();
                     self.due.invalidate();
                     self.wake.cluster_changed();
                     self.wake.intents.notify_one();
@@ -471,6 +477,8 @@ pub struct Wakers {
     pub rule_changes: std::sync::atomic::AtomicU64,
     /// `rule_changes` when this node last started a training of the recommender.
     pub rule_changes_at_training: std::sync::atomic::AtomicU64,
+    /// Which profiles applies changed (the profile actors' cached copies compare it).
+    pub profile_changes: crate::profile::ProfileChanges,
 }
 
 impl Wakers {
@@ -913,8 +921,9 @@ impl Core {
         }
         if let Some(mark) = mark {
             let db = self.db.clone();
+            let snapshots = self.config.data_dir.join("snapshots");
             tokio::task::spawn_blocking(move || {
-                let deleted = custos_raft::destroy_group(&db, group);
+                let deleted = custos_raft::destroy_group(&db, group, &snapshots);
                 drop(mark);
                 deleted
             })

@@ -3,8 +3,9 @@
 //!
 //! A [`ProfileHost`] per arbiter keeps the actors of the customers that hash to it. A profile
 //! handles one message at a time (its Raft proposal included), so its cached links and rules
-//! always equal what it last committed; different customers run in parallel and their
-//! proposals share Raft batches and WAL syncs.
+//! always equal what it last committed, and it reads them again once an apply changed them
+//! otherwise ([`ProfileChanges`]); different customers run in parallel and their proposals
+//! share Raft batches and WAL syncs.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -92,6 +93,60 @@ struct Profile {
     rule_count: usize,
     /// The group's term when loaded: a profile is only as current as its leader's term.
     term: u64,
+    /// [`ProfileChanges::stamp`] when loaded.
+    stamp: u64,
+}
+
+/// Slots of [`ProfileChanges`]: customers share a slot, so a change to one reloads the
+/// others' cached profiles too (a harmless extra read), in bounded memory.
+const CHANGE_SLOTS: usize = 4096;
+
+/// Counts, per slot of customers, the applies on this node that changed a profile (links,
+/// rules, erasure). A profile actor keeps its copy while the count it was loaded at holds: a
+/// change this node's actor did not make itself (a change forwarded here by a node that had
+/// just lost the lead, or made before this node led) leaves it nothing else to notice.
+pub struct ProfileChanges {
+    slots: Box<[std::sync::atomic::AtomicU64]>,
+    /// Changes to every profile at once (a snapshot installed, a customer erased).
+    all: std::sync::atomic::AtomicU64,
+}
+
+impl Default for ProfileChanges {
+    fn default() -> Self {
+        ProfileChanges {
+            slots: (0..CHANGE_SLOTS).map(|_| Default::default()).collect(),
+            all: Default::default(),
+        }
+    }
+}
+
+impl ProfileChanges {
+    fn slot(&self, customer: &str) -> &std::sync::atomic::AtomicU64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        customer.hash(&mut h);
+        &self.slots[(h.finish() as usize) % CHANGE_SLOTS]
+    }
+
+    /// An apply changed `customer`'s profile (called after its batch is written).
+    pub fn changed(&self, customer: &str) {
+        self.slot(customer)
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An apply may have changed any profile.
+    pub fn all_changed(&self) {
+        self.all.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Differs from an earlier stamp once a change to `customer`'s profile was applied since
+    /// (both counts only grow). Taken before a profile is read, so a change written after the
+    /// read is noticed at the next request.
+    pub fn stamp(&self, customer: &str) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.slot(customer)
+            .load(SeqCst)
+            .wrapping_add(self.all.load(SeqCst))
+    }
 }
 
 /// One customer's actor.
@@ -129,13 +184,19 @@ async fn handle(
         .group(group)
         .filter(|g| g.leads(core.node_id))
         .ok_or_else(|| not_leader(group))?;
-    // Another leader may have changed the customer since this copy was loaded.
+    // Another leader may have changed the customer since this copy was loaded, or another
+    // node's proposal may have changed it here.
     let term = g.term();
-    if state.borrow().as_ref().is_some_and(|p| p.term != term) {
+    let stamp = core.wake.profile_changes.stamp(customer);
+    if state
+        .borrow()
+        .as_ref()
+        .is_some_and(|p| p.term != term || p.stamp != stamp)
+    {
         *state.borrow_mut() = None;
     }
     if state.borrow().is_none() {
-        let loaded = load(core, group, customer, term).await?;
+        let loaded = load(core, group, customer, term, stamp).await?;
         *state.borrow_mut() = Some(loaded);
     }
     let changes = !matches!(req, ProfileRequest::Ingest { .. });
@@ -232,6 +293,7 @@ async fn load(
     group: GroupId,
     customer: &str,
     term: u64,
+    stamp: u64,
 ) -> Result<Profile, ServiceError> {
     if !core.group(group).is_some_and(|g| g.applied_own_term()) {
         core.ensure_leader(group).await?;
@@ -254,6 +316,7 @@ async fn load(
         rules: RuleSet::new(rules),
         rule_count,
         term,
+        stamp,
     })
 }
 
@@ -987,6 +1050,28 @@ impl ProfileRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_profile_change_applied_here_is_seen_by_its_stamp() {
+        let changes = ProfileChanges::default();
+        let before = changes.stamp("cus_a");
+        assert_eq!(changes.stamp("cus_a"), before, "nothing changed");
+        changes.changed("cus_a");
+        let after_own = changes.stamp("cus_a");
+        assert_ne!(after_own, before);
+        // A customer in another slot is not reloaded for it.
+        let other = (0..100)
+            .map(|i| format!("cus_{i}"))
+            .find(|c| !std::ptr::eq(changes.slot(c), changes.slot("cus_a")))
+            .expect("100 customers do not all share one of 4096 slots");
+        let other_before = changes.stamp(&other);
+        changes.changed("cus_a");
+        assert_eq!(changes.stamp(&other), other_before);
+        // A change to every profile (an erasure, a snapshot) reaches each.
+        changes.all_changed();
+        assert_ne!(changes.stamp(&other), other_before);
+        assert_ne!(changes.stamp("cus_a"), after_own);
+    }
 
     #[test]
     fn a_commands_data_is_bounded_alone_and_with_the_events_other_commands() {

@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{customer, entries, link, one_command};
+use common::{customer, entries, link, one_command, rule};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use custos_raft::records::*;
@@ -76,6 +76,7 @@ impl Replica {
             });
             setup.push(link(&id, "airline", &format!("ff-{c}")));
             setup.push(link(&id, "hotel", &format!("g-{c}")));
+            setup.push(rule(&id, "r1"));
         }
         r.apply(rt, setup);
         r

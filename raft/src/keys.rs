@@ -184,6 +184,20 @@ pub fn due(group: GroupId, due_ms: i64, command_id: &str) -> Vec<u8> {
     k
 }
 
+/// Whether `key` is one of the customer's own keys (`group | tag | customer \0 ...`: its
+/// activity, engagement, dismissals, profile, pending linkings), as a retention entry lists
+/// it; an exact match, not any key that happens to hold the id's bytes.
+pub fn names_customer(key: &[u8], customer: &[u8]) -> bool {
+    key.get(HEADER..)
+        .and_then(|rest| rest.strip_prefix(customer))
+        .is_some_and(|after| after.first() == Some(&0))
+}
+
+/// The command id of a due-index key ([`due`]).
+pub fn due_command(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.get(HEADER + 8..)?).ok()
+}
+
 /// A retention key: `expires_ms | seq`.
 pub fn expiry(group: GroupId, expires_ms: i64, seq: u64) -> Vec<u8> {
     let mut k = prefix(group, EXPIRY);

@@ -457,8 +457,7 @@ impl StateReader {
             .into_iter()
             .filter_map(|(k, ())| {
                 let due = keys::read_u64(&k, keys::HEADER)? as i64;
-                let id = String::from_utf8(k.get(keys::HEADER + 8..)?.to_vec()).ok()?;
-                Some((due, id))
+                Some((due, keys::due_command(&k)?.to_owned()))
             })
             .collect())
     }

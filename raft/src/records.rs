@@ -562,6 +562,24 @@ impl ActivityRecord {
         }
     }
 
+    /// The command whose delivery this line records an attempt on or a change of.
+    pub fn command_settled(&self) -> Option<&str> {
+        match self {
+            ActivityRecord::DeliveryAttempt { command_id, .. }
+            | ActivityRecord::DeliveryChanged { command_id, .. } => Some(command_id),
+            _ => None,
+        }
+    }
+
+    /// The event this line records, if it records one.
+    pub fn event(&self) -> Option<&EventRecord> {
+        match self {
+            ActivityRecord::EventReceived { event, .. }
+            | ActivityRecord::EventMatched { event, .. } => Some(event),
+            _ => None,
+        }
+    }
+
     /// The commands this record names as made by a rule (erasure forgets them).
     pub fn commands_made(&self) -> Vec<&str> {
         match self {

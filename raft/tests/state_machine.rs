@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{customer, entries, link, one_command};
+use common::{customer, entries, link, one_command, rule};
 
 use custos_api::ErrorCode;
 use custos_raft::records::*;
@@ -75,7 +75,8 @@ fn entity(id: &str) -> EntityRecord {
     }
 }
 
-/// A data group with customer c1 linked to the airline (as "ff") and the hotel (as "g").
+/// A data group with customer c1 linked to the airline (as "ff") and the hotel (as "g"),
+/// with rule r1 (a delayed flight holds a room).
 fn setup() -> Vec<StateChange> {
     vec![
         StateChange::CreateCustomer {
@@ -84,6 +85,7 @@ fn setup() -> Vec<StateChange> {
         },
         link("c1", "airline", "ff"),
         link("c1", "hotel", "g"),
+        rule("c1", "r1"),
     ]
 }
 
@@ -269,6 +271,46 @@ async fn the_meta_group_gives_a_subject_and_an_email_to_one_customer() -> anyhow
 }
 
 #[tokio::test]
+async fn a_node_that_lost_its_data_cannot_rejoin_under_the_id_of_its_replicas() -> anyhow::Result<()>
+{
+    let mut m = store(0)?;
+    let join = |id: u64| {
+        StateChange::RegisterNode(NodeRecord {
+            id,
+            peer_addr: "10.0.0.2:7001".into(),
+            api_addr: "10.0.0.2:7000".into(),
+            state: NodeState::Active,
+            joined_ms: 0,
+        })
+    };
+    let out = m.apply(vec![join(0)]).await?;
+    assert_eq!(out[0], ChangeOutcome::NodeRegistered(1));
+    // It crashed before it kept its id: at the same address, it is given the same one.
+    let out = m.apply(vec![join(0)]).await?;
+    assert_eq!(out[0], ChangeOutcome::NodeRegistered(1));
+    // Once a group reports it holding a replica, a node there without an id is refused.
+    m.apply(vec![StateChange::ReportGroup(GroupReport {
+        group: 0,
+        leader: 7,
+        term: 1,
+        voters: vec![7],
+        learners: vec![1],
+        at_ms: 0,
+    })])
+    .await?;
+    let out = m.apply(vec![join(0)]).await?;
+    assert!(
+        matches!(&out[0], ChangeOutcome::Rejected { code: ErrorCode::Conflict, detail }
+            if detail.contains("cannot rejoin as node 1")),
+        "{out:?}"
+    );
+    // With its id (a restart that kept its data directory) it is the same node.
+    let out = m.apply(vec![join(1)]).await?;
+    assert_eq!(out[0], ChangeOutcome::NodeRegistered(1));
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_intent_fences_the_step_that_completes_it() -> anyhow::Result<()> {
     let mut s = store(2)?;
     s.apply(vec![StateChange::CreateCustomer {
@@ -379,6 +421,80 @@ async fn an_event_routed_by_a_stale_index_entry_is_ignored() -> anyhow::Result<(
     assert_eq!(reason.as_deref(), Some("the customer no longer exists"));
     assert!(s.reader.outbox("cmd-e2")?.is_none());
     assert!(s.reader.activity("c1", None, 10)?.0.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rule_deleted_before_its_event_makes_no_command() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    s.apply(vec![rule("c1", "r2")]).await?;
+    // The event was planned from a profile that still held r1 and r2 (a cached copy, or a
+    // deposed leader's plan); r1's deletion reached the log first, in the same entry.
+    let mut planned = ingest("e1", 100);
+    if let StateChange::Ingest(i) = &mut planned {
+        let mut second = i.commands[0].clone();
+        second.id = "cmd-e1-r2".into();
+        second.rule_id = "r2".into();
+        i.commands.push(second);
+    }
+    let delete = |rule_id: &str| StateChange::DeleteRule {
+        customer_id: "c1".into(),
+        rule_id: rule_id.into(),
+        at_ms: 90,
+    };
+    let out = s
+        .apply(vec![StateChange::Batch(vec![
+            delete("r1"),
+            planned.clone(),
+        ])])
+        .await?;
+    let ChangeOutcome::Batch(o) = &out[0] else {
+        anyhow::bail!("{out:?}");
+    };
+    assert!(
+        matches!(&o[1], ChangeOutcome::Ingested { fate: EventFate::Accepted, commands, .. } if commands == &["cmd-e1-r2"]),
+        "{o:?}"
+    );
+    assert!(
+        s.reader.outbox("cmd-e1")?.is_none(),
+        "the deleted rule's command"
+    );
+    assert!(
+        s.reader.outbox("cmd-e1-r2")?.is_some(),
+        "the kept rule's command"
+    );
+    // With every rule it named deleted, the event is ignored and says why.
+    s.apply(vec![delete("r2")]).await?;
+    let mut again = planned;
+    if let StateChange::Ingest(i) = &mut again {
+        i.event.id = "e2".into();
+        for c in &mut i.commands {
+            c.id = c.id.replace("e1", "e2");
+        }
+    }
+    let out = s.apply(vec![again]).await?;
+    let ChangeOutcome::Ingested {
+        fate,
+        commands,
+        reason,
+        ..
+    } = &out[0]
+    else {
+        anyhow::bail!("{out:?}");
+    };
+    assert_eq!(*fate, EventFate::Ignored);
+    assert!(commands.is_empty());
+    // The airline is told nothing of the customer's rules; the customer's activity says why.
+    assert_eq!(reason.as_deref(), Some(custos_api::types::IGNORED_BY_RULES));
+    let (lines, _) = s.reader.activity("c1", None, 1)?;
+    assert!(
+        matches!(&lines[..], [(_, ActivityRecord::EventReceived { reason: Some(why), .. })]
+            if why == "rule r1 and 1 more: deleted before the event was recorded"),
+        "{lines:?}"
+    );
+    assert!(s.reader.outbox("cmd-e2")?.is_none());
+    assert!(s.reader.outbox("cmd-e2-r2")?.is_none());
     Ok(())
 }
 
@@ -714,23 +830,6 @@ async fn a_snapshot_streams_real_state_into_another_store_and_group() -> anyhow:
         "pruned after the install"
     );
     Ok(())
-}
-
-fn rule(customer: &str, id: &str) -> StateChange {
-    StateChange::PutRule {
-        customer_id: customer.into(),
-        rule: RuleRecord {
-            id: id.into(),
-            name: id.into(),
-            when_entity: "airline".into(),
-            when_event_type: "flight.booked".into(),
-            condition: None,
-            then_entity: "hotel".into(),
-            then_command_type: "room.hold".into(),
-            data_json: "{}".into(),
-            created_ms: 5,
-        },
-    }
 }
 
 #[tokio::test]
@@ -1387,6 +1486,158 @@ async fn a_pending_delivery_waiting_for_a_retry_can_be_retried_now() -> anyhow::
         .map(|(_, id)| id)
         .collect();
     assert_eq!(due, vec!["cmd-e1".to_owned()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pending_deliveries_of_withdrawn_consent_are_cancelled_at_once() -> anyhow::Result<()> {
+    let waiting = || {
+        StateChange::RecordDeliveries(vec![attempt_on_e1(
+            200,
+            Some(503),
+            None,
+            AttemptNext::RetryAt(3_600_200),
+        )])
+    };
+    let state = |s: &Store| -> anyhow::Result<(DeliveryState, Option<String>, usize)> {
+        let rec = s.reader.outbox("cmd-e1")?.expect("kept");
+        Ok((rec.state, rec.reason, s.reader.due(i64::MAX, 10)?.len()))
+    };
+    // Unlinked while waiting an hour for a retry, then linked again before it: the retry must
+    // not go out (the customer withdrew it; its next attempt would have found a link).
+    let mut s = with_command_e1().await?;
+    s.apply(vec![waiting()]).await?;
+    s.apply(vec![StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "hotel".into(),
+        at_ms: 300,
+    }])
+    .await?;
+    s.apply(vec![link("c1", "hotel", "g")]).await?;
+    assert_eq!(
+        state(&s)?,
+        (
+            DeliveryState::Cancelled,
+            Some("the customer unlinked hotel".into()),
+            0
+        )
+    );
+    // An attempt under way at the unlink that succeeded is recorded as what happened; one
+    // that failed does not bring the delivery back.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "hotel".into(),
+        at_ms: 150,
+    }])
+    .await?;
+    s.apply(vec![waiting()]).await?;
+    assert_eq!(state(&s)?.0, DeliveryState::Cancelled);
+    assert_eq!(s.reader.outbox("cmd-e1")?.expect("kept").attempts.len(), 0);
+    s.apply(vec![StateChange::RecordDeliveries(vec![attempt_on_e1(
+        201,
+        Some(200),
+        None,
+        AttemptNext::Delivered,
+    )])])
+    .await?;
+    let rec = s.reader.outbox("cmd-e1")?.expect("kept");
+    assert_eq!(
+        (rec.state, rec.attempts.len()),
+        (DeliveryState::Delivered, 1)
+    );
+    // Linked again as another account: the commands addressed to the first one are cancelled;
+    // linked again as the same account (say, new tokens): they are kept.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![waiting()]).await?;
+    s.apply(vec![link("c1", "hotel", "g")]).await?;
+    assert_eq!(state(&s)?.0, DeliveryState::Pending);
+    s.apply(vec![link("c1", "hotel", "g2")]).await?;
+    assert_eq!(
+        state(&s)?,
+        (
+            DeliveryState::Cancelled,
+            Some("the customer linked another account at hotel".into()),
+            0
+        )
+    );
+    // The rule deleted: its waiting commands go with it; another rule's stay.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![waiting()]).await?;
+    s.apply(vec![
+        rule("c1", "r2"),
+        StateChange::DeleteRule {
+            customer_id: "c1".into(),
+            rule_id: "r2".into(),
+            at_ms: 250,
+        },
+    ])
+    .await?;
+    assert_eq!(state(&s)?.0, DeliveryState::Pending);
+    s.apply(vec![StateChange::DeleteRule {
+        customer_id: "c1".into(),
+        rule_id: "r1".into(),
+        at_ms: 300,
+    }])
+    .await?;
+    assert_eq!(
+        state(&s)?,
+        (
+            DeliveryState::Cancelled,
+            Some("the customer deleted rule r1".into()),
+            0
+        )
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_linking_ordered_after_an_erasure_keeps_nothing() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    let out = s
+        .apply(vec![
+            StateChange::EraseCustomer {
+                customer_id: "c1".into(),
+            },
+            StateChange::BeginLink {
+                state_hash: vec![8; 32],
+                pending: PendingLink {
+                    customer_id: "c1".into(),
+                    entity_id: "hotel".into(),
+                    verifier: "v".into(),
+                    nonce: "n".into(),
+                    at_ms: 1_000,
+                    via_portal: true,
+                    then_rule_json: None,
+                },
+            },
+        ])
+        .await?;
+    assert!(rejected(&out[1], ErrorCode::NotFound), "{out:?}");
+    assert!(s.tagged(keys::PENDING_LINK)?.is_empty());
+    assert!(s.tagged(keys::PENDING_OF)?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn dismissals_are_capped_per_customer() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    let dismiss = |n: usize| StateChange::Dismiss {
+        customer_id: "c1".into(),
+        template: format!("{n:064x}"),
+    };
+    let max = custos_api::limits::MAX_DISMISSALS_PER_CUSTOMER;
+    let out = s.apply((0..max).map(dismiss).collect()).await?;
+    assert!(out.iter().all(|o| *o == ChangeOutcome::Done));
+    let out = s.apply(vec![dismiss(max), dismiss(0)]).await?;
+    assert!(rejected(&out[0], ErrorCode::LimitReached), "{out:?}");
+    assert_eq!(
+        out[1],
+        ChangeOutcome::Done,
+        "dismissing one again is no new entry"
+    );
     Ok(())
 }
 

@@ -230,10 +230,13 @@ async fn airline_delay_becomes_a_signed_room_hold_at_the_hotel() -> anyhow::Resu
         .send_event(&w.airline, &delayed("evt-2", "FF-1234", 20))
         .await?;
     assert_eq!(small.status, EventStatus::Ignored);
-    assert!(small
-        .reason
-        .unwrap_or_default()
-        .contains("condition is false"));
+    // The airline is not told about the customer's rules; the customer's activity says why.
+    assert_eq!(small.reason.as_deref(), Some(IGNORED_BY_RULES));
+    let me = w.node.admin().with_token(&w.customer.token);
+    let page = me.activity(&w.customer.id, 50, None).await?;
+    assert!(page.items.iter().any(|i| matches!(&i.kind,
+        ActivityKind::EventReceived { event_id, reason: Some(why), .. }
+            if event_id == "evt-2" && why.contains("condition is false"))));
 
     // The activity shows event, match and each attempt, newest first.
     let me = w.node.admin().with_token(&w.customer.token);
@@ -286,7 +289,7 @@ async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_dedupli
     boarded.subject = Some("FF-1234".into());
     let r = anon.send_event(&w.airline, &boarded).await?;
     assert_eq!(r.status, EventStatus::Ignored);
-    assert!(r.reason.unwrap_or_default().contains("no rule"));
+    assert_eq!(r.reason.as_deref(), Some(IGNORED_BY_RULES));
 
     // The same (source, id) twice: one command, delivered once, the same ids answered.
     let first = anon
@@ -310,7 +313,8 @@ async fn unlinked_entities_and_unnamed_events_are_ignored_and_duplicates_dedupli
     // The ignored events are in the customer's activity with their reason.
     let page = w.node.admin().activity(&w.customer.id, 50, None).await?;
     assert!(page.items.iter().any(|i| matches!(&i.kind,
-        ActivityKind::EventReceived { event_id, status: EventStatus::Ignored, .. } if event_id == "b-1")));
+        ActivityKind::EventReceived { event_id, status: EventStatus::Ignored, reason: Some(why), .. }
+            if event_id == "b-1" && why.contains("no rule"))));
     Ok(())
 }
 
@@ -451,15 +455,31 @@ async fn unlinking_cancels_pending_deliveries() -> anyhow::Result<()> {
     w.hotel_rx.wait_received(1, WAIT).await?;
     let me = w.node.admin().with_token(&w.customer.token);
     me.unlink(&w.customer.id, "hotel").await?;
-    let d = delivery_status(&w.node.admin(), &r.commands[0], DeliveryStatus::Cancelled).await?;
-    assert!(d.reason.unwrap_or_default().contains("unlinked"));
+    // Cancelled by the unlink itself, not when its next attempt finds no link: the customer
+    // may link the hotel again before then, and the retry must not go out.
+    let d = w.node.admin().delivery(&r.commands[0]).await?;
+    assert_eq!(d.status, DeliveryStatus::Cancelled, "{d:?}");
+    assert_eq!(d.reason.as_deref(), Some("the customer unlinked hotel"));
+    assert_eq!(d.next_attempt_at, None);
     // The airline's events about this customer no longer produce commands for the hotel.
-    let r = w
+    let r2 = w
         .node
         .anonymous()
         .send_event(&w.airline, &delayed("un-2", "FF-1234", 90))
         .await?;
-    assert_eq!(r.status, EventStatus::Ignored);
+    assert_eq!(r2.status, EventStatus::Ignored);
+    w.node
+        .admin()
+        .link(
+            &w.customer.id,
+            &LinkRequest {
+                entity_id: "hotel".into(),
+                subject: "guest-77".into(),
+            },
+        )
+        .await?;
+    let d = w.node.admin().delivery(&r.commands[0]).await?;
+    assert_eq!(d.status, DeliveryStatus::Cancelled, "linked again: {d:?}");
     Ok(())
 }
 

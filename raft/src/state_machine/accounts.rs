@@ -15,6 +15,10 @@ impl Tx<'_> {
         state_hash: Vec<u8>,
         pending: PendingLink,
     ) -> Result<ChangeOutcome, StoreError> {
+        // A linking ordered after the customer's erasure must not bring its id back.
+        if !self.customer_exists(&pending.customer_id)? {
+            return Ok(not_found("customer", &pending.customer_id));
+        }
         // At most MAX_PENDING_LINKS per customer: the oldest (and any gone or expired) go.
         // Unused ones also go at their TTL (prune) and with retention.
         let at = pending.at_ms;

@@ -1,6 +1,6 @@
 //! Customers (data groups): profiles, links, rules, dismissals, intents and erasure.
 
-use custos_api::limits::MAX_RULES_PER_CUSTOMER;
+use custos_api::limits::{MAX_DISMISSALS_PER_CUSTOMER, MAX_RULES_PER_CUSTOMER};
 use custos_api::ErrorCode;
 
 use super::{not_found, Tx};
@@ -10,7 +10,7 @@ use crate::keys;
 use crate::records::*;
 
 impl Tx<'_> {
-    fn customer_exists(&self, id: &str) -> Result<bool, StoreError> {
+    pub(crate) fn customer_exists(&self, id: &str) -> Result<bool, StoreError> {
         self.exists(&keys::customer(self.space, id))
     }
 
@@ -105,6 +105,14 @@ impl Tx<'_> {
         let link_key = keys::link(self.space, &customer_id, &link.entity_id);
         let at = link.linked_ms;
         if let Some(old) = self.get::<LinkRecord>(&link_key)? {
+            if old.subject != link.subject {
+                // Commands for the account linked before must not reach the one linked now.
+                let reason = format!("the customer linked another account at {}", link.entity_id);
+                let entity = link.entity_id.as_str();
+                self.cancel_pending(&customer_id, at, &reason, |c| {
+                    c.target == entity && c.subject != link.subject
+                })?;
+            }
             // Linked again: the old link's claim goes (the new one holds its own).
             self.new_intent(
                 at,
@@ -147,6 +155,10 @@ impl Tx<'_> {
             });
         };
         self.delete(key);
+        // Its commands waiting for a retry are cancelled now, not when their next attempt
+        // finds no link: the customer may link the entity again before then.
+        let reason = format!("the customer unlinked {entity_id}");
+        self.cancel_pending(customer_id, at_ms, &reason, |c| c.target == entity_id)?;
         self.effects.push(super::Effect::LinkChanged {
             customer_id: customer_id.to_owned(),
             entity_id: entity_id.to_owned(),
@@ -259,7 +271,9 @@ impl Tx<'_> {
         let rule_id = rule.id.clone();
         self.put(key, &rule)?;
         self.activity(customer_id, at, &ActivityRecord::RuleSaved { rule_id })?;
-        self.effects.push(super::Effect::RuleChanged);
+        self.effects.push(super::Effect::RuleChanged {
+            customer_id: customer_id.to_owned(),
+        });
         Ok(ChangeOutcome::Done)
     }
 
@@ -274,8 +288,13 @@ impl Tx<'_> {
             return Ok(not_found("rule", &rule_id));
         }
         self.delete(key);
+        // Its commands waiting for a retry are not sent: the customer withdrew the rule.
+        let reason = format!("the customer deleted rule {rule_id}");
+        self.cancel_pending(customer_id, at_ms, &reason, |c| c.rule_id == rule_id)?;
         self.activity(customer_id, at_ms, &ActivityRecord::RuleDeleted { rule_id })?;
-        self.effects.push(super::Effect::RuleChanged);
+        self.effects.push(super::Effect::RuleChanged {
+            customer_id: customer_id.to_owned(),
+        });
         Ok(ChangeOutcome::Done)
     }
 
@@ -287,7 +306,19 @@ impl Tx<'_> {
         if !self.customer_exists(customer_id)? {
             return Ok(not_found("customer", customer_id));
         }
-        self.put(self.k2(keys::DISMISSED, customer_id, template), &())?;
+        let key = self.k2(keys::DISMISSED, customer_id, template);
+        if !self.exists(&key)?
+            && self.count_prefix(&self.p2(keys::DISMISSED, customer_id))?
+                >= MAX_DISMISSALS_PER_CUSTOMER
+        {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::LimitReached,
+                format!(
+                    "at most {MAX_DISMISSALS_PER_CUSTOMER} dismissed recommendations per customer"
+                ),
+            ));
+        }
+        self.put(key, &())?;
         Ok(ChangeOutcome::Done)
     }
 
@@ -320,10 +351,31 @@ impl Tx<'_> {
                 },
             )?;
         }
+        // The customer's events and commands are found from its own activity, not by reading
+        // every event and command the group holds: an event's dedup record and a settled
+        // delivery age with the activity line written with them; only pending deliveries can
+        // outlive their lines (found below, in the due index).
+        let mut forgotten = std::collections::HashSet::new();
         for (k, v) in self.scan(&self.p2(keys::ACTIVITY, customer_id))? {
             let line: ActivityRecord = codec::decode(&v)?;
-            for command_id in line.commands_made() {
-                self.forget_command(command_id)?;
+            for command_id in line
+                .commands_made()
+                .into_iter()
+                .chain(line.command_settled())
+            {
+                if forgotten.insert(command_id.to_owned()) {
+                    self.forget_command(command_id)?;
+                }
+            }
+            if let Some(event) = line.event() {
+                // Deduplication goes on without saying whose event it was.
+                let dedup = self.k2(keys::DEDUP, &event.source, &event.id);
+                if let Some(mut rec) = self.get::<DedupRecord>(&dedup)? {
+                    if rec.customer_id.as_deref() == Some(customer_id) {
+                        rec.customer_id = None;
+                        self.put(dedup, &rec)?;
+                    }
+                }
             }
             self.delete(k);
         }
@@ -337,48 +389,47 @@ impl Tx<'_> {
                 self.delete(k);
             }
         }
-        // Sessions, pending linkings and commands whose activity line already aged out are
-        // not under the customer's prefixes: scan their (retention-bounded) ranges.
-        for (k, v) in self.scan(&self.p(keys::SESSION))? {
-            if codec::decode::<SessionRecord>(&v)?.customer_id == customer_id {
-                self.delete(k);
-            }
+        // Sessions, pending linkings and pending deliveries are not under the customer's
+        // prefixes: their ranges are bounded (by their TTLs, and by what is undelivered), and
+        // read one record at a time, keeping only the customer's.
+        for (k, _) in self.scan_picked(&self.p(keys::SESSION), |_, v| {
+            Ok(codec::decode::<SessionRecord>(v)?.customer_id == customer_id)
+        })? {
+            self.delete(k);
         }
-        for (k, v) in self.scan(&self.p(keys::PENDING_LINK))? {
-            if codec::decode::<PendingLink>(&v)?.customer_id == customer_id {
-                self.delete(k);
-            }
+        for (k, _) in self.scan_picked(&self.p(keys::PENDING_LINK), |_, v| {
+            Ok(codec::decode::<PendingLink>(v)?.customer_id == customer_id)
+        })? {
+            self.delete(k);
         }
         for (k, _) in self.scan(&self.pending_of_key(customer_id, &[]))? {
             self.delete(k);
         }
-        for (_, v) in self.scan(&self.p(keys::OUTBOX))? {
-            let rec: OutboxRecord = codec::decode(&v)?;
-            if rec.command.customer_id == customer_id {
-                self.forget_command(&rec.command.id)?;
+        for (k, _) in self.scan_picked(&self.p(keys::DUE), |_, _| Ok(true))? {
+            let Some(id) = keys::due_command(&k) else {
+                continue;
+            };
+            let outbox = self.k(keys::OUTBOX, id.as_bytes());
+            if self
+                .get::<OutboxRecord>(&outbox)?
+                .is_some_and(|r| r.command.customer_id == customer_id)
+            {
+                self.forget_command(id)?;
             }
         }
         // Claims under way become releases: the claim may already have been made.
         self.abandon_claims(customer_id, None, now)?;
-        // Records kept for others' sake lose the customer: event deduplication keeps working
-        // without saying whose event it was, and retention entries of deleted records go.
-        for (k, v) in self.scan(&self.p(keys::DEDUP))? {
-            let mut rec: DedupRecord = codec::decode(&v)?;
-            if rec.customer_id.as_deref() == Some(customer_id) {
-                rec.customer_id = None;
-                self.put(k, &rec)?;
-            }
-        }
-        // What this log entry aged so far is written first, so it is cleaned with the rest.
+        // Retention entries of deleted records go. What this log entry aged so far is written
+        // first, so it is cleaned with the rest.
         self.flush_aging();
         let id = customer_id.as_bytes();
-        for (k, targets) in self.scan(&self.p(keys::EXPIRY))? {
+        let names = |t: &[u8]| keys::names_customer(t, id);
+        let listing = self.scan_picked(&self.p(keys::EXPIRY), |_, v| {
+            Ok(codec::decode_keys(v)?.into_iter().any(names))
+        })?;
+        for (k, targets) in listing {
             let listed = codec::decode_keys(&targets)?;
-            let kept: Vec<&[u8]> = listed
-                .iter()
-                .copied()
-                .filter(|t| !t.windows(id.len()).any(|w| w == id))
-                .collect();
+            let kept: Vec<&[u8]> = listed.iter().copied().filter(|t| !names(t)).collect();
             if kept.is_empty() {
                 self.delete(k);
             } else if kept.len() < listed.len() {

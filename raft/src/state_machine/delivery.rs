@@ -25,7 +25,36 @@ impl Tx<'_> {
             return Ok(());
         };
         if rec.state != DeliveryState::Pending {
-            // A late result for a delivery already settled (e.g. cancelled meanwhile).
+            // A late result for a delivery already settled (e.g. cancelled meanwhile by an
+            // unlink): only a success is recorded, since the entity did get the command.
+            if let (
+                DeliveryState::Cancelled,
+                DeliveryUpdate::Attempted {
+                    attempt,
+                    next: AttemptNext::Delivered,
+                    ..
+                },
+            ) = (rec.state, update)
+            {
+                let at = attempt.at_ms;
+                let status_code = attempt.status_code;
+                rec.attempts.push(attempt);
+                rec.state = DeliveryState::Delivered;
+                rec.reason = None;
+                let customer = rec.command.customer_id.clone();
+                self.activity(
+                    &customer,
+                    at,
+                    &ActivityRecord::DeliveryAttempt {
+                        command_id,
+                        attempt: rec.attempts.len() as u32,
+                        status_code,
+                        error: None,
+                        state: DeliveryState::Delivered,
+                    },
+                )?;
+                self.put(key, &rec)?;
+            }
             return Ok(());
         }
         if let DeliveryUpdate::Attempted { attempt, .. } = &update {
@@ -116,6 +145,38 @@ impl Tx<'_> {
             }
         }
         self.put(key, &rec)
+    }
+
+    /// Cancels the customer's pending deliveries that `withdrawn` picks: what the customer
+    /// withdrew (an unlinked entity, a deleted rule) must not go out on a later retry. Reads
+    /// the group's due index (pending deliveries only), on a change customers make rarely.
+    pub(crate) fn cancel_pending(
+        &mut self,
+        customer: &str,
+        at_ms: i64,
+        reason: &str,
+        withdrawn: impl Fn(&CommandRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        for (k, _) in self.scan(&self.p(keys::DUE))? {
+            let Some(id) = keys::due_command(&k) else {
+                continue;
+            };
+            let Some(rec) = self.get::<OutboxRecord>(&self.k(keys::OUTBOX, id.as_bytes()))? else {
+                continue;
+            };
+            if rec.state == DeliveryState::Pending
+                && rec.command.customer_id == customer
+                && withdrawn(&rec.command)
+            {
+                self.record_delivery(DeliveryUpdate::Cancelled {
+                    command_id: id.to_owned(),
+                    reason: reason.to_owned(),
+                    at_ms,
+                    as_failed: false,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn replay(

@@ -27,6 +27,36 @@ impl Tx<'_> {
         }
     }
 
+    /// Leaves out the commands of rules deleted before this entry. The node that planned them
+    /// read the rules from its cached profile, which may predate a deletion that the log put
+    /// first (a deletion answered while the event waited in the proposer, or a deposed
+    /// leader's plan forwarded to the new one); the customer was told the rule is gone, so it
+    /// must not act. Rule ids are never reused and a rule is never edited in place, so
+    /// "exists" is enough.
+    fn drop_deleted_rules(&self, customer: &str, ingest: &mut Ingest) -> Result<(), StoreError> {
+        let mut deleted = Vec::new();
+        let mut i = 0;
+        while i < ingest.commands.len() {
+            let rule_id = &ingest.commands[i].rule_id;
+            if self.exists(&keys::rule(self.space, customer, rule_id))? {
+                i += 1;
+            } else {
+                deleted.push(ingest.commands.remove(i).rule_id);
+            }
+        }
+        if let (Some(first), true) = (deleted.first(), ingest.commands.is_empty()) {
+            // Bounded whatever the number of rules.
+            let more = match deleted.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            };
+            ingest.ignored_reason.get_or_insert_with(|| {
+                format!("rule {first}{more}: deleted before the event was recorded")
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn ingest(&mut self, mut ingest: Ingest) -> Result<ChangeOutcome, StoreError> {
         let dedup_key = self.k2(keys::DEDUP, &ingest.event.source, &ingest.event.id);
         if let Some(first) = self.get::<DedupRecord>(&dedup_key)? {
@@ -39,13 +69,16 @@ impl Tx<'_> {
         }
         if let Some(customer) = ingest.customer_id.clone() {
             if let Some(why) = self.stale_route(&customer, &ingest.event)? {
+                // Not this customer's event (any more, or not yet here): nothing of it goes
+                // to its activity or engagement counts.
                 ingest.commands.clear();
                 ingest.rule_failures.clear();
                 ingest.ignored_reason = Some(why);
-                if !self.exists(&keys::customer(self.space, &customer))? {
-                    ingest.customer_id = None;
-                }
+                ingest.customer_id = None;
             }
+        }
+        if let Some(customer) = ingest.customer_id.clone() {
+            self.drop_deleted_rules(&customer, &mut ingest)?;
         }
         let fate = if ingest.commands.is_empty() {
             EventFate::Ignored
@@ -53,6 +86,13 @@ impl Tx<'_> {
             EventFate::Accepted
         };
         let command_ids: Vec<String> = ingest.commands.iter().map(|c| c.id.clone()).collect();
+        // The sending entity learns whether its event acted, not why a customer's rules did
+        // not: that names their rules, conditions and other entities (the customer's
+        // activity has it).
+        let told = match (&ingest.customer_id, fate) {
+            (Some(_), EventFate::Ignored) => Some(custos_api::types::IGNORED_BY_RULES.to_owned()),
+            _ => ingest.ignored_reason.clone(),
+        };
         let at = ingest.at_ms;
         self.put_aged(
             dedup_key,
@@ -60,7 +100,7 @@ impl Tx<'_> {
                 customer_id: ingest.customer_id.clone(),
                 fate,
                 commands: command_ids.clone(),
-                reason: ingest.ignored_reason.clone(),
+                reason: told.clone(),
                 at_ms: at,
             },
             at,
@@ -113,7 +153,7 @@ impl Tx<'_> {
             duplicate: false,
             fate,
             commands: command_ids,
-            reason: ingest.ignored_reason,
+            reason: told,
         })
     }
 }

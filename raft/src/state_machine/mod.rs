@@ -21,7 +21,7 @@ mod retention;
 pub(crate) mod snapshot;
 mod tx;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -96,8 +96,12 @@ pub enum Effect {
     /// A customer's data was erased (or released from the meta group): the group's log and
     /// snapshot, and the store's files, still hold it until they are rewritten.
     Erased,
-    /// A rule was saved or deleted (the recommender retrains after enough of them).
-    RuleChanged,
+    /// A rule of this customer was saved or deleted (the recommender retrains after enough
+    /// of them; the leader's cached profile is read again).
+    RuleChanged {
+        /// The customer.
+        customer_id: String,
+    },
 }
 
 /// Told about every apply, after its batch is written.
@@ -152,6 +156,7 @@ impl StateMachineStore {
         };
         let (lo, hi) = keys::sm_range(keys::space(group, !generation));
         delete_range(&db, &lo, &hi)?;
+        snapshot::remove_unfinished(&snapshots, group);
         let pacer = Arc::new(SnapshotPacer::new(snapshot::current_size(
             &db, group, &snapshots,
         )?));
@@ -272,9 +277,10 @@ fn read_sm_meta(db: &DB, space: u32) -> Result<(Option<LogId>, StoredMembership)
     Ok((last_log_id, last_membership))
 }
 
-/// Removes everything a node holds of `group`: its log, vote, snapshot records and both
-/// state spaces (the node no longer holds a replica of it).
-pub fn destroy_group(db: &DB, group: GroupId) -> Result<(), StoreError> {
+/// Removes everything a node holds of `group`: its log, vote, snapshot records, both state
+/// spaces and its snapshot files in `snapshots` (the node no longer holds a replica of it).
+pub fn destroy_group(db: &DB, group: GroupId, snapshots: &Path) -> Result<(), StoreError> {
+    snapshot::remove_all(snapshots, group);
     let mut batch = WriteBatch::default();
     for space in [keys::space(group, false), keys::space(group, true)] {
         let lo = space.to_be_bytes().to_vec();
@@ -346,7 +352,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let file = snapshot::create(&path)
             .await
             .map_err(StoreError::into_raft_write)?;
-        *self.receiving.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+        // A transfer begun before and never finished (the leader started over with a newer
+        // snapshot, or another leader) leaves its file: it goes now.
+        let unfinished = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(path);
+        if let Some(old) = unfinished {
+            let _ = tokio::fs::remove_file(old).await;
+        }
         Ok(Box::new(file))
     }
 

@@ -55,7 +55,13 @@ pub(crate) fn current_size(db: &DB, group: GroupId, dir: &Path) -> Result<u64, S
     })
 }
 
-/// Records `file` as the group's current snapshot and removes the group's older files.
+/// Serialises [`record`]: a build and an install of one group can finish at once.
+static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Records `file` as the group's current snapshot and removes the group's other snapshot
+/// files, unless the recorded one is newer: a build that started before an install finished
+/// after it must not replace the installed snapshot (the log before it is purged), so its file
+/// goes instead. The record is synced before any file is removed.
 fn record(
     db: &DB,
     group: GroupId,
@@ -63,21 +69,56 @@ fn record(
     meta: &SnapshotMeta,
     file: &str,
 ) -> Result<(), StoreError> {
+    let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
+    if current(db, group)?.is_some_and(|c| c.meta.last_log_id > meta.last_log_id) {
+        let _ = std::fs::remove_file(dir.join(file));
+        return Ok(());
+    }
     let stored = StoredSnapshot {
         meta: meta.clone(),
         file: file.to_owned(),
     };
-    db.put(keys::prefix(group, keys::SNAPSHOT), codec::encode(&stored)?)?;
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_opt(
+        keys::prefix(group, keys::SNAPSHOT),
+        codec::encode(&stored)?,
+        &opts,
+    )?;
+    remove_files(dir, group, |n| n.ends_with(".snap") && n != file);
+    Ok(())
+}
+
+/// Removes the group's files in `dir` whose names `pick` picks.
+fn remove_files(dir: &Path, group: GroupId, pick: impl Fn(&str) -> bool) {
     let prefix = format!("g{group}-");
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with(&prefix) && n.ends_with(".snap") && n != file {
+            if n.starts_with(&prefix) && pick(&n) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
-    Ok(())
+}
+
+/// Removes every snapshot file of `group` in `dir`, finished or not: the node no longer
+/// holds the group (its files hold every customer's data), or it is starting and nothing is
+/// being written.
+pub(crate) fn remove_all(dir: &Path, group: GroupId) {
+    remove_files(dir, group, |_| true);
+}
+
+/// Removes the group's unfinished files (a transfer or build cut short).
+pub(crate) fn remove_unfinished(dir: &Path, group: GroupId) {
+    remove_files(dir, group, |n| n.ends_with(".part"));
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }
 
 /// Writes the snapshot of `space` (the group's current key space) to a new file in `dir` and
@@ -107,7 +148,7 @@ pub(crate) fn build(
     let name = format!("g{group}-{now}.snap");
     let path = dir.join(&name);
     let tmp = path.with_extension("part");
-    let size = {
+    let written = (|| -> Result<u64, StoreError> {
         let f = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         w.write_all(MAGIC).map_err(io)?;
@@ -118,9 +159,17 @@ pub(crate) fn build(
         })?;
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
-        f.metadata().map_err(io)?.len()
+        f.metadata().map_err(io).map(|m| m.len())
+    })();
+    let size = match written {
+        Ok(size) => size,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     };
     std::fs::rename(&tmp, &path).map_err(io)?;
+    sync_dir(dir)?;
     let meta = SnapshotMeta {
         last_log_id,
         last_membership,
@@ -224,8 +273,10 @@ pub(crate) fn keep_received(
     std::fs::create_dir_all(dir).map_err(io)?;
     let name = format!("g{group}-{}.snap", nanos());
     let path = dir.join(&name);
+    // openraft only flushed what it wrote: synced here, before the record names it.
+    file.sync_all().map_err(io)?;
     match received {
-        Some(from) if std::fs::rename(&from, &path).is_ok() => {}
+        Some(from) if std::fs::rename(&from, &path).is_ok() => sync_dir(dir)?,
         _ => {
             file.rewind().map_err(io)?;
             let mut out = std::fs::File::create(&path).map_err(io)?;
@@ -259,4 +310,55 @@ pub(crate) async fn create(path: &Path) -> Result<tokio::fs::File, StoreError> {
         .open(path)
         .await
         .map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId};
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("1-1-{index}"),
+        }
+    }
+
+    #[test]
+    fn an_older_snapshot_finished_later_never_replaces_the_recorded_one() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let db = crate::open_db(&tmp.path().join("db"), crate::DbOptions::default())?;
+        let dir = tmp.path().join("snapshots");
+        std::fs::create_dir_all(&dir)?;
+        for name in [
+            "g1-installed.snap",
+            "g1-built.snap",
+            "g1-recv-1.part",
+            "g2-other.snap",
+        ] {
+            std::fs::write(dir.join(name), b"x")?;
+        }
+        // Installed at 20; a build begun at 10 finishes after it.
+        record(&db, 1, &dir, &meta(20), "g1-installed.snap")?;
+        record(&db, 1, &dir, &meta(10), "g1-built.snap")?;
+        let now = current(&db, 1)?.expect("recorded");
+        assert_eq!(now.file, "g1-installed.snap");
+        assert!(!dir.join("g1-built.snap").exists(), "the older file goes");
+        // A newer one replaces it and its file.
+        std::fs::write(dir.join("g1-newer.snap"), b"x")?;
+        record(&db, 1, &dir, &meta(30), "g1-newer.snap")?;
+        assert_eq!(current(&db, 1)?.expect("recorded").file, "g1-newer.snap");
+        assert!(!dir.join("g1-installed.snap").exists());
+        // Unfinished files go at start; a group's files go with it; other groups' stay.
+        remove_unfinished(&dir, 1);
+        assert!(!dir.join("g1-recv-1.part").exists());
+        assert!(dir.join("g1-newer.snap").exists());
+        remove_all(&dir, 1);
+        let left: Vec<String> = std::fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(left, ["g2-other.snap"]);
+        Ok(())
+    }
 }

@@ -322,6 +322,36 @@ impl<'a> Tx<'a> {
             .collect())
     }
 
+    /// The (key, value) pairs starting with `prefix` that `keep` picks, the batch's own
+    /// writes included, read one at a time: only what is picked is held, so a range as large
+    /// as a group's retention index can be searched without holding it (no counts: for
+    /// ranges without merge operands).
+    pub(crate) fn scan_picked(
+        &self,
+        prefix: &[u8],
+        mut keep: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let end = keys::prefix_end(prefix);
+        let mut found = Vec::new();
+        let mut it = keys::range_iter(self.db, prefix, &end);
+        it.seek(prefix);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !self.overlay.contains_key(k) && keep(k, v)? {
+                found.push((k.to_vec(), v.to_vec()));
+            }
+            it.next();
+        }
+        it.status()?;
+        for (k, v) in &self.overlay {
+            if let (true, Some(v)) = (k.as_slice() >= prefix && k.as_slice() < end.as_slice(), v) {
+                if keep(k.as_slice(), v.as_slice())? {
+                    found.push((k.clone(), v.clone()));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// How many keys start with `prefix` (the batch's own writes included).
     pub(crate) fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
         Ok(self.scan(prefix)?.len())

@@ -34,6 +34,24 @@ pub fn link(customer: &str, entity: &str, subject: &str) -> StateChange {
     }
 }
 
+/// Saves rule `id` of `customer`: the airline's `flight.delayed` holds a room at the hotel.
+pub fn rule(customer: &str, id: &str) -> StateChange {
+    StateChange::PutRule {
+        customer_id: customer.into(),
+        rule: RuleRecord {
+            id: id.into(),
+            name: id.into(),
+            when_entity: "airline".into(),
+            when_event_type: "flight.delayed".into(),
+            condition: None,
+            then_entity: "hotel".into(),
+            then_command_type: "room.hold".into(),
+            data_json: "{}".into(),
+            created_ms: 5,
+        },
+    }
+}
+
 /// The changes as log entries, numbered on from `index`.
 pub fn entries(index: &mut u64, changes: Vec<StateChange>) -> Vec<Entry<TypeConfig>> {
     changes
@@ -49,7 +67,7 @@ pub fn entries(index: &mut u64, changes: Vec<StateChange>) -> Vec<Entry<TypeConf
 }
 
 /// The airline's `flight.delayed` event `event_id` about `subject`, routed to `customer`, and
-/// the one command it makes: a room hold at the hotel for `hotel_subject`.
+/// the one command its rule `r1` makes: a room hold at the hotel for `hotel_subject`.
 pub fn one_command(
     event_id: &str,
     customer: &str,
