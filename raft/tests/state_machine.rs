@@ -136,6 +136,19 @@ async fn erase_c1_after(s: &mut Store, change: StateChange) -> anyhow::Result<()
     Ok(())
 }
 
+/// The reason of an event ignored (no command made); an error if it was not.
+fn ignored_reason(o: &ChangeOutcome) -> anyhow::Result<Option<&str>> {
+    match o {
+        ChangeOutcome::Ingested {
+            fate: EventFate::Ignored,
+            commands,
+            reason,
+            ..
+        } if commands.is_empty() => Ok(reason.as_deref()),
+        other => anyhow::bail!("not ignored: {other:?}"),
+    }
+}
+
 fn rejected(o: &ChangeOutcome, want: ErrorCode) -> bool {
     matches!(o, ChangeOutcome::Rejected { code, .. } if *code == want)
 }
@@ -388,22 +401,9 @@ async fn an_event_routed_by_a_stale_index_entry_is_ignored() -> anyhow::Result<(
     s.apply(setup()).await?;
     // c1 is "ff" at the airline; an event about "other" routed to c1 must not act for it.
     let out = s.apply(vec![ingest_as("e1", "other", 100)]).await?;
-    let ChangeOutcome::Ingested {
-        fate,
-        commands,
-        reason,
-        ..
-    } = &out[0]
-    else {
-        anyhow::bail!("{out:?}");
-    };
-    assert_eq!(*fate, EventFate::Ignored);
-    assert!(commands.is_empty());
+    let reason = ignored_reason(&out[0])?;
     assert!(
-        reason
-            .as_deref()
-            .unwrap_or_default()
-            .contains("stale index"),
+        reason.unwrap_or_default().contains("stale index"),
         "{reason:?}"
     );
     assert!(s.reader.outbox("cmd-e1")?.is_none());
@@ -474,19 +474,9 @@ async fn a_rule_deleted_before_its_event_makes_no_command() -> anyhow::Result<()
         }
     }
     let out = s.apply(vec![again]).await?;
-    let ChangeOutcome::Ingested {
-        fate,
-        commands,
-        reason,
-        ..
-    } = &out[0]
-    else {
-        anyhow::bail!("{out:?}");
-    };
-    assert_eq!(*fate, EventFate::Ignored);
-    assert!(commands.is_empty());
+    let reason = ignored_reason(&out[0])?;
     // The airline is told nothing of the customer's rules; the customer's activity says why.
-    assert_eq!(reason.as_deref(), Some(custos_api::types::IGNORED_BY_RULES));
+    assert_eq!(reason, Some(custos_api::types::IGNORED_BY_RULES));
     let (lines, _) = s.reader.activity("c1", None, 1)?;
     assert!(
         matches!(&lines[..], [(_, ActivityRecord::EventReceived { reason: Some(why), .. })]
@@ -945,22 +935,7 @@ async fn erasing_a_customer_removes_everything_held_about_it_and_nothing_else() 
         matches!(pruned[0], ChangeOutcome::Pruned(n) if n > 0),
         "{pruned:?}"
     );
-    s.apply(vec![
-        c1_signs_in(),
-        StateChange::BeginLink {
-            state_hash: vec![8; 32],
-            pending: PendingLink {
-                customer_id: "c1".into(),
-                entity_id: "hotel".into(),
-                verifier: "v".into(),
-                nonce: "n".into(),
-                at_ms: 1_000,
-                via_portal: true,
-                then_rule_json: None,
-            },
-        },
-    ])
-    .await?;
+    s.apply(vec![c1_signs_in(), c1_begins_linking()]).await?;
     assert!(
         s.reader.outbox("cmd-aged")?.is_some(),
         "pending: kept by pruning"
@@ -1323,6 +1298,22 @@ async fn a_linking_abandons_only_the_same_customers_unfinished_linkings_of_that_
     Ok(())
 }
 
+/// Customer c1 starts linking the hotel through the portal (state hash 8...).
+fn c1_begins_linking() -> StateChange {
+    StateChange::BeginLink {
+        state_hash: vec![8; 32],
+        pending: PendingLink {
+            customer_id: "c1".into(),
+            entity_id: "hotel".into(),
+            verifier: "v".into(),
+            nonce: "n".into(),
+            at_ms: 1_000,
+            via_portal: true,
+            then_rule_json: None,
+        },
+    }
+}
+
 /// Customer c1 signs in: a session under the hash `[7; 32]`, stamped with epoch 0 (the apply
 /// sets the customer's own).
 fn c1_signs_in() -> StateChange {
@@ -1503,34 +1494,30 @@ async fn pending_deliveries_of_withdrawn_consent_are_cancelled_at_once() -> anyh
         let rec = s.reader.outbox("cmd-e1")?.expect("kept");
         Ok((rec.state, rec.reason, s.reader.due(i64::MAX, 10)?.len()))
     };
+    // Cancelled for `why`, with nothing left to send.
+    let cancelled = |s: &Store, why: &str| -> anyhow::Result<()> {
+        assert_eq!(
+            state(s)?,
+            (DeliveryState::Cancelled, Some(why.to_owned()), 0)
+        );
+        Ok(())
+    };
+    let unlink_hotel = |at_ms: i64| StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "hotel".into(),
+        at_ms,
+    };
     // Unlinked while waiting an hour for a retry, then linked again before it: the retry must
     // not go out (the customer withdrew it; its next attempt would have found a link).
     let mut s = with_command_e1().await?;
     s.apply(vec![waiting()]).await?;
-    s.apply(vec![StateChange::Unlink {
-        customer_id: "c1".into(),
-        entity_id: "hotel".into(),
-        at_ms: 300,
-    }])
-    .await?;
+    s.apply(vec![unlink_hotel(300)]).await?;
     s.apply(vec![link("c1", "hotel", "g")]).await?;
-    assert_eq!(
-        state(&s)?,
-        (
-            DeliveryState::Cancelled,
-            Some("the customer unlinked hotel".into()),
-            0
-        )
-    );
+    cancelled(&s, "the customer unlinked hotel")?;
     // An attempt under way at the unlink that succeeded is recorded as what happened; one
     // that failed does not bring the delivery back.
     let mut s = with_command_e1().await?;
-    s.apply(vec![StateChange::Unlink {
-        customer_id: "c1".into(),
-        entity_id: "hotel".into(),
-        at_ms: 150,
-    }])
-    .await?;
+    s.apply(vec![unlink_hotel(150)]).await?;
     s.apply(vec![waiting()]).await?;
     assert_eq!(state(&s)?.0, DeliveryState::Cancelled);
     assert_eq!(s.reader.outbox("cmd-e1")?.expect("kept").attempts.len(), 0);
@@ -1553,14 +1540,7 @@ async fn pending_deliveries_of_withdrawn_consent_are_cancelled_at_once() -> anyh
     s.apply(vec![link("c1", "hotel", "g")]).await?;
     assert_eq!(state(&s)?.0, DeliveryState::Pending);
     s.apply(vec![link("c1", "hotel", "g2")]).await?;
-    assert_eq!(
-        state(&s)?,
-        (
-            DeliveryState::Cancelled,
-            Some("the customer linked another account at hotel".into()),
-            0
-        )
-    );
+    cancelled(&s, "the customer linked another account at hotel")?;
     // The rule deleted: its waiting commands go with it; another rule's stay.
     let mut s = with_command_e1().await?;
     s.apply(vec![waiting()]).await?;
@@ -1580,14 +1560,7 @@ async fn pending_deliveries_of_withdrawn_consent_are_cancelled_at_once() -> anyh
         at_ms: 300,
     }])
     .await?;
-    assert_eq!(
-        state(&s)?,
-        (
-            DeliveryState::Cancelled,
-            Some("the customer deleted rule r1".into()),
-            0
-        )
-    );
+    cancelled(&s, "the customer deleted rule r1")?;
     Ok(())
 }
 
@@ -1600,18 +1573,7 @@ async fn a_linking_ordered_after_an_erasure_keeps_nothing() -> anyhow::Result<()
             StateChange::EraseCustomer {
                 customer_id: "c1".into(),
             },
-            StateChange::BeginLink {
-                state_hash: vec![8; 32],
-                pending: PendingLink {
-                    customer_id: "c1".into(),
-                    entity_id: "hotel".into(),
-                    verifier: "v".into(),
-                    nonce: "n".into(),
-                    at_ms: 1_000,
-                    via_portal: true,
-                    then_rule_json: None,
-                },
-            },
+            c1_begins_linking(),
         ])
         .await?;
     assert!(rejected(&out[1], ErrorCode::NotFound), "{out:?}");
