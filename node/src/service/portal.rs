@@ -333,13 +333,28 @@ impl Vault {
                 ActivityRecord::RuleMatched { command_id, .. } => {
                     command_ids.push(command_id.clone())
                 }
-                _ => {}
+                // A delivery settled or retried later than its command's line: the line may
+                // be past the export's window, or aged out, while the delivery is not.
+                other => command_ids.extend(other.command_settled().map(str::to_owned)),
             }
         }
+        let owned = customer.to_owned();
         let deliveries = self
             .read_customer(customer, move |r| {
+                // Deliveries still pending are kept whatever their lines' age.
+                for (_, id) in r.due(i64::MAX, MAX_EXPORT)? {
+                    if r.outbox(&id)?
+                        .is_some_and(|d| d.command.customer_id == owned)
+                    {
+                        command_ids.push(id);
+                    }
+                }
+                let mut seen = std::collections::HashSet::new();
                 let mut out = Vec::with_capacity(command_ids.len());
                 for id in command_ids {
+                    if !seen.insert(id.clone()) {
+                        continue;
+                    }
                     if let Some(d) = r.outbox(&id)? {
                         out.push(d.to_wire());
                     }
