@@ -422,6 +422,15 @@ async fn a_removed_node_hands_over_its_replicas_and_a_restarted_member_rejoins(
     })
     .await?;
     let _ = status;
+    // The removed node deleted its data replicas once their leader had it out (asked, not
+    // taken from a report that may trail the membership).
+    poll::until("the removed node's replicas deleted", WAIT, || async {
+        c.nodes[2]
+            .log()
+            .contains("this node no longer holds the group; deleting its replica")
+            .then_some(())
+    })
+    .await?;
     let status = c.wait_placed(WAIT).await?;
     assert!(status.groups.iter().all(|g| g.leader != Some(removed)));
     // The cluster keeps serving, through every remaining node.

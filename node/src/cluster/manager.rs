@@ -496,6 +496,34 @@ async fn transfer(core: &Core, g: &Group, to: NodeId, addr: &str) {
     g.proposer.release();
 }
 
+/// Whether the group's leader, asked now, leads it with this node out of its membership.
+/// Reports trail the membership (a node promoted a moment ago may be in no report yet), and
+/// deleting the replica of a voter would let it come back empty; so the leader is asked first,
+/// and an unanswered question keeps the replica until a later round.
+async fn leader_left_me_out(
+    core: &Arc<Core>,
+    nodes: &[NodeRecord],
+    group: GroupId,
+    leader: NodeId,
+) -> bool {
+    let Some(addr) = nodes.iter().find(|n| n.id == leader).map(|n| &n.peer_addr) else {
+        return false;
+    };
+    super::status::ask(core, addr, false)
+        .await
+        .is_some_and(|s| leads_without(&s, group, core.node_id))
+}
+
+/// Whether `status` is of a node that leads `group` with `node` neither voter nor learner.
+fn leads_without(status: &super::wire::LocalStatus, group: GroupId, node: NodeId) -> bool {
+    status.groups.iter().any(|g| {
+        g.group == group
+            && g.role == "leader"
+            && !g.voters.contains(&node)
+            && !g.learners.contains(&node)
+    })
+}
+
 /// Opens replicas the placement gives this node; closes (and deletes) the ones its group's
 /// leader removed it from.
 async fn replicas(
@@ -534,7 +562,11 @@ async fn replicas(
         // Reports carry committed memberships only, written by the group's leader; once the
         // latest one leaves this node out and the placement does not want it back, the
         // leader has removed it: its log no longer counts toward any quorum.
-        if !reported_member && !g.leads(me) && report.leader != me {
+        if !reported_member
+            && !g.leads(me)
+            && report.leader != me
+            && leader_left_me_out(core, nodes, g.id, report.leader).await
+        {
             tracing::info!(
                 group = g.id,
                 "this node no longer holds the group; deleting its replica"
@@ -549,6 +581,54 @@ async fn replicas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_is_deleted_only_once_its_groups_leader_has_the_node_out() {
+        use super::super::wire::{LocalGroup, LocalStatus};
+        let status = |role: &str, voters: Vec<NodeId>, learners: Vec<NodeId>| LocalStatus {
+            node_id: 1,
+            groups: vec![LocalGroup {
+                group: 3,
+                role: role.into(),
+                leader: Some(1),
+                term: 2,
+                last_log: 10,
+                applied: 10,
+                committed: 10,
+                voters,
+                learners,
+                pending_deliveries: 0,
+                digest: None,
+            }],
+        };
+        assert!(leads_without(
+            &status("leader", vec![1, 2, 3], vec![]),
+            3,
+            4
+        ));
+        // Node 4 promoted a moment ago (no report says so yet): kept.
+        assert!(!leads_without(
+            &status("leader", vec![1, 2, 4], vec![]),
+            3,
+            4
+        ));
+        assert!(!leads_without(
+            &status("leader", vec![1, 2, 3], vec![4]),
+            3,
+            4
+        ));
+        // No longer the leader, or asked about another group: nothing is known.
+        assert!(!leads_without(
+            &status("follower", vec![1, 2, 3], vec![]),
+            3,
+            4
+        ));
+        assert!(!leads_without(
+            &status("leader", vec![1, 2, 3], vec![]),
+            5,
+            4
+        ));
+    }
 
     #[test]
     fn a_leader_with_no_wanted_voter_makes_the_caught_up_ones_voters_first() {

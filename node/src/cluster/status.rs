@@ -53,6 +53,27 @@ pub fn local(core: &Core, digests: bool) -> LocalStatus {
     }
 }
 
+/// Asks the node at `addr` for its report (`None` if it does not answer within 2 s).
+pub async fn ask(core: &Core, addr: &str, digests: bool) -> Option<LocalStatus> {
+    let path = if digests {
+        "/peer/status?digests=true"
+    } else {
+        "/peer/status"
+    };
+    let r = core
+        .peers
+        .request(reqwest::Method::GET, addr, path)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let bytes = r.bytes().await.ok()?;
+    codec::decode::<Result<LocalStatus, ()>>(&bytes).ok()?.ok()
+}
+
 /// Asks every registered node for its report (this one answers itself) and merges them;
 /// with `digests`, each replica's state digest too (a full scan of every group: for checks).
 pub async fn gather(core: &Core, digests: bool) -> Result<ClusterStatus, ServiceError> {
@@ -66,33 +87,7 @@ pub async fn gather(core: &Core, digests: bool) -> Result<ClusterStatus, Service
     let asks = nodes
         .iter()
         .filter(|n| n.state != NodeState::Removed && n.id != core.node_id)
-        .map(|n| {
-            let (peers, addr, id) = (core.peers.clone(), n.peer_addr.clone(), n.id);
-            async move {
-                let r = peers
-                    .request(
-                        reqwest::Method::GET,
-                        &addr,
-                        if digests {
-                            "/peer/status?digests=true"
-                        } else {
-                            "/peer/status"
-                        },
-                    )
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                    .ok()?;
-                if !r.status().is_success() {
-                    return None;
-                }
-                let bytes = r.bytes().await.ok()?;
-                codec::decode::<Result<LocalStatus, ()>>(&bytes)
-                    .ok()?
-                    .ok()
-                    .map(|s| (id, s))
-            }
-        });
+        .map(|n| async move { Some((n.id, ask(core, &n.peer_addr, digests).await?)) });
     for (id, s) in futures::future::join_all(asks).await.into_iter().flatten() {
         reports.insert(id, s);
     }
