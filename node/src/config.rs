@@ -154,6 +154,10 @@ election_timeout_max_ms = 800
 snapshot_every = 20000
 snapshot_log_to_state = 1.0
 keep_logs_after_snapshot = 1000
+# How long a leader waits for a follower to take a snapshot's last chunk and install it (the
+# install loads the whole group: openraft's 200 ms would cut a large group's install short,
+# and send it again, for ever), in milliseconds; also each chunk's send timeout.
+install_snapshot_timeout_ms = 120000
 # How long a write waits to be committed (no quorum: 503 with Retry-After after this).
 propose_timeout_ms = 5000
 # Changes queued per group, waiting to be batched into an entry (more: 429 Retry-After).
@@ -270,6 +274,9 @@ pub struct RaftConfig {
     pub snapshot_log_to_state: f64,
     /// Entries kept before the last snapshot.
     pub keep_logs_after_snapshot: u64,
+    /// Longest wait for a snapshot's last chunk to be taken and installed (and for each
+    /// chunk's send).
+    pub install_snapshot_timeout_ms: u64,
     /// Commit deadline of a write.
     pub propose_timeout_ms: u64,
     /// Changes queued per group.
@@ -285,6 +292,7 @@ impl Default for RaftConfig {
             snapshot_every: 20000,
             snapshot_log_to_state: 1.0,
             keep_logs_after_snapshot: 1000,
+            install_snapshot_timeout_ms: 120_000,
             propose_timeout_ms: 5000,
             proposal_queue: 8192,
         }

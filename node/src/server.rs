@@ -187,6 +187,7 @@ pub(crate) fn raft_config(config: &Config) -> Result<openraft::Config, NodeError
         // counts entries only.
         snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
+        install_snapshot_timeout: r.install_snapshot_timeout_ms,
         ..Default::default()
     }
     .validate()
