@@ -24,38 +24,22 @@ impl Tx<'_> {
         let Some(mut rec) = self.get::<OutboxRecord>(&key)? else {
             return Ok(());
         };
-        if rec.state != DeliveryState::Pending {
-            // A late result for a delivery already settled (e.g. cancelled meanwhile by an
-            // unlink): only a success is recorded, since the entity did get the command.
-            if let (
-                DeliveryState::Cancelled,
+        // A late success on a delivery cancelled meanwhile (by an unlink, while the attempt was
+        // sending) is recorded as any success: the entity did get the command. Any other late
+        // result for a settled delivery is dropped.
+        let late_success = rec.state == DeliveryState::Cancelled
+            && matches!(
+                update,
                 DeliveryUpdate::Attempted {
-                    attempt,
                     next: AttemptNext::Delivered,
                     ..
-                },
-            ) = (rec.state, update)
-            {
-                let at = attempt.at_ms;
-                let status_code = attempt.status_code;
-                rec.attempts.push(attempt);
-                rec.state = DeliveryState::Delivered;
-                rec.reason = None;
-                let customer = rec.command.customer_id.clone();
-                self.activity(
-                    &customer,
-                    at,
-                    &ActivityRecord::DeliveryAttempt {
-                        command_id,
-                        attempt: rec.attempts.len() as u32,
-                        status_code,
-                        error: None,
-                        state: DeliveryState::Delivered,
-                    },
-                )?;
-                self.put(key, &rec)?;
-            }
+                }
+            );
+        if rec.state != DeliveryState::Pending && !late_success {
             return Ok(());
+        }
+        if late_success {
+            rec.reason = None;
         }
         if let DeliveryUpdate::Attempted { attempt, .. } = &update {
             // The same result again: the delivery worker proposes a batch again when its

@@ -75,10 +75,9 @@ impl Tx<'_> {
                 ingest.rule_failures.clear();
                 ingest.ignored_reason = Some(why);
                 ingest.customer_id = None;
+            } else {
+                self.drop_deleted_rules(&customer, &mut ingest)?;
             }
-        }
-        if let Some(customer) = ingest.customer_id.clone() {
-            self.drop_deleted_rules(&customer, &mut ingest)?;
         }
         let fate = if ingest.commands.is_empty() {
             EventFate::Ignored
