@@ -4,7 +4,8 @@
 //! full restart. At the end it checks, and prints one summary line:
 //!
 //! - every event answered 202 "accepted" has all its commands delivered at least once (or
-//!   cancelled because the customer unlinked the target meanwhile), and no command id ever
+//!   cancelled because the customer withdrew them meanwhile: unlinked the target, linked it
+//!   as another account, or deleted the rule), and no command id ever
 //!   arrived with two contents (duplicates are counted: at least once);
 //! - no command reached an entity after the unlink that removed it was acknowledged;
 //! - the history of rule and link writes and reads, per customer, is linearizable
@@ -69,7 +70,8 @@ pub struct Report {
     pub unconfirmed: u64,
     /// Commands of accepted events.
     pub commands: u64,
-    /// Of those, cancelled because the customer unlinked the target meanwhile.
+    /// Of those, cancelled because the customer withdrew them meanwhile (an unlink, a relink
+    /// as another account, the rule's deletion: the workload deletes rules its events match).
     pub cancelled: u64,
     /// Of those, never delivered (nor cancelled by an unlink).
     pub undelivered: u64,
@@ -112,7 +114,7 @@ impl Report {
     pub fn line(&self) -> String {
         format!(
             "chaos {}: nodes={} seconds={} faults=[{}] events={} accepted={} unconfirmed={} \
-             commands={} cancelled_by_unlink={} undelivered={} duplicates={} conflicting={} after_unlink={} \
+             commands={} cancelled_by_customer={} undelivered={} duplicates={} conflicting={} after_unlink={} \
              history_ops={} dropped_adds={} open_calls={} linearizable={} converged={} \
              failover_ms={:?} heal_s={}",
             if self.ok() { "PASS" } else { "FAIL" },
@@ -903,13 +905,19 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<Report> {
     report.heal_seconds = healing.elapsed().as_secs();
     let got = received();
     let ids = delivered(&got);
-    // A command not delivered because its customer unlinked the target meanwhile was
-    // cancelled, as it must be; any other missing command is a failure.
+    // A command not delivered because its customer withdrew it meanwhile (unlinked the
+    // target, linked it as another account, deleted the rule) was cancelled, as it must be;
+    // any other missing command is a failure.
+    let withdrawn = |reason: &str| {
+        reason.contains("unlinked")
+            || reason.contains("linked another account")
+            || reason.contains("deleted rule")
+    };
     for id in expected.iter().filter(|id| !ids.contains(*id)) {
         match setup_clients[0].delivery(id).await {
             Ok(d)
                 if d.status == DeliveryStatus::Cancelled
-                    && d.reason.as_deref().is_some_and(|r| r.contains("unlinked")) =>
+                    && d.reason.as_deref().is_some_and(withdrawn) =>
             {
                 report.cancelled += 1;
             }
