@@ -545,8 +545,12 @@ pub struct CustomerExport {
     pub email: Option<String>,
     /// Its rules.
     pub rules: Vec<Rule>,
-    /// Its whole activity, newest first.
+    /// Its activity, newest first: the whole of it, up to 100,000 lines or about 64 MiB of events.
     pub activity: Vec<ActivityItem>,
+    /// Set when the activity holds more lines than the export: the rest, older, is read from
+    /// `GET /v1/customers/{id}/activity?before=<this>` (so are their events and deliveries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_next: Option<String>,
     /// Every event received about it, as received.
     pub events: Vec<serde_json::Value>,
     /// Every command made for it and its delivery.

@@ -47,8 +47,8 @@ join = []
 # redirect URI entities send customers back to). Default: http(s)://<listen address>.
 # public_url = "https://vault.example.com"
 
-# Bearer token for operator calls. When unset, one is generated at first start and kept in
-# <data_dir>/admin-token. Prefer the CUSTOS_ADMIN_TOKEN variable to writing it here.
+# Bearer token for operator calls (at most 256 bytes). When unset, one is generated at first
+# start and kept in <data_dir>/admin-token. Prefer the CUSTOS_ADMIN_TOKEN variable to writing it here.
 # admin_token = "..."
 
 # Allow command delivery to loopback and private addresses (tests, single-host setups).
@@ -126,8 +126,10 @@ sign_in_per_minute = 10
 data_groups = 1
 
 [delivery]
-# Seconds to wait before each attempt: the first is the initial delivery, the last the final
-# retry. A 429 or 503 with Retry-After waits at least as long as the target asked.
+# One entry per attempt: the first is the initial delivery, sent as soon as the event is
+# accepted (its value is not waited for); each later one is the seconds to wait before that
+# retry (at most 7 days each), the last the final retry. A 429 or 503 with Retry-After waits
+# at least as long as the target asked.
 retry_schedule_secs = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
 # Random spread added to each wait, as a fraction of it (0.1 = up to +10%).
 jitter = 0.1
@@ -207,11 +209,16 @@ impl Default for PortalConfig {
     }
 }
 
+/// The longest wait before one retry: a schedule is bounded, and a wait this long (or any)
+/// fits a `Duration` and a due time in milliseconds.
+const MAX_RETRY_WAIT_SECS: f64 = 7.0 * 86_400.0;
+
 /// Delivery settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
-    /// Waits before each attempt, in seconds.
+    /// One entry per attempt: the first is sent at once, each later one waits this many
+    /// seconds before its retry.
     pub retry_schedule_secs: Vec<f64>,
     /// Jitter fraction.
     pub jitter: f64,
@@ -570,6 +577,10 @@ impl Config {
                 "trusted_proxies: at most 64 addresses or CIDR blocks (e.g. \"10.0.0.0/8\")",
             );
         }
+        // A longer one would be refused on every call (bearer tokens are read up to 256 bytes).
+        if self.admin_token.as_ref().is_some_and(|t| t.len() > 256) {
+            return bad("admin_token: at most 256 bytes");
+        }
         if !matches!(self.log_format.as_str(), "human" | "json") {
             return bad("log_format must be \"human\" or \"json\"");
         }
@@ -577,9 +588,12 @@ impl Config {
         if d.retry_schedule_secs.is_empty()
             || d.retry_schedule_secs
                 .iter()
-                .any(|s| !s.is_finite() || *s < 0.0)
+                .any(|s| !(0.0..=MAX_RETRY_WAIT_SECS).contains(s))
         {
-            return bad("delivery.retry_schedule_secs must be a non-empty list of seconds >= 0");
+            return bad(
+                "delivery.retry_schedule_secs must be a non-empty list of seconds in 0..=604800 \
+                 (7 days)",
+            );
         }
         if !(0.0..=1.0).contains(&d.jitter) {
             return bad("delivery.jitter must be between 0 and 1");
@@ -650,8 +664,18 @@ mod tests {
         let mut c = Config::default();
         c.delivery.retry_schedule_secs = vec![];
         assert!(c.check().is_err());
+        for wait in [-1.0, f64::INFINITY, 1e20, 604_801.0] {
+            let mut c = Config::default();
+            c.delivery.retry_schedule_secs = vec![0.0, wait];
+            assert!(c.check().is_err(), "retry wait {wait}");
+        }
         let mut c = Config::default();
         c.tls.cert = Some("x".into());
+        assert!(c.check().is_err());
+        let c = Config {
+            admin_token: Some("a".repeat(257)),
+            ..Config::default()
+        };
         assert!(c.check().is_err());
         let mut c = Config::default();
         c.storage.block_cache_mib = 0;

@@ -202,6 +202,16 @@ impl DueQueue {
         self.wake.notify_one();
     }
 
+    /// A delivery settled (cancelled by the customer's unlink, relink or rule deletion, or
+    /// settled by another leader's attempt): its handed-over command is dropped, so its queue
+    /// entry reads the outbox and finds it no longer pending.
+    pub fn settled(&self, command_id: &str) {
+        let mut q = self.lock();
+        if !q.created.is_empty() {
+            q.created.remove(command_id);
+        }
+    }
+
     /// Adds many (a reload from storage).
     pub fn extend(&self, items: impl IntoIterator<Item = (i64, String)>) {
         self.lock().by_time.extend(items);
@@ -432,6 +442,7 @@ impl ApplyObserver for Observer {
                     due_ms,
                     created,
                 } => self.due.push(*due_ms, command_id.clone(), created.clone()),
+                Effect::DeliverySettled(command_id) => self.due.settled(command_id),
                 Effect::IntentAdded => self.wake.intents.notify_one(),
                 Effect::ClusterChanged => {
                     self.wake.cluster_changed();
@@ -646,6 +657,10 @@ pub struct Core {
     /// Groups whose replica is being deleted: not opened again until their keys are gone, or
     /// a peer's request in between would open a Raft on a log the delete then wipes.
     deleting: Arc<Mutex<BTreeSet<GroupId>>>,
+    /// Set once this node's replica of the meta group has applied what the meta leader had
+    /// applied when the node started (`cluster::catch_up_meta`): until then an event the
+    /// routing index names no customer for may be one a customer was already told is linked.
+    meta_caught_up: AtomicBool,
 }
 
 /// Marks a group as being deleted for as long as it lives (see `Core::deleting`).
@@ -737,8 +752,19 @@ impl Core {
             opened: Mutex::new(None),
             closing: AtomicBool::new(false),
             deleting: Arc::default(),
+            meta_caught_up: AtomicBool::new(false),
             config,
         }
+    }
+
+    /// Whether this node's replica of the meta group has caught up since it started.
+    pub fn meta_caught_up(&self) -> bool {
+        self.meta_caught_up.load(Ordering::Acquire)
+    }
+
+    /// Marks this node's replica of the meta group as caught up.
+    pub fn set_meta_caught_up(&self) {
+        self.meta_caught_up.store(true, Ordering::Release);
     }
 
     /// Sends every group opened from now on to `tx` (to start its workers).
@@ -1050,6 +1076,14 @@ impl Core {
         let customer = self.routes.get_or_read(source, subject, || {
             meta.reader.customer_for_subject(source, subject)
         })?;
+        if customer.is_none() && !self.meta_caught_up() {
+            // Recorded as ignored, the event would be lost for good (a retry is a duplicate):
+            // the entity retries once this replica has caught up.
+            return Err(ServiceError::refused(
+                ErrorCode::Unavailable,
+                "this node is catching up on the routing index after starting; retry",
+            ));
+        }
         let group = match &customer {
             Some(c) => self.group_of(c)?,
             None => self.shard_map()?.group_of(&format!("{source}\0{subject}")),
@@ -1438,6 +1472,11 @@ mod tests {
         assert!(popped[1].1.is_none(), "a retry or reload reads the store");
         // Queued again (e.g. requeued): the command is not handed over twice.
         due.push(3, "cmd_a".into(), None);
+        assert!(due.pop_due(5, 10)[0].1.is_none());
+        // Settled before its first attempt (the customer deleted its rule, say): the attempt
+        // is not given the command, so it reads the outbox and finds it settled.
+        due.push(1, "cmd_d".into(), Some(command("cmd_d")));
+        due.settled("cmd_d");
         assert!(due.pop_due(5, 10)[0].1.is_none());
         due.push(1, "cmd_c".into(), Some(command("cmd_c")));
         due.set_leading(false);

@@ -46,6 +46,10 @@ pub enum DeliveryError {
     /// The target answered a non-2xx status.
     #[error("target answered {0}")]
     Status(u16),
+    /// No signing secret of the entity's could be opened (the token key that sealed it is
+    /// gone from the configuration): an unsigned command is never sent.
+    #[error("not sent: the entity's signing secret cannot be opened; rotate it")]
+    Unsigned,
 }
 
 /// The kind of a transport failure, as much of it as a customer is shown.
@@ -398,15 +402,11 @@ async fn prepare_and_send(
         )));
     }
     let Some(entity) = core.entity(&rec.command.target).await? else {
-        return Ok(Some((
-            DeliveryUpdate::Cancelled {
-                command_id: id.to_owned(),
-                reason: format!("entity {} no longer exists", rec.command.target),
-                at_ms: now,
-                as_failed: true,
-            },
-            target,
-        )));
+        // Entities are never deleted, and a rule names a registered one: this replica of the
+        // meta group has not caught up yet (a node that just took the lead). Sent later.
+        tracing::warn!(command = %id, entity = %target, "entity not known here yet; delivery requeued");
+        requeue(worker, id.to_owned());
+        return Ok(None);
     };
     if !entity.record.endpoint_enabled {
         return Ok(Some((
@@ -497,9 +497,12 @@ async fn send(
     let body = command_body(command);
     let ts = webhook::unix_now();
     let now_ms = unix_now_ms();
+    let secrets = entity.valid_secrets(now_ms);
+    if secrets.is_empty() {
+        return Err((DeliveryError::Unsigned, None));
+    }
     // Sign with every valid secret, so a target mid-rotation verifies with either.
-    let signature = entity
-        .valid_secrets(now_ms)
+    let signature = secrets
         .iter()
         .map(|s| s.sign(&command.id, ts, &body))
         .collect::<Vec<_>>()

@@ -71,11 +71,19 @@ impl ResponseError for ServiceError {
         if problem.code == ErrorCode::Internal {
             tracing::error!(error = %self, "request failed");
         }
-        HttpResponse::build(self.status_code())
-            .content_type(PROBLEM_CONTENT_TYPE)
-            .json(problem)
+        let mut resp = HttpResponse::build(self.status_code());
+        resp.content_type(PROBLEM_CONTENT_TYPE);
+        // Overloaded or between leaders: a client that backs off as asked is served in a
+        // moment (an election takes one to two seconds with the default timings).
+        if matches!(problem.code, ErrorCode::Overloaded | ErrorCode::Unavailable) {
+            resp.insert_header((actix_web::http::header::RETRY_AFTER, RETRY_AFTER_SECS));
+        }
+        resp.json(problem)
     }
 }
+
+/// The `Retry-After` of a 429 or 503, in seconds.
+const RETRY_AFTER_SECS: u32 = 1;
 
 /// Maps the JSON extractor's errors to problems with stable codes.
 pub fn json_error(err: actix_web::error::JsonPayloadError) -> ServiceError {
@@ -91,6 +99,22 @@ pub fn json_error(err: actix_web::error::JsonPayloadError) -> ServiceError {
         E::Deserialize(e) => ServiceError::refused(ErrorCode::MalformedBody, e.to_string()),
         other => ServiceError::refused(ErrorCode::MalformedBody, other.to_string()),
     }
+}
+
+/// How long a request's body may take to arrive once its headers have: the server's own
+/// timer stops at the headers, and a client trickling a body would hold its connection and
+/// buffer for ever.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A body that did not arrive within [`BODY_READ_TIMEOUT`].
+pub fn body_too_slow() -> ServiceError {
+    ServiceError::refused(
+        ErrorCode::MalformedBody,
+        format!(
+            "the body did not arrive within {} s",
+            BODY_READ_TIMEOUT.as_secs()
+        ),
+    )
 }
 
 /// Maps the raw body extractor's errors (events) to problems.
@@ -117,5 +141,19 @@ mod tests {
         assert!(!p.detail.unwrap_or_default().contains("/x"));
         let e = ServiceError::refused(ErrorCode::Unavailable, "no leader");
         assert_eq!(e.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn overloaded_and_unavailable_say_when_to_retry() {
+        let retry_after = |code| {
+            ServiceError::refused(code, "x")
+                .error_response()
+                .headers()
+                .get(actix_web::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok().map(str::to_owned))
+        };
+        assert_eq!(retry_after(ErrorCode::Overloaded).as_deref(), Some("1"));
+        assert_eq!(retry_after(ErrorCode::Unavailable).as_deref(), Some("1"));
+        assert_eq!(retry_after(ErrorCode::Conflict), None);
     }
 }

@@ -344,17 +344,22 @@ async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
 }
 
 async fn read_bounded(mut payload: Payload) -> Result<web::Bytes, ServiceError> {
-    let mut buf = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(crate::error::payload_error)?;
-        if buf.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(crate::error::payload_error(
-                actix_web::error::PayloadError::Overflow,
-            ));
+    let read = async {
+        let mut buf = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(crate::error::payload_error)?;
+            if buf.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(crate::error::payload_error(
+                    actix_web::error::PayloadError::Overflow,
+                ));
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(crate::error::BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| crate::error::body_too_slow())?
 }
 
 /// Headers that describe one connection, not the message: never passed on.

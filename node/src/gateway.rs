@@ -18,13 +18,13 @@ use crate::telemetry::Telemetry;
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
+/// The token of `Authorization: Bearer <token>` (the scheme's name in any case, RFC 9110).
 fn bearer(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
@@ -42,15 +42,20 @@ async fn read_body(
             return Err(payload_error(actix_web::error::PayloadError::Overflow));
         }
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(payload_error)?;
-        if body.len() + chunk.len() > limit {
-            return Err(payload_error(actix_web::error::PayloadError::Overflow));
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(payload_error)?;
+            if body.len() + chunk.len() > limit {
+                return Err(payload_error(actix_web::error::PayloadError::Overflow));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        Ok(body)
+    };
+    tokio::time::timeout(crate::error::BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| crate::error::body_too_slow())?
 }
 
 /// A JSON request body that must be an object. serde also builds a struct from an array (its
@@ -413,7 +418,10 @@ async fn oauth_callback(
                 match &done.kept_rule {
                     None => String::new(),
                     Some(Ok(name)) => format!(" Added rule “{name}”."),
-                    Some(Err(why)) => format!(" The recommended rule was not added: {why}"),
+                    Some(Err(e)) => format!(
+                        " The recommended rule was not added: {}",
+                        crate::portal::problem_text(e)
+                    ),
                 }
             )),
         )),
@@ -1228,6 +1236,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_schemes_name_is_read_in_any_case() {
+        let token = |value: &str| {
+            let req = actix_web::test::TestRequest::default()
+                .insert_header((header::AUTHORIZATION, value))
+                .to_http_request();
+            bearer(&req).map(str::to_owned)
+        };
+        assert_eq!(token("Bearer adm_1").as_deref(), Some("adm_1"));
+        assert_eq!(token("bearer adm_1").as_deref(), Some("adm_1"));
+        assert_eq!(token("BEARER  adm_1 ").as_deref(), Some("adm_1"));
+        assert_eq!(token("Basic adm_1"), None);
+        assert_eq!(token("Beareradm_1"), None);
+    }
 
     #[test]
     fn every_problem_is_documented_as_problem_json_with_the_shared_statuses() {

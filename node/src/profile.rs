@@ -934,6 +934,9 @@ impl ProfileHost {
     }
 }
 
+/// Requests one profile may have waiting (it serves one at a time); more are refused (429).
+const MAX_QUEUED_PER_PROFILE: usize = 256;
+
 impl Handler<Envelope> for ProfileHost {
     type Result = ResponseActFuture<Self, Result<ProfileReply, ServiceError>>;
 
@@ -957,6 +960,17 @@ impl Handler<Envelope> for ProfileHost {
                     slot: slot_of(&env.customer),
                 }
             });
+        if slot.in_flight >= MAX_QUEUED_PER_PROFILE {
+            // One request at a time per profile: a stalled one (an unlink waiting for an
+            // attempt to finish, a group without quorum) must not let retries pile up behind
+            // it without bound, each holding its event.
+            return Box::pin(actix::fut::ready(Err(ServiceError::refused(
+                ErrorCode::Overloaded,
+                format!(
+                    "{MAX_QUEUED_PER_PROFILE} requests for this customer are waiting already; retry"
+                ),
+            ))));
+        }
         slot.in_flight += 1;
         slot.last_used = Instant::now();
         let customer = env.customer;

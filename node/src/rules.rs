@@ -105,6 +105,9 @@ pub const MAX_COMPREHENSION_NESTING: usize = 2;
 /// Cost units one rule may spend on one event (condition and mapping together): a few tens
 /// of milliseconds of interpreter work at most.
 pub const EVAL_BUDGET: u64 = 10_000_000;
+/// What one call of `matches` is priced at besides its operands: the interpreter compiles
+/// the regular expression on every call.
+const MATCHES_COMPILE_COST: u64 = 10_000;
 /// The collection size a rule is priced at when saved: a rule over the budget even on small
 /// events is refused then, with the reason.
 pub const SAVE_TIME_COLLECTION: u64 = 100;
@@ -243,20 +246,50 @@ fn cost(e: &IdedExpr, n: u64) -> u64 {
                 .into_iter()
                 .chain(call.args.iter())
                 .collect();
-            // Functions that copy or scan their operands cost their length.
-            let scans = matches!(
+            // Only these take constant time whatever their operands' length; any other
+            // function may copy or scan its operands (`+`, `in`, `contains`, `max` and `min` of
+            // a list, a comparison or conversion of strings), so it costs their length.
+            let constant = matches!(
                 call.func_name.as_str(),
-                "_+_"
-                    | "@in"
-                    | "contains"
-                    | "startsWith"
-                    | "endsWith"
-                    | "matches"
-                    | "string"
-                    | "_==_"
-                    | "_!=_"
+                "_-_"
+                    | "_*_"
+                    | "_/_"
+                    | "_%_"
+                    | "-_"
+                    | "!_"
+                    | "_&&_"
+                    | "_||_"
+                    | "_?_:_"
+                    | "_[_]"
+                    | "size"
+                    | "has"
+                    | "@not_strictly_false"
             );
-            let mut total = 1u64;
+            // A comparison with a number, a boolean or null is decided at once (CEL does
+            // not compare across types), whatever the other operand holds.
+            let with_scalar = matches!(
+                call.func_name.as_str(),
+                "_==_" | "_!=_" | "_<_" | "_<=_" | "_>_" | "_>=_"
+            ) && operands.iter().any(|o| {
+                matches!(
+                    &o.expr,
+                    Expr::Literal(
+                        CelVal::Int(_)
+                            | CelVal::UInt(_)
+                            | CelVal::Double(_)
+                            | CelVal::Boolean(_)
+                            | CelVal::Null
+                    )
+                )
+            });
+            let scans = !constant && !with_scalar;
+            // `matches` compiles its pattern on every call: a compile is priced at ten
+            // thousand steps, so a pattern in a loop over a large list is refused.
+            let mut total = if call.func_name == "matches" {
+                MATCHES_COMPILE_COST
+            } else {
+                1u64
+            };
             for o in operands {
                 total = total.saturating_add(cost(o, n));
                 if scans {
@@ -1327,6 +1360,36 @@ mod tests {
             .expect_err("over the budget");
         assert!(matches!(e, EvalError::OverBudget { estimate, budget } if estimate > budget));
         assert!(e.to_string().contains("not evaluated"), "{e}");
+    }
+
+    #[test]
+    fn functions_that_scan_a_list_and_patterns_in_loops_are_priced() {
+        // `max` scans its list: inside two loops it is cubic in the list's length.
+        let cubic = compile(record(
+            "r",
+            Some("data.a.all(x, data.a.all(y, max(data.a) >= 0))"),
+            json!({}),
+        ))
+        .expect("within the budget on small events");
+        let mut large = event(1);
+        large.data = Some(json!({"a": (0..1000).collect::<Vec<_>>()}));
+        assert!(matches!(
+            cubic.evaluate(&EventScope::new(&large)),
+            Err(EvalError::OverBudget { .. })
+        ));
+        // A pattern compiled once per element of a large list.
+        let patterns = compile(record(
+            "r",
+            Some("data.a.exists(x, string(x).matches('^[0-9]+$'))"),
+            json!({}),
+        ))
+        .expect("within the budget on small events");
+        let mut long = event(1);
+        long.data = Some(json!({"a": (0..1000).collect::<Vec<_>>()}));
+        assert!(matches!(
+            patterns.evaluate(&EventScope::new(&long)),
+            Err(EvalError::OverBudget { .. })
+        ));
     }
 
     #[test]

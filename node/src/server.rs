@@ -313,9 +313,14 @@ pub fn training_due(
 
 /// What [`training_due`] reads of a stored model: its customers and when it was trained; None
 /// (train at once, as if there were none) for a model an earlier build trained in another
-/// form (its ranker's features or its keys).
-pub fn schedule_of(model: &custos_raft::records::ModelRecord) -> Option<(u32, i64)> {
-    crate::recommend::vault::model_is_current(model).then_some((model.customers, model.trained_ms))
+/// form (its ranker's features or its keys), or with a k below `min_customers` (raised in
+/// the configuration since: what fewer customers share must leave the model now).
+pub fn schedule_of(
+    model: &custos_raft::records::ModelRecord,
+    min_customers: u32,
+) -> Option<(u32, i64)> {
+    (crate::recommend::vault::model_is_current(model) && model.min_support >= min_customers)
+        .then_some((model.customers, model.trained_ms))
 }
 
 /// Checked every `recommend_warmup_secs` on the meta group's leader: trains when due.
@@ -324,7 +329,9 @@ async fn train_when_due(core: Arc<Core>) {
         return;
     }
     let model = match core.read_meta(|r| r.model()).await {
-        Ok(m) => m.as_ref().and_then(schedule_of),
+        Ok(m) => m
+            .as_ref()
+            .and_then(|m| schedule_of(m, core.config.recommend_min_customers)),
         Err(e) => {
             tracing::warn!(error = %e, "could not read the recommender model");
             return;
@@ -440,6 +447,24 @@ async fn node_id(
                 .node_id
         }
         (0, None) => 1,
+        // A new member with a pinned id registers under it (the member it asks keeps the id
+        // it is given); before, it waited for a registration nobody made.
+        (pinned, _) if fresh && !config.join.is_empty() => {
+            let req = JoinRequest {
+                node_id: Some(pinned),
+                peer_addr: config.peer_address(),
+                api_addr: api_addr.to_owned(),
+            };
+            let given = cluster::request_join(peers, &config.join, &req)
+                .await?
+                .node_id;
+            if given != pinned {
+                return Err(NodeError::Cluster(format!(
+                    "node_id {pinned} is configured, but the cluster registered this node as {given}"
+                )));
+            }
+            pinned
+        }
         (pinned, _) => pinned,
     };
     cluster::store_node_id(&config.data_dir, id)?;
@@ -557,6 +582,7 @@ pub async fn run(
             .configure(crate::portal::configure)
             .configure(crate::gateway::configure)
             .wrap(middleware::from_fn(crate::forward::forward))
+            .wrap(middleware::from_fn(crate::portal::secure_cookies))
             .wrap(middleware::from_fn(crate::gateway::hold_to_document))
             // Path without the query: OAuth codes and states are not written to logs.
             .wrap(
@@ -621,6 +647,7 @@ pub async fn run(
         return Err(e);
     }
 
+    let catch_up = raft_rt.spawn(cluster::catch_up_meta(core.clone(), stop_rx.clone()));
     let manager = raft_rt.spawn(cluster::manager::run(core.clone(), stop_rx.clone()));
     let intents = raft_rt.spawn(crate::intents::run(
         core.clone(),
@@ -652,6 +679,13 @@ pub async fn run(
         pace_snapshots,
     ));
 
+    // Ready once events of unlinked subjects can be recorded (at once on the meta leader;
+    // a member that cannot reach the leader now starts anyway and answers those 503 until
+    // it has caught up).
+    let catching_up = std::time::Instant::now();
+    while !core.meta_caught_up() && catching_up.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let ready = Ready {
         node_id: id,
         api: api_addr,
@@ -706,7 +740,7 @@ pub async fn run(
     let _ = peer_task.await;
     let _ = stop_tx.send(true);
     for task in [
-        manager, intents, scrubber, pruner, trainer, snapshots, workers,
+        catch_up, manager, intents, scrubber, pruner, trainer, snapshots, workers,
     ] {
         let _ = task.await;
     }
@@ -791,7 +825,12 @@ mod tests {
                 weights: Vec::new(),
             }),
         };
-        assert!(!training_due(schedule_of(&model), 2_000, 0, &c));
+        assert!(!training_due(
+            schedule_of(&model, c.recommend_min_customers),
+            2_000,
+            0,
+            &c
+        ));
         // One whose keys are in the earlier form (entity and type joined by a dot): retrained.
         let stat = |key: &str| custos_raft::records::TemplateStat {
             key: key.to_owned(),
@@ -801,13 +840,34 @@ mod tests {
             data_json: None,
         };
         model.templates = vec![stat("link:airline"), stat("airline/delayed>hotel/hold")];
-        assert!(!training_due(schedule_of(&model), 2_000, 0, &c));
+        assert!(!training_due(
+            schedule_of(&model, c.recommend_min_customers),
+            2_000,
+            0,
+            &c
+        ));
         model.templates.push(stat("airline.delayed>hotel.hold"));
-        assert!(training_due(schedule_of(&model), 2_000, 0, &c));
+        assert!(training_due(
+            schedule_of(&model, c.recommend_min_customers),
+            2_000,
+            0,
+            &c
+        ));
         model.templates.pop();
         if let Some(r) = model.ranker.as_mut() {
             r.means.truncate(16);
         }
-        assert!(training_due(schedule_of(&model), 2_000, 0, &c));
+        assert!(training_due(
+            schedule_of(&model, c.recommend_min_customers),
+            2_000,
+            0,
+            &c
+        ));
+        if let Some(r) = model.ranker.as_mut() {
+            r.means = vec![0.0; crate::recommend::vault::FEATURES];
+        }
+        assert!(!training_due(schedule_of(&model, 10), 2_000, 0, &c));
+        // k raised in the configuration since it was trained: retrained at once.
+        assert!(training_due(schedule_of(&model, 20), 2_000, 0, &c));
     }
 }

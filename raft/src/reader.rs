@@ -173,6 +173,11 @@ impl StateReader {
         self.get(&keys::key(self.space(), keys::SESSION, hash))
     }
 
+    /// An OAuth linking waiting for its callback, by its state's SHA-256.
+    pub fn pending_link(&self, state_hash: &[u8]) -> Result<Option<PendingLink>, StoreError> {
+        self.get(&keys::key(self.space(), keys::PENDING_LINK, state_hash))
+    }
+
     /// The customer claiming `subject` at `entity` (meta group: a routing hint).
     pub fn customer_for_subject(
         &self,
@@ -446,6 +451,31 @@ impl StateReader {
             keys::OUTBOX,
             command_id.as_bytes(),
         ))
+    }
+
+    /// The command ids of a customer's pending deliveries, at most `limit`. Reads the whole
+    /// due index one entry at a time (one outbox read each), holding only the customer's.
+    pub fn pending_of(&self, customer: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let p = keys::prefix(self.space(), keys::DUE);
+        let mut it = keys::range_iter(&self.db, &p, &keys::prefix_end(&p));
+        it.seek(&p);
+        let mut out = Vec::new();
+        while let Some(k) = it.key() {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(id) = keys::due_command(k) {
+                if self
+                    .outbox(id)?
+                    .is_some_and(|d| d.command.customer_id == customer)
+                {
+                    out.push(id.to_owned());
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
     }
 
     /// Pending deliveries due at or before `now_ms`, earliest first: `(due_ms, command id)`.

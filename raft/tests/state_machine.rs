@@ -480,11 +480,53 @@ async fn a_rule_deleted_before_its_event_makes_no_command() -> anyhow::Result<()
     let (lines, _) = s.reader.activity("c1", None, 1)?;
     assert!(
         matches!(&lines[..], [(_, ActivityRecord::EventReceived { reason: Some(why), .. })]
-            if why == "rule r1 and 1 more: deleted before the event was recorded"),
+            if why == "rule r1: deleted before the event was recorded (and 1 more)"),
         "{lines:?}"
     );
     assert!(s.reader.outbox("cmd-e2")?.is_none());
     assert!(s.reader.outbox("cmd-e2-r2")?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_command_for_an_account_the_customer_replaced_first_is_not_made() -> anyhow::Result<()> {
+    let mut s = store(1)?;
+    s.apply(setup()).await?;
+    // Planned for the hotel account the customer had linked (a cached profile); the relink
+    // as another account reached the log first.
+    let out = s
+        .apply(vec![StateChange::Batch(vec![
+            link("c1", "hotel", "g2"),
+            ingest("e1", 100),
+        ])])
+        .await?;
+    let ChangeOutcome::Batch(o) = &out[0] else {
+        anyhow::bail!("{out:?}");
+    };
+    assert_eq!(
+        ignored_reason(&o[1])?,
+        Some(custos_api::types::IGNORED_BY_RULES)
+    );
+    assert!(s.reader.outbox("cmd-e1")?.is_none(), "nothing for g");
+    let (lines, _) = s.reader.activity("c1", None, 1)?;
+    assert!(
+        matches!(&lines[..], [(_, ActivityRecord::EventReceived { reason: Some(why), .. })]
+            if why == "rule r1: hotel was linked as another account before the event was recorded"),
+        "{lines:?}"
+    );
+    // Unlinked first: the same.
+    s.apply(vec![StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "hotel".into(),
+        at_ms: 150,
+    }])
+    .await?;
+    let out = s.apply(vec![ingest("e2", 200)]).await?;
+    assert_eq!(
+        ignored_reason(&out[0])?,
+        Some(custos_api::types::IGNORED_BY_RULES)
+    );
+    assert!(s.reader.outbox("cmd-e2")?.is_none());
     Ok(())
 }
 
@@ -599,6 +641,16 @@ async fn a_new_command_is_handed_to_the_delivery_worker_as_stored_and_a_retry_is
         .reader
         .outbox("cmd-e1")?
         .is_some_and(|r| r.attempts.len() == 1));
+    // Settled (here cancelled by the unlink): reported, so a handed-over command is dropped.
+    s.apply(vec![StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "hotel".into(),
+        at_ms: 200,
+    }])
+    .await?;
+    assert!(seen
+        .take()
+        .contains(&Effect::DeliverySettled("cmd-e1".into())));
     Ok(())
 }
 
@@ -1447,6 +1499,68 @@ async fn replays_are_bounded_and_attempt_errors_capped() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_failed_delivery_of_withdrawn_consent_is_not_replayed() -> anyhow::Result<()> {
+    let failed = || {
+        StateChange::RecordDeliveries(vec![attempt_on_e1(
+            200,
+            None,
+            Some("refused".into()),
+            AttemptNext::Exhausted,
+        )])
+    };
+    let replay = || StateChange::Replay {
+        command_id: "cmd-e1".into(),
+        at_ms: 300,
+    };
+    let refused = |s: &Store, out: &[ChangeOutcome], why: &str| -> anyhow::Result<()> {
+        assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+        assert!(format!("{out:?}").contains(why), "{out:?}");
+        assert_eq!(
+            s.reader.outbox("cmd-e1")?.expect("kept").state,
+            DeliveryState::Failed
+        );
+        Ok(())
+    };
+    // The hotel linked again as another account: the command is addressed to the first.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![failed(), link("c1", "hotel", "g2")]).await?;
+    let out = s.apply(vec![replay()]).await?;
+    refused(&s, &out, "linked another account at hotel")?;
+    // Unlinked.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![
+        failed(),
+        StateChange::Unlink {
+            customer_id: "c1".into(),
+            entity_id: "hotel".into(),
+            at_ms: 250,
+        },
+    ])
+    .await?;
+    let out = s.apply(vec![replay()]).await?;
+    refused(&s, &out, "no longer links hotel")?;
+    // Its rule deleted.
+    let mut s = with_command_e1().await?;
+    let rule_id = s.reader.outbox("cmd-e1")?.expect("kept").command.rule_id;
+    s.apply(vec![
+        failed(),
+        StateChange::DeleteRule {
+            customer_id: "c1".into(),
+            rule_id,
+            at_ms: 250,
+        },
+    ])
+    .await?;
+    let out = s.apply(vec![replay()]).await?;
+    refused(&s, &out, "was deleted")?;
+    // Consent unchanged: replayed.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![failed()]).await?;
+    assert_eq!(s.apply(vec![replay()]).await?[0], ChangeOutcome::Done);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_pending_delivery_waiting_for_a_retry_can_be_retried_now() -> anyhow::Result<()> {
     let mut s = with_command_e1().await?;
     let replay = |at_ms: i64| StateChange::Replay {
@@ -1539,6 +1653,9 @@ async fn pending_deliveries_of_withdrawn_consent_are_cancelled_at_once() -> anyh
     s.apply(vec![waiting()]).await?;
     s.apply(vec![link("c1", "hotel", "g")]).await?;
     assert_eq!(state(&s)?.0, DeliveryState::Pending);
+    // What an export lists as pending: the customer's own, found from the due index.
+    assert_eq!(s.reader.pending_of("c1", 10)?, vec!["cmd-e1".to_owned()]);
+    assert!(s.reader.pending_of("c2", 10)?.is_empty());
     s.apply(vec![link("c1", "hotel", "g2")]).await?;
     cancelled(&s, "the customer linked another account at hotel")?;
     // The rule deleted: its waiting commands go with it; another rule's stay.

@@ -106,14 +106,24 @@ async fn any_node_serves_any_call_and_the_status_shows_the_cluster() -> anyhow::
     let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
     let s = Scenario::setup(&admins, &rx.url, 6).await?;
 
-    let status = c.status().await?;
+    // Polled: the manager moves leaders right after placement, and a group being handed over
+    // has no leader for a moment.
+    let status = poll::until(
+        "every node up, every group led by one of 3 voters",
+        WAIT,
+        || async {
+            let status = c.status().await.ok()?;
+            let settled = status.nodes.iter().all(|n| n.up && n.state == "active")
+                && status
+                    .groups
+                    .iter()
+                    .all(|g| g.voters.len() == 3 && g.leader.is_some());
+            settled.then_some(status)
+        },
+    )
+    .await?;
     assert_eq!(status.nodes.len(), 3);
-    assert!(status.nodes.iter().all(|n| n.up && n.state == "active"));
     assert_eq!(status.groups.len(), 17, "the meta group and 16 data groups");
-    for g in &status.groups {
-        assert_eq!(g.voters.len(), 3, "group {} voters {:?}", g.id, g.voters);
-        assert!(g.leader.is_some());
-    }
     // Leaders are spread: no node leads more than ceil(16 / 3) data groups. The manager moves
     // leaderships after placement, so this is polled for (a freshly placed cluster may still
     // have every leader on the first node).
@@ -449,12 +459,15 @@ async fn the_first_node_removed_right_after_a_second_joined_hands_everything_ove
     let rx = Receiver::start(vec![], 200)?;
     let mut c = Cluster::start(1, NodeOptions::default(), false).await?;
     let s = Scenario::setup(&[c.admin(1)], &rx.url, 1).await?;
+    // The second node's id is pinned (`--node-id`): its join registers it under that id.
     let o = NodeOptions {
         cluster_secret: Some(c.nodes[0].cluster_secret()?),
         join: vec![c.nodes[0].peer.clone()],
+        extra_toml: "node_id = 7\n".into(),
         ..NodeOptions::default()
     };
     c.nodes.push(Node::start(o).await?);
+    assert_eq!(c.nodes[1].id, 7);
     // Removed at once. (Node 2 is usually a voter by the time it answers as ready; when it is
     // not, the leader makes it one first: `cluster::manager` unit test
     // `a_leader_with_no_wanted_voter_makes_the_caught_up_ones_voters_first`.)

@@ -327,3 +327,45 @@ pub fn ids_in(nodes: &[NodeRecord], states: &[NodeState]) -> BTreeSet<NodeId> {
         .map(|n| n.id)
         .collect()
 }
+
+/// Waits until this node's replica of the meta group has applied everything the meta leader
+/// had applied when asked, then marks it caught up (`Core::meta_caught_up`). A customer is
+/// told a subject is linked once the meta leader applied the claim; a node that started
+/// behind would otherwise record that subject's events as nobody's. Asks until the leader
+/// answers; the meta leader itself is caught up once a read index round passes.
+pub async fn catch_up_meta(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    const POLL: Duration = Duration::from_millis(100);
+    let mut target = None;
+    loop {
+        if let Some(meta) = core.group(META_GROUP) {
+            if target.is_none() {
+                target = if meta.leads(core.node_id) {
+                    core.ensure_leader(META_GROUP).await.ok().map(|()| 0)
+                } else {
+                    match core.leader_of(META_GROUP) {
+                        Some((_, addr)) => status::ask(&core, &addr, false).await.and_then(|s| {
+                            s.groups
+                                .iter()
+                                .find(|g| g.group == META_GROUP)
+                                .map(|g| g.applied)
+                        }),
+                        None => None,
+                    }
+                };
+            }
+            let applied = meta.metrics().last_applied.map(|l| l.index).unwrap_or(0);
+            if target.is_some_and(|t| applied >= t) {
+                tracing::info!(
+                    applied,
+                    "meta group caught up: events of unlinked subjects are recorded"
+                );
+                core.set_meta_caught_up();
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

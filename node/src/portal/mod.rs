@@ -9,8 +9,11 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use actix_web::body::MessageBody;
 use actix_web::cookie::{Cookie, SameSite};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
+use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
@@ -103,6 +106,39 @@ fn client_key(ip: std::net::IpAddr) -> String {
 
 fn sha(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
+}
+
+/// Marks every cookie a response sets `Secure` when the vault is served over HTTPS, so that
+/// none (the one-time message's included, whose words a network attacker could otherwise
+/// plant over plain HTTP) is sent or taken over HTTP. Wraps the client API, forwarded
+/// answers included.
+pub async fn secure_cookies(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let secure = req
+        .app_data::<web::Data<Portal>>()
+        .is_some_and(|p| p.secure);
+    let mut res = next.call(req).await?;
+    if secure {
+        let headers = res.headers_mut();
+        let set: Vec<header::HeaderValue> = headers.get_all(header::SET_COOKIE).cloned().collect();
+        if !set.is_empty() {
+            headers.remove(header::SET_COOKIE);
+            for value in set {
+                let marked = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| Cookie::parse(v.to_owned()).ok())
+                    .and_then(|mut c| {
+                        c.set_secure(true);
+                        header::HeaderValue::from_str(&c.to_string()).ok()
+                    });
+                headers.append(header::SET_COOKIE, marked.unwrap_or(value));
+            }
+        }
+    }
+    Ok(res)
 }
 
 /// A 303 to `location`.
@@ -982,6 +1018,31 @@ mod tests {
         assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
         assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[actix_web::test]
+    async fn every_cookie_is_secure_when_the_vault_is_served_over_https() {
+        use actix_web::{middleware::from_fn, test, App};
+        for secure in [true, false] {
+            let portal =
+                web::Data::from(Portal::new(&crate::config::PortalConfig::default(), secure));
+            let app = test::init_service(
+                App::new()
+                    .app_data(portal)
+                    .wrap(from_fn(secure_cookies))
+                    .route(
+                        "/",
+                        web::get().to(|| async { see_other_flash("/portal", Ok("Hi".into())) }),
+                    ),
+            )
+            .await;
+            let res =
+                test::call_service(&app, test::TestRequest::get().uri("/").to_request()).await;
+            let cookie = res.response().cookies().next().expect("the flash cookie");
+            assert_eq!(cookie.name(), FLASH_COOKIE);
+            assert_eq!(cookie.secure(), secure.then_some(true), "secure = {secure}");
+            assert_eq!(cookie.http_only(), Some(true));
+        }
     }
 
     #[test]

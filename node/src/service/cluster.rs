@@ -67,6 +67,13 @@ impl Vault {
                 if let Err(e) = &m.running_state {
                     problems.push(format!("raft stopped: {e}"));
                 }
+                if !self.core.meta_caught_up() {
+                    problems.push(
+                        "catching up on the meta group since starting (events of unlinked \
+                         subjects are answered 503 until then)"
+                            .to_owned(),
+                    );
+                }
             }
         }
         match self.core.data_groups() {

@@ -32,7 +32,7 @@ pub struct CallbackParams<'a> {
 }
 
 /// A linking finished through OAuth.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FinishedLink {
     /// The link made.
     pub link: Link,
@@ -41,7 +41,7 @@ pub struct FinishedLink {
     /// Started from the portal.
     pub via_portal: bool,
     /// The rule of a recommendation that needed this link: its name once created, or why not.
-    pub kept_rule: Option<Result<String, String>>,
+    pub kept_rule: Option<Result<String, ServiceError>>,
 }
 
 /// A new customer id.
@@ -115,14 +115,29 @@ impl Vault {
         tokens: LinkTokens,
     ) -> Result<Link, ServiceError> {
         check_id("customer id", customer)?;
-        match self
+        let (c, e) = (customer.to_owned(), req.entity_id.clone());
+        // Only for the revocation below, best effort: a failed read must not fail a linking
+        // whose code was already redeemed.
+        let replaced = self
+            .read_customer(customer, move |r| r.link(&c, &e))
+            .await
+            .ok()
+            .flatten();
+        let linked = match self
             .profiles
             .send(customer, ProfileRequest::Link(req, tokens))
             .await?
         {
-            ProfileReply::Linked(l) => Ok(l),
-            other => Err(unexpected(other)),
+            ProfileReply::Linked(l) => l,
+            other => return Err(unexpected(other)),
+        };
+        // Linked again as another account: the first account's grant is no longer the
+        // vault's to hold. The same account's is left alone, since a provider may end every
+        // grant of a user and client at once, the new one included.
+        if let Some(old) = replaced.filter(|old| old.subject != linked.subject) {
+            self.revoke_tokens(customer, &old).await;
         }
+        Ok(linked)
     }
 
     /// Unlinks an entity at once: its events are ignored and pending commands cancelled;
@@ -361,25 +376,16 @@ impl Vault {
         let unknown =
             || refused("state: unknown, already used or expired; start the linking again".into());
         let slot = slot_of_token(state).ok_or_else(unknown)?;
-        let taken = self
+        let group = self.core.group_of_slot(slot)?;
+        let state_hash = sha256(state.as_bytes()).to_vec();
+        // Everything is checked on a read first: the callback needs no sign-in, so a request
+        // that cannot finish a linking must not cost a Raft entry (nor spend the state).
+        let hash = state_hash.clone();
+        let pending = self
             .core
-            .propose(
-                self.core.group_of_slot(slot)?,
-                StateChange::TakeLink {
-                    state_hash: sha256(state.as_bytes()).to_vec(),
-                },
-            )
-            .await
-            .map_err(|e| match e {
-                ServiceError::Refused {
-                    code: ErrorCode::NotFound,
-                    ..
-                } => unknown(),
-                other => other,
-            })?;
-        let ChangeOutcome::LinkTaken(pending) = taken else {
-            return Err(ServiceError::Internal("unexpected outcome".into()));
-        };
+            .read_leader(group, move |r| r.pending_link(&hash))
+            .await?
+            .ok_or_else(unknown)?;
         if unix_now_ms() - pending.at_ms > custos_api::oauth::LINK_TTL_MS {
             return Err(unknown());
         }
@@ -388,7 +394,8 @@ impl Vault {
             // sent nowhere.
             tracing::warn!(started = %pending.entity_id, came_back = %entity_in_path, "authorization came back for another entity");
             return Err(refused(format!(
-                "this linking was started with {} but came back on {}'s redirect URI; nothing                  was sent to either, start the linking again",
+                "this linking was started with {} but came back on {}'s redirect URI; nothing \
+                 was sent to either, start the linking again",
                 pending.entity_id, entity_in_path
             )));
         }
@@ -403,6 +410,21 @@ impl Vault {
                 "this linking was started by another signed-in customer".into(),
             ));
         }
+        // Then taken: the apply is what makes a state single-use.
+        let taken = self
+            .core
+            .propose(group, StateChange::TakeLink { state_hash })
+            .await
+            .map_err(|e| match e {
+                ServiceError::Refused {
+                    code: ErrorCode::NotFound,
+                    ..
+                } => unknown(),
+                other => other,
+            })?;
+        let ChangeOutcome::LinkTaken(pending) = taken else {
+            return Err(ServiceError::Internal("unexpected outcome".into()));
+        };
         let entity = self.core.entity_required(&pending.entity_id).await?;
         let Some(oauth) = entity.record.oauth.clone() else {
             return Err(ServiceError::refused(
@@ -414,7 +436,8 @@ impl Vault {
         match (iss, oauth.issuer.as_deref()) {
             (Some(got), Some(expected)) if got != expected => {
                 return Err(refused(format!(
-                    "the authorization response comes from issuer {:?}, not {}'s ({expected});                      the code was sent nowhere",
+                    "the authorization response comes from issuer {:?}, not {}'s ({expected}); \
+                     the code was sent nowhere",
                     got.chars().take(200).collect::<String>(),
                     pending.entity_id
                 )))
@@ -503,9 +526,8 @@ impl Vault {
                 Ok(spec) => self
                     .create_rule(&pending.customer_id, spec)
                     .await
-                    .map(|r| r.name)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                    .map(|r| r.name),
+                Err(e) => Err(ServiceError::Internal(format!("a stored rule: {e}"))),
             }),
         };
         Ok(FinishedLink {

@@ -8,10 +8,11 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use custos_api::types::*;
 use custos_api::{CloudEvent, ErrorCode};
+use custos_raft::reader::ActivitySlice;
 use custos_raft::records::{
     AccountRecord, ActivityRecord, CustomerRecord, IntentRecord, IntentStep, SessionRecord,
 };
-use custos_raft::{StateChange, META_GROUP};
+use custos_raft::{StateChange, StateReader, StoreError, META_GROUP};
 
 use super::{check_id, sha256, unexpected, Vault};
 use crate::core::check_schema;
@@ -27,6 +28,31 @@ pub const MAX_EMAIL_LEN: usize = 254;
 const TRY_SEARCH: usize = 1000;
 /// Most activity lines exported.
 const MAX_EXPORT: usize = 100_000;
+/// The most bytes of received events one export holds (each up to 256 KiB): past it, the
+/// export ends its activity early and says where the rest is read from.
+const MAX_EXPORT_EVENT_BYTES: usize = 64 << 20;
+
+/// The newest of a customer's activity an export holds, at most [`MAX_EXPORT`] lines and
+/// [`MAX_EXPORT_EVENT_BYTES`] of events, read a page at a time; with the cursor of the rest.
+fn export_activity(r: &StateReader, customer: &str) -> Result<ActivitySlice, StoreError> {
+    const PAGE: usize = 100;
+    let (mut lines, mut bytes) = (Vec::new(), 0usize);
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = PAGE.min(MAX_EXPORT - lines.len());
+        let (read, next) = r.activity(customer, cursor.as_deref(), page)?;
+        for (at, line) in read {
+            if let ActivityRecord::EventReceived { event, .. } = &line {
+                bytes += event.cloudevent_json.len();
+            }
+            lines.push((at, line));
+        }
+        cursor = next;
+        if cursor.is_none() || lines.len() >= MAX_EXPORT || bytes >= MAX_EXPORT_EVENT_BYTES {
+            return Ok((lines, cursor));
+        }
+    }
+}
 
 /// A signed-in browser: the cookie value to set and its session.
 #[derive(Debug, Clone)]
@@ -316,12 +342,13 @@ impl Vault {
             .read_customer(customer, move |r| {
                 Ok((
                     r.customer(&owned)?,
-                    r.activity(&owned, None, MAX_EXPORT)?.0,
+                    export_activity(r, &owned)?,
                     r.engagements(Some(&owned))?,
                     r.dismissed(&owned)?,
                 ))
             })
             .await?;
+        let (activity, activity_next) = activity;
         let mut events = Vec::new();
         let mut command_ids = Vec::new();
         for (_, rec) in &activity {
@@ -342,13 +369,7 @@ impl Vault {
         let deliveries = self
             .read_customer(customer, move |r| {
                 // Deliveries still pending are kept whatever their lines' age.
-                for (_, id) in r.due(i64::MAX, MAX_EXPORT)? {
-                    if r.outbox(&id)?
-                        .is_some_and(|d| d.command.customer_id == owned)
-                    {
-                        command_ids.push(id);
-                    }
-                }
+                command_ids.extend(r.pending_of(&owned, MAX_EXPORT)?);
                 let mut seen = std::collections::HashSet::new();
                 let mut out = Vec::with_capacity(command_ids.len());
                 for id in command_ids {
@@ -374,6 +395,7 @@ impl Vault {
                     kind: rec.to_wire(),
                 })
                 .collect(),
+            activity_next,
             events,
             deliveries,
             engagement: engagement

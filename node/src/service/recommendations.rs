@@ -141,6 +141,9 @@ impl Vault {
         let received: Vec<String> = recent(engagements).into_iter().map(|(_, t)| t).collect();
         let linked: Vec<String> = links.into_iter().map(|l| l.entity_id).collect();
         let threshold = self.core.config.recommend_threshold;
+        // A model trained with a smaller k than this node's (raised since): what fewer
+        // customers share is in it, so nothing is served from it until it is retrained.
+        let model = model.filter(|m| m.min_support >= self.core.config.recommend_min_customers);
         let Some(model) = model else {
             return Ok(RecommendationList {
                 model_version: None,
@@ -239,8 +242,13 @@ impl Vault {
         rec_id: &str,
     ) -> Result<(), ServiceError> {
         check_id("customer id", customer)?;
-        // An id served by an earlier build names the template in its key form, which serving
-        // and training also look for.
+        // Only what this customer is offered: a dismissal lowers a template's confidence for
+        // everyone once k customers made one, so dismissals of rules never shown (made by
+        // accounts that are free to open) must not count.
+        let offered = self.recommendations(customer).await?;
+        if !offered.items.iter().any(|r| r.id == rec_id) {
+            return Err(ServiceError::not_found("recommendation", rec_id));
+        }
         let template = crate::recommend::vault::decode_id(rec_id)
             .filter(|t| t.len() <= 4 * custos_api::limits::MAX_ID_LEN + 3)
             .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;

@@ -128,6 +128,10 @@ impl Tx<'_> {
                 )?;
             }
         }
+        if rec.state != DeliveryState::Pending {
+            self.effects
+                .push(super::Effect::DeliverySettled(rec.command.id.clone()));
+        }
         self.put(key, &rec)
     }
 
@@ -192,6 +196,28 @@ impl Tx<'_> {
                 ))
             }
         };
+        // Consent is checked again: a command is sent only while the customer keeps its rule
+        // and links its target as the account it is addressed to (the relink and the rule's
+        // deletion cancel pending ones; a failed one would otherwise go out on replay).
+        let c = &rec.command;
+        let link = self.get::<LinkRecord>(&keys::link(self.space, &c.customer_id, &c.target))?;
+        let withdrawn = match link {
+            None => Some(format!("the customer no longer links {}", c.target)),
+            Some(l) if l.subject != c.subject => Some(format!(
+                "the customer linked another account at {}",
+                c.target
+            )),
+            Some(_) if !self.exists(&keys::rule(self.space, &c.customer_id, &c.rule_id))? => {
+                Some(format!("rule {} was deleted", c.rule_id))
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = withdrawn {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Conflict,
+                format!("{why}: its commands are not sent again"),
+            ));
+        }
         if rec.attempts.len() >= MAX_ATTEMPTS_PER_COMMAND {
             return Ok(ChangeOutcome::rejected(
                 ErrorCode::Conflict,

@@ -27,32 +27,50 @@ impl Tx<'_> {
         }
     }
 
-    /// Leaves out the commands of rules deleted before this entry. The node that planned them
-    /// read the rules from its cached profile, which may predate a deletion that the log put
-    /// first (a deletion answered while the event waited in the proposer, or a deposed
-    /// leader's plan forwarded to the new one); the customer was told the rule is gone, so it
-    /// must not act. Rule ids are never reused and a rule is never edited in place, so
-    /// "exists" is enough.
-    fn drop_deleted_rules(&self, customer: &str, ingest: &mut Ingest) -> Result<(), StoreError> {
-        let mut deleted = Vec::new();
+    /// Leaves out the commands the customer withdrew before this entry: those of rules
+    /// deleted, and those addressed to an account at the target that the customer no longer
+    /// links (unlinked, or linked again as another account). The node that planned them read
+    /// the rules and links from its cached profile, which may predate a change the log put
+    /// first (a change answered while the event waited in the proposer, or a deposed leader's
+    /// plan forwarded to the new one); the customer was told, so it must not act. Rule ids
+    /// are never reused and a rule is never edited in place, so "exists" is enough.
+    fn drop_withdrawn(&self, customer: &str, ingest: &mut Ingest) -> Result<(), StoreError> {
+        let mut withdrawn: Vec<String> = Vec::new();
         let mut i = 0;
         while i < ingest.commands.len() {
-            let rule_id = &ingest.commands[i].rule_id;
-            if self.exists(&keys::rule(self.space, customer, rule_id))? {
-                i += 1;
+            let c = &ingest.commands[i];
+            let why = if !self.exists(&keys::rule(self.space, customer, &c.rule_id))? {
+                Some("deleted before the event was recorded".to_owned())
             } else {
-                deleted.push(ingest.commands.remove(i).rule_id);
+                match self.get::<LinkRecord>(&keys::link(self.space, customer, &c.target))? {
+                    Some(l) if l.subject == c.subject => None,
+                    Some(_) => Some(format!(
+                        "{} was linked as another account before the event was recorded",
+                        c.target
+                    )),
+                    None => Some(format!(
+                        "{} was unlinked before the event was recorded",
+                        c.target
+                    )),
+                }
+            };
+            match why {
+                None => i += 1,
+                Some(why) => {
+                    let c = ingest.commands.remove(i);
+                    withdrawn.push(format!("rule {}: {why}", c.rule_id));
+                }
             }
         }
-        if let (Some(first), true) = (deleted.first(), ingest.commands.is_empty()) {
+        if let (Some(first), true) = (withdrawn.first(), ingest.commands.is_empty()) {
             // Bounded whatever the number of rules.
-            let more = match deleted.len() {
+            let more = match withdrawn.len() {
                 1 => String::new(),
-                n => format!(" and {} more", n - 1),
+                n => format!(" (and {} more)", n - 1),
             };
-            ingest.ignored_reason.get_or_insert_with(|| {
-                format!("rule {first}{more}: deleted before the event was recorded")
-            });
+            ingest
+                .ignored_reason
+                .get_or_insert_with(|| format!("{first}{more}"));
         }
         Ok(())
     }
@@ -76,7 +94,7 @@ impl Tx<'_> {
                 ingest.ignored_reason = Some(why);
                 ingest.customer_id = None;
             } else {
-                self.drop_deleted_rules(&customer, &mut ingest)?;
+                self.drop_withdrawn(&customer, &mut ingest)?;
             }
         }
         let fate = if ingest.commands.is_empty() {

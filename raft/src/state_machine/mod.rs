@@ -87,6 +87,9 @@ pub enum Effect {
         /// outbox record (pending, no attempts yet).
         created: Option<Arc<CommandRecord>>,
     },
+    /// A delivery left pending (delivered, failed or cancelled): a command handed over for
+    /// its first attempt is not sent as it was handed over (the attempt reads its state).
+    DeliverySettled(String),
     /// An intent was recorded: the group's intent worker has a step to take.
     IntentAdded,
     /// Nodes, settings, the assignment or a group report changed (meta group).

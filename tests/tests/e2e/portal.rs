@@ -584,9 +584,7 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
     // Finishing it from another browser (no session, or another customer's) is refused.
     let (status, _, _) = Browser::new(&node.url)?.get(&callback).await?;
     assert_eq!(status, 403, "no session");
-    // That spent the state: start again, and finish in Alice's own browser.
-    let (_, authorize_url) = alice.post("/portal/link/hotel", &[("csrf", &csrf)]).await?;
-    let callback = sign_in_at_entity(&authorize_url, "alice", "alice-hotel").await?;
+    // Refused before anything was written: the state is not spent, Alice's browser finishes.
     let (status, loc, _) = alice.get(&callback).await?;
     assert_eq!((status, loc.as_str()), (303, "/portal/catalog"));
     assert!(alice
@@ -610,6 +608,24 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
         .json()
         .await?;
     assert_eq!(active["subjects"], json!(["guest-77"]));
+    // Linked again as another account at the hotel: the first account's grant is revoked.
+    let (_, authorize_url) = alice.post("/portal/link/hotel", &[("csrf", &csrf)]).await?;
+    let callback = sign_in_at_entity(&authorize_url, "bob", "bob-hotel").await?;
+    let (_, loc, _) = alice.get(&callback).await?;
+    assert_eq!(loc, "/portal/catalog");
+    assert!(alice
+        .flash("/portal/catalog")
+        .await?
+        .contains("Linked hotel as guest-78"));
+    let active: Value = reqwest::get(format!("{}/oauth/active", hotel.url))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        active["subjects"],
+        json!(["guest-78"]),
+        "guest-77's revoked"
+    );
 
     // The API path: a wrong state, a code issued for another customer's linking.
     let c1 = admin.create_customer().await?;
