@@ -1039,9 +1039,10 @@ fn complete_document(doc: &mut serde_json::Value) {
                         }
                     }
                     if p["in"] == "path" && p["schema"]["type"] == "string" {
-                        // Recommendation ids are hex; every other id is an id.
+                        // Recommendation ids are hex (then a digest of what was shown);
+                        // every other id is an id.
                         let (pattern, max) = if p["name"] == "rec_id" {
-                            ("^([0-9a-fA-F]{2}){1,512}$", 1024)
+                            ("^([0-9a-fA-F]{2}){1,512}(-[0-9a-f]{12})?$", 1037)
                         } else {
                             (
                                 custos_api::limits::ID_PATTERN,

@@ -189,6 +189,14 @@ pub fn home(
                             p { "When " (entity_name(entities, &r.template.when_entity)) " sends “" (plain(&r.template.event_type)) "”, ask "
                                 (entity_name(entities, &r.template.then_entity)) " to “" (plain(&r.template.command_type)) "”." }
                             p.hint { (r.reason) }
+                            // What accepting creates, in full: the condition and the data the
+                            // command carries decide what of the customer's data is sent.
+                            @if let Some(condition) = &r.rule.when.condition {
+                                p { "Only when " code { (condition) } }
+                            }
+                            @if r.rule.then.data.as_object().is_some_and(|d| !d.is_empty()) {
+                                p { "Sends " code { (r.rule.then.data.to_string()) } }
+                            }
                             p { "Confidence " strong { (format!("{:.0}%", r.confidence * 100.0)) } }
                             @if let Some(missing) = &r.needs_link {
                                 p { "Needs " (entity_name(entities, missing)) " linked: you sign in there, then the rule is added." }

@@ -1208,29 +1208,30 @@ impl Served {
                 .and_then(|d| serde_json::from_str(d).ok())
                 .unwrap_or_else(|| serde_json::json!({}));
             let template = c.template;
+            let rule = RuleSpec {
+                name: format!(
+                    "{} {} -> {} {}",
+                    template.when_entity,
+                    template.event_type,
+                    template.then_entity,
+                    template.command_type
+                ),
+                when: Trigger {
+                    entity: template.when_entity.clone(),
+                    event_type: template.event_type.clone(),
+                    condition: stat.and_then(|t| t.condition.clone()),
+                },
+                then: Action {
+                    entity: template.then_entity.clone(),
+                    command_type: template.command_type.clone(),
+                    data,
+                },
+            };
             out.push(Recommendation {
-                id: encode_id(&key),
+                id: encode_id(&key, &rule, c.needs_link.as_deref()),
                 confidence: (confidence * 1000.0).round() / 1000.0,
                 reason,
-                rule: RuleSpec {
-                    name: format!(
-                        "{} {} -> {} {}",
-                        template.when_entity,
-                        template.event_type,
-                        template.then_entity,
-                        template.command_type
-                    ),
-                    when: Trigger {
-                        entity: template.when_entity.clone(),
-                        event_type: template.event_type.clone(),
-                        condition: stat.and_then(|t| t.condition.clone()),
-                    },
-                    then: Action {
-                        entity: template.then_entity.clone(),
-                        command_type: template.command_type.clone(),
-                        data,
-                    },
-                },
+                rule,
                 template,
                 needs_link: c.needs_link,
                 model_version: self.record.version,
@@ -1329,17 +1330,25 @@ fn parse_key(key: &str) -> Option<RuleTemplate> {
     })
 }
 
-/// A recommendation's id: its template key, hex-encoded (URL-safe).
-pub fn encode_id(key: &str) -> String {
-    hex::encode(key)
+/// A recommendation's id: its template key, hex-encoded (URL-safe), then a digest of the
+/// rule accepting it creates (its condition and data included) and of the link it needs. A
+/// retraining that changes that rule changes the id, so an accept or a dismissal made from
+/// an earlier page is refused (not found) rather than applied to a rule the customer was not
+/// shown.
+pub fn encode_id(key: &str, rule: &RuleSpec, needs_link: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    let shown = serde_json::to_vec(&(rule, needs_link)).unwrap_or_default();
+    let digest = Sha256::digest(&shown);
+    format!("{}-{}", hex::encode(key), hex::encode(&digest[..6]))
 }
 
-/// The template key of a recommendation id.
+/// The template key of a recommendation id (one served before ids carried a digest too).
 pub fn decode_id(id: &str) -> Option<String> {
-    if id.len() > 1024 {
+    if id.len() > 1024 + 13 {
         return None;
     }
-    String::from_utf8(hex::decode(id).ok()?).ok()
+    let key = id.split_once('-').map_or(id, |(key, _)| key);
+    String::from_utf8(hex::decode(key).ok()?).ok()
 }
 
 #[cfg(test)]
@@ -1463,6 +1472,32 @@ mod tests {
         assert!(served
             .recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5)
             .is_empty());
+    }
+
+    #[test]
+    fn an_id_names_the_rule_shown_and_reads_back_its_template() {
+        let rule = |condition: Option<&str>| RuleSpec {
+            name: "r".into(),
+            when: Trigger {
+                entity: "airline".into(),
+                event_type: "flight.delayed".into(),
+                condition: condition.map(str::to_owned),
+            },
+            then: Action {
+                entity: "hotel".into(),
+                command_type: "room.hold".into(),
+                data: serde_json::json!({"flight": "data.flight"}),
+            },
+        };
+        let key = "airline/flight.delayed>hotel/room.hold";
+        let shown = encode_id(key, &rule(None), None);
+        assert_eq!(decode_id(&shown).as_deref(), Some(key));
+        assert_eq!(shown, encode_id(key, &rule(None), None), "stable");
+        // Retrained with a condition, or now needing a link: another id.
+        assert_ne!(shown, encode_id(key, &rule(Some("data.delay > 60")), None));
+        assert_ne!(shown, encode_id(key, &rule(None), Some("hotel")));
+        // An id served before ids carried the digest still names its template.
+        assert_eq!(decode_id(&hex::encode(key)).as_deref(), Some(key));
     }
 
     #[test]
