@@ -1170,11 +1170,14 @@ impl Served {
                 ranker.probability(&c.features, share.ln())
             } else {
                 // Too little data to fit the ranker: the share of the reason's customers who
-                // keep it, in the walk's order.
+                // keep it, in the walk's order, rounded to 5% as the reason's share is (to
+                // the thousandth it would give away the counts behind it).
                 let j = c.item?;
                 let from = self.model.strongest_reason(&items, j)?;
-                f64::from(self.model.support(from, j)) / f64::from(self.model.popularity(from) + 1)
-                    * share
+                let kept = f64::from(self.model.support(from, j))
+                    / f64::from(self.model.popularity(from) + 1)
+                    * share;
+                (kept * 20.0).round() / 20.0
             };
             Some((confidence, c))
         })
