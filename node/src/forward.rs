@@ -167,8 +167,10 @@ fn relay_route(core: &Core, body: &[u8]) -> Option<GroupId> {
 /// body, in [`forward`]).
 pub fn route(core: &Core, req: &HttpRequest) -> Result<Route, ServiceError> {
     let session = req.cookie(crate::portal::SESSION_COOKIE);
+    // The path as the router reads it (percent-decoded but for `%`, `/` and `+`): a customer
+    // id sent as `cus%5F...` is routed to the group of the id the handler will see.
     match routed_by(
-        req.path(),
+        req.match_info().as_str(),
         req.query_string(),
         session.as_ref().map(|c| c.value()),
     ) {
@@ -241,7 +243,9 @@ pub async fn forward(
     // Only an event's body decides its route; read it (bounded), put it back, and keep it
     // with its route for the handler.
     let mut body: Option<web::Bytes> = None;
-    let route = if req.path() == "/v1/events" && req.method() == actix_web::http::Method::POST {
+    let route = if req.match_info().as_str() == "/v1/events"
+        && req.method() == actix_web::http::Method::POST
+    {
         let b = match read_bounded(req.take_payload()).await {
             Ok(b) => b,
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
@@ -428,7 +432,7 @@ async fn proxy(
         .map(|p| p.as_str())
         .unwrap_or("/");
     let mut deadline = forward_deadline(&core.config);
-    if unlinks(req.method(), req.path()) {
+    if unlinks(req.method(), req.match_info().as_str()) {
         deadline += crate::core::unlink_answer_bound(&core.config);
     }
     let mut rb = core.peers.request(method, addr, path).timeout(deadline);
@@ -464,6 +468,17 @@ async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_percent_encoded_id_is_routed_as_the_handler_reads_it() {
+        let req = actix_web::test::TestRequest::default()
+            .uri("/v1/customers/cus%5Fabc/rules")
+            .to_http_request();
+        assert_eq!(
+            routed_by(req.match_info().as_str(), "", None),
+            RoutedBy::Customer("cus_abc")
+        );
+    }
 
     #[test]
     fn only_well_formed_event_heads_are_routed() {

@@ -211,6 +211,38 @@ async fn duplicates_in_one_batch_are_caught_and_a_batch_answers_each_change() ->
 }
 
 #[tokio::test]
+async fn a_creation_proposed_again_is_done_and_another_with_its_id_conflicts() -> anyhow::Result<()>
+{
+    // The node retries a proposal whose answer it lost; the first may have committed.
+    let mut m = store(0)?;
+    let register = |e: EntityRecord| StateChange::RegisterEntity(e);
+    let out = m
+        .apply(vec![
+            register(entity("airline")),
+            register(entity("airline")),
+        ])
+        .await?;
+    assert_eq!(out, vec![ChangeOutcome::Done, ChangeOutcome::Done]);
+    let mut other = entity("airline");
+    other.name = "Another".into();
+    let out = m.apply(vec![register(other)]).await?;
+    assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+    let mut s = store(1)?;
+    let create = |token: u8| StateChange::CreateCustomer {
+        customer: CustomerRecord {
+            token_hash: vec![token; 32],
+            ..customer("c9", None)
+        },
+        intent: None,
+    };
+    let out = s.apply(vec![create(1), create(1)]).await?;
+    assert_eq!(out, vec![ChangeOutcome::Done, ChangeOutcome::Done]);
+    let out = s.apply(vec![create(2)]).await?;
+    assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_meta_group_gives_a_subject_and_an_email_to_one_customer() -> anyhow::Result<()> {
     let mut m = store(0)?;
     m.apply(vec![StateChange::RegisterEntity(entity("airline"))])

@@ -76,10 +76,14 @@ impl Tx<'_> {
             return Ok(not_found("sign-up", "in progress"));
         }
         let key = keys::customer(self.space, &customer.id);
-        if self.exists(&key)? {
-            // Completing an intent twice is done; creating an id twice is a conflict.
+        if let Some(existing) = self.get::<CustomerRecord>(&key)? {
+            // Completing an intent twice is done, and so is the same creation proposed again
+            // (its first proposal committed but its answer was lost, so the node retried it:
+            // the caller must get the customer and its token, not a conflict); creating an
+            // id twice otherwise is a conflict.
             return Ok(match intent {
                 Some(_) => ChangeOutcome::Done,
+                None if existing == customer => ChangeOutcome::Done,
                 None => ChangeOutcome::rejected(
                     ErrorCode::Conflict,
                     format!("customer {} already exists", customer.id),

@@ -17,7 +17,12 @@ impl Tx<'_> {
         entity: EntityRecord,
     ) -> Result<ChangeOutcome, StoreError> {
         let key = self.k(keys::ENTITY, entity.id.as_bytes());
-        if self.exists(&key)? {
+        if let Some(existing) = self.get::<EntityRecord>(&key)? {
+            // The same registration proposed again (its answer was lost and the node retried
+            // it): done, so the operator gets the secret sealed in it, not a conflict.
+            if existing == entity {
+                return Ok(ChangeOutcome::Done);
+            }
             return Ok(ChangeOutcome::rejected(
                 ErrorCode::Conflict,
                 format!("entity {} already exists", entity.id),
