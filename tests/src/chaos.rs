@@ -814,11 +814,11 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<Report> {
         .push(kill_leader(&mut c, &s, some_group).await?);
     report.faults.push("kill-leader".into());
     tokio::time::sleep(gap).await;
-    let paused = c.leader_of(some_group.0).await.unwrap_or(2);
+    let paused = c.leader_now(some_group.0).await.unwrap_or(2);
     pause(&mut c, paused, 4).await?;
     report.faults.push("pause".into());
     tokio::time::sleep(gap).await;
-    let isolated = c.leader_of(0).await.unwrap_or(1);
+    let isolated = c.leader_now(0).await.unwrap_or(1);
     split(&c, &[isolated], 6).await?;
     report.faults.push("isolate-meta-leader".into());
     tokio::time::sleep(gap).await;

@@ -68,6 +68,19 @@ impl Net {
                 }
             }
         }
+        // FORWARD rules of bridges already gone (runs before their Drop removed the rule).
+        if let Ok(out) = Command::new("iptables").args(["-S", "FORWARD"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let ["-A", "FORWARD", "-i", i, "-o", o, "-j", "ACCEPT"] = words.as_slice() {
+                    if i == o && i.starts_with("cx") && dead(i) {
+                        let _ = Command::new("iptables")
+                            .args(["-D", "FORWARD", "-i", i, "-o", o, "-j", "ACCEPT"])
+                            .output();
+                    }
+                }
+            }
+        }
     }
 
     /// Creates the bridge and `n` namespaces (needs root, `ip` and `iptables`).
@@ -178,6 +191,19 @@ impl Drop for Net {
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+        // The bridge's FORWARD rule too, or the host's chain gains one per run.
+        let _ = Command::new("iptables")
+            .args([
+                "-D",
+                "FORWARD",
+                "-i",
+                &self.bridge,
+                "-o",
+                &self.bridge,
+                "-j",
+                "ACCEPT",
+            ])
+            .output();
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
@@ -332,14 +358,22 @@ impl Cluster {
     }
 
     /// The node leading `group`, by index (1-based), as the cluster reports it.
+    /// The index of `group`'s leader as the status says now, if it names one of ours.
+    pub async fn leader_now(&self, group: u32) -> Option<usize> {
+        let s = self.status().await.ok()?;
+        let id = s.groups.iter().find(|g| g.id == group)?.leader?;
+        self.index_of(id)
+    }
+
+    /// The index of `group`'s leader, waited for (up to 30 s).
     pub async fn leader_of(&self, group: u32) -> anyhow::Result<usize> {
-        let s = self.status().await?;
-        let g = s
-            .groups
-            .iter()
-            .find(|g| g.id == group)
-            .context("no such group")?;
-        let id = g.leader.context("no leader")?;
-        self.index_of(id).context("leader is not one of ours")
+        // Polled: asked mid-election (the manager moves leaders after placement), a group
+        // has no leader for a moment.
+        crate::poll::until(
+            &format!("group {group} to have a leader"),
+            Duration::from_secs(30),
+            || self.leader_now(group),
+        )
+        .await
     }
 }
