@@ -24,6 +24,8 @@ use crate::rules::EventScope;
 pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 10..=128;
 /// Longest email address (RFC 5321 path limit).
 pub const MAX_EMAIL_LEN: usize = 254;
+/// Rules tried at once on one node ("Try it" runs customer-written CEL on the blocking pool).
+static TRY_RULES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
 /// Most activity lines searched for a past event to try a rule on.
 const TRY_SEARCH: usize = 1000;
 /// Most activity lines exported.
@@ -511,7 +513,15 @@ impl Vault {
                 spec.when.event_type, spec.when.entity, event.event_type, event.source
             )));
         }
-        // Customer-written CEL runs off the event loop (its cost is bounded: see rules.rs).
+        // Customer-written CEL runs off the event loop (its cost is bounded: see rules.rs),
+        // a few at a time: each may spend the whole budget, and the blocking pool is shared
+        // with storage reads.
+        let Ok(_running) = TRY_RULES.try_acquire() else {
+            return Err(ServiceError::refused(
+                ErrorCode::Overloaded,
+                "rules are being tried at capacity on this node; retry",
+            ));
+        };
         let scope = EventScope::new(&event);
         let evaluated = tokio::task::spawn_blocking(move || compiled.evaluate(&scope))
             .await
