@@ -199,9 +199,15 @@ pub fn home(
                             }
                             p { "Confidence " strong { (format!("{:.0}%", r.confidence * 100.0)) } }
                             @if let Some(missing) = &r.needs_link {
-                                p { "Needs " (entity_name(entities, missing)) " linked: you sign in there, then the rule is added." }
-                                form.inline method="post" action=(format!("/portal/recommendations/{}/link", r.id)) {
-                                    (csrf_field(csrf)) button type="submit" { "Link " (entity_name(entities, missing)) " and add this rule" }
+                                @if entities.iter().any(|e| &e.id == missing && e.oauth.is_some()) {
+                                    p { "Needs " (entity_name(entities, missing)) " linked: you sign in there, then the rule is added." }
+                                    form.inline method="post" action=(format!("/portal/recommendations/{}/link", r.id)) {
+                                        (csrf_field(csrf)) button type="submit" { "Link " (entity_name(entities, missing)) " and add this rule" }
+                                    }
+                                } @else {
+                                    // As in the catalog: without a sign-in there, only an
+                                    // operator links it (a button would only fail).
+                                    p { "Needs " (entity_name(entities, missing)) " linked, which links through your operator only; add the rule once it is linked." }
                                 }
                             } @else {
                                 form.inline method="post" action=(format!("/portal/recommendations/{}/accept", r.id)) {
@@ -620,6 +626,9 @@ pub fn data(csrf: &str, customer_id: &str) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use custos_api::types::{
+        Action, OAuthEndpoints, Recommendation, RuleSpec, RuleTemplate, Trigger,
+    };
 
     fn item(kind: ActivityKind) -> ActivityItem {
         ActivityItem {
@@ -670,6 +679,76 @@ mod tests {
             entity: "hotel".into(),
         };
         assert_eq!(timeline(items, &hotel, true).len(), 2);
+    }
+
+    #[test]
+    fn a_recommendation_needing_an_operator_linked_entity_offers_no_link_button() {
+        let entity = |id: &str, oauth: bool| Entity {
+            id: id.into(),
+            name: id.into(),
+            command_url: "https://x.example/c".into(),
+            endpoint_enabled: true,
+            event_types: Vec::new(),
+            command_types: Vec::new(),
+            created_at: String::new(),
+            secret: None,
+            previous_secret_valid_until: None,
+            oauth: oauth.then(OAuthEndpoints::default),
+        };
+        let customer = Customer {
+            id: "cus_1".into(),
+            created_at: String::new(),
+            links: Vec::new(),
+            group: 1,
+        };
+        let recs = RecommendationList {
+            model_version: Some(1),
+            threshold: 0.5,
+            items: vec![Recommendation {
+                id: "ab-0123456789ab".into(),
+                template: RuleTemplate {
+                    when_entity: "airline".into(),
+                    event_type: "flight.delayed".into(),
+                    then_entity: "hotel".into(),
+                    command_type: "room.hold".into(),
+                },
+                confidence: 0.7,
+                reason: "kept by about 70% of the 10+ customers who link airline".into(),
+                rule: RuleSpec {
+                    name: "r".into(),
+                    when: Trigger {
+                        entity: "airline".into(),
+                        event_type: "flight.delayed".into(),
+                        condition: Some("data.delay > 60".into()),
+                    },
+                    then: Action {
+                        entity: "hotel".into(),
+                        command_type: "room.hold".into(),
+                        data: serde_json::json!({"flight": "data.flight"}),
+                    },
+                },
+                needs_link: Some("hotel".into()),
+                model_version: 1,
+            }],
+        };
+        let page = |hotel_signs_in: bool| {
+            let entities = [entity("airline", true), entity("hotel", hotel_signs_in)];
+            home(&customer, &entities, &[], &recs, "tok").into_string()
+        };
+        let with_sign_in = page(true);
+        assert!(with_sign_in.contains("/portal/recommendations/ab-0123456789ab/link"));
+        // What accepting creates is shown in full.
+        assert!(
+            with_sign_in.contains("data.delay &gt; 60"),
+            "{with_sign_in}"
+        );
+        assert!(with_sign_in.contains("data.flight"), "{with_sign_in}");
+        let operator_only = page(false);
+        assert!(
+            !operator_only.contains("/recommendations/ab-0123456789ab/link"),
+            "{operator_only}"
+        );
+        assert!(operator_only.contains("through your operator only"));
     }
 
     #[test]
