@@ -206,6 +206,10 @@ impl DueQueue {
     /// settled by another leader's attempt): its handed-over command is dropped, so its queue
     /// entry reads the outbox and finds it no longer pending.
     pub fn settled(&self, command_id: &str) {
+        // Every replica applies every result: only the leader's queue holds hand-overs.
+        if !self.leading.load(Ordering::SeqCst) {
+            return;
+        }
         let mut q = self.lock();
         if !q.created.is_empty() {
             q.created.remove(command_id);

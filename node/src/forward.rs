@@ -246,7 +246,7 @@ pub async fn forward(
     let route = if req.match_info().as_str() == "/v1/events"
         && req.method() == actix_web::http::Method::POST
     {
-        let b = match read_bounded(req.take_payload()).await {
+        let b = match read_bounded(req.take_payload(), MAX_BODY_BYTES).await {
             Ok(b) => b,
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         };
@@ -322,7 +322,7 @@ pub async fn forward(
         let resp = proxy(&core, req.request(), &leader.1, hops + 1, body).await;
         return Ok(req.into_response(resp).map_into_right_body());
     }
-    let body = match read_bounded(req.take_payload()).await {
+    let body = match read_bounded(req.take_payload(), MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(e) => return Ok(req.error_response(e).map_into_right_body()),
     };
@@ -347,12 +347,17 @@ async fn wait_leader(core: &Core, group: GroupId) -> Option<(u64, String)> {
     }
 }
 
-async fn read_bounded(mut payload: Payload) -> Result<web::Bytes, ServiceError> {
+/// Reads a body of at most `limit` bytes (413 beyond), which must arrive within
+/// [`crate::error::BODY_READ_TIMEOUT`] of its headers.
+pub(crate) async fn read_bounded(
+    mut payload: Payload,
+    limit: usize,
+) -> Result<web::Bytes, ServiceError> {
     let read = async {
         let mut buf = web::BytesMut::new();
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(crate::error::payload_error)?;
-            if buf.len() + chunk.len() > MAX_BODY_BYTES {
+            if buf.len() + chunk.len() > limit {
                 return Err(crate::error::payload_error(
                     actix_web::error::PayloadError::Overflow,
                 ));

@@ -8,7 +8,6 @@ use custos_api::limits::MAX_BODY_BYTES;
 use custos_api::types::*;
 use custos_api::webhook::{SignedHeaders, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use custos_api::{CloudEvent, ErrorCode, Problem};
-use futures::StreamExt;
 use serde::Deserialize;
 use utoipa::OpenApi;
 
@@ -31,31 +30,15 @@ fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Reads a body up to `limit` bytes, refusing more with 413 problem+json.
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::BytesMut> {
+/// Reads a body up to `limit` bytes, refusing more with 413 problem+json (at once when its
+/// `Content-Length` says so), within [`crate::error::BODY_READ_TIMEOUT`].
+async fn read_body(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<web::Bytes> {
     if let Some(len) = header_str(req, "content-length").and_then(|v| v.parse::<usize>().ok()) {
         if len > limit {
             return Err(payload_error(actix_web::error::PayloadError::Overflow));
         }
     }
-    let read = async {
-        let mut body = web::BytesMut::new();
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(payload_error)?;
-            if body.len() + chunk.len() > limit {
-                return Err(payload_error(actix_web::error::PayloadError::Overflow));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    };
-    tokio::time::timeout(crate::error::BODY_READ_TIMEOUT, read)
-        .await
-        .map_err(|_| crate::error::body_too_slow())?
+    crate::forward::read_bounded(payload.into_inner(), limit).await
 }
 
 /// A JSON request body that must be an object. serde also builds a struct from an array (its
@@ -195,10 +178,7 @@ async fn post_event(
     let read = req.extensions().get::<crate::forward::ReadEvent>().cloned();
     let (body, route) = match read {
         Some(r) => (r.body, r.route),
-        None => (
-            read_body(&req, payload, MAX_BODY_BYTES).await?.freeze(),
-            None,
-        ),
+        None => (read_body(&req, payload, MAX_BODY_BYTES).await?, None),
     };
     let headers = SignedHeaders {
         id: header_str(&req, HEADER_ID),

@@ -186,18 +186,24 @@ impl Vault {
         })
     }
 
+    /// The recommendation `rec_id` as this customer is offered it now (404 otherwise: an id
+    /// names the rule shown, so one from before a retraining that changed it is not found).
+    async fn offered(&self, customer: &str, rec_id: &str) -> Result<Recommendation, ServiceError> {
+        self.recommendations(customer)
+            .await?
+            .items
+            .into_iter()
+            .find(|r| r.id == rec_id)
+            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))
+    }
+
     /// Accepts a recommendation: its rule is created and validated like any rule.
     pub async fn accept_recommendation(
         &self,
         customer: &str,
         rec_id: &str,
     ) -> Result<Rule, ServiceError> {
-        let list = self.recommendations(customer).await?;
-        let rec = list
-            .items
-            .into_iter()
-            .find(|r| r.id == rec_id)
-            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
+        let rec = self.offered(customer, rec_id).await?;
         if let Some(missing) = rec.needs_link {
             return Err(ServiceError::refused(
                 ErrorCode::EntityNotLinked,
@@ -216,13 +222,7 @@ impl Vault {
         customer: &str,
         rec_id: &str,
     ) -> Result<AuthorizeLink, ServiceError> {
-        let rec = self
-            .recommendations(customer)
-            .await?
-            .items
-            .into_iter()
-            .find(|r| r.id == rec_id)
-            .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;
+        let rec = self.offered(customer, rec_id).await?;
         let Some(missing) = rec.needs_link else {
             return Err(ServiceError::refused(
                 ErrorCode::Conflict,
@@ -245,10 +245,7 @@ impl Vault {
         // Only what this customer is offered: a dismissal lowers a template's confidence for
         // everyone once k customers made one, so dismissals of rules never shown (made by
         // accounts that are free to open) must not count.
-        let offered = self.recommendations(customer).await?;
-        if !offered.items.iter().any(|r| r.id == rec_id) {
-            return Err(ServiceError::not_found("recommendation", rec_id));
-        }
+        self.offered(customer, rec_id).await?;
         let template = crate::recommend::vault::decode_id(rec_id)
             .filter(|t| t.len() <= 4 * custos_api::limits::MAX_ID_LEN + 3)
             .ok_or_else(|| ServiceError::not_found("recommendation", rec_id))?;

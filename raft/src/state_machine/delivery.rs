@@ -3,6 +3,7 @@
 use custos_api::limits::{MAX_ATTEMPTS_PER_COMMAND, MAX_ATTEMPT_ERROR_LEN};
 use custos_api::ErrorCode;
 
+use super::ingest::Withdrawn;
 use super::{not_found, Tx};
 use crate::error::StoreError;
 use crate::keys;
@@ -200,19 +201,14 @@ impl Tx<'_> {
         // and links its target as the account it is addressed to (the relink and the rule's
         // deletion cancel pending ones; a failed one would otherwise go out on replay).
         let c = &rec.command;
-        let link = self.get::<LinkRecord>(&keys::link(self.space, &c.customer_id, &c.target))?;
-        let withdrawn = match link {
-            None => Some(format!("the customer no longer links {}", c.target)),
-            Some(l) if l.subject != c.subject => Some(format!(
-                "the customer linked another account at {}",
-                c.target
-            )),
-            Some(_) if !self.exists(&keys::rule(self.space, &c.customer_id, &c.rule_id))? => {
-                Some(format!("rule {} was deleted", c.rule_id))
-            }
-            Some(_) => None,
-        };
-        if let Some(why) = withdrawn {
+        if let Some(withdrawn) = self.withdrawn(c)? {
+            let why = match withdrawn {
+                Withdrawn::Unlinked => format!("the customer no longer links {}", c.target),
+                Withdrawn::Relinked => {
+                    format!("the customer linked another account at {}", c.target)
+                }
+                Withdrawn::RuleDeleted => format!("rule {} was deleted", c.rule_id),
+            };
             return Ok(ChangeOutcome::rejected(
                 ErrorCode::Conflict,
                 format!("{why}: its commands are not sent again"),

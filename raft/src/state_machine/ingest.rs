@@ -1,6 +1,17 @@
 //! Events (data groups): dedup, the authoritative link re-check, activity and the outbox.
 
 use super::Tx;
+
+/// How the customer withdrew a command since it was planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Withdrawn {
+    /// Its rule was deleted.
+    RuleDeleted,
+    /// Its target was unlinked.
+    Unlinked,
+    /// Its target was linked again as another account.
+    Relinked,
+}
 use crate::error::StoreError;
 use crate::keys;
 use crate::records::*;
@@ -27,40 +38,47 @@ impl Tx<'_> {
         }
     }
 
-    /// Leaves out the commands the customer withdrew before this entry: those of rules
-    /// deleted, and those addressed to an account at the target that the customer no longer
-    /// links (unlinked, or linked again as another account). The node that planned them read
-    /// the rules and links from its cached profile, which may predate a change the log put
-    /// first (a change answered while the event waited in the proposer, or a deposed leader's
-    /// plan forwarded to the new one); the customer was told, so it must not act. Rule ids
-    /// are never reused and a rule is never edited in place, so "exists" is enough.
-    fn drop_withdrawn(&self, customer: &str, ingest: &mut Ingest) -> Result<(), StoreError> {
+    /// Whether the customer withdrew a command since it was planned: deleted its rule, or no
+    /// longer links its target as the account it is addressed to (unlinked, or linked again
+    /// as another account). Rule ids are never reused and a rule is never edited in place, so
+    /// "exists" is enough. Two point reads.
+    pub(crate) fn withdrawn(&self, c: &CommandRecord) -> Result<Option<Withdrawn>, StoreError> {
+        if !self.exists(&keys::rule(self.space, &c.customer_id, &c.rule_id))? {
+            return Ok(Some(Withdrawn::RuleDeleted));
+        }
+        Ok(
+            match self.get::<LinkRecord>(&keys::link(self.space, &c.customer_id, &c.target))? {
+                Some(l) if l.subject == c.subject => None,
+                Some(_) => Some(Withdrawn::Relinked),
+                None => Some(Withdrawn::Unlinked),
+            },
+        )
+    }
+
+    /// Leaves out the commands the customer withdrew before this entry ([`Tx::withdrawn`]).
+    /// The node that planned them read the rules and links from its cached profile, which may
+    /// predate a change the log put first (a change answered while the event waited in the
+    /// proposer, or a deposed leader's plan forwarded to the new one); the customer was told,
+    /// so it must not act.
+    fn drop_withdrawn(&self, ingest: &mut Ingest) -> Result<(), StoreError> {
         let mut withdrawn: Vec<String> = Vec::new();
         let mut i = 0;
         while i < ingest.commands.len() {
             let c = &ingest.commands[i];
-            let why = if !self.exists(&keys::rule(self.space, customer, &c.rule_id))? {
-                Some("deleted before the event was recorded".to_owned())
-            } else {
-                match self.get::<LinkRecord>(&keys::link(self.space, customer, &c.target))? {
-                    Some(l) if l.subject == c.subject => None,
-                    Some(_) => Some(format!(
-                        "{} was linked as another account before the event was recorded",
-                        c.target
-                    )),
-                    None => Some(format!(
-                        "{} was unlinked before the event was recorded",
-                        c.target
-                    )),
+            let why = match self.withdrawn(c)? {
+                None => {
+                    i += 1;
+                    continue;
                 }
+                Some(Withdrawn::RuleDeleted) => "deleted".to_owned(),
+                Some(Withdrawn::Relinked) => format!("{} was linked as another account", c.target),
+                Some(Withdrawn::Unlinked) => format!("{} was unlinked", c.target),
             };
-            match why {
-                None => i += 1,
-                Some(why) => {
-                    let c = ingest.commands.remove(i);
-                    withdrawn.push(format!("rule {}: {why}", c.rule_id));
-                }
-            }
+            let c = ingest.commands.remove(i);
+            withdrawn.push(format!(
+                "rule {}: {why} before the event was recorded",
+                c.rule_id
+            ));
         }
         if let (Some(first), true) = (withdrawn.first(), ingest.commands.is_empty()) {
             // Bounded whatever the number of rules.
@@ -94,7 +112,7 @@ impl Tx<'_> {
                 ingest.ignored_reason = Some(why);
                 ingest.customer_id = None;
             } else {
-                self.drop_withdrawn(&customer, &mut ingest)?;
+                self.drop_withdrawn(&mut ingest)?;
             }
         }
         let fate = if ingest.commands.is_empty() {
