@@ -461,7 +461,7 @@ impl ApplyObserver for Observer {
                     self.wake.rule_changes.fetch_add(1, Ordering::Relaxed);
                     self.wake.profile_changes.changed(customer_id);
                 }
-                Effect::SnapshotInstalled => {
+                Effect::SnapshotInstalled { replaced_state } => {
                     self.entities.invalidate(None);
                     self.routes.invalidate(None);
                     self.links.invalidate(None);
@@ -469,6 +469,13 @@ impl ApplyObserver for Observer {
                     self.due.invalidate();
                     self.wake.cluster_changed();
                     self.wake.intents.notify_one();
+                    // The snapshot may stand for an erasure this replica never applied (it
+                    // was down, and the log holding the erasure was purged): the state it
+                    // replaced is deleted, but still in RocksDB's files until compacted. A
+                    // new replica's first install replaced nothing.
+                    if *replaced_state {
+                        self.wake.erased(group);
+                    }
                 }
             }
         }
@@ -815,6 +822,31 @@ impl Core {
                 "this node has not joined a cluster yet",
             )
         })
+    }
+
+    /// Whether this node may hold a replica of `group`, by its meta replica: the meta group
+    /// always; a data group when the placement names this node among its voters and the node
+    /// is not removed (or before the cluster has a placement).
+    pub async fn placed_here(&self, group: GroupId) -> bool {
+        if group == META_GROUP {
+            return true;
+        }
+        let me = self.node_id;
+        let read = self
+            .read_meta(move |r| {
+                let removed = r
+                    .nodes()?
+                    .iter()
+                    .any(|n| n.id == me && n.state == custos_raft::records::NodeState::Removed);
+                Ok(!removed
+                    && r.assignment()?.is_none_or(|a| {
+                        a.groups
+                            .get(&group)
+                            .is_some_and(|voters| voters.contains(&me))
+                    }))
+            })
+            .await;
+        read.unwrap_or(false)
     }
 
     /// Opens this node's replica of `group` (existing state or empty), or answers the open
@@ -1208,6 +1240,12 @@ impl Core {
                         format!("group {group} did not commit within {d:?} (no quorum?); the change may still be applied, retry"),
                     ))
                 }
+                Err(ProposeError::AnswerLost(e)) => {
+                    return Err(ServiceError::refused(
+                        ErrorCode::Unavailable,
+                        format!("group {group}'s leader did not answer ({e}); the change may still be applied, retry"),
+                    ))
+                }
                 Err(ProposeError::Stopped(e)) => {
                     tracing::debug!(group, error = %e, "proposal failed; retrying");
                 }
@@ -1291,8 +1329,18 @@ impl Core {
             .body(body)
             .send()
             .await
-            .map_err(|e| ProposeError::Stopped(format!("peer {addr}: {e}")))?;
+            .map_err(|e| {
+                // Only a connection never made is safe to propose again elsewhere: once the
+                // request was sent, the leader may have committed it (a change such as an
+                // unlink or a replay applied twice answers "not found" or "conflict").
+                if e.is_connect() {
+                    ProposeError::Stopped(format!("peer {addr}: {e}"))
+                } else {
+                    ProposeError::AnswerLost(format!("peer {addr}: {e}"))
+                }
+            })?;
         if !resp.status().is_success() {
+            // The peer refused the request before proposing it (authentication, decoding).
             return Err(ProposeError::Stopped(format!(
                 "peer {addr} answered {}",
                 resp.status()
@@ -1301,9 +1349,9 @@ impl Core {
         let bytes = resp
             .bytes()
             .await
-            .map_err(|e| ProposeError::Stopped(e.to_string()))?;
+            .map_err(|e| ProposeError::AnswerLost(format!("peer {addr}: {e}")))?;
         codec::decode::<Result<ChangeOutcome, ProposeError>>(&bytes)
-            .map_err(|e| ProposeError::Stopped(e.to_string()))?
+            .map_err(|e| ProposeError::AnswerLost(format!("peer {addr}: {e}")))?
     }
 
     /// Runs a read of the local replica of `group` on a blocking thread (RocksDB calls block).

@@ -88,13 +88,15 @@ fn reply<T: serde::Serialize, E: serde::Serialize>(r: &Result<T, E>) -> HttpResp
     }
 }
 
-/// The local replica of `group`, opened on first contact: a leader adding this node as a
-/// replica reaches it before the placement does.
+/// The local replica of `group`, opened on first contact when the placement gives this node
+/// the group: a leader adding this node as a replica reaches it before this node's manager
+/// opens it. A group placed elsewhere is not opened: a replica this node deleted, reopened
+/// empty by a late message, would vote for any candidate (see [`vote`]).
 async fn replica(core: &Core, group: u32) -> Result<Arc<Group>, PeerError> {
     if let Some(g) = core.group(group) {
         return Ok(g);
     }
-    if group > MAX_DATA_GROUPS || core.is_closing() {
+    if group > MAX_DATA_GROUPS || core.is_closing() || !core.placed_here(group).await {
         return Err(PeerError::NoGroup(group));
     }
     core.open_group(group)
@@ -116,7 +118,11 @@ async fn vote(
     group: web::Path<u32>,
     body: web::Bytes,
 ) -> Result<HttpResponse, PeerError> {
-    let g = replica(&core, *group).await?;
+    // Never opens a replica: an empty one grants its vote to any candidate, and a former
+    // voter that missed its group's move (down or cut off) would be elected by the replicas
+    // other former voters deleted, and overwrite what the group's real leader committed.
+    // Refusing a vote costs at most an election round.
+    let g = core.group(*group).ok_or(PeerError::NoGroup(*group))?;
     Ok(reply(&g.raft.vote(codec::decode(&body)?).await))
 }
 

@@ -735,26 +735,38 @@ pub async fn run(
     tracing::info!("stopping");
     core.set_closing();
     api_handle.stop(true).await;
-    peer_handle.stop(true).await;
     let _ = api_task.await;
-    let _ = peer_task.await;
     let _ = stop_tx.send(true);
-    for task in [
+    // The background tasks finish what they are doing (bounded: whatever is left is dropped
+    // with the runtime below) while the peer port still serves: until its Raft groups close,
+    // this node may lead some, and the other nodes' forwarded calls, relayed events and Raft
+    // messages must reach it rather than fail until an election.
+    let mut tasks = [
         catch_up, manager, intents, scrubber, pruner, trainer, snapshots, workers,
-    ] {
-        let _ = task.await;
+    ];
+    let all = futures::future::join_all(tasks.iter_mut());
+    if tokio::time::timeout(STOP_TASKS_WITHIN, all).await.is_err() {
+        for task in &tasks {
+            task.abort();
+        }
     }
     core.close_all().await;
+    peer_handle.stop(true).await;
+    let _ = peer_task.await;
     for a in arbiter_threads {
         a.stop();
     }
     let _ = std::fs::remove_file(config.data_dir.join("node.json"));
-    // Everything on it has been awaited; dropping the guard only releases its threads.
+    // Everything on it has been awaited or aborted; dropping the guard releases its threads.
     drop(raft_rt);
     drop(db);
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long a stopping node waits for its background tasks (an intent round, a training)
+/// before it closes its Raft groups anyway.
+const STOP_TASKS_WITHIN: Duration = Duration::from_secs(10);
 
 /// Opens this node's groups: the stored ones after a restart (rejoining when told to), or a
 /// new cluster, or (a new member) the meta replica, then waits for the cluster's settings.

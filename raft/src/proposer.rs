@@ -31,9 +31,15 @@ pub enum ProposeError {
     /// No outcome within the deadline: the change may or may not be applied.
     #[error("no outcome within {0:?}; the change may still be applied")]
     Timeout(Duration),
-    /// Raft stopped.
+    /// Raft stopped before the change was handed to it, or a forwarded proposal did not reach
+    /// the leader: nothing was applied.
     #[error("raft stopped: {0}")]
     Stopped(String),
+    /// The change was handed to Raft (here or at the leader it was forwarded to), but its
+    /// outcome did not come back: it may or may not be applied (a new leader may commit an
+    /// entry its old leader appended), and proposing it again could apply it twice.
+    #[error("the leader's answer was lost: {0}; the change may still be applied")]
+    AnswerLost(String),
 }
 
 struct Pending {
@@ -136,7 +142,8 @@ impl Proposer {
             })?;
         match tokio::time::timeout(deadline, rx).await {
             Err(_) => Err(ProposeError::Timeout(deadline)),
-            Ok(Err(_)) => Err(ProposeError::Stopped("the proposer stopped".into())),
+            // Dropped unanswered: the proposer stopped, perhaps after proposing it.
+            Ok(Err(_)) => Err(ProposeError::AnswerLost("the proposer stopped".into())),
             Ok(Ok(r)) => r,
         }
     }
@@ -174,9 +181,18 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (changes, replies): (Vec<StateChange>, Vec<_>) =
-            batch.into_iter().map(|p| (p.change, p.reply)).unzip();
+        // A caller that gave up (its deadline passed while the group could not commit) was
+        // told the change may still be applied; not proposing it keeps a retry of theirs from
+        // applying it twice.
+        let (changes, replies): (Vec<StateChange>, Vec<_>) = batch
+            .into_iter()
+            .filter(|p| !p.reply.is_closed())
+            .map(|p| (p.change, p.reply))
+            .unzip();
         let n = changes.len();
+        if n == 0 {
+            continue;
+        }
         stats.entries.fetch_add(1, Relaxed);
         stats.changes.fetch_add(n as u64, Relaxed);
         let change = if n == 1 {
@@ -195,7 +211,7 @@ async fn run(
                     }
                     single if n == 1 => vec![Ok(single)],
                     other => {
-                        let e = ProposeError::Stopped(format!("unexpected outcome {other:?}"));
+                        let e = ProposeError::AnswerLost(format!("unexpected outcome {other:?}"));
                         vec![Err(e); n]
                     }
                 },
@@ -209,7 +225,8 @@ async fn run(
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                     vec![Err(ProposeError::Stopped(e.to_string())); n]
                 }
-                Err(RaftError::Fatal(e)) => vec![Err(ProposeError::Stopped(e.to_string())); n],
+                // Raft stopped with the entry perhaps appended, and perhaps replicated.
+                Err(RaftError::Fatal(e)) => vec![Err(ProposeError::AnswerLost(e.to_string())); n],
             };
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             // The caller may have given up (deadline); its outcome is simply dropped.

@@ -227,6 +227,17 @@ async fn a_creation_proposed_again_is_done_and_another_with_its_id_conflicts() -
     other.name = "Another".into();
     let out = m.apply(vec![register(other)]).await?;
     assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+    // A rotation applied twice keeps the secret before it valid for its grace period.
+    let rotate = StateChange::RotateSecret {
+        id: "airline".into(),
+        sealed_secret: vec![2; 48],
+        previous_valid_until_ms: 5_000,
+    };
+    let out = m.apply(vec![rotate.clone(), rotate]).await?;
+    assert_eq!(out, vec![ChangeOutcome::Done, ChangeOutcome::Done]);
+    let airline = m.reader.entity("airline")?.expect("registered");
+    assert_eq!(airline.sealed_secret, vec![2; 48]);
+    assert_eq!(airline.sealed_previous_secret, Some(vec![1; 48]));
     let mut s = store(1)?;
     let create = |token: u8| StateChange::CreateCustomer {
         customer: CustomerRecord {
@@ -356,6 +367,46 @@ async fn a_node_that_lost_its_data_cannot_rejoin_under_the_id_of_its_replicas() 
 }
 
 #[tokio::test]
+async fn the_last_active_node_is_never_removed_even_by_removals_sent_at_once() -> anyhow::Result<()>
+{
+    let mut m = store(0)?;
+    let join = |n: u8| {
+        StateChange::RegisterNode(NodeRecord {
+            id: 0,
+            peer_addr: format!("10.0.0.{n}:7001"),
+            api_addr: format!("10.0.0.{n}:7000"),
+            state: NodeState::Active,
+            joined_ms: 0,
+        })
+    };
+    let out = m.apply(vec![join(1), join(2)]).await?;
+    assert_eq!(
+        out,
+        vec![
+            ChangeOutcome::NodeRegistered(1),
+            ChangeOutcome::NodeRegistered(2)
+        ]
+    );
+    // Two removals, each checked on a node that had not applied the other yet.
+    let leave = |id: u64| StateChange::SetNodeState {
+        id,
+        state: NodeState::Leaving,
+    };
+    let out = m.apply(vec![leave(1), leave(2)]).await?;
+    assert_eq!(out[0], ChangeOutcome::Done);
+    assert!(rejected(&out[1], ErrorCode::Conflict), "{out:?}");
+    let active: Vec<u64> = m
+        .reader
+        .nodes()?
+        .into_iter()
+        .filter(|n| n.state == NodeState::Active)
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(active, vec![2]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_intent_fences_the_step_that_completes_it() -> anyhow::Result<()> {
     let mut s = store(2)?;
     s.apply(vec![StateChange::CreateCustomer {
@@ -397,18 +448,29 @@ async fn an_intent_fences_the_step_that_completes_it() -> anyhow::Result<()> {
         customer: customer("c2", Some("b@example.com")),
         intent: Some("int_1".into()),
     };
+    // Another sign-up under the same intent once it ended is refused; the same one finished
+    // again (its answer was lost, or the intent worker finished it too) is done.
+    let another = StateChange::CreateCustomer {
+        customer: CustomerRecord {
+            token_hash: vec![9; 32],
+            ..customer("c2", Some("b@example.com"))
+        },
+        intent: Some("int_1".into()),
+    };
     let out = s
         .apply(vec![
             StateChange::BeginIntent(intent),
             create.clone(),
+            another,
             create,
         ])
         .await?;
     assert_eq!(out[1], ChangeOutcome::Done);
     assert!(
         rejected(&out[2], ErrorCode::NotFound),
-        "the intent ended with the first"
+        "the intent ended with the first: {out:?}"
     );
+    assert_eq!(out[3], ChangeOutcome::Done);
     assert!(s.reader.customer("c2")?.is_some());
     assert!(s.reader.intents(10)?.is_empty());
     // Unlinking records the release of the subject in the meta group.
@@ -1289,6 +1351,12 @@ async fn the_last_linking_or_unlinking_wins_over_one_left_unfinished() -> anyhow
         .await?;
     s.apply(vec![finish("int_c", "s2")]).await?;
     assert_eq!(releases(&s)?, vec!["int_b".to_owned()]);
+    // The same linking applied again (its answer was lost and it was proposed once more, or
+    // the intent worker finished it too) is done, and the claim the link holds stays.
+    let out = s.apply(vec![finish("int_c", "s2")]).await?;
+    assert_eq!(out[0], ChangeOutcome::Done);
+    assert_eq!(releases(&s)?, vec!["int_b".to_owned()]);
+    assert_eq!(s.reader.links("c1")?[0].claim, "int_c");
     let out = s.apply(vec![finish("int_b", "s1")]).await?;
     assert!(rejected(&out[0], ErrorCode::NotFound));
     assert_eq!(s.reader.links("c1")?[0].subject, "s2");

@@ -130,6 +130,23 @@ impl Tx<'_> {
                 format!("node {id} was removed"),
             ));
         }
+        if node.state == NodeState::Active && state != NodeState::Active {
+            // Checked here, in the log's order: two removals sent through two nodes at once
+            // each pass a check made on a replica before the other is applied.
+            let mut others_active = 0;
+            for (_, v) in self.scan(&self.p(keys::NODE))? {
+                let other: NodeRecord = crate::codec::decode(&v)?;
+                if other.id != id && other.state == NodeState::Active {
+                    others_active += 1;
+                }
+            }
+            if others_active == 0 {
+                return Ok(ChangeOutcome::rejected(
+                    ErrorCode::Conflict,
+                    "the last active node cannot be removed",
+                ));
+            }
+        }
         node.state = state;
         self.put(key, &node)?;
         self.effects.push(Effect::ClusterChanged);

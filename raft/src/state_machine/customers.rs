@@ -72,10 +72,18 @@ impl Tx<'_> {
         customer: CustomerRecord,
         intent: Option<String>,
     ) -> Result<ChangeOutcome, StoreError> {
+        let key = keys::customer(self.space, &customer.id);
         if !self.take_intent(intent.as_deref())? {
+            // The same sign-up finished again (its answer was lost, or the intent worker
+            // finished it first): done, with the account it made.
+            if self
+                .get::<CustomerRecord>(&key)?
+                .is_some_and(|c| c.token_hash == customer.token_hash)
+            {
+                return Ok(ChangeOutcome::Done);
+            }
             return Ok(not_found("sign-up", "in progress"));
         }
-        let key = keys::customer(self.space, &customer.id);
         if let Some(existing) = self.get::<CustomerRecord>(&key)? {
             // Completing an intent twice is done, and so is the same creation proposed again
             // (its first proposal committed but its answer was lost, so the node retried it:
@@ -103,10 +111,20 @@ impl Tx<'_> {
         if !self.customer_exists(&customer_id)? {
             return Ok(not_found("customer", &customer_id));
         }
+        let link_key = keys::link(self.space, &customer_id, &link.entity_id);
         if !self.take_intent(intent.as_deref())? {
+            // The same linking applied again (its first proposal committed but the answer was
+            // lost, or the intent worker finished it first) is done: "not found" would make the
+            // caller release the claim the link now holds, and the customer's events would no
+            // longer reach them.
+            if self
+                .get::<LinkRecord>(&link_key)?
+                .is_some_and(|l| l.claim == link.claim && l.subject == link.subject)
+            {
+                return Ok(ChangeOutcome::Done);
+            }
             return Ok(not_found("linking", "in progress"));
         }
-        let link_key = keys::link(self.space, &customer_id, &link.entity_id);
         let at = link.linked_ms;
         if let Some(old) = self.get::<LinkRecord>(&link_key)? {
             if old.subject != link.subject {

@@ -82,6 +82,12 @@ impl Tx<'_> {
         let Some(mut entity) = self.entity(&id)? else {
             return Ok(not_found("entity", &id));
         };
+        if entity.sealed_secret == sealed_secret {
+            // The same rotation applied again (a proposal retried after its answer was lost):
+            // the secret before it must stay valid for its grace period, not be replaced by
+            // the new one.
+            return Ok(ChangeOutcome::Done);
+        }
         entity.sealed_previous_secret =
             Some(std::mem::replace(&mut entity.sealed_secret, sealed_secret));
         entity.previous_valid_until_ms = previous_valid_until_ms;

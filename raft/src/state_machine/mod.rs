@@ -95,7 +95,11 @@ pub enum Effect {
     /// Nodes, settings, the assignment or a group report changed (meta group).
     ClusterChanged,
     /// The whole state was replaced by a snapshot: drop every cache.
-    SnapshotInstalled,
+    SnapshotInstalled {
+        /// The replica held a state before (not a new replica's first install): what it
+        /// replaced may include what an erasure it never applied deleted.
+        replaced_state: bool,
+    },
     /// A customer's data was erased (or released from the meta group): the group's log and
     /// snapshot, and the store's files, still hold it until they are rewritten.
     Erased,
@@ -134,6 +138,9 @@ pub struct StateMachineStore {
     receiving: Arc<Mutex<Option<PathBuf>>>,
     /// Told each snapshot's size; shared with the group's log (see [`Self::pacer`]).
     pacer: Arc<SnapshotPacer>,
+    /// Held by a snapshot build and by an install, which openraft runs at once: a build reads
+    /// the key space and its snapshot of it on one side of an install's switch, never across.
+    switching: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -159,7 +166,7 @@ impl StateMachineStore {
         };
         let (lo, hi) = keys::sm_range(keys::space(group, !generation));
         delete_range(&db, &lo, &hi)?;
-        snapshot::remove_unfinished(&snapshots, group);
+        snapshot::remove_unfinished(&snapshots, group, &db)?;
         let pacer = Arc::new(SnapshotPacer::new(snapshot::current_size(
             &db, group, &snapshots,
         )?));
@@ -170,6 +177,7 @@ impl StateMachineStore {
             observer,
             snapshots: Arc::new(snapshots),
             receiving: Arc::new(Mutex::new(None)),
+            switching: Arc::new(Mutex::new(())),
             pacer,
         })
     }
@@ -225,9 +233,19 @@ impl StateMachineStore {
     }
 
     /// Installs a received snapshot file into the idle key space, then switches to it with
-    /// one synced write: a crash at any point leaves either the old state or the new one.
-    fn install(&self, meta: &SnapshotMeta, file: std::fs::File) -> Result<(), StoreError> {
+    /// one synced write that also records `name` (the file, already in place) as the group's
+    /// current snapshot: a crash at any point leaves either the old state and snapshot or the
+    /// new ones, never a state newer than the snapshot a leader would send from it.
+    fn install(
+        &self,
+        meta: &SnapshotMeta,
+        file: std::fs::File,
+        name: &str,
+    ) -> Result<(), StoreError> {
         let current = self.generation.load(Ordering::SeqCst);
+        let replaced_state = read_sm_meta(&self.db, keys::space(self.group, current))?
+            .0
+            .is_some();
         let next_space = keys::space(self.group, !current);
         let (lo, hi) = keys::sm_range(next_space);
         delete_range(&self.db, &lo, &hi)?;
@@ -245,6 +263,7 @@ impl StateMachineStore {
             keys::prefix(self.group, keys::SPACE),
             codec::encode(&!current)?,
         );
+        snapshot::record_into(&mut last, self.group, meta, name)?;
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(last, &opts)?;
@@ -252,7 +271,8 @@ impl StateMachineStore {
         // Caches of the old state go as soon as readers see the new one (not after the old
         // space is cleared, which may fail and leaves nothing any reader uses).
         self.observer
-            .applied(self.group, &[Effect::SnapshotInstalled]);
+            .applied(self.group, &[Effect::SnapshotInstalled { replaced_state }]);
+        snapshot::remove_others(&self.snapshots, self.group, name);
         let (old, old_end) = keys::sm_range(keys::space(self.group, current));
         delete_range(&self.db, &old, &old_end)?;
         Ok(())
@@ -304,25 +324,23 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     /// Streams the group's keys, as of one RocksDB snapshot, into a file (never the whole
     /// group in memory); the file is what followers are sent, in chunks.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (db, group, space, dir) = (
-            self.store.db.clone(),
-            self.store.group,
-            self.store.space(),
-            self.store.snapshots.clone(),
-        );
+        let store = self.store.clone();
         let log_bytes_at_start = self.store.pacer.log_bytes();
-        let (meta, path, size) =
-            tokio::task::spawn_blocking(move || snapshot::build(&db, group, space, &dir))
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?
-                .map_err(StoreError::into_raft_write)?;
+        let (meta, file, size) = tokio::task::spawn_blocking(move || {
+            let _one = store.switching.lock().unwrap_or_else(|p| p.into_inner());
+            let (meta, path, size) =
+                snapshot::build(&store.db, store.group, store.space(), &store.snapshots)?;
+            // Opened before the lock goes: an install waiting for it removes other files.
+            let file = std::fs::File::open(&path).map_err(StoreError::io)?;
+            Ok::<_, StoreError>((meta, file, size))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?
+        .map_err(StoreError::into_raft_write)?;
         self.store.pacer.built(log_bytes_at_start, size);
-        let file = snapshot::open(&path)
-            .await
-            .map_err(StoreError::into_raft_read)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -378,22 +396,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let file = snapshot.into_std().await;
+        let mut file = snapshot.into_std().await;
         let (store, meta) = (self.clone(), meta.clone());
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            store.install(&meta, file.try_clone().map_err(StoreError::io)?)?;
+            let _one = store.switching.lock().unwrap_or_else(|p| p.into_inner());
+            // The installed state becomes this node's current snapshot, as received: the file
+            // is put in place first and recorded by the switch.
+            let name =
+                snapshot::place_received(store.group, &store.snapshots, received, &mut file)?;
+            let installed = file
+                .try_clone()
+                .map_err(StoreError::io)
+                .and_then(|f| store.install(&meta, f, &name));
+            if let Err(e) = installed {
+                // Not recorded: the old state and snapshot stand; the file goes.
+                if snapshot::current(&store.db, store.group)?.is_none_or(|c| c.file != name) {
+                    let _ = std::fs::remove_file(store.snapshots.join(&name));
+                }
+                return Err(e);
+            }
             store
                 .pacer
                 .installed(file.metadata().map_err(StoreError::io)?.len());
-            // The installed state becomes this node's current snapshot, as received.
-            snapshot::keep_received(
-                &store.db,
-                store.group,
-                &store.snapshots,
-                &meta,
-                received,
-                file,
-            )
+            Ok(())
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()).into_raft_write())?

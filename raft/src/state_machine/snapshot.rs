@@ -58,35 +58,51 @@ pub(crate) fn current_size(db: &DB, group: GroupId, dir: &Path) -> Result<u64, S
 /// Serialises [`record`]: a build and an install of one group can finish at once.
 static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Records `file` as the group's current snapshot and removes the group's other snapshot
-/// files, unless the recorded one is newer: a build that started before an install finished
-/// after it must not replace the installed snapshot (the log before it is purged), so its file
-/// goes instead. The record is synced before any file is removed.
+/// Records a built `file` as the group's current snapshot and removes the group's other
+/// snapshot files, unless the recorded one is newer: a build that started before an install
+/// finished after it must not replace the installed snapshot (the log before it is purged), so
+/// its file goes instead and the recorded one is returned. The record is synced before any
+/// file is removed.
 fn record(
     db: &DB,
     group: GroupId,
     dir: &Path,
     meta: &SnapshotMeta,
     file: &str,
-) -> Result<(), StoreError> {
+) -> Result<Option<StoredSnapshot>, StoreError> {
     let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
-    if current(db, group)?.is_some_and(|c| c.meta.last_log_id > meta.last_log_id) {
+    if let Some(newer) = current(db, group)?.filter(|c| c.meta.last_log_id > meta.last_log_id) {
         let _ = std::fs::remove_file(dir.join(file));
-        return Ok(());
+        return Ok(Some(newer));
     }
+    let mut batch = WriteBatch::default();
+    record_into(&mut batch, group, meta, file)?;
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)?;
+    remove_files(dir, group, |n| n.ends_with(".snap") && n != file);
+    Ok(None)
+}
+
+/// Adds the record naming `file` as the group's current snapshot to `batch`.
+pub(crate) fn record_into(
+    batch: &mut WriteBatch,
+    group: GroupId,
+    meta: &SnapshotMeta,
+    file: &str,
+) -> Result<(), StoreError> {
     let stored = StoredSnapshot {
         meta: meta.clone(),
         file: file.to_owned(),
     };
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.set_sync(true);
-    db.put_opt(
-        keys::prefix(group, keys::SNAPSHOT),
-        codec::encode(&stored)?,
-        &opts,
-    )?;
-    remove_files(dir, group, |n| n.ends_with(".snap") && n != file);
+    batch.put(keys::prefix(group, keys::SNAPSHOT), codec::encode(&stored)?);
     Ok(())
+}
+
+/// Removes the group's snapshot files other than `keep` (once a record names `keep`).
+pub(crate) fn remove_others(dir: &Path, group: GroupId, keep: &str) {
+    let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
+    remove_files(dir, group, |n| n.ends_with(".snap") && n != keep);
 }
 
 /// Removes the group's files in `dir` whose names `pick` picks.
@@ -109,9 +125,14 @@ pub(crate) fn remove_all(dir: &Path, group: GroupId) {
     remove_files(dir, group, |_| true);
 }
 
-/// Removes the group's unfinished files (a transfer or build cut short).
-pub(crate) fn remove_unfinished(dir: &Path, group: GroupId) {
-    remove_files(dir, group, |n| n.ends_with(".part"));
+/// Removes the group's unfinished files (a transfer or build cut short) and snapshot files no
+/// record names (an install cut short after its file was put in place).
+pub(crate) fn remove_unfinished(dir: &Path, group: GroupId, db: &DB) -> Result<(), StoreError> {
+    let recorded = current(db, group)?.map(|c| c.file);
+    remove_files(dir, group, |n| {
+        n.ends_with(".part") || (n.ends_with(".snap") && recorded.as_deref() != Some(n))
+    });
+    Ok(())
 }
 
 /// Makes a rename in `dir` durable.
@@ -175,8 +196,15 @@ pub(crate) fn build(
         last_membership,
         snapshot_id,
     };
-    record(db, group, dir, &meta, &name)?;
-    Ok((meta, path, size))
+    match record(db, group, dir, &meta, &name)? {
+        None => Ok((meta, path, size)),
+        // Superseded by an installed snapshot: that one is the group's snapshot now.
+        Some(newer) => {
+            let path = dir.join(&newer.file);
+            let size = std::fs::metadata(&path).map_err(io)?.len();
+            Ok((newer.meta, path, size))
+        }
+    }
 }
 
 /// Calls `f` with every state machine data pair of `space` in `snap`, in key order, keys
@@ -260,31 +288,32 @@ pub(crate) fn load_into(db: &DB, space: u32, mut file: std::fs::File) -> Result<
     Ok(())
 }
 
-/// Keeps an installed snapshot as the group's current one: the received file is renamed (or,
-/// when its path is unknown, copied) into place.
-pub(crate) fn keep_received(
-    db: &DB,
+/// Puts a received snapshot file in place under a snapshot file name, synced, and returns
+/// that name: the received file is renamed (or, when its path is unknown, copied). It becomes
+/// the group's current snapshot when the install's switch records it ([`record_into`]); until
+/// then it is a file no record names, removed with the others at the next record.
+pub(crate) fn place_received(
     group: GroupId,
     dir: &Path,
-    meta: &SnapshotMeta,
     received: Option<PathBuf>,
-    mut file: std::fs::File,
-) -> Result<(), StoreError> {
+    file: &mut std::fs::File,
+) -> Result<String, StoreError> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let name = format!("g{group}-{}.snap", nanos());
     let path = dir.join(&name);
-    // openraft only flushed what it wrote: synced here, before the record names it.
+    // openraft only flushed what it wrote: synced here, before a record names it.
     file.sync_all().map_err(io)?;
     match received {
         Some(from) if std::fs::rename(&from, &path).is_ok() => sync_dir(dir)?,
         _ => {
             file.rewind().map_err(io)?;
             let mut out = std::fs::File::create(&path).map_err(io)?;
-            std::io::copy(&mut file, &mut out).map_err(io)?;
+            std::io::copy(file, &mut out).map_err(io)?;
             out.sync_all().map_err(io)?;
+            sync_dir(dir)?;
         }
     }
-    record(db, group, dir, meta, &name)
+    Ok(name)
 }
 
 /// Where a snapshot being received is written.
@@ -340,8 +369,9 @@ mod tests {
             std::fs::write(dir.join(name), b"x")?;
         }
         // Installed at 20; a build begun at 10 finishes after it.
-        record(&db, 1, &dir, &meta(20), "g1-installed.snap")?;
-        record(&db, 1, &dir, &meta(10), "g1-built.snap")?;
+        assert!(record(&db, 1, &dir, &meta(20), "g1-installed.snap")?.is_none());
+        let newer = record(&db, 1, &dir, &meta(10), "g1-built.snap")?;
+        assert_eq!(newer.map(|n| n.file).as_deref(), Some("g1-installed.snap"));
         let now = current(&db, 1)?.expect("recorded");
         assert_eq!(now.file, "g1-installed.snap");
         assert!(!dir.join("g1-built.snap").exists(), "the older file goes");
@@ -351,8 +381,13 @@ mod tests {
         assert_eq!(current(&db, 1)?.expect("recorded").file, "g1-newer.snap");
         assert!(!dir.join("g1-installed.snap").exists());
         // Unfinished files go at start; a group's files go with it; other groups' stay.
-        remove_unfinished(&dir, 1);
+        std::fs::write(dir.join("g1-placed.snap"), b"x")?;
+        remove_unfinished(&dir, 1, &db)?;
         assert!(!dir.join("g1-recv-1.part").exists());
+        assert!(
+            !dir.join("g1-placed.snap").exists(),
+            "a file no record names goes"
+        );
         assert!(dir.join("g1-newer.snap").exists());
         remove_all(&dir, 1);
         let left: Vec<String> = std::fs::read_dir(&dir)?
