@@ -507,10 +507,25 @@ pub async fn run(
             .build()?,
     ));
     let meta_vote = custos_raft::keys::key(META_GROUP, custos_raft::keys::RAFT_META, b"vote");
-    let fresh = db
-        .get_pinned(meta_vote)
+    let voted = db
+        .get_pinned(&meta_vote)
         .map_err(custos_raft::StoreError::from)?
-        .is_none();
+        .is_some();
+    // A node creating its own cluster that was killed while openraft initialised the meta
+    // group holds a vote and nothing else: it starts over (openraft would refuse to
+    // initialise the group, and it would wait for settings for ever).
+    let fresh = !voted
+        || (config.join.is_empty() && custos_raft::log_store::holds_no_log(&db, META_GROUP)?);
+    if fresh && voted {
+        tracing::warn!(
+            "the first start stopped while the cluster was being created; starting over"
+        );
+        custos_raft::state_machine::destroy_group(
+            &db,
+            META_GROUP,
+            &config.data_dir.join("snapshots"),
+        )?;
+    }
     let id = {
         let (config, peers, api) = (config.clone(), peers.clone(), api_addr.to_string());
         raft_rt
@@ -779,7 +794,9 @@ async fn start_groups(
 ) -> Result<(), NodeError> {
     if !fresh {
         cluster::reopen(core).await?;
-        if !config.join.is_empty() {
+        if config.join.is_empty() {
+            cluster::resume_bootstrap(core, config, secret, api_addr).await?;
+        } else {
             // Joining again is idempotent; it updates this node's addresses. Best effort: the
             // members may be restarting too, and this node already knows the cluster.
             let (peers, join) = (core.peers.clone(), config.join.clone());

@@ -208,6 +208,25 @@ impl std::fmt::Debug for LogStore {
     }
 }
 
+/// Whether `group`'s Raft state holds at most a vote: no log entry, none purged, no snapshot.
+/// A first start killed while openraft initialised the group leaves that (the vote is saved
+/// before the membership entry it was cast with), and openraft refuses to initialise a group
+/// that has a vote, so such a group can only be started over.
+pub fn holds_no_log(db: &DB, group: GroupId) -> Result<bool, StoreError> {
+    let prefix = keys::prefix(group, keys::LOG);
+    let mut it = db.raw_iterator_opt(keys::total_order());
+    it.seek(&prefix);
+    let has_entry = it.key().is_some_and(|k| k.starts_with(&prefix));
+    it.status()?;
+    Ok(!has_entry
+        && db
+            .get_pinned(keys::key(group, keys::RAFT_META, PURGED))?
+            .is_none()
+        && db
+            .get_pinned(keys::prefix(group, keys::SNAPSHOT))?
+            .is_none())
+}
+
 impl LogStore {
     /// The log of `group` in `db`, synced by `syncer` (the node's one syncer for `db`).
     pub fn new(db: Arc<DB>, group: GroupId, syncer: WalSyncer) -> Self {

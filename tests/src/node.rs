@@ -185,7 +185,27 @@ impl Node {
         self.spawn_inner(true).await
     }
 
-    async fn spawn_inner(&mut self, wait_ready: bool) -> anyhow::Result<()> {
+    /// Starts a node in a fresh temporary data directory and kills it (SIGKILL) `after` its
+    /// process started, ready or not: a first start cut short. `restart` starts it again.
+    pub async fn start_killed_after(options: NodeOptions, after: Duration) -> anyhow::Result<Node> {
+        let tmp = tempfile::tempdir()?;
+        let mut node = Node {
+            child: None,
+            data_dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+            url: String::new(),
+            peer: String::new(),
+            id: 0,
+            options,
+        };
+        node.launch()?;
+        tokio::time::sleep(after).await;
+        node.kill()?;
+        Ok(node)
+    }
+
+    /// Starts the process (not waiting for anything); answers where it writes `node.json`.
+    fn launch(&mut self) -> anyhow::Result<PathBuf> {
         let config = self.write_config()?;
         let ready_file = self.data_dir.join("node.json");
         let _ = std::fs::remove_file(&ready_file);
@@ -222,6 +242,11 @@ impl Node {
         }
         let child = cmd.spawn().context("starting custos")?;
         self.child = Some(child);
+        Ok(ready_file)
+    }
+
+    async fn spawn_inner(&mut self, wait_ready: bool) -> anyhow::Result<()> {
+        let ready_file = self.launch()?;
         let exited = std::sync::atomic::AtomicBool::new(false);
         let ready: Option<Ready> = poll::until("node.json", Duration::from_secs(60), || {
             let f = ready_file.clone();

@@ -2046,3 +2046,30 @@ async fn records_past_retention_are_pruned_through_raft() -> anyhow::Result<()> 
     assert_eq!(again.status, EventStatus::Accepted);
     Ok(())
 }
+
+/// A first start stopped at any moment (here: killed at a range of moments through its
+/// bootstrap) starts again and serves: it does not wait for a cluster it never finished
+/// creating, and its data groups have a leader.
+#[tokio::test]
+async fn a_first_start_killed_at_any_moment_starts_again_and_serves() -> anyhow::Result<()> {
+    let options = NodeOptions {
+        extra_toml: "[cluster]\ndata_groups = 4\n".into(),
+        ..NodeOptions::default()
+    };
+    for ms in [
+        10u64, 15, 20, 25, 30, 40, 50, 65, 80, 110, 140, 170, 200, 250, 300, 400, 600, 900,
+    ] {
+        let mut node = Node::start_killed_after(options.clone(), Duration::from_millis(ms)).await?;
+        if let Err(e) = node.restart().await {
+            anyhow::bail!("killed {ms} ms into its first start: {e:#}\n{}", node.log());
+        }
+        let created = node.admin().create_customer().await;
+        anyhow::ensure!(
+            created.is_ok(),
+            "killed {ms} ms into its first start, then: {created:?}\n{}",
+            node.log()
+        );
+        node.stop().await?;
+    }
+    Ok(())
+}

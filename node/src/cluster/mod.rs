@@ -207,12 +207,32 @@ pub async fn bootstrap(
     secret: &str,
     api_addr: &str,
 ) -> Result<(), NodeError> {
+    let meta = core.open_group(META_GROUP).await?;
+    initialize(&meta.raft, sole_member(core, config)).await?;
+    wait_leader(core, META_GROUP).await?;
+    create_cluster(core, config, secret, api_addr).await
+}
+
+/// This node as the only member of a group.
+fn sole_member(core: &Core, config: &Config) -> BTreeMap<NodeId, BasicNode> {
+    BTreeMap::from([(
+        core.node_id,
+        BasicNode {
+            addr: config.peer_address(),
+        },
+    )])
+}
+
+/// The rest of [`bootstrap`] once the meta group leads itself: the settings, this node's
+/// record and the first placement, then every data group.
+async fn create_cluster(
+    core: &Arc<Core>,
+    config: &Config,
+    secret: &str,
+    api_addr: &str,
+) -> Result<(), NodeError> {
     let me = core.node_id;
     let addr = config.peer_address();
-    let members = BTreeMap::from([(me, BasicNode { addr: addr.clone() })]);
-    let meta = core.open_group(META_GROUP).await?;
-    initialize(&meta.raft, members.clone()).await?;
-    wait_leader(core, META_GROUP).await?;
     let data_groups = config.cluster.data_groups;
     let token_keys = if config.portal.token_keys.is_empty() {
         vec![crate::seal::generate_key()]
@@ -241,14 +261,80 @@ pub async fn bootstrap(
         },
     )
     .await?;
-    for g in 1..=data_groups {
+    initialize_data_groups(core, config, 1..=data_groups).await
+}
+
+/// Opens and initialises `groups` with this node as their only voter (each a no-op where done).
+async fn initialize_data_groups(
+    core: &Arc<Core>,
+    config: &Config,
+    groups: impl Iterator<Item = GroupId> + Clone,
+) -> Result<(), NodeError> {
+    for g in groups.clone() {
         let group = core.open_group(g).await?;
-        initialize(&group.raft, members.clone()).await?;
+        initialize(&group.raft, sole_member(core, config)).await?;
     }
-    for g in 1..=data_groups {
+    for g in groups {
         wait_leader(core, g).await?;
     }
     Ok(())
+}
+
+/// Finishes a first start cut short (stopped, killed or crashed during [`bootstrap`]): the data
+/// directory then held a meta group of one voter without the cluster's settings, or settings
+/// with data groups never initialised, and every later start waited for settings that never
+/// came or served groups without a leader. Only on a node that created its cluster alone and
+/// was never joined: the meta group's only voter is this node, and once the settings exist the
+/// cluster's only node is this one under the first placement (epoch 1), so no replica of any
+/// group can exist anywhere else.
+pub async fn resume_bootstrap(
+    core: &Arc<Core>,
+    config: &Config,
+    secret: &str,
+    api_addr: &str,
+) -> Result<(), NodeError> {
+    let me = core.node_id;
+    let Some(meta) = core.group(META_GROUP) else {
+        return Ok(());
+    };
+    // From the Raft state itself: the metrics may not have been reported yet.
+    let alone = meta
+        .raft
+        .with_raft_state(move |st| {
+            st.membership_state
+                .effective()
+                .membership()
+                .voter_ids()
+                .eq([me])
+        })
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if !alone {
+        return Ok(());
+    }
+    wait_leader(core, META_GROUP).await?;
+    // Everything the log holds is applied before the state is read.
+    meta.raft
+        .ensure_linearizable()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if meta.reader.settings()?.is_none() {
+        tracing::warn!("the first start stopped before the cluster was created; creating it now");
+        return create_cluster(core, config, secret, api_addr).await;
+    }
+    let Some(assignment) = meta.reader.assignment()? else {
+        return Ok(());
+    };
+    if assignment.epoch != 1 || meta.reader.nodes()?.iter().any(|n| n.id != me) {
+        return Ok(());
+    }
+    let groups: Vec<GroupId> = assignment
+        .groups
+        .iter()
+        .filter(|(_, voters)| voters.as_slice() == [me])
+        .map(|(g, _)| *g)
+        .collect();
+    initialize_data_groups(core, config, groups.into_iter()).await
 }
 
 async fn initialize(
