@@ -510,7 +510,21 @@ impl Config {
         let fig = fig
             .merge(
                 Env::prefixed("CUSTOS_")
-                    .ignore(&["config", "url", "token", "entity_secret"])
+                    // The CLI's, entity-sim's and the scripts' own variables: set in the same
+                    // shell, they are not configuration (unknown keys are refused).
+                    .ignore(&[
+                        "config",
+                        "url",
+                        "token",
+                        "entity_secret",
+                        "sim_client_secret",
+                        "bin",
+                        "image",
+                        "base_image",
+                        "oidc_venv",
+                        "contract_venv",
+                        "ifttt_data",
+                    ])
                     .split("__"),
             )
             .merge(Serialized::defaults(flags));
@@ -604,16 +618,22 @@ impl Config {
         if d.concurrency == 0 || d.concurrency > 10_000 {
             return bad("delivery.concurrency must be in 1..=10000");
         }
-        for (name, v) in [
-            ("retention_days", self.retention_days),
-            ("prune_interval_secs", self.prune_interval_secs),
-            ("profile_idle_secs", self.profile_idle_secs),
-            ("secret_grace_hours", self.secret_grace_hours),
-            ("recommend_interval_secs", self.recommend_interval_secs),
-            ("recommend_warmup_secs", self.recommend_warmup_secs),
+        // Each made into a Duration, which panics past its range (1e20 s passed a "> 0" check
+        // and stopped the node after its ports were open): at most ten years each.
+        const TEN_YEARS_SECS: f64 = 10.0 * 365.0 * 86_400.0;
+        for (name, v, unit_secs) in [
+            ("retention_days", self.retention_days, 86_400.0),
+            ("prune_interval_secs", self.prune_interval_secs, 1.0),
+            ("profile_idle_secs", self.profile_idle_secs, 1.0),
+            ("secret_grace_hours", self.secret_grace_hours, 3_600.0),
+            ("recommend_interval_secs", self.recommend_interval_secs, 1.0),
+            ("recommend_warmup_secs", self.recommend_warmup_secs, 1.0),
+            ("portal.session_hours", self.portal.session_hours, 3_600.0),
         ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(ConfigError::Invalid(format!("{name} must be > 0")));
+            if !(v.is_finite() && v > 0.0 && v * unit_secs <= TEN_YEARS_SECS) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be > 0 and at most ten years"
+                )));
             }
         }
         let r = &self.raft;
@@ -687,6 +707,16 @@ mod tests {
         }
         let mut c = Config::default();
         c.raft.snapshot_every = 0;
+        assert!(c.check().is_err());
+        for hours in [0.0, -1.0, f64::NAN, 1e20] {
+            let mut c = Config::default();
+            c.portal.session_hours = hours;
+            assert!(c.check().is_err(), "session_hours = {hours}");
+        }
+        let c = Config {
+            prune_interval_secs: 1e20,
+            ..Config::default()
+        };
         assert!(c.check().is_err());
         assert!(Config::default().check().is_ok());
     }

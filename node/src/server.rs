@@ -481,8 +481,17 @@ pub async fn run(
     make_private_dir(&config.data_dir)?;
     let mut config = config;
     if config.peer_advertise.is_none() {
-        // Port 0 (tests) or a wildcard bind: advertise what was actually bound.
-        config.peer_advertise = Some(listeners.peer.local_addr()?.to_string());
+        // Port 0 (tests): advertise what was actually bound. A wildcard bind has no address
+        // another node could reach: registered as such, the node would never hear from its
+        // cluster, and a restart would not register it again.
+        let bound = listeners.peer.local_addr()?;
+        if bound.ip().is_unspecified() {
+            return Err(NodeError::Cluster(format!(
+                "the peer port listens on {bound}, which other nodes cannot reach: set \
+                 peer_advertise (--peer-advertise) to the address they reach this node at"
+            )));
+        }
+        config.peer_advertise = Some(bound.to_string());
     }
     let config = Arc::new(config);
     let (admin, admin_source) = admin_token(&config)?;

@@ -70,6 +70,9 @@ impl Peers {
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
+            // Peers are reached directly: an HTTP_PROXY in the node's environment must not
+            // carry (or refuse) the cluster's Raft traffic.
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none());
         let scheme = match ca_pem {
             Some(pem) => {

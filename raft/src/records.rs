@@ -902,11 +902,12 @@ pub enum IntentStep {
         /// Its customer.
         customer: CustomerRecord,
     },
-    /// Release the email in the meta group if the customer still holds it.
+    /// Release the email in the meta group if the customer still holds it; an erasure's last
+    /// step there, also for a customer without an email, so the meta group is scrubbed.
     ReleaseEmail {
         /// Customer id.
         customer_id: String,
-        /// Email.
+        /// Email (empty: the customer had none).
         email: String,
     },
 }

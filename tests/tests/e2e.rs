@@ -541,6 +541,34 @@ async fn an_erasure_is_answered_once_the_attempt_already_sending_has_finished() 
     Ok(())
 }
 
+/// A customer created through the API (no email, so no portal account) and erased: within a
+/// bounded time neither its id nor its subjects are in any file of the data directory, the
+/// meta group's log (which held its subject claims) included.
+#[tokio::test]
+async fn an_erased_customer_without_an_email_leaves_nothing_on_disk() -> anyhow::Result<()> {
+    let w = world().await?;
+    w.node.admin().erase_customer(&w.customer.id).await?;
+    let needles = [w.customer.id.clone(), "FF-1234".into(), "guest-77".into()];
+    let dir = w.node.data_dir.clone();
+    let gone = poll::until(
+        "the erased customer gone from disk",
+        Duration::from_secs(60),
+        || {
+            let found =
+                custos_tests::files::containing(&dir, &needles, &["node.log", "custos.toml"]);
+            async move { found.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    if let Err(e) = gone {
+        anyhow::bail!(
+            "{e}: still in {:?}",
+            custos_tests::files::containing(&dir, &needles, &["node.log", "custos.toml"])
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_subject_linked_anew_routes_its_events_to_the_new_customer() -> anyhow::Result<()> {
     let w = world().await?;

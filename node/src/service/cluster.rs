@@ -67,6 +67,17 @@ impl Vault {
                 if let Err(e) = &m.running_state {
                     problems.push(format!("raft stopped: {e}"));
                 }
+                // A node being removed (or removed) is not one to send clients to: its view of
+                // the cluster stops following the meta group once it is out.
+                match self.core.node_record(me).map(|n| n.state) {
+                    Some(NodeState::Leaving) => {
+                        problems.push("this node is being removed from the cluster".to_owned())
+                    }
+                    Some(NodeState::Removed) => {
+                        problems.push("this node was removed from the cluster; stop it".to_owned())
+                    }
+                    _ => {}
+                }
                 if !self.core.meta_caught_up() {
                     problems.push(
                         "catching up on the meta group since starting (events of unlinked \

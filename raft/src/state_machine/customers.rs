@@ -459,15 +459,15 @@ impl Tx<'_> {
                 self.put_raw(k, codec::encode_keys(kept));
             }
         }
-        if let Some(email) = customer.email {
-            self.new_intent(
-                now,
-                IntentStep::ReleaseEmail {
-                    customer_id: customer_id.to_owned(),
-                    email,
-                },
-            )?;
-        }
+        // Last, and also without an email (then empty): it tells the meta group an erasure
+        // released what it held there, which has it scrubbed.
+        self.new_intent(
+            now,
+            IntentStep::ReleaseEmail {
+                customer_id: customer_id.to_owned(),
+                email: customer.email.unwrap_or_default(),
+            },
+        )?;
         self.delete(customer_key);
         self.effects.push(super::Effect::Erased);
         Ok(ChangeOutcome::Done)
