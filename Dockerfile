@@ -4,7 +4,9 @@
 # (`scripts/docker-cluster up` does all of this, and makes the base image on machines that
 # cannot pull it.)
 FROM debian:bookworm-slim
-RUN groupadd --system custos && useradd --system --gid custos --home-dir /data custos \
+# A fixed uid and gid, so a bind-mounted data directory can be given to them (chown 10001:10001).
+RUN groupadd --system --gid 10001 custos \
+    && useradd --system --uid 10001 --gid custos --home-dir /data custos \
     && mkdir -p /data && chown custos:custos /data
 COPY custos /usr/local/bin/custos
 USER custos

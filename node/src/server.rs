@@ -482,14 +482,19 @@ pub async fn run(
     let mut config = config;
     if config.peer_advertise.is_none() {
         // Port 0 (tests): advertise what was actually bound. A wildcard bind has no address
-        // another node could reach: registered as such, the node would never hear from its
-        // cluster, and a restart would not register it again.
+        // another node could reach: a joining node registered as such would never hear from
+        // its cluster (and a restart would not register it again), so it is refused; a node
+        // on its own (a container) reaches itself at it, but no node can join it.
         let bound = listeners.peer.local_addr()?;
         if bound.ip().is_unspecified() {
-            return Err(NodeError::Cluster(format!(
-                "the peer port listens on {bound}, which other nodes cannot reach: set \
-                 peer_advertise (--peer-advertise) to the address they reach this node at"
-            )));
+            if !config.join.is_empty() {
+                return Err(NodeError::Cluster(format!(
+                    "the peer port listens on {bound}, which the cluster cannot reach: set \
+                     peer_advertise (--peer-advertise) to the address other nodes reach this \
+                     node at"
+                )));
+            }
+            tracing::warn!(peer = %bound, "no peer_advertise: other nodes cannot join this one at a wildcard address");
         }
         config.peer_advertise = Some(bound.to_string());
     }
