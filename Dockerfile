@@ -4,9 +4,10 @@
 # (`scripts/docker-cluster up` does all of this, and makes the base image on machines that
 # cannot pull it.)
 FROM debian:bookworm-slim
-# A fixed uid and gid, so a bind-mounted data directory can be given to them (chown 10001:10001).
-RUN groupadd --system --gid 10001 custos \
-    && useradd --system --uid 10001 --gid custos --home-dir /data custos \
+# A fixed uid and gid (999, what `useradd --system` gave in earlier images, so their volumes
+# stay writable), so a bind-mounted data directory can be given to them (chown 999:999).
+RUN groupadd --system --gid 999 custos \
+    && useradd --system --uid 999 --gid custos --home-dir /data custos \
     && mkdir -p /data && chown custos:custos /data
 COPY custos /usr/local/bin/custos
 USER custos

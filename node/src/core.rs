@@ -1339,8 +1339,16 @@ impl Core {
                     ProposeError::AnswerLost(format!("peer {addr}: {e}"))
                 }
             })?;
+        if resp.status().is_server_error() {
+            // Perhaps after proposing it (an answer that could not be encoded, a proxy).
+            return Err(ProposeError::AnswerLost(format!(
+                "peer {addr} answered {}",
+                resp.status()
+            )));
+        }
         if !resp.status().is_success() {
-            // The peer refused the request before proposing it (authentication, decoding).
+            // The peer refused the request before proposing it (authentication, decoding, no
+            // replica of the group).
             return Err(ProposeError::Stopped(format!(
                 "peer {addr} answered {}",
                 resp.status()

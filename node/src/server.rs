@@ -526,10 +526,16 @@ pub async fn run(
         .map_err(custos_raft::StoreError::from)?
         .is_some();
     // A node creating its own cluster that was killed while openraft initialised the meta
-    // group holds a vote and nothing else: it starts over (openraft would refuse to
+    // group holds its own vote and nothing else: it starts over (openraft would refuse to
     // initialise the group, and it would wait for settings for ever).
+    let me = cluster::stored_node_id(&config.data_dir).unwrap_or(if config.node_id > 0 {
+        config.node_id
+    } else {
+        1
+    });
     let fresh = !voted
-        || (config.join.is_empty() && custos_raft::log_store::holds_no_log(&db, META_GROUP)?);
+        || (config.join.is_empty()
+            && custos_raft::log_store::holds_only_own_vote(&db, META_GROUP, me)?);
     if fresh && voted {
         tracing::warn!(
             "the first start stopped while the cluster was being created; starting over"

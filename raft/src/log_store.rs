@@ -208,11 +208,20 @@ impl std::fmt::Debug for LogStore {
     }
 }
 
-/// Whether `group`'s Raft state holds at most a vote: no log entry, none purged, no snapshot.
-/// A first start killed while openraft initialised the group leaves that (the vote is saved
-/// before the membership entry it was cast with), and openraft refuses to initialise a group
-/// that has a vote, so such a group can only be started over.
-pub fn holds_no_log(db: &DB, group: GroupId) -> Result<bool, StoreError> {
+/// Whether `group`'s Raft state holds nothing but a vote `me` cast for itself: no log entry,
+/// none purged, no snapshot. Only a node forming a cluster votes for itself before its log has
+/// an entry (a first start killed while openraft initialised the group), and openraft refuses
+/// to initialise a group that has a vote, so such a group can only be started over. A vote
+/// for another node (a joining node killed between its leader's vote and its first entries)
+/// is not this: that node belongs to the leader's cluster.
+pub fn holds_only_own_vote(db: &DB, group: GroupId, me: NodeId) -> Result<bool, StoreError> {
+    let vote: Option<Vote<NodeId>> = match db.get_pinned(keys::key(group, keys::RAFT_META, VOTE))? {
+        Some(v) => Some(codec::decode(&v)?),
+        None => None,
+    };
+    if vote.is_none_or(|v| v.leader_id().voted_for() != Some(me)) {
+        return Ok(false);
+    }
     let prefix = keys::prefix(group, keys::LOG);
     let mut it = db.raw_iterator_opt(keys::total_order());
     it.seek(&prefix);
@@ -481,6 +490,23 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Blank,
         }
+    }
+
+    #[test]
+    fn only_a_vote_cast_for_itself_without_a_log_is_a_forming_cut_short() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let db = crate::open_db(&tmp.path().join("db"), crate::DbOptions::default())?;
+        let vote_key = keys::key(0, keys::RAFT_META, VOTE);
+        assert!(!holds_only_own_vote(&db, 0, 1)?, "no vote: nothing was begun");
+        // A joining node's vote for its leader: it belongs to that cluster.
+        db.put(&vote_key, codec::encode(&Vote::<NodeId>::new(3, 2))?)?;
+        assert!(!holds_only_own_vote(&db, 0, 1)?);
+        db.put(&vote_key, codec::encode(&Vote::<NodeId>::new(1, 1))?)?;
+        assert!(holds_only_own_vote(&db, 0, 1)?);
+        // With an entry, the group was initialised: never started over.
+        db.put(keys::log(0, 1), b"x")?;
+        assert!(!holds_only_own_vote(&db, 0, 1)?);
+        Ok(())
     }
 
     fn indexes(entries: Option<Vec<Arc<Entry>>>) -> Option<Vec<u64>> {

@@ -42,22 +42,19 @@ impl Tx<'_> {
             nodes.iter().find(|n| n.id == node.id)
         } else {
             // A node without its id file at a registered address: one that crashed before it
-            // kept the id it was given (or whose join answer was lost) is that node; one whose
-            // data directory was lost must not come back under the id of a voter it no longer
-            // has, since it would vote without the entries it acknowledged (a committed change
-            // could be lost). A learner's replica carries no vote: the leader catches it up
-            // again, so a join retried after the meta leader made the node a learner (within
-            // half a second) is the same node, not a phantom left registered.
+            // kept the id it was given is that node; one whose data directory was lost must
+            // not come back under the id of a replica it no longer has, since it would vote
+            // without the entries it acknowledged (a committed change could be lost).
             let same = nodes
                 .iter()
                 .find(|n| n.peer_addr == node.peer_addr && n.state != NodeState::Removed);
             if let Some(n) = same {
-                if self.votes_in_a_group(n.id)? {
+                if self.holds_replicas(n.id)? {
                     return Ok(ChangeOutcome::rejected(
                         ErrorCode::Conflict,
                         format!(
-                            "node {} at {} votes in a group, and this node has no node id in \
-                             its data directory (was it lost?): it cannot rejoin as node {}; \
+                            "node {} at {} holds replicas, and this node has no node id in its \
+                             data directory (was it lost?): it cannot rejoin as node {}; \
                              remove node {} (`custos cluster remove {}`) and start this one \
                              once it is removed, or start it at another peer address",
                             n.id, n.peer_addr, n.id, n.id, n.id
@@ -107,11 +104,11 @@ impl Tx<'_> {
     }
 
     /// Whether the latest reports of the groups (the meta group's included) name `node` as a
-    /// voter.
-    fn votes_in_a_group(&self, node: u64) -> Result<bool, StoreError> {
+    /// voter or learner.
+    fn holds_replicas(&self, node: u64) -> Result<bool, StoreError> {
         for (_, v) in self.scan(&self.p(keys::GROUP_REPORT))? {
             let r: GroupReport = crate::codec::decode(&v)?;
-            if r.voters.contains(&node) {
+            if r.voters.contains(&node) || r.learners.contains(&node) {
                 return Ok(true);
             }
         }
