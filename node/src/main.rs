@@ -322,10 +322,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = Config::load(args.config, &overrides)?;
     custos_node::telemetry::init_logging(&config.log_format, &config.log_level);
-    let listeners = Listeners::bind(&config)
-        .with_context(|| format!("binding {} and {}", config.listen, config.peer_listen))?;
-    actix_rt::System::new().block_on(server::run(config, listeners, shutdown_signal()))?;
-    Ok(())
+    let json = config.log_format == "json";
+    let served = Listeners::bind(&config)
+        .with_context(|| format!("binding {} and {}", config.listen, config.peer_listen))
+        .and_then(|listeners| {
+            actix_rt::System::new()
+                .block_on(server::run(config, listeners, shutdown_signal()))
+                .map_err(anyhow::Error::from)
+        });
+    match served {
+        // Under JSON logs every line on stderr is JSON, the reason a start failed included.
+        Err(e) if json => {
+            tracing::error!(error = %format!("{e:#}"), "custos stopped");
+            std::process::exit(1);
+        }
+        other => other,
+    }
 }
 
 fn entity_sim(args: EntitySimArgs) -> anyhow::Result<()> {

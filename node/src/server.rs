@@ -136,21 +136,25 @@ pub fn admin_token(config: &Config) -> Result<(String, AdminTokenSource), NodeEr
 /// Creates the data directory (0700), and takes away group and other access from anything
 /// already in it (a directory an earlier version left readable).
 pub fn make_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).map_err(at(dir, "creating"))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
-            for entry in std::fs::read_dir(&d)? {
-                let entry = entry?;
-                let meta = entry.metadata()?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(at(
+                &d,
+                "making private (chmod 700; the node's user must own it)",
+            ))?;
+            for entry in std::fs::read_dir(&d).map_err(at(&d, "reading"))? {
+                let entry = entry.map_err(at(&d, "reading"))?;
+                let meta = entry.metadata().map_err(at(&entry.path(), "reading"))?;
                 if meta.is_dir() {
                     stack.push(entry.path());
                 } else if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
                     let mode = meta.permissions().mode() & 0o700;
-                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))
+                        .map_err(at(&entry.path(), "making private"))?;
                 }
             }
         }
@@ -169,11 +173,17 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = opts.open(&tmp).map_err(at(&tmp, "creating"))?;
+        f.write_all(bytes).map_err(at(&tmp, "writing"))?;
+        f.sync_all().map_err(at(&tmp, "writing"))?;
     }
-    std::fs::rename(tmp, path)
+    std::fs::rename(&tmp, path).map_err(at(path, "writing"))
+}
+
+/// An I/O error that names what was being done to which path (a start-up error such as
+/// "Operation not permitted" alone does not say which file of the data directory).
+fn at<'a>(path: &'a Path, doing: &'a str) -> impl FnOnce(std::io::Error) -> std::io::Error + 'a {
+    move |e| std::io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
 }
 
 pub(crate) fn raft_config(config: &Config) -> Result<openraft::Config, NodeError> {
@@ -846,6 +856,19 @@ async fn start_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_that_cannot_be_made_says_which_path() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, b"x")?;
+        let dir = file.join("data");
+        let e = make_private_dir(&dir).expect_err("a file is in the way");
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+        let e = write_private(&dir.join("node-id"), b"1").expect_err("no directory");
+        assert!(e.to_string().contains("node-id"), "{e}");
+        Ok(())
+    }
 
     #[test]
     fn training_is_due_without_a_model_while_young_and_when_old() {

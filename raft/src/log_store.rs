@@ -497,7 +497,10 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         let db = crate::open_db(&tmp.path().join("db"), crate::DbOptions::default())?;
         let vote_key = keys::key(0, keys::RAFT_META, VOTE);
-        assert!(!holds_only_own_vote(&db, 0, 1)?, "no vote: nothing was begun");
+        assert!(
+            !holds_only_own_vote(&db, 0, 1)?,
+            "no vote: nothing was begun"
+        );
         // A joining node's vote for its leader: it belongs to that cluster.
         db.put(&vote_key, codec::encode(&Vote::<NodeId>::new(3, 2))?)?;
         assert!(!holds_only_own_vote(&db, 0, 1)?);
