@@ -61,7 +61,8 @@ allow_private_targets = false
 # client address, and behind a proxy every client would otherwise share the proxy's.
 trusted_proxies = []
 
-# Log format: "human" or "json". Log level filter, as in RUST_LOG.
+# Log format: "human" or "json". Log level filter, as in RUST_LOG (a RUST_LOG variable, when
+# set, replaces it; the node logs a warning saying so at start).
 log_format = "human"
 log_level = "info,openraft=warn"
 

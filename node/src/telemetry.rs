@@ -6,8 +6,9 @@ use crate::core::Core;
 
 /// Starts logging once per process; later calls (tests) are ignored.
 pub fn init_logging(format: &str, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let overridden = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -18,6 +19,11 @@ pub fn init_logging(format: &str, level: &str) {
     } else {
         builder.try_init()
     };
+    // RUST_LOG (the usual variable for Rust programs) wins over the configured level: said
+    // once, so an operator who set `log_level` knows why it is not in effect.
+    if overridden {
+        tracing::warn!(log_level = %level, "RUST_LOG is set: it replaces log_level");
+    }
 }
 
 /// The Prometheus exporter's handle, and the gauges computed at scrape time.
