@@ -482,6 +482,25 @@ impl ApplyObserver for Observer {
     }
 }
 
+/// Whether the placement gives `node` a replica of data group `group`: it names the node among
+/// the group's voters, and the node is not removed (what the manager opens, and the only
+/// replicas a peer's first message may open).
+pub fn placed_on(
+    nodes: &[custos_raft::records::NodeRecord],
+    assignment: &custos_raft::records::Assignment,
+    node: NodeId,
+    group: GroupId,
+) -> bool {
+    let removed = nodes
+        .iter()
+        .any(|n| n.id == node && n.state == custos_raft::records::NodeState::Removed);
+    !removed
+        && assignment
+            .groups
+            .get(&group)
+            .is_some_and(|voters| voters.contains(&node))
+}
+
 /// Wake-ups shared by every group's observer.
 #[derive(Default)]
 pub struct Wakers {
@@ -834,16 +853,10 @@ impl Core {
         let me = self.node_id;
         let read = self
             .read_meta(move |r| {
-                let removed = r
-                    .nodes()?
-                    .iter()
-                    .any(|n| n.id == me && n.state == custos_raft::records::NodeState::Removed);
-                Ok(!removed
-                    && r.assignment()?.is_none_or(|a| {
-                        a.groups
-                            .get(&group)
-                            .is_some_and(|voters| voters.contains(&me))
-                    }))
+                Ok(match r.assignment()? {
+                    Some(a) => placed_on(&r.nodes()?, &a, me, group),
+                    None => true,
+                })
             })
             .await;
         read.unwrap_or(false)

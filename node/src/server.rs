@@ -530,11 +530,7 @@ pub async fn run(
             .enable_all()
             .build()?,
     ));
-    let meta_vote = custos_raft::keys::key(META_GROUP, custos_raft::keys::RAFT_META, b"vote");
-    let voted = db
-        .get_pinned(&meta_vote)
-        .map_err(custos_raft::StoreError::from)?
-        .is_some();
+    let voted = custos_raft::log_store::stored_vote(&db, META_GROUP)?.is_some();
     // A node creating its own cluster that was killed while openraft initialised the meta
     // group holds its own vote and nothing else: it starts over (openraft would refuse to
     // initialise the group, and it would wait for settings for ever).
@@ -782,8 +778,8 @@ pub async fn run(
     api_handle.stop(true).await;
     let _ = api_task.await;
     let _ = stop_tx.send(true);
-    // The background tasks finish what they are doing (bounded: whatever is left is dropped
-    // with the runtime below) while the peer port still serves: until its Raft groups close,
+    // The background tasks finish what they are doing (bounded: whatever is left after
+    // STOP_TASKS_WITHIN is aborted) while the peer port still serves: until its Raft groups close,
     // this node may lead some, and the other nodes' forwarded calls, relayed events and Raft
     // messages must reach it rather than fail until an election.
     let mut tasks = [

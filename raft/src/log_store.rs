@@ -208,6 +208,14 @@ impl std::fmt::Debug for LogStore {
     }
 }
 
+/// The vote stored for `group` (none: its Raft never started, on this node).
+pub fn stored_vote(db: &DB, group: GroupId) -> Result<Option<Vote<NodeId>>, StoreError> {
+    match db.get_pinned(keys::key(group, keys::RAFT_META, VOTE))? {
+        Some(v) => Ok(Some(codec::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
 /// Whether `group`'s Raft state holds nothing but a vote `me` cast for itself: no log entry,
 /// none purged, no snapshot. Only a node forming a cluster votes for itself before its log has
 /// an entry (a first start killed while openraft initialised the group), and openraft refuses
@@ -215,11 +223,7 @@ impl std::fmt::Debug for LogStore {
 /// for another node (a joining node killed between its leader's vote and its first entries)
 /// is not this: that node belongs to the leader's cluster.
 pub fn holds_only_own_vote(db: &DB, group: GroupId, me: NodeId) -> Result<bool, StoreError> {
-    let vote: Option<Vote<NodeId>> = match db.get_pinned(keys::key(group, keys::RAFT_META, VOTE))? {
-        Some(v) => Some(codec::decode(&v)?),
-        None => None,
-    };
-    if vote.is_none_or(|v| v.leader_id().voted_for() != Some(me)) {
+    if stored_vote(db, group)?.is_none_or(|v| v.leader_id().voted_for() != Some(me)) {
         return Ok(false);
     }
     let prefix = keys::prefix(group, keys::LOG);

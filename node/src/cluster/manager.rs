@@ -533,11 +533,8 @@ async fn replicas(
     reports: &[GroupReport],
 ) {
     let me = core.node_id;
-    let removed = nodes
-        .iter()
-        .any(|n| n.id == me && n.state == NodeState::Removed);
-    for (group, voters) in &assignment.groups {
-        if !removed && voters.contains(&me) && core.group(*group).is_none() {
+    for group in assignment.groups.keys() {
+        if crate::core::placed_on(nodes, assignment, me, *group) && core.group(*group).is_none() {
             if let Err(e) = core.open_group(*group).await {
                 tracing::warn!(group, error = %e, "cannot open replica");
             }

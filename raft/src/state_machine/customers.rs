@@ -73,25 +73,25 @@ impl Tx<'_> {
         intent: Option<String>,
     ) -> Result<ChangeOutcome, StoreError> {
         let key = keys::customer(self.space, &customer.id);
+        let existing = self.get::<CustomerRecord>(&key)?;
+        // The same creation applied again (its answer was lost and the node proposed it
+        // again, or the intent worker finished the sign-up first): done, so the caller gets
+        // the customer and its token. A token is random per creation, so its hash tells.
+        let same = existing
+            .as_ref()
+            .is_some_and(|c| c.token_hash == customer.token_hash);
         if !self.take_intent(intent.as_deref())? {
-            // The same sign-up finished again (its answer was lost, or the intent worker
-            // finished it first): done, with the account it made.
-            if self
-                .get::<CustomerRecord>(&key)?
-                .is_some_and(|c| c.token_hash == customer.token_hash)
-            {
-                return Ok(ChangeOutcome::Done);
-            }
-            return Ok(not_found("sign-up", "in progress"));
+            return Ok(if same {
+                ChangeOutcome::Done
+            } else {
+                not_found("sign-up", "in progress")
+            });
         }
-        if let Some(existing) = self.get::<CustomerRecord>(&key)? {
-            // Completing an intent twice is done, and so is the same creation proposed again
-            // (its first proposal committed but its answer was lost, so the node retried it:
-            // the caller must get the customer and its token, not a conflict); creating an
-            // id twice otherwise is a conflict.
+        if existing.is_some() {
+            // Completing an intent twice is done; creating an id twice otherwise conflicts.
             return Ok(match intent {
                 Some(_) => ChangeOutcome::Done,
-                None if existing == customer => ChangeOutcome::Done,
+                None if same => ChangeOutcome::Done,
                 None => ChangeOutcome::rejected(
                     ErrorCode::Conflict,
                     format!("customer {} already exists", customer.id),

@@ -1,6 +1,9 @@
 //! Events (data groups): dedup, the authoritative link re-check, activity and the outbox.
 
 use super::Tx;
+use crate::error::StoreError;
+use crate::keys;
+use crate::records::*;
 
 /// How the customer withdrew a command since it was planned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,9 +15,6 @@ pub(crate) enum Withdrawn {
     /// Its target was linked again as another account.
     Relinked,
 }
-use crate::error::StoreError;
-use crate::keys;
-use crate::records::*;
 
 impl Tx<'_> {
     /// Why an event routed to `customer` must not act for it, if it must not: the routing
