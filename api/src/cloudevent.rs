@@ -106,8 +106,16 @@ impl CloudEvent {
         if self.specversion != "1.0" {
             return Err(field_err("specversion", "must be \"1.0\""));
         }
-        if self.id.is_empty() || self.id.chars().count() > MAX_ID_LEN || self.id.contains('\0') {
-            return Err(field_err("id", format!("must be 1..={MAX_ID_LEN} bytes")));
+        // Ids go into the command's `custoseventid`, the customer's activity and the logs:
+        // no control characters.
+        if self.id.is_empty()
+            || self.id.chars().count() > MAX_ID_LEN
+            || self.id.chars().any(char::is_control)
+        {
+            return Err(field_err(
+                "id",
+                format!("must be 1..={MAX_ID_LEN} characters, none a control character"),
+            ));
         }
         if !is_valid_id(&self.source) {
             return Err(field_err("source", "must be a registered entity id"));
@@ -130,7 +138,7 @@ impl CloudEvent {
                 .map_err(|_| field_err("time", "must be RFC 3339"))?;
         }
         if let Some(ct) = &self.datacontenttype {
-            if !ct.starts_with("application/json") && !ct.ends_with("+json") {
+            if !is_json_media_type(ct) {
                 return Err(field_err("datacontenttype", "only JSON data is accepted"));
             }
         }
@@ -144,9 +152,55 @@ impl CloudEvent {
     }
 }
 
+/// Whether a content type names JSON: `application/json` or a `+json` suffix, in any case,
+/// with or without parameters (RFC 9110: media types are case-insensitive).
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || (essence.contains('/') && essence.ends_with("+json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_types_in_any_case_and_nothing_else() {
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/cloudevents+json",
+            "application/vnd.hotel.hold+JSON ; v=1",
+        ] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in [
+            "application/jsonfoo",
+            "text/plain",
+            "+json",
+            "application/xml",
+            "",
+        ] {
+            assert!(!is_json_media_type(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_event_id_with_a_control_character_is_refused() {
+        let mut e = CloudEvent::new("evt-1", "airline", "flight.delayed");
+        e.subject = Some("FF-1".into());
+        assert!(e.validate_incoming().is_ok());
+        for id in ["evt\n1", "evt\u{1b}[31m", "evt\u{0}"] {
+            e.id = id.into();
+            let err = e.validate_incoming().err().map(|e| e.field);
+            assert_eq!(err, Some("id"), "{id:?}");
+        }
+    }
 
     proptest::proptest! {
         /// Fuzzing (PROPTEST_CASES=100000 for a longer run): no input panics the decoder or

@@ -326,6 +326,13 @@ pub enum EventStatus {
 /// linked) is the customer's, in their activity only.
 pub const IGNORED_BY_RULES: &str = "none of the customer's rules made a command from it";
 
+/// The `reason` an entity is given for its event about a subject no customer links at it:
+/// the same whether nobody ever linked it, the customer unlinked it, or was erased, so the
+/// entity learns nothing of a customer's unlinking or erasure from it.
+pub fn unclaimed_reason(source: &str) -> String {
+    format!("no customer has linked this subject at {source}")
+}
+
 /// `POST /v1/events` answer, sent once the event and its commands are durably committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventReceipt {

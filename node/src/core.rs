@@ -48,11 +48,24 @@ pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, String> {
     jsonschema::validator_for(schema).map_err(|e| e.to_string())
 }
 
-/// Checks `data` against a validator; the error names the first violation and its path.
+/// Longest violation message that quotes the offending value; a longer one says "value".
+const MAX_QUOTED_VIOLATION: usize = 300;
+
+/// Checks `data` against a validator; the error names the first violation and its path. The
+/// offending value is quoted only when short: it can be as large as the data (an event's, or
+/// a mapping's that repeats it), and the message goes into answers, activity and Raft entries.
 pub fn check_schema(v: &jsonschema::Validator, data: &Value) -> Result<(), String> {
     match v.iter_errors(data).next() {
         None => Ok(()),
-        Some(e) => Err(format!("{} at '{}'", e, e.instance_path)),
+        Some(e) => {
+            let quoted = e.to_string();
+            let what = if quoted.len() <= MAX_QUOTED_VIOLATION {
+                quoted
+            } else {
+                e.masked().to_string()
+            };
+            Err(format!("{what} at '{}'", e.instance_path))
+        }
     }
 }
 
@@ -409,10 +422,11 @@ pub type RouteCache = ReadCache<Option<String>>;
 /// Most subjects a [`RouteCache`] holds.
 const MAX_ROUTES: usize = 65_536;
 
-/// Whether a customer links an entity (customer, entity) -> linked, for one data group: every
-/// delivery attempt asks, after it is registered in flight (so an unlink whose apply this
-/// cache has not yet seen waits for it, as it would for a read of the replica).
-pub type LinkCache = ReadCache<bool>;
+/// The account a customer links at an entity (customer, entity) -> its subject, if linked,
+/// for one data group: every delivery attempt asks, after it is registered in flight (so an
+/// unlink whose apply this cache has not yet seen waits for it, as it would for a read of the
+/// replica), and sends only a command addressed to that account.
+pub type LinkCache = ReadCache<Option<String>>;
 /// Most links a group's [`LinkCache`] holds.
 const MAX_LINKS: usize = 65_536;
 
@@ -1138,6 +1152,44 @@ impl Core {
             None => self.shard_map()?.group_of(&format!("{source}\0{subject}")),
         };
         Ok((customer, group))
+    }
+
+    /// The customer claiming `subject` at `source` as the meta group's leader has it, after a
+    /// read index round there: what this node's replica may not show yet (a claim the leader
+    /// applied, and so acknowledged, that has not reached this replica). An event is recorded
+    /// as ignored only on this answer: recorded, it is ignored for good (a retry is a
+    /// duplicate), though its customer may have linked the subject a moment before.
+    pub async fn confirmed_claim(
+        &self,
+        source: &str,
+        subject: &str,
+    ) -> Result<Option<String>, ServiceError> {
+        let query = crate::cluster::wire::GroupQuery::SubjectClaim {
+            entity_id: source.to_owned(),
+            subject: subject.to_owned(),
+        };
+        let unconfirmed = |why: String| {
+            ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!("the routing index could not be confirmed with the cluster ({why}); retry"),
+            )
+        };
+        // Bounded like a proposal: a leader this node cannot reach would hold the event's
+        // answer for the peer call's whole timeout.
+        let asked = tokio::time::timeout(
+            propose_deadline(&self.config),
+            crate::peer::ask_group(self, META_GROUP, query),
+        )
+        .await;
+        match asked {
+            Ok(Ok(crate::cluster::wire::GroupAnswer::SubjectClaim(claim))) => Ok(claim),
+            Ok(Ok(crate::cluster::wire::GroupAnswer::Refused(why))) => Err(unconfirmed(why)),
+            Ok(Ok(_)) => Err(unconfirmed("an unexpected answer".into())),
+            Ok(Err(why)) => Err(unconfirmed(why)),
+            Err(_) => Err(unconfirmed(
+                "the meta group's leader did not answer in time".into(),
+            )),
+        }
     }
 
     /// The leader of `group` and its peer address, as this node knows them: from its own

@@ -285,7 +285,7 @@ async fn attempt(
     confirmed: Instant,
 ) {
     match prepare_and_send(&worker, &id, created, confirmed).await {
-        Ok(Some((update, target))) => {
+        Ok(Some((mut update, target))) => {
             // Sent: the next due delivery may take the slot while this result is recorded.
             worker.group.in_flight.sent(&id);
             worker.group.due.wake();
@@ -296,8 +296,13 @@ async fn attempt(
             {
                 // Disabled before the failure is recorded: whoever sees the delivery failed
                 // sees the endpoint disabled (a crash in between leaves it pending, and its
-                // next attempt finds the endpoint disabled).
-                disable_gone_endpoint(&worker, &target).await;
+                // next attempt finds the endpoint disabled). An endpoint moved meanwhile is
+                // tried instead: the delivery is retried at once, not failed.
+                if !disable_gone_endpoint(&worker, &target).await {
+                    if let DeliveryUpdate::Attempted { next, .. } = &mut update {
+                        *next = AttemptNext::RetryAt(unix_now_ms());
+                    }
+                }
             }
             if worker.results.send(update).is_err() {
                 finish(&worker, &id);
@@ -317,8 +322,10 @@ struct PendingDelivery {
     command: Arc<CommandRecord>,
     attempts_made: usize,
     next_due_ms: Option<i64>,
-    /// Whether the customer still links the command's target.
+    /// Whether the customer still links the command's target as the account it addresses.
     linked: bool,
+    /// Whether the customer links the target as another account now.
+    relinked: bool,
 }
 
 /// The pending delivery `id`, with whether its target is still linked (asked here, after the
@@ -344,21 +351,32 @@ fn pending_delivery(
         },
     };
     // From the group's link cache: the same answer as the replica's (an apply drops a link's
-    // answer before its outcome is returned), without a RocksDB read per attempt.
-    let linked = worker
+    // answer before its outcome is returned), without a RocksDB read per attempt. Linked as
+    // the account the command is addressed to: a customer who linked the entity again as
+    // another account withdrew the commands to the first (as the apply's `withdrawn` says).
+    let subject = worker
         .group
         .links
         .get_or_read(&command.customer_id, &command.target, || {
             reader
                 .link(&command.customer_id, &command.target)
-                .map(|l| l.is_some())
+                .map(|l| l.map(|l| l.subject))
         })?;
+    let linked = subject.as_deref() == Some(command.subject.as_str());
+    let relinked = subject.is_some() && !linked;
     Ok(Some(PendingDelivery {
         command,
         attempts_made,
         next_due_ms,
         linked,
+        relinked,
     }))
+}
+
+/// Where an attempt went: the entity, and its endpoint then (empty when nothing was sent).
+struct Target {
+    entity: String,
+    command_url: String,
 }
 
 /// Sends one due command; answers its result and its target.
@@ -367,7 +385,7 @@ async fn prepare_and_send(
     id: &str,
     created: Option<Arc<CommandRecord>>,
     confirmed: Instant,
-) -> Result<Option<(DeliveryUpdate, String)>, crate::error::ServiceError> {
+) -> Result<Option<(DeliveryUpdate, Target)>, crate::error::ServiceError> {
     let core = &worker.core;
     if !worker.group.leads(core.node_id) {
         // Leadership moved since this was queued: the new leader sends it. Kept queued here
@@ -389,12 +407,23 @@ async fn prepare_and_send(
         .in_flight
         .describe(id, &rec.command.customer_id, &rec.command.target);
     let now = unix_now_ms();
-    let target = rec.command.target.clone();
+    let mut target = Target {
+        entity: rec.command.target.clone(),
+        command_url: String::new(),
+    };
     if !linked {
         return Ok(Some((
             DeliveryUpdate::Cancelled {
                 command_id: id.to_owned(),
-                reason: format!("the customer unlinked {}", rec.command.target),
+                reason: if rec.relinked {
+                    // As the apply's cancellation words it.
+                    format!(
+                        "the customer linked another account at {}",
+                        rec.command.target
+                    )
+                } else {
+                    format!("the customer unlinked {}", rec.command.target)
+                },
                 at_ms: now,
                 as_failed: false,
             },
@@ -404,7 +433,7 @@ async fn prepare_and_send(
     let Some(entity) = core.entity(&rec.command.target).await? else {
         // Entities are never deleted, and a rule names a registered one: this replica of the
         // meta group has not caught up yet (a node that just took the lead). Sent later.
-        tracing::warn!(command = %id, entity = %target, "entity not known here yet; delivery requeued");
+        tracing::warn!(command = %id, entity = %target.entity, "entity not known here yet; delivery requeued");
         requeue(worker, id.to_owned());
         return Ok(None);
     };
@@ -425,6 +454,7 @@ async fn prepare_and_send(
         requeue(worker, id.to_owned());
         return Ok(None);
     }
+    target.command_url = entity.record.command_url.clone();
     let started = Instant::now();
     let result = send(worker, &entity, &rec.command).await;
     let duration = started.elapsed();
@@ -537,9 +567,15 @@ async fn send(
     Err((DeliveryError::Status(status.as_u16()), retry_after))
 }
 
-/// How many times results that could not be recorded are proposed again, `REQUEUE_MS` apart,
-/// while this node leads the group, before their commands are put back to be sent again.
-const RECORD_TRIES: u32 = 5;
+/// The longest wait between two proposals of results that could not be recorded.
+const RECORD_BACKOFF_MAX_MS: u64 = 5_000;
+
+/// The wait before results that could not be recorded `tries` times in a row are proposed
+/// again: `REQUEUE_MS`, doubling, at most [`RECORD_BACKOFF_MAX_MS`].
+fn record_backoff(tries: u32) -> Duration {
+    let ms = (REQUEUE_MS as u64).saturating_mul(1 << tries.saturating_sub(1).min(6));
+    Duration::from_millis(ms.min(RECORD_BACKOFF_MAX_MS))
+}
 
 /// When a command whose result could not be recorded is sent again: not before the retry the
 /// result itself scheduled (a failing target keeps its backoff), and not within `REQUEUE_MS`.
@@ -556,9 +592,13 @@ fn resend_at(update: &DeliveryUpdate, now_ms: i64) -> i64 {
 
 /// Commits attempt results in batches: one Raft entry for everything that finished meanwhile.
 /// A batch that could not be recorded (the group overloaded, a proposal timed out) is proposed
-/// again with what finished since, its commands still in flight: an attempt made is recorded,
-/// not made again. Only when the node no longer leads the group, or after [`RECORD_TRIES`], are
-/// they put back to be sent again (same webhook-id; targets deduplicate).
+/// again with what finished since, its commands still in flight, for as long as this node
+/// leads the group ([`record_backoff`] apart): an attempt made is recorded, not made again, and
+/// counted (a delivery put back unrecorded would be sent again without its attempt counting
+/// towards its limit, and a delivered one sent again, for as long as the group stays
+/// overloaded). The commands held in flight meanwhile keep the worker from starting more than
+/// its bound. Only when the node no longer leads the group are they put back to be sent again
+/// (by this node should it lead again; same webhook-id, targets deduplicate).
 async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<DeliveryUpdate>) {
     const MAX_BATCH: usize = 512;
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -570,7 +610,7 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
                 break;
             }
         } else {
-            tokio::time::sleep(Duration::from_millis(REQUEUE_MS as u64)).await;
+            tokio::time::sleep(record_backoff(tries)).await;
             batch.append(&mut unrecorded);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -599,9 +639,11 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
                 // slots.
                 worker.group.due.wake();
             }
-            Err(e) if tries < RECORD_TRIES && worker.group.leads(worker.core.node_id) => {
-                tries += 1;
-                tracing::warn!(error = %e, n = ids.len(), tries, "could not record delivery attempts; proposing them again");
+            Err(e) if worker.group.leads(worker.core.node_id) => {
+                tries = tries.saturating_add(1);
+                if tries.is_power_of_two() {
+                    tracing::warn!(error = %e, n = ids.len(), tries, "could not record delivery attempts; proposing them again");
+                }
                 unrecorded = std::mem::take(&mut batch);
             }
             Err(e) => {
@@ -617,25 +659,45 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
     }
 }
 
-/// A 410 Gone disables the entity's endpoint: a step in the meta group, taken before the
-/// failed delivery is recorded in the customer's group (repeated by the next 410 if it fails).
-async fn disable_gone_endpoint(worker: &Worker, target: &str) {
-    let change = StateChange::UpdateEntity {
-        id: target.to_owned(),
-        name: None,
-        command_url: None,
-        endpoint_enabled: Some(false),
-        sealed_client_secret: None,
+/// A 410 Gone disables the entity's endpoint, if the URL that answered is still its endpoint:
+/// a step in the meta group, taken before the failed delivery is recorded in the customer's
+/// group (repeated by the next 410 if it fails). False when the entity has moved its endpoint
+/// since (the delivery is then tried at the new one).
+async fn disable_gone_endpoint(worker: &Worker, target: &Target) -> bool {
+    let change = StateChange::DisableGoneEndpoint {
+        id: target.entity.clone(),
+        command_url: target.command_url.clone(),
     };
     match worker.core.propose(META_GROUP, change).await {
-        Ok(_) => tracing::warn!(entity = %target, "endpoint answered 410 Gone; disabled"),
-        Err(e) => tracing::warn!(entity = %target, error = %e, "cannot disable endpoint"),
+        Ok(_) => {
+            tracing::warn!(entity = %target.entity, "endpoint answered 410 Gone; disabled");
+            true
+        }
+        Err(crate::error::ServiceError::Refused {
+            code: custos_api::ErrorCode::Conflict,
+            ..
+        }) => {
+            tracing::info!(entity = %target.entity, "an endpoint the entity moved away from answered 410 Gone; trying the new one");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(entity = %target.entity, error = %e, "cannot disable endpoint");
+            true
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unrecorded_results_are_proposed_again_backing_off_to_a_bound() {
+        let waits: Vec<u128> = (1..=12).map(|t| record_backoff(t).as_millis()).collect();
+        assert_eq!(waits[0], REQUEUE_MS as u128);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(waits[11], RECORD_BACKOFF_MAX_MS as u128);
+    }
 
     /// What a customer is shown of a transport failure at `url` (a real request).
     async fn shown_for(url: &str, timeout: Duration) -> (TransportFailure, String) {

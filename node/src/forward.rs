@@ -166,7 +166,7 @@ fn relay_route(core: &Core, body: &[u8]) -> Option<GroupId> {
 /// Decides where a call goes, from its path, query and cookies (events are routed by their
 /// body, in [`forward`]).
 pub fn route(core: &Core, req: &HttpRequest) -> Result<Route, ServiceError> {
-    let session = req.cookie(crate::portal::SESSION_COOKIE);
+    let session = crate::portal::request_cookie(req, crate::portal::SESSION_COOKIE);
     // The path as the router reads it (percent-decoded but for `%`, `/` and `+`): a customer
     // id sent as `cus%5F...` is routed to the group of the id the handler will see.
     match routed_by(

@@ -247,6 +247,10 @@ pub async fn answer_query(core: &Core, group: u32, q: GroupQuery) -> GroupAnswer
             })
             .await
             .map(|t| GroupAnswer::TrainingInput(Box::new(t))),
+        GroupQuery::SubjectClaim { entity_id, subject } => core
+            .read(group, move |r| r.customer_for_subject(&entity_id, &subject))
+            .await
+            .map(GroupAnswer::SubjectClaim),
     };
     result.unwrap_or_else(|e| GroupAnswer::Refused(e.to_string()))
 }

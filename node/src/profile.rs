@@ -320,6 +320,18 @@ async fn load(
     })
 }
 
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
 /// The stable id of the command `rule` makes from event (source, id) for `customer`: the
 /// same on every retry or duplicate of the event, so targets can deduplicate on it. It starts
 /// with the customer's slot, so any node routes a delivery call to the customer's group.
@@ -343,11 +355,15 @@ struct Plan {
 }
 
 impl Plan {
-    fn fail(&mut self, rule: &RuleRecord, event: &CloudEvent, reason: String) {
-        self.reasons.push(format!("rule {}: {reason}", rule.id));
+    /// Records why `rule` failed, cut to [`MAX_REASON`]: a schema or CEL error can quote the
+    /// mapped value, which a mapping can make megabytes long, and every failure travels in
+    /// the event's Raft entry and stays in the customer's activity.
+    fn fail(&mut self, rule_id: &str, event_id: &str, reason: String) {
+        let reason = cut_to(reason, MAX_REASON);
+        self.reasons.push(format!("rule {rule_id}: {reason}"));
         self.failures.push(RuleFailure {
-            rule_id: rule.id.clone(),
-            event_id: event.id.clone(),
+            rule_id: rule_id.to_owned(),
+            event_id: event_id.to_owned(),
             reason,
         });
     }
@@ -430,7 +446,7 @@ fn plan(
                 continue;
             }
             Err(e) => {
-                out.fail(r, event, e.to_string());
+                out.fail(&r.id, &event.id, e.to_string());
                 continue;
             }
         };
@@ -441,7 +457,7 @@ fn plan(
                         "mapped data violates the {} schema: {e}",
                         r.then_command_type
                     );
-                    out.fail(r, event, why);
+                    out.fail(&r.id, &event.id, why);
                     continue;
                 }
             }
@@ -452,7 +468,7 @@ fn plan(
                 json
             }
             Err(why) => {
-                out.fail(r, event, why);
+                out.fail(&r.id, &event.id, why);
                 continue;
             }
         };
@@ -507,15 +523,7 @@ async fn ingest(
     };
     let mut reason = None;
     if plan.commands.is_empty() {
-        let mut text = plan.reasons.join("; ");
-        if text.len() > MAX_REASON {
-            let mut cut = MAX_REASON;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-        }
-        reason = Some(text);
+        reason = Some(cut_to(plan.reasons.join("; "), MAX_REASON));
     }
     let ingest = Ingest {
         event: EventRecord {
@@ -1107,6 +1115,35 @@ mod tests {
         }
         assert_eq!(made, MAX_EVENT_COMMANDS_BYTES / big.to_string().len());
         assert!(so_far <= MAX_EVENT_COMMANDS_BYTES);
+    }
+
+    #[test]
+    fn a_rule_failure_quoting_a_huge_value_is_cut() {
+        // jsonschema quotes the failing value: a mapping can make it megabytes long, and the
+        // failure travels in the event's Raft entry.
+        let schema = serde_json::json!({"type": "object",
+            "properties": {"note": {"type": "string", "maxLength": 5}}});
+        let validator = crate::core::compile_schema(&schema).unwrap_or_else(|e| panic!("{e}"));
+        let data = serde_json::json!({"note": "\u{e9}".repeat(300_000)});
+        let why = check_schema(&validator, &data).err().unwrap_or_default();
+        // The violation and where, not the value.
+        assert!(
+            why.contains("longer than 5") && why.ends_with("at '/note'"),
+            "{why}"
+        );
+        assert!(why.len() < 200, "{why}");
+        // A short value is quoted.
+        let short = check_schema(&validator, &serde_json::json!({"note": "abcdefg"}));
+        assert!(short.err().unwrap_or_default().contains("abcdefg"));
+        // Whatever a rule's failure says (a CEL error can quote values too) is cut.
+        let mut plan = Plan {
+            commands: Vec::new(),
+            reasons: Vec::new(),
+            failures: Vec::new(),
+        };
+        plan.fail("r1", "e1", "\u{e9}".repeat(300_000));
+        assert!(plan.failures[0].reason.len() <= MAX_REASON);
+        assert!(plan.reasons[0].len() <= MAX_REASON + "rule r1: ".len());
     }
 
     #[test]

@@ -508,6 +508,17 @@ pub async fn run(
         }
         config.peer_advertise = Some(bound.to_string());
     }
+    if config.retention_days * 86_400.0 < 2.0 * custos_api::limits::SIGNATURE_TOLERANCE_SECS as f64
+    {
+        // An event's dedup record ages with the rest: once pruned, a captured request still
+        // inside its signature window would be taken as a new event.
+        tracing::warn!(
+            retention_days = config.retention_days,
+            "retention is shorter than twice the signature window ({} s): a captured event \
+             could be replayed once its record is pruned",
+            custos_api::limits::SIGNATURE_TOLERANCE_SECS
+        );
+    }
     let config = Arc::new(config);
     let (admin, admin_source) = admin_token(&config)?;
     let secret = cluster::cluster_secret(&config)?;

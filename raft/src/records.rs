@@ -1132,6 +1132,16 @@ pub enum StateChange {
         /// Most keys to delete in this entry.
         limit: u32,
     },
+    /// Disable an entity's endpoint after it answered 410 Gone, if it is still the endpoint
+    /// that answered: a 410 from an old URL (an attempt under way when the operator moved
+    /// the endpoint, or sent by a leader whose copy of the entity was behind) must not
+    /// disable the new one. (Appended last: the variants before it keep their encoding.)
+    DisableGoneEndpoint {
+        /// Entity id.
+        id: String,
+        /// The URL that answered 410.
+        command_url: String,
+    },
 }
 
 impl StateChange {
@@ -1144,6 +1154,10 @@ impl StateChange {
                     + i.commands
                         .iter()
                         .map(|c| 256 + c.data_json.len())
+                        .sum::<usize>()
+                    + i.rule_failures
+                        .iter()
+                        .map(|f| 64 + f.reason.len())
                         .sum::<usize>()
             }
             StateChange::PutRule { rule, .. } => 256 + rule.data_json.len(),
@@ -1176,6 +1190,7 @@ impl StateChange {
             | ReleaseEmail { .. }
             | RegisterEntity(_)
             | UpdateEntity { .. }
+            | DisableGoneEndpoint { .. }
             | RotateSecret { .. }
             | PutModel(_) => Scope::Meta,
             _ => Scope::Data,

@@ -211,6 +211,36 @@ async fn duplicates_in_one_batch_are_caught_and_a_batch_answers_each_change() ->
 }
 
 #[tokio::test]
+async fn a_410_from_an_endpoint_the_entity_moved_away_from_disables_nothing() -> anyhow::Result<()>
+{
+    let mut m = store(0)?;
+    m.apply(vec![StateChange::RegisterEntity(entity("hotel"))])
+        .await?;
+    // The operator moves the endpoint while an attempt to the old one is under way.
+    m.apply(vec![StateChange::UpdateEntity {
+        id: "hotel".into(),
+        name: None,
+        command_url: Some("https://new.example/c".into()),
+        endpoint_enabled: None,
+        sealed_client_secret: None,
+    }])
+    .await?;
+    let gone = |url: &str| StateChange::DisableGoneEndpoint {
+        id: "hotel".into(),
+        command_url: url.into(),
+    };
+    let out = m.apply(vec![gone("https://x.example/c")]).await?;
+    assert!(rejected(&out[0], ErrorCode::Conflict), "{out:?}");
+    let hotel = m.reader.entity("hotel")?.expect("registered");
+    assert!(hotel.endpoint_enabled, "the new endpoint stays enabled");
+    // The endpoint it has answering 410 disables it.
+    m.apply(vec![gone("https://new.example/c")]).await?;
+    let hotel = m.reader.entity("hotel")?.expect("registered");
+    assert!(!hotel.endpoint_enabled);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_creation_proposed_again_is_done_and_another_with_its_id_conflicts() -> anyhow::Result<()>
 {
     // The node retries a proposal whose answer it lost; the first may have committed.
@@ -496,10 +526,9 @@ async fn an_event_routed_by_a_stale_index_entry_is_ignored() -> anyhow::Result<(
     // c1 is "ff" at the airline; an event about "other" routed to c1 must not act for it.
     let out = s.apply(vec![ingest_as("e1", "other", 100)]).await?;
     let reason = ignored_reason(&out[0])?;
-    assert!(
-        reason.unwrap_or_default().contains("stale index"),
-        "{reason:?}"
-    );
+    // Told as a subject nobody links: the entity learns nothing of the customer's links.
+    let unclaimed = custos_api::types::unclaimed_reason("airline");
+    assert_eq!(reason, Some(unclaimed.as_str()));
     assert!(s.reader.outbox("cmd-e1")?.is_none());
     // Routed to a customer erased meanwhile (its links went with it): ignored, and the
     // event is kept for deduplication without naming anyone.
@@ -512,7 +541,8 @@ async fn an_event_routed_by_a_stale_index_entry_is_ignored() -> anyhow::Result<(
         anyhow::bail!("{out:?}");
     };
     assert_eq!(*fate, EventFate::Ignored);
-    assert_eq!(reason.as_deref(), Some("the customer no longer exists"));
+    // Nor of its erasure.
+    assert_eq!(reason.as_deref(), Some(unclaimed.as_str()));
     assert!(s.reader.outbox("cmd-e2")?.is_none());
     assert!(s.reader.activity("c1", None, 10)?.0.is_empty());
     Ok(())
@@ -1278,6 +1308,45 @@ async fn an_event_and_its_matches_are_one_stored_line_read_and_paged_as_several(
     let (page, next) = s.reader.activity("c1", Some(&claimed), 2)?;
     assert_eq!(page.len(), 2);
     assert!(next.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_linking_begun_after_its_customer_was_erased_is_refused() -> anyhow::Result<()> {
+    let mut s = store(2)?;
+    s.apply(vec![
+        StateChange::CreateCustomer {
+            customer: customer("c1", None),
+            intent: None,
+        },
+        StateChange::EraseCustomer {
+            customer_id: "c1".into(),
+        },
+    ])
+    .await?;
+    let intents_before = s.tagged(keys::INTENT)?.len();
+    // Planned by the customer's actor before the erasure's apply, proposed after it.
+    let out = s
+        .apply(vec![StateChange::BeginIntent(IntentRecord {
+            id: "int_9".into(),
+            at_ms: 5,
+            step: IntentStep::ClaimSubject {
+                customer_id: "c1".into(),
+                link: LinkRecord {
+                    entity_id: "car".into(),
+                    subject: "c1-car".into(),
+                    linked_ms: 5,
+                    sealed_token: None,
+                    sealed_refresh_token: None,
+                    claim: "int_9".into(),
+                },
+            },
+        })])
+        .await?;
+    assert!(rejected(&out[0], ErrorCode::NotFound), "{out:?}");
+    // Nothing of it stays: no intent (which would claim the subject for nobody), no claim.
+    assert_eq!(s.tagged(keys::INTENT)?.len(), intents_before);
+    assert!(s.tagged(keys::CLAIM_OF)?.is_empty());
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Clusters of real `custos` processes on loopback: joining, any call from any node, status,
-//! leader failover, pause, full restart, node removal, and a node with the wrong secret.
+//! leader failover, pause, full restart, node removal, and a node with the wrong secret; and
+//! in network namespaces (root), a node cut off from the meta group's leader.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use custos_tests::cluster::Cluster;
 use custos_tests::node::{Node, NodeOptions};
 use custos_tests::poll;
 use custos_tests::receiver::Receiver;
-use custos_tests::scenario::Scenario;
+use custos_tests::scenario::{delayed, retry, Scenario};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -570,5 +571,124 @@ async fn the_portal_works_through_any_node() -> anyhow::Result<()> {
     assert_eq!(status, 303);
     let (status, loc, _) = again.get("/portal/activity").await?;
     assert_eq!((status, loc.as_str()), (303, "/portal/signin"));
+    Ok(())
+}
+
+/// A node whose replica of the routing index is behind (here: cut off from the meta group's
+/// leader) never records an event as ignored for a subject a customer has linked: it confirms
+/// with the leader first, answers 503 while it cannot, and the event is accepted once it can.
+/// (Recorded as ignored, the event would be lost for good: its retries are duplicates.)
+#[tokio::test]
+async fn a_node_behind_on_the_routing_index_does_not_ignore_a_linked_subjects_event(
+) -> anyhow::Result<()> {
+    use custos_raft::shard::ShardMap;
+    // Several data groups: a node then looks an event up in its own replica of the routing
+    // index, and records an unclaimed one in the group its subject hashes to, if it leads it.
+    const DATA_GROUPS: u32 = 4;
+    let options = NodeOptions {
+        extra_toml: format!("[cluster]\ndata_groups = {DATA_GROUPS}"),
+        ..NodeOptions::default()
+    };
+    let c = Cluster::start(3, options, true).await?;
+    let net = c.net.as_ref().context("namespaces")?;
+    let rx = Receiver::start_on(&format!("{}:0", net.host_ip), vec![], 200)?;
+    let admins: Vec<_> = (1..=3).map(|i| c.admin(i)).collect();
+    let s = Scenario::setup(&admins, &rx.url, 1).await?;
+    // The node cut off: not the meta leader, leading some data groups (polled: the manager
+    // spreads leaders after placement).
+    let (meta, behind, led) = poll::until(
+        "a node that leads data groups but not the meta group",
+        WAIT,
+        || async {
+            let status = c.status().await.ok()?;
+            let meta = c.index_of(status.groups.iter().find(|g| g.id == 0)?.leader?)?;
+            let led = |i: usize| -> Vec<u32> {
+                let id = c.nodes[i - 1].id;
+                status
+                    .groups
+                    .iter()
+                    .filter(|g| g.id != 0 && g.leader == Some(id))
+                    .map(|g| g.id)
+                    .collect()
+            };
+            let behind = (1..=3)
+                .filter(|i| *i != meta)
+                .max_by_key(|i| led(*i).len())?;
+            let settled = status.groups.iter().all(|g| g.leader.is_some());
+            (settled && !led(behind).is_empty()).then(|| (meta, behind, led(behind)))
+        },
+    )
+    .await?;
+    let via = (1..=3)
+        .find(|i| *i != meta && *i != behind)
+        .context("a third node")?;
+    let map = ShardMap::initial(DATA_GROUPS);
+    net.cut(behind, meta)?;
+    // Customers link new airline subjects through the third node; the cut node's replica of
+    // the meta group hears of none of these claims. The customers are in groups the cut node
+    // does not lead (their linkings claim in the meta group from their group's leader), and
+    // the subjects hash to groups it leads, so it would record their events itself.
+    const CUSTOMERS: usize = 4;
+    let admin = c.admin(via);
+    let spec = custos_tests::scenario::rule();
+    let mut subjects = Vec::with_capacity(CUSTOMERS);
+    let mut k = 0;
+    while subjects.len() < CUSTOMERS {
+        let cust = retry(|| admin.create_customer()).await?;
+        if led.contains(&map.group_of(&cust.id)) {
+            continue;
+        }
+        let subject = loop {
+            k += 1;
+            let subject = format!("NEW-{k}");
+            if led.contains(&map.group_of(&format!("airline\0{subject}"))) {
+                break subject;
+            }
+        };
+        for (entity, subject) in [("airline", subject.clone()), ("hotel", format!("G-{k}"))] {
+            let req = LinkRequest {
+                entity_id: entity.into(),
+                subject,
+            };
+            retry(|| admin.link(&cust.id, &req)).await?;
+        }
+        let me = admin.with_token(&cust.token);
+        retry(|| me.create_rule(&cust.id, &spec)).await?;
+        subjects.push(subject);
+    }
+    // Sent to the node behind: 503 (or accepted, had it learnt the claim), never ignored.
+    let client = c.nodes[behind - 1].anonymous();
+    for (i, subject) in subjects.iter().enumerate() {
+        let event = delayed(&format!("behind-{i}"), subject);
+        match client.send_event(&s.airline, &event).await {
+            Ok(r) => assert_eq!(
+                r.status,
+                EventStatus::Accepted,
+                "{subject}, linked before it was sent: {r:?}"
+            ),
+            Err(e) if e.code() == Some(custos_api::ErrorCode::Unavailable) => {}
+            Err(e) => return Err(e).context(subject.clone()),
+        }
+    }
+    net.heal()?;
+    // Healed: each event is accepted (once), its command delivered once.
+    let mut expected = Vec::new();
+    for (i, subject) in subjects.iter().enumerate() {
+        let event = delayed(&format!("behind-{i}"), subject);
+        let commands = poll::until(&format!("behind-{i} accepted"), WAIT, || async {
+            match client.send_event(&s.airline, &event).await {
+                Ok(r) if r.status != EventStatus::Ignored => Some(Ok(r.commands)),
+                Ok(r) => Some(Err(anyhow::anyhow!(
+                    "{subject} ignored after healing: {r:?}"
+                ))),
+                Err(_) => None,
+            }
+        })
+        .await??;
+        assert_eq!(commands.len(), 1, "{subject}");
+        expected.extend(commands);
+    }
+    rx.wait_delivered(expected.len(), WAIT).await?;
+    check_deliveries(&rx, &expected)?;
     Ok(())
 }

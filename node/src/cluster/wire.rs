@@ -79,6 +79,14 @@ pub enum GroupQuery {
         /// The group's share of the training cap.
         max_customers: u32,
     },
+    /// Meta group: the customer claiming `subject` at `entity`, as the leader has it after a
+    /// read index round (a follower's replica may not have a claim acknowledged yet).
+    SubjectClaim {
+        /// The entity.
+        entity_id: String,
+        /// The customer's id there.
+        subject: String,
+    },
 }
 
 /// The answer to a [`GroupQuery`].
@@ -88,6 +96,8 @@ pub enum GroupAnswer {
     Deliveries(Vec<OutboxRecord>, Option<String>),
     /// Training rows.
     TrainingInput(Box<TrainingInput>),
+    /// The claiming customer, if any.
+    SubjectClaim(Option<String>),
     /// The question could not be answered here (e.g. not the leader).
     Refused(String),
 }

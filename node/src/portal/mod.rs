@@ -122,6 +122,12 @@ pub async fn secure_cookies(
     let mut res = next.call(req).await?;
     if secure {
         let headers = res.headers_mut();
+        // Browsers that reached the vault over HTTPS keep to it (no first plain request a
+        // network attacker could answer with a planted cookie).
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            header::HeaderValue::from_static("max-age=31536000"),
+        );
         let set: Vec<header::HeaderValue> = headers.get_all(header::SET_COOKIE).cloned().collect();
         if !set.is_empty() {
             headers.remove(header::SET_COOKIE);
@@ -132,6 +138,11 @@ pub async fn secure_cookies(
                     .and_then(|v| Cookie::parse(v.to_owned()).ok())
                     .and_then(|mut c| {
                         c.set_secure(true);
+                        if c.name().starts_with(COOKIE_STEM) {
+                            c.set_name(format!("{HOST_PREFIX}{}", c.name()));
+                            c.set_path("/");
+                            c.unset_domain();
+                        }
                         header::HeaderValue::from_str(&c.to_string()).ok()
                     });
                 headers.append(header::SET_COOKIE, marked.unwrap_or(value));
@@ -139,6 +150,28 @@ pub async fn secure_cookies(
         }
     }
     Ok(res)
+}
+
+/// What every portal cookie's name starts with.
+const COOKIE_STEM: &str = "custos_";
+/// Over HTTPS the portal's cookies are `__Host-` cookies: a browser takes one only from this
+/// origin over HTTPS, for every path, and without a domain, so neither a network attacker
+/// (over plain HTTP) nor a sibling subdomain can plant a session or form cookie of its own
+/// (which would sign the customer into the attacker's account, and link the customer's
+/// accounts into it).
+const HOST_PREFIX: &str = "__Host-";
+
+/// The portal cookie `name` (`custos_...`) of this request: under its `__Host-` name when the
+/// vault is served over HTTPS (a cookie under the plain name is then ignored).
+pub fn request_cookie(req: &HttpRequest, name: &str) -> Option<Cookie<'static>> {
+    let secure = req
+        .app_data::<web::Data<Portal>>()
+        .is_some_and(|p| p.secure);
+    if secure {
+        req.cookie(&format!("{HOST_PREFIX}{name}"))
+    } else {
+        req.cookie(name)
+    }
 }
 
 /// A 303 to `location`.
@@ -169,7 +202,7 @@ pub fn see_other_flash(location: &str, flash: Result<String, String>) -> HttpRes
 }
 
 fn take_flash(req: &HttpRequest) -> Option<Flash> {
-    let c = req.cookie(FLASH_COOKIE)?;
+    let c = request_cookie(req, FLASH_COOKIE)?;
     let raw = String::from_utf8(B64URL.decode(c.value()).ok()?).ok()?;
     match raw.split_once(':') {
         Some(("ok", m)) => Some(Flash::Ok(m.to_owned())),
@@ -180,7 +213,7 @@ fn take_flash(req: &HttpRequest) -> Option<Flash> {
 
 /// The live session of this request's cookie, if any.
 pub async fn session_of(vault: &Vault, req: &HttpRequest) -> Option<SessionRecord> {
-    let c = req.cookie(SESSION_COOKIE)?;
+    let c = request_cookie(req, SESSION_COOKIE)?;
     vault.session(c.value()).await.ok().flatten()
 }
 
@@ -199,7 +232,7 @@ fn html(
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
         .insert_header((header::CACHE_CONTROL, "no-store"));
-    if req.cookie(FLASH_COOKIE).is_some() {
+    if request_cookie(req, FLASH_COOKIE).is_some() {
         let mut gone = Cookie::build(FLASH_COOKIE, "").path("/portal").finish();
         gone.make_removal();
         resp.cookie(gone);
@@ -354,15 +387,11 @@ async fn account_page(req: HttpRequest, signup: bool) -> HttpResponse {
         &req,
         pages::layout(title, &chrome, pages::account_form(signup, &csrf, "")),
     );
-    // Secure on HTTPS: else a network attacker could set it over plain HTTP, and with it
-    // sign the customer into the attacker's account (login CSRF).
-    let secure = req
-        .app_data::<web::Data<Portal>>()
-        .is_some_and(|p| p.secure);
+    // Over HTTPS a `__Host-` cookie ([`secure_cookies`]): else a network attacker could set
+    // it, and with it sign the customer into the attacker's account (login CSRF).
     let cookie = Cookie::build(FORM_COOKIE, csrf)
         .path("/portal")
         .http_only(true)
-        .secure(secure)
         .same_site(SameSite::Strict)
         .finish();
     let _ = resp.add_cookie(&cookie);
@@ -390,8 +419,7 @@ async fn account_submit(
     } else {
         "/portal/signin"
     };
-    let form_cookie = req
-        .cookie(FORM_COOKIE)
+    let form_cookie = request_cookie(&req, FORM_COOKIE)
         .map(|c| c.value().to_owned())
         .unwrap_or_default();
     if form_cookie.is_empty() || sha(&form_cookie) != sha(f.get("csrf")) {
@@ -476,7 +504,7 @@ async fn signout(
     req: HttpRequest,
     _form: SignedForm,
 ) -> HttpResponse {
-    if let Some(c) = req.cookie(SESSION_COOKIE) {
+    if let Some(c) = request_cookie(&req, SESSION_COOKIE) {
         if let Err(e) = vault.sign_out(c.value()).await {
             return see_other_flash("/portal", Err(problem_text(&e)));
         }
@@ -1038,10 +1066,44 @@ mod tests {
             .await;
             let res =
                 test::call_service(&app, test::TestRequest::get().uri("/").to_request()).await;
+            let hsts = res
+                .headers()
+                .get(header::STRICT_TRANSPORT_SECURITY)
+                .map(|v| v.to_str().unwrap_or_default().to_owned());
+            assert_eq!(hsts.is_some(), secure, "{hsts:?}");
             let cookie = res.response().cookies().next().expect("the flash cookie");
-            assert_eq!(cookie.name(), FLASH_COOKIE);
+            let name = if secure {
+                format!("__Host-{FLASH_COOKIE}")
+            } else {
+                FLASH_COOKIE.to_owned()
+            };
+            assert_eq!(cookie.name(), name);
             assert_eq!(cookie.secure(), secure.then_some(true), "secure = {secure}");
             assert_eq!(cookie.http_only(), Some(true));
+            if secure {
+                // A `__Host-` cookie is taken by browsers only with path `/` and no domain.
+                assert_eq!(cookie.path(), Some("/"));
+                assert_eq!(cookie.domain(), None);
+            }
+        }
+    }
+
+    #[test]
+    fn over_https_only_the_host_prefixed_cookie_is_read() {
+        let planted = Cookie::new(FLASH_COOKIE, B64URL.encode("ok:planted"));
+        let own = Cookie::new(format!("__Host-{FLASH_COOKIE}"), B64URL.encode("ok:own"));
+        for (secure, expected) in [(true, "own"), (false, "planted")] {
+            let portal = Portal::new(&crate::config::PortalConfig::default(), secure);
+            let req = actix_web::test::TestRequest::default()
+                .app_data(web::Data::from(portal))
+                .cookie(planted.clone())
+                .cookie(own.clone())
+                .to_http_request();
+            assert_eq!(
+                take_flash(&req),
+                Some(Flash::Ok(expected.into())),
+                "{secure}"
+            );
         }
     }
 

@@ -340,9 +340,10 @@ impl Vault {
             if !oauth.scopes.is_empty() {
                 q.append_pair("scope", &oauth.scopes.join(" "));
             }
-            if oauth.scopes.iter().any(|s| s == "openid") {
-                q.append_pair("nonce", &nonce);
-            }
+            // Always: any ID token the answer carries is checked against it, also from a
+            // provider that sends one without being asked for `openid` (a plain OAuth server
+            // ignores a parameter it does not know, RFC 6749 section 3.1).
+            q.append_pair("nonce", &nonce);
         }
         Ok(AuthorizeLink {
             authorize_url: url.to_string(),
@@ -392,11 +393,18 @@ impl Vault {
         if pending.entity_id != entity_in_path {
             // A code from one provider routed into a linking with another (mix-up): it is
             // sent nowhere.
-            tracing::warn!(started = %pending.entity_id, came_back = %entity_in_path, "authorization came back for another entity");
+            tracing::warn!(started = %pending.entity_id, came_back = ?entity_in_path, "authorization came back for another entity");
+            // The path is the requester's to write: only an entity id is shown back (a link
+            // sent to a signed-in customer could otherwise put any text in the portal).
+            let came_back = if custos_api::limits::is_valid_id(entity_in_path) {
+                entity_in_path
+            } else {
+                "another entity"
+            };
             return Err(refused(format!(
-                "this linking was started with {} but came back on {}'s redirect URI; nothing \
-                 was sent to either, start the linking again",
-                pending.entity_id, entity_in_path
+                "this linking was started with {} but came back on {came_back}'s redirect URI; \
+                 nothing was sent to either, start the linking again",
+                pending.entity_id
             )));
         }
         if code.is_empty() {

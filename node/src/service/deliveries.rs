@@ -69,7 +69,7 @@ impl Vault {
                         format!("group {group}: {e}"),
                     ))
                 }
-                GroupAnswer::TrainingInput(_) => {
+                GroupAnswer::TrainingInput(_) | GroupAnswer::SubjectClaim(_) => {
                     return Err(ServiceError::Internal("unexpected answer".into()))
                 }
             };

@@ -16,7 +16,11 @@ use crate::profile::{receipt, ProfileReply, ProfileRequest};
 
 impl Vault {
     /// Records an event no customer has linked the subject of: nothing is triggered, but the
-    /// event is still deduplicated and recorded as ignored.
+    /// event is still deduplicated and recorded as ignored. Only once the meta group's leader
+    /// confirms that nobody claims the subject (`erased`, a customer erased since this node's
+    /// routing index named it, may still hold its claim until the release is applied): this
+    /// node's replica of the routing index may not have a claim the leader acknowledged yet,
+    /// and the event, once recorded as ignored, is ignored for good.
     async fn ignore_unclaimed(
         &self,
         group: custos_raft::GroupId,
@@ -24,7 +28,17 @@ impl Vault {
         subject: String,
         raw: String,
         received_ms: i64,
+        erased: Option<&str>,
     ) -> Result<EventReceipt, ServiceError> {
+        match self.core.confirmed_claim(&event.source, &subject).await? {
+            Some(claimant) if Some(claimant.as_str()) != erased => {
+                return Err(ServiceError::refused(
+                    ErrorCode::Unavailable,
+                    "this node's routing index is behind the cluster's; retry",
+                ));
+            }
+            _ => {}
+        }
         let ingest = Ingest {
             event: EventRecord {
                 id: event.id.clone(),
@@ -35,10 +49,7 @@ impl Vault {
             },
             customer_id: None,
             commands: Vec::new(),
-            ignored_reason: Some(format!(
-                "no customer has linked this subject at {}",
-                event.source
-            )),
+            ignored_reason: Some(custos_api::types::unclaimed_reason(&event.source)),
             rule_failures: Vec::new(),
             at_ms: received_ms,
         };
@@ -144,14 +155,21 @@ impl Vault {
                             ServiceError::Internal(format!("event read again: {e}"))
                         })?;
                         let raw = String::from_utf8_lossy(body).into_owned();
-                        self.ignore_unclaimed(group, event, subject, raw, received_ms)
-                            .await
+                        self.ignore_unclaimed(
+                            group,
+                            event,
+                            subject,
+                            raw,
+                            received_ms,
+                            Some(&customer),
+                        )
+                        .await
                     }
                     Err(e) => Err(e),
                 }
             }
             None => {
-                self.ignore_unclaimed(group, event, subject, raw, received_ms)
+                self.ignore_unclaimed(group, event, subject, raw, received_ms, None)
                     .await
             }
         };

@@ -53,6 +53,11 @@ impl Tx<'_> {
         intent: IntentRecord,
     ) -> Result<ChangeOutcome, StoreError> {
         if let IntentStep::ClaimSubject { customer_id, link } = &intent.step {
+            // A linking of a customer erased meanwhile (its actor planned it before the
+            // erasure's apply) would claim the subject for nobody and keep its id here.
+            if !self.exists(&keys::customer(self.space, customer_id))? {
+                return Ok(not_found("customer", customer_id));
+            }
             let claim = self.claim_key(customer_id, &link.entity_id, &intent.id);
             self.put(claim, &())?;
         }

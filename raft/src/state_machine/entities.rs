@@ -33,6 +33,32 @@ impl Tx<'_> {
         Ok(ChangeOutcome::Done)
     }
 
+    /// Disables the entity's endpoint if `command_url` is still its endpoint; else the 410
+    /// came from an endpoint the entity has since moved away from: nothing changes, and the
+    /// answer (a conflict) tells the delivery worker to try the new one.
+    pub(crate) fn disable_gone_endpoint(
+        &mut self,
+        id: String,
+        command_url: &str,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let Some(mut entity) = self.entity(&id)? else {
+            return Ok(not_found("entity", &id));
+        };
+        if entity.command_url != command_url {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Conflict,
+                "the entity's endpoint moved since",
+            ));
+        }
+        if !entity.endpoint_enabled {
+            return Ok(ChangeOutcome::Done);
+        }
+        entity.endpoint_enabled = false;
+        self.put(self.k(keys::ENTITY, id.as_bytes()), &entity)?;
+        self.effects.push(Effect::EntityChanged(id));
+        Ok(ChangeOutcome::Done)
+    }
+
     pub(crate) fn update_entity(
         &mut self,
         id: String,

@@ -19,22 +19,18 @@ pub(crate) enum Withdrawn {
 impl Tx<'_> {
     /// Why an event routed to `customer` must not act for it, if it must not: the routing
     /// index is a hint, and this group decides whether the customer links that subject.
-    /// The link is read first: a customer's links go when it is erased, so a link to the
-    /// subject is enough (one read on the hot path, not two).
+    /// A customer's links go when it is erased, so its link to the subject is enough (one
+    /// read on the hot path).
     fn stale_route(
         &self,
         customer: &str,
         event: &EventRecord,
     ) -> Result<Option<String>, StoreError> {
+        // What the entity is told is what it is told of a subject nobody linked: the
+        // customer's unlinking or erasure is not the entity's to learn.
         match self.get::<LinkRecord>(&keys::link(self.space, customer, &event.source))? {
             Some(l) if l.subject == event.subject => Ok(None),
-            _ if !self.exists(&keys::customer(self.space, customer))? => {
-                Ok(Some("the customer no longer exists".into()))
-            }
-            _ => Ok(Some(format!(
-                "routed by a stale index entry: the customer does not link this subject at {}",
-                event.source
-            ))),
+            _ => Ok(Some(custos_api::types::unclaimed_reason(&event.source))),
         }
     }
 

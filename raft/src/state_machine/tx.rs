@@ -523,6 +523,9 @@ impl<'a> Tx<'a> {
                 now_ms,
                 limit,
             } => self.prune(before_ms, now_ms, limit),
+            C::DisableGoneEndpoint { id, command_url } => {
+                self.disable_gone_endpoint(id, &command_url)
+            }
         }
     }
 }

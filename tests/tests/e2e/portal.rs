@@ -510,6 +510,9 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
     );
     assert!(alice.flash("/portal/signup").await?.contains("expired"));
     alice.sign_up("alice@example.com").await?;
+    // A second customer, before the sign-in attempts below use up the rate limit.
+    let mut carol = Browser::new(&node.url)?;
+    carol.sign_up("carol@example.com").await?;
     let csrf = alice.csrf("/portal/rules").await?;
     let (status, _) = alice
         .post("/portal/rules", &[("name", "x"), ("action", "save")])
@@ -625,6 +628,29 @@ async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Re
         active["subjects"],
         json!(["guest-78"]),
         "guest-77's revoked"
+    );
+    // Another customer signing in at the hotel as the account Alice links is refused, and
+    // Alice's grant stays live at the hotel: the refused linking's tokens are dropped, not
+    // revoked (revoking them would end Alice's grant at a provider that ends every grant of a
+    // user and client at once, as the hotel does).
+    let carol_csrf = carol.csrf("/portal/catalog").await?;
+    let (_, authorize_url) = carol
+        .post("/portal/link/hotel", &[("csrf", &carol_csrf)])
+        .await?;
+    let callback = sign_in_at_entity(&authorize_url, "bob", "bob-hotel").await?;
+    let (_, loc, _) = carol.get(&callback).await?;
+    assert_eq!(loc, "/portal/catalog");
+    let refused = carol.flash("/portal/catalog").await?;
+    assert!(!refused.contains("Linked hotel"), "{refused}");
+    let active: Value = reqwest::get(format!("{}/oauth/active", hotel.url))
+        .await?
+        .json()
+        .await?;
+    assert!(
+        active["subjects"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == "guest-78")),
+        "Alice's grant is still live: {active}"
     );
 
     // The API path: a wrong state, a code issued for another customer's linking.
