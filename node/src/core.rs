@@ -465,6 +465,9 @@ impl ApplyObserver for Observer {
                 Effect::ClusterChanged => {
                     self.wake.cluster_changed();
                 }
+                Effect::ModelChanged => {
+                    self.wake.model_epoch.fetch_add(1, Ordering::SeqCst);
+                }
                 Effect::Erased => {
                     // A customer's links went with its data (rare: drop them all).
                     self.links.invalidate(None);
@@ -476,6 +479,7 @@ impl ApplyObserver for Observer {
                     self.wake.profile_changes.changed(customer_id);
                 }
                 Effect::SnapshotInstalled { replaced_state } => {
+                    self.wake.model_epoch.fetch_add(1, Ordering::SeqCst);
                     self.entities.invalidate(None);
                     self.routes.invalidate(None);
                     self.links.invalidate(None);
@@ -524,6 +528,10 @@ pub struct Wakers {
     pub cluster: Notify,
     /// Bumped on every cluster change (caches of meta records compare it).
     pub cluster_epoch: std::sync::atomic::AtomicU64,
+    /// Bumped whenever this node's replica of the meta group may hold another recommendation
+    /// model (one stored, a snapshot installed): the model served from memory is read again
+    /// only then, not on every request (it is megabytes at scale).
+    pub model_epoch: std::sync::atomic::AtomicU64,
     /// Groups where something was erased since the scrubber last ran, and its wake-up.
     pub erased_in: Mutex<BTreeSet<GroupId>>,
     /// The scrubber has groups to rewrite.
@@ -756,6 +764,16 @@ pub(crate) fn unlink_drain(config: &Config) -> Duration {
 /// one delivery timeout each).
 pub(crate) fn unlink_answer_bound(config: &Config) -> Duration {
     4 * unlink_drain(config) + 2 * Duration::from_secs_f64(config.delivery.timeout_secs)
+}
+
+/// The longest a linking's answer may take on the leader that makes it (an OAuth callback, or
+/// a link through the API): its requests to the entity's provider (metadata, the code
+/// exchange, keys or userinfo, and revoking a grant it replaces: at most six, of one outbound
+/// timeout each) and its proposals (the state taken, the claim's three steps, a recommended
+/// rule: five commit deadlines). A node forwarding one waits that long before it answers 503,
+/// which would send the customer to retry a linking whose state is already spent.
+pub(crate) fn link_answer_bound(config: &Config) -> Duration {
+    6 * Duration::from_secs_f64(config.delivery.timeout_secs) + 5 * propose_deadline(config)
 }
 
 impl Core {

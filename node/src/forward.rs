@@ -413,6 +413,20 @@ fn unlinks(method: &actix_web::http::Method, path: &str) -> bool {
     }
 }
 
+/// True for the calls that finish a linking: the OAuth callback, and a link made through the
+/// API. The leader answers one after the provider's answers and several proposals
+/// (`core::link_answer_bound`); given only the commit deadline, a node forwarding it would
+/// answer 503 for a linking that goes through, and the customer's retry would find its state
+/// spent.
+fn links(method: &actix_web::http::Method, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "v1", "oauth", "callback", _] => method == actix_web::http::Method::GET,
+        ["", "v1", "customers", _, "links"] => method == actix_web::http::Method::POST,
+        _ => false,
+    }
+}
+
 /// The answer when the leader a call was forwarded to did not answer in time.
 pub(crate) fn leader_silent() -> ServiceError {
     ServiceError::refused(
@@ -439,6 +453,8 @@ async fn proxy(
     let mut deadline = forward_deadline(&core.config);
     if unlinks(req.method(), req.match_info().as_str()) {
         deadline += crate::core::unlink_answer_bound(&core.config);
+    } else if links(req.method(), req.match_info().as_str()) {
+        deadline += crate::core::link_answer_bound(&core.config);
     }
     let mut rb = core.peers.request(method, addr, path).timeout(deadline);
     for (name, value) in req.headers() {
@@ -555,6 +571,20 @@ mod tests {
         assert!(unlinks(&Method::POST, "/portal/delete"));
         assert!(!unlinks(&Method::GET, "/v1/customers/cus_1"));
         assert!(!unlinks(&Method::POST, "/v1/events"));
+    }
+
+    #[test]
+    fn linkings_are_told_from_other_calls() {
+        use actix_web::http::Method;
+        assert!(links(&Method::GET, "/v1/oauth/callback/hotel"));
+        assert!(links(&Method::POST, "/v1/customers/cus_1/links"));
+        assert!(!links(&Method::GET, "/v1/customers/cus_1/links"));
+        assert!(!links(
+            &Method::POST,
+            "/v1/customers/cus_1/links/hotel/authorize"
+        ));
+        assert!(!links(&Method::DELETE, "/v1/customers/cus_1/links/hotel"));
+        assert!(!links(&Method::POST, "/v1/events"));
     }
 
     #[test]

@@ -1022,10 +1022,16 @@ fn complete_document(doc: &mut serde_json::Value) {
                         // Recommendation ids are hex (then a digest of what was shown);
                         // every other id is an id.
                         let (pattern, max) = if p["name"] == "rec_id" {
-                            ("^([0-9a-fA-F]{2}){1,512}(-[0-9a-f]{12})?$", 1037)
+                            use crate::recommend::vault::{MAX_REC_ID_LEN, MAX_TEMPLATE_KEY_LEN};
+                            (
+                                format!(
+                                    "^([0-9a-fA-F]{{2}}){{1,{MAX_TEMPLATE_KEY_LEN}}}(-[0-9a-f]{{12}})?$"
+                                ),
+                                MAX_REC_ID_LEN,
+                            )
                         } else {
                             (
-                                custos_api::limits::ID_PATTERN,
+                                custos_api::limits::ID_PATTERN.to_owned(),
                                 custos_api::limits::MAX_ID_LEN,
                             )
                         };

@@ -46,8 +46,34 @@ pub async fn run(core: Arc<Core>, profiles: ProfileRouter, mut shutdown: watch::
 }
 
 async fn group_round(core: &Core, profiles: &ProfileRouter, g: &Group) -> Result<(), ServiceError> {
-    let intents = core.read(g.id, |r| r.intents(256)).await?;
+    // Read as the leader, after a read index round: a leader elected a moment ago may not
+    // have applied what its predecessor committed, and would take up again an intent an
+    // unlink or an erasure there abandoned (a claim made again, for a customer who no longer
+    // links the subject, kept for good).
+    let intents = core.read_leader(g.id, |r| r.intents(256)).await?;
+    // An erasure's last step, the release of the email, is what has the meta group scrubbed:
+    // it waits for every release of that customer's subjects, or a subject released after
+    // it (a meta election outlasting one step) would stay in the scrubbed group's files.
+    let mut unreleased = std::collections::HashSet::new();
+    let mut last_steps = Vec::new();
     for intent in intents {
+        if let IntentStep::ReleaseEmail { customer_id, .. } = &intent.step {
+            last_steps.push((customer_id.clone(), intent));
+            continue;
+        }
+        let releasing = match &intent.step {
+            IntentStep::ReleaseSubject { customer_id, .. } => Some(customer_id.clone()),
+            _ => None,
+        };
+        if let Err(e) = take(core, profiles, g, intent).await {
+            tracing::debug!(group = g.id, error = %e, "intent step failed; retried later");
+            unreleased.extend(releasing);
+        }
+    }
+    for (customer_id, intent) in last_steps {
+        if unreleased.contains(&customer_id) {
+            continue;
+        }
         if let Err(e) = take(core, profiles, g, intent).await {
             tracing::debug!(group = g.id, error = %e, "intent step failed; retried later");
         }

@@ -1211,14 +1211,20 @@ impl Served {
                 .and_then(|d| serde_json::from_str(d).ok())
                 .unwrap_or_else(|| serde_json::json!({}));
             let template = c.template;
+            // Cut to what a rule's name may hold: four long ids make a name a saved rule
+            // would refuse, and the recommendation could never be accepted.
+            let name: String = format!(
+                "{} {} -> {} {}",
+                template.when_entity,
+                template.event_type,
+                template.then_entity,
+                template.command_type
+            )
+            .chars()
+            .take(custos_api::limits::MAX_NAME_LEN)
+            .collect();
             let rule = RuleSpec {
-                name: format!(
-                    "{} {} -> {} {}",
-                    template.when_entity,
-                    template.event_type,
-                    template.then_entity,
-                    template.command_type
-                ),
+                name,
                 when: Trigger {
                     entity: template.when_entity.clone(),
                     event_type: template.event_type.clone(),
@@ -1345,9 +1351,14 @@ pub fn encode_id(key: &str, rule: &RuleSpec, needs_link: Option<&str>) -> String
     format!("{}-{}", hex::encode(key), hex::encode(&digest[..6]))
 }
 
+/// Longest template key: four ids and three separators.
+pub const MAX_TEMPLATE_KEY_LEN: usize = 4 * custos_api::limits::MAX_ID_LEN + 3;
+/// Longest recommendation id [`encode_id`] makes: the key hex-encoded, `-`, 12 hex digits.
+pub const MAX_REC_ID_LEN: usize = 2 * MAX_TEMPLATE_KEY_LEN + 13;
+
 /// The template key of a recommendation id (one served before ids carried a digest too).
 pub fn decode_id(id: &str) -> Option<String> {
-    if id.len() > 1024 + 13 {
+    if id.len() > MAX_REC_ID_LEN {
         return None;
     }
     let key = id.split_once('-').map_or(id, |(key, _)| key);
@@ -1501,6 +1512,12 @@ mod tests {
         assert_ne!(shown, encode_id(key, &rule(None), Some("hotel")));
         // An id served before ids carried the digest still names its template.
         assert_eq!(decode_id(&hex::encode(key)).as_deref(), Some(key));
+        // The longest ids a template can have read back too (they were refused as too long).
+        let long = "x".repeat(custos_api::limits::MAX_ID_LEN);
+        let key = join_key(&long, &long, &long, &long);
+        let shown = encode_id(&key, &rule(None), Some(&long));
+        assert_eq!(shown.len(), MAX_REC_ID_LEN);
+        assert_eq!(decode_id(&shown).as_deref(), Some(key.as_str()));
     }
 
     #[test]

@@ -47,13 +47,17 @@ pub enum Caller {
 }
 
 /// The vault's services on one node.
+/// The model as served (none, or not servable), and the `model_epoch` it was read at.
+type ServedAt = (u64, Option<Arc<Served>>);
+
 #[derive(Clone)]
 pub struct Vault {
     core: Arc<Core>,
     profiles: ProfileRouter,
     admin_token_hash: Arc<[u8; 32]>,
-    /// The stored model, rebuilt for serving when its version changes.
-    served: Arc<std::sync::Mutex<Option<Arc<Served>>>>,
+    /// The stored model as served, with the `model_epoch` it was read at (read again when
+    /// the epoch moves, rebuilt when its version changed).
+    served: Arc<std::sync::Mutex<Option<ServedAt>>>,
     /// Where entities send customers back after signing in (`<public url>/v1/oauth/callback`,
     /// followed by the entity's id: one redirect URI per entity).
     callback_url: Arc<str>,

@@ -2,6 +2,7 @@
 //! (each asked through its leader), stored in the meta group, served from the model and the
 //! customer's own rules, links and engagement.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use custos_api::types::*;
@@ -137,30 +138,15 @@ impl Vault {
         if !exists {
             return Err(ServiceError::not_found("customer", customer));
         }
-        let model = self.core.read_meta(|r| r.model()).await?;
         let received: Vec<String> = recent(engagements).into_iter().map(|(_, t)| t).collect();
         let linked: Vec<String> = links.into_iter().map(|l| l.entity_id).collect();
         let threshold = self.core.config.recommend_threshold;
-        // A model trained with a smaller k than this node's (raised since): what fewer
-        // customers share is in it, so nothing is served from it until it is retrained.
-        let model = model.filter(|m| m.min_support >= self.core.config.recommend_min_customers);
-        let Some(model) = model else {
+        let Some(served) = self.served_model().await? else {
             return Ok(RecommendationList {
                 model_version: None,
                 threshold,
                 items: Vec::new(),
             });
-        };
-        let served = {
-            let mut cache = self.served.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.as_ref().filter(|s| s.record.version == model.version) {
-                Some(s) => s.clone(),
-                None => {
-                    let s = Arc::new(Served::new(model));
-                    *cache = Some(s.clone());
-                    s
-                }
-            }
         };
         let dismissed: std::collections::HashSet<String> = dismissed.into_iter().collect();
         // Entities the customer could link to use a recommended rule: those the model names
@@ -184,6 +170,44 @@ impl Vault {
             threshold,
             items: served.recommend(&rules, &linked, &linkable, &received, &dismissed, threshold),
         })
+    }
+
+    /// The model as served from memory. It is read from the meta group's replica (and its maps
+    /// built, off the event loop) only when the replica may hold another model since the last
+    /// read (`model_epoch`), not on every request: at a million customers it is megabytes.
+    /// None when there is none, or when it was trained with a smaller k than this node's
+    /// (raised since): what fewer customers share is in it, so nothing is served from it until
+    /// it is retrained.
+    async fn served_model(&self) -> Result<Option<Arc<Served>>, ServiceError> {
+        let epoch = self.core.wake.model_epoch.load(Ordering::SeqCst);
+        let cached = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((at, served)) = &cached {
+            if *at == epoch {
+                return Ok(served.clone());
+            }
+        }
+        let min_support = self.core.config.recommend_min_customers;
+        let model = self
+            .core
+            .read_meta(|r| r.model())
+            .await?
+            .filter(|m| m.min_support >= min_support);
+        let served = match (model, cached.and_then(|(_, s)| s)) {
+            (None, _) => None,
+            (Some(m), Some(s)) if s.record.version == m.version => Some(s),
+            (Some(m), _) => Some(Arc::new(
+                tokio::task::spawn_blocking(move || Served::new(m))
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("building the model: {e}")))?,
+            )),
+        };
+        // Read after the epoch was taken: a model stored meanwhile is read again next time.
+        *self.served.lock().unwrap_or_else(|p| p.into_inner()) = Some((epoch, served.clone()));
+        Ok(served)
     }
 
     /// The recommendation `rec_id` as this customer is offered it now (404 otherwise: an id

@@ -286,6 +286,7 @@ impl Tx<'_> {
             }
         }
         self.put(key, &model)?;
+        self.effects.push(Effect::ModelChanged);
         Ok(ChangeOutcome::Done)
     }
 }

@@ -94,6 +94,8 @@ pub enum Effect {
     IntentAdded,
     /// Nodes, settings, the assignment or a group report changed (meta group).
     ClusterChanged,
+    /// Meta group: a newer recommendation model was stored.
+    ModelChanged,
     /// The whole state was replaced by a snapshot: drop every cache.
     SnapshotInstalled {
         /// The replica held a state before (not a new replica's first install): what it

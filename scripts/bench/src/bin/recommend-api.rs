@@ -203,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
     let train_secs = trained.elapsed().as_secs_f64();
 
     // Read every customer's recommendations and score them.
+    let reading = Instant::now();
     let lists: Vec<anyhow::Result<(u64, RecommendationList)>> = futures::stream::iter(ids.iter())
         .map(|(u, id)| {
             let admin: Client = admin.clone();
@@ -213,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
         .await;
     let lists: HashMap<u64, RecommendationList> =
         lists.into_iter().collect::<anyhow::Result<_>>()?;
+    let read_secs = reading.elapsed().as_secs_f64();
     let rss = |u: &u64| {
         data.train
             .get(u)
@@ -314,7 +316,8 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "{} customers ({} without an RSS-feed rule), {} entities, {} rules refused; load {:.0} s, \
-         training {:.1} s (model v{}: {} customers, {} templates, {} pairs, k = {}), threshold {}",
+         training {:.1} s (model v{}: {} customers, {} templates, {} pairs, k = {}), threshold {}; \
+         every customer's list read in {:.1} s ({} at a time)",
         users.len(),
         sums[1].1,
         entities.len(),
@@ -327,6 +330,8 @@ async fn main() -> anyhow::Result<()> {
         model.pairs,
         model.min_support,
         lists.values().next().map_or(0.0, |l| l.threshold),
+        read_secs,
+        args.concurrency,
     );
     println!("| shown anything | with 10+ rules shown anything | P@10 | R@10 | HR@10 | HR@10 without RSS | NDCG@10 | kept share of shown | ECE |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
