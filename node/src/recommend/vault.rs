@@ -17,6 +17,11 @@ use super::{
 /// instead of the conditional frequency.
 const MIN_RANKER_SAMPLES: usize = 200;
 const MIN_RANKER_KEPT: usize = 20;
+/// Fewest validation customers the ranker's samples come from, in multiples of k, and of them
+/// with a kept candidate, k: its coefficients (and the feature means and scales stored with
+/// them) are aggregates of these customers, and a few heavy users could otherwise give all
+/// the samples the counts above ask for.
+const MIN_RANKER_CUSTOMERS_PER_K: usize = 3;
 
 /// The template key of a rule: `source/event_type>target/command_type`. Entity ids and types
 /// may hold dots but never `/` or `>` ([`custos_api::limits::is_valid_id`]), so a key reads
@@ -910,9 +915,14 @@ impl<'a> ValidationSplit<'a> {
             lookup: inputs.lookup,
             min_support: inputs.min_support,
         };
-        let samples = ranker_samples(&catalogue, &self.val, inputs.offsets);
+        let (samples, sampled, keeping) = ranker_samples(&catalogue, &self.val, inputs.offsets);
         let positives = samples.iter().filter(|s| s.kept).count();
-        let ranker = (samples.len() >= MIN_RANKER_SAMPLES && positives >= MIN_RANKER_KEPT)
+        let k = inputs.min_support as usize;
+        let enough = samples.len() >= MIN_RANKER_SAMPLES
+            && positives >= MIN_RANKER_KEPT
+            && sampled >= MIN_RANKER_CUSTOMERS_PER_K * k
+            && keeping >= k;
+        let ranker = enough
             .then(|| Ranker::fit(&samples, FEATURES, RANKER_L2))
             .flatten();
         (ranker, samples)
@@ -972,10 +982,13 @@ fn ranker_samples(
     catalogue: &Catalogue<'_>,
     val: &[(Vec<u32>, IdSet, HashSet<&str>)],
     offsets: &[f64],
-) -> Vec<RankerSample> {
+) -> (Vec<RankerSample>, usize, usize) {
     let templates = catalogue.templates;
     let mut samples = Vec::new();
+    // Customers who gave a sample, and who gave a kept one.
+    let (mut sampled, mut keeping) = (0, 0);
     for (n, (inputs, held, linked)) in val.iter().take(RANKER_CUSTOMERS).enumerate() {
+        let (mut gave, mut gave_kept) = (false, false);
         let keeps: Vec<RuleTemplate> = inputs
             .iter()
             .filter_map(|i| templates.get(*i as usize).cloned().flatten())
@@ -999,6 +1012,8 @@ fn ranker_samples(
             if !kept && !h.finish().is_multiple_of(RANKER_NEGATIVE_SAMPLING) {
                 continue;
             }
+            gave = true;
+            gave_kept |= kept;
             samples.push(RankerSample {
                 // A composed rule is not in the served model, so no dismissals count for it.
                 offset: match (c.item, c.composed_from) {
@@ -1014,8 +1029,10 @@ fn ranker_samples(
                 features: c.features,
             });
         }
+        sampled += usize::from(gave);
+        keeping += usize::from(gave_kept);
     }
-    samples
+    (samples, sampled, keeping)
 }
 
 /// A stored model ready to serve.
@@ -1721,6 +1738,32 @@ mod tests {
             0.6,
             10,
         ))
+    }
+
+    #[test]
+    fn no_ranker_is_fitted_on_the_samples_of_fewer_customers_than_k_allows() {
+        // Customers keeping most of 60 rules: a few of them give the ranker more samples, and
+        // more kept ones, than its sample counts ask for.
+        let trained = |customers: u32| {
+            let (mut rules, mut links) = (Vec::new(), Vec::new());
+            for c in 0..customers {
+                for k in 0..60u32 {
+                    if (c + k) % 4 != 0 {
+                        rules.push(rule(c, &format!("event{k}"), &format!("command{k}"), None));
+                    }
+                }
+                links.push((format!("c{c}"), "airline".to_owned()));
+                links.push((format!("c{c}"), "hotel".to_owned()));
+            }
+            let population = Population {
+                rules,
+                links,
+                ..Default::default()
+            };
+            train(population, 1, 0, 0.6, 10)
+        };
+        assert!(trained(20).ranker.is_none(), "20 customers, k = 10");
+        assert!(trained(400).ranker.is_some(), "400 customers");
     }
 
     #[test]
