@@ -322,13 +322,12 @@ struct PendingDelivery {
     command: Arc<CommandRecord>,
     attempts_made: usize,
     next_due_ms: Option<i64>,
-    /// Whether the customer still links the command's target as the account it addresses.
-    linked: bool,
-    /// Whether the customer links the target as another account now.
-    relinked: bool,
+    /// The account the customer links at the command's target now, if any (the command is
+    /// sent only to that account).
+    linked_as: Option<String>,
 }
 
-/// The pending delivery `id`, with whether its target is still linked (asked here, after the
+/// The pending delivery `id`, with the account its target is linked as (asked here, after the
 /// attempt is registered in flight, so an unlink applied later waits for it). A new command
 /// is as its creating apply handed it over; any other is read from the outbox. `None` when it
 /// is no longer pending.
@@ -351,25 +350,23 @@ fn pending_delivery(
         },
     };
     // From the group's link cache: the same answer as the replica's (an apply drops a link's
-    // answer before its outcome is returned), without a RocksDB read per attempt. Linked as
-    // the account the command is addressed to: a customer who linked the entity again as
-    // another account withdrew the commands to the first (as the apply's `withdrawn` says).
-    let subject = worker
-        .group
-        .links
-        .get_or_read(&command.customer_id, &command.target, || {
-            reader
-                .link(&command.customer_id, &command.target)
-                .map(|l| l.map(|l| l.subject))
-        })?;
-    let linked = subject.as_deref() == Some(command.subject.as_str());
-    let relinked = subject.is_some() && !linked;
+    // answer before its outcome is returned), without a RocksDB read per attempt. The
+    // account linked, since a customer who linked the entity again as another account
+    // withdrew the commands to the first (as the apply's `withdrawn` says).
+    let linked_as =
+        worker
+            .group
+            .links
+            .get_or_read(&command.customer_id, &command.target, || {
+                reader
+                    .link(&command.customer_id, &command.target)
+                    .map(|l| l.map(|l| l.subject))
+            })?;
     Ok(Some(PendingDelivery {
         command,
         attempts_made,
         next_due_ms,
-        linked,
-        relinked,
+        linked_as,
     }))
 }
 
@@ -401,7 +398,6 @@ async fn prepare_and_send(
         // operator): its own entry at the new due time sends it.
         return Ok(None);
     }
-    let linked = rec.linked;
     worker
         .group
         .in_flight
@@ -411,18 +407,13 @@ async fn prepare_and_send(
         entity: rec.command.target.clone(),
         command_url: String::new(),
     };
-    if !linked {
+    if rec.linked_as.as_deref() != Some(rec.command.subject.as_str()) {
         return Ok(Some((
             DeliveryUpdate::Cancelled {
                 command_id: id.to_owned(),
-                reason: if rec.relinked {
-                    // As the apply's cancellation words it.
-                    format!(
-                        "the customer linked another account at {}",
-                        rec.command.target
-                    )
-                } else {
-                    format!("the customer unlinked {}", rec.command.target)
+                reason: match rec.linked_as {
+                    Some(_) => custos_raft::records::cancelled_by_relink(&rec.command.target),
+                    None => custos_raft::records::cancelled_by_unlink(&rec.command.target),
                 },
                 at_ms: now,
                 as_failed: false,

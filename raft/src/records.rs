@@ -661,6 +661,18 @@ impl ActivityRecord {
     }
 }
 
+/// Why a pending delivery was cancelled when its customer unlinked its target (the apply's
+/// cancellation and the delivery worker's say it alike).
+pub fn cancelled_by_unlink(entity: &str) -> String {
+    format!("the customer unlinked {entity}")
+}
+
+/// Why a pending delivery was cancelled when its customer linked its target again as another
+/// account.
+pub fn cancelled_by_relink(entity: &str) -> String {
+    format!("the customer linked another account at {entity}")
+}
+
 /// The wire status of a stored fate.
 pub fn fate_to_wire(fate: EventFate) -> wire::EventStatus {
     match fate {

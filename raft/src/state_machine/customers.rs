@@ -134,7 +134,7 @@ impl Tx<'_> {
         if let Some(old) = self.get::<LinkRecord>(&link_key)? {
             if old.subject != link.subject {
                 // Commands for the account linked before must not reach the one linked now.
-                let reason = format!("the customer linked another account at {}", link.entity_id);
+                let reason = cancelled_by_relink(&link.entity_id);
                 let entity = link.entity_id.as_str();
                 self.cancel_pending(&customer_id, at, &reason, |c| {
                     c.target == entity && c.subject != link.subject
@@ -184,7 +184,7 @@ impl Tx<'_> {
         self.delete(key);
         // Its commands waiting for a retry are cancelled now, not when their next attempt
         // finds no link: the customer may link the entity again before then.
-        let reason = format!("the customer unlinked {entity_id}");
+        let reason = cancelled_by_unlink(entity_id);
         self.cancel_pending(customer_id, at_ms, &reason, |c| c.target == entity_id)?;
         self.effects.push(super::Effect::LinkChanged {
             customer_id: customer_id.to_owned(),

@@ -204,9 +204,7 @@ impl Tx<'_> {
         if let Some(withdrawn) = self.withdrawn(c)? {
             let why = match withdrawn {
                 Withdrawn::Unlinked => format!("the customer no longer links {}", c.target),
-                Withdrawn::Relinked => {
-                    format!("the customer linked another account at {}", c.target)
-                }
+                Withdrawn::Relinked => cancelled_by_relink(&c.target),
                 Withdrawn::RuleDeleted => format!("rule {} was deleted", c.rule_id),
             };
             return Ok(ChangeOutcome::rejected(
