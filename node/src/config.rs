@@ -110,10 +110,14 @@ session_hours = 168
 # Sign-in and sign-up attempts allowed per minute for one email address (ten times as many
 # for one client address, which many people may share).
 sign_in_per_minute = 10
-# AES-256-GCM keys (base64 of 32 bytes) sealing entities' access tokens at rest, newest first:
-# the first seals, every one opens. To rotate, put a new key first and keep the old one until
-# every link was made again or unlinked. When unset, one key is generated at first start and
-# kept in <data_dir>/token-key; a cluster must share its keys (prefer CUSTOS_PORTAL__TOKEN_KEYS).
+# AES-256-GCM keys (base64 of 32 bytes) sealing secrets at rest (customers' access and refresh
+# tokens, entities' signing and OAuth client secrets), newest first: the first seals, every one
+# opens, and so does the key the cluster generated when it was created (kept sealed under the
+# cluster secret in the meta group), which is never dropped. To rotate, put a new key first and
+# keep the old one until everything sealed under it was sealed again: links made again or
+# unlinked, entities' secrets rotated or sent again. A node that starts without a key some
+# entity's secret needs names those entities in its log; their events are answered 503 and
+# their commands wait. Every node must list the same keys (prefer CUSTOS_PORTAL__TOKEN_KEYS).
 # token_keys = ["base64..."]
 
 [cluster]

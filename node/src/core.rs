@@ -31,6 +31,10 @@ pub struct CachedEntity {
     pub record: EntityRecord,
     /// Current secret, then the previous one with the end of its grace period.
     pub secrets: Vec<(Secret, Option<i64>)>,
+    /// Until when a sealed signing secret of its that could not be opened (its token key is
+    /// gone from the configuration) is valid: meanwhile, what fails to verify may be the
+    /// vault's fault, not the sender's.
+    unopened_valid_until_ms: Option<i64>,
     event_schemas: HashMap<String, jsonschema::Validator>,
     command_schemas: HashMap<String, jsonschema::Validator>,
 }
@@ -83,11 +87,17 @@ impl CachedEntity {
             opened.ok()
         };
         let mut secrets = Vec::with_capacity(2);
-        if let Some(s) = open(&record.sealed_secret) {
-            secrets.push((s, None));
+        let mut unopened_valid_until_ms = None;
+        match open(&record.sealed_secret) {
+            Some(s) => secrets.push((s, None)),
+            None => unopened_valid_until_ms = Some(i64::MAX),
         }
-        if let Some(s) = record.sealed_previous_secret.as_deref().and_then(open) {
-            secrets.push((s, Some(record.previous_valid_until_ms)));
+        if let Some(sealed) = record.sealed_previous_secret.as_deref() {
+            let until = record.previous_valid_until_ms;
+            match open(sealed) {
+                Some(s) => secrets.push((s, Some(until))),
+                None => unopened_valid_until_ms = unopened_valid_until_ms.or(Some(until)),
+            }
         }
         let compile = |types: &[custos_raft::records::TypeRecord]| {
             types
@@ -102,8 +112,14 @@ impl CachedEntity {
             event_schemas: compile(&record.event_types),
             command_schemas: compile(&record.command_types),
             secrets,
+            unopened_valid_until_ms,
             record,
         }
+    }
+
+    /// Whether a secret valid at `now_ms` could not be opened (see `unopened_valid_until_ms`).
+    pub fn has_unopened_secret(&self, now_ms: i64) -> bool {
+        self.unopened_valid_until_ms.is_some_and(|t| now_ms <= t)
     }
 
     /// The secrets valid at `now_ms` (the previous one only within its grace period).
@@ -1154,9 +1170,15 @@ impl Core {
         subject: &str,
     ) -> Result<(Option<String>, GroupId), ServiceError> {
         let meta = self.meta()?;
-        let customer = self.routes.get_or_read(source, subject, || {
-            meta.reader.customer_for_subject(source, subject)
-        })?;
+        // Only routes to a customer are kept: this runs before the event's signature is
+        // checked, and subjects nobody claims, which anyone can send, would otherwise fill the
+        // cache and empty it of the routes events use (claims bound what is kept).
+        let customer = self.routes.get_or_read_keeping(
+            source,
+            subject,
+            || meta.reader.customer_for_subject(source, subject),
+            Option::is_some,
+        )?;
         if customer.is_none() && !self.meta_caught_up() {
             // Recorded as ignored, the event would be lost for good (a retry is a duplicate):
             // the entity retries once this replica has caught up.

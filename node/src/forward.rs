@@ -230,6 +230,14 @@ pub async fn forward(
     else {
         return Ok(next.call(req).await?.map_into_left_body());
     };
+    // A call may be forwarded to a leader's peer port, where the peer routes are too; the
+    // forwarded URL is parsed again there (reqwest's `url`), which resolves `..`, `%2e%2e` and
+    // backslashes: `/v1/entities/x/../../peer/propose/0` would reach a peer route with this
+    // node's peer token. Only paths that parse back to themselves go on.
+    if !in_normal_form(req.uri().path()) {
+        let e = ServiceError::invalid("path", "must not hold `.` or `..` segments or backslashes");
+        return Ok(req.error_response(e).map_into_right_body());
+    }
     let on_peer_port = req.app_data::<web::Data<OnPeerPort>>().is_some();
     let hops: u32 = if on_peer_port {
         req.headers()
@@ -246,6 +254,18 @@ pub async fn forward(
     let route = if req.match_info().as_str() == "/v1/events"
         && req.method() == actix_web::http::Method::POST
     {
+        // Checked here too: an event relayed to its leader travels without its headers.
+        let content_type = req
+            .headers()
+            .get(actix_web::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Err(e) = crate::gateway::check_event_media(
+            content_type,
+            crate::gateway::binary_mode(req.request()),
+        ) {
+            return Ok(req.error_response(e).map_into_right_body());
+        }
         let b = match read_bounded(req.take_payload(), MAX_BODY_BYTES).await {
             Ok(b) => b,
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
@@ -435,6 +455,12 @@ pub(crate) fn leader_silent() -> ServiceError {
     )
 }
 
+/// Whether a request path is what an URL parser makes of it: no dot segments (also
+/// percent-encoded), no backslashes, nothing it would encode.
+fn in_normal_form(path: &str) -> bool {
+    reqwest::Url::parse(&format!("http://vault{path}")).is_ok_and(|u| u.path() == path)
+}
+
 /// Sends the call to `addr` (a peer port) and turns its answer into this node's answer.
 async fn proxy(
     core: &Core,
@@ -489,6 +515,28 @@ async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_paths_in_normal_form_are_taken() {
+        for path in [
+            "/v1/customers/c1/rules",
+            "/v1/entities/a.b",
+            "/v1/entities/...",
+            "/",
+        ] {
+            assert!(in_normal_form(path), "{path}");
+        }
+        for path in [
+            "/v1/entities/x/../../peer/status",
+            "/v1/entities/x/%2e%2e/peer/status",
+            "/v1/entities/x/%2E./peer",
+            "/v1/entities/./x",
+            "/v1/entities/x\\..\\peer",
+            "/v1/entities/{x}",
+        ] {
+            assert!(!in_normal_form(path), "{path}");
+        }
+    }
 
     #[test]
     fn a_percent_encoded_id_is_routed_as_the_handler_reads_it() {

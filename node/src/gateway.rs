@@ -142,9 +142,27 @@ async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(document())
 }
 
-/// Refuses (415) an event whose `content-type` is not a structured CloudEvent.
-pub(crate) fn check_event_media(content_type: &str) -> Result<()> {
+/// Whether an event came with binary mode's headers.
+pub(crate) fn binary_mode(req: &HttpRequest) -> bool {
+    req.headers().contains_key("ce-specversion")
+}
+
+/// Refuses (415) an event whose `content-type` is not a structured CloudEvent, or that comes
+/// in binary mode (`ce-specversion` among its headers: its body is only the data, which would
+/// otherwise be refused as a body missing `specversion`, telling the sender nothing useful).
+pub(crate) fn check_event_media(content_type: &str, binary_mode: bool) -> Result<()> {
     let media = content_type.split(';').next().unwrap_or("").trim();
+    // The content type decides the mode (CloudEvents HTTP binding): a structured event with a
+    // stray `ce-*` header some gateway added is still structured.
+    if binary_mode && !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE) {
+        return Err(ServiceError::refused(
+            ErrorCode::UnsupportedMediaType,
+            format!(
+                "binary mode (ce-* headers) is not accepted: send the event in structured mode, \
+                 its attributes in the body, as {CLOUDEVENTS_CONTENT_TYPE}"
+            ),
+        ));
+    }
     if !media.eq_ignore_ascii_case(CLOUDEVENTS_CONTENT_TYPE)
         && !media.eq_ignore_ascii_case("application/json")
     {
@@ -173,7 +191,10 @@ async fn post_event(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    check_event_media(header_str(&req, "content-type").unwrap_or(""))?;
+    check_event_media(
+        header_str(&req, "content-type").unwrap_or(""),
+        binary_mode(&req),
+    )?;
     // The forwarder already read the body and found its route.
     let read = req.extensions().get::<crate::forward::ReadEvent>().cloned();
     let (body, route) = match read {
@@ -1223,6 +1244,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_come_in_structured_mode_and_binary_mode_is_told_so() {
+        let code =
+            |ct: &str, binary: bool| check_event_media(ct, binary).err().map(|e| e.problem());
+        assert!(code("application/cloudevents+json; charset=utf-8", false).is_none());
+        assert!(code("application/json", false).is_none());
+        assert!(code("text/plain", false).is_some());
+        assert!(
+            code("application/cloudevents+json", true).is_none(),
+            "structured"
+        );
+        let p = code("application/json", true).expect("refused");
+        assert_eq!(p.code, ErrorCode::UnsupportedMediaType);
+        assert!(
+            p.detail.unwrap_or_default().contains("binary mode"),
+            "says what to change"
+        );
+    }
 
     #[test]
     fn the_bearer_schemes_name_is_read_in_any_case() {

@@ -76,7 +76,25 @@ where
             .body("peer requests must carry this cluster's peer token");
         return Ok(req.into_response(resp).map_into_right_body());
     }
+    if forwarded_to_peer_route(&req) {
+        let resp = HttpResponse::Forbidden()
+            .content_type("text/plain")
+            .body("a forwarded client call reaches the client API only");
+        return Ok(req.into_response(resp).map_into_right_body());
+    }
     Ok(next.call(req).await?.map_into_left_body())
+}
+
+/// A client call another node forwarded (it carries the hop count) addressed to a peer route:
+/// whatever its path said where it arrived, a client never reaches Raft or the peer RPC.
+/// Both the path as sent and as the router reads it (percent-decoded: `/%70eer/...`).
+fn forwarded_to_peer_route(req: &ServiceRequest) -> bool {
+    let peer_route = |path: &str| {
+        let path = path.trim_start_matches('/');
+        path.starts_with("raft/") || path.starts_with("peer/")
+    };
+    req.headers().contains_key(crate::forward::HOPS_HEADER)
+        && (peer_route(req.path()) || peer_route(req.match_info().as_str()))
 }
 
 fn reply<T: serde::Serialize, E: serde::Serialize>(r: &Result<T, E>) -> HttpResponse {
@@ -326,4 +344,27 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/peer/status", web::get().to(status))
         .route("/peer/query/{group}", web::post().to(query))
         .route(crate::relay::PATH, web::post().to(relayed_events));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarded_client_call_never_reaches_a_peer_route() {
+        let req = |path: &str, forwarded: bool| {
+            let mut r = actix_web::test::TestRequest::get().uri(path);
+            if forwarded {
+                r = r.insert_header((crate::forward::HOPS_HEADER, "1"));
+            }
+            forwarded_to_peer_route(&r.to_srv_request())
+        };
+        assert!(req("/peer/status", true));
+        assert!(req("/raft/1/append", true));
+        assert!(req("//peer/propose/0", true));
+        assert!(req("/%70eer/status", true));
+        assert!(req("/%72aft/1/vote", true));
+        assert!(!req("/peer/status", false), "a peer's own call");
+        assert!(!req("/v1/customers/c1", true), "a forwarded client call");
+    }
 }

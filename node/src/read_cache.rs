@@ -55,6 +55,18 @@ impl<V: Clone> ReadCache<V> {
         inner: &str,
         read: impl FnOnce() -> Result<V, E>,
     ) -> Result<V, E> {
+        self.get_or_read_keeping(outer, inner, read, |_| true)
+    }
+
+    /// As [`Self::get_or_read`], keeping an answer read only when `keep` says so (e.g. only
+    /// answers whose number is bounded by real data, where keys come from unchecked input).
+    pub fn get_or_read_keeping<E>(
+        &self,
+        outer: &str,
+        inner: &str,
+        read: impl FnOnce() -> Result<V, E>,
+        keep: impl FnOnce(&V) -> bool,
+    ) -> Result<V, E> {
         let generation = {
             let held = self.held();
             if let Some(found) = held.by_outer.get(outer).and_then(|m| m.get(inner)) {
@@ -63,7 +75,9 @@ impl<V: Clone> ReadCache<V> {
             held.generation
         };
         let value = read()?;
-        self.insert_if_current(generation, outer, inner, value.clone());
+        if keep(&value) {
+            self.insert_if_current(generation, outer, inner, value.clone());
+        }
         Ok(value)
     }
 
@@ -181,6 +195,15 @@ mod tests {
         assert_eq!(reads.get(), 2);
         // Dropping an answer that is not held changes nothing but the generation.
         c.invalidate(Some(("c2", "hotel")));
+        assert_eq!(c.len(), 1);
+        // An answer `keep` refuses is read every time.
+        for _ in 0..2 {
+            assert_eq!(
+                c.get_or_read_keeping("c3", "hotel", || read(false), |v| *v),
+                Ok(false)
+            );
+        }
+        assert_eq!(reads.get(), 4);
         assert_eq!(c.len(), 1);
     }
 

@@ -298,7 +298,8 @@ async fn serve_here(
     core: &Core,
     event: &RelayedEvent,
 ) -> Result<custos_api::types::EventReceipt, ServiceError> {
-    crate::gateway::check_event_media(event.content_type.as_deref().unwrap_or(""))?;
+    // Binary mode was refused where it arrived (`forward`); only its content type travels.
+    crate::gateway::check_event_media(event.content_type.as_deref().unwrap_or(""), false)?;
     let route = crate::forward::event_route(core, &event.body)?;
     if let Some((_, group)) = route {
         if !core.is_leader(group) {

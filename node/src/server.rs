@@ -856,7 +856,18 @@ async fn start_groups(
     cluster::wait_settings(core, Duration::from_secs(120)).await?;
     // Proves the secret opens the cluster's sealed settings (a wrong one is refused above,
     // at the join, by the peer token; this catches a restart with a changed secret).
-    cluster::token_keys(core, config, secret).await?;
+    let ring = cluster::token_keys(core, config, secret).await?;
+    let entities = core.meta()?.reader.entities()?;
+    let lost = cluster::unopenable_entities(&ring, &entities);
+    if !lost.is_empty() {
+        tracing::error!(
+            count = lost.len(),
+            entities = ?lost.iter().take(10).collect::<Vec<_>>(),
+            "entity secrets cannot be opened with these token keys (a key that sealed them was \
+             dropped from portal.token_keys): their events are answered 503 and their commands \
+             are not sent until that key is configured again or their secrets are rotated"
+        );
+    }
     Ok(())
 }
 

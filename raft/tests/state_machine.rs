@@ -1312,6 +1312,83 @@ async fn an_event_and_its_matches_are_one_stored_line_read_and_paged_as_several(
 }
 
 #[tokio::test]
+async fn an_erased_customers_last_steps_ending_have_the_group_scrubbed_again() -> anyhow::Result<()>
+{
+    let seen = Arc::new(Recorded::default());
+    let mut s = store_observed(2, seen.clone())?;
+    s.apply(setup()).await?;
+    s.apply(vec![StateChange::EraseCustomer {
+        customer_id: "c1".into(),
+    }])
+    .await?;
+    let erased = |seen: &Recorded| {
+        seen.take()
+            .iter()
+            .filter(|e| matches!(e, Effect::Erased))
+            .count()
+    };
+    assert_eq!(erased(&seen), 1);
+    // The releases of its two subjects and its email hold them in clear until they end; each
+    // end has the group scrubbed again.
+    let intents = s.reader.intents(100)?;
+    assert_eq!(intents.len(), 3, "{intents:?}");
+    assert!(s.reader.customer("c1")?.is_none(), "erased");
+    for intent in intents {
+        let out = s
+            .apply(vec![StateChange::EndIntent {
+                id: intent.id.clone(),
+            }])
+            .await?;
+        let left = s.reader.intents(100)?.len();
+        assert_eq!(erased(&seen), 1, "{intent:?} {out:?} left {left}");
+    }
+    // A live customer's release ending is no erasure, nor a sign-up's claim of an email
+    // taken already (its customer never existed).
+    s.apply(vec![
+        StateChange::BeginIntent(IntentRecord {
+            id: "int_signup".into(),
+            at_ms: 5,
+            step: IntentStep::ClaimEmail {
+                account: AccountRecord {
+                    email: "taken@example.com".into(),
+                    customer_id: "c3".into(),
+                    password_hash: String::new(),
+                    created_ms: 5,
+                },
+                customer: customer("c3", None),
+            },
+        }),
+        StateChange::EndIntent {
+            id: "int_signup".into(),
+        },
+    ])
+    .await?;
+    assert_eq!(erased(&seen), 0);
+    s.apply(vec![
+        StateChange::CreateCustomer {
+            customer: customer("c2", None),
+            intent: None,
+        },
+        StateChange::BeginIntent(IntentRecord {
+            id: "int_c2".into(),
+            at_ms: 5,
+            step: IntentStep::ReleaseSubject {
+                customer_id: "c2".into(),
+                entity_id: "hotel".into(),
+                subject: "c2-hotel".into(),
+                claim: "int_c2".into(),
+            },
+        }),
+        StateChange::EndIntent {
+            id: "int_c2".into(),
+        },
+    ])
+    .await?;
+    assert_eq!(erased(&seen), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_linking_begun_after_its_customer_was_erased_is_refused() -> anyhow::Result<()> {
     let mut s = store(2)?;
     s.apply(vec![

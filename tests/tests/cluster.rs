@@ -321,6 +321,45 @@ async fn an_unlink_after_a_failover_waits_for_the_attempt_the_old_leader_was_sen
     Ok(())
 }
 
+/// The status code of a request sent as written: `path` byte for byte (an HTTP client would
+/// resolve its `..` before sending).
+async fn status_of_raw_get(url: &str, path: &str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await?;
+    let head = String::from_utf8_lossy(&answer);
+    head.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status line: {head}"))
+}
+
+#[tokio::test]
+async fn a_client_call_never_reaches_the_peer_routes_through_a_forwarding_node(
+) -> anyhow::Result<()> {
+    let c = Cluster::start(2, NodeOptions::default(), false).await?;
+    let leader = c.leader_of(0).await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let url = &c.nodes[follower - 1].url;
+    // An entity call is forwarded to the meta leader's peer port; an URL parser there would
+    // make each of these `/peer/status`, a peer route, called with this node's peer token.
+    for path in [
+        "/v1/entities/x/../../../peer/status",
+        "/v1/entities/x/%2e%2e/%2E%2E/../peer/status",
+        "/v1/entities/x\\..\\..\\..\\peer\\status",
+    ] {
+        assert_eq!(status_of_raw_get(url, path).await?, 400, "{path}");
+    }
+    // The same calls in their normal form are served.
+    assert_eq!(status_of_raw_get(url, "/v1/entities").await?, 401);
+    assert_eq!(status_of_raw_get(url, "/peer/status").await?, 404);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_killed_leader_fails_over_and_a_full_restart_converges() -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;

@@ -775,6 +775,52 @@ async fn secret_rotation_keeps_the_old_secret_valid_for_the_grace_period() -> an
 }
 
 #[tokio::test]
+async fn token_keys_configured_later_keep_opening_what_was_sealed_before() -> anyhow::Result<()> {
+    let mut w = world().await?;
+    let key = || {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    };
+    let restart_with = |node: &mut Node, keys: &str| {
+        node.options.extra_toml = format!("portal.token_keys = [\"{keys}\"]\n");
+    };
+    // The cluster sealed the airline's secret under the key it generated; an operator then
+    // starts managing keys: what was sealed before still opens.
+    w.node.stop().await?;
+    restart_with(&mut w.node, &key());
+    w.node.restart().await?;
+    let anon = w.node.anonymous();
+    assert_eq!(
+        anon.send_event(&w.airline, &delayed("keys-1", "FF-1234", 90))
+            .await?
+            .status,
+        EventStatus::Accepted
+    );
+    // A secret sealed under the configured key, which is then dropped from the configuration:
+    // the start says which entities cannot be checked, and their events are answered 503 (to
+    // be sent again), not 401 (which a sender drops).
+    let rotated = w.node.admin().rotate_secret("airline").await?;
+    let new =
+        Secret::parse(&rotated.secret.unwrap_or_default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    w.node.stop().await?;
+    restart_with(&mut w.node, &key());
+    w.node.restart().await?;
+    let err = w
+        .node
+        .anonymous()
+        .send_event(&new, &delayed("keys-2", "FF-1234", 90))
+        .await
+        .expect_err("cannot be checked");
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    let log = w.node.log();
+    assert!(
+        log.contains("entity secrets cannot be opened") && log.contains("airline"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn hostile_rules_never_stall_the_node() -> anyhow::Result<()> {
     let w = world().await?;
     let me = w.node.admin().with_token(&w.customer.token);

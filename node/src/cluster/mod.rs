@@ -234,11 +234,9 @@ async fn create_cluster(
     let me = core.node_id;
     let addr = config.peer_address();
     let data_groups = config.cluster.data_groups;
-    let token_keys = if config.portal.token_keys.is_empty() {
-        vec![crate::seal::generate_key()]
-    } else {
-        config.portal.token_keys.clone()
-    };
+    // A key of the cluster's own, whatever is configured: configured keys are the operator's
+    // to retire, and a stored key always opens (see `ring_keys`).
+    let token_keys = vec![crate::seal::generate_key()];
     let groups: BTreeMap<GroupId, Vec<NodeId>> = (1..=data_groups).map(|g| (g, vec![me])).collect();
     let settings = ClusterSettings {
         cluster_id: uuid::Uuid::now_v7().simple().to_string(),
@@ -375,15 +373,53 @@ pub async fn reopen(core: &Arc<Core>) -> Result<Vec<GroupId>, NodeError> {
     Ok(stored)
 }
 
-/// Checks the secret against the cluster's sealed settings and answers the token key ring:
-/// from config when set there, else the cluster's own (stored sealed in the meta group).
+/// Checks the secret against the cluster's sealed settings and answers the token key ring
+/// ([`ring_keys`]).
 pub async fn token_keys(core: &Core, config: &Config, secret: &str) -> Result<KeyRing, NodeError> {
     let settings = core.settings().await?;
     let stored = open_token_keys(secret, &settings.sealed_token_keys)?;
-    if !config.portal.token_keys.is_empty() {
-        return Ok(KeyRing::new(&config.portal.token_keys)?);
+    Ok(KeyRing::new(&ring_keys(
+        &config.portal.token_keys,
+        &stored,
+    ))?)
+}
+
+/// The token keys a node seals and opens with: the configured ones (the first seals), then
+/// the cluster's own, stored sealed in the meta group when it was created, which always open
+/// (a key the cluster generated; a cluster created before 2026-12-07 with keys configured
+/// stored those, and keeps opening with them).
+/// Configuring keys on a cluster that generated its own (or listing a new one first) must not
+/// make what was sealed before unreadable: every entity's signing and client secrets are
+/// sealed too, and nothing seals them again until they are rotated.
+pub fn ring_keys(configured: &[String], stored: &[String]) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::with_capacity(configured.len() + stored.len());
+    for k in configured.iter().chain(stored) {
+        let k = k.trim();
+        if !keys.iter().any(|held| held == k) {
+            keys.push(k.to_owned());
+        }
     }
-    Ok(KeyRing::new(&stored)?)
+    keys
+}
+
+/// The entities whose signing secret (or OAuth client secret) `ring` cannot open: sealed under
+/// a token key since dropped from the configuration. Their events are answered 503 and their
+/// commands are not sent until that key is configured again or the secrets are rotated.
+pub fn unopenable_entities(
+    ring: &KeyRing,
+    entities: &[custos_raft::records::EntityRecord],
+) -> Vec<String> {
+    entities
+        .iter()
+        .filter(|e| {
+            ring.open_signing_secret(&e.id, &e.sealed_secret).is_err()
+                || e.oauth
+                    .as_ref()
+                    .and_then(|o| o.sealed_client_secret.as_deref())
+                    .is_some_and(|s| ring.open_client_secret(&e.id, s).is_err())
+        })
+        .map(|e| e.id.clone())
+        .collect()
 }
 
 /// Waits until the local meta replica holds the cluster's settings (a joining node, until
@@ -453,5 +489,35 @@ pub async fn catch_up_meta(core: Arc<Core>, mut shutdown: tokio::sync::watch::Re
             _ = tokio::time::sleep(POLL) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_token_keys_seal_and_the_clusters_own_still_open() {
+        let own = crate::seal::generate_key();
+        let new = crate::seal::generate_key();
+        let before = KeyRing::new(std::slice::from_ref(&own)).expect("ring");
+        let sealed = before
+            .seal_signing_secret("hotel", "whsec_x")
+            .expect("seal");
+        // An operator starts managing keys: the new one first, the cluster's own kept.
+        let keys = ring_keys(&[format!(" {new}\n")], std::slice::from_ref(&own));
+        assert_eq!(keys, [new.clone(), own.clone()]);
+        let after = KeyRing::new(&keys).expect("ring");
+        assert_eq!(
+            after.open_signing_secret("hotel", &sealed).expect("open"),
+            "whsec_x"
+        );
+        let resealed = after.seal_signing_secret("hotel", "whsec_y").expect("seal");
+        let only_new = KeyRing::new(std::slice::from_ref(&new)).expect("ring");
+        assert!(only_new.open_signing_secret("hotel", &resealed).is_ok());
+        // Unconfigured, or configured with the cluster's own key: that key alone.
+        let alone = std::slice::from_ref(&own);
+        assert_eq!(ring_keys(&[], alone), alone);
+        assert_eq!(ring_keys(alone, alone), alone);
     }
 }

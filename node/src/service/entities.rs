@@ -250,6 +250,11 @@ fn check_client_secret(field: &str, secret: &str) -> Result<(), ServiceError> {
 
 fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), ServiceError> {
     check_id("id", &req.id)?;
+    // An entity's id is a URL path segment (its API, its OAuth callback): clients and browsers
+    // resolve `.` and `..` away, so such an entity could be neither managed nor linked.
+    if matches!(req.id.as_str(), "." | "..") {
+        return Err(ServiceError::invalid("id", "must not be . or .."));
+    }
     check_name("name", &req.name)?;
     check_outbound_url(outbound, "command_url", &req.command_url)?;
     if let Some(o) = &req.oauth {
@@ -373,6 +378,14 @@ mod tests {
         let guarded = Outbound::new(std::time::Duration::from_secs(1), false, 1)?;
         let check = |e: &RegisterEntity| validate_entity(e, &guarded);
         assert!(check(&entity()).is_ok());
+        for id in [".", ".."] {
+            let mut e = entity();
+            e.id = id.into();
+            assert!(check(&e).is_err(), "{id}");
+        }
+        let mut e = entity();
+        e.id = "...".into();
+        assert!(check(&e).is_ok());
         let mut e = entity();
         e.command_url = "ftp://x".into();
         assert!(check(&e).is_err());

@@ -94,6 +94,19 @@ impl Vault {
             WebhookError::StaleTimestamp(_) => {
                 ServiceError::refused(ErrorCode::StaleTimestamp, e.to_string())
             }
+            // The vault cannot open a secret of the entity's: the signature may be good, and a
+            // 401 would have the sender drop the event; a 503 has it retried once the
+            // operator has the token key back (the start-up log names such entities).
+            WebhookError::BadSignature | WebhookError::BadSecret
+                if entity
+                    .as_ref()
+                    .is_some_and(|e| e.has_unopened_secret(received_ms)) =>
+            {
+                ServiceError::refused(
+                    ErrorCode::Unavailable,
+                    "the vault cannot check this entity's signatures now; retry later",
+                )
+            }
             WebhookError::BadSignature | WebhookError::BadSecret => {
                 ServiceError::refused(ErrorCode::BadSignature, e.to_string())
             }

@@ -68,7 +68,24 @@ impl Tx<'_> {
     }
 
     pub(crate) fn end_intent(&mut self, id: &str) -> Result<ChangeOutcome, StoreError> {
-        self.remove_intent(id)?;
+        let Some(intent) = self.remove_intent(id)? else {
+            return Ok(ChangeOutcome::Done);
+        };
+        // An erased customer's last steps (the releases of its subjects and email) held them in
+        // clear in this group: once one ends, the group is scrubbed again, so its snapshot
+        // files stop holding them (the erasure's own scrub may have run before it ended).
+        // (A sign-up that found its email taken ends a claim for a customer that never existed:
+        // no erasure, and anyone could have every replica scrubbed with it.)
+        let released = match &intent.step {
+            IntentStep::ReleaseSubject { customer_id, .. }
+            | IntentStep::ReleaseEmail { customer_id, .. } => Some(customer_id),
+            IntentStep::ClaimSubject { .. } | IntentStep::ClaimEmail { .. } => None,
+        };
+        if let Some(customer_id) = released {
+            if !self.exists(&keys::customer(self.space, customer_id))? {
+                self.effects.push(super::Effect::Erased);
+            }
+        }
         Ok(ChangeOutcome::Done)
     }
 
