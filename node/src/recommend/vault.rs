@@ -122,6 +122,20 @@ fn ranker_is_current(r: &custos_raft::records::RankerRecord) -> bool {
 pub fn model_is_current(model: &ModelRecord) -> bool {
     model.ranker.as_ref().is_none_or(ranker_is_current)
         && !model.templates.iter().any(|t| is_legacy_key(&t.key))
+        && counts_are_coarse(model)
+}
+
+/// Whether every count a model stores is a multiple of its k (see [`coarsen`]); a model an
+/// earlier build stored with exact counts is not (unless each happens to be one), and is
+/// retrained at once.
+fn counts_are_coarse(model: &ModelRecord) -> bool {
+    let k = model.min_support.max(1);
+    model
+        .templates
+        .iter()
+        .flat_map(|t| [t.customers, t.dismissed])
+        .chain(model.pairs.iter().map(|p| p.2))
+        .all(|n| n.is_multiple_of(k))
 }
 
 /// The model item of a rule's trigger part (`when:source/event_type`): one half of a composed
@@ -185,6 +199,67 @@ fn add_part_aggregates(
             .map(|((a, b), c)| (a, b, c, 0.0)),
     );
     pairs.sort_by_key(|p| (p.0, p.1));
+}
+
+/// The aggregates a model is built from (`popularity` and `pairs`, item and rule-part
+/// counts): training's stored model and the ranker's validation models alike, so the ranker
+/// is fitted on what is served. k-anonymous across cells, not only per cell:
+/// - a rule part is counted only through the templates at least k customers keep (those the
+///   model stores), so a part's count minus its stored templates' counts never leaves the
+///   customers of a rare template;
+/// - every count is then coarsened to a multiple of k ([`coarsen`]), so a difference of stored
+///   counts, within a model or between two trainings, is a range about k wide, not a count
+///   (someone who can add customers one by one and watch a count cross a boundary still
+///   learns where it sits: deterministic rounding's limit).
+fn model_aggregates(
+    data: &Interactions,
+    parts_of: &[Option<(u32, u32)>],
+    min_support: u32,
+) -> (Vec<u32>, Vec<Pair>) {
+    let (mut popularity, mut pairs) = aggregates(data, min_support);
+    let stored_parts: Vec<Option<(u32, u32)>> = parts_of
+        .iter()
+        .zip(&popularity)
+        .map(|(parts, n)| parts.filter(|_| *n >= min_support))
+        .collect();
+    add_part_aggregates(
+        &data.users,
+        &stored_parts,
+        &mut popularity,
+        &mut pairs,
+        min_support,
+    );
+    coarsen(&mut popularity, &mut pairs, min_support);
+    (popularity, pairs)
+}
+
+/// A count as the model stores it: 0 below k (not stored at all), else the nearest multiple of
+/// k (at least k), so a stored count says "between n - k/2 and n + k/2", never an exact number.
+pub fn coarse(n: u32, k: u32) -> u32 {
+    let k = k.max(1);
+    if n < k {
+        0
+    } else {
+        (n.saturating_add(k / 2) / k).max(1).saturating_mul(k)
+    }
+}
+
+/// Coarsens counts ([`coarse`]) and walk weights: a pair's weight (its customers' summed
+/// 1 / item count) is stored as its coarse count times their mean 1 / item count rounded to a
+/// quarter power of two (about 9% either way), so it gives away neither the exact count nor
+/// one customer's item count.
+fn coarsen(popularity: &mut [u32], pairs: &mut [Pair], k: u32) {
+    for p in popularity.iter_mut() {
+        *p = coarse(*p, k);
+    }
+    for (_, _, n, w) in pairs.iter_mut() {
+        let exact = (*n).max(1);
+        *n = coarse(*n, k);
+        if *w > 0.0 {
+            let mean = *w / f64::from(exact);
+            *w = f64::from(*n) * 2f64.powf((mean.log2() * 4.0).round() / 4.0);
+        }
+    }
 }
 
 /// A rule part: a trigger (entity and event type) or an action (entity and command type).
@@ -344,17 +419,16 @@ pub fn train(
             template_customers[*i as usize] += 1;
         }
     }
-    // Dismissals count once k customers dismissed a template (no exact small counts), in the
-    // offsets and in the stored model alike.
+    // Dismissals count once k customers dismissed a template, coarse like every stored count,
+    // in the offsets and in the stored model alike (the offsets are what is served).
     let dismissed: Vec<u32> = keys
         .iter()
-        .map(|key| Some(dismissals_of(&dismissals, key)).filter(|d| *d >= min_support))
-        .map(Option::unwrap_or_default)
+        .map(|key| coarse(dismissals_of(&dismissals, key), min_support))
         .collect();
     let offsets: Vec<f64> = template_customers
         .iter()
         .zip(&dismissed)
-        .map(|(n, d)| kept_share(*n, *d).ln())
+        .map(|(n, d)| kept_share(coarse(*n, min_support), *d).ln())
         .collect();
     let parsed: Vec<Option<RuleTemplate>> = keys.iter().map(|k| parse_key(k)).collect();
     let parts_of: Vec<Option<(u32, u32)>> = (0..n_items as u32)
@@ -387,14 +461,7 @@ pub fn train(
             .collect(),
         n_items,
     };
-    let (mut popularity, mut pairs) = aggregates(&full, min_support);
-    add_part_aggregates(
-        &full.users,
-        &parts_of,
-        &mut popularity,
-        &mut pairs,
-        min_support,
-    );
+    let (popularity, pairs) = model_aggregates(&full, &parts_of, min_support);
     // k-anonymity in what is stored and replicated, not only in what is shown: an item (a
     // template, a link, an event type) fewer than k customers have is not in the model at all,
     // neither its name nor its count; pairs already need k customers. Ids are renumbered densely.
@@ -875,14 +942,7 @@ impl<'a> ValidationSplit<'a> {
                 .collect(),
             n_items: keys.len(),
         };
-        let (mut popularity, mut pairs) = aggregates(&left, inputs.min_support);
-        add_part_aggregates(
-            &left.users,
-            inputs.parts_of,
-            &mut popularity,
-            &mut pairs,
-            inputs.min_support,
-        );
+        let (popularity, pairs) = model_aggregates(&left, inputs.parts_of, inputs.min_support);
         drop(left);
         let model = Rp3Beta::from_aggregates(popularity, &pairs, inputs.beta);
         let parts = Parts::new(
@@ -1503,6 +1563,43 @@ mod tests {
         assert!(served
             .recommend(&kept, &linked, &HashSet::new(), &[], &HashSet::new(), 0.5)
             .is_empty());
+    }
+
+    #[test]
+    fn no_difference_of_stored_counts_singles_out_a_customer() {
+        let common = |c| rule(c, "flight.delayed", "room.hold", None);
+        let rare = |c| rule(c, "flight.delayed", "room.prepare", None);
+        let train_on = |rules: Vec<(String, RuleRecord)>| {
+            let pop = Population {
+                rules,
+                ..Default::default()
+            };
+            train(pop, 1, 0, 0.2, 10)
+        };
+        let twelve: Vec<_> = (0..12).map(common).collect();
+        let model = train_on(twelve.clone());
+        // Three customers of a rare rule with the same trigger: the trigger part's count, less
+        // the common rule's, would have been theirs.
+        let with_rare = train_on(twelve.iter().cloned().chain((100..103).map(rare)).collect());
+        // One customer more (or, read the other way, one erased): the same stored counts.
+        let one_more = train_on(twelve.iter().cloned().chain([common(12)]).collect());
+        for other in [&with_rare, &one_more] {
+            assert_eq!(other.templates, model.templates);
+            assert_eq!(other.pairs, model.pairs);
+        }
+        assert!(model
+            .templates
+            .iter()
+            .any(|t| t.key == "when:airline/flight.delayed" && t.customers == 10));
+        assert!(counts_are_coarse(&model));
+        // A model with exact counts (an earlier build's) is retrained at once.
+        let mut exact = model.clone();
+        exact.templates[0].customers = 12;
+        assert!(model_is_current(&model) && !model_is_current(&exact));
+        assert_eq!(
+            [0, 9, 10, 14, 15, 24, 25, 1_234].map(|n| coarse(n, 10)),
+            [0, 0, 10, 10, 20, 20, 30, 1_230]
+        );
     }
 
     #[test]

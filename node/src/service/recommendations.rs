@@ -28,6 +28,11 @@ fn recent(engagements: Vec<(String, String, u64, i64)>) -> Vec<(String, String)>
 
 /// Trains the recommender on every customer's rules and stores the model through Raft.
 pub async fn train_recommender(core: &Core) -> Result<ModelSummary, ServiceError> {
+    // One training at a time: an operator's `train` and the leader's own schedule would
+    // otherwise both number their model after the one stored, and the later got 409 ("a newer
+    // model is already stored"). The second waits, then trains on what is there then.
+    static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = TRAINING.lock().await;
     let mut all = TrainingInput::default();
     let groups = core.data_groups()?;
     // Each group keeps its share of the cap (customers are spread evenly over the groups).
