@@ -379,15 +379,25 @@ async fn oauth_callback(
         // goes to the log.
         Some(e) => {
             tracing::info!(entity = %entity.chars().take(128).collect::<String>(), error = %e, description = ?q.error_description, "the entity reported an error at the OAuth callback");
-            let code = if !e.is_empty()
-                && e.len() <= 64
-                && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-            {
-                e.as_str()
-            } else {
-                "an error"
-            };
-            let who = if custos_api::limits::is_valid_id(&entity) {
+            // Only the codes RFC 6749 (4.1.2.1) defines, and only a registered entity's id:
+            // any other well-formed text would still be words of the sender's choosing.
+            const CODES: [&str; 7] = [
+                "access_denied",
+                "invalid_request",
+                "unauthorized_client",
+                "unsupported_response_type",
+                "invalid_scope",
+                "server_error",
+                "temporarily_unavailable",
+            ];
+            let code = CODES
+                .iter()
+                .find(|c| **c == e.as_str())
+                .copied()
+                .unwrap_or("an error");
+            let registered = custos_api::limits::is_valid_id(&entity)
+                && matches!(vault.core().entity(&entity).await, Ok(Some(_)));
+            let who = if registered {
                 entity.as_str()
             } else {
                 "the entity"

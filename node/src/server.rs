@@ -635,6 +635,7 @@ pub async fn run(
             .configure(crate::gateway::configure)
             .wrap(middleware::from_fn(crate::forward::forward))
             .wrap(middleware::from_fn(crate::portal::secure_cookies))
+            .wrap(middleware::from_fn(crate::portal::portal_headers))
             .wrap(middleware::from_fn(crate::gateway::hold_to_document))
             // Path without the query: OAuth codes and states are not written to logs.
             .wrap(

@@ -217,6 +217,37 @@ pub async fn session_of(vault: &Vault, req: &HttpRequest) -> Option<SessionRecor
     vault.session(c.value()).await.ok().flatten()
 }
 
+/// The Content-Security-Policy of every portal response. (No `form-action 'self'`: linking
+/// posts a form whose answer redirects to the entity's sign-in, which it would block.)
+const PORTAL_CSP: &str =
+    "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'";
+
+/// Gives every portal response (and the OAuth callback's), not only its HTML pages, the
+/// headers a page carries: redirects, refusals in plain text, the stylesheet, the export,
+/// the router's own errors.
+pub async fn portal_headers(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let path = req.path();
+    let portal = path == "/" || path.starts_with("/portal") || path.starts_with("/v1/oauth/");
+    let mut res = next.call(req).await?;
+    if portal {
+        let headers = res.headers_mut();
+        for (name, value) in [
+            (header::CONTENT_SECURITY_POLICY, PORTAL_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ] {
+            if !headers.contains_key(&name) {
+                headers.insert(name, header::HeaderValue::from_static(value));
+            }
+        }
+    }
+    Ok(res)
+}
+
 /// An HTML page, with the headers every portal page carries.
 fn html(
     status: actix_web::http::StatusCode,
@@ -225,10 +256,7 @@ fn html(
 ) -> HttpResponse {
     let mut resp = HttpResponse::build(status);
     resp.content_type("text/html; charset=utf-8")
-        .insert_header((
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
-        ))
+        .insert_header((header::CONTENT_SECURITY_POLICY, PORTAL_CSP))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
         .insert_header((header::CACHE_CONTROL, "no-store"));
@@ -548,13 +576,16 @@ async fn home(vault: web::Data<Vault>, req: HttpRequest, Signed(s): Signed) -> H
 }
 
 fn error_page(req: &HttpRequest, s: &SessionRecord, e: &ServiceError) -> HttpResponse {
-    page(
+    let mut resp = page(
         req,
         "Something went wrong",
         s,
         Section::Home,
         maud::html! { h1 { "Something went wrong" } p { (problem_text(e)) } },
-    )
+    );
+    // The page is for people; its status is for everything else (proxies, logs, tests).
+    resp.head_mut().status = actix_web::ResponseError::status_code(e);
+    resp
 }
 
 /// `GET /portal/catalog` query.
@@ -1058,6 +1089,7 @@ mod tests {
                 App::new()
                     .app_data(portal)
                     .wrap(from_fn(secure_cookies))
+                    .wrap(from_fn(portal_headers))
                     .route(
                         "/",
                         web::get().to(|| async { see_other_flash("/portal", Ok("Hi".into())) }),

@@ -483,6 +483,50 @@ fn with_code_of(callback: &str, other: &str) -> anyhow::Result<String> {
 }
 
 #[tokio::test]
+async fn nobody_puts_words_in_the_portal_and_every_answer_carries_its_headers() -> anyhow::Result<()>
+{
+    let node = Node::start(NodeOptions::default()).await?;
+    let _hotel = EntitySim::start("hotel", &node).await?;
+    let mut alice = Browser::new(&node.url)?;
+    alice.sign_up("alice@example.com").await?;
+    // A link anyone can send a signed-in customer: no state is checked on the error path, so
+    // only a registered entity and an RFC 6749 code are shown.
+    let (status, loc, _) = alice
+        .get("/v1/oauth/callback/Your-vault-is-locked.Call-0100?error=please_reset_your_password")
+        .await?;
+    assert_eq!((status, loc.as_str()), (303, "/portal/catalog"));
+    let shown = alice.flash("/portal/catalog").await?;
+    assert_eq!(shown, "The entity answered an error.", "{shown}");
+    alice
+        .get("/v1/oauth/callback/hotel?error=access_denied")
+        .await?;
+    let shown = alice.flash("/portal/catalog").await?;
+    // (The flash starts with a capital.)
+    assert_eq!(shown, "Hotel answered access_denied.", "{shown}");
+    // Redirects and plain-text refusals carry the portal's headers too, not only its pages.
+    let raw = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    for path in ["/", "/portal", "/portal/static/portal.css"] {
+        let r = raw.get(format!("{}{path}", node.url)).send().await?;
+        let csp = r
+            .headers()
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp:?}");
+        assert_eq!(
+            r.headers()
+                .get("x-content-type-options")
+                .map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{path}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn portal_refuses_forgery_replay_and_cross_customer_access() -> anyhow::Result<()> {
     let node = Node::start(NodeOptions::default()).await?;
     let hotel = EntitySim::start("hotel", &node).await?;
