@@ -537,13 +537,20 @@ async fn send(
         .send()
         .await
         .map_err(|e| {
-            // The whole chain for the operator; a kind of failure for the customer.
-            let msg = error_chain(&e);
-            tracing::warn!(entity = %entity.record.id, command = %command.id, error = %msg, "delivery attempt failed");
+            // The whole chain for the operator, without the URL (its query may hold a token:
+            // the host is enough to find the endpoint); a kind of failure for the customer.
+            let failure = TransportFailure::of(&e);
+            let host = e
+                .url()
+                .and_then(|u| u.host_str())
+                .unwrap_or_default()
+                .to_owned();
+            let msg = error_chain(&e.without_url());
+            tracing::warn!(entity = %entity.record.id, command = %command.id, host = %host, error = %msg, "delivery attempt failed");
             if msg.contains("is not allowed") {
                 (DeliveryError::ForbiddenAddress, None)
             } else {
-                (DeliveryError::Transport(TransportFailure::of(&e)), None)
+                (DeliveryError::Transport(failure), None)
             }
         })?;
     let status = resp.status();
