@@ -636,8 +636,9 @@ pub async fn run(
             .configure(crate::gateway::configure)
             .wrap(middleware::from_fn(crate::forward::forward))
             .wrap(middleware::from_fn(crate::portal::secure_cookies))
-            .wrap(middleware::from_fn(crate::portal::portal_headers))
             .wrap(middleware::from_fn(crate::gateway::hold_to_document))
+            // Outside the document check, so its refusals (a 405 at the callback) carry them.
+            .wrap(middleware::from_fn(crate::portal::portal_headers))
             // Path without the query: OAuth codes and states are not written to logs.
             .wrap(
                 middleware::Logger::new("%{method}xi %U %s %Dms")

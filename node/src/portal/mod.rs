@@ -229,8 +229,10 @@ pub async fn portal_headers(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let path = req.path();
-    let portal = path == "/" || path.starts_with("/portal") || path.starts_with("/v1/oauth/");
+    // The path as sent and as the router reads it (percent-decoded: `/%70ortal/...`).
+    let is_portal =
+        |path: &str| path == "/" || path.starts_with("/portal") || path.starts_with("/v1/oauth/");
+    let portal = is_portal(req.path()) || is_portal(req.match_info().as_str());
     let mut res = next.call(req).await?;
     if portal {
         let headers = res.headers_mut();

@@ -507,7 +507,12 @@ async fn nobody_puts_words_in_the_portal_and_every_answer_carries_its_headers() 
     let raw = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    for path in ["/", "/portal", "/portal/static/portal.css"] {
+    for path in [
+        "/",
+        "/portal",
+        "/portal/static/portal.css",
+        "/%70ortal/export.json",
+    ] {
         let r = raw.get(format!("{}{path}", node.url)).send().await?;
         let csp = r
             .headers()
