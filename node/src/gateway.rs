@@ -191,12 +191,15 @@ async fn post_event(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    check_event_media(
-        header_str(&req, "content-type").unwrap_or(""),
-        binary_mode(&req),
-    )?;
-    // The forwarder already read the body and found its route.
+    // The forwarder already checked the media type, read the body and found its route;
+    // without it (no forwarder in front) the handler does all three.
     let read = req.extensions().get::<crate::forward::ReadEvent>().cloned();
+    if read.is_none() {
+        check_event_media(
+            header_str(&req, "content-type").unwrap_or(""),
+            binary_mode(&req),
+        )?;
+    }
     let (body, route) = match read {
         Some(r) => (r.body, r.route),
         None => (read_body(&req, payload, MAX_BODY_BYTES).await?, None),

@@ -1574,6 +1574,8 @@ async fn recommendations_are_trained_served_accepted_and_dismissed() -> anyhow::
         "{}",
         rec.confidence
     );
+    // 10 / (10 + 1), rounded to 5% (the build before: 11 / (14 + 1), so 0.75).
+    assert!((rec.confidence - 0.9).abs() < 1e-9, "{}", rec.confidence);
     assert!(
         rec.reason.contains("% of the 10+ customers"),
         "{}",
