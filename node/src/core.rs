@@ -718,6 +718,11 @@ pub struct Core {
     pub wake: Arc<Wakers>,
     /// The shard map as last read from the meta group, with the cluster epoch it was read at.
     shard_map: RwLock<Option<(u64, Arc<ShardMap>)>>,
+    /// Held while a replica is opened: two callers opening one group at once (the cluster
+    /// manager and a peer's first message, at a restart) each replayed the log past what was
+    /// applied into the same key space, engagement counts (merge operands) twice, and cleared
+    /// files the other had made.
+    opening: tokio::sync::Mutex<()>,
     /// Told about every group opened (its workers are started).
     opened: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Arc<Group>>>>,
     /// Set when the node is stopping: no group is opened any more.
@@ -828,6 +833,7 @@ impl Core {
             wake: Arc::new(Wakers::default()),
             shard_map: RwLock::new(None),
             opened: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
             closing: AtomicBool::new(false),
             deleting: Arc::default(),
             meta_caught_up: AtomicBool::new(false),
@@ -916,6 +922,10 @@ impl Core {
         if let Some(g) = self.group(group) {
             return Ok(g);
         }
+        let _one = self.opening.lock().await;
+        if let Some(g) = self.group(group) {
+            return Ok(g);
+        }
         if self.is_closing() {
             return Err(ServiceError::refused(
                 ErrorCode::Unavailable,
@@ -974,8 +984,8 @@ impl Core {
             links,
             stop,
         });
-        // Two callers may have raced to open it: keep the first, stop ours. A delete that
-        // began while ours was being built wins too (checked under the lock it marks under).
+        // Opens are one at a time, so nobody else opened it meanwhile; a delete that began
+        // while ours was being built wins (checked under the lock it marks under).
         let refused = {
             let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
             match groups.get(&group) {

@@ -25,6 +25,11 @@ impl StoreError {
         StoreError::Io(e)
     }
 
+    /// Whether a file was not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::Io(e) if e.kind() == std::io::ErrorKind::NotFound)
+    }
+
     /// As openraft's storage error, for the read path.
     pub fn into_raft_read(self) -> openraft::StorageError<u64> {
         openraft::StorageIOError::read(&self).into()

@@ -305,14 +305,19 @@ fn read_sm_meta(db: &DB, space: u32) -> Result<(Option<LogId>, StoredMembership)
 /// Removes everything a node holds of `group`: its log, vote, snapshot records, both state
 /// spaces and its snapshot files in `snapshots` (the node no longer holds a replica of it).
 pub fn destroy_group(db: &DB, group: GroupId, snapshots: &Path) -> Result<(), StoreError> {
-    snapshot::remove_all(snapshots, group);
     let mut batch = WriteBatch::default();
     for space in [keys::space(group, false), keys::space(group, true)] {
         let lo = space.to_be_bytes().to_vec();
         let hi = keys::prefix_end(&lo);
         batch.delete_range(lo, hi);
     }
-    db.write(batch)?;
+    // The keys first, synced, then the files: a crash in between leaves files no record names
+    // (removed when the group is opened or destroyed again), never a record naming a file
+    // that is gone (the replica, opened again, would fail to read its snapshot).
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)?;
+    snapshot::remove_all(snapshots, group);
     Ok(())
 }
 
@@ -428,18 +433,28 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(stored) =
-            snapshot::current(&self.db, self.group).map_err(StoreError::into_raft_read)?
-        else {
-            return Ok(None);
-        };
-        let file = snapshot::open(&self.snapshots.join(&stored.file))
-            .await
-            .map_err(StoreError::into_raft_read)?;
-        Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(file),
-        }))
+        // A build finishing between the read of the record and the open records its file and
+        // removes this one (not under `switching`, which a build holds for its whole length,
+        // while the state machine waits here): the record then names the newer file, so it is
+        // read again. An error here ends openraft's state machine worker, the group with it.
+        let mut tries = 0;
+        loop {
+            let Some(stored) =
+                snapshot::current(&self.db, self.group).map_err(StoreError::into_raft_read)?
+            else {
+                return Ok(None);
+            };
+            match snapshot::open(&self.snapshots.join(&stored.file)).await {
+                Ok(file) => {
+                    return Ok(Some(Snapshot {
+                        meta: stored.meta,
+                        snapshot: Box::new(file),
+                    }))
+                }
+                Err(e) if tries < 3 && e.is_not_found() => tries += 1,
+                Err(e) => return Err(e.into_raft_read()),
+            }
+        }
     }
 }
 

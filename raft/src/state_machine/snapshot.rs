@@ -1,13 +1,15 @@
 //! Snapshot files: a group's state machine keys as of one RocksDB snapshot, streamed to a
 //! file as length-prefixed pairs (keys without their space prefix), never held in memory.
 //! openraft sends the file to followers in chunks; a follower streams it back into RocksDB
-//! in bounded write batches.
+//! in bounded write batches. A file ends with a trailer (an end mark, the number of pairs and
+//! a SHA-256 of everything before it), checked before the installed state is switched to.
 
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::{APPLIED, MEMBERSHIP};
 use crate::codec;
@@ -15,7 +17,12 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::types::{GroupId, LogId, SnapshotMeta, StoredMembership};
 
-const MAGIC: &[u8; 4] = b"CSNP";
+/// A file of an earlier build: pairs until the end of the file, nothing to check them by.
+const MAGIC_UNSEALED: &[u8; 4] = b"CSNP";
+/// A file with a trailer.
+const MAGIC: &[u8; 4] = b"CSN2";
+/// Where a length prefix would be, the trailer's start (above [`MAX_FRAME`]: no frame's).
+const END: u32 = u32::MAX;
 /// Flush the install's write batch at about this size.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 /// Largest key or value a snapshot frame may carry (anything bigger is corruption).
@@ -171,13 +178,20 @@ pub(crate) fn build(
     let tmp = path.with_extension("part");
     let written = (|| -> Result<u64, StoreError> {
         let f = std::fs::File::create(&tmp).map_err(io)?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let mut w = Hashing::new(BufWriter::with_capacity(1 << 20, f));
         w.write_all(MAGIC).map_err(io)?;
         w.write_all(&[codec::FORMAT_VERSION]).map_err(io)?;
+        let mut pairs = 0u64;
         each_pair(&snap, space, |k, v| {
+            pairs += 1;
             write_frame(&mut w, k)?;
             write_frame(&mut w, v)
         })?;
+        w.write_all(&END.to_be_bytes()).map_err(io)?;
+        let digest = w.hash.clone().finalize();
+        let mut w = w.inner;
+        w.write_all(&pairs.to_be_bytes()).map_err(io)?;
+        w.write_all(&digest).map_err(io)?;
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
         f.metadata().map_err(io).map(|m| m.len())
@@ -235,40 +249,121 @@ fn write_frame(w: &mut impl Write, bytes: &[u8]) -> Result<(), StoreError> {
     w.write_all(bytes).map_err(io)
 }
 
-/// Reads one frame; `None` at a clean end of file.
-fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, StoreError> {
+/// A reader or writer that hashes the bytes passing through it.
+struct Hashing<T> {
+    inner: T,
+    hash: Sha256,
+}
+
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
+        Hashing {
+            inner,
+            hash: Sha256::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What comes next in a snapshot file.
+enum Frame {
+    /// A key or a value.
+    Bytes(Vec<u8>),
+    /// The trailer's end mark.
+    End,
+    /// The end of the file, between frames.
+    Eof,
+}
+
+/// Reads one frame. A file that ends inside a length prefix is damaged, not at its end.
+fn read_frame(r: &mut impl Read) -> Result<Frame, StoreError> {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(io(e)),
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(Frame::Eof),
+            Ok(0) => return Err(StoreError::Task("snapshot file ends inside a frame".into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
     }
     let len = u32::from_be_bytes(len);
+    if len == END {
+        return Ok(Frame::End);
+    }
     if len > MAX_FRAME {
         return Err(StoreError::Task(format!("snapshot frame of {len} bytes")));
     }
     let mut buf = vec![0u8; len as usize];
     r.read_exact(&mut buf).map_err(io)?;
-    Ok(Some(buf))
+    Ok(Frame::Bytes(buf))
 }
 
-/// Streams a snapshot file's pairs into `space`, in bounded write batches.
+/// Streams a snapshot file's pairs into `space`, in bounded write batches, and checks the
+/// file's trailer: a file cut short or damaged (on disk, or in transfer) is refused before the
+/// installed state is switched to, not installed with pairs missing or changed.
 pub(crate) fn load_into(db: &DB, space: u32, mut file: std::fs::File) -> Result<(), StoreError> {
     file.rewind().map_err(io)?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut r = Hashing::new(BufReader::with_capacity(1 << 20, file));
     let mut head = [0u8; 5];
     r.read_exact(&mut head).map_err(io)?;
-    if &head[..4] != MAGIC {
-        return Err(StoreError::Task("not a snapshot file".into()));
-    }
+    let sealed = match &head[..4] {
+        m if m == MAGIC => true,
+        m if m == MAGIC_UNSEALED => false,
+        _ => return Err(StoreError::Task("not a snapshot file".into())),
+    };
     if head[4] != codec::FORMAT_VERSION {
         return Err(codec::CodecError::UnknownVersion(head[4]).into());
     }
+    let damaged = |why: &str| StoreError::Task(format!("damaged snapshot file: {why}"));
     let prefix = space.to_be_bytes();
     let mut batch = WriteBatch::default();
-    while let Some(k) = read_frame(&mut r)? {
-        let v = read_frame(&mut r)?
-            .ok_or_else(|| StoreError::Task("snapshot file ends inside a pair".into()))?;
+    let mut pairs = 0u64;
+    loop {
+        let k = match read_frame(&mut r)? {
+            Frame::Bytes(k) => k,
+            Frame::Eof if sealed => return Err(damaged("it ends before its trailer")),
+            Frame::Eof => break,
+            Frame::End if sealed => {
+                let digest = r.hash.clone().finalize();
+                let mut trailer = [0u8; 40];
+                r.inner
+                    .read_exact(&mut trailer)
+                    .map_err(|_| damaged("its trailer is cut short"))?;
+                let (count, stored) = trailer.split_at(8);
+                if u64::from_be_bytes(count.try_into().unwrap_or_default()) != pairs {
+                    return Err(damaged("it holds another number of pairs than written"));
+                }
+                if stored != digest.as_slice() {
+                    return Err(damaged("its SHA-256 is not the one written"));
+                }
+                break;
+            }
+            Frame::End => return Err(damaged("a trailer in a file of the earlier format")),
+        };
+        let Frame::Bytes(v) = read_frame(&mut r)? else {
+            return Err(damaged("it ends inside a pair"));
+        };
         if k.first()
             .is_none_or(|t| *t < keys::SM_FIRST || *t >= keys::SM_END)
         {
@@ -276,6 +371,7 @@ pub(crate) fn load_into(db: &DB, space: u32, mut file: std::fs::File) -> Result<
                 "snapshot key outside the state range".into(),
             ));
         }
+        pairs += 1;
         let mut full = Vec::with_capacity(4 + k.len());
         full.extend_from_slice(&prefix);
         full.extend_from_slice(&k);
@@ -394,6 +490,70 @@ mod tests {
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<Result<_, _>>()?;
         assert_eq!(left, ["g2-other.snap"]);
+        Ok(())
+    }
+
+    /// The pairs of `space`, as a snapshot holds them.
+    fn pairs_of(db: &DB, space: u32) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        each_pair(&db.snapshot(), space, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_snapshot_file_cut_short_or_changed_is_refused_whole() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let db = crate::open_db(&tmp.path().join("db"), crate::DbOptions::default())?;
+        let dir = tmp.path().join("snapshots");
+        for i in 0..50u32 {
+            db.put(
+                keys::key(3, keys::SM_FIRST, &i.to_be_bytes()),
+                format!("value {i}").repeat(10),
+            )?;
+        }
+        let (_, path, _) = build(&db, 1, 3, &dir)?;
+        let bytes = std::fs::read(&path)?;
+        let load = |bytes: &[u8], space: u32| -> Result<(), StoreError> {
+            let file = tmp.path().join(format!("copy-{space}"));
+            std::fs::write(&file, bytes).map_err(io)?;
+            load_into(&db, space, std::fs::File::open(&file).map_err(io)?)
+        };
+        // Whole, it loads every pair.
+        load(&bytes, 10)?;
+        assert_eq!(pairs_of(&db, 10)?, pairs_of(&db, 3)?);
+        assert_eq!(pairs_of(&db, 10)?.len(), 50);
+        // Cut between two pairs (a reader of the earlier format took that for the end), inside
+        // a length prefix, inside a value, inside the trailer: refused.
+        // The header, then the first key (its tag and four bytes) and value, each framed.
+        let first_pair = 5 + (4 + 5) + (4 + "value 0".len() * 10);
+        for cut in [
+            first_pair,
+            first_pair + 2,
+            first_pair + 10,
+            bytes.len() - 20,
+        ] {
+            assert!(
+                load(&bytes[..cut], 11).is_err(),
+                "cut at {cut} of {}",
+                bytes.len()
+            );
+        }
+        // A byte of a value changed: refused.
+        let mut flipped = bytes.clone();
+        flipped[first_pair - 3] ^= 0x20;
+        let why = load(&flipped, 12)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(why.contains("SHA-256"), "{why}");
+        // A file of the earlier format (no trailer) still loads.
+        let mut earlier = MAGIC_UNSEALED.to_vec();
+        earlier.extend_from_slice(&bytes[4..bytes.len() - 44]);
+        load(&earlier, 13)?;
+        assert_eq!(pairs_of(&db, 13)?, pairs_of(&db, 3)?);
         Ok(())
     }
 }
