@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::core::{check_schema, not_leader, CachedEntity, Core};
 use crate::error::ServiceError;
-use crate::rules::{self, CompiledRule, EventScope, RuleSet};
+use crate::rules::{self, CompiledRule, EventScope, RuleSet, EVENT_EVAL_BUDGET};
 
 /// Longest `reason` kept for an ignored event.
 const MAX_REASON: usize = 1000;
@@ -429,6 +429,10 @@ fn plan(
     let scope = EventScope::new(event);
     // The data bytes of the commands planned so far (bounded per event).
     let mut data_bytes = 0;
+    // What the rules run so far could have cost (bounded per event; one rule alone is
+    // bounded by its own budget, so a single rule is not priced twice).
+    let several = matching.len() > 1;
+    let mut spent = 0u64;
     for rule in matching {
         let r = &rule.record;
         let Some(target_link) = profile.links.get(&r.then_entity) else {
@@ -438,6 +442,18 @@ fn plan(
             ));
             continue;
         };
+        if several {
+            let cost = rule.cost_on(&scope);
+            if spent.saturating_add(cost) > EVENT_EVAL_BUDGET {
+                let why = format!(
+                    "not evaluated: the rules this event triggers could cost more than \
+                     {EVENT_EVAL_BUDGET} steps together"
+                );
+                out.fail(&r.id, &event.id, why);
+                continue;
+            }
+            spent += cost;
+        }
         let data = match rule.evaluate(&scope) {
             Ok(Some(d)) => d,
             Ok(None) => {
@@ -578,7 +594,7 @@ async fn link(
     if !is_valid_id(&req.entity_id) {
         return Err(ServiceError::invalid(
             "entity_id",
-            "must be 1..=128 of [A-Za-z0-9._:-]",
+            "must be 1..=128 of [A-Za-z0-9._:-], not . or ..",
         ));
     }
     if !is_valid_subject(&req.subject) {
@@ -1144,6 +1160,67 @@ mod tests {
         plan.fail("r1", "e1", "\u{e9}".repeat(300_000));
         assert!(plan.failures[0].reason.len() <= MAX_REASON);
         assert!(plan.reasons[0].len() <= MAX_REASON + "rule r1: ".len());
+    }
+
+    #[test]
+    fn the_rules_one_event_triggers_are_bounded_together() {
+        // Each rule alone is within its budget; many of them on one trigger would run one
+        // after another on the profile's thread.
+        let link = |entity: &str| LinkRecord {
+            entity_id: entity.into(),
+            subject: "alice".into(),
+            linked_ms: 0,
+            sealed_token: None,
+            sealed_refresh_token: None,
+            claim: "i".into(),
+        };
+        let mut event = CloudEvent::new("e1", "airline", "flight.delayed");
+        event.subject = Some("alice".into());
+        let costly = "data.a.all(x, data.a.all(y, x + y >= 0))";
+        let record = |id: usize| custos_raft::records::RuleRecord {
+            id: format!("r{id}"),
+            name: "n".into(),
+            when_entity: "airline".into(),
+            when_event_type: "flight.delayed".into(),
+            condition: Some(costly.into()),
+            then_entity: "hotel".into(),
+            then_command_type: "room.hold".into(),
+            data_json: "{}".into(),
+            created_ms: 0,
+        };
+        // A list long enough that one rule costs a fair share of the event's budget.
+        let one = rules::compile(record(0)).expect("within the budget on small events");
+        let n = (10..2000)
+            .find(|n| {
+                event.data = Some(serde_json::json!({ "a": vec![1; *n] }));
+                one.cost_on(&EventScope::new(&event)) > EVENT_EVAL_BUDGET / 8
+            })
+            .expect("some length costs an eighth of the event's budget");
+        let cost = one.cost_on(&EventScope::new(&event));
+        assert!(cost <= rules::EVAL_BUDGET, "one rule runs: {cost} at {n}");
+        let mut set = RuleSet::default();
+        for id in 0..20 {
+            set.insert(rules::compile(record(id)).expect("compiles"));
+        }
+        let profile = Profile {
+            links: [("airline", link("airline")), ("hotel", link("hotel"))]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            rules: set,
+            rule_count: 20,
+            term: 0,
+            stamp: 0,
+        };
+        let plan = plan(&profile, "cus_1", &event, &HashMap::new(), 0);
+        let run = (EVENT_EVAL_BUDGET / cost) as usize;
+        assert_eq!(plan.commands.len(), run, "the rules that fit ran");
+        assert_eq!(plan.failures.len(), 20 - run);
+        assert!(
+            plan.failures[0].reason.contains("together"),
+            "{}",
+            plan.failures[0].reason
+        );
     }
 
     #[test]

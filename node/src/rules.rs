@@ -6,9 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
+use cel::common::ast::{ComprehensionExpr, EntryExpr, Expr, IdedEntryExpr};
 use cel::common::value::CelVal;
-use cel::{Context, ExecutionError, IdedExpr, Program, Value as CelValue};
+use cel::extractors::This;
+use cel::{Context, ExecutionError, FunctionContext, IdedExpr, Program, Value as CelValue};
 use custos_api::limits::{MAX_EXPR_LEN, MAX_MAPPING_DEPTH, MAX_MAPPING_FIELDS};
 use custos_api::CloudEvent;
 use custos_raft::records::RuleRecord;
@@ -208,36 +209,262 @@ fn nesting(e: &IdedExpr) -> usize {
     }
 }
 
-/// An upper bound of the length of what `e` yields (list, map or string), given that no
-/// collection or string in the event is longer than `n`.
-fn size_bound(e: &IdedExpr, n: u64) -> u64 {
+/// Bounds on a value an expression yields, given that no collection or string in the event is
+/// longer than `n`: its own length (a string's bytes, a list's or map's entries) and the
+/// length of anything inside it, at any depth. A value made in the expression can be longer
+/// than anything in the event (`x + x` in a `map` doubles each element, and a `map` of that
+/// doubles again), so every bound variable carries the bound of what it holds: a bound that
+/// took every variable to be no longer than the event's longest let a chain of such maps
+/// grow a string past any memory while priced as linear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Size {
+    /// Its own length.
+    len: u64,
+    /// The longest length of anything inside it.
+    inner: u64,
+}
+
+impl Size {
+    /// A number, boolean, null, timestamp or duration.
+    const SCALAR: Size = Size { len: 1, inner: 0 };
+
+    /// What the event's variables hold.
+    fn event(n: u64) -> Size {
+        Size { len: n, inner: n }
+    }
+
+    /// The longest of its own length and its contents'.
+    fn whole(self) -> u64 {
+        self.len.max(self.inner)
+    }
+
+    /// One of its elements (or keys, fields, values).
+    fn element(self) -> Size {
+        Size {
+            len: self.inner,
+            inner: self.inner,
+        }
+    }
+
+    /// Either of two values.
+    fn either(self, other: Size) -> Size {
+        Size {
+            len: self.len.max(other.len),
+            inner: self.inner.max(other.inner),
+        }
+    }
+
+    /// A collection holding values of these sizes.
+    fn holding<I: IntoIterator<Item = Size>>(count: usize, items: I) -> Size {
+        Size {
+            len: count as u64,
+            inner: items.into_iter().map(Size::whole).max().unwrap_or(0),
+        }
+    }
+}
+
+/// The comprehension variables in scope, innermost last, with the bound of what each holds.
+type Bound<'a> = Vec<(&'a str, Size)>;
+
+/// Functions whose result is a number, boolean, timestamp or duration, whatever their
+/// operands (the interpreter's standard functions and the operators).
+fn yields_scalar(func: &str) -> bool {
+    matches!(
+        func,
+        "_==_"
+            | "_!=_"
+            | "_<_"
+            | "_<=_"
+            | "_>_"
+            | "_>=_"
+            | "_-_"
+            | "_*_"
+            | "_/_"
+            | "_%_"
+            | "-_"
+            | "!_"
+            | "_&&_"
+            | "_||_"
+            | "@in"
+            | "@not_strictly_false"
+            | "has"
+            | "size"
+            | "contains"
+            | "startsWith"
+            | "endsWith"
+            | "matches"
+            | "int"
+            | "uint"
+            | "double"
+            | "duration"
+            | "timestamp"
+    ) || func.starts_with("get")
+}
+
+/// Bounds on what `e` yields, given that no collection or string in the event is longer than
+/// `n` and what the comprehension variables in `scope` hold.
+fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
     match &e.expr {
-        Expr::Literal(CelVal::String(s)) => s.len() as u64,
-        Expr::Literal(_) => 1,
-        Expr::List(l) => l.elements.len() as u64,
-        Expr::Map(m) => m.entries.len() as u64,
-        Expr::Call(c) if c.func_name == "_+_" => c
-            .target
-            .as_deref()
-            .into_iter()
-            .chain(c.args.iter())
-            .map(|a| size_bound(a, n))
-            .fold(0u64, u64::saturating_add),
-        Expr::Comprehension(c) => size_bound(&c.iter_range, n).max(n),
-        _ => n,
+        Expr::Literal(CelVal::String(s)) => Size {
+            len: s.len() as u64,
+            inner: 0,
+        },
+        Expr::Literal(CelVal::Bytes(b)) => Size {
+            len: b.len() as u64,
+            inner: 0,
+        },
+        Expr::Literal(_) | Expr::Unspecified => Size::SCALAR,
+        Expr::Ident(name) => scope
+            .iter()
+            .rev()
+            .find(|(v, _)| v == name)
+            .map_or(Size::event(n), |(_, s)| *s),
+        Expr::Select(s) if s.test => Size::SCALAR,
+        Expr::Select(s) => size(&s.operand, n, scope).element(),
+        Expr::List(l) => {
+            let items: Vec<Size> = l.elements.iter().map(|i| size(i, n, scope)).collect();
+            Size::holding(items.len(), items)
+        }
+        Expr::Map(m) => {
+            let items: Vec<Size> = m
+                .entries
+                .iter()
+                .flat_map(entry_children)
+                .map(|i| size(i, n, scope))
+                .collect();
+            Size::holding(m.entries.len(), items)
+        }
+        Expr::Struct(st) => {
+            let items: Vec<Size> = st
+                .entries
+                .iter()
+                .flat_map(entry_children)
+                .map(|i| size(i, n, scope))
+                .collect();
+            Size::holding(st.entries.len(), items)
+        }
+        Expr::Call(c) => {
+            let operands: Vec<Size> = c
+                .target
+                .as_deref()
+                .into_iter()
+                .chain(c.args.iter())
+                .map(|o| size(o, n, scope))
+                .collect();
+            match c.func_name.as_str() {
+                f if yields_scalar(f) => Size::SCALAR,
+                "_?_:_" => operands
+                    .iter()
+                    .skip(1)
+                    .copied()
+                    .reduce(Size::either)
+                    .unwrap_or(Size::SCALAR),
+                "_[_]" => operands.first().map_or(Size::SCALAR, |o| o.element()),
+                // One of the operands, or an element of the one list given.
+                "max" | "min" => operands
+                    .iter()
+                    .map(|o| o.either(o.element()))
+                    .reduce(Size::either)
+                    .unwrap_or(Size::SCALAR),
+                // A string as long as the operand, or a number's or a time's text.
+                "string" | "bytes" => Size {
+                    len: operands.iter().map(|o| o.len).max().unwrap_or(0).max(64),
+                    inner: 0,
+                },
+                // `+` and anything else: as long as its operands together.
+                _ => Size {
+                    len: operands.iter().map(|o| o.len).fold(0, u64::saturating_add),
+                    inner: operands.iter().map(|o| o.inner).max().unwrap_or(0),
+                },
+            }
+        }
+        Expr::Comprehension(c) => {
+            let range = size(&c.iter_range, n, scope);
+            let init = size(&c.accu_init, n, scope);
+            let before = scope.len();
+            bind_elements(c, range, scope);
+            let accu = accumulated(c, range, init, n, scope);
+            scope.push((c.accu_var.as_str(), accu));
+            let out = size(&c.result, n, scope);
+            scope.truncate(before);
+            out
+        }
+    }
+}
+
+/// Binds a comprehension's variables to an element of its range (and a key or index).
+fn bind_elements<'a>(c: &'a ComprehensionExpr, range: Size, scope: &mut Bound<'a>) {
+    scope.push((c.iter_var.as_str(), range.element()));
+    if let Some(v) = c.iter_var2.as_deref() {
+        scope.push((v, range.element().either(Size::SCALAR)));
+    }
+}
+
+/// Bounds on a comprehension's accumulator after its last step, its variables bound in
+/// `scope`. Each step is measured twice, after an empty accumulator and a long one: a step
+/// that does not grow with it (`all`, `exists`) yields at most what it yields once; a step
+/// that adds to it (`map`, `filter`: `@result + [x]`) adds as much each time, over the
+/// range's length. A step that adds the accumulator to itself (which no macro writes) is
+/// priced out of any budget.
+fn accumulated<'a>(
+    c: &'a ComprehensionExpr,
+    range: Size,
+    init: Size,
+    n: u64,
+    scope: &mut Bound<'a>,
+) -> Size {
+    const PROBE: u64 = 1 << 20;
+    let step_after = |len: u64, scope: &mut Bound<'a>| {
+        scope.push((
+            c.accu_var.as_str(),
+            Size {
+                len,
+                inner: init.inner,
+            },
+        ));
+        let out = size(&c.loop_step, n, scope);
+        scope.pop();
+        out
+    };
+    let once = step_after(0, scope);
+    let after_long = step_after(PROBE, scope);
+    if after_long.len <= once.len {
+        return init.either(once);
+    }
+    let added = after_long.len - PROBE;
+    if added > once.len {
+        return Size {
+            len: u64::MAX / 4,
+            inner: u64::MAX / 4,
+        };
+    }
+    Size {
+        len: init.len.saturating_add(range.len.saturating_mul(added)),
+        inner: init.inner.max(once.inner),
     }
 }
 
 /// An upper bound of the interpreter's work for `e`, given that no collection or string in
-/// the event is longer than `n`.
-fn cost(e: &IdedExpr, n: u64) -> u64 {
+/// the event is longer than `n` and what the comprehension variables in `scope` hold.
+fn cost<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> u64 {
     match &e.expr {
         Expr::Comprehension(c) => {
-            let per_element = cost(&c.loop_cond, n).saturating_add(cost(&c.loop_step, n));
-            cost(&c.iter_range, n)
-                .saturating_add(cost(&c.accu_init, n))
-                .saturating_add(size_bound(&c.iter_range, n).saturating_mul(per_element))
-                .saturating_add(cost(&c.result, n))
+            let range = size(&c.iter_range, n, scope);
+            let init = size(&c.accu_init, n, scope);
+            let outside =
+                cost(&c.iter_range, n, scope).saturating_add(cost(&c.accu_init, n, scope));
+            let before = scope.len();
+            bind_elements(c, range, scope);
+            // Every step is priced with the accumulator at its longest.
+            let accu = accumulated(c, range, init, n, scope);
+            scope.push((c.accu_var.as_str(), accu));
+            let per_element =
+                cost(&c.loop_cond, n, scope).saturating_add(cost(&c.loop_step, n, scope));
+            let result = cost(&c.result, n, scope);
+            scope.truncate(before);
+            outside
+                .saturating_add(range.len.saturating_mul(per_element))
+                .saturating_add(result)
         }
         Expr::Call(call) => {
             let operands: Vec<&IdedExpr> = call
@@ -291,16 +518,16 @@ fn cost(e: &IdedExpr, n: u64) -> u64 {
                 1u64
             };
             for o in operands {
-                total = total.saturating_add(cost(o, n));
+                total = total.saturating_add(cost(o, n, scope));
                 if scans {
-                    total = total.saturating_add(size_bound(o, n));
+                    total = total.saturating_add(size(o, n, scope).len);
                 }
             }
             total
         }
         _ => children(e)
             .into_iter()
-            .map(|c| cost(c, n))
+            .map(|c| cost(c, n, scope))
             .fold(1u64, u64::saturating_add),
     }
 }
@@ -318,7 +545,7 @@ fn mapping_programs<'a>(m: &'a Mapping, out: &mut Vec<&'a Program>) {
 fn rule_cost(programs: &[&Program], n: u64) -> u64 {
     programs
         .iter()
-        .map(|p| cost(p.expression(), n))
+        .map(|p| cost(p.expression(), n, &mut Vec::new()))
         .fold(0, u64::saturating_add)
 }
 
@@ -469,9 +696,47 @@ fn compile_mapping(
 /// boxed functions) per rebuilt profile cost about 1% of a node's CPU on cold profiles, and
 /// memory per loaded profile.
 pub fn functions() -> &'static Context<'static> {
-    static FUNCTIONS: std::sync::LazyLock<Context<'static>> =
-        std::sync::LazyLock::new(Context::default);
+    static FUNCTIONS: std::sync::LazyLock<Context<'static>> = std::sync::LazyLock::new(|| {
+        let mut ctx = Context::default();
+        ctx.add_function("string", to_string);
+        ctx.add_function("int", to_int);
+        ctx.add_function("uint", to_uint);
+        ctx.add_function("double", to_double);
+        ctx
+    });
     &FUNCTIONS
+}
+
+/// CEL's conversions refuse a list or a map by its type: the interpreter's own put the whole
+/// value into their error as Rust debug text, so `string([data, data, ...])` (a list of a few
+/// pointers) wrote out every copy of the event's data.
+fn convertible(ftx: &FunctionContext, v: &CelValue) -> Result<(), ExecutionError> {
+    match v {
+        CelValue::List(_) | CelValue::Map(_) | CelValue::Function(..) => {
+            Err(ftx.error(format!("cannot convert {} to {}", kind(v), ftx.name)))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn to_string(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
+    convertible(ftx, &v)?;
+    cel::functions::string(ftx, This(v))
+}
+
+fn to_int(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
+    convertible(ftx, &v)?;
+    cel::functions::int(ftx, This(v))
+}
+
+fn to_uint(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
+    convertible(ftx, &v)?;
+    cel::functions::uint(ftx, This(v))
+}
+
+fn to_double(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
+    convertible(ftx, &v)?;
+    cel::functions::double(ftx, This(v))
 }
 
 /// Rule bodies compiled lately, by their texts (condition, data), shared by every profile:
@@ -689,12 +954,10 @@ impl EventScope {
 /// The longest value quoted in a reason.
 const MAX_SHOWN: usize = 80;
 
-/// A CEL value as JSON text (what the customer wrote and sees), with its CEL type, cut short.
-pub fn shown(v: &CelValue) -> String {
-    if matches!(v, CelValue::Null) {
-        return "null".to_owned();
-    }
-    let kind = match v {
+/// A CEL value's type, as a reason names it.
+fn kind(v: &CelValue) -> &'static str {
+    match v {
+        CelValue::Null => "null",
         CelValue::Int(_) => "an int",
         CelValue::UInt(_) => "a uint",
         CelValue::Float(_) => "a double",
@@ -705,9 +968,75 @@ pub fn shown(v: &CelValue) -> String {
         CelValue::Map(_) => "a map",
         CelValue::Timestamp(_) => "a timestamp",
         CelValue::Duration(_) => "a duration",
-        _ => "a value",
-    };
-    let text = match v.json() {
+        CelValue::Function(..) => "a value",
+    }
+}
+
+/// Why a CEL value is not turned into JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unfit {
+    /// Its JSON would be longer than allowed.
+    TooLong,
+    /// It holds something JSON cannot (a function, a duration past 2^63 ns).
+    NotJson,
+}
+
+/// A CEL value as JSON, in at most about `budget` bytes of JSON text (each string's bytes,
+/// and one per value, key and element). The interpreter shares values: a list of a hundred
+/// references to the event's data is a hundred pointers to it, and its JSON a hundred copies,
+/// so the copy is bounded as it is made, not measured after (cel's own `json()` made it whole:
+/// a rule's data could ask for gigabytes).
+fn to_json_within(v: &CelValue, budget: &mut usize) -> Result<Value, Unfit> {
+    fn spend(budget: &mut usize, bytes: usize) -> Result<(), Unfit> {
+        *budget = budget.checked_sub(bytes.max(1)).ok_or(Unfit::TooLong)?;
+        Ok(())
+    }
+    Ok(match v {
+        CelValue::List(items) => {
+            spend(budget, items.len())?;
+            let mut out = Vec::with_capacity(items.len());
+            for item in items.iter() {
+                out.push(to_json_within(item, budget)?);
+            }
+            Value::Array(out)
+        }
+        CelValue::Map(map) => {
+            spend(budget, map.map.len())?;
+            let mut out = Map::with_capacity(map.map.len());
+            for (k, item) in map.map.iter() {
+                let key = k.to_string();
+                spend(budget, key.len())?;
+                out.insert(key, to_json_within(item, budget)?);
+            }
+            Value::Object(out)
+        }
+        CelValue::String(text) => {
+            spend(budget, text.len())?;
+            Value::String(text.to_string())
+        }
+        CelValue::Bytes(b) => {
+            spend(budget, b.len().div_ceil(3) * 4)?;
+            v.json().map_err(|_| Unfit::NotJson)?
+        }
+        CelValue::Function(..) => return Err(Unfit::NotJson),
+        scalar => {
+            spend(budget, 1)?;
+            scalar.json().map_err(|_| Unfit::NotJson)?
+        }
+    })
+}
+
+/// The most JSON bytes made of a value only to quote it in a reason.
+const SHOWN_BUDGET: usize = 4096;
+
+/// A CEL value as JSON text (what the customer wrote and sees), with its CEL type, cut short.
+pub fn shown(v: &CelValue) -> String {
+    if matches!(v, CelValue::Null) {
+        return "null".to_owned();
+    }
+    let kind = kind(v);
+    let mut budget = SHOWN_BUDGET;
+    let text = match to_json_within(v, &mut budget) {
         Ok(j) => j.to_string(),
         Err(_) => return kind.to_owned(),
     };
@@ -789,7 +1118,16 @@ fn run(program: &Program, ctx: &Context<'_>) -> Result<CelValue, String> {
     }
 }
 
-fn eval_mapping(path: &str, m: &Mapping, ctx: &Context<'_>) -> Result<Value, EvalError> {
+/// Most bytes of JSON one rule's mapping may make (the command's bound; `command_data` checks
+/// the exact text after).
+const MAPPING_BUDGET: usize = custos_api::limits::MAX_BODY_BYTES;
+
+fn eval_mapping(
+    path: &str,
+    m: &Mapping,
+    ctx: &Context<'_>,
+    budget: &mut usize,
+) -> Result<Value, EvalError> {
     Ok(match m {
         Mapping::Constant(v) => v.clone(),
         Mapping::Expr(p) => {
@@ -797,9 +1135,14 @@ fn eval_mapping(path: &str, m: &Mapping, ctx: &Context<'_>) -> Result<Value, Eva
                 path: path.to_owned(),
                 message,
             })?;
-            v.json().map_err(|e| EvalError::Mapping {
+            to_json_within(&v, budget).map_err(|why| EvalError::Mapping {
                 path: path.to_owned(),
-                message: e.to_string(),
+                message: match why {
+                    Unfit::TooLong => format!(
+                        "the mapped data is more than a command may hold ({MAPPING_BUDGET} bytes)"
+                    ),
+                    Unfit::NotJson => format!("{} has no JSON form", kind(&v)),
+                },
             })?
         }
         Mapping::Object(fields) => {
@@ -810,7 +1153,7 @@ fn eval_mapping(path: &str, m: &Mapping, ctx: &Context<'_>) -> Result<Value, Eva
                 } else {
                     format!("{path}.{k}")
                 };
-                out.insert(k.clone(), eval_mapping(&p, sub, ctx)?);
+                out.insert(k.clone(), eval_mapping(&p, sub, ctx, budget)?);
             }
             Value::Object(out)
         }
@@ -818,13 +1161,27 @@ fn eval_mapping(path: &str, m: &Mapping, ctx: &Context<'_>) -> Result<Value, Eva
             items
                 .iter()
                 .enumerate()
-                .map(|(i, sub)| eval_mapping(&format!("{path}[{i}]"), sub, ctx))
+                .map(|(i, sub)| eval_mapping(&format!("{path}[{i}]"), sub, ctx, budget))
                 .collect::<Result<_, _>>()?,
         ),
     })
 }
 
+/// Cost units all the rules one event triggers may spend together: a customer keeps up to
+/// [`custos_api::limits::MAX_RULES_PER_CUSTOMER`] rules, each within [`EVAL_BUDGET`], and
+/// they run one after another on the profile's thread (others' events wait behind them).
+pub const EVENT_EVAL_BUDGET: u64 = 4 * EVAL_BUDGET;
+
 impl CompiledRule {
+    /// What running the rule on this event could cost at most ([`EVAL_BUDGET`] units for the
+    /// costliest rule an event may run).
+    pub fn cost_on(&self, scope: &EventScope) -> u64 {
+        let body = &*self.body;
+        let mut programs: Vec<&Program> = body.condition.iter().map(Arc::as_ref).collect();
+        mapping_programs(&body.mapping, &mut programs);
+        rule_cost(&programs, scope.largest)
+    }
+
     /// Runs the rule on an event: `Ok(None)` when the condition is false, else the
     /// command's data.
     pub fn evaluate(&self, scope: &EventScope) -> Result<Option<Value>, EvalError> {
@@ -845,7 +1202,8 @@ impl CompiledRule {
                 other => return Err(EvalError::NotBool(shown(&other))),
             }
         }
-        eval_mapping("", &body.mapping, &ctx).map(Some)
+        let mut budget = MAPPING_BUDGET;
+        eval_mapping("", &body.mapping, &ctx, &mut budget).map(Some)
     }
 
     /// Runs the condition on an event shaped like the event type's JSON Schema says (see
@@ -1382,6 +1740,93 @@ mod tests {
             on_list("data.a.exists(x, string(x).matches('^[0-9]+$'))", 1000),
             Err(EvalError::OverBudget { .. })
         ));
+    }
+
+    #[test]
+    fn a_value_grown_in_a_chain_of_maps_is_priced_by_what_it_grows_to() {
+        // Each `map(x, x + x)` doubles every string: thirty of them would make a thousand
+        // bytes into a terabyte, which the bound that took `x` to be as long as the event's
+        // longest priced as linear (the rule was saved, and aborted the node when it ran).
+        let chain = |stages: usize| {
+            format!(
+                "['{}']{}",
+                "a".repeat(1000),
+                ".map(x, x + x)".repeat(stages)
+            )
+        };
+        for stages in [30, 24] {
+            let in_mapping = compile(record("r", None, json!({ "x": chain(stages) })));
+            let why = in_mapping.err().map(|e| e.message).unwrap_or_default();
+            assert!(why.contains("too costly"), "{stages} stages: {why}");
+            let in_condition = compile(record(
+                "r",
+                Some(&format!("{}.size() > 0", chain(stages))),
+                json!({}),
+            ));
+            assert!(in_condition.is_err(), "{stages} stages in a condition");
+        }
+        // A short chain is within the budget and runs as written.
+        let rule = compile(record("r", None, json!({ "x": chain(2) }))).expect("two stages");
+        let data = rule
+            .evaluate(&EventScope::new(&event(90)))
+            .expect("runs")
+            .expect("no condition");
+        assert_eq!(data["x"][0].as_str().map(str::len), Some(4000));
+        // Bound variables carry what they hold into nested comprehensions too.
+        let grown = "[data.flight + data.flight].map(x, [x + x].map(y, y + y + y + y))";
+        let rule = compile(record("r", None, json!({ "x": grown }))).expect("small");
+        let data = rule
+            .evaluate(&EventScope::new(&event(90)))
+            .expect("runs")
+            .expect("no condition");
+        assert_eq!(data["x"][0][0].as_str().map(str::len), Some(5 * 2 * 2 * 4));
+        let mut scope: Bound<'_> = Vec::new();
+        let program = Program::compile(grown).expect("parses");
+        let bound = size(program.expression(), 5, &mut scope);
+        assert!(bound.whole() >= 5 * 2 * 2 * 4, "{bound:?}");
+    }
+
+    #[test]
+    fn copies_of_the_event_in_a_rules_output_are_bounded_as_they_are_made() {
+        // A list of references to the event's data costs the interpreter a pointer each; its
+        // JSON, or its debug text in an error, a copy each.
+        let mut e = event(90);
+        e.data = Some(json!({"blob": "x".repeat(20_000)}));
+        let copies = format!("[{}]", vec!["data"; 100].join(", "));
+        let rule = compile(record("r", None, json!({ "x": copies }))).expect("cheap to run");
+        let why = rule
+            .evaluate(&EventScope::new(&e))
+            .expect_err("two megabytes of copies")
+            .to_string();
+        assert!(why.contains("more than a command may hold"), "{why}");
+        // A conversion refused by the type, not by writing the value out.
+        let rule = compile(record(
+            "r",
+            Some(&format!("string({copies}) == ''")),
+            json!({}),
+        ))
+        .expect("saved");
+        let why = rule
+            .evaluate(&EventScope::new(&e))
+            .expect_err("a list is no string")
+            .to_string();
+        assert!(why.contains("cannot convert a list to string"), "{why}");
+        assert!(why.len() < 300, "{why}");
+        // A reason quoting such a value stays short.
+        let list = CelValue::List(Arc::new(vec![
+            json_to_cel(
+                &e.data.clone().unwrap_or_default()
+            );
+            100
+        ]));
+        assert_eq!(shown(&list), "a list");
+        // Within the bound, a mapping copies the event as before.
+        let rule = compile(record("r", None, json!({ "x": "[data, data]" }))).expect("saved");
+        let data = rule
+            .evaluate(&EventScope::new(&e))
+            .expect("fits")
+            .expect("no condition");
+        assert_eq!(data["x"][1]["blob"].as_str().map(str::len), Some(20_000));
     }
 
     #[test]
