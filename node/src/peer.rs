@@ -192,9 +192,20 @@ async fn relayed_events(
     Ok(reply(&Ok::<_, ()>(answers)))
 }
 
-async fn join(core: web::Data<Arc<Core>>, body: web::Bytes) -> Result<HttpResponse, PeerError> {
+/// The join's query: `fresh` when the node holds no Raft state.
+#[derive(Debug, Default, serde::Deserialize)]
+struct JoinQuery {
+    #[serde(default)]
+    fresh: bool,
+}
+
+async fn join(
+    core: web::Data<Arc<Core>>,
+    query: web::Query<JoinQuery>,
+    body: web::Bytes,
+) -> Result<HttpResponse, PeerError> {
     let req: JoinRequest = codec::decode(&body)?;
-    let result = crate::cluster::accept_join(&core, req)
+    let result = crate::cluster::accept_join(&core, req, query.fresh)
         .await
         .map_err(|e| e.to_string());
     Ok(reply(&result))

@@ -446,36 +446,38 @@ async fn node_id(
         }
     }
     let id = match (config.node_id, stored) {
-        (0, Some(s)) => s,
         (0, None) if fresh && !config.join.is_empty() => {
             let req = JoinRequest {
                 node_id: None,
                 peer_addr: config.peer_address(),
                 api_addr: api_addr.to_owned(),
             };
-            cluster::request_join(peers, &config.join, &req)
+            cluster::request_join(peers, &config.join, &req, true)
                 .await?
                 .node_id
         }
         (0, None) => 1,
         // A new member with a pinned id registers under it (the member it asks keeps the id
-        // it is given); before, it waited for a registration nobody made.
-        (pinned, _) if fresh && !config.join.is_empty() => {
+        // it is given); before, it waited for a registration nobody made. So does a node whose
+        // id file outlived its database: the cluster refuses it an id whose replicas it held
+        // (before, it came back under that id without asking, and voted with an empty log).
+        (0, Some(known)) | (known, _) if fresh && !config.join.is_empty() => {
             let req = JoinRequest {
-                node_id: Some(pinned),
+                node_id: Some(known),
                 peer_addr: config.peer_address(),
                 api_addr: api_addr.to_owned(),
             };
-            let given = cluster::request_join(peers, &config.join, &req)
+            let given = cluster::request_join(peers, &config.join, &req, true)
                 .await?
                 .node_id;
-            if given != pinned {
+            if given != known {
                 return Err(NodeError::Cluster(format!(
-                    "node_id {pinned} is configured, but the cluster registered this node as {given}"
+                    "this node is {known}, but the cluster registered it as {given}"
                 )));
             }
-            pinned
+            known
         }
+        (0, Some(s)) => s,
         (pinned, _) => pinned,
     };
     cluster::store_node_id(&config.data_dir, id)?;
@@ -518,6 +520,20 @@ pub async fn run(
             "retention is shorter than twice the signature window ({} s): a captured event \
              could be replayed once its record is pruned",
             custos_api::limits::SIGNATURE_TOLERANCE_SECS
+        );
+    }
+    let peer_on_loopback = config
+        .peer_address()
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if !config.join.is_empty() && config.peer_tls.cert.is_none() && !peer_on_loopback {
+        // The peer token is derived from the secret and sent with every peer call: read off
+        // the network once, it lets its reader join the cluster (and be sent every replica)
+        // or propose any change, for as long as the secret stays.
+        tracing::warn!(
+            peer = %config.peer_address(),
+            "peer traffic is plain HTTP: anyone who can read it takes the peer token; \
+             configure [peer_tls] (cert, key, ca) unless the network between nodes is private"
         );
     }
     let config = Arc::new(config);
@@ -846,7 +862,7 @@ async fn start_groups(
                 api_addr: api_addr.to_owned(),
             };
             tokio::spawn(async move {
-                if let Err(e) = cluster::request_join(&peers, &join, &req).await {
+                if let Err(e) = cluster::request_join(&peers, &join, &req, false).await {
                     tracing::warn!(error = %e, "rejoin");
                 }
             });

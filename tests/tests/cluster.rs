@@ -361,6 +361,73 @@ async fn a_client_call_never_reaches_the_peer_routes_through_a_forwarding_node(
 }
 
 #[tokio::test]
+async fn removing_a_live_node_while_another_is_down_leaves_the_groups_writable(
+) -> anyhow::Result<()> {
+    let rx = Receiver::start(vec![], 200)?;
+    let mut c = Cluster::start(3, NodeOptions::default(), false).await?;
+    let s = Scenario::setup(&[c.admin(1)], &rx.url, 1).await?;
+    c.wait_placed(WAIT).await?;
+    // Node 3 dies; node 2, alive, is removed: the placement now wants {1, 3}. Made voters of
+    // every group, {1, 3} could never commit the change (3 is gone), and openraft takes no
+    // change after an uncommitted one: no group could take a write again.
+    c.nodes[2].kill()?;
+    let (admin, two) = (c.admin(1), c.nodes[1].id);
+    retry(|| admin.remove_node(two)).await?;
+    poll::until("the voters change waits for node 3", WAIT, || async {
+        c.nodes[..2]
+            .iter()
+            .any(|n| n.log().contains("voters change waits"))
+            .then_some(())
+    })
+    .await?;
+    // Nodes 1 and 2 still make a majority of every group: events are taken and delivered.
+    let mut expected = Vec::new();
+    for via in [1, 2] {
+        expected
+            .extend(send_until_accepted(&c, via, &s, &format!("while-3-is-down-{via}"), 0).await?);
+    }
+    rx.wait_delivered(expected.len(), WAIT).await?;
+    check_deliveries(&rx, &expected)?;
+    // Node 3 back: the removal goes through.
+    c.nodes[2].restart_unready().await?;
+    let removed = c.nodes[1].id;
+    poll::until("node 2 removed", Duration::from_secs(90), || async {
+        let st = c.admin(1).cluster_status().await.ok()?;
+        let out = st
+            .groups
+            .iter()
+            .all(|g| !g.voters.contains(&removed) && !g.learners.contains(&removed));
+        (out && !st.groups.is_empty()).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_whose_database_was_lost_is_not_taken_back_under_its_id() -> anyhow::Result<()> {
+    let mut c = Cluster::start(2, NodeOptions::default(), false).await?;
+    c.wait_placed(WAIT).await?;
+    // Node 2's database goes; its `node-id` file stays (a disk replaced under the data
+    // directory's other files, a volume mounted at `db` only).
+    let id = c.nodes[1].id;
+    c.nodes[1].stop().await?;
+    std::fs::remove_dir_all(c.nodes[1].data_dir.join("db"))?;
+    assert!(c.nodes[1].data_dir.join("node-id").exists());
+    // Taken back, it would vote in its groups with none of the entries it acknowledged.
+    let refused = c.nodes[1]
+        .restart_unready()
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        refused.contains(&format!("it cannot rejoin as node {id}")),
+        "node 2 came back: {refused}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_killed_leader_fails_over_and_a_full_restart_converges() -> anyhow::Result<()> {
     let rx = Receiver::start(vec![], 200)?;
     let mut c = Cluster::start(3, NodeOptions::default(), false).await?;

@@ -133,6 +133,42 @@ fn caught_up(m: &openraft::RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool
         .is_some_and(|l| l.index + CAUGHT_UP_SLACK >= last)
 }
 
+/// Whether every node of `voters` but this one answers now (a peer status call, 2 s each, at
+/// once). openraft 0.9 tells how far each follower's log matched, not when it last answered:
+/// a node killed a moment ago still looks caught up. A change of voters commits in the new
+/// configuration's majority too, and openraft takes no other change until it does, so one
+/// whose new voters cannot answer would leave the group without a quorum for good (before
+/// this check, removing a live node while another was down did so).
+async fn all_answer(
+    core: &Core,
+    voters: &BTreeSet<NodeId>,
+    nodes: &[NodeRecord],
+    group: GroupId,
+) -> bool {
+    let asks = voters.iter().filter(|n| **n != core.node_id).map(|n| {
+        let addr = nodes
+            .iter()
+            .find(|r| r.id == *n)
+            .map(|r| r.peer_addr.clone());
+        async move {
+            match addr {
+                Some(addr) => super::status::ask(core, &addr, false).await.is_some(),
+                None => false,
+            }
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let all = answers.iter().all(|a| *a);
+    if !all {
+        tracing::info!(
+            group,
+            voters = ?voters,
+            "voters change waits: a node of the new voters does not answer"
+        );
+    }
+    all
+}
+
 /// Adds (or re-addresses) learners so every wanted node is in the membership with its
 /// registered peer address.
 async fn ensure_learners(g: &Group, wanted: &BTreeSet<NodeId>, nodes: &[NodeRecord]) {
@@ -199,6 +235,9 @@ async fn meta_duties(
         && voters != desired
         && desired.iter().all(|n| caught_up(&m, *n))
     {
+        if !all_answer(core, &desired, nodes, META_GROUP).await {
+            return Ok(());
+        }
         tracing::info!(from = ?voters, to = ?desired, "meta group voters change");
         if let Err(e) = bounded(meta.raft.change_membership(desired.clone(), true)).await {
             tracing::warn!(error = %e, "meta membership change");
@@ -342,7 +381,8 @@ async fn move_replicas(
         return;
     }
     if voters != wanted {
-        if wanted.iter().all(|n| caught_up(&m, *n)) {
+        if wanted.iter().all(|n| caught_up(&m, *n)) && all_answer(core, &wanted, nodes, g.id).await
+        {
             tracing::info!(group = g.id, from = ?voters, to = ?wanted, "replicas move");
             if let Err(e) = bounded(g.raft.change_membership(wanted.clone(), false)).await {
                 tracing::debug!(group = g.id, error = %e, "membership change");
@@ -392,6 +432,10 @@ async fn make_way(
         WayOut::HandOver(to) => hand_over(core, state, g, to, nodes),
         WayOut::Wait => {}
         WayOut::AddVoters(ready) => {
+            let after: BTreeSet<NodeId> = voters.union(&ready).copied().collect();
+            if !all_answer(core, &after, nodes, g.id).await {
+                return;
+            }
             tracing::info!(group = g.id, add = ?ready, "wanted replicas become voters before the hand-over");
             if let Err(e) = bounded(
                 g.raft

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use custos_api::types::unix_now_ms;
+use custos_api::ErrorCode;
 use custos_raft::codec;
 use custos_raft::network::Peers;
 use custos_raft::records::{Assignment, ClusterSettings, NodeRecord, NodeState};
@@ -127,13 +128,21 @@ pub async fn request_join(
     peers: &Peers,
     join: &[String],
     req: &JoinRequest,
+    fresh: bool,
 ) -> Result<JoinReply, NodeError> {
     let body = codec::encode(req).map_err(|e| NodeError::Cluster(e.to_string()))?;
+    // Said in the query, not the body: a member of an earlier build ignores it, and reads the
+    // body as before.
+    let path = if fresh {
+        "/peer/join?fresh=true"
+    } else {
+        "/peer/join"
+    };
     let mut last = String::from("no member answered");
     for round in 0..30u64 {
         for member in join {
             let sent = peers
-                .post(member, "/peer/join")
+                .post(member, path)
                 .timeout(Duration::from_secs(10))
                 .body(body.clone())
                 .send()
@@ -154,7 +163,9 @@ pub async fn request_join(
                         codec::decode(&bytes).map_err(|e| NodeError::Cluster(e.to_string()))?;
                     match reply {
                         Ok(reply) => return Ok(reply),
-                        Err(e) if e.contains("was removed") => return Err(NodeError::Cluster(e)),
+                        Err(e) if e.contains("was removed") || e.contains(LOST_STATE) => {
+                            return Err(NodeError::Cluster(e))
+                        }
                         Err(e) => last = format!("{member}: {e}"),
                     }
                 }
@@ -170,10 +181,44 @@ pub async fn request_join(
     )))
 }
 
+/// What a refusal to take back a node that lost its state says (the joining node stops at it).
+const LOST_STATE: &str = "holds no Raft state";
+
 /// Registers a joining node (any member serves this; the change goes to the meta leader).
-pub async fn accept_join(core: &Core, req: JoinRequest) -> Result<JoinReply, ServiceError> {
+/// `fresh`: the node holds no Raft state. Under an id the cluster knows (pinned in its
+/// configuration, or its `node-id` file kept while its database was lost), it must not come
+/// back as a replica it no longer has: it would vote without the entries it acknowledged, and
+/// a committed change could be lost. (A node without an id is checked the same way by
+/// `register_node`, at its address.)
+pub async fn accept_join(
+    core: &Core,
+    req: JoinRequest,
+    fresh: bool,
+) -> Result<JoinReply, ServiceError> {
     if req.peer_addr.is_empty() || req.peer_addr.len() > 256 || req.api_addr.len() > 256 {
         return Err(ServiceError::invalid("peer_addr", "1..=256 bytes"));
+    }
+    if let (true, Some(id)) = (fresh, req.node_id.filter(|id| *id != 0)) {
+        // This member's replica of the meta group: the group reports are how every node learns
+        // where replicas are (a guard against an operator's mistake, not a consensus).
+        let holds = core
+            .read(META_GROUP, move |r| {
+                Ok(r.group_reports()?
+                    .iter()
+                    .any(|g| g.voters.contains(&id) || g.learners.contains(&id)))
+            })
+            .await?;
+        if holds {
+            return Err(ServiceError::refused(
+                ErrorCode::Conflict,
+                format!(
+                    "node {id} holds replicas, and this node {LOST_STATE} (was its database \
+                     lost?): it cannot rejoin as node {id}; remove node {id} (`custos cluster \
+                     remove {id}`) and start this one with an empty data directory and no \
+                     node_id once it is removed"
+                ),
+            ));
+        }
     }
     let outcome = core
         .propose(
