@@ -18,6 +18,17 @@ pub enum ClientError {
     /// The request did not complete.
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
+    /// The node answered with a problem document whose code this client does not know (a
+    /// newer node's): what it says is kept, for a program to act on the status.
+    #[error("{code} ({status}){}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    UnknownProblem {
+        /// HTTP status.
+        status: u16,
+        /// The problem's `code`, as sent.
+        code: String,
+        /// The problem's `detail`.
+        detail: Option<String>,
+    },
     /// The node answered something this client does not understand.
     #[error("unexpected answer {status}: {body}")]
     Unexpected {
@@ -35,6 +46,34 @@ impl ClientError {
             ClientError::Problem(p) => Some(p.code),
             _ => None,
         }
+    }
+}
+
+/// A problem document with any `code`: what an answer is read as when its code is not one of
+/// this build's [`crate::ErrorCode`]s.
+#[derive(serde::Deserialize)]
+struct AnyProblem {
+    code: String,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+/// What a refusal (any status but 2xx) is read as: the problem document, one with a code this
+/// client does not know, or the body as text.
+fn refusal(status: u16, body: &[u8]) -> ClientError {
+    if let Ok(p) = serde_json::from_slice::<Problem>(body) {
+        return ClientError::Problem(p);
+    }
+    match serde_json::from_slice::<AnyProblem>(body) {
+        Ok(p) => ClientError::UnknownProblem {
+            status,
+            code: p.code,
+            detail: p.detail,
+        },
+        Err(_) => ClientError::Unexpected {
+            status,
+            body: String::from_utf8_lossy(body).into_owned(),
+        },
     }
 }
 
@@ -118,13 +157,7 @@ impl Client {
                 body: String::from_utf8_lossy(&bytes).into_owned(),
             });
         }
-        match serde_json::from_slice::<Problem>(&bytes) {
-            Ok(p) => Err(ClientError::Problem(p)),
-            Err(_) => Err(ClientError::Unexpected {
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).into_owned(),
-            }),
-        }
+        Err(refusal(status.as_u16(), &bytes))
     }
 
     async fn json<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -170,6 +203,17 @@ impl Client {
     pub async fn rotate_secret(&self, id: &str) -> Result<Entity, ClientError> {
         self.json(Method::POST, &format!("/v1/entities/{id}/secret"), &())
             .await
+    }
+
+    /// Rotates an entity's signing secret and revokes the previous one at once (a secret that
+    /// leaked): events signed with it are refused from now on.
+    pub async fn rotate_secret_revoking_previous(&self, id: &str) -> Result<Entity, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/entities/{id}/secret?revoke_previous=true"),
+            &(),
+        )
+        .await
     }
 
     /// Lists entities.
@@ -385,4 +429,37 @@ pub fn signed_event_request(
         .header(webhook::HEADER_TIMESTAMP, ts.to_string())
         .header(webhook::HEADER_SIGNATURE, sig)
         .body(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_problem_with_a_code_this_build_does_not_know_keeps_what_it_says() {
+        let known = br#"{"type":"urn:custos:problem:overloaded","title":"Too many requests","status":429,"detail":"queue full","code":"overloaded"}"#;
+        assert_eq!(
+            refusal(429, known).code(),
+            Some(crate::ErrorCode::Overloaded)
+        );
+        let newer = br#"{"type":"urn:custos:problem:quota_exceeded","title":"Quota","status":429,"detail":"monthly quota","code":"quota_exceeded"}"#;
+        match refusal(429, newer) {
+            ClientError::UnknownProblem {
+                status,
+                code,
+                detail,
+            } => {
+                assert_eq!((status, code.as_str()), (429, "quota_exceeded"));
+                assert_eq!(detail.as_deref(), Some("monthly quota"));
+            }
+            other => panic!("read as {other:?}"),
+        }
+        let e = refusal(429, newer);
+        assert_eq!(e.to_string(), "quota_exceeded (429): monthly quota");
+        assert_eq!(e.code(), None);
+        assert!(matches!(
+            refusal(502, b"<html>bad gateway</html>"),
+            ClientError::Unexpected { status: 502, .. }
+        ));
+    }
 }

@@ -17,6 +17,12 @@ pub const EXT_CAUSING_SOURCE: &str = "custoseventsource";
 pub const EXT_RULE: &str = "custosrule";
 /// Most extension attributes accepted on an incoming event.
 const MAX_EXTENSIONS: usize = 32;
+/// Longest extension attribute name accepted (the spec asks for at most 20; longer names are
+/// allowed by it, within a bound).
+const MAX_EXTENSION_NAME_LEN: usize = 64;
+/// Longest extension attribute string value accepted, in bytes: extensions are stored in the
+/// customer's activity with the event, so each is bounded, not only the body.
+const MAX_EXTENSION_VALUE_BYTES: usize = 2048;
 
 /// A CloudEvents 1.0 event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -29,7 +35,7 @@ pub struct CloudEvent {
     pub id: String,
     /// For events: the sending entity's id. For commands: `custos`.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -37,7 +43,7 @@ pub struct CloudEvent {
     /// The event or command type, e.g. `flight.delayed`.
     #[serde(rename = "type")]
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -61,7 +67,9 @@ pub struct CloudEvent {
     /// The payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
-    /// Extension attributes.
+    /// Extension attributes (CloudEvents 1.0): each name 1 to 64 lower-case letters and
+    /// digits, each value a string of at most 2,048 bytes, a boolean, a 32-bit integer or
+    /// null; at most 32.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extensions: Map<String, Value>,
@@ -121,7 +129,10 @@ impl CloudEvent {
             return Err(field_err("source", "must be a registered entity id"));
         }
         if !is_valid_id(&self.event_type) {
-            return Err(field_err("type", "must be 1..=128 of [A-Za-z0-9._:-]"));
+            return Err(field_err(
+                "type",
+                "must be 1..=128 of [A-Za-z0-9._:-], not . or ..",
+            ));
         }
         match &self.subject {
             Some(s) if is_valid_subject(s) => {}
@@ -148,7 +159,50 @@ impl CloudEvent {
         if self.extensions.contains_key("data_base64") {
             return Err(field_err("data_base64", "only JSON data is accepted"));
         }
+        for (name, value) in &self.extensions {
+            check_extension(name, value)?;
+        }
         Ok(())
+    }
+}
+
+/// CloudEvents 1.0: an attribute name MUST be lower-case ASCII letters and digits, and a value
+/// one of the type system's (in JSON: a string, a boolean, a 32-bit integer; `null` is the
+/// attribute being absent). An object, array or fraction is no attribute value.
+fn check_extension(name: &str, value: &Value) -> Result<(), EventFieldError> {
+    if name.is_empty()
+        || name.len() > MAX_EXTENSION_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(field_err(
+            "extensions",
+            format!(
+                "attribute names must be 1..={MAX_EXTENSION_NAME_LEN} lower-case letters and \
+                 digits (CloudEvents 1.0), not {:?}",
+                name.chars()
+                    .take(MAX_EXTENSION_NAME_LEN)
+                    .collect::<String>()
+            ),
+        ));
+    }
+    let fits = match value {
+        Value::Null | Value::Bool(_) => true,
+        Value::String(s) => s.len() <= MAX_EXTENSION_VALUE_BYTES,
+        Value::Number(n) => n.as_i64().is_some_and(|i| i32::try_from(i).is_ok()),
+        Value::Array(_) | Value::Object(_) => false,
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(field_err(
+            "extensions",
+            format!(
+                "attribute {name}: a value must be a string of at most \
+                 {MAX_EXTENSION_VALUE_BYTES} bytes, a boolean or a 32-bit integer"
+            ),
+        ))
     }
 }
 
@@ -247,6 +301,46 @@ mod tests {
         assert_eq!(j["traceparent"], "00-abc");
         let back: CloudEvent = serde_json::from_value(j).expect("de");
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn extension_attributes_follow_the_spec() {
+        let mut e = ok_event();
+        for (name, value) in [
+            ("traceparent", serde_json::json!("00-abc")),
+            ("sequence", serde_json::json!(42)),
+            ("replay", serde_json::json!(true)),
+            ("partitionkey", serde_json::Value::Null),
+            ("x2", serde_json::json!(-2147483648_i64)),
+        ] {
+            e.extensions.insert(name.into(), value);
+        }
+        assert_eq!(e.validate_incoming(), Ok(()));
+        for (name, value) in [
+            ("traceParent", serde_json::json!("x")),
+            ("trace_parent", serde_json::json!("x")),
+            ("", serde_json::json!("x")),
+            (
+                &"a".repeat(MAX_EXTENSION_NAME_LEN + 1),
+                serde_json::json!("x"),
+            ),
+            ("nested", serde_json::json!({"a": 1})),
+            ("list", serde_json::json!([1])),
+            ("ratio", serde_json::json!(0.5)),
+            ("big", serde_json::json!(2147483648_i64)),
+            (
+                "long",
+                serde_json::json!("x".repeat(MAX_EXTENSION_VALUE_BYTES + 1)),
+            ),
+        ] {
+            let mut bad = ok_event();
+            bad.extensions.insert(name.to_owned(), value);
+            assert_eq!(
+                bad.validate_incoming().map_err(|e| e.field),
+                Err("extensions"),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -38,13 +38,17 @@ pub const MAX_ATTEMPT_ERROR_LEN: usize = 512;
 pub const URL_PATTERN: &str = r"^https?://(?:[A-Za-z][A-Za-z0-9-]*(?:\.[A-Za-z][A-Za-z0-9-]*)*|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$";
 
 /// The identifiers' pattern, as [`is_valid_id`] checks it.
-pub const ID_PATTERN: &str = r"^[A-Za-z0-9._:-]{1,128}$";
+pub const ID_PATTERN: &str = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$";
 
 /// True when `s` is a usable identifier: 1..=MAX_ID_LEN characters from
-/// `[A-Za-z0-9._:-]`, so it can be embedded in storage keys and URLs unescaped.
+/// `[A-Za-z0-9._:-]`, so it can be embedded in storage keys and URLs unescaped, and neither
+/// `.` nor `..` (clients and browsers resolve those path segments away: such a resource could
+/// not be addressed).
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_LEN
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
@@ -74,6 +78,8 @@ mod tests {
         assert!(!is_valid_id("a b"));
         assert!(!is_valid_id("a/b"));
         assert!(!is_valid_id(&"a".repeat(MAX_ID_LEN + 1)));
+        assert!(!is_valid_id(".") && !is_valid_id(".."));
+        assert!(is_valid_id("...") && is_valid_id(".a") && is_valid_id("..a"));
         assert!(is_valid_subject("Jane Doe <jane@x>"));
         assert!(!is_valid_subject("a\0b"));
     }

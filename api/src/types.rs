@@ -12,7 +12,7 @@ pub struct TypeSpec {
     /// The type name, e.g. `flight.delayed`.
     #[serde(rename = "type")]
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -29,7 +29,7 @@ pub struct TypeSpec {
 pub struct RegisterEntity {
     /// Stable id, `[A-Za-z0-9._:-]{1,128}`; events carry it as `source`.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -190,7 +190,7 @@ pub struct CustomerCreated {
 pub struct LinkRequest {
     /// The entity to link.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -235,14 +235,14 @@ pub struct Customer {
 pub struct Trigger {
     /// The entity whose event triggers the rule.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
     pub entity: String,
     /// The event type.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -259,14 +259,14 @@ pub struct Trigger {
 pub struct Action {
     /// The entity that receives the command.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
     pub entity: String,
     /// The command type.
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]
@@ -515,7 +515,7 @@ pub struct TryRule {
     /// A past event of the customer's, by id (at the rule's trigger entity)...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(
-        pattern = r"^[A-Za-z0-9._:-]{1,128}$",
+        pattern = r"^(?:[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}|\.[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,126}|\.\.[A-Za-z0-9._:-]{1,126})$",
         min_length = 1,
         max_length = 128
     )]

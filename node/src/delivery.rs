@@ -297,11 +297,10 @@ async fn attempt(
                 // Disabled before the failure is recorded: whoever sees the delivery failed
                 // sees the endpoint disabled (a crash in between leaves it pending, and its
                 // next attempt finds the endpoint disabled). An endpoint moved meanwhile is
-                // tried instead: the delivery is retried at once, not failed.
-                if !disable_gone_endpoint(&worker, &target).await {
-                    if let DeliveryUpdate::Attempted { next, .. } = &mut update {
-                        *next = AttemptNext::RetryAt(unix_now_ms());
-                    }
+                // tried instead, and a step that failed is tried again: neither fails it.
+                let step = disable_gone_endpoint(&worker, &target).await;
+                if let DeliveryUpdate::Attempted { next, .. } = &mut update {
+                    *next = step.next(unix_now_ms());
                 }
             }
             if worker.results.send(update).is_err() {
@@ -463,17 +462,8 @@ async fn prepare_and_send(
                 DeliveryError::Status(s) => Some(*s),
                 _ => None,
             };
-            let next = if code == Some(410) {
-                AttemptNext::Gone
-            } else {
-                let unit = rand::thread_rng().gen::<f64>();
-                match next_delay(cfg, attempts_made, retry_after, unit) {
-                    Some(d) if attempts_made < MAX_ATTEMPTS_PER_COMMAND => {
-                        AttemptNext::RetryAt(unix_now_ms() + d.as_millis() as i64)
-                    }
-                    _ => AttemptNext::Exhausted,
-                }
-            };
+            let unit = rand::thread_rng().gen::<f64>();
+            let next = after_failure(cfg, code, attempts_made, retry_after, unit, unix_now_ms());
             (code, Some(err.to_string()), next)
         }
     };
@@ -557,9 +547,11 @@ async fn send(
     if status.is_success() {
         return Ok(status.as_u16());
     }
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
+    // Only where it asks to come back later (RFC 9110, RFC 6585): a 400 with a day's
+    // Retry-After is a mistake, not a schedule.
+    let retry_after = matches!(status.as_u16(), 429 | 503)
+        .then(|| resp.headers().get("retry-after"))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
     Err((DeliveryError::Status(status.as_u16()), retry_after))
@@ -657,11 +649,62 @@ async fn record_results(worker: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Del
     }
 }
 
+/// What follows a failed attempt (`code`: the status the target answered, if it answered):
+/// a 410 Gone disables the endpoint, anything else is retried on the schedule; either ends
+/// once the command has had its attempts (a 410 too: its disable step may keep failing, or
+/// keep finding the endpoint moved).
+fn after_failure(
+    cfg: &DeliveryConfig,
+    code: Option<u16>,
+    attempts_made: usize,
+    retry_after: Option<Duration>,
+    unit: f64,
+    now_ms: i64,
+) -> AttemptNext {
+    if attempts_made >= MAX_ATTEMPTS_PER_COMMAND {
+        return AttemptNext::Exhausted;
+    }
+    if code == Some(410) {
+        return AttemptNext::Gone;
+    }
+    match next_delay(cfg, attempts_made, retry_after, unit) {
+        Some(d) => AttemptNext::RetryAt(now_ms + d.as_millis() as i64),
+        None => AttemptNext::Exhausted,
+    }
+}
+
+/// How long a 410 whose endpoint could not be disabled waits before its delivery is tried
+/// again (the meta group had no leader, say): the next 410 tries the disable again.
+const GONE_UNDECIDED_MS: i64 = 5_000;
+
+/// What became of a 410's disable step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GoneStep {
+    /// The endpoint is disabled: the delivery fails, saying so.
+    Disabled,
+    /// The entity moved its endpoint since: the delivery is tried at the new one.
+    Moved,
+    /// The step failed: the delivery is tried again later, not failed as if disabled.
+    Undecided,
+}
+
+impl GoneStep {
+    /// The delivery's next step after a 410, given what its disable step did.
+    fn next(self, now_ms: i64) -> AttemptNext {
+        match self {
+            GoneStep::Disabled => AttemptNext::Gone,
+            // Not at once: this node's replica of the meta group may not have the new
+            // endpoint yet, and would send to the old one again.
+            GoneStep::Moved => AttemptNext::RetryAt(now_ms + REQUEUE_MS),
+            GoneStep::Undecided => AttemptNext::RetryAt(now_ms + GONE_UNDECIDED_MS),
+        }
+    }
+}
+
 /// A 410 Gone disables the entity's endpoint, if the URL that answered is still its endpoint:
 /// a step in the meta group, taken before the failed delivery is recorded in the customer's
-/// group (repeated by the next 410 if it fails). False when the entity has moved its endpoint
-/// since (the delivery is then tried at the new one).
-async fn disable_gone_endpoint(worker: &Worker, target: &Target) -> bool {
+/// group (repeated by the next 410 if it fails).
+async fn disable_gone_endpoint(worker: &Worker, target: &Target) -> GoneStep {
     let change = StateChange::DisableGoneEndpoint {
         id: target.entity.clone(),
         command_url: target.command_url.clone(),
@@ -669,18 +712,18 @@ async fn disable_gone_endpoint(worker: &Worker, target: &Target) -> bool {
     match worker.core.propose(META_GROUP, change).await {
         Ok(_) => {
             tracing::warn!(entity = %target.entity, "endpoint answered 410 Gone; disabled");
-            true
+            GoneStep::Disabled
         }
         Err(crate::error::ServiceError::Refused {
             code: custos_api::ErrorCode::Conflict,
             ..
         }) => {
             tracing::info!(entity = %target.entity, "an endpoint the entity moved away from answered 410 Gone; trying the new one");
-            false
+            GoneStep::Moved
         }
         Err(e) => {
-            tracing::warn!(entity = %target.entity, error = %e, "cannot disable endpoint");
-            true
+            tracing::warn!(entity = %target.entity, error = %e, "cannot disable endpoint; the delivery is tried again");
+            GoneStep::Undecided
         }
     }
 }
@@ -688,6 +731,40 @@ async fn disable_gone_endpoint(worker: &Worker, target: &Target) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_410_disables_unless_the_step_fails_and_never_past_the_attempts() {
+        let cfg = DeliveryConfig::default();
+        let now = 1_000_000;
+        assert_eq!(
+            after_failure(&cfg, Some(410), 3, None, 0.5, now),
+            AttemptNext::Gone
+        );
+        assert!(matches!(
+            after_failure(&cfg, Some(503), 3, None, 0.5, now),
+            AttemptNext::RetryAt(t) if t > now
+        ));
+        // A command that had its attempts ends, whatever the target answers: a 410 whose
+        // endpoint kept moving (or whose disable kept failing) was retried without a bound.
+        for code in [Some(410), Some(503), None] {
+            assert_eq!(
+                after_failure(&cfg, code, MAX_ATTEMPTS_PER_COMMAND, None, 0.5, now),
+                AttemptNext::Exhausted,
+                "{code:?}"
+            );
+        }
+        // A disable step that failed is no disabled endpoint: tried again later, not failed
+        // "disabled"; a moved endpoint is tried again soon, not at once.
+        assert_eq!(GoneStep::Disabled.next(now), AttemptNext::Gone);
+        assert_eq!(
+            GoneStep::Moved.next(now),
+            AttemptNext::RetryAt(now + REQUEUE_MS)
+        );
+        assert_eq!(
+            GoneStep::Undecided.next(now),
+            AttemptNext::RetryAt(now + GONE_UNDECIDED_MS)
+        );
+    }
 
     #[test]
     fn unrecorded_results_are_proposed_again_backing_off_to_a_bound() {

@@ -296,7 +296,17 @@ pub async fn forward(
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         }
     };
+    // A call served here has its body read now, bounded and within the read deadline: the
+    // handler's extractors read it without a deadline, and before the handler checks the
+    // token, so anyone could hold a connection and its buffer by trickling a body (an event's
+    // is read above; a peer's Raft messages are larger, and peers are authenticated first).
+    let read_here = body.is_none() && !on_peer_port;
     let Route::Group(group) = route else {
+        if read_here {
+            if let Err(e) = buffer_body(&mut req).await {
+                return Ok(req.error_response(e).map_into_right_body());
+            }
+        }
         return Ok(next.call(req).await?.map_into_left_body());
     };
     let leader = match wait_leader(&core, group).await {
@@ -310,6 +320,11 @@ pub async fn forward(
         }
     };
     if leader.0 == core.node_id {
+        if read_here {
+            if let Err(e) = buffer_body(&mut req).await {
+                return Ok(req.error_response(e).map_into_right_body());
+            }
+        }
         return Ok(next.call(req).await?.map_into_left_body());
     }
     if hops >= MAX_HOPS {
@@ -349,6 +364,22 @@ pub async fn forward(
     };
     let resp = proxy(&core, req.request(), &leader.1, hops + 1, body).await;
     Ok(req.into_response(resp).map_into_right_body())
+}
+
+/// Reads the request's body, if it has one (bounded, within the read deadline), and puts it
+/// back for the handler.
+async fn buffer_body(req: &mut ServiceRequest) -> Result<(), ServiceError> {
+    use actix_web::http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    let sized = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0");
+    if !sized && !req.headers().contains_key(TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let body = read_bounded(req.take_payload(), MAX_BODY_BYTES).await?;
+    req.set_payload(Payload::from(body));
+    Ok(())
 }
 
 /// The group's leader, waiting a little while one is being elected.

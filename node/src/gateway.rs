@@ -262,16 +262,29 @@ async fn update_entity(
     Ok(HttpResponse::Ok().json(vault.update_entity(&id, body.into_inner()).await?))
 }
 
-/// Rotates an entity's secret; the previous one stays valid for the grace period.
+/// How a secret is rotated.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RotateQuery {
+    /// `true`: the previous secret stops verifying events (and signing commands) at once,
+    /// for a secret that leaked; by default it stays valid for the grace period.
+    #[serde(default)]
+    pub revoke_previous: bool,
+}
+
+/// Rotates an entity's secret; the previous one stays valid for the grace period, or not at
+/// all with `revoke_previous=true`.
 #[utoipa::path(post, path = "/v1/entities/{id}/secret", tag = "entities", security(("bearer" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = Entity), (status = 404, body = Problem)))]
+    params(("id" = String, Path), RotateQuery), responses((status = 200, body = Entity), (status = 404, body = Problem)))]
 async fn rotate_secret(
     vault: web::Data<Vault>,
     req: HttpRequest,
     id: web::Path<String>,
+    q: web::Query<RotateQuery>,
 ) -> Result<HttpResponse> {
     vault.require_admin(bearer(&req)).await?;
-    Ok(HttpResponse::Ok().json(vault.rotate_secret(&id).await?))
+    Ok(HttpResponse::Ok().json(vault.rotate_secret(&id, q.revoke_previous).await?))
 }
 
 /// Creates a customer profile and its bearer token.
@@ -1342,7 +1355,7 @@ mod tests {
         patterns(document(), &mut found);
         let ids: Vec<&str> = found
             .into_iter()
-            .filter(|p| p.starts_with("^[A-Za-z0-9._:-]"))
+            .filter(|p| p.starts_with("^(?:[A-Za-z0-9_:-]"))
             .collect();
         assert!(ids.len() > 10, "{ids:?}");
         assert!(
@@ -1358,6 +1371,13 @@ mod tests {
             "a/b",
             &"x".repeat(128),
             &"x".repeat(129),
+            ".",
+            "..",
+            "...",
+            ".a",
+            "..a",
+            &format!(".{}", "x".repeat(127)),
+            &format!("..{}", "x".repeat(127)),
         ] {
             assert_eq!(re.is_match(s), custos_api::limits::is_valid_id(s), "{s:?}");
         }

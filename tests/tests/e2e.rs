@@ -771,6 +771,27 @@ async fn secret_rotation_keeps_the_old_secret_valid_for_the_grace_period() -> an
     let found = custos_tests::files::containing(&w.node.data_dir, &secrets, &[]);
     assert!(found.is_empty(), "a signing secret in clear: {found:?}");
     assert!(files > 5, "read {files} files");
+    // A secret that leaked is revoked with the rotation: it verifies nothing from then on,
+    // the grace period notwithstanding.
+    let revoked = w
+        .node
+        .admin()
+        .rotate_secret_revoking_previous("airline")
+        .await?;
+    let newest =
+        Secret::parse(&revoked.secret.unwrap_or_default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let anon = w.node.anonymous();
+    let err = anon
+        .send_event(&new, &delayed("rot-4", "FF-1234", 90))
+        .await
+        .expect_err("the revoked secret");
+    assert_eq!(err.code(), Some(ErrorCode::BadSignature), "{err}");
+    assert_eq!(
+        anon.send_event(&newest, &delayed("rot-5", "FF-1234", 90))
+            .await?
+            .status,
+        EventStatus::Accepted
+    );
     Ok(())
 }
 
@@ -2149,5 +2170,36 @@ async fn a_first_start_killed_at_any_moment_starts_again_and_serves() -> anyhow:
         );
         node.stop().await?;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_body_trickled_in_is_refused_after_the_read_deadline() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let node = Node::start(NodeOptions::default()).await?;
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    // No token, and a JSON body announced but never finished: its extractor read it before
+    // the handler asked who calls, without a deadline, so the connection and its buffer were
+    // held for as long as the caller liked.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await?;
+    let head = format!(
+        "POST /v1/entities HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: 1000\r\nconnection: close\r\n\r\n{{\"id\": "
+    );
+    conn.write_all(head.as_bytes()).await?;
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(90), conn.read_to_end(&mut answer))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer in 90 s: the body is waited for without end"))??;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("did not arrive within"), "{text}");
+    // The deadline is the body's (30 s), not some other timer's.
+    assert!(
+        started.elapsed() >= Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
     Ok(())
 }

@@ -193,9 +193,15 @@ impl Vault {
         self.entity(id).await
     }
 
-    /// Issues a new secret; the old one verifies events for the grace period.
-    pub async fn rotate_secret(&self, id: &str) -> Result<Entity, ServiceError> {
-        let grace_ms = (self.core.config.secret_grace_hours * 3_600_000.0) as i64;
+    /// Issues a new secret; the old one verifies events for the grace period, or (`revoke`,
+    /// a secret that leaked) no longer at all.
+    pub async fn rotate_secret(&self, id: &str, revoke: bool) -> Result<Entity, ServiceError> {
+        // Revoked: valid until a moment ago.
+        let grace_ms = if revoke {
+            -1
+        } else {
+            (self.core.config.secret_grace_hours * 3_600_000.0) as i64
+        };
         check_id("entity id", id)?;
         let secret = Secret::generate().encode();
         let sealed_secret = self
@@ -249,12 +255,9 @@ fn check_client_secret(field: &str, secret: &str) -> Result<(), ServiceError> {
 }
 
 fn validate_entity(req: &RegisterEntity, outbound: &Outbound) -> Result<(), ServiceError> {
+    // Not `.` nor `..` (`is_valid_id`): an entity's id is a URL path segment (its API, its
+    // OAuth callback), which clients and browsers resolve away.
     check_id("id", &req.id)?;
-    // An entity's id is a URL path segment (its API, its OAuth callback): clients and browsers
-    // resolve `.` and `..` away, so such an entity could be neither managed nor linked.
-    if matches!(req.id.as_str(), "." | "..") {
-        return Err(ServiceError::invalid("id", "must not be . or .."));
-    }
     check_name("name", &req.name)?;
     check_outbound_url(outbound, "command_url", &req.command_url)?;
     if let Some(o) = &req.oauth {

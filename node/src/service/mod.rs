@@ -249,7 +249,7 @@ fn check_id(field: &str, id: &str) -> Result<(), ServiceError> {
     } else {
         Err(ServiceError::invalid(
             field,
-            "must be 1..=128 of [A-Za-z0-9._:-]",
+            "must be 1..=128 of [A-Za-z0-9._:-], not . or ..",
         ))
     }
 }
