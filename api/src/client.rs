@@ -9,8 +9,9 @@ use crate::problem::Problem;
 use crate::types::*;
 use crate::webhook::{self, Secret};
 
-/// What a call can fail with.
+/// What a call can fail with (more may be added: match with a wildcard).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The node answered with a problem document.
     #[error("{0}")]

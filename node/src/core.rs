@@ -722,7 +722,7 @@ pub struct Core {
     /// manager and a peer's first message, at a restart) each replayed the log past what was
     /// applied into the same key space, engagement counts (merge operands) twice, and cleared
     /// files the other had made.
-    opening: tokio::sync::Mutex<()>,
+    opening: Arc<tokio::sync::Mutex<()>>,
     /// Told about every group opened (its workers are started).
     opened: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Arc<Group>>>>,
     /// Set when the node is stopping: no group is opened any more.
@@ -833,7 +833,7 @@ impl Core {
             wake: Arc::new(Wakers::default()),
             shard_map: RwLock::new(None),
             opened: Mutex::new(None),
-            opening: tokio::sync::Mutex::new(()),
+            opening: Arc::new(tokio::sync::Mutex::new(())),
             closing: AtomicBool::new(false),
             deleting: Arc::default(),
             meta_caught_up: AtomicBool::new(false),
@@ -922,7 +922,7 @@ impl Core {
         if let Some(g) = self.group(group) {
             return Ok(g);
         }
-        let _one = self.opening.lock().await;
+        let one = self.opening.clone().lock_owned().await;
         if let Some(g) = self.group(group) {
             return Ok(g);
         }
@@ -959,18 +959,27 @@ impl Core {
             queue: self.config.raft.proposal_queue,
             ..ProposerLimits::default()
         };
-        let (raft, proposer) = self
-            .rt
-            .spawn(async move {
-                let raft = Raft::new(node_id, rc, network, log, sm)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let proposer = Proposer::spawn(raft.clone(), limits);
-                Ok::<_, String>((raft, proposer))
-            })
+        // The lock travels with the new Raft and comes back with it: a caller that gave up
+        // meanwhile (a peer's request dropped) leaves a Raft nobody would keep, which is shut
+        // down before the next open may begin.
+        let (made, made_rx) = tokio::sync::oneshot::channel();
+        self.rt.spawn(async move {
+            let built = match Raft::new(node_id, rc, network, log, sm).await {
+                Ok(raft) => {
+                    let proposer = Proposer::spawn(raft.clone(), limits);
+                    Ok((raft, proposer))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err((Ok((raft, _)), one)) = made.send((built, one)) {
+                let _ = raft.shutdown().await;
+                drop(one);
+            }
+        });
+        let (built, _one) = made_rx
             .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
-            .map_err(ServiceError::Raft)?;
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let (raft, proposer) = built.map_err(ServiceError::Raft)?;
         let (stop, _) = watch::channel(false);
         let g = Arc::new(Group {
             id: group,

@@ -366,19 +366,14 @@ pub async fn forward(
     Ok(req.into_response(resp).map_into_right_body())
 }
 
-/// Reads the request's body, if it has one (bounded, within the read deadline), and puts it
-/// back for the handler.
+/// Reads the request's body (bounded, within the read deadline) and puts it back for the
+/// handler. Whatever its headers say: an HTTP/2 request streams a body without
+/// `Content-Length` or `Transfer-Encoding`, and a request without one ends at once.
 async fn buffer_body(req: &mut ServiceRequest) -> Result<(), ServiceError> {
-    use actix_web::http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-    let sized = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() != b"0");
-    if !sized && !req.headers().contains_key(TRANSFER_ENCODING) {
-        return Ok(());
-    }
     let body = read_bounded(req.take_payload(), MAX_BODY_BYTES).await?;
-    req.set_payload(Payload::from(body));
+    if !body.is_empty() {
+        req.set_payload(Payload::from(body));
+    }
     Ok(())
 }
 

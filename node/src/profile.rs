@@ -442,8 +442,9 @@ fn plan(
             ));
             continue;
         };
-        if several {
-            let cost = rule.cost_on(&scope);
+        // A rule over its own budget is not run (its evaluation says so): it spends nothing.
+        let cost = if several { rule.cost_on(&scope) } else { 0 };
+        if several && cost <= rules::EVAL_BUDGET {
             if spent.saturating_add(cost) > EVENT_EVAL_BUDGET {
                 let why = format!(
                     "not evaluated: the rules this event triggers could cost more than \

@@ -210,39 +210,71 @@ fn nesting(e: &IdedExpr) -> usize {
 }
 
 /// Bounds on a value an expression yields, given that no collection or string in the event is
-/// longer than `n`: its own length (a string's bytes, a list's or map's entries) and the
-/// length of anything inside it, at any depth. A value made in the expression can be longer
-/// than anything in the event (`x + x` in a `map` doubles each element, and a `map` of that
-/// doubles again), so every bound variable carries the bound of what it holds: a bound that
-/// took every variable to be no longer than the event's longest let a chain of such maps
-/// grow a string past any memory while priced as linear.
+/// longer than `n`: its own length (a string's bytes, a list's or map's entries), the length
+/// of anything inside it, at any depth, and how many values it holds, at every depth, each
+/// copy counted (what comparing it walks). A value made in the expression can be longer than
+/// anything in the event (`x + x` in a `map` doubles each element, and a `map` of that doubles
+/// again), so every bound variable carries the bound of what it holds: a bound that took every
+/// variable to be no longer than the event's longest let a chain of such maps grow a string
+/// past any memory while priced as linear. And a list of five copies of the element, mapped
+/// fifteen times over, holds 5^15 values while its length stays 1: comparing two of them was
+/// priced by their length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Size {
     /// Its own length.
     len: u64,
     /// The longest length of anything inside it.
     inner: u64,
+    /// The values it holds, itself included, each copy counted.
+    nodes: u64,
 }
 
 impl Size {
     /// A number, boolean, null, timestamp or duration.
-    const SCALAR: Size = Size { len: 1, inner: 0 };
+    const SCALAR: Size = Size {
+        len: 1,
+        inner: 0,
+        nodes: 1,
+    };
 
-    /// What the event's variables hold.
+    /// What the event's variables hold (their values counted as their length: comparing two
+    /// of the event's values is priced as before).
     fn event(n: u64) -> Size {
-        Size { len: n, inner: n }
+        Size {
+            len: n,
+            inner: n,
+            nodes: n,
+        }
     }
+
+    /// A string (or bytes) of `len` bytes.
+    fn text(len: u64) -> Size {
+        Size {
+            len,
+            inner: 0,
+            nodes: 1,
+        }
+    }
+
+    /// Priced out of any budget.
+    const HUGE: Size = Size {
+        len: u64::MAX / 4,
+        inner: u64::MAX / 4,
+        nodes: u64::MAX / 4,
+    };
 
     /// The longest of its own length and its contents'.
     fn whole(self) -> u64 {
         self.len.max(self.inner)
     }
 
-    /// One of its elements (or keys, fields, values).
+    /// One of its elements (or keys, fields, values): no longer than its contents, holding
+    /// no more values than it.
     fn element(self) -> Size {
         Size {
             len: self.inner,
             inner: self.inner,
+            nodes: self.nodes,
         }
     }
 
@@ -251,14 +283,16 @@ impl Size {
         Size {
             len: self.len.max(other.len),
             inner: self.inner.max(other.inner),
+            nodes: self.nodes.max(other.nodes),
         }
     }
 
     /// A collection holding values of these sizes.
-    fn holding<I: IntoIterator<Item = Size>>(count: usize, items: I) -> Size {
+    fn holding(count: usize, items: &[Size]) -> Size {
         Size {
             len: count as u64,
-            inner: items.into_iter().map(Size::whole).max().unwrap_or(0),
+            inner: items.iter().map(|i| i.whole()).max().unwrap_or(0),
+            nodes: items.iter().map(|i| i.nodes).fold(1, u64::saturating_add),
         }
     }
 }
@@ -301,18 +335,26 @@ fn yields_scalar(func: &str) -> bool {
     ) || func.starts_with("get")
 }
 
+/// Functions that may walk their operands whole, every value inside them (equality and
+/// order compare element by element, at every depth): they cost the values their operands
+/// hold, not their length.
+fn walks_operands(func: &str) -> bool {
+    matches!(
+        func,
+        "_==_" | "_!=_" | "_<_" | "_<=_" | "_>_" | "_>=_" | "@in" | "contains" | "max" | "min"
+    )
+}
+
+/// The longest text `string()` makes of a number (Rust writes a double without an exponent:
+/// `string(5e-324)` is 326 bytes) or a time.
+const LONGEST_NUMBER_TEXT: u64 = 330;
+
 /// Bounds on what `e` yields, given that no collection or string in the event is longer than
 /// `n` and what the comprehension variables in `scope` hold.
 fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
     match &e.expr {
-        Expr::Literal(CelVal::String(s)) => Size {
-            len: s.len() as u64,
-            inner: 0,
-        },
-        Expr::Literal(CelVal::Bytes(b)) => Size {
-            len: b.len() as u64,
-            inner: 0,
-        },
+        Expr::Literal(CelVal::String(s)) => Size::text(s.len() as u64),
+        Expr::Literal(CelVal::Bytes(b)) => Size::text(b.len() as u64),
         Expr::Literal(_) | Expr::Unspecified => Size::SCALAR,
         Expr::Ident(name) => scope
             .iter()
@@ -323,7 +365,7 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
         Expr::Select(s) => size(&s.operand, n, scope).element(),
         Expr::List(l) => {
             let items: Vec<Size> = l.elements.iter().map(|i| size(i, n, scope)).collect();
-            Size::holding(items.len(), items)
+            Size::holding(items.len(), &items)
         }
         Expr::Map(m) => {
             let items: Vec<Size> = m
@@ -332,7 +374,7 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
                 .flat_map(entry_children)
                 .map(|i| size(i, n, scope))
                 .collect();
-            Size::holding(m.entries.len(), items)
+            Size::holding(m.entries.len(), &items)
         }
         Expr::Struct(st) => {
             let items: Vec<Size> = st
@@ -341,7 +383,7 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
                 .flat_map(entry_children)
                 .map(|i| size(i, n, scope))
                 .collect();
-            Size::holding(st.entries.len(), items)
+            Size::holding(st.entries.len(), &items)
         }
         Expr::Call(c) => {
             let operands: Vec<Size> = c
@@ -366,15 +408,24 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
                     .map(|o| o.either(o.element()))
                     .reduce(Size::either)
                     .unwrap_or(Size::SCALAR),
-                // A string as long as the operand, or a number's or a time's text.
-                "string" | "bytes" => Size {
-                    len: operands.iter().map(|o| o.len).max().unwrap_or(0).max(64),
-                    inner: 0,
-                },
+                // A string as long as the operand (bytes that are not UTF-8 become three
+                // bytes each), or a number's or a time's text.
+                "string" | "bytes" => Size::text(
+                    operands
+                        .iter()
+                        .map(|o| o.len.saturating_mul(3))
+                        .max()
+                        .unwrap_or(0)
+                        .max(LONGEST_NUMBER_TEXT),
+                ),
                 // `+` and anything else: as long as its operands together.
                 _ => Size {
                     len: operands.iter().map(|o| o.len).fold(0, u64::saturating_add),
                     inner: operands.iter().map(|o| o.inner).max().unwrap_or(0),
+                    nodes: operands
+                        .iter()
+                        .map(|o| o.nodes)
+                        .fold(0, u64::saturating_add),
                 },
             }
         }
@@ -420,6 +471,7 @@ fn accumulated<'a>(
             Size {
                 len,
                 inner: init.inner,
+                nodes: len,
             },
         ));
         let out = size(&c.loop_step, n, scope);
@@ -428,19 +480,20 @@ fn accumulated<'a>(
     };
     let once = step_after(0, scope);
     let after_long = step_after(PROBE, scope);
-    if after_long.len <= once.len {
+    if after_long.len <= once.len && after_long.nodes <= once.nodes {
         return init.either(once);
     }
-    let added = after_long.len - PROBE;
-    if added > once.len {
-        return Size {
-            len: u64::MAX / 4,
-            inner: u64::MAX / 4,
-        };
+    let added = after_long.len.saturating_sub(PROBE);
+    let added_nodes = after_long.nodes.saturating_sub(PROBE);
+    if added > once.len || added_nodes > once.nodes {
+        return Size::HUGE;
     }
     Size {
         len: init.len.saturating_add(range.len.saturating_mul(added)),
         inner: init.inner.max(once.inner),
+        nodes: init
+            .nodes
+            .saturating_add(range.len.saturating_mul(added_nodes)),
     }
 }
 
@@ -510,6 +563,7 @@ fn cost<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> u64 {
                 )
             });
             let scans = !constant && !with_scalar;
+            let walks = walks_operands(call.func_name.as_str());
             // `matches` compiles its pattern on every call: a compile is priced at ten
             // thousand steps, so a pattern in a loop over a large list is refused.
             let mut total = if call.func_name == "matches" {
@@ -520,11 +574,16 @@ fn cost<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> u64 {
             for o in operands {
                 total = total.saturating_add(cost(o, n, scope));
                 if scans {
-                    total = total.saturating_add(size(o, n, scope).len);
+                    let o = size(o, n, scope);
+                    total = total.saturating_add(if walks { o.nodes.max(o.len) } else { o.len });
                 }
             }
             total
         }
+        // `has()` looks for the field among every key of the map.
+        Expr::Select(sel) if sel.test => 1u64
+            .saturating_add(cost(&sel.operand, n, scope))
+            .saturating_add(size(&sel.operand, n, scope).len),
         _ => children(e)
             .into_iter()
             .map(|c| cost(c, n, scope))
@@ -1784,6 +1843,35 @@ mod tests {
         let program = Program::compile(grown).expect("parses");
         let bound = size(program.expression(), 5, &mut scope);
         assert!(bound.whole() >= 5 * 2 * 2 * 4, "{bound:?}");
+    }
+
+    #[test]
+    fn a_comparison_is_priced_by_the_values_it_walks() {
+        // Five copies of the element, fifteen times over: a list of length 1 holding 5^15
+        // values. Built twice, the two sides share nothing, and `==` compares every value:
+        // priced by the lists' length, it was saved as under a thousand steps.
+        let five = format!("[1]{}", ".map(x, [x, x, x, x, x])".repeat(15));
+        let why = compile(record("r", Some(&format!("{five} == {five}")), json!({})))
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        assert!(why.contains("too costly"), "{why}");
+        // Comparing the event's own values is priced as before: by their length.
+        assert!(compile(record("r", Some("data.flight == 'XY123'"), json!({}))).is_ok());
+        // `has()` looks among every key of the map: priced by its size.
+        let rule = compile(record(
+            "r",
+            Some("data.l.all(i, data.l.all(j, has(data.m.z)))"),
+            json!({}),
+        ))
+        .expect("within the budget on small events");
+        let mut e = event(1);
+        let keys: Map<String, Value> = (0..1000).map(|k| (format!("k{k}"), json!(k))).collect();
+        e.data = Some(json!({"l": vec![0; 1000], "m": keys}));
+        assert!(matches!(
+            rule.evaluate(&EventScope::new(&e)),
+            Err(EvalError::OverBudget { .. })
+        ));
     }
 
     #[test]

@@ -435,8 +435,23 @@ async fn node_id(
     peers: &Peers,
     api_addr: &str,
     fresh: bool,
+    voted: bool,
 ) -> Result<u64, NodeError> {
     let stored = cluster::stored_node_id(&config.data_dir);
+    // An id file beside a database with no Raft state at all: the database was lost (the id
+    // of a node creating its cluster is kept only once the cluster is created, and a node
+    // that joins asks the cluster). Started on its own it would create a second cluster under
+    // the id of a member of the first, at that member's address, with its secret.
+    if let (Some(s), true, false, true) = (stored, fresh, voted, config.join.is_empty()) {
+        return Err(NodeError::Cluster(format!(
+            "this data directory names node {s}, but its database holds no Raft state (was it \
+             lost?); started without --join it would create a new cluster as node {s}: to \
+             rejoin its cluster, remove node {s} there (`custos cluster remove {s}`) and start \
+             this one with an empty data directory and --join; to create a new cluster, \
+             remove {}",
+            config.data_dir.join("node-id").display()
+        )));
+    }
     if let (Some(s), true) = (stored, config.node_id > 0) {
         if s != config.node_id {
             return Err(NodeError::Cluster(format!(
@@ -480,7 +495,11 @@ async fn node_id(
         (0, Some(s)) => s,
         (pinned, _) => pinned,
     };
-    cluster::store_node_id(&config.data_dir, id)?;
+    // A node creating its cluster keeps its id once the cluster is created (`start_groups`):
+    // an id file without Raft state then always means a lost database.
+    if !(fresh && config.join.is_empty()) {
+        cluster::store_node_id(&config.data_dir, id)?;
+    }
     Ok(id)
 }
 
@@ -583,7 +602,7 @@ pub async fn run(
     let id = {
         let (config, peers, api) = (config.clone(), peers.clone(), api_addr.to_string());
         raft_rt
-            .spawn(async move { node_id(&config, &peers, &api, fresh).await })
+            .spawn(async move { node_id(&config, &peers, &api, fresh, voted).await })
             .await
             .map_err(|e| NodeError::Cluster(e.to_string()))??
     };
@@ -869,6 +888,7 @@ async fn start_groups(
         }
     } else if config.join.is_empty() {
         cluster::bootstrap(core, config, secret, api_addr).await?;
+        cluster::store_node_id(&config.data_dir, core.node_id)?;
     } else {
         core.open_group(META_GROUP).await?;
     }

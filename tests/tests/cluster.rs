@@ -424,6 +424,21 @@ async fn a_node_whose_database_was_lost_is_not_taken_back_under_its_id() -> anyh
         refused.contains(&format!("it cannot rejoin as node {id}")),
         "node 2 came back: {refused}"
     );
+    // The first node, started without --join: it would create a second cluster under its id,
+    // at its address, with its secret.
+    let first = c.nodes[0].id;
+    c.nodes[0].stop().await?;
+    std::fs::remove_dir_all(c.nodes[0].data_dir.join("db"))?;
+    let refused = c.nodes[0]
+        .restart_unready()
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        refused.contains(&format!("it would create a new cluster as node {first}")),
+        "node 1 started a new cluster: {refused}"
+    );
     Ok(())
 }
 

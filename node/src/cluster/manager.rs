@@ -133,13 +133,14 @@ fn caught_up(m: &openraft::RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool
         .is_some_and(|l| l.index + CAUGHT_UP_SLACK >= last)
 }
 
-/// Whether every node of `voters` but this one answers now (a peer status call, 2 s each, at
-/// once). openraft 0.9 tells how far each follower's log matched, not when it last answered:
-/// a node killed a moment ago still looks caught up. A change of voters commits in the new
-/// configuration's majority too, and openraft takes no other change until it does, so one
-/// whose new voters cannot answer would leave the group without a quorum for good (before
-/// this check, removing a live node while another was down did so).
-async fn all_answer(
+/// Whether a majority of `voters` answers now (this node, if one of them, answers itself; the
+/// others a peer status call, 2 s each, at once). openraft 0.9 tells how far each follower's
+/// log matched, not when it last answered: a node killed a moment ago still looks caught up.
+/// A change of voters commits in the new configuration's majority too, and openraft takes no
+/// other change until it does, so one whose new voters cannot make a majority would leave the
+/// group without a quorum for good (before this check, removing a live node while another was
+/// down did so).
+async fn majority_answers(
     core: &Core,
     voters: &BTreeSet<NodeId>,
     nodes: &[NodeRecord],
@@ -157,16 +158,22 @@ async fn all_answer(
             }
         }
     });
-    let answers = futures::future::join_all(asks).await;
-    let all = answers.iter().all(|a| *a);
-    if !all {
+    let answered = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter(|a| *a)
+        .count()
+        + usize::from(voters.contains(&core.node_id));
+    let enough = answered > voters.len() / 2;
+    if !enough {
         tracing::info!(
             group,
             voters = ?voters,
-            "voters change waits: a node of the new voters does not answer"
+            answered,
+            "voters change waits: too few of the new voters answer"
         );
     }
-    all
+    enough
 }
 
 /// Adds (or re-addresses) learners so every wanted node is in the membership with its
@@ -235,7 +242,7 @@ async fn meta_duties(
         && voters != desired
         && desired.iter().all(|n| caught_up(&m, *n))
     {
-        if !all_answer(core, &desired, nodes, META_GROUP).await {
+        if !majority_answers(core, &desired, nodes, META_GROUP).await {
             return Ok(());
         }
         tracing::info!(from = ?voters, to = ?desired, "meta group voters change");
@@ -381,7 +388,8 @@ async fn move_replicas(
         return;
     }
     if voters != wanted {
-        if wanted.iter().all(|n| caught_up(&m, *n)) && all_answer(core, &wanted, nodes, g.id).await
+        if wanted.iter().all(|n| caught_up(&m, *n))
+            && majority_answers(core, &wanted, nodes, g.id).await
         {
             tracing::info!(group = g.id, from = ?voters, to = ?wanted, "replicas move");
             if let Err(e) = bounded(g.raft.change_membership(wanted.clone(), false)).await {
@@ -433,7 +441,7 @@ async fn make_way(
         WayOut::Wait => {}
         WayOut::AddVoters(ready) => {
             let after: BTreeSet<NodeId> = voters.union(&ready).copied().collect();
-            if !all_answer(core, &after, nodes, g.id).await {
+            if !majority_answers(core, &after, nodes, g.id).await {
                 return;
             }
             tracing::info!(group = g.id, add = ?ready, "wanted replicas become voters before the hand-over");

@@ -316,9 +316,12 @@ pub fn destroy_group(db: &DB, group: GroupId, snapshots: &Path) -> Result<(), St
     // that is gone (the replica, opened again, would fail to read its snapshot).
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
-    db.write_opt(batch, &opts)?;
-    snapshot::remove_all(snapshots, group);
-    Ok(())
+    // No build records a snapshot meanwhile (a build still running finds the group gone).
+    snapshot::while_not_recording(|| {
+        db.write_opt(batch, &opts)?;
+        snapshot::remove_all(snapshots, group);
+        Ok(())
+    })
 }
 
 /// Builds snapshots of one group.

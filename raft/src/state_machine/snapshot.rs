@@ -69,7 +69,8 @@ static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// snapshot files, unless the recorded one is newer: a build that started before an install
 /// finished after it must not replace the installed snapshot (the log before it is purged), so
 /// its file goes instead and the recorded one is returned. The record is synced before any
-/// file is removed.
+/// file is removed. (Builds record through [`record_built`].)
+#[cfg(test)]
 fn record(
     db: &DB,
     group: GroupId,
@@ -78,6 +79,43 @@ fn record(
     file: &str,
 ) -> Result<Option<StoredSnapshot>, StoreError> {
     let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
+    record_locked(db, group, dir, meta, file)
+}
+
+/// [`record`] for a file built from `space`, unless the group was removed from this node while
+/// it was built (openraft runs a build on its own, and does not wait for it when the group's
+/// Raft shuts down): its file then goes, and no record names it again.
+fn record_built(
+    db: &DB,
+    group: GroupId,
+    space: u32,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    file: &str,
+) -> Result<Option<StoredSnapshot>, StoreError> {
+    let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
+    if meta.last_log_id.is_some() && db.get(keys::key(space, keys::SM_META, APPLIED))?.is_none() {
+        let _ = std::fs::remove_file(dir.join(file));
+        return Err(StoreError::Task(format!(
+            "group {group} was removed while its snapshot was built"
+        )));
+    }
+    record_locked(db, group, dir, meta, file)
+}
+
+/// Runs `f` while no snapshot is recorded (a group's removal: its record and files go at once).
+pub(crate) fn while_not_recording<R>(f: impl FnOnce() -> R) -> R {
+    let _one = RECORDING.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}
+
+fn record_locked(
+    db: &DB,
+    group: GroupId,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    file: &str,
+) -> Result<Option<StoredSnapshot>, StoreError> {
     if let Some(newer) = current(db, group)?.filter(|c| c.meta.last_log_id > meta.last_log_id) {
         let _ = std::fs::remove_file(dir.join(file));
         return Ok(Some(newer));
@@ -210,7 +248,7 @@ pub(crate) fn build(
         last_membership,
         snapshot_id,
     };
-    match record(db, group, dir, &meta, &name)? {
+    match record_built(db, group, space, dir, &meta, &name)? {
         None => Ok((meta, path, size)),
         // Superseded by an installed snapshot: that one is the group's snapshot now.
         Some(newer) => {
