@@ -143,6 +143,10 @@ timeout_secs = 15
 # Delivery attempts sending at once, per data group (an attempt frees its slot when the
 # target answers; the client keeps as many connections per target open between attempts).
 concurrency = 256
+# The share of those one target entity may hold (at least one slot): a target that answers
+# slowly or not at all (each attempt waits up to timeout_secs) holds at most this share, and
+# the other targets' deliveries keep going; its own wait, looked at again every half second.
+per_target_share = 0.5
 
 [raft]
 # Heartbeat interval and election timeout range, in milliseconds. A leader's followers start
@@ -231,6 +235,15 @@ pub struct DeliveryConfig {
     pub timeout_secs: f64,
     /// Attempts in flight.
     pub concurrency: usize,
+    /// The share of `concurrency` one target entity may hold.
+    pub per_target_share: f64,
+}
+
+impl DeliveryConfig {
+    /// The sending slots one target may hold.
+    pub fn per_target(&self) -> usize {
+        ((self.concurrency as f64 * self.per_target_share) as usize).max(1)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -240,6 +253,7 @@ impl Default for DeliveryConfig {
             jitter: 0.1,
             timeout_secs: 15.0,
             concurrency: 256,
+            per_target_share: 0.5,
         }
     }
 }
@@ -622,6 +636,9 @@ impl Config {
         }
         if d.concurrency == 0 || d.concurrency > 10_000 {
             return bad("delivery.concurrency must be in 1..=10000");
+        }
+        if !(d.per_target_share > 0.0 && d.per_target_share <= 1.0) {
+            return bad("delivery.per_target_share must be in (0, 1]");
         }
         // Each made into a Duration, which panics past its range (1e20 s passed a "> 0" check
         // and stopped the node after its ports were open): at most ten years each.

@@ -1304,6 +1304,37 @@ impl Core {
         group: GroupId,
         change: StateChange,
     ) -> Result<ChangeOutcome, ServiceError> {
+        self.propose_via(group, change, true).await
+    }
+
+    /// Proposes an event's plan, made here from this node's copy of the customer's profile:
+    /// only to this node's replica, never forwarded. A node that lost the lead while it
+    /// planned may not hold what the new leader acknowledged meanwhile (a rule saved, a target
+    /// linked there), and the apply can only drop commands a plan names, not add those it
+    /// misses: forwarded, such a plan recorded the event as ignored for good (its retries were
+    /// duplicates). Answered 503 instead: the entity sends it again, to be planned afresh.
+    pub async fn propose_planned(
+        &self,
+        group: GroupId,
+        change: StateChange,
+    ) -> Result<ChangeOutcome, ServiceError> {
+        self.propose_via(group, change, false).await
+    }
+
+    async fn propose_via(
+        &self,
+        group: GroupId,
+        change: StateChange,
+        forward: bool,
+    ) -> Result<ChangeOutcome, ServiceError> {
+        let moved = || {
+            ServiceError::refused(
+                ErrorCode::Unavailable,
+                format!(
+                    "group {group}'s leadership moved while the event was planned; send it again"
+                ),
+            )
+        };
         let deadline = propose_deadline(&self.config);
         let started = std::time::Instant::now();
         let mut hint: Option<(NodeId, Option<String>)> = None;
@@ -1324,6 +1355,7 @@ impl Core {
                 (Some(g), Some((id, _))) if id == self.node_id => {
                     self.propose_here(&g, &change, deadline).await
                 }
+                (_, Some(_)) if !forward => return Err(moved()),
                 (local, Some((id, addr))) => match addr.or_else(|| self.node_addr(id)) {
                     Some(addr) => {
                         // The leader that committed it waited for its own attempts; this
@@ -1347,6 +1379,7 @@ impl Core {
             };
             match result {
                 Ok(outcome) => return outcome_result(outcome),
+                Err(ProposeError::NotLeader { .. }) if !forward => return Err(moved()),
                 Err(ProposeError::NotLeader { leader, addr }) => {
                     if leader.is_some_and(|l| l != self.node_id) {
                         hint = leader.map(|l| (l, addr));

@@ -7,6 +7,7 @@
 //! not recorded (the node stopped mid-flight, or leadership moved and the new leader resumed
 //! from the outbox), and targets deduplicate on the id.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,7 +131,55 @@ struct Worker {
     core: Arc<Core>,
     group: Arc<Group>,
     results: mpsc::UnboundedSender<DeliveryUpdate>,
+    /// Sending slots each target holds.
+    targets: TargetSlots,
 }
+
+/// The sending slots in use per target entity, bounded by `delivery.per_target_share` of
+/// them: a target that answers slowly or not at all (each
+/// attempt holding its slot up to the timeout) would otherwise take every slot, and every
+/// other target's deliveries would wait behind its own.
+#[derive(Default)]
+struct TargetSlots {
+    used: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// One target's sending slot, given back when dropped.
+struct TargetSlot<'a> {
+    slots: &'a TargetSlots,
+    target: String,
+}
+
+impl TargetSlots {
+    /// A slot of `target`'s, unless it holds `cap` already.
+    fn take(&self, target: &str, cap: usize) -> Option<TargetSlot<'_>> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let n = used.entry(target.to_owned()).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(TargetSlot {
+            slots: self,
+            target: target.to_owned(),
+        })
+    }
+}
+
+impl Drop for TargetSlot<'_> {
+    fn drop(&mut self) {
+        let mut used = self.slots.used.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = used.get_mut(&self.target) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                used.remove(&self.target);
+            }
+        }
+    }
+}
+
+/// How long a delivery whose target holds all its slots waits before it is looked at again.
+const TARGET_BUSY_MS: i64 = 500;
 
 /// How long a delivery whose attempt could not be prepared or recorded waits to be retried.
 const REQUEUE_MS: i64 = 1000;
@@ -149,6 +198,7 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, mut shutdown: watch::Receiv
         core: core.clone(),
         group: group.clone(),
         results: tx,
+        targets: TargetSlots::default(),
     });
     let recorder = tokio::spawn(record_results(worker.clone(), rx));
     let due = &group.due;
@@ -444,6 +494,19 @@ async fn prepare_and_send(
         requeue(worker, id.to_owned());
         return Ok(None);
     }
+    let Some(_slot) = worker
+        .targets
+        .take(&rec.command.target, core.config.delivery.per_target())
+    else {
+        // The target holds its share of the slots (it answers slowly, or not at all): the
+        // other targets' deliveries go first, this one is looked at again shortly.
+        metrics::counter!("custos_delivery_deferred_total", "why" => "target_busy").increment(1);
+        worker
+            .group
+            .due
+            .push(now + TARGET_BUSY_MS, id.to_owned(), None);
+        return Ok(None);
+    };
     target.command_url = entity.record.command_url.clone();
     let started = Instant::now();
     let result = send(worker, &entity, &rec.command).await;
@@ -731,6 +794,27 @@ async fn disable_gone_endpoint(worker: &Worker, target: &Target) -> GoneStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_holds_at_most_its_share_of_the_sending_slots() {
+        let slots = TargetSlots::default();
+        let a: Vec<_> = (0..3).filter_map(|_| slots.take("slow", 3)).collect();
+        assert_eq!(a.len(), 3);
+        assert!(slots.take("slow", 3).is_none(), "its share is taken");
+        assert!(
+            slots.take("other", 3).is_some(),
+            "another target still sends"
+        );
+        drop(a);
+        assert!(
+            slots.take("slow", 3).is_some(),
+            "slots come back when dropped"
+        );
+        assert!(
+            slots.used.lock().map(|u| u.is_empty()).unwrap_or(false),
+            "nothing is kept of a target without attempts"
+        );
+    }
 
     #[test]
     fn a_410_disables_unless_the_step_fails_and_never_past_the_attempts() {

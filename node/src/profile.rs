@@ -556,7 +556,9 @@ async fn ingest(
         rule_failures: plan.failures,
         at_ms: received_ms,
     };
-    let outcome = core.propose(group, StateChange::Ingest(ingest)).await?;
+    let outcome = core
+        .propose_planned(group, StateChange::Ingest(ingest))
+        .await?;
     receipt(event.id, outcome)
 }
 

@@ -240,6 +240,12 @@ async fn send_batches(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        // The first event waited for the slot too: once its caller stopped waiting (answered
+        // 503), it is not sent either (the leader would commit what the entity was told to
+        // send again).
+        if first.answer.is_closed() {
+            continue;
+        }
         let batch = take_batch(first, &mut rx);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats

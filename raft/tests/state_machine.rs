@@ -1791,6 +1791,19 @@ async fn a_failed_delivery_of_withdrawn_consent_is_not_replayed() -> anyhow::Res
     .await?;
     let out = s.apply(vec![replay()]).await?;
     refused(&s, &out, "no longer links hotel")?;
+    // The entity its event came from unlinked.
+    let mut s = with_command_e1().await?;
+    s.apply(vec![
+        failed(),
+        StateChange::Unlink {
+            customer_id: "c1".into(),
+            entity_id: "airline".into(),
+            at_ms: 250,
+        },
+    ])
+    .await?;
+    let out = s.apply(vec![replay()]).await?;
+    refused(&s, &out, "no longer links airline, whose event made it")?;
     // Its rule deleted.
     let mut s = with_command_e1().await?;
     let rule_id = s.reader.outbox("cmd-e1")?.expect("kept").command.rule_id;
@@ -1880,6 +1893,18 @@ async fn pending_deliveries_of_withdrawn_consent_are_cancelled_at_once() -> anyh
     s.apply(vec![unlink_hotel(300)]).await?;
     s.apply(vec![link("c1", "hotel", "g")]).await?;
     cancelled(&s, "the customer unlinked hotel")?;
+    // The entity the command's event came from unlinked: what the command carries came from
+    // it, and the customer stopped the vault acting on it (before, only the target's unlink
+    // cancelled).
+    let mut s = with_command_e1().await?;
+    s.apply(vec![waiting()]).await?;
+    s.apply(vec![StateChange::Unlink {
+        customer_id: "c1".into(),
+        entity_id: "airline".into(),
+        at_ms: 300,
+    }])
+    .await?;
+    cancelled(&s, "the customer unlinked airline")?;
     // An attempt under way at the unlink that succeeded is recorded as what happened; one
     // that failed does not bring the delivery back.
     let mut s = with_command_e1().await?;

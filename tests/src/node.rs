@@ -49,6 +49,9 @@ pub struct NodeOptions {
     pub snapshot_log_to_state: f64,
     /// Extra top-level TOML keys for the config file.
     pub extra_toml: String,
+    /// Extra keys of its `[delivery]` table (besides the schedule, no jitter and a 5 s
+    /// timeout, which a key here replaces).
+    pub delivery_toml: String,
     /// Peer addresses of members to join (empty: a cluster of its own).
     pub join: Vec<String>,
     /// The cluster secret (`CUSTOS_CLUSTER_SECRET`); a first node generates one when unset.
@@ -70,6 +73,7 @@ impl Default for NodeOptions {
             snapshot_every: 20_000,
             snapshot_log_to_state: 1.0,
             extra_toml: String::new(),
+            delivery_toml: String::new(),
             join: Vec::new(),
             cluster_secret: None,
             raft_timings: Some((50, 150, 300)),
@@ -161,7 +165,7 @@ impl Node {
              [delivery]\n\
              retry_schedule_secs = [{}]\n\
              jitter = 0.0\n\
-             timeout_secs = 5\n\
+             {}\
              [raft]\n\
              {timings}\
              snapshot_every = {}\n\
@@ -172,6 +176,11 @@ impl Node {
             o.log_level,
             o.extra_toml,
             schedule.join(", "),
+            if o.delivery_toml.contains("timeout_secs") {
+                o.delivery_toml.clone()
+            } else {
+                format!("timeout_secs = 5\n{}", o.delivery_toml)
+            },
             o.snapshot_every,
             o.snapshot_log_to_state,
             if o.snapshot_every < 20_000 { 0 } else { 1000 }

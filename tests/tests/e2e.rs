@@ -2203,3 +2203,106 @@ async fn a_body_trickled_in_is_refused_after_the_read_deadline() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_target_that_does_not_answer_holds_only_its_share_of_the_sending_slots(
+) -> anyhow::Result<()> {
+    // Four sending slots (a target may hold half of them, by default); attempts wait up to two
+    // minutes for an answer.
+    let hotel_rx = Receiver::start(vec![], 200)?;
+    let options = NodeOptions {
+        delivery_toml: "concurrency = 4\ntimeout_secs = 120\n".into(),
+        ..NodeOptions::default()
+    };
+    let w = world_with(options, hotel_rx).await?;
+    let spa_rx = Receiver::start(vec![], 200)?;
+    let admin = w.node.admin();
+    register(
+        &admin,
+        "spa",
+        &spa_rx.url,
+        vec![],
+        vec![type_spec("booking.made", None)],
+    )
+    .await?;
+    admin
+        .link(
+            &w.customer.id,
+            &LinkRequest {
+                entity_id: "spa".into(),
+                subject: "spa-guest-1".into(),
+            },
+        )
+        .await?;
+    let me = admin.with_token(&w.customer.token);
+    me.create_rule(
+        &w.customer.id,
+        &RuleSpec {
+            name: "Book the spa when I board".into(),
+            when: Trigger {
+                entity: "airline".into(),
+                event_type: "flight.boarded".into(),
+                condition: None,
+            },
+            then: Action {
+                entity: "spa".into(),
+                command_type: "booking.made".into(),
+                data: json!({"flight": "id"}),
+            },
+        },
+    )
+    .await?;
+    // The hotel takes requests and never answers: four room holds to it.
+    w.hotel_rx.set_hold(Duration::from_secs(600));
+    let anon = w.node.anonymous();
+    for i in 0..4 {
+        let r = anon
+            .send_event(&w.airline, &delayed(&format!("slow-{i}"), "FF-1234", 90))
+            .await?;
+        assert_eq!(r.status, EventStatus::Accepted);
+    }
+    poll::until("two attempts held at the hotel", WAIT, || async {
+        (w.hotel_rx.received().len() >= 2).then_some(())
+    })
+    .await?;
+    // The spa's command is sent at once: the hotel holds two slots, not all four (before, it
+    // waited behind the hotel's attempts for their two minutes).
+    let mut boarded = CloudEvent::new("boarded-1", "airline", "flight.boarded");
+    boarded.subject = Some("FF-1234".into());
+    assert_eq!(
+        anon.send_event(&w.airline, &boarded).await?.status,
+        EventStatus::Accepted
+    );
+    spa_rx.wait_delivered(1, WAIT).await?;
+    let hotel = w.hotel_rx.received();
+    assert_eq!(hotel.len(), 2, "the hotel holds its share only");
+    assert!(hotel.iter().all(|r| r.replied.is_none()), "still held");
+    Ok(())
+}
+
+/// An event about a subject nobody has linked is deduplicated by its source and id, and that
+/// is all its group keeps: its subject and body went into the Raft log before, in the group
+/// the subject routes to, which no customer's erasure scrubs (a passenger the airline wrote
+/// about before they linked, who later erases their vault, stayed there).
+#[tokio::test]
+async fn an_event_about_a_subject_nobody_linked_leaves_no_trace_of_it_on_disk() -> anyhow::Result<()>
+{
+    let w = world().await?;
+    let anon = w.node.anonymous();
+    let mut e = delayed("unlinked-1", "PAX-NOBODY-4711", 90);
+    e.data = Some(json!({"delay_minutes": 90, "flight": "XY123", "seat": "SEAT-MARK-31C"}));
+    assert_eq!(
+        anon.send_event(&w.airline, &e).await?.status,
+        EventStatus::Ignored
+    );
+    // Deduplicated all the same.
+    assert_eq!(
+        anon.send_event(&w.airline, &e).await?.status,
+        EventStatus::Duplicate
+    );
+    let needles = ["PAX-NOBODY-4711".to_owned(), "SEAT-MARK-31C".to_owned()];
+    let found =
+        custos_tests::files::containing(&w.node.data_dir, &needles, &["node.log", "custos.toml"]);
+    assert!(found.is_empty(), "kept on disk: {found:?}");
+    Ok(())
+}

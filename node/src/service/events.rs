@@ -26,7 +26,6 @@ impl Vault {
         group: custos_raft::GroupId,
         event: CloudEvent,
         subject: String,
-        raw: String,
         received_ms: i64,
         erased: Option<&str>,
     ) -> Result<EventReceipt, ServiceError> {
@@ -39,13 +38,16 @@ impl Vault {
             }
             _ => {}
         }
+        // Its dedup record is all the group keeps of it (by source and id): neither its subject
+        // nor its body goes into the Raft log, which no customer's erasure scrubs (the group
+        // is the subject's, not a customer's), for someone who may link that subject later.
         let ingest = Ingest {
             event: EventRecord {
                 id: event.id.clone(),
                 source: event.source.clone(),
                 event_type: event.event_type.clone(),
-                subject,
-                cloudevent_json: raw,
+                subject: String::new(),
+                cloudevent_json: String::new(),
             },
             customer_id: None,
             commands: Vec::new(),
@@ -167,22 +169,14 @@ impl Vault {
                         let event: CloudEvent = serde_json::from_slice(body).map_err(|e| {
                             ServiceError::Internal(format!("event read again: {e}"))
                         })?;
-                        let raw = String::from_utf8_lossy(body).into_owned();
-                        self.ignore_unclaimed(
-                            group,
-                            event,
-                            subject,
-                            raw,
-                            received_ms,
-                            Some(&customer),
-                        )
-                        .await
+                        self.ignore_unclaimed(group, event, subject, received_ms, Some(&customer))
+                            .await
                     }
                     Err(e) => Err(e),
                 }
             }
             None => {
-                self.ignore_unclaimed(group, event, subject, raw, received_ms, None)
+                self.ignore_unclaimed(group, event, subject, received_ms, None)
                     .await
             }
         };

@@ -200,9 +200,13 @@ impl Tx<'_> {
         };
         self.delete(key);
         // Its commands waiting for a retry are cancelled now, not when their next attempt
-        // finds no link: the customer may link the entity again before then.
+        // finds no link: the customer may link the entity again before then. So are those made
+        // from its events: the customer stopped the vault acting on what it sends, and what a
+        // pending command carries came from it.
         let reason = cancelled_by_unlink(entity_id);
-        self.cancel_pending(customer_id, at_ms, &reason, |c| c.target == entity_id)?;
+        self.cancel_pending(customer_id, at_ms, &reason, |c| {
+            c.target == entity_id || c.event_source == entity_id
+        })?;
         self.effects.push(super::Effect::LinkChanged {
             customer_id: customer_id.to_owned(),
             entity_id: entity_id.to_owned(),

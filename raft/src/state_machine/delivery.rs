@@ -201,6 +201,17 @@ impl Tx<'_> {
         // and links its target as the account it is addressed to (the relink and the rule's
         // deletion cancel pending ones; a failed one would otherwise go out on replay).
         let c = &rec.command;
+        // Nor once it unlinked the entity the command's event came from.
+        if !self.exists(&keys::link(self.space, &c.customer_id, &c.event_source))? {
+            return Ok(ChangeOutcome::rejected(
+                ErrorCode::Conflict,
+                format!(
+                    "the customer no longer links {}, whose event made it: its commands are \
+                     not sent again",
+                    c.event_source
+                ),
+            ));
+        }
         if let Some(withdrawn) = self.withdrawn(c)? {
             let why = match withdrawn {
                 Withdrawn::Unlinked => format!("the customer no longer links {}", c.target),
