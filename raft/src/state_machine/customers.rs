@@ -403,28 +403,41 @@ impl Tx<'_> {
         // every event and command the group holds: an event's dedup record and a settled
         // delivery age with the activity line written with them; only pending deliveries can
         // outlive their lines (found below, in the due index).
-        let mut forgotten = std::collections::HashSet::new();
-        for (k, v) in self.scan(&self.p2(keys::ACTIVITY, customer_id))? {
-            let line: ActivityRecord = codec::decode(&v)?;
-            for command_id in line
-                .commands_made()
-                .into_iter()
-                .chain(line.command_settled())
-            {
-                if forgotten.insert(command_id.to_owned()) {
-                    self.forget_command(command_id)?;
-                }
-            }
+        // Read one line at a time, keeping only what each names (its key, its commands, its
+        // event's source and id), not the lines: a customer's activity can hold gigabytes of
+        // event bodies, and every replica applies this in one batch.
+        let (mut lines, mut commands, mut events) = (Vec::new(), Vec::new(), Vec::new());
+        self.scan_picked(&self.p2(keys::ACTIVITY, customer_id), |k, v| {
+            let line: ActivityRecord = codec::decode(v)?;
+            lines.push(k.to_vec());
+            commands.extend(
+                line.commands_made()
+                    .into_iter()
+                    .chain(line.command_settled())
+                    .map(str::to_owned),
+            );
             if let Some(event) = line.event() {
-                // Deduplication goes on without saying whose event it was.
-                let dedup = self.k2(keys::DEDUP, &event.source, &event.id);
-                if let Some(mut rec) = self.get::<DedupRecord>(&dedup)? {
-                    if rec.customer_id.as_deref() == Some(customer_id) {
-                        rec.customer_id = None;
-                        self.put(dedup, &rec)?;
-                    }
+                events.push((event.source.clone(), event.id.clone()));
+            }
+            Ok(false)
+        })?;
+        let mut forgotten = std::collections::HashSet::new();
+        for command_id in commands {
+            if forgotten.insert(command_id.clone()) {
+                self.forget_command(&command_id)?;
+            }
+        }
+        for (source, id) in events {
+            // Deduplication goes on without saying whose event it was.
+            let dedup = self.k2(keys::DEDUP, &source, &id);
+            if let Some(mut rec) = self.get::<DedupRecord>(&dedup)? {
+                if rec.customer_id.as_deref() == Some(customer_id) {
+                    rec.customer_id = None;
+                    self.put(dedup, &rec)?;
                 }
             }
+        }
+        for k in lines {
             self.delete(k);
         }
         let rules = keys::profile_part(self.space, customer_id, keys::ProfilePart::Rule);
