@@ -85,7 +85,8 @@ secret_grace_hours = 24
 # Recommendations: shown at or above this calibrated confidence (0.5, more likely kept than
 # not: measured through the API on the IFTTT split, about two thirds of the customers with 10+
 # rules are shown one, and about three quarters of what is shown is kept; see the README);
-# patterns kept by fewer than recommend_min_customers customers are never used (k-anonymity);
+# patterns kept by fewer than recommend_min_customers customers are never used (k-anonymity;
+# at least 5);
 # retrained this often (and on demand with POST /v1/recommendations/train).
 recommend_threshold = 0.5
 recommend_min_customers = 10
@@ -238,6 +239,9 @@ pub struct DeliveryConfig {
     /// The share of `concurrency` one target entity may hold.
     pub per_target_share: f64,
 }
+
+/// The least `recommend_min_customers` accepted.
+pub const MIN_K: u32 = 5;
 
 impl DeliveryConfig {
     /// The sending slots one target may hold.
@@ -672,8 +676,13 @@ impl Config {
         {
             return bad("recommend_threshold must be in [0, 1] and recommend_beta in [0, 2]");
         }
-        if self.recommend_min_customers == 0 {
-            return bad("recommend_min_customers must be at least 1");
+        // The model stores a template's condition and data when that many customers agree on
+        // them, and serves them to others: with one (or a few), that is a customer's own rule.
+        if self.recommend_min_customers < MIN_K {
+            return bad(&format!(
+                "recommend_min_customers must be at least {MIN_K} (k-anonymity: the model \
+                 stores and serves what that many customers share)"
+            ));
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls: set both cert and key, or neither");
@@ -740,6 +749,19 @@ mod tests {
             ..Config::default()
         };
         assert!(c.check().is_err());
+        for k in [0, 1, MIN_K - 1] {
+            let c = Config {
+                recommend_min_customers: k,
+                ..Config::default()
+            };
+            assert!(c.check().is_err(), "recommend_min_customers = {k}");
+        }
+        for share in [0.0, -0.5, 1.5, f64::NAN] {
+            let mut c = Config::default();
+            c.delivery.per_target_share = share;
+            assert!(c.check().is_err(), "per_target_share = {share}");
+        }
+        assert_eq!(Config::default().delivery.per_target(), 128);
         assert!(Config::default().check().is_ok());
     }
 }
