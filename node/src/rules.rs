@@ -367,24 +367,8 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
             let items: Vec<Size> = l.elements.iter().map(|i| size(i, n, scope)).collect();
             Size::holding(items.len(), &items)
         }
-        Expr::Map(m) => {
-            let items: Vec<Size> = m
-                .entries
-                .iter()
-                .flat_map(entry_children)
-                .map(|i| size(i, n, scope))
-                .collect();
-            Size::holding(m.entries.len(), &items)
-        }
-        Expr::Struct(st) => {
-            let items: Vec<Size> = st
-                .entries
-                .iter()
-                .flat_map(entry_children)
-                .map(|i| size(i, n, scope))
-                .collect();
-            Size::holding(st.entries.len(), &items)
-        }
+        Expr::Map(m) => entries_size(&m.entries, n, scope),
+        Expr::Struct(st) => entries_size(&st.entries, n, scope),
         Expr::Call(c) => {
             let operands: Vec<Size> = c
                 .target
@@ -441,6 +425,16 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
             out
         }
     }
+}
+
+/// Bounds on a map (or message) made of `entries`.
+fn entries_size<'a>(entries: &'a [IdedEntryExpr], n: u64, scope: &mut Bound<'a>) -> Size {
+    let items: Vec<Size> = entries
+        .iter()
+        .flat_map(entry_children)
+        .map(|i| size(i, n, scope))
+        .collect();
+    Size::holding(entries.len(), &items)
 }
 
 /// Binds a comprehension's variables to an element of its range (and a key or index).

@@ -403,6 +403,23 @@ async fn removing_a_live_node_while_another_is_down_leaves_the_groups_writable(
     Ok(())
 }
 
+/// Stops `node`, deletes its database (its `node-id` file stays), starts it again and answers
+/// why it did not start (empty if it did).
+async fn restart_without_its_database(node: &mut Node) -> anyhow::Result<String> {
+    node.stop().await?;
+    std::fs::remove_dir_all(node.data_dir.join("db"))?;
+    anyhow::ensure!(
+        node.data_dir.join("node-id").exists(),
+        "its id file is kept"
+    );
+    Ok(node
+        .restart_unready()
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default())
+}
+
 #[tokio::test]
 async fn a_node_whose_database_was_lost_is_not_taken_back_under_its_id() -> anyhow::Result<()> {
     let mut c = Cluster::start(2, NodeOptions::default(), false).await?;
@@ -410,16 +427,8 @@ async fn a_node_whose_database_was_lost_is_not_taken_back_under_its_id() -> anyh
     // Node 2's database goes; its `node-id` file stays (a disk replaced under the data
     // directory's other files, a volume mounted at `db` only).
     let id = c.nodes[1].id;
-    c.nodes[1].stop().await?;
-    std::fs::remove_dir_all(c.nodes[1].data_dir.join("db"))?;
-    assert!(c.nodes[1].data_dir.join("node-id").exists());
     // Taken back, it would vote in its groups with none of the entries it acknowledged.
-    let refused = c.nodes[1]
-        .restart_unready()
-        .await
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+    let refused = restart_without_its_database(&mut c.nodes[1]).await?;
     assert!(
         refused.contains(&format!("it cannot rejoin as node {id}")),
         "node 2 came back: {refused}"
@@ -427,14 +436,7 @@ async fn a_node_whose_database_was_lost_is_not_taken_back_under_its_id() -> anyh
     // The first node, started without --join: it would create a second cluster under its id,
     // at its address, with its secret.
     let first = c.nodes[0].id;
-    c.nodes[0].stop().await?;
-    std::fs::remove_dir_all(c.nodes[0].data_dir.join("db"))?;
-    let refused = c.nodes[0]
-        .restart_unready()
-        .await
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+    let refused = restart_without_its_database(&mut c.nodes[0]).await?;
     assert!(
         refused.contains(&format!("it would create a new cluster as node {first}")),
         "node 1 started a new cluster: {refused}"
