@@ -237,13 +237,12 @@ impl Size {
         nodes: 1,
     };
 
-    /// What the event's variables hold (their values counted as their length: comparing two
-    /// of the event's values is priced as before).
-    fn event(n: u64) -> Size {
+    /// What the event's variables hold.
+    fn event(n: EventBound) -> Size {
         Size {
-            len: n,
-            inner: n,
-            nodes: n,
+            len: n.longest,
+            inner: n.longest,
+            nodes: n.values,
         }
     }
 
@@ -293,6 +292,28 @@ impl Size {
             len: count as u64,
             inner: items.iter().map(|i| i.whole()).max().unwrap_or(0),
             nodes: items.iter().map(|i| i.nodes).fold(1, u64::saturating_add),
+        }
+    }
+}
+
+/// What an event is priced by: its longest list, map or string, and how many values it holds
+/// at every depth (a list of 350 lists of 350 numbers is 350 long and holds 122,850: comparing
+/// two such lists walks every one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventBound {
+    /// The longest list, map or string.
+    longest: u64,
+    /// The values it holds.
+    values: u64,
+}
+
+impl EventBound {
+    /// An event whose values are no more than its longest collection (what a rule is priced
+    /// at when saved, and bisected over).
+    fn flat(longest: u64) -> Self {
+        EventBound {
+            longest,
+            values: longest,
         }
     }
 }
@@ -351,7 +372,7 @@ const LONGEST_NUMBER_TEXT: u64 = 330;
 
 /// Bounds on what `e` yields, given that no collection or string in the event is longer than
 /// `n` and what the comprehension variables in `scope` hold.
-fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
+fn size<'a>(e: &'a IdedExpr, n: EventBound, scope: &mut Bound<'a>) -> Size {
     match &e.expr {
         Expr::Literal(CelVal::String(s)) => Size::text(s.len() as u64),
         Expr::Literal(CelVal::Bytes(b)) => Size::text(b.len() as u64),
@@ -428,7 +449,7 @@ fn size<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> Size {
 }
 
 /// Bounds on a map (or message) made of `entries`.
-fn entries_size<'a>(entries: &'a [IdedEntryExpr], n: u64, scope: &mut Bound<'a>) -> Size {
+fn entries_size<'a>(entries: &'a [IdedEntryExpr], n: EventBound, scope: &mut Bound<'a>) -> Size {
     let items: Vec<Size> = entries
         .iter()
         .flat_map(entry_children)
@@ -455,7 +476,7 @@ fn accumulated<'a>(
     c: &'a ComprehensionExpr,
     range: Size,
     init: Size,
-    n: u64,
+    n: EventBound,
     scope: &mut Bound<'a>,
 ) -> Size {
     const PROBE: u64 = 1 << 20;
@@ -493,7 +514,7 @@ fn accumulated<'a>(
 
 /// An upper bound of the interpreter's work for `e`, given that no collection or string in
 /// the event is longer than `n` and what the comprehension variables in `scope` hold.
-fn cost<'a>(e: &'a IdedExpr, n: u64, scope: &mut Bound<'a>) -> u64 {
+fn cost<'a>(e: &'a IdedExpr, n: EventBound, scope: &mut Bound<'a>) -> u64 {
     match &e.expr {
         Expr::Comprehension(c) => {
             let range = size(&c.iter_range, n, scope);
@@ -595,18 +616,21 @@ fn mapping_programs<'a>(m: &'a Mapping, out: &mut Vec<&'a Program>) {
 }
 
 /// The cost of all of a rule's expressions on an event whose collections are at most `n` long.
-fn rule_cost(programs: &[&Program], n: u64) -> u64 {
+fn rule_cost(programs: &[&Program], n: EventBound) -> u64 {
     programs
         .iter()
         .map(|p| cost(p.expression(), n, &mut Vec::new()))
         .fold(0, u64::saturating_add)
 }
 
-/// The longest list, map or string anywhere in `v` (at least 1).
-fn largest_collection(v: &Value) -> u64 {
+/// The longest list, map or string anywhere in `v` (at least 1), and how many values it
+/// holds, itself included.
+fn measure(v: &Value) -> (u64, u64) {
     let mut largest = 1u64;
+    let mut values = 0u64;
     let mut stack = vec![v];
     while let Some(v) = stack.pop() {
+        values += 1;
         match v {
             Value::String(s) => largest = largest.max(s.len() as u64),
             Value::Array(items) => {
@@ -623,7 +647,7 @@ fn largest_collection(v: &Value) -> u64 {
             _ => {}
         }
     }
-    largest
+    (largest, values)
 }
 
 /// Expressions parsed lately, by source text, shared by every profile: customers of one
@@ -893,7 +917,7 @@ fn compile_body((condition, data_json): &RuleTexts) -> Result<RuleBody, RuleErro
     let mapping = compile_mapping("", &data, 0, &mut fields)?;
     let mut programs: Vec<&Program> = condition.iter().map(Arc::as_ref).collect();
     mapping_programs(&mapping, &mut programs);
-    let at_save = rule_cost(&programs, SAVE_TIME_COLLECTION);
+    let at_save = rule_cost(&programs, EventBound::flat(SAVE_TIME_COLLECTION));
     if at_save > EVAL_BUDGET {
         return Err(RuleError {
             field: if condition.is_some() {
@@ -911,7 +935,7 @@ fn compile_body((condition, data_json): &RuleTexts) -> Result<RuleBody, RuleErro
     let (mut lo, mut hi) = (SAVE_TIME_COLLECTION, 1u64 << 24);
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);
-        if rule_cost(&programs, mid) <= EVAL_BUDGET {
+        if rule_cost(&programs, EventBound::flat(mid)) <= EVAL_BUDGET {
             lo = mid;
         } else {
             hi = mid - 1;
@@ -950,14 +974,16 @@ pub fn json_to_cel(v: &Value) -> CelValue {
 /// The variables of one event, built once and shared by every rule it meets.
 pub struct EventScope {
     vars: Vec<(&'static str, CelValue)>,
-    /// The longest collection or string in the event (what a rule's cost is priced at).
-    largest: u64,
+    /// What a rule's cost is priced at: the longest collection or string in the event, and
+    /// the values it holds.
+    bound: EventBound,
 }
 
 impl EventScope {
     /// The CEL variables of `event`.
     pub fn new(event: &CloudEvent) -> Self {
         let s = |v: &str| CelValue::String(Arc::new(v.to_owned()));
+        let (in_data, values) = event.data.as_ref().map_or((1, 1), measure);
         let largest = [
             event.id.len(),
             event.source.len(),
@@ -967,11 +993,14 @@ impl EventScope {
         ]
         .into_iter()
         .map(|l| l as u64)
-        .chain(event.data.as_ref().map(largest_collection))
+        .chain([in_data])
         .max()
         .unwrap_or(1);
         EventScope {
-            largest,
+            bound: EventBound {
+                longest: largest,
+                values: values.max(largest),
+            },
             vars: vec![
                 ("id", s(&event.id)),
                 ("source", s(&event.source)),
@@ -1232,18 +1261,20 @@ impl CompiledRule {
         let body = &*self.body;
         let mut programs: Vec<&Program> = body.condition.iter().map(Arc::as_ref).collect();
         mapping_programs(&body.mapping, &mut programs);
-        rule_cost(&programs, scope.largest)
+        rule_cost(&programs, scope.bound)
     }
 
     /// Runs the rule on an event: `Ok(None)` when the condition is false, else the
     /// command's data.
     pub fn evaluate(&self, scope: &EventScope) -> Result<Option<Value>, EvalError> {
         let body = &*self.body;
-        if scope.largest > body.max_collection {
-            let mut programs: Vec<&Program> = body.condition.iter().map(Arc::as_ref).collect();
-            mapping_programs(&body.mapping, &mut programs);
+        // Within the bisected bound by its longest collection, an event holding no more values
+        // than that is within the budget; one holding more (nested lists) is priced as it is.
+        if scope.bound.longest > body.max_collection
+            || (scope.bound.values > scope.bound.longest && self.cost_on(scope) > EVAL_BUDGET)
+        {
             return Err(EvalError::OverBudget {
-                estimate: rule_cost(&programs, scope.largest),
+                estimate: self.cost_on(scope),
                 budget: EVAL_BUDGET,
             });
         }
@@ -1835,7 +1866,7 @@ mod tests {
         assert_eq!(data["x"][0][0].as_str().map(str::len), Some(5 * 2 * 2 * 4));
         let mut scope: Bound<'_> = Vec::new();
         let program = Program::compile(grown).expect("parses");
-        let bound = size(program.expression(), 5, &mut scope);
+        let bound = size(program.expression(), EventBound::flat(5), &mut scope);
         assert!(bound.whole() >= 5 * 2 * 2 * 4, "{bound:?}");
     }
 
@@ -1850,8 +1881,30 @@ mod tests {
             .map(|e| e.message)
             .unwrap_or_default();
         assert!(why.contains("too costly"), "{why}");
-        // Comparing the event's own values is priced as before: by their length.
+        // Comparing the event's own values is priced by what they hold: a list of a hundred
+        // lists of a hundred numbers is a hundred long and holds ten thousand; compared to
+        // itself for each pair of another list's elements, priced by its length, it ran a
+        // hundred million comparisons on each event.
         assert!(compile(record("r", Some("data.flight == 'XY123'"), json!({}))).is_ok());
+        let rule = compile(record(
+            "r",
+            Some("data.k.all(a, data.k.all(b, data.m == data.m))"),
+            json!({}),
+        ))
+        .expect("within the budget on small events");
+        let mut nested = event(1);
+        nested.data = Some(json!({"k": vec![1; 100], "m": vec![vec![1; 100]; 100]}));
+        assert!(matches!(
+            rule.evaluate(&EventScope::new(&nested)),
+            Err(EvalError::OverBudget { .. })
+        ));
+        // The same rule on a flat event of that length runs.
+        let mut flat = event(1);
+        flat.data = Some(json!({"k": vec![1; 100], "m": vec![1; 100]}));
+        assert!(matches!(
+            rule.evaluate(&EventScope::new(&flat)),
+            Ok(Some(_))
+        ));
         // `has()` looks among every key of the map: priced by its size.
         let rule = compile(record(
             "r",
