@@ -374,6 +374,8 @@ struct PendingDelivery {
     /// The account the customer links at the command's target now, if any (the command is
     /// sent only to that account).
     linked_as: Option<String>,
+    /// Whether the customer still links the entity the command's event came from.
+    source_linked: bool,
 }
 
 /// The pending delivery `id`, with the account its target is linked as (asked here, after the
@@ -411,11 +413,24 @@ fn pending_delivery(
                     .link(&command.customer_id, &command.target)
                     .map(|l| l.map(|l| l.subject))
             })?;
+    // And whether the customer still links the entity the command's event came from: an
+    // unlink of it cancels the command (what it carries came from there), and an attempt that
+    // read it as pending just before sends nothing either.
+    let source_linked = worker
+        .group
+        .links
+        .get_or_read(&command.customer_id, &command.event_source, || {
+            reader
+                .link(&command.customer_id, &command.event_source)
+                .map(|l| l.map(|l| l.subject))
+        })?
+        .is_some();
     Ok(Some(PendingDelivery {
         command,
         attempts_made,
         next_due_ms,
         linked_as,
+        source_linked,
     }))
 }
 
@@ -456,6 +471,17 @@ async fn prepare_and_send(
         entity: rec.command.target.clone(),
         command_url: String::new(),
     };
+    if !rec.source_linked {
+        return Ok(Some((
+            DeliveryUpdate::Cancelled {
+                command_id: id.to_owned(),
+                reason: custos_raft::records::cancelled_by_unlink(&rec.command.event_source),
+                at_ms: now,
+                as_failed: false,
+            },
+            target,
+        )));
+    }
     if rec.linked_as.as_deref() != Some(rec.command.subject.as_str()) {
         return Ok(Some((
             DeliveryUpdate::Cancelled {
