@@ -204,6 +204,11 @@ impl StateReader {
         self.get(&keys::link(self.space(), customer, entity))
     }
 
+    /// How the event (`source`, `id`) was recorded, if it was.
+    pub fn dedup(&self, source: &str, id: &str) -> Result<Option<DedupRecord>, StoreError> {
+        self.get(&keys::key2(self.space(), keys::DEDUP, source, id))
+    }
+
     /// A customer's rules, by id.
     pub fn rules(&self, customer: &str) -> Result<Vec<RuleRecord>, StoreError> {
         let p = keys::profile_part(self.space(), customer, keys::ProfilePart::Rule);

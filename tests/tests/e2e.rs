@@ -2306,3 +2306,31 @@ async fn an_event_about_a_subject_nobody_linked_leaves_no_trace_of_it_on_disk() 
     assert!(found.is_empty(), "kept on disk: {found:?}");
     Ok(())
 }
+
+/// A retry of an event the vault recorded (its answer lost) is answered as the first time,
+/// whatever its checks say now: refused, the entity would take an event whose commands were
+/// sent for one never accepted (a check added by an upgrade, say, refusing what it holds).
+#[tokio::test]
+async fn a_recorded_event_sent_again_is_answered_as_the_first_time() -> anyhow::Result<()> {
+    let w = world().await?;
+    let anon = w.node.anonymous();
+    let first = anon
+        .send_event(&w.airline, &delayed("again-1", "FF-1234", 90))
+        .await?;
+    assert_eq!(first.status, EventStatus::Accepted);
+    // The same event as the checks of today would refuse it (here: data the schema refuses).
+    let mut again = delayed("again-1", "FF-1234", 90);
+    again.data = Some(json!({"delay_minutes": "ninety", "flight": "XY123"}));
+    let r = anon.send_event(&w.airline, &again).await?;
+    assert_eq!(r.status, EventStatus::Duplicate, "{r:?}");
+    assert_eq!(r.commands, first.commands);
+    // An event never recorded is still refused.
+    let mut new = delayed("again-2", "FF-1234", 90);
+    new.data = again.data.clone();
+    let err = anon
+        .send_event(&w.airline, &new)
+        .await
+        .expect_err("refused by the schema");
+    assert_eq!(err.code(), Some(ErrorCode::SchemaViolation), "{err}");
+    Ok(())
+}

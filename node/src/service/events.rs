@@ -10,11 +10,67 @@ use custos_raft::records::{EventRecord, Ingest};
 use custos_raft::StateChange;
 
 use super::{unexpected, Vault};
-use crate::core::{check_schema, not_leader};
+use crate::core::{check_schema, not_leader, CachedEntity};
 use crate::error::ServiceError;
 use crate::profile::{receipt, ProfileReply, ProfileRequest};
 
+/// Why an event signed by `entity` cannot be taken, if it cannot: its attributes, its type,
+/// its data against the type's schema.
+fn content_refusal(entity: &CachedEntity, event: &CloudEvent) -> Result<(), ServiceError> {
+    event
+        .validate_incoming()
+        .map_err(|e| ServiceError::invalid(e.field, e.reason))?;
+    if entity.record.event_type(&event.event_type).is_none() {
+        return Err(ServiceError::refused(
+            ErrorCode::UnknownType,
+            format!(
+                "{} does not declare event type {}",
+                event.source, event.event_type
+            ),
+        ));
+    }
+    if let Some(v) = entity.event_schema(&event.event_type) {
+        let data = event.data.clone().unwrap_or(serde_json::Value::Null);
+        check_schema(v, &data)
+            .map_err(|e| ServiceError::refused(ErrorCode::SchemaViolation, format!("data: {e}")))?;
+    }
+    Ok(())
+}
+
 impl Vault {
+    /// How the event was answered when it was recorded, if it was (read on this node's
+    /// replica of the group its subject routes to: the leader's, where events are served).
+    async fn recorded(
+        &self,
+        event: &CloudEvent,
+        route: Option<&(Option<String>, custos_raft::types::GroupId)>,
+    ) -> Option<EventReceipt> {
+        let subject = event
+            .subject
+            .as_deref()
+            .filter(|s| custos_api::limits::is_valid_subject(s))?;
+        let group = match route {
+            Some((_, g)) => *g,
+            None => self.core.route_event(&event.source, subject).ok()?.1,
+        };
+        let (source, id) = (event.source.clone(), event.id.clone());
+        let first = self
+            .core
+            .read(group, move |r| r.dedup(&source, &id))
+            .await
+            .ok()??;
+        receipt(
+            event.id.clone(),
+            custos_raft::ChangeOutcome::Ingested {
+                duplicate: true,
+                fate: first.fate,
+                commands: first.commands,
+                reason: first.reason,
+            },
+        )
+        .ok()
+    }
+
     /// Records an event no customer has linked the subject of: nothing is triggered, but the
     /// event is still deduplicated and recorded as ignored. Only once the meta group's leader
     /// confirms that nobody claims the subject (`erased`, a customer erased since this node's
@@ -119,23 +175,14 @@ impl Vault {
                 WebhookError::BadSignature.to_string(),
             ));
         };
-        event
-            .validate_incoming()
-            .map_err(|e| ServiceError::invalid(e.field, e.reason))?;
-        if entity.record.event_type(&event.event_type).is_none() {
-            return Err(ServiceError::refused(
-                ErrorCode::UnknownType,
-                format!(
-                    "{} does not declare event type {}",
-                    event.source, event.event_type
-                ),
-            ));
-        }
-        if let Some(v) = entity.event_schema(&event.event_type) {
-            let data = event.data.clone().unwrap_or(serde_json::Value::Null);
-            check_schema(v, &data).map_err(|e| {
-                ServiceError::refused(ErrorCode::SchemaViolation, format!("data: {e}"))
-            })?;
+        if let Err(refused) = content_refusal(&entity, &event) {
+            // A retry of an event recorded before (its answer lost) is answered as the first
+            // time, whatever changed since: its type removed, its schema tightened, a check
+            // added by an upgrade. Refused, the entity would take it for never accepted.
+            if let Some(first) = self.recorded(&event, route.as_ref()).await {
+                return Ok(first);
+            }
+            return Err(refused);
         }
         let subject = event.subject.clone().unwrap_or_default();
         let (customer, group) = match route {
