@@ -404,27 +404,21 @@ fn pending_delivery(
     // answer before its outcome is returned), without a RocksDB read per attempt. The
     // account linked, since a customer who linked the entity again as another account
     // withdrew the commands to the first (as the apply's `withdrawn` says).
-    let linked_as =
+    let linked_as = |entity: &str| {
         worker
             .group
             .links
-            .get_or_read(&command.customer_id, &command.target, || {
+            .get_or_read(&command.customer_id, entity, || {
                 reader
-                    .link(&command.customer_id, &command.target)
+                    .link(&command.customer_id, entity)
                     .map(|l| l.map(|l| l.subject))
-            })?;
+            })
+    };
     // And whether the customer still links the entity the command's event came from: an
     // unlink of it cancels the command (what it carries came from there), and an attempt that
     // read it as pending just before sends nothing either.
-    let source_linked = worker
-        .group
-        .links
-        .get_or_read(&command.customer_id, &command.event_source, || {
-            reader
-                .link(&command.customer_id, &command.event_source)
-                .map(|l| l.map(|l| l.subject))
-        })?
-        .is_some();
+    let source_linked = linked_as(&command.event_source)?.is_some();
+    let linked_as = linked_as(&command.target)?;
     Ok(Some(PendingDelivery {
         command,
         attempts_made,

@@ -296,17 +296,17 @@ pub async fn forward(
             Err(e) => return Ok(req.error_response(e).map_into_right_body()),
         }
     };
-    // A call served here has its body read now, bounded and within the read deadline: the
-    // handler's extractors read it without a deadline, and before the handler checks the
-    // token, so anyone could hold a connection and its buffer by trickling a body (an event's
-    // is read above; a peer's Raft messages are larger, and peers are authenticated first).
-    let read_here = body.is_none() && !on_peer_port;
-    let Route::Group(group) = route else {
-        if read_here {
-            if let Err(e) = buffer_body(&mut req).await {
-                return Ok(req.error_response(e).map_into_right_body());
-            }
+    // A client's call has its body read now, bounded and within the read deadline, whether it
+    // is served here or forwarded: the handler's extractors read it without a deadline, and
+    // before the handler checks the token, so anyone could hold a connection and its buffer by
+    // trickling a body (an event's is read above; a peer's Raft messages are larger, and peers
+    // are authenticated first).
+    if body.is_none() && !on_peer_port {
+        if let Err(e) = buffer_body(&mut req).await {
+            return Ok(req.error_response(e).map_into_right_body());
         }
+    }
+    let Route::Group(group) = route else {
         return Ok(next.call(req).await?.map_into_left_body());
     };
     let leader = match wait_leader(&core, group).await {
@@ -320,11 +320,6 @@ pub async fn forward(
         }
     };
     if leader.0 == core.node_id {
-        if read_here {
-            if let Err(e) = buffer_body(&mut req).await {
-                return Ok(req.error_response(e).map_into_right_body());
-            }
-        }
         return Ok(next.call(req).await?.map_into_left_body());
     }
     if hops >= MAX_HOPS {

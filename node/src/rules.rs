@@ -775,10 +775,17 @@ fn compile_mapping(
 pub fn functions() -> &'static Context<'static> {
     static FUNCTIONS: std::sync::LazyLock<Context<'static>> = std::sync::LazyLock::new(|| {
         let mut ctx = Context::default();
-        ctx.add_function("string", to_string);
-        ctx.add_function("int", to_int);
-        ctx.add_function("uint", to_uint);
-        ctx.add_function("double", to_double);
+        let conversions: [(&str, Conversion); 4] = [
+            ("string", cel::functions::string),
+            ("int", cel::functions::int),
+            ("uint", cel::functions::uint),
+            ("double", cel::functions::double),
+        ];
+        for (name, convert) in conversions {
+            ctx.add_function(name, move |ftx: &FunctionContext, v: This<CelValue>| {
+                refusing_collections(ftx, v, convert)
+            });
+        }
         ctx
     });
     &FUNCTIONS
@@ -796,24 +803,16 @@ fn convertible(ftx: &FunctionContext, v: &CelValue) -> Result<(), ExecutionError
     }
 }
 
-fn to_string(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
-    convertible(ftx, &v)?;
-    cel::functions::string(ftx, This(v))
-}
+/// A CEL conversion, refusing a list or map first.
+type Conversion = fn(&FunctionContext, This<CelValue>) -> Result<CelValue, ExecutionError>;
 
-fn to_int(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
+fn refusing_collections(
+    ftx: &FunctionContext,
+    This(v): This<CelValue>,
+    convert: Conversion,
+) -> Result<CelValue, ExecutionError> {
     convertible(ftx, &v)?;
-    cel::functions::int(ftx, This(v))
-}
-
-fn to_uint(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
-    convertible(ftx, &v)?;
-    cel::functions::uint(ftx, This(v))
-}
-
-fn to_double(ftx: &FunctionContext, This(v): This<CelValue>) -> Result<CelValue, ExecutionError> {
-    convertible(ftx, &v)?;
-    cel::functions::double(ftx, This(v))
+    convert(ftx, This(v))
 }
 
 /// Rule bodies compiled lately, by their texts (condition, data), shared by every profile:
